@@ -1,0 +1,348 @@
+//! The broker core: sessions, routing table and retained messages of one node,
+//! and the operations that the protocol layer calls for every packet.
+//!
+//! Nothing here knows about MQTT versions or sockets; `protocol` translates
+//! ntex-mqtt's v3 and v5 packets into these calls.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::message::{Message, MessageIds, QoS};
+use crate::metrics::Metrics;
+use crate::retain::RetainStore;
+use crate::router::{ClientId, Route, Router, SubOptions};
+use crate::session::{
+    Attached, Delivery, Enqueued, KickReason, QueueLimits, Session, SessionStore,
+};
+use crate::storage::{Storage, StorageError};
+use crate::topic::{self, Filter, TopicError};
+
+/// Why a PUBLISH was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("invalid topic: {0}")]
+    Topic(#[from] TopicError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// Why one filter of a SUBSCRIBE was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SubscribeError {
+    #[error("invalid topic filter: {0}")]
+    Filter(#[from] TopicError),
+    #[error("too many subscriptions (at most {0} per client)")]
+    Quota(usize),
+}
+
+pub type Result<T, E = PublishError> = std::result::Result<T, E>;
+
+/// One node's broker state, shared by every connection and worker thread.
+#[derive(Debug)]
+pub struct Broker {
+    pub config: Config,
+    pub sessions: SessionStore,
+    pub router: Router,
+    pub retained: RetainStore,
+    pub metrics: Metrics,
+    pub ids: MessageIds,
+    storage: Arc<dyn Storage>,
+    /// Cleared when the node starts shutting down (`/readyz` answers 503).
+    ready: AtomicBool,
+}
+
+/// What a successful subscription gives back.
+#[derive(Debug)]
+pub struct Subscribed {
+    /// The subscription replaced an existing one with the same filter.
+    pub existed: bool,
+    /// Retained messages to send now.
+    pub retained: Vec<Arc<Message>>,
+}
+
+impl Broker {
+    pub fn new(config: Config, metrics: Metrics, storage: Arc<dyn Storage>) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            sessions: SessionStore::default(),
+            router: Router::default(),
+            retained: RetainStore::default(),
+            metrics,
+            ids: MessageIds::default(),
+            storage,
+            ready: AtomicBool::new(true),
+        })
+    }
+
+    /// Whether the node accepts new work.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Starts a shutdown: not ready any more, every connection told to close
+    /// (MQTT 5: "server shutting down"). Persistent sessions stay.
+    pub fn close_all(&self) {
+        self.ready.store(false, Ordering::Relaxed);
+        for s in self.sessions.all() {
+            s.kick(KickReason::Shutdown);
+        }
+    }
+
+    pub fn queue_limits(&self) -> QueueLimits {
+        QueueLimits {
+            online: self.config.limits.max_queued_messages,
+            offline: self.config.limits.offline_queue_len,
+        }
+    }
+
+    /// Attaches a connection to its session and drops a discarded session's
+    /// subscriptions from the routing table.
+    pub fn attach(&self, client_id: &str, clean: bool, expiry: Duration) -> Attached {
+        let attached = self.sessions.attach(client_id, clean, expiry);
+        self.drop_routes(
+            &attached.session.client_id,
+            &attached.discarded_subscriptions,
+        );
+        if attached.took_over {
+            self.metrics.takeovers.inc();
+        }
+        self.metrics.sessions.set(gauge(self.sessions.len()));
+        attached
+    }
+
+    /// Detaches a connection; a session that ends with it leaves the routing table.
+    pub fn detach(&self, session: &Arc<Session>, generation: u64) {
+        if let Some(subs) = self.sessions.detach(session, generation) {
+            self.drop_routes(&session.client_id, &subs);
+        }
+        self.metrics.sessions.set(gauge(self.sessions.len()));
+    }
+
+    fn drop_routes(&self, client: &ClientId, filters: &[String]) {
+        for raw in filters {
+            // Filters in a session were validated when they were added.
+            if let Ok(f) = topic::parse_filter(raw, usize::MAX, false) {
+                if self.router.unsubscribe(client, &f) {
+                    self.metrics.subscriptions.dec();
+                }
+            }
+        }
+    }
+
+    /// Removes sessions whose expiry interval has passed.
+    pub fn expire_sessions(&self, now: Instant) {
+        for (client, subs) in self.sessions.expire(now) {
+            tracing::debug!(client_id = %client, "session expired");
+            self.drop_routes(&client, &subs);
+        }
+        self.metrics.sessions.set(gauge(self.sessions.len()));
+    }
+
+    /// Validates a topic name against the configured limits.
+    pub fn check_topic(&self, topic: &str) -> Result<(), TopicError> {
+        topic::validate_name(
+            topic,
+            self.config.limits.max_topic_length,
+            self.config.client_id.strict_names,
+        )
+    }
+
+    /// The inbound publish path: store (when the parent topic is stored),
+    /// then route. Resolves when the PUBLISH may be acknowledged.
+    pub async fn accept(&self, msg: Arc<Message>, publisher_persistent: bool) -> Result<usize> {
+        self.metrics.received(msg.qos, msg.payload.len());
+        if self.storage.stores(topic::parent_topic(&msg.topic)) {
+            self.storage.store(msg.clone()).await?;
+        }
+        Ok(self.publish(&msg, publisher_persistent))
+    }
+
+    /// Routes a message to every matching session (or the P2P target) and
+    /// keeps it if it is retained. Returns the number of sessions it reached.
+    pub fn publish(&self, msg: &Arc<Message>, publisher_persistent: bool) -> usize {
+        if msg.retain {
+            let n = self.retained.set(msg);
+            self.metrics.retained.set(gauge(n));
+        }
+        if let Some(target) = topic::p2p_target(&msg.topic) {
+            return self.publish_p2p(msg, target, publisher_persistent);
+        }
+        let mut routes: Vec<Route> = Vec::new();
+        self.router.route(
+            &msg.topic,
+            &|c| self.sessions.get(c).is_some_and(|s| s.is_online()),
+            &mut routes,
+        );
+        if routes.is_empty() {
+            return 0;
+        }
+        // Overlapping subscriptions of one client get one copy, at the highest
+        // QoS, carrying every subscription identifier (MQTT 5 3.3.4).
+        routes.sort_unstable_by(|a, b| a.client.cmp(&b.client).then(a.shared.cmp(&b.shared)));
+        let mut reached = 0;
+        let mut i = 0;
+        while i < routes.len() {
+            let client = routes[i].client.clone();
+            let mut j = i;
+            let mut qos = QoS::AtMostOnce;
+            let mut rap = false;
+            let mut sub_ids = Vec::new();
+            let mut wanted = false;
+            while j < routes.len() && routes[j].client == client {
+                let r = &routes[j];
+                j += 1;
+                if r.opts.no_local && !r.shared && *r.client == *msg.publisher {
+                    continue;
+                }
+                wanted = true;
+                qos = qos.max(r.opts.qos);
+                rap |= r.opts.retain_as_published;
+                sub_ids.extend(r.opts.id);
+            }
+            i = j;
+            if !wanted {
+                continue;
+            }
+            let Some(session) = self.sessions.get(&client) else {
+                continue;
+            };
+            let d = Delivery {
+                msg: msg.clone(),
+                qos: qos.min(msg.qos),
+                retain: rap && msg.retain,
+                dup: false,
+                sub_ids,
+            };
+            if self.offer(&session, d) {
+                reached += 1;
+            }
+        }
+        reached
+    }
+
+    fn publish_p2p(&self, msg: &Arc<Message>, target: &str, publisher_persistent: bool) -> usize {
+        let Some(session) = self.sessions.get(target) else {
+            self.metrics.drop_message("p2p_no_session");
+            return 0;
+        };
+        // The sender's session flags decide persistence (B10).
+        let qos = if !publisher_persistent && !session.is_online() {
+            QoS::AtMostOnce
+        } else {
+            msg.qos
+        };
+        let d = Delivery {
+            msg: msg.clone(),
+            qos,
+            retain: false,
+            dup: false,
+            sub_ids: Vec::new(),
+        };
+        usize::from(self.offer(&session, d))
+    }
+
+    /// Offers one delivery to a session and counts the outcome.
+    pub fn offer(&self, session: &Session, d: Delivery) -> bool {
+        match session.enqueue(d, self.queue_limits()) {
+            Enqueued::Online => true,
+            Enqueued::Offline => {
+                self.metrics.offline_queued.inc();
+                true
+            }
+            Enqueued::OfflineDroppedOldest => {
+                self.metrics.offline_queued.inc();
+                self.metrics.offline_dropped.inc();
+                true
+            }
+            Enqueued::Dropped => {
+                self.metrics.drop_message(if session.is_online() {
+                    "queue_full"
+                } else {
+                    "offline"
+                });
+                false
+            }
+        }
+    }
+
+    /// Adds one subscription of a session.
+    pub fn subscribe(
+        &self,
+        session: &Session,
+        raw: &str,
+        opts: SubOptions,
+    ) -> Result<Subscribed, SubscribeError> {
+        let limits = &self.config.limits;
+        let filter = topic::parse_filter(
+            raw,
+            limits.max_topic_length,
+            self.config.client_id.strict_names,
+        )?;
+        let mut st = session.lock();
+        let existed = st.subscriptions.contains_key(raw);
+        let max = limits.max_subscriptions_per_client;
+        if !existed && max > 0 && st.subscriptions.len() >= max {
+            return Err(SubscribeError::Quota(max));
+        }
+        st.subscriptions.insert(raw.to_owned(), opts);
+        drop(st);
+        if self.router.subscribe(&session.client_id, &filter, opts) {
+            self.metrics.subscriptions.inc();
+        }
+        let retained = match filter.share_group {
+            // Retained messages are not sent for shared subscriptions (MQTT 5 4.8.2).
+            Some(_) => Vec::new(),
+            None => self.retained.matching(filter.filter),
+        };
+        Ok(Subscribed { existed, retained })
+    }
+
+    /// Removes one subscription of a session; returns whether it existed.
+    pub fn unsubscribe(&self, session: &Session, raw: &str) -> bool {
+        let existed = session.lock().subscriptions.remove(raw).is_some();
+        if let Ok(filter) = topic::parse_filter(raw, usize::MAX, false) {
+            if self.router.unsubscribe(&session.client_id, &filter) {
+                self.metrics.subscriptions.dec();
+            }
+        }
+        existed
+    }
+
+    /// Parses a filter for the protocol layer (used for retained replay checks).
+    pub fn parse_filter<'a>(&self, raw: &'a str) -> Result<Filter<'a>, TopicError> {
+        topic::parse_filter(
+            raw,
+            self.config.limits.max_topic_length,
+            self.config.client_id.strict_names,
+        )
+    }
+
+    /// Builds a message received from a client or made by the broker.
+    pub fn message(
+        &self,
+        topic: ntex::util::ByteString,
+        payload: ntex::util::Bytes,
+        qos: QoS,
+        retain: bool,
+        publisher: ClientId,
+    ) -> Message {
+        Message {
+            id: self.ids.next(),
+            topic,
+            payload,
+            qos,
+            retain,
+            publisher,
+            ts_ms: crate::message::now_ms(),
+            received: Instant::now(),
+            expiry: None,
+            properties: Default::default(),
+        }
+    }
+}
+
+fn gauge(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,316 @@
+//! Typed broker configuration.
+//!
+//! Every key is optional: an empty file (or no file at all) gives the embedded
+//! defaults, which run one node with MQTT/TCP on 1883, MQTT over WebSocket on
+//! 8083 and the admin HTTP port on 8080. Unknown keys are rejected so that a
+//! typo never silently falls back to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Errors while reading or checking the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {error}")]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("invalid config file {path}: {error}")]
+    Parse {
+        path: PathBuf,
+        error: serde_yaml::Error,
+    },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+pub type Result<T> = std::result::Result<T, ConfigError>;
+
+/// The whole broker configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Network listeners.
+    pub listeners: ListenerConfig,
+    /// Session, queue and protocol limits.
+    pub limits: LimitsConfig,
+    /// Client ID rules.
+    pub client_id: ClientIdConfig,
+    /// Number of worker threads serving connections; 0 means one per CPU core.
+    pub workers: usize,
+    /// Seconds that a graceful shutdown waits for connections to close.
+    pub shutdown_timeout_secs: u64,
+}
+
+/// Addresses the broker listens on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// MQTT over TCP. `null` disables it.
+    pub tcp: Option<SocketAddr>,
+    /// MQTT over WebSocket (path `/mqtt`, subprotocol `mqtt`). `null` disables it.
+    pub ws: Option<SocketAddr>,
+    /// MQTT over TLS; started only when `tls` is configured.
+    pub tls: Option<SocketAddr>,
+    /// MQTT over secure WebSocket; started only when `tls` is configured.
+    pub wss: Option<SocketAddr>,
+    /// Admin HTTP: `/metrics`, `/healthz`, `/readyz`. `null` disables it.
+    pub admin: Option<SocketAddr>,
+    /// Certificate and key for the TLS and secure WebSocket listeners.
+    pub tls_files: Option<TlsFiles>,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        let any = |port| Some(SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 0], port)));
+        Self {
+            tcp: any(1883),
+            ws: any(8083),
+            tls: any(8883),
+            wss: any(8084),
+            admin: any(8080),
+            tls_files: None,
+        }
+    }
+}
+
+/// PEM files of the server certificate chain and its private key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// Limits of the product specification (B4, B5, B6, B12).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest MQTT packet accepted, in bytes.
+    pub max_packet_size: u32,
+    /// Longest topic name or filter, in characters.
+    pub max_topic_length: usize,
+    /// Longest Client ID, in characters.
+    pub max_client_id_length: usize,
+    /// Subscriptions per client; 0 means unlimited.
+    pub max_subscriptions_per_client: usize,
+    /// Seconds a persistent session outlives its connection; also the cap of an
+    /// MQTT 5 session expiry interval.
+    pub session_expiry_secs: u32,
+    /// Offline messages kept per persistent session; the oldest is dropped first.
+    pub offline_queue_len: usize,
+    /// Seconds an offline message is kept.
+    pub offline_message_ttl_secs: u64,
+    /// Offline messages pushed in one batch after CONNECT.
+    pub offline_batch: usize,
+    /// Seconds between two offline batches.
+    pub offline_batch_interval_secs: u64,
+    /// `$SYS/getOfflineMsg` pulls allowed per client per second.
+    pub offline_pulls_per_sec: u32,
+    /// Messages waiting for an online client before new QoS 0 messages are dropped
+    /// and QoS 1/2 ones too (each drop is counted).
+    pub max_queued_messages: usize,
+    /// QoS 1/2 messages in flight towards one client (capped by its receive maximum).
+    pub max_inflight: u16,
+    /// QoS 1/2 messages a client may have in flight towards the broker (MQTT 5
+    /// receive maximum).
+    pub receive_maximum: u16,
+    /// Topic aliases accepted from an MQTT 5 client.
+    pub topic_alias_maximum: u16,
+    /// Keep-alive (seconds) enforced for clients that ask for none; 0 keeps such
+    /// connections open until the peer goes away.
+    pub default_keep_alive_secs: u16,
+    /// Seconds a client has to send CONNECT after the TCP handshake.
+    pub connect_timeout_secs: u16,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_packet_size: 128 * 1024,
+            max_topic_length: 64,
+            max_client_id_length: 128,
+            max_subscriptions_per_client: 30,
+            session_expiry_secs: 2 * 3600,
+            offline_queue_len: 10,
+            offline_message_ttl_secs: 3 * 24 * 3600,
+            offline_batch: 30,
+            offline_batch_interval_secs: 5,
+            offline_pulls_per_sec: 5,
+            max_queued_messages: 1000,
+            max_inflight: 32,
+            receive_maximum: 64,
+            topic_alias_maximum: 32,
+            default_keep_alive_secs: 0,
+            connect_timeout_secs: 10,
+        }
+    }
+}
+
+/// Client ID and name rules (B8, B12).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientIdConfig {
+    /// Refuse Client IDs that are not `GroupID@@@DeviceID`.
+    pub require_group_id: bool,
+    /// Apply the seeds' character rule (`[0-9A-Za-z-_]`, `/` in topics) to topics
+    /// and Device IDs.
+    pub strict_names: bool,
+}
+
+impl Config {
+    /// Reads a YAML file; an empty file gives the defaults.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_owned(),
+            error,
+        })?;
+        Self::from_yaml(&text).map_err(|e| match e {
+            ConfigError::Parse { error, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                error,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses YAML text and checks the values.
+    pub fn from_yaml(text: &str) -> Result<Self> {
+        let config: Config = if text.trim().is_empty() {
+            Config::default()
+        } else {
+            serde_yaml::from_str(text).map_err(|error| ConfigError::Parse {
+                path: PathBuf::from("<text>"),
+                error,
+            })?
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The defaults as documented YAML, for `--print-default-config`.
+    pub fn default_yaml() -> String {
+        DEFAULT_CONFIG_YAML.to_owned()
+    }
+
+    fn validate(&self) -> Result<()> {
+        let l = &self.limits;
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if l.max_packet_size < 64 || l.max_packet_size > 268_435_455 {
+            return bad("limits.max_packet_size must be between 64 and 268435455");
+        }
+        if l.max_topic_length == 0 || l.max_topic_length > 65_535 {
+            return bad("limits.max_topic_length must be between 1 and 65535");
+        }
+        if l.max_client_id_length == 0 || l.max_client_id_length > 65_535 {
+            return bad("limits.max_client_id_length must be between 1 and 65535");
+        }
+        if l.offline_batch == 0 {
+            return bad("limits.offline_batch must be at least 1");
+        }
+        if l.max_inflight == 0 || l.receive_maximum == 0 {
+            return bad("limits.max_inflight and limits.receive_maximum must be at least 1");
+        }
+        if l.max_queued_messages == 0 {
+            return bad("limits.max_queued_messages must be at least 1");
+        }
+        if l.offline_pulls_per_sec == 0 {
+            return bad("limits.offline_pulls_per_sec must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// The documented default configuration. A unit test checks that it parses to
+/// exactly `Config::default()`, so the two cannot drift apart.
+const DEFAULT_CONFIG_YAML: &str = r#"# ringmq broker configuration. Every key is optional; these are the defaults.
+listeners:
+  # MQTT over TCP (null disables it)
+  tcp: "[::]:1883"
+  # MQTT over WebSocket, path /mqtt, subprotocol "mqtt" (null disables it)
+  ws: "[::]:8083"
+  # MQTT over TLS and secure WebSocket: started only when tls_files is set
+  tls: "[::]:8883"
+  wss: "[::]:8084"
+  # admin HTTP: /metrics, /healthz, /readyz (null disables it)
+  admin: "[::]:8080"
+  # tls_files:
+  #   cert: /etc/ringmq/tls/tls.crt
+  #   key: /etc/ringmq/tls/tls.key
+  tls_files: null
+limits:
+  # largest MQTT packet accepted, bytes
+  max_packet_size: 131072
+  # longest topic name or filter, characters
+  max_topic_length: 64
+  # longest Client ID, characters
+  max_client_id_length: 128
+  # subscriptions per client, 0 = unlimited
+  max_subscriptions_per_client: 30
+  # lifetime of a persistent session after disconnect (caps MQTT 5 expiry), seconds
+  session_expiry_secs: 7200
+  # offline messages kept per session (oldest dropped first) and their maximum age
+  offline_queue_len: 10
+  offline_message_ttl_secs: 259200
+  # automatic offline push: batch size and interval
+  offline_batch: 30
+  offline_batch_interval_secs: 5
+  # $SYS/getOfflineMsg pulls per client per second
+  offline_pulls_per_sec: 5
+  # messages waiting for one online client before further ones are dropped
+  max_queued_messages: 1000
+  # QoS 1/2 messages in flight towards one client
+  max_inflight: 32
+  # QoS 1/2 messages in flight from one client (MQTT 5 receive maximum)
+  receive_maximum: 64
+  # MQTT 5 topic aliases accepted from a client
+  topic_alias_maximum: 32
+  # keep-alive imposed on clients that ask for none, seconds (0 = none)
+  default_keep_alive_secs: 0
+  # time to send CONNECT after the TCP handshake, seconds
+  connect_timeout_secs: 10
+client_id:
+  # refuse Client IDs that are not GroupID@@@DeviceID
+  require_group_id: false
+  # the seeds' character rule for topics and Device IDs
+  strict_names: false
+# connection worker threads, 0 = one per CPU core
+workers: 0
+# graceful shutdown: seconds to wait for connections to close
+shutdown_timeout_secs: 10
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documented_defaults_are_the_defaults() {
+        let parsed = Config::from_yaml(DEFAULT_CONFIG_YAML).map_err(|e| e.to_string());
+        assert_eq!(parsed, Ok(Config::default()));
+    }
+
+    #[test]
+    fn empty_text_gives_defaults() {
+        assert_eq!(Config::from_yaml("").ok(), Some(Config::default()));
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_name() {
+        let err = Config::from_yaml("limits:\n  max_topic_lenght: 10\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("max_topic_lenght"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_is_rejected() {
+        assert!(Config::from_yaml("limits:\n  offline_batch: 0\n").is_err());
+    }
+}

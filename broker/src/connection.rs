@@ -1,0 +1,333 @@
+//! One MQTT connection, whatever its protocol version: the state ntex-mqtt
+//! keeps for it, what happens when it ends, and the outbound pump that moves
+//! messages from the session's queues to the socket.
+//!
+//! The pump is a task on the connection's worker thread. It is woken through
+//! the connection's `Notify` when a message is queued, the client pulls
+//! offline messages, or the session is taken over or kicked. QoS 1/2 messages
+//! enter the session's in-flight map before they are written, so a connection
+//! that dies loses none of them: the next connection resends them with DUP.
+
+use std::cell::{Cell, RefCell};
+use std::num::NonZeroU16;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::broker::Broker;
+use crate::message::{Message, QoS};
+use crate::router::ClientId;
+use crate::session::{Conn, Delivery, KickReason, Session};
+
+/// Why the pump closes the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The Client ID connected again elsewhere ("clientId conflict").
+    Takeover,
+    Kick(KickReason),
+}
+
+/// The outbound side of an ntex-mqtt sink, implemented for v3 and v5.
+pub trait OutSink {
+    /// Waits for send credit (the client's receive maximum); false once closed.
+    fn ready(&self) -> impl Future<Output = bool>;
+    fn send_qos0(&self, d: &Delivery, now: Instant) -> impl Future<Output = bool>;
+    /// Writes a QoS 1 PUBLISH without waiting; the ack arrives through `on_ack`.
+    fn send_qos1(&self, d: &Delivery, id: NonZeroU16, now: Instant) -> bool;
+    /// Writes a QoS 2 PUBLISH and waits for PUBREC; PUBREL follows by itself.
+    fn send_qos2(&self, d: &Delivery, id: NonZeroU16, now: Instant) -> impl Future<Output = bool>;
+    /// Registers the QoS 1 acknowledgement callback.
+    fn on_ack(&self, f: Box<dyn Fn(u16)>);
+    fn close(&self, reason: CloseReason);
+    /// Largest packet the client accepts (MQTT 5), to skip what it would refuse.
+    fn max_packet_size(&self) -> Option<u32>;
+}
+
+/// A will message and when it is due.
+#[derive(Debug)]
+pub struct Will {
+    pub msg: Message,
+    pub delay: Duration,
+}
+
+/// The application state ntex-mqtt keeps for one connection.
+#[derive(Debug)]
+pub struct Connection {
+    pub broker: Arc<Broker>,
+    pub session: Arc<Session>,
+    pub conn: Conn,
+    pub client_id: ClientId,
+    /// cleanSession=false / session expiry > 0.
+    pub persistent: bool,
+    pub will: RefCell<Option<Will>>,
+    /// The client sent DISCONNECT (the will is not published).
+    pub graceful: Cell<bool>,
+    /// Start of the current one-second window and pulls made in it (B6).
+    pub pulls: Cell<(Instant, u32)>,
+}
+
+impl Connection {
+    pub fn new(
+        broker: Arc<Broker>,
+        attached: crate::session::Attached,
+        persistent: bool,
+        will: Option<Will>,
+    ) -> Self {
+        broker.metrics.connections.inc();
+        broker.metrics.connections_total.inc();
+        Self {
+            client_id: attached.session.client_id.clone(),
+            session: attached.session,
+            conn: attached.conn,
+            broker,
+            persistent,
+            will: RefCell::new(will),
+            graceful: Cell::new(false),
+            pulls: Cell::new((Instant::now(), 0)),
+        }
+    }
+
+    /// Starts the outbound pump on this worker thread.
+    pub fn start_pump<S: OutSink + 'static>(&self, sink: S) {
+        let pump = Pump {
+            broker: self.broker.clone(),
+            session: self.session.clone(),
+            conn: self.conn.clone(),
+            next_id: Cell::new(0),
+        };
+        ntex::rt::spawn(async move { pump.run(sink).await });
+    }
+
+    /// Builds a message published by this client.
+    pub fn message(
+        &self,
+        topic: ntex::util::ByteString,
+        payload: ntex::util::Bytes,
+        qos: QoS,
+        retain: bool,
+    ) -> Message {
+        self.broker
+            .message(topic, payload, qos, retain, self.client_id.clone())
+    }
+
+    fn publish_will(&self) {
+        let Some(will) = self.will.borrow_mut().take() else {
+            return;
+        };
+        let broker = self.broker.clone();
+        let msg = Arc::new(will.msg);
+        let persistent = self.persistent;
+        if will.delay.is_zero() || !persistent {
+            broker.publish(&msg, persistent);
+            return;
+        }
+        // MQTT 5 will delay: published when the delay or the session ends,
+        // whichever is first, unless the client reconnects before.
+        let session = self.session.clone();
+        let generation = self.conn.generation;
+        session.lock().pending_will_generation = Some(generation);
+        let delay = will.delay.min(session.lock().expiry);
+        ntex::rt::spawn(async move {
+            ntex::time::sleep(delay).await;
+            let due = session.lock().pending_will_generation == Some(generation);
+            if due {
+                session.lock().pending_will_generation = None;
+                broker.publish(&msg, persistent);
+            }
+        });
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.broker.metrics.connections.dec();
+        let superseded = self
+            .session
+            .lock()
+            .attached
+            .as_ref()
+            .is_none_or(|c| c.generation != self.conn.generation);
+        if !self.graceful.get() {
+            self.publish_will();
+        }
+        tracing::debug!(
+            client_id = %self.client_id,
+            graceful = self.graceful.get(),
+            superseded,
+            "connection closed"
+        );
+        self.broker.detach(&self.session, self.conn.generation);
+        // Ends the pump if it is waiting.
+        self.conn.wake.notify_one();
+    }
+}
+
+/// Messages the pump takes from the session in one go.
+const BATCH: usize = 64;
+
+struct Pump {
+    broker: Arc<Broker>,
+    session: Arc<Session>,
+    conn: Conn,
+    next_id: Cell<u16>,
+}
+
+enum Step {
+    Send(Vec<(Delivery, Option<NonZeroU16>)>),
+    Wait(Option<Duration>),
+    Close(Option<CloseReason>),
+}
+
+impl Pump {
+    async fn run<S: OutSink>(self, sink: S) {
+        let session = self.session.clone();
+        let generation = self.conn.generation;
+        sink.on_ack(Box::new(move |id| session.acked(generation, id)));
+        let limits = &self.broker.config.limits;
+        let batch_interval = Duration::from_secs(limits.offline_batch_interval_secs);
+        let mut next_offline = Instant::now();
+        loop {
+            let notified = self.conn.wake.notified();
+            let step = self.take(&mut next_offline, batch_interval);
+            match step {
+                Step::Close(reason) => {
+                    if let Some(r) = reason {
+                        sink.close(r);
+                    }
+                    return;
+                }
+                Step::Wait(None) => notified.await,
+                Step::Wait(Some(d)) => {
+                    let _ = ntex::util::select(notified, ntex::time::sleep(d)).await;
+                }
+                Step::Send(batch) => {
+                    if !self.send(&sink, batch).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Decides what to do next, under the session lock.
+    fn take(&self, next_offline: &mut Instant, interval: Duration) -> Step {
+        let limits = &self.broker.config.limits;
+        let now = Instant::now();
+        let ttl = Duration::from_secs(limits.offline_message_ttl_secs);
+        let mut st = self.session.lock();
+        match &st.attached {
+            Some(c) if c.generation == self.conn.generation => {}
+            Some(_) => return Step::Close(Some(CloseReason::Takeover)),
+            None => return Step::Close(None),
+        }
+        if let Some(k) = st.kick.take() {
+            return Step::Close(Some(CloseReason::Kick(k)));
+        }
+        let mut batch = Vec::new();
+        let mut expired = 0u64;
+        while batch.len() < BATCH {
+            let Some(d) = st.resend.pop_front() else {
+                break;
+            };
+            batch.push(d);
+        }
+        let mut wait = None;
+        if !st.pull_mode && !st.offline_hold && !st.offline.is_empty() {
+            if now >= *next_offline {
+                let n = limits.offline_batch.min(st.offline.len());
+                batch.extend(st.offline.drain(..n));
+                *next_offline = now + interval;
+            }
+            if !st.offline.is_empty() {
+                wait = Some(next_offline.saturating_duration_since(now));
+            }
+        }
+        while batch.len() < BATCH {
+            let Some(d) = st.queue.pop_front() else { break };
+            batch.push(d);
+        }
+        let mut out = Vec::with_capacity(batch.len());
+        for d in batch {
+            if d.msg.is_expired(now, ttl) {
+                expired += 1;
+                continue;
+            }
+            let id = if d.qos == QoS::AtMostOnce {
+                None
+            } else {
+                let id = self.packet_id(|id| st.inflight.contains_key(&id));
+                st.inflight.insert(id.get(), d.clone());
+                Some(id)
+            };
+            out.push((d, id));
+        }
+        drop(st);
+        if expired > 0 {
+            self.broker.metrics.offline_dropped.inc_by(expired);
+            self.broker
+                .metrics
+                .messages_dropped
+                .with_label_values(&["expired"])
+                .inc_by(expired);
+        }
+        if out.is_empty() {
+            Step::Wait(wait)
+        } else {
+            Step::Send(out)
+        }
+    }
+
+    /// The next packet id not in flight.
+    fn packet_id(&self, in_use: impl Fn(u16) -> bool) -> NonZeroU16 {
+        loop {
+            let id = self.next_id.get().wrapping_add(1);
+            self.next_id.set(id);
+            if let Some(id) = NonZeroU16::new(id) {
+                if !in_use(id.get()) {
+                    return id;
+                }
+            }
+        }
+    }
+
+    /// Writes a batch; false once the connection is gone.
+    async fn send<S: OutSink>(&self, sink: &S, batch: Vec<(Delivery, Option<NonZeroU16>)>) -> bool {
+        let metrics = &self.broker.metrics;
+        for (d, id) in batch {
+            let now = Instant::now();
+            if sink
+                .max_packet_size()
+                .is_some_and(|max| d.msg.payload.len() + d.msg.topic.len() + 16 > max as usize)
+            {
+                // MQTT 5 3.1.2.11.4: a message the client cannot take is dropped.
+                metrics.drop_message("client_max_packet_size");
+                if let Some(id) = id {
+                    self.session.acked(self.conn.generation, id.get());
+                }
+                continue;
+            }
+            let ok = match id {
+                None => sink.send_qos0(&d, now).await,
+                Some(id) => {
+                    if !sink.ready().await {
+                        return false;
+                    }
+                    if d.qos == QoS::AtLeastOnce {
+                        sink.send_qos1(&d, id, now)
+                    } else {
+                        let ok = sink.send_qos2(&d, id, now).await;
+                        // PUBREC received: the client has the message.
+                        if ok {
+                            self.session.acked(self.conn.generation, id.get());
+                        }
+                        ok
+                    }
+                }
+            };
+            if !ok {
+                return false;
+            }
+            metrics.sent(d.qos, d.msg.payload.len());
+        }
+        true
+    }
+}

@@ -1,0 +1,79 @@
+//! `ringmq-broker`: runs one broker node.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use ringmq_broker::Config;
+
+const USAGE: &str = "usage: ringmq-broker [--config FILE] [--print-default-config]
+
+Runs one ringmq broker node. Without --config it uses the embedded defaults:
+MQTT/TCP on 1883, MQTT over WebSocket on 8083 (/mqtt), admin HTTP on 8080.
+Log level: RUST_LOG (default warn,ringmq_broker=info).";
+
+/// Broker events at info, the libraries underneath only when they warn.
+const DEFAULT_LOG: &str = "warn,ringmq_broker=info";
+
+/// Exit code for a bad command line or configuration (EX_USAGE).
+const EX_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG)),
+        )
+        .init();
+    let config = match parse_args() {
+        Ok(Some(c)) => c,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ringmq-broker: {e:#}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    match ntex::rt::System::new("ringmq-broker", ntex::rt::DefaultRuntime).block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ringmq-broker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Reads the command line; `None` means the request was answered already.
+fn parse_args() -> anyhow::Result<Option<Config>> {
+    let mut args = std::env::args().skip(1);
+    let mut config = Config::default();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--config" => {
+                let path = PathBuf::from(args.next().context("--config needs a file")?);
+                config = Config::from_file(&path)?;
+            }
+            "--print-default-config" => {
+                print!("{}", Config::default_yaml());
+                return Ok(None);
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return Ok(None);
+            }
+            other => anyhow::bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    Ok(Some(config))
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    ringmq_broker::run(config, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    if let Ok(signals) = ntex::rt::signals::signal().await {
+        tracing::info!(?signals, "signal received");
+    }
+}

@@ -1,0 +1,132 @@
+//! The application message as it travels through the broker.
+//!
+//! A message is built once when it is received and shared behind an `Arc` by
+//! every subscriber, queue and retained slot: fan-out copies a pointer, never
+//! the payload.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ntex::util::{ByteString, Bytes};
+
+/// Quality of service, ordered so that `min` gives the downgraded level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum QoS {
+    AtMostOnce = 0,
+    AtLeastOnce = 1,
+    ExactlyOnce = 2,
+}
+
+impl QoS {
+    /// Label used in metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            QoS::AtMostOnce => "0",
+            QoS::AtLeastOnce => "1",
+            QoS::ExactlyOnce => "2",
+        }
+    }
+}
+
+impl From<ntex_mqtt::QoS> for QoS {
+    fn from(q: ntex_mqtt::QoS) -> Self {
+        match q {
+            ntex_mqtt::QoS::AtMostOnce => QoS::AtMostOnce,
+            ntex_mqtt::QoS::AtLeastOnce => QoS::AtLeastOnce,
+            ntex_mqtt::QoS::ExactlyOnce => QoS::ExactlyOnce,
+        }
+    }
+}
+
+impl From<QoS> for ntex_mqtt::QoS {
+    fn from(q: QoS) -> Self {
+        match q {
+            QoS::AtMostOnce => ntex_mqtt::QoS::AtMostOnce,
+            QoS::AtLeastOnce => ntex_mqtt::QoS::AtLeastOnce,
+            QoS::ExactlyOnce => ntex_mqtt::QoS::ExactlyOnce,
+        }
+    }
+}
+
+/// MQTT 5 properties that travel with a message from publisher to subscriber.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Properties {
+    pub user: Vec<(ByteString, ByteString)>,
+    pub content_type: Option<ByteString>,
+    pub response_topic: Option<ByteString>,
+    pub correlation_data: Option<Bytes>,
+    pub utf8_payload: bool,
+}
+
+/// One application message.
+#[derive(Debug)]
+pub struct Message {
+    /// Unique within this node's lifetime; reported in traces and the API.
+    pub id: MessageId,
+    pub topic: ByteString,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    /// Client ID of the publisher (empty for messages made by the broker).
+    pub publisher: Arc<str>,
+    /// Wall-clock receive time, milliseconds since the Unix epoch.
+    pub ts_ms: u64,
+    /// When the message was received, for expiry.
+    pub received: Instant,
+    /// MQTT 5 message expiry interval.
+    pub expiry: Option<Duration>,
+    pub properties: Properties,
+}
+
+impl Message {
+    /// Whether the message has outlived its expiry interval or `max_age`.
+    pub fn is_expired(&self, now: Instant, max_age: Duration) -> bool {
+        let age = now.saturating_duration_since(self.received);
+        age > max_age || self.expiry.is_some_and(|e| age > e)
+    }
+
+    /// The expiry interval left, in whole seconds, for forwarding (MQTT 5 3.3.2.3.3).
+    pub fn remaining_expiry_secs(&self, now: Instant) -> Option<u32> {
+        self.expiry.map(|e| {
+            let left = e.saturating_sub(now.saturating_duration_since(self.received));
+            u32::try_from(left.as_secs()).unwrap_or(u32::MAX).max(1)
+        })
+    }
+}
+
+/// A message identifier: node-local sequence number, printed as hex.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageId(pub u64);
+
+impl std::fmt::Display for MessageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// Hands out message ids: the start time in the high bits keeps ids unique
+/// across restarts of the node.
+#[derive(Debug)]
+pub struct MessageIds(AtomicU64);
+
+impl Default for MessageIds {
+    fn default() -> Self {
+        let start = now_ms() << 20;
+        Self(AtomicU64::new(start))
+    }
+}
+
+impl MessageIds {
+    pub fn next(&self) -> MessageId {
+        MessageId(self.0.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}

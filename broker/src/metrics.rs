@@ -1,0 +1,132 @@
+//! Prometheus metrics of one broker node.
+//!
+//! The registry is owned by the broker (no global default registry), so tests
+//! can run several brokers in one process.
+
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+use crate::message::QoS;
+
+/// Errors while building the registry.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("metrics registry: {0}")]
+    Prometheus(#[from] prometheus::Error),
+}
+
+pub type Result<T> = std::result::Result<T, MetricsError>;
+
+/// Every metric the broker exports.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub connections: IntGauge,
+    pub connections_total: IntCounter,
+    pub sessions: IntGauge,
+    pub subscriptions: IntGauge,
+    pub retained: IntGauge,
+    pub messages_in: IntCounterVec,
+    pub bytes_in: IntCounterVec,
+    pub messages_out: IntCounterVec,
+    pub bytes_out: IntCounterVec,
+    pub messages_dropped: IntCounterVec,
+    pub offline_queued: IntCounter,
+    pub offline_dropped: IntCounter,
+    pub rejected: IntCounterVec,
+    pub takeovers: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self> {
+        let registry = Registry::new_custom(Some("ringmq".into()), None)?;
+        let gauge = |name: &str, help: &str| -> Result<IntGauge> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let counter = |name: &str, help: &str| -> Result<IntCounter> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let vec = |name: &str, help: &str, label: &str| -> Result<IntCounterVec> {
+            let c = IntCounterVec::new(Opts::new(name, help), &[label])?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let m = Self {
+            connections: gauge("connections", "Open MQTT connections")?,
+            connections_total: counter("connections_total", "MQTT connections accepted")?,
+            sessions: gauge("sessions", "Sessions held, online or offline")?,
+            subscriptions: gauge("subscriptions", "Subscriptions in the routing table")?,
+            retained: gauge("retained_messages", "Retained messages held")?,
+            messages_in: vec(
+                "messages_received_total",
+                "PUBLISH received from clients",
+                "qos",
+            )?,
+            bytes_in: vec(
+                "bytes_received_total",
+                "Payload bytes received from clients",
+                "qos",
+            )?,
+            messages_out: vec("messages_sent_total", "PUBLISH sent to clients", "qos")?,
+            bytes_out: vec("bytes_sent_total", "Payload bytes sent to clients", "qos")?,
+            messages_dropped: vec(
+                "messages_dropped_total",
+                "Messages not delivered to a session, by reason",
+                "reason",
+            )?,
+            offline_queued: counter("offline_messages_queued_total", "Offline messages stored")?,
+            offline_dropped: counter(
+                "offline_messages_dropped_total",
+                "Offline messages dropped (queue full, oldest first, or expired)",
+            )?,
+            rejected: vec(
+                "packets_rejected_total",
+                "Packets or connections refused, by reason",
+                "reason",
+            )?,
+            takeovers: counter(
+                "clientid_takeovers_total",
+                "Connections closed because the Client ID connected again",
+            )?,
+            registry,
+        };
+        Ok(m)
+    }
+
+    pub fn received(&self, qos: QoS, bytes: usize) {
+        self.messages_in.with_label_values(&[qos.label()]).inc();
+        self.bytes_in
+            .with_label_values(&[qos.label()])
+            .inc_by(bytes as u64);
+    }
+
+    pub fn sent(&self, qos: QoS, bytes: usize) {
+        self.messages_out.with_label_values(&[qos.label()]).inc();
+        self.bytes_out
+            .with_label_values(&[qos.label()])
+            .inc_by(bytes as u64);
+    }
+
+    pub fn reject(&self, reason: &str) {
+        self.rejected.with_label_values(&[reason]).inc();
+    }
+
+    pub fn drop_message(&self, reason: &str) {
+        self.messages_dropped.with_label_values(&[reason]).inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .is_err()
+        {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

@@ -1,0 +1,100 @@
+//! ntex-mqtt glue: translates v3.1.1 and v5 packets into broker calls.
+//!
+//! `v3` and `v5` hold the handlers of each version; the inbound publish path
+//! and the error type they share live here.
+
+use std::sync::Arc;
+
+use ntex_mqtt::Reason;
+
+use crate::broker::{Broker, PublishError};
+use crate::connection::Connection;
+use crate::message::Message;
+use crate::sys::{self, SysError};
+use crate::topic::TopicError;
+
+pub mod v3;
+pub mod v5;
+
+/// Errors that end a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("publish refused: {0}")]
+    Publish(#[from] PublishError),
+    #[error("system topic request refused: {0}")]
+    Sys(#[from] SysError),
+    #[error("payload could not be read: {0}")]
+    Payload(String),
+    #[error("protocol handler failed")]
+    Handler,
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl From<()> for Error {
+    fn from((): ()) -> Self {
+        Error::Handler
+    }
+}
+
+impl From<TopicError> for Error {
+    fn from(e: TopicError) -> Self {
+        Error::Publish(PublishError::Topic(e))
+    }
+}
+
+impl Error {
+    /// Label of the `packets_rejected_total` metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Publish(PublishError::Topic(_)) => "topic_invalid",
+            Error::Publish(PublishError::Storage(_)) => "storage_unavailable",
+            Error::Sys(SysError::RateLimited(_)) => "offline_pull_rate",
+            Error::Sys(SysError::Malformed(_)) => "sys_request_malformed",
+            Error::Payload(_) => "payload",
+            Error::Handler => "handler",
+        }
+    }
+}
+
+/// The inbound publish path shared by both versions: validate, answer system
+/// topics, store and route. Resolves when the PUBLISH may be acknowledged.
+pub async fn publish(conn: &Connection, msg: Message) -> Result<()> {
+    let broker = &conn.broker;
+    let result: Result<()> = async {
+        broker.check_topic(&msg.topic)?;
+        if sys::is_sys_request(&msg.topic) {
+            broker.metrics.received(msg.qos, msg.payload.len());
+            sys::handle(conn, &msg.topic, &msg.payload)?;
+            return Ok(());
+        }
+        broker.accept(Arc::new(msg), conn.persistent).await?;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = &result {
+        broker.metrics.reject(e.reason());
+        tracing::info!(client_id = %conn.client_id, error = %e, "publish refused");
+    }
+    result
+}
+
+/// Records why a connection of either version stopped ("no heart", protocol
+/// error, peer gone).
+pub fn trace_stop(client_id: &str, broker: &Broker, reason: &Reason<Error>) {
+    match reason {
+        Reason::PeerGone(_) => tracing::debug!(client_id, "peer gone"),
+        Reason::Protocol(p) => {
+            let label = match p.get_ref() {
+                ntex_mqtt::MqttProtocolError::KeepAliveTimeout => "no_heart",
+                ntex_mqtt::MqttProtocolError::Decode(_) => "malformed_packet",
+                _ => "protocol_error",
+            };
+            broker.metrics.reject(label);
+            tracing::info!(client_id, reason = label, error = %p.get_ref(), "connection closed");
+        }
+        Reason::Error(e) => {
+            tracing::info!(client_id, error = %e.get_ref(), "connection closed by the broker");
+        }
+    }
+}

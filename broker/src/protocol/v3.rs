@@ -1,0 +1,220 @@
+//! MQTT 3.1.1 handlers. 3.1.1 has no reason codes: a refused CONNECT gets a
+//! CONNACK return code, a refused PUBLISH closes the connection (as the seeds
+//! describe), a refused subscription gets the SUBACK failure code 0x80.
+
+use std::num::NonZeroU16;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ntex::time::Seconds;
+use ntex_mqtt::{Control, v3};
+
+use super::{Error, Result};
+use crate::broker::Broker;
+use crate::connection::{CloseReason, Connection, OutSink, Will};
+use crate::message::QoS;
+use crate::router::SubOptions;
+use crate::session::Delivery;
+use crate::topic;
+
+pub type St = Rc<Connection>;
+
+/// CONNECT: validate the Client ID and will, attach the session.
+pub async fn connect(broker: &Arc<Broker>, c: v3::Connect) -> Result<v3::ConnectAck<St>> {
+    let pkt = c.packet();
+    let limits = &broker.config.limits;
+    let clean = pkt.clean_session;
+    let keep_alive = pkt.keep_alive;
+    let client_id = if pkt.client_id.is_empty() {
+        if !clean {
+            // MQTT-3.1.3-8: an empty Client ID needs a clean session.
+            return Ok(refuse(broker, c, "client_id_empty"));
+        }
+        format!("ringmq-{}", broker.ids.next())
+    } else {
+        pkt.client_id.to_string()
+    };
+    if let Err(e) = topic::parse_client_id(
+        &client_id,
+        limits.max_client_id_length,
+        broker.config.client_id.require_group_id,
+        broker.config.client_id.strict_names,
+    ) {
+        tracing::info!(client_id, error = %e, "CONNECT refused");
+        return Ok(refuse(broker, c, "client_id_invalid"));
+    }
+    let will = match &pkt.last_will {
+        Some(w) => {
+            if broker.check_topic(&w.topic).is_err() {
+                return Ok(refuse(broker, c, "will_topic_invalid"));
+            }
+            Some(Will {
+                msg: broker.message(
+                    w.topic.clone(),
+                    w.message.clone(),
+                    w.qos.into(),
+                    w.retain,
+                    Arc::from(client_id.as_str()),
+                ),
+                delay: Duration::ZERO,
+            })
+        }
+        None => None,
+    };
+    let expiry = if clean {
+        Duration::ZERO
+    } else {
+        Duration::from_secs(u64::from(limits.session_expiry_secs))
+    };
+    let attached = broker.attach(&client_id, clean, expiry);
+    let present = attached.present;
+    tracing::debug!(client_id, clean, present, "MQTT 3.1.1 connection accepted");
+    let conn = Rc::new(Connection::new(broker.clone(), attached, !clean, will));
+    conn.start_pump(c.sink());
+    let ack = c.ack(conn, present).max_send(Some(limits.max_inflight));
+    Ok(if keep_alive == 0 {
+        // A keep-alive of 0 turns the mechanism off (MQTT-3.1.2-24) unless the
+        // operator imposes one.
+        let secs = limits.default_keep_alive_secs;
+        ack.idle_timeout(Seconds(secs.saturating_add(secs.div_ceil(2))))
+    } else {
+        ack
+    })
+}
+
+fn refuse(broker: &Broker, c: v3::Connect, reason: &str) -> v3::ConnectAck<St> {
+    broker.metrics.reject(reason);
+    c.identifier_rejected()
+}
+
+/// PUBLISH from the client.
+pub async fn publish(s: &v3::Session<St>, p: v3::Publish) -> Result<()> {
+    let payload = p
+        .read_all()
+        .await
+        .map_err(|e| Error::Payload(format!("{e:?}")))?;
+    let msg = s.message(
+        p.packet().topic.clone(),
+        payload,
+        p.qos().into(),
+        p.retain(),
+    );
+    super::publish(s, msg).await
+}
+
+/// SUBSCRIBE, UNSUBSCRIBE, DISCONNECT, PINGREQ, PUBREL.
+pub async fn protocol(
+    s: &v3::Session<St>,
+    msg: v3::ProtocolMessage,
+) -> Result<v3::ProtocolMessageAck> {
+    let conn: &Connection = s;
+    let broker = &conn.broker;
+    match msg {
+        v3::ProtocolMessage::Subscribe(mut sub) => {
+            let mut replay = Vec::new();
+            for mut item in sub.iter_mut() {
+                let qos = QoS::from(item.qos());
+                let opts = SubOptions {
+                    qos,
+                    no_local: false,
+                    retain_as_published: false,
+                    id: None,
+                };
+                match broker.subscribe(&conn.session, item.topic(), opts) {
+                    Ok(r) => {
+                        item.confirm(qos.into());
+                        replay.extend(r.retained.into_iter().map(|m| (m, qos)));
+                    }
+                    Err(e) => {
+                        broker.metrics.reject("subscribe_refused");
+                        tracing::info!(client_id = %conn.client_id, filter = %item.topic(), error = %e, "subscription refused");
+                        item.fail();
+                    }
+                }
+            }
+            for (m, qos) in replay {
+                let d = Delivery {
+                    qos: qos.min(m.qos),
+                    msg: m,
+                    retain: true,
+                    dup: false,
+                    sub_ids: Vec::new(),
+                };
+                broker.offer(&conn.session, d);
+            }
+            Ok(sub.ack())
+        }
+        v3::ProtocolMessage::Unsubscribe(u) => {
+            for f in u.iter() {
+                broker.unsubscribe(&conn.session, f);
+            }
+            Ok(u.ack())
+        }
+        v3::ProtocolMessage::Disconnect(d) => {
+            conn.graceful.set(true);
+            conn.will.borrow_mut().take();
+            Ok(d.ack())
+        }
+        v3::ProtocolMessage::Ping(p) => Ok(p.ack()),
+        v3::ProtocolMessage::PublishRelease(r) => Ok(r.ack()),
+    }
+}
+
+/// Connection events: records why a connection stopped.
+pub async fn control(s: &v3::Session<St>, c: Control<Error>) -> Result<Option<v3::codec::Encoded>> {
+    if let Control::Stop(reason) = &c {
+        super::trace_stop(&s.client_id, &s.broker, reason);
+    }
+    Ok(None)
+}
+
+impl OutSink for v3::MqttSink {
+    async fn ready(&self) -> bool {
+        v3::MqttSink::ready(self).await
+    }
+
+    async fn send_qos0(&self, d: &Delivery, _now: Instant) -> bool {
+        builder(self, d)
+            .send_at_most_once(d.msg.payload.clone())
+            .await
+            .is_ok()
+    }
+
+    fn send_qos1(&self, d: &Delivery, id: NonZeroU16, _now: Instant) -> bool {
+        builder(self, d)
+            .packet_id(id.get())
+            .send_at_least_once_no_block(d.msg.payload.clone())
+            .is_ok()
+    }
+
+    async fn send_qos2(&self, d: &Delivery, id: NonZeroU16, _now: Instant) -> bool {
+        builder(self, d)
+            .packet_id(id.get())
+            .send_exactly_once(d.msg.payload.clone())
+            .await
+            .is_ok()
+    }
+
+    fn on_ack(&self, f: Box<dyn Fn(u16)>) {
+        self.publish_ack_cb(move |id, disconnected| {
+            if !disconnected {
+                f(id.get());
+            }
+        });
+    }
+
+    fn close(&self, reason: CloseReason) {
+        tracing::debug!(?reason, "closing MQTT 3.1.1 connection");
+        v3::MqttSink::close(self);
+    }
+
+    fn max_packet_size(&self) -> Option<u32> {
+        None
+    }
+}
+
+fn builder(sink: &v3::MqttSink, d: &Delivery) -> v3::PublishBuilder {
+    let b = sink.publish(d.msg.topic.clone()).dup(d.dup);
+    if d.retain { b.retain() } else { b }
+}

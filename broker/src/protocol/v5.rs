@@ -1,0 +1,388 @@
+//! MQTT 5 handlers: reason codes for every refusal, session expiry, will
+//! delay, message expiry, user properties, subscription options and
+//! identifiers, shared subscriptions.
+
+use std::num::NonZeroU16;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ntex::util::ByteString;
+use ntex_mqtt::v5::codec::{
+    self, ConnectAckReason, DisconnectReasonCode, PublishAckReason, RetainHandling,
+    SubscribeAckReason,
+};
+use ntex_mqtt::{Control, Reason, v5};
+
+use super::{Error, Result};
+use crate::broker::{Broker, PublishError, SubscribeError};
+use crate::connection::{CloseReason, Connection, OutSink, Will};
+use crate::message::{Message, Properties, QoS};
+use crate::router::SubOptions;
+use crate::session::{Delivery, KickReason};
+use crate::storage::StorageError;
+use crate::topic::{self, ClientIdError};
+
+pub type St = Rc<Connection>;
+
+impl TryFrom<Error> for v5::PublishAck {
+    type Error = Error;
+
+    /// Errors are answered with a reason code by `publish` itself; what reaches
+    /// here closes the connection.
+    fn try_from(err: Error) -> std::result::Result<Self, Error> {
+        Err(err)
+    }
+}
+
+/// CONNECT: validate, attach the session with its expiry interval.
+pub async fn connect(broker: &Arc<Broker>, c: v5::Connect) -> Result<v5::ConnectAck<St>> {
+    let pkt = c.packet();
+    let limits = &broker.config.limits;
+    let assigned = pkt.client_id.is_empty();
+    let client_id = if assigned {
+        format!("ringmq-{}", broker.ids.next())
+    } else {
+        pkt.client_id.to_string()
+    };
+    if let Err(e) = topic::parse_client_id(
+        &client_id,
+        limits.max_client_id_length,
+        broker.config.client_id.require_group_id,
+        broker.config.client_id.strict_names,
+    ) {
+        tracing::info!(client_id, error = %e, "CONNECT refused");
+        broker.metrics.reject("client_id_invalid");
+        let reason = match e {
+            ClientIdError::BadGroupId | ClientIdError::GroupIdRequired => {
+                ConnectAckReason::NotAuthorized
+            }
+            _ => ConnectAckReason::ClientIdentifierNotValid,
+        };
+        return Ok(c.failed(reason));
+    }
+    let expiry_secs = pkt
+        .session_expiry_interval_secs
+        .min(limits.session_expiry_secs);
+    let will = match &pkt.last_will {
+        Some(w) => {
+            if broker.check_topic(&w.topic).is_err() {
+                broker.metrics.reject("will_topic_invalid");
+                return Ok(c.failed(ConnectAckReason::TopicNameInvalid));
+            }
+            let mut msg = broker.message(
+                w.topic.clone(),
+                w.message.clone(),
+                w.qos.into(),
+                w.retain,
+                Arc::from(client_id.as_str()),
+            );
+            msg.expiry = w
+                .message_expiry_interval
+                .map(|s| Duration::from_secs(u64::from(s)));
+            msg.properties = Properties {
+                user: w.user_properties.clone(),
+                content_type: w.content_type.clone(),
+                response_topic: w.response_topic.clone(),
+                correlation_data: w.correlation_data.clone(),
+                utf8_payload: w.is_utf8_payload.unwrap_or(false),
+            };
+            Some(Will {
+                msg,
+                delay: Duration::from_secs(u64::from(w.will_delay_interval_sec.unwrap_or(0))),
+            })
+        }
+        None => None,
+    };
+    let clean = pkt.clean_start;
+    let requested_expiry = pkt.session_expiry_interval_secs;
+    let keep_alive = pkt.keep_alive;
+    let client_max_packet = pkt.max_packet_size;
+    let attached = broker.attach(
+        &client_id,
+        clean,
+        Duration::from_secs(u64::from(expiry_secs)),
+    );
+    let present = attached.present;
+    tracing::debug!(
+        client_id,
+        clean,
+        present,
+        expiry_secs,
+        "MQTT 5 connection accepted"
+    );
+    let conn = Rc::new(Connection::new(
+        broker.clone(),
+        attached,
+        expiry_secs > 0,
+        will,
+    ));
+    conn.start_pump(V5Sink {
+        sink: c.sink(),
+        max_packet: client_max_packet.map(|m| m.get()),
+    });
+    let mut ack = c.ack(conn).max_send(Some(limits.max_inflight)).with(|a| {
+        a.session_present = present;
+        if requested_expiry != expiry_secs {
+            a.session_expiry_interval_secs = Some(expiry_secs);
+        }
+        if assigned {
+            a.assigned_client_id = Some(ByteString::from(client_id.as_str()));
+        }
+        a.retain_available = true;
+        a.wildcard_subscription_available = true;
+        a.subscription_identifiers_available = true;
+        a.shared_subscription_available = true;
+    });
+    if keep_alive == 0 && limits.default_keep_alive_secs > 0 {
+        ack = ack.keep_alive(limits.default_keep_alive_secs);
+    }
+    Ok(ack)
+}
+
+/// PUBLISH from the client: refusals become PUBACK/PUBREC reason codes.
+pub async fn publish(s: &v5::Session<St>, p: v5::Publish) -> Result<v5::PublishAck> {
+    let payload = p
+        .read_all()
+        .await
+        .map_err(|e| Error::Payload(format!("{e:?}")))?;
+    let pkt = p.packet();
+    let props = &pkt.properties;
+    let mut msg: Message = s.message(pkt.topic.clone(), payload, p.qos().into(), p.retain());
+    msg.expiry = props
+        .message_expiry_interval
+        .map(|secs| Duration::from_secs(u64::from(secs)));
+    msg.properties = Properties {
+        user: props.user_properties.clone(),
+        content_type: props.content_type.clone(),
+        response_topic: props.response_topic.clone(),
+        correlation_data: props.correlation_data.clone(),
+        utf8_payload: props.is_utf8_payload,
+    };
+    let qos = msg.qos;
+    match super::publish(s, msg).await {
+        Ok(()) => Ok(p.ack()),
+        // QoS 0 has no ack to carry a reason: the connection is closed.
+        Err(e) if qos == QoS::AtMostOnce => Err(e),
+        Err(e) => {
+            let code = match &e {
+                Error::Publish(PublishError::Topic(_)) => PublishAckReason::TopicNameInvalid,
+                Error::Publish(PublishError::Storage(StorageError::BufferFull)) => {
+                    PublishAckReason::QuotaExceeded
+                }
+                Error::Sys(crate::sys::SysError::RateLimited(_)) => PublishAckReason::QuotaExceeded,
+                Error::Sys(_) => PublishAckReason::PayloadFormatInvalid,
+                _ => PublishAckReason::UnspecifiedError,
+            };
+            Ok(p.ack()
+                .reason_code(code)
+                .reason(ByteString::from(e.to_string())))
+        }
+    }
+}
+
+/// SUBSCRIBE, UNSUBSCRIBE, AUTH, DISCONNECT, PINGREQ, PUBREL.
+pub async fn protocol(
+    s: &v5::Session<St>,
+    msg: v5::ProtocolMessage,
+) -> Result<v5::ProtocolMessageAck> {
+    let conn: &Connection = s;
+    let broker = &conn.broker;
+    match msg {
+        v5::ProtocolMessage::Subscribe(mut sub) => {
+            let id = sub.packet().id;
+            let mut replay = Vec::new();
+            for mut item in sub.iter_mut() {
+                let o = *item.options();
+                let opts = SubOptions {
+                    qos: o.qos.into(),
+                    no_local: o.no_local,
+                    retain_as_published: o.retain_as_published,
+                    id,
+                };
+                let shared = item.topic().starts_with("$share/");
+                if shared && o.no_local {
+                    // MQTT-3.8.3-4: No Local on a shared subscription is a protocol error.
+                    broker.metrics.reject("subscribe_refused");
+                    item.fail(SubscribeAckReason::ImplementationSpecificError);
+                    continue;
+                }
+                match broker.subscribe(&conn.session, item.topic(), opts) {
+                    Ok(r) => {
+                        item.confirm(o.qos);
+                        let send = match o.retain_handling {
+                            RetainHandling::AtSubscribe => true,
+                            RetainHandling::AtSubscribeNew => !r.existed,
+                            RetainHandling::NoAtSubscribe => false,
+                        };
+                        if send {
+                            replay.extend(r.retained.into_iter().map(|m| (m, opts)));
+                        }
+                    }
+                    Err(e) => {
+                        broker.metrics.reject("subscribe_refused");
+                        tracing::info!(client_id = %conn.client_id, filter = %item.topic(), error = %e, "subscription refused");
+                        item.fail(match e {
+                            SubscribeError::Filter(_) => SubscribeAckReason::TopicFilterInvalid,
+                            SubscribeError::Quota(_) => SubscribeAckReason::QuotaExceeded,
+                        });
+                    }
+                }
+            }
+            for (m, opts) in replay {
+                let d = Delivery {
+                    qos: opts.qos.min(m.qos),
+                    msg: m,
+                    retain: true,
+                    dup: false,
+                    sub_ids: opts.id.into_iter().collect(),
+                };
+                broker.offer(&conn.session, d);
+            }
+            Ok(sub.ack())
+        }
+        v5::ProtocolMessage::Unsubscribe(mut u) => {
+            for mut item in u.iter_mut() {
+                let topic = item.topic().clone();
+                if broker.unsubscribe(&conn.session, &topic) {
+                    item.success();
+                } else {
+                    item.fail(codec::UnsubscribeAckReason::NoSubscriptionExisted);
+                }
+            }
+            Ok(u.ack())
+        }
+        v5::ProtocolMessage::Disconnect(d) => {
+            let code = d.packet().reason_code;
+            if code != DisconnectReasonCode::DisconnectWithWillMessage {
+                conn.graceful.set(true);
+                conn.will.borrow_mut().take();
+            }
+            if let Some(secs) = d.packet().session_expiry_interval_secs {
+                let capped = secs.min(broker.config.limits.session_expiry_secs);
+                let mut st = conn.session.lock();
+                st.expiry = Duration::from_secs(u64::from(capped));
+                st.persistent = capped > 0;
+            }
+            Ok(d.ack())
+        }
+        v5::ProtocolMessage::Ping(p) => Ok(p.ack()),
+        v5::ProtocolMessage::PublishRelease(r) => Ok(r.ack()),
+        v5::ProtocolMessage::Auth(a) => {
+            // Enhanced authentication is not offered: CONNACK advertises none.
+            broker.metrics.reject("auth_unsupported");
+            Ok(a.ack(codec::Auth {
+                reason_code: codec::AuthReasonCode::ContinueAuth,
+                ..Default::default()
+            }))
+        }
+    }
+}
+
+/// Connection events: records why a connection stopped.
+pub async fn control(s: &v5::Session<St>, c: Control<Error>) -> Result<Option<codec::Encoded>> {
+    if let Control::Stop(reason) = &c {
+        super::trace_stop(&s.client_id, &s.broker, reason);
+        if let Reason::Error(e) = reason {
+            let code = match e.get_ref() {
+                Error::Publish(PublishError::Topic(_)) => DisconnectReasonCode::TopicNameInvalid,
+                Error::Sys(_) => DisconnectReasonCode::PayloadFormatInvalid,
+                _ => DisconnectReasonCode::UnspecifiedError,
+            };
+            return Ok(Some(
+                codec::Packet::from(codec::Disconnect {
+                    reason_code: code,
+                    reason_string: Some(ByteString::from(e.get_ref().to_string())),
+                    ..Default::default()
+                })
+                .into(),
+            ));
+        }
+    }
+    Ok(None)
+}
+
+/// The v5 sink with what the client told about itself in CONNECT.
+pub struct V5Sink {
+    sink: v5::MqttSink,
+    max_packet: Option<u32>,
+}
+
+impl V5Sink {
+    fn builder(&self, d: &Delivery, now: Instant) -> v5::PublishBuilder {
+        let msg = &d.msg;
+        self.sink
+            .publish(msg.topic.clone())
+            .dup(d.dup)
+            .retain(d.retain)
+            .properties(|p| {
+                p.message_expiry_interval = msg.remaining_expiry_secs(now);
+                p.user_properties.clone_from(&msg.properties.user);
+                p.content_type.clone_from(&msg.properties.content_type);
+                p.response_topic.clone_from(&msg.properties.response_topic);
+                p.correlation_data
+                    .clone_from(&msg.properties.correlation_data);
+                p.is_utf8_payload = msg.properties.utf8_payload;
+                p.subscription_ids.clone_from(&d.sub_ids);
+            })
+    }
+}
+
+impl OutSink for V5Sink {
+    async fn ready(&self) -> bool {
+        self.sink.ready().await
+    }
+
+    async fn send_qos0(&self, d: &Delivery, now: Instant) -> bool {
+        self.builder(d, now)
+            .send_at_most_once(d.msg.payload.clone())
+            .await
+            .is_ok()
+    }
+
+    fn send_qos1(&self, d: &Delivery, id: NonZeroU16, now: Instant) -> bool {
+        self.builder(d, now)
+            .packet_id(id.get())
+            .send_at_least_once_no_block(d.msg.payload.clone())
+            .is_ok()
+    }
+
+    async fn send_qos2(&self, d: &Delivery, id: NonZeroU16, now: Instant) -> bool {
+        self.builder(d, now)
+            .packet_id(id.get())
+            .send_exactly_once(d.msg.payload.clone())
+            .await
+            .is_ok()
+    }
+
+    fn on_ack(&self, f: Box<dyn Fn(u16)>) {
+        self.sink.publish_ack_cb(move |ack, disconnected| {
+            if !disconnected {
+                f(ack.packet_id.get());
+            }
+        });
+    }
+
+    fn close(&self, reason: CloseReason) {
+        let (code, text) = match reason {
+            CloseReason::Takeover => (DisconnectReasonCode::SessionTakenOver, "clientId conflict"),
+            CloseReason::Kick(KickReason::Administrative) => (
+                DisconnectReasonCode::AdministrativeAction,
+                "closed by the operator",
+            ),
+            CloseReason::Kick(KickReason::Shutdown) => (
+                DisconnectReasonCode::ServerShuttingDown,
+                "server shutting down",
+            ),
+        };
+        self.sink.close_with_reason(codec::Disconnect {
+            reason_code: code,
+            reason_string: Some(ByteString::from_static(text)),
+            ..Default::default()
+        });
+    }
+
+    fn max_packet_size(&self) -> Option<u32> {
+        self.max_packet
+    }
+}

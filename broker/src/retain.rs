@@ -1,0 +1,49 @@
+//! Retained messages: the last retained message of every topic.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use ntex::util::ByteString;
+
+use crate::message::Message;
+use crate::topic;
+
+/// Retained messages of this node, by topic.
+#[derive(Debug, Default)]
+pub struct RetainStore {
+    messages: RwLock<HashMap<ByteString, Arc<Message>>>,
+}
+
+impl RetainStore {
+    /// Stores a retained message; an empty payload clears the topic. Returns
+    /// the number of retained messages held afterwards.
+    pub fn set(&self, msg: &Arc<Message>) -> usize {
+        let mut map = self.messages.write().unwrap_or_else(|e| e.into_inner());
+        if msg.payload.is_empty() {
+            map.remove(&msg.topic);
+        } else {
+            map.insert(msg.topic.clone(), msg.clone());
+        }
+        map.len()
+    }
+
+    /// Retained messages whose topic matches a (non-shared) filter.
+    pub fn matching(&self, filter: &str) -> Vec<Arc<Message>> {
+        let map = self.messages.read().unwrap_or_else(|e| e.into_inner());
+        map.values()
+            .filter(|m| topic::matches(filter, &m.topic))
+            .cloned()
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.messages
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

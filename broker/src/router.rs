@@ -1,0 +1,303 @@
+//! The subscription routing table: which sessions want a topic.
+//!
+//! A trie of topic levels, split into shards by the first level of the filter
+//! so that publishes to different parent topics never contend on one lock.
+//! Filters starting with a wildcard live in one extra shard that every publish
+//! reads. Publishes take read locks only; subscribe and unsubscribe take the
+//! write lock of one shard.
+//!
+//! A route names a session by Client ID, not a connection: the session store
+//! decides whether it is online, offline or (once the cluster lands) owned by
+//! another node.
+
+use std::collections::HashMap;
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use crate::message::QoS;
+use crate::topic::Filter;
+
+/// Sessions are named by their Client ID.
+pub type ClientId = Arc<str>;
+
+const SHARDS: usize = 16;
+
+/// What a subscription asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubOptions {
+    pub qos: QoS,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+    pub id: Option<NonZeroU32>,
+}
+
+/// One delivery the table asks for.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub client: ClientId,
+    pub opts: SubOptions,
+    /// Chosen from a shared-subscription group.
+    pub shared: bool,
+}
+
+#[derive(Debug, Default)]
+struct Node {
+    children: HashMap<Box<str>, Node>,
+    subs: HashMap<ClientId, SubOptions>,
+    groups: HashMap<Box<str>, Group>,
+}
+
+#[derive(Debug, Default)]
+struct Group {
+    members: Vec<(ClientId, SubOptions)>,
+    next: AtomicUsize,
+}
+
+impl Node {
+    fn is_empty(&self) -> bool {
+        self.children.is_empty() && self.subs.is_empty() && self.groups.is_empty()
+    }
+
+    fn collect(
+        &self,
+        levels: &[&str],
+        dollar: bool,
+        is_online: &dyn Fn(&ClientId) -> bool,
+        out: &mut Vec<Route>,
+    ) {
+        let Some((level, rest)) = levels.split_first() else {
+            self.emit(is_online, out);
+            // "a/#" also matches "a".
+            if let Some(hash) = self.children.get("#") {
+                hash.emit(is_online, out);
+            }
+            return;
+        };
+        if !dollar {
+            if let Some(hash) = self.children.get("#") {
+                hash.emit(is_online, out);
+            }
+            if let Some(plus) = self.children.get("+") {
+                plus.collect(rest, false, is_online, out);
+            }
+        }
+        if let Some(child) = self.children.get(*level) {
+            child.collect(rest, false, is_online, out);
+        }
+    }
+
+    fn emit(&self, is_online: &dyn Fn(&ClientId) -> bool, out: &mut Vec<Route>) {
+        out.extend(self.subs.iter().map(|(client, opts)| Route {
+            client: client.clone(),
+            opts: *opts,
+            shared: false,
+        }));
+        for group in self.groups.values() {
+            if let Some((client, opts)) = group.pick(is_online) {
+                out.push(Route {
+                    client: client.clone(),
+                    opts: *opts,
+                    shared: true,
+                });
+            }
+        }
+    }
+}
+
+impl Group {
+    /// Round robin over the members, skipping offline ones while any is online.
+    fn pick(&self, is_online: &dyn Fn(&ClientId) -> bool) -> Option<&(ClientId, SubOptions)> {
+        let n = self.members.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|i| &self.members[(start + i) % n])
+            .find(|(c, _)| is_online(c))
+            .or_else(|| self.members.get(start % n))
+    }
+}
+
+/// The routing table of this node.
+#[derive(Debug)]
+pub struct Router {
+    shards: Vec<RwLock<Node>>,
+    wild: RwLock<Node>,
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            wild: RwLock::default(),
+        }
+    }
+}
+
+fn shard_of(first_level: &str) -> usize {
+    let mut h = DefaultHasher::new();
+    first_level.hash(&mut h);
+    // The modulo keeps the value below SHARDS, so the cast cannot truncate.
+    (h.finish() % SHARDS as u64) as usize
+}
+
+impl Router {
+    fn shard_for_filter(&self, filter: &str) -> &RwLock<Node> {
+        let first = filter.split('/').next().unwrap_or(filter);
+        if first == "+" || first == "#" {
+            &self.wild
+        } else {
+            &self.shards[shard_of(first)]
+        }
+    }
+
+    /// Adds or replaces a subscription; returns true if it is new.
+    pub fn subscribe(&self, client: &ClientId, filter: &Filter<'_>, opts: SubOptions) -> bool {
+        let shard = self.shard_for_filter(filter.filter);
+        let mut root = shard.write().unwrap_or_else(|e| e.into_inner());
+        let mut node = &mut *root;
+        for level in filter.filter.split('/') {
+            node = node.children.entry(level.into()).or_default();
+        }
+        match filter.share_group {
+            None => node.subs.insert(client.clone(), opts).is_none(),
+            Some(group) => {
+                let g = node.groups.entry(group.into()).or_default();
+                match g.members.iter_mut().find(|(c, _)| c == client) {
+                    Some(member) => {
+                        member.1 = opts;
+                        false
+                    }
+                    None => {
+                        g.members.push((client.clone(), opts));
+                        true
+                    }
+                }
+            }
+        }
+    }
+
+    /// Removes a subscription; returns true if it existed.
+    pub fn unsubscribe(&self, client: &ClientId, filter: &Filter<'_>) -> bool {
+        let shard = self.shard_for_filter(filter.filter);
+        let mut root = shard.write().unwrap_or_else(|e| e.into_inner());
+        let levels: Vec<&str> = filter.filter.split('/').collect();
+        remove(&mut root, &levels, filter.share_group, client)
+    }
+
+    /// Appends the routes for a topic to `out`; one member per shared group.
+    pub fn route(&self, topic: &str, is_online: &dyn Fn(&ClientId) -> bool, out: &mut Vec<Route>) {
+        let levels: Vec<&str> = topic.split('/').collect();
+        let dollar = topic.starts_with('$');
+        let first = levels.first().copied().unwrap_or("");
+        {
+            let shard = self.shards[shard_of(first)]
+                .read()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(child) = shard.children.get(first) {
+                child.collect(&levels[1..], false, is_online, out);
+            }
+        }
+        if !dollar {
+            let wild = self.wild.read().unwrap_or_else(|e| e.into_inner());
+            wild.collect(&levels, false, is_online, out);
+        }
+    }
+}
+
+fn remove(node: &mut Node, levels: &[&str], group: Option<&str>, client: &ClientId) -> bool {
+    let Some((level, rest)) = levels.split_first() else {
+        return match group {
+            None => node.subs.remove(client).is_some(),
+            Some(g) => {
+                let Some(grp) = node.groups.get_mut(g) else {
+                    return false;
+                };
+                let before = grp.members.len();
+                grp.members.retain(|(c, _)| c != client);
+                let removed = grp.members.len() != before;
+                if grp.members.is_empty() {
+                    node.groups.remove(g);
+                }
+                removed
+            }
+        };
+    };
+    let Some(child) = node.children.get_mut(*level) else {
+        return false;
+    };
+    let removed = remove(child, rest, group, client);
+    if child.is_empty() {
+        node.children.remove(*level);
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topic::parse_filter;
+
+    fn opts(qos: QoS) -> SubOptions {
+        SubOptions {
+            qos,
+            no_local: false,
+            retain_as_published: false,
+            id: None,
+        }
+    }
+
+    fn clients(r: &Router, topic: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        r.route(topic, &|_| true, &mut out);
+        let mut v: Vec<String> = out.iter().map(|r| r.client.to_string()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn routes_follow_wildcards() {
+        let r = Router::default();
+        let sub = |c: &str, f: &str| {
+            let f = parse_filter(f, 64, false).unwrap_or_else(|e| panic!("{e}"));
+            r.subscribe(&Arc::from(c), &f, opts(QoS::AtLeastOnce))
+        };
+        assert!(sub("a", "t/+/x"));
+        assert!(sub("b", "t/#"));
+        assert!(sub("c", "#"));
+        assert!(sub("d", "+/y/x"));
+        assert!(sub("e", "$SYS/#"));
+        assert!(!sub("a", "t/+/x"));
+        assert_eq!(clients(&r, "t/y/x"), ["a", "b", "c", "d"]);
+        assert_eq!(clients(&r, "t"), ["b", "c"]);
+        assert_eq!(clients(&r, "$SYS/a"), ["e"]);
+        assert_eq!(clients(&r, "u"), ["c"]);
+        let f = parse_filter("t/#", 64, false).unwrap_or_else(|e| panic!("{e}"));
+        assert!(r.unsubscribe(&Arc::from("b"), &f));
+        assert!(!r.unsubscribe(&Arc::from("b"), &f));
+        assert_eq!(clients(&r, "t/y/x"), ["a", "c", "d"]);
+    }
+
+    #[test]
+    fn shared_group_delivers_to_one_online_member() {
+        let r = Router::default();
+        let f = parse_filter("$share/g/s/+", 64, false).unwrap_or_else(|e| panic!("{e}"));
+        for c in ["m1", "m2", "m3"] {
+            r.subscribe(&Arc::from(c), &f, opts(QoS::AtMostOnce));
+        }
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            let mut out = Vec::new();
+            r.route("s/1", &|c| &**c != "m2", &mut out);
+            assert_eq!(out.len(), 1);
+            seen.push(out[0].client.to_string());
+        }
+        assert!(seen.contains(&"m1".to_string()));
+        assert!(seen.contains(&"m3".to_string()));
+        assert!(!seen.contains(&"m2".to_string()));
+    }
+}

@@ -1,0 +1,502 @@
+//! Session state: what outlives a connection.
+//!
+//! A session holds a client's subscriptions, the messages waiting for it and
+//! the QoS 1/2 messages sent to it but not yet acknowledged. Each session has
+//! its own mutex; the store is sharded by Client ID, so no lock is shared by
+//! all messages. The connection that currently serves a session attaches to it
+//! with a generation number and its own `Notify`, through which it is woken
+//! when work arrives; a connection that finds another generation attached has
+//! been taken over and closes.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use crate::message::{Message, QoS};
+use crate::router::{ClientId, SubOptions};
+
+const SHARDS: usize = 16;
+
+/// One message on its way to one session.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub msg: Arc<Message>,
+    /// QoS after downgrade to the subscription's maximum.
+    pub qos: QoS,
+    pub retain: bool,
+    pub dup: bool,
+    pub sub_ids: Vec<NonZeroU32>,
+}
+
+/// Why a connection was told to go away (a takeover needs no kick: the old
+/// connection sees another generation attached).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KickReason {
+    /// An operator or the broker closed it.
+    Administrative,
+    /// The broker is shutting down.
+    Shutdown,
+}
+
+/// What happened to a message offered to a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    /// Waiting for the online connection.
+    Online,
+    /// Stored as an offline message.
+    Offline,
+    /// Stored offline; the oldest offline message was dropped for it.
+    OfflineDroppedOldest,
+    /// Not stored: QoS 0 for an offline client, or the online queue is full.
+    Dropped,
+}
+
+/// Limits that shape a session's queues.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    pub online: usize,
+    pub offline: usize,
+}
+
+#[derive(Debug)]
+pub struct Session {
+    pub client_id: ClientId,
+    state: Mutex<State>,
+}
+
+/// The connection serving a session.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    pub generation: u64,
+    /// Wakes the connection when there is something to send or to do.
+    pub wake: Arc<Notify>,
+}
+
+#[derive(Debug)]
+pub struct State {
+    /// The attached connection, `None` while offline.
+    pub attached: Option<Conn>,
+    /// Asks the attached connection to close.
+    pub kick: Option<KickReason>,
+    /// Kept after disconnect (cleanSession=false / session expiry > 0).
+    pub persistent: bool,
+    pub expiry: Duration,
+    pub disconnected_at: Option<Instant>,
+    /// Raw filter (with any `$share/` prefix) to its options.
+    pub subscriptions: HashMap<String, SubOptions>,
+    /// Live messages waiting for the online connection.
+    pub queue: VecDeque<Delivery>,
+    /// Messages stored while the client was offline (B5).
+    pub offline: VecDeque<Delivery>,
+    /// Sent with QoS 1/2, not yet acknowledged, by packet id.
+    pub inflight: BTreeMap<u16, Delivery>,
+    /// Sent before a reconnect and not acknowledged: resent first, with DUP.
+    pub resend: VecDeque<Delivery>,
+    /// The client switched to `$SYS/getOfflineMsg` pulls on this connection (B6).
+    pub pull_mode: bool,
+    /// Delivery of offline messages waits for authentication (token mode).
+    pub offline_hold: bool,
+    /// The client asked for ordered storage (`$SYS/enableOrderMsg`, B11).
+    pub ordered: bool,
+    /// A will message waiting for its delay (MQTT 5), cancelled on reconnect.
+    pub pending_will_generation: Option<u64>,
+}
+
+impl Session {
+    fn new(client_id: ClientId) -> Self {
+        Self {
+            client_id,
+            state: Mutex::new(State {
+                attached: None,
+                kick: None,
+                persistent: false,
+                expiry: Duration::ZERO,
+                disconnected_at: None,
+                subscriptions: HashMap::new(),
+                queue: VecDeque::new(),
+                offline: VecDeque::new(),
+                inflight: BTreeMap::new(),
+                resend: VecDeque::new(),
+                pull_mode: false,
+                offline_hold: false,
+                ordered: false,
+                pending_will_generation: None,
+            }),
+        }
+    }
+
+    /// Locks the session state. A poisoned lock only means another thread
+    /// panicked mid-update of plain data; the state is still usable.
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn is_online(&self) -> bool {
+        self.lock().attached.is_some()
+    }
+
+    /// Offers a message; online sessions queue it for the connection, offline
+    /// persistent ones store QoS 1/2 messages as offline messages.
+    pub fn enqueue(&self, d: Delivery, limits: QueueLimits) -> Enqueued {
+        let mut st = self.lock();
+        let outcome = if let Some(conn) = &st.attached {
+            if st.queue.len() >= limits.online {
+                Enqueued::Dropped
+            } else {
+                let wake = conn.wake.clone();
+                st.queue.push_back(d);
+                drop(st);
+                wake.notify_one();
+                return Enqueued::Online;
+            }
+        } else if d.qos == QoS::AtMostOnce || !st.persistent || limits.offline == 0 {
+            Enqueued::Dropped
+        } else {
+            let dropped = if st.offline.len() >= limits.offline {
+                st.offline.pop_front();
+                true
+            } else {
+                false
+            };
+            st.offline.push_back(d);
+            if dropped {
+                Enqueued::OfflineDroppedOldest
+            } else {
+                Enqueued::Offline
+            }
+        };
+        outcome
+    }
+
+    /// Marks a packet id acknowledged by the connection of `generation`.
+    pub fn acked(&self, generation: u64, packet_id: u16) {
+        let mut st = self.lock();
+        if st
+            .attached
+            .as_ref()
+            .is_some_and(|c| c.generation == generation)
+        {
+            st.inflight.remove(&packet_id);
+        }
+    }
+
+    /// Asks the attached connection to close.
+    pub fn kick(&self, reason: KickReason) {
+        let mut st = self.lock();
+        if let Some(conn) = st.attached.clone() {
+            st.kick = Some(reason);
+            drop(st);
+            conn.wake.notify_one();
+        }
+    }
+}
+
+/// What `SessionStore::attach` found.
+#[derive(Debug)]
+pub struct Attached {
+    pub session: Arc<Session>,
+    pub conn: Conn,
+    /// An existing session was resumed (CONNACK session present).
+    pub present: bool,
+    /// A live connection held the Client ID and has been told to close.
+    pub took_over: bool,
+    /// Subscriptions of a discarded previous session, to drop from the router.
+    pub discarded_subscriptions: Vec<String>,
+}
+
+/// All sessions of this node, sharded by Client ID.
+#[derive(Debug)]
+pub struct SessionStore {
+    shards: Vec<RwLock<HashMap<ClientId, Arc<Session>>>>,
+    hasher: RandomState,
+    generation: std::sync::atomic::AtomicU64,
+}
+
+impl Default for SessionStore {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            hasher: RandomState::new(),
+            generation: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+}
+
+impl SessionStore {
+    fn shard(&self, client_id: &str) -> &RwLock<HashMap<ClientId, Arc<Session>>> {
+        // The modulo keeps the value below SHARDS, so the cast cannot truncate.
+        let i = (self.hasher.hash_one(client_id) % SHARDS as u64) as usize;
+        &self.shards[i]
+    }
+
+    pub fn get(&self, client_id: &str) -> Option<Arc<Session>> {
+        self.shard(client_id)
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(client_id)
+            .cloned()
+    }
+
+    /// Number of sessions, online or not.
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.read().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Attaches a new connection to the Client ID's session, creating it or
+    /// discarding the old one as `clean` asks. A connection already attached
+    /// is kicked: the newest connection wins (B8).
+    pub fn attach(&self, client_id: &str, clean: bool, expiry: Duration) -> Attached {
+        let generation = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut map = self
+            .shard(client_id)
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        let session = map
+            .entry(Arc::from(client_id))
+            .or_insert_with_key(|k| Arc::new(Session::new(k.clone())))
+            .clone();
+        drop(map);
+        let conn = Conn {
+            generation,
+            wake: Arc::new(Notify::new()),
+        };
+        let mut st = session.lock();
+        let previous = st.attached.replace(conn.clone());
+        let took_over = previous.is_some();
+        let existed = st.persistent || took_over || !st.subscriptions.is_empty();
+        let mut discarded = Vec::new();
+        let present = if clean || !st.persistent {
+            discarded = st.subscriptions.drain().map(|(f, _)| f).collect();
+            st.queue.clear();
+            st.offline.clear();
+            st.inflight.clear();
+            st.resend.clear();
+            st.ordered = false;
+            false
+        } else {
+            // Unacknowledged messages of the previous connection go out again first.
+            let unacked: Vec<Delivery> = std::mem::take(&mut st.inflight).into_values().collect();
+            let live: Vec<Delivery> = st.queue.drain(..).collect();
+            for mut d in unacked {
+                d.dup = true;
+                st.resend.push_back(d);
+            }
+            st.resend.extend(live);
+            existed
+        };
+        st.persistent = expiry > Duration::ZERO;
+        st.expiry = expiry;
+        st.disconnected_at = None;
+        st.pull_mode = false;
+        st.pending_will_generation = None;
+        st.kick = None;
+        drop(st);
+        if let Some(old) = previous {
+            // The old connection sees another generation attached and closes.
+            old.wake.notify_one();
+        }
+        Attached {
+            session,
+            conn,
+            present,
+            took_over,
+            discarded_subscriptions: discarded,
+        }
+    }
+
+    /// Detaches the connection of `generation`. Returns the subscriptions to
+    /// drop from the router when the session ends with it.
+    pub fn detach(&self, session: &Arc<Session>, generation: u64) -> Option<Vec<String>> {
+        let mut st = session.lock();
+        if st
+            .attached
+            .as_ref()
+            .is_none_or(|c| c.generation != generation)
+        {
+            // A newer connection owns the session now.
+            return None;
+        }
+        st.attached = None;
+        st.kick = None;
+        if st.persistent {
+            st.disconnected_at = Some(Instant::now());
+            let unacked: Vec<Delivery> = std::mem::take(&mut st.inflight).into_values().collect();
+            let mut front: VecDeque<Delivery> = unacked
+                .into_iter()
+                .map(|mut d| {
+                    d.dup = true;
+                    d
+                })
+                .collect();
+            front.extend(st.resend.drain(..));
+            front.extend(st.queue.drain(..).filter(|d| d.qos != QoS::AtMostOnce));
+            st.resend = front;
+            None
+        } else {
+            let subs = st.subscriptions.drain().map(|(f, _)| f).collect();
+            st.queue.clear();
+            st.resend.clear();
+            drop(st);
+            self.remove_if_idle(session);
+            Some(subs)
+        }
+    }
+
+    fn remove_if_idle(&self, session: &Arc<Session>) {
+        let mut map = self
+            .shard(&session.client_id)
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(current) = map.get(&session.client_id) {
+            if Arc::ptr_eq(current, session) && session.lock().attached.is_none() {
+                map.remove(&session.client_id);
+            }
+        }
+    }
+
+    /// Removes sessions whose expiry passed; returns each with its subscriptions.
+    pub fn expire(&self, now: Instant) -> Vec<(ClientId, Vec<String>)> {
+        let mut gone = Vec::new();
+        for shard in &self.shards {
+            let mut map = shard.write().unwrap_or_else(|e| e.into_inner());
+            map.retain(|id, s| {
+                let mut st = s.lock();
+                let expired = st.attached.is_none()
+                    && st
+                        .disconnected_at
+                        .is_some_and(|t| now.saturating_duration_since(t) >= st.expiry);
+                if expired {
+                    gone.push((
+                        id.clone(),
+                        st.subscriptions.drain().map(|(f, _)| f).collect(),
+                    ));
+                }
+                !expired
+            });
+        }
+        gone
+    }
+
+    /// Every session, for shutdown and housekeeping.
+    pub fn all(&self) -> Vec<Arc<Session>> {
+        self.shards
+            .iter()
+            .flat_map(|s| {
+                s.read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .values()
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{MessageId, Properties};
+
+    fn delivery(qos: QoS, n: u8) -> Delivery {
+        Delivery {
+            msg: Arc::new(Message {
+                id: MessageId(u64::from(n)),
+                topic: "t".into(),
+                payload: vec![n].into(),
+                qos,
+                retain: false,
+                publisher: Arc::from("p"),
+                ts_ms: 0,
+                received: Instant::now(),
+                expiry: None,
+                properties: Properties::default(),
+            }),
+            qos,
+            retain: false,
+            dup: false,
+            sub_ids: Vec::new(),
+        }
+    }
+
+    const LIMITS: QueueLimits = QueueLimits {
+        online: 100,
+        offline: 3,
+    };
+
+    #[test]
+    fn offline_queue_drops_oldest() {
+        let store = SessionStore::default();
+        let a = store.attach("c", false, Duration::from_secs(60));
+        assert!(!a.present);
+        assert!(store.detach(&a.session, a.conn.generation).is_none());
+        let s = &a.session;
+        assert_eq!(
+            s.enqueue(delivery(QoS::AtMostOnce, 0), LIMITS),
+            Enqueued::Dropped
+        );
+        for n in 1..=3 {
+            assert_eq!(
+                s.enqueue(delivery(QoS::AtLeastOnce, n), LIMITS),
+                Enqueued::Offline
+            );
+        }
+        assert_eq!(
+            s.enqueue(delivery(QoS::AtLeastOnce, 4), LIMITS),
+            Enqueued::OfflineDroppedOldest
+        );
+        let payloads: Vec<u8> = s.lock().offline.iter().map(|d| d.msg.payload[0]).collect();
+        assert_eq!(payloads, [2, 3, 4]);
+        let b = store.attach("c", false, Duration::from_secs(60));
+        assert!(b.present);
+        assert_eq!(b.session.lock().offline.len(), 3);
+    }
+
+    #[test]
+    fn takeover_kicks_the_old_connection() {
+        let store = SessionStore::default();
+        let a = store.attach("c", true, Duration::ZERO);
+        let b = store.attach("c", true, Duration::ZERO);
+        assert!(b.took_over);
+        let attached = a.session.lock().attached.as_ref().map(|c| c.generation);
+        assert_eq!(attached, Some(b.conn.generation));
+        // The old connection's detach must not end the new connection's session.
+        assert!(store.detach(&a.session, a.conn.generation).is_none());
+        assert!(store.get("c").is_some());
+        assert!(store.detach(&b.session, b.conn.generation).is_some());
+        assert!(store.get("c").is_none());
+    }
+
+    #[test]
+    fn clean_session_discards_state_and_expiry_removes() {
+        let store = SessionStore::default();
+        let a = store.attach("c", false, Duration::from_millis(1));
+        a.session.lock().subscriptions.insert(
+            "x/#".into(),
+            SubOptions {
+                qos: QoS::AtLeastOnce,
+                no_local: false,
+                retain_as_published: false,
+                id: None,
+            },
+        );
+        store.detach(&a.session, a.conn.generation);
+        let later = Instant::now() + Duration::from_secs(1);
+        let gone = store.expire(later);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].1, ["x/#"]);
+        assert!(store.get("c").is_none());
+    }
+}
