@@ -1,0 +1,465 @@
+//! Test harness: runs the real `ringmq-broker` binary on free loopback ports
+//! and drives it with real MQTT clients (rumqttc v4 and v5).
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+/// How long a test waits for something that should happen.
+pub const WAIT: Duration = Duration::from_secs(5);
+/// How long a test waits to be sure that something does not happen.
+pub const QUIET: Duration = Duration::from_millis(700);
+
+/// A broker process; killed with SIGKILL when dropped.
+pub struct Broker {
+    child: Child,
+    pub tcp: u16,
+    pub ws: u16,
+    pub tls: u16,
+    pub wss: u16,
+    pub admin: u16,
+    pub dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port: {e}"))
+}
+
+impl Broker {
+    /// Starts a broker with the default configuration plus `extra` YAML
+    /// (top-level keys other than `listeners`).
+    pub fn start(extra: &str) -> Broker {
+        Self::start_with(extra, None)
+    }
+
+    /// Starts a broker with TLS listeners from the given PEM files.
+    pub fn start_tls(extra: &str, cert: &PathBuf, key: &PathBuf) -> Broker {
+        Self::start_with(extra, Some((cert.clone(), key.clone())))
+    }
+
+    fn start_with(extra: &str, tls: Option<(PathBuf, PathBuf)>) -> Broker {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let (tcp, ws, tls_port, wss, admin) =
+            (free_port(), free_port(), free_port(), free_port(), free_port());
+        let tls_files = match &tls {
+            Some((c, k)) => format!("\n  tls_files:\n    cert: {}\n    key: {}", c.display(), k.display()),
+            None => String::new(),
+        };
+        let config = format!(
+            "listeners:\n  tcp: \"127.0.0.1:{tcp}\"\n  ws: \"127.0.0.1:{ws}\"\n  tls: \"127.0.0.1:{tls_port}\"\n  wss: \"127.0.0.1:{wss}\"\n  admin: \"127.0.0.1:{admin}\"{tls_files}\nworkers: 2\nshutdown_timeout_secs: 2\n{extra}\n"
+        );
+        let path = dir.path().join("broker.yaml");
+        std::fs::write(&path, config).unwrap_or_else(|e| panic!("write config: {e}"));
+        let log = std::fs::File::create(dir.path().join("broker.log"))
+            .unwrap_or_else(|e| panic!("log file: {e}"));
+        let child = Command::new(env!("CARGO_BIN_EXE_ringmq-broker"))
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "warn,ringmq_broker=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn broker: {e}"));
+        let broker = Broker {
+            child,
+            tcp,
+            ws,
+            tls: tls_port,
+            wss,
+            admin,
+            dir,
+        };
+        broker.wait_ready();
+        broker
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some((200, _)) = self.try_http("/readyz") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("broker did not become ready:\n{}", self.log());
+    }
+
+    /// The broker's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
+    }
+
+    fn try_http(&self, path: &str) -> Option<(u16, String)> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.admin)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).ok()?;
+        let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+        let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+        Some((status, body))
+    }
+
+    /// GET on the admin port: (status, body).
+    pub fn http(&self, path: &str) -> (u16, String) {
+        self.try_http(path)
+            .unwrap_or_else(|| panic!("admin HTTP {path} failed"))
+    }
+
+    /// The value of one metric line (name with labels, as exposed).
+    pub fn metric(&self, series: &str) -> f64 {
+        let (_, body) = self.http("/metrics");
+        body.lines()
+            .find_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                (name == series).then(|| value.parse().ok())?
+            })
+            .unwrap_or(0.0)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.tcp))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits for a value from a channel, failing the test after `WAIT`.
+pub async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) -> T {
+    match tokio::time::timeout(WAIT, rx.recv()).await {
+        Ok(Some(v)) => v,
+        Ok(None) => panic!("{what}: channel closed"),
+        Err(_) => panic!("{what}: nothing within {WAIT:?}"),
+    }
+}
+
+/// Asserts that nothing arrives for `QUIET`.
+pub async fn quiet<T: std::fmt::Debug>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) {
+    if let Ok(Some(v)) = tokio::time::timeout(QUIET, rx.recv()).await {
+        panic!("{what}: unexpected {v:?}");
+    }
+}
+
+pub mod v4 {
+    //! MQTT 3.1.1 clients.
+    use super::*;
+    pub use rumqttc::{
+        AsyncClient, ConnAck, ConnectReturnCode, Event, LastWill, MqttOptions, Packet, Publish, QoS,
+    };
+
+    /// A connected client and the packets it receives.
+    pub struct Client {
+        pub client: AsyncClient,
+        pub rx: mpsc::UnboundedReceiver<Packet>,
+        pub connack: ConnAck,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    pub fn options(id: &str, port: u16) -> MqttOptions {
+        let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(30));
+        o
+    }
+
+    /// Connects and waits for a successful CONNACK.
+    pub async fn connect(opts: MqttOptions) -> Client {
+        match try_connect(opts).await {
+            Ok(c) => c,
+            Err(e) => panic!("connect failed: {e}"),
+        }
+    }
+
+    /// Connects; the error names the CONNACK refusal or connection failure.
+    pub async fn try_connect(opts: MqttOptions) -> Result<Client, String> {
+        let (client, mut el) = AsyncClient::new(opts, 100);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(p)) => {
+                        if tx.send(p).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Event::Outgoing(_)) => {}
+                    Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
+                        let _ = tx.send(Packet::ConnAck(ConnAck {
+                            session_present: false,
+                            code,
+                        }));
+                        return;
+                    }
+                    Err(_) => {
+                        let _ = tx.send(Packet::Disconnect);
+                        return;
+                    }
+                }
+            }
+        });
+        let first = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .map_err(|_| "no CONNACK".to_string())?;
+        match first {
+            Some(Packet::ConnAck(ack)) if ack.code == ConnectReturnCode::Success => Ok(Client {
+                client,
+                rx,
+                connack: ack,
+                task,
+            }),
+            Some(Packet::ConnAck(ack)) => {
+                task.abort();
+                Err(format!("{:?}", ack.code))
+            }
+            other => {
+                task.abort();
+                Err(format!("connection failed: {other:?}"))
+            }
+        }
+    }
+
+    impl Client {
+        pub async fn subscribe(&mut self, filter: &str, qos: QoS) -> Vec<rumqttc::SubscribeReasonCode> {
+            self.client
+                .subscribe(filter, qos)
+                .await
+                .unwrap_or_else(|e| panic!("subscribe: {e}"));
+            loop {
+                match recv(&mut self.rx, "SUBACK").await {
+                    Packet::SubAck(ack) => return ack.return_codes,
+                    Packet::Disconnect => panic!("disconnected while subscribing"),
+                    _ => {}
+                }
+            }
+        }
+
+        pub async fn publish(&self, topic: &str, qos: QoS, retain: bool, payload: impl Into<Vec<u8>>) {
+            self.client
+                .publish(topic, qos, retain, payload.into())
+                .await
+                .unwrap_or_else(|e| panic!("publish: {e}"));
+        }
+
+        /// The next PUBLISH received (other packets are skipped).
+        pub async fn next_publish(&mut self) -> Publish {
+            loop {
+                match recv(&mut self.rx, "PUBLISH").await {
+                    Packet::Publish(p) => return p,
+                    Packet::Disconnect => panic!("disconnected while waiting for a PUBLISH"),
+                    _ => {}
+                }
+            }
+        }
+
+        /// Asserts that no PUBLISH arrives for a while.
+        pub async fn no_publish(&mut self) {
+            let deadline = tokio::time::Instant::now() + QUIET;
+            while let Ok(Some(p)) = tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                if let Packet::Publish(p) = p {
+                    panic!("unexpected PUBLISH {p:?}");
+                }
+            }
+        }
+
+        /// Waits until the connection is closed by the broker.
+        pub async fn closed(&mut self) {
+            loop {
+                if let Packet::Disconnect = recv(&mut self.rx, "connection close").await {
+                    return;
+                }
+            }
+        }
+
+        /// Sends DISCONNECT and waits for the event loop to end.
+        pub async fn disconnect(self) {
+            let _ = self.client.disconnect().await;
+            let _ = tokio::time::timeout(WAIT, self.task).await;
+        }
+
+        /// Drops the TCP connection without DISCONNECT.
+        pub fn kill(self) {
+            self.task.abort();
+        }
+    }
+}
+
+pub mod v5 {
+    //! MQTT 5 clients.
+    use super::*;
+    pub use rumqttc::v5::mqttbytes::QoS;
+    pub use rumqttc::v5::mqttbytes::v5::{
+        ConnAck, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill, Packet, PubAck,
+        PubAckReason, Publish, PublishProperties, SubscribeReasonCode,
+    };
+    pub use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+
+    pub struct Client {
+        pub client: AsyncClient,
+        pub rx: mpsc::UnboundedReceiver<Packet>,
+        pub connack: ConnAck,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    pub fn options(id: &str, port: u16) -> MqttOptions {
+        let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(30));
+        o
+    }
+
+    pub async fn connect(opts: MqttOptions) -> Client {
+        match try_connect(opts).await {
+            Ok(c) => c,
+            Err(e) => panic!("connect failed: {e}"),
+        }
+    }
+
+    pub async fn try_connect(opts: MqttOptions) -> Result<Client, String> {
+        let (client, mut el) = AsyncClient::new(opts, 100);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(p)) => {
+                        if tx.send(p).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Event::Outgoing(_)) => {}
+                    Err(e) => {
+                        let reason = match e {
+                            rumqttc::v5::ConnectionError::ConnectionRefused(code) => {
+                                Packet::ConnAck(ConnAck {
+                                    session_present: false,
+                                    code,
+                                    properties: None,
+                                })
+                            }
+                            _ => Packet::Disconnect(Disconnect::new(
+                                DisconnectReasonCode::UnspecifiedError,
+                            )),
+                        };
+                        let _ = tx.send(reason);
+                        return;
+                    }
+                }
+            }
+        });
+        let first = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .map_err(|_| "no CONNACK".to_string())?;
+        match first {
+            Some(Packet::ConnAck(ack)) if ack.code == ConnectReturnCode::Success => Ok(Client {
+                client,
+                rx,
+                connack: ack,
+                task,
+            }),
+            Some(Packet::ConnAck(ack)) => {
+                task.abort();
+                Err(format!("{:?}", ack.code))
+            }
+            other => {
+                task.abort();
+                Err(format!("connection failed: {other:?}"))
+            }
+        }
+    }
+
+    impl Client {
+        pub async fn subscribe(&mut self, filter: &str, qos: QoS) -> Vec<SubscribeReasonCode> {
+            self.client
+                .subscribe(filter, qos)
+                .await
+                .unwrap_or_else(|e| panic!("subscribe: {e}"));
+            self.suback().await
+        }
+
+        pub async fn suback(&mut self) -> Vec<SubscribeReasonCode> {
+            loop {
+                match recv(&mut self.rx, "SUBACK").await {
+                    Packet::SubAck(ack) => return ack.return_codes,
+                    Packet::Disconnect(d) => panic!("disconnected while subscribing: {d:?}"),
+                    _ => {}
+                }
+            }
+        }
+
+        pub async fn publish(&self, topic: &str, qos: QoS, retain: bool, payload: impl Into<Vec<u8>>) {
+            self.client
+                .publish(topic, qos, retain, payload.into())
+                .await
+                .unwrap_or_else(|e| panic!("publish: {e}"));
+        }
+
+        pub async fn next_publish(&mut self) -> Publish {
+            loop {
+                match recv(&mut self.rx, "PUBLISH").await {
+                    Packet::Publish(p) => return p,
+                    Packet::Disconnect(d) => panic!("disconnected while waiting for a PUBLISH: {d:?}"),
+                    _ => {}
+                }
+            }
+        }
+
+        /// The next PUBACK received.
+        pub async fn next_puback(&mut self) -> PubAck {
+            loop {
+                match recv(&mut self.rx, "PUBACK").await {
+                    Packet::PubAck(a) => return a,
+                    Packet::Disconnect(d) => panic!("disconnected while waiting for a PUBACK: {d:?}"),
+                    _ => {}
+                }
+            }
+        }
+
+        pub async fn no_publish(&mut self) {
+            let deadline = tokio::time::Instant::now() + QUIET;
+            while let Ok(Some(p)) = tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                if let Packet::Publish(p) = p {
+                    panic!("unexpected PUBLISH {p:?}");
+                }
+            }
+        }
+
+        /// Waits for the broker's DISCONNECT (or the connection to end) and
+        /// returns its reason code.
+        pub async fn closed(&mut self) -> DisconnectReasonCode {
+            loop {
+                if let Packet::Disconnect(d) = recv(&mut self.rx, "DISCONNECT").await {
+                    return d.reason_code;
+                }
+            }
+        }
+
+        pub async fn disconnect(self) {
+            let _ = self.client.disconnect().await;
+            let _ = tokio::time::timeout(WAIT, self.task).await;
+        }
+
+        pub fn kill(self) {
+            self.task.abort();
+        }
+    }
+}
