@@ -167,7 +167,8 @@ pub mod v4 {
     //! MQTT 3.1.1 clients.
     use super::*;
     pub use rumqttc::{
-        AsyncClient, ConnAck, ConnectReturnCode, Event, LastWill, MqttOptions, Packet, Publish, QoS,
+        AsyncClient, ConnAck, ConnectReturnCode, Event, LastWill, MqttOptions, Packet, Publish,
+        QoS,
     };
 
     /// A connected client and the packets it receives.
@@ -212,7 +213,8 @@ pub mod v4 {
                         }));
                         return;
                     }
-                    Err(_) => {
+                    Err(e) => {
+                        eprintln!("v4 event loop ended: {e:?}");
                         let _ = tx.send(Packet::Disconnect);
                         return;
                     }
@@ -348,7 +350,11 @@ pub mod v5 {
                     }
                     Ok(Event::Outgoing(_)) => {}
                     Err(e) => {
+                        eprintln!("v5 event loop ended: {e:?}");
                         let reason = match e {
+                            rumqttc::v5::ConnectionError::MqttState(
+                                rumqttc::v5::StateError::ServerDisconnect { reason_code, .. },
+                            ) => Packet::Disconnect(Disconnect::new(reason_code)),
                             rumqttc::v5::ConnectionError::ConnectionRefused(code) => {
                                 Packet::ConnAck(ConnAck {
                                     session_present: false,
