@@ -1,0 +1,236 @@
+//! Malformed and hostile input over raw sockets: the broker answers with a
+//! reason code or closes that one connection, counts it, and keeps serving
+//! everyone else.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::v4::{self, QoS};
+use common::Broker;
+
+fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
+    loop {
+        let mut byte = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut p = vec![first];
+    remaining_length(body.len(), &mut p);
+    p.extend_from_slice(body);
+    p
+}
+
+fn string(s: &[u8]) -> Vec<u8> {
+    let mut v = (s.len() as u16).to_be_bytes().to_vec();
+    v.extend_from_slice(s);
+    v
+}
+
+/// CONNECT for protocol level 4 (3.1.1) or 5, clean session, keep-alive 60.
+fn connect(level: u8, client_id: &str) -> Vec<u8> {
+    let mut body = string(b"MQTT");
+    body.extend_from_slice(&[level, 0x02, 0, 60]);
+    if level == 5 {
+        body.push(0); // no properties
+    }
+    body.extend(string(client_id.as_bytes()));
+    packet(0x10, &body)
+}
+
+fn subscribe(level: u8, filter: &[u8]) -> Vec<u8> {
+    let mut body = vec![0, 1];
+    if level == 5 {
+        body.push(0);
+    }
+    body.extend(string(filter));
+    body.push(1);
+    packet(0x82, &body)
+}
+
+fn publish_qos1(level: u8, topic: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut body = string(topic);
+    body.extend_from_slice(&[0, 7]);
+    if level == 5 {
+        body.push(0);
+    }
+    body.extend_from_slice(payload);
+    packet(0x32, &body)
+}
+
+struct Raw(TcpStream);
+
+impl Raw {
+    fn open(b: &Broker) -> Raw {
+        let s = TcpStream::connect(b.addr()).unwrap_or_else(|e| panic!("connect: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap_or_else(|e| panic!("{e}"));
+        Raw(s)
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        // The broker may already have closed the socket: that is a valid answer.
+        let _ = self.0.write_all(bytes);
+    }
+
+    /// Reads one packet: (first byte, body); `None` when the broker closed.
+    fn read(&mut self) -> Option<(u8, Vec<u8>)> {
+        let mut first = [0u8; 1];
+        self.0.read_exact(&mut first).ok()?;
+        let mut len = 0usize;
+        let mut shift = 0;
+        loop {
+            let mut b = [0u8; 1];
+            self.0.read_exact(&mut b).ok()?;
+            len |= usize::from(b[0] & 0x7f) << shift;
+            shift += 7;
+            if b[0] & 0x80 == 0 {
+                break;
+            }
+        }
+        let mut body = vec![0u8; len];
+        self.0.read_exact(&mut body).ok()?;
+        Some((first[0], body))
+    }
+
+    /// Reads until the broker closes; returns the packets it sent first.
+    fn until_closed(&mut self) -> Vec<(u8, Vec<u8>)> {
+        let mut got = Vec::new();
+        while let Some(p) = self.read() {
+            got.push(p);
+        }
+        got
+    }
+
+    fn connected(b: &Broker, level: u8, id: &str) -> Raw {
+        let mut r = Raw::open(b);
+        r.send(&connect(level, id));
+        let (kind, body) = r.read().unwrap_or_else(|| panic!("no CONNACK"));
+        assert_eq!(kind, 0x20);
+        assert_eq!(body.get(1), Some(&0), "CONNECT accepted");
+        r
+    }
+}
+
+/// A real client still gets service.
+async fn still_serving(b: &Broker) {
+    let mut c = v4::connect(v4::options("healthy", b.tcp)).await;
+    c.subscribe("ok/#", QoS::AtLeastOnce).await;
+    c.publish("ok/1", QoS::AtLeastOnce, false, "fine").await;
+    assert_eq!(&c.next_publish().await.payload[..], b"fine");
+    c.disconnect().await;
+}
+
+#[tokio::test]
+async fn garbage_and_truncated_packets_close_only_that_connection() {
+    let mut b = Broker::start("");
+    let mut bystander = v4::connect(v4::options("bystander", b.tcp)).await;
+    bystander.subscribe("by/#", QoS::AtLeastOnce).await;
+
+    for bytes in [
+        b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+        vec![0xff; 64],
+        vec![0x10, 0xff, 0xff, 0xff, 0xff, 0x7f], // remaining length over 4 bytes
+        connect(4, "trunc")[..9].to_vec(),        // truncated, then closed
+        packet(0x10, &[0, 4, b'M', b'Q', b'T', b'T', 9, 2, 0, 60]), // unknown level
+    ] {
+        let mut r = Raw::open(&b);
+        r.send(&bytes);
+        let _ = r.0.shutdown(std::net::Shutdown::Write);
+        r.until_closed();
+    }
+    assert!(b.alive());
+    let publisher = v4::connect(v4::options("publisher", b.tcp)).await;
+    publisher.publish("by/x", QoS::AtLeastOnce, false, "after").await;
+    assert_eq!(&bystander.next_publish().await.payload[..], b"after");
+}
+
+#[tokio::test]
+async fn oversized_remaining_length_after_connect_is_refused() {
+    let mut b = Broker::start("");
+    let mut r = Raw::connected(&b, 5, "big");
+    // A PUBLISH announcing 200 KiB, above the 128 KiB limit.
+    r.send(&publish_qos1(5, b"big/x", &vec![0u8; 200 * 1024]));
+    let packets = r.until_closed();
+    let disconnect = packets.iter().find(|(k, _)| *k == 0xe0);
+    assert_eq!(
+        disconnect.and_then(|(_, body)| body.first().copied()),
+        Some(0x95),
+        "DISCONNECT with Packet Too Large: {packets:?}"
+    );
+    assert!(b.alive());
+    still_serving(&b).await;
+}
+
+#[tokio::test]
+async fn invalid_utf8_topic_closes_the_connection() {
+    let mut b = Broker::start("");
+    let mut r = Raw::connected(&b, 4, "utf8");
+    r.send(&publish_qos1(4, &[b'a', 0xff, 0xfe], b"x"));
+    let packets = r.until_closed();
+    assert!(packets.iter().all(|(k, _)| *k != 0x40), "no PUBACK for it: {packets:?}");
+    assert!(b.alive());
+    still_serving(&b).await;
+}
+
+#[tokio::test]
+async fn invalid_filters_get_failure_codes() {
+    let b = Broker::start("");
+    // 3.1.1: a malformed filter is a malformed packet; the connection closes
+    // (MQTT-4.8.0-1) without any SUBACK granting it.
+    let mut r = Raw::connected(&b, 4, "f3");
+    r.send(&subscribe(4, b"a/#/b"));
+    let packets = r.until_closed();
+    assert!(packets.iter().all(|(_, body)| body.last() != Some(&1)), "{packets:?}");
+
+    // 5: the same malformed packet ends with a DISCONNECT carrying an error reason.
+    let mut r = Raw::connected(&b, 5, "f5");
+    r.send(&subscribe(5, b"a/b+"));
+    let (kind, body) = r.read().unwrap_or_else(|| panic!("no DISCONNECT"));
+    assert_eq!(kind, 0xe0);
+    assert!(body.first().is_some_and(|&code| code >= 0x80), "{body:?}");
+    assert!(b.metric("ringmq_packets_rejected_total{reason=\"protocol_error\"}") >= 1.0);
+}
+
+#[tokio::test]
+async fn strict_names_refuse_well_formed_but_unwanted_filters() {
+    let b = Broker::start("client_id:\n  strict_names: true\n");
+    let mut r = Raw::connected(&b, 5, "strict");
+    r.send(&subscribe(5, b"a b/c"));
+    let (kind, body) = r.read().unwrap_or_else(|| panic!("no SUBACK"));
+    assert_eq!((kind, body.last().copied()), (0x90, Some(0x8f)), "Topic Filter Invalid");
+    assert!(b.metric("ringmq_packets_rejected_total{reason=\"subscribe_refused\"}") >= 1.0);
+}
+
+#[tokio::test]
+async fn a_flood_of_connections_leaves_the_broker_serving() {
+    let mut b = Broker::start("");
+    let mut socks = Vec::new();
+    for i in 0..300 {
+        let mut s = Raw::open(&b);
+        if i % 2 == 0 {
+            s.send(&connect(4, &format!("flood-{i}")));
+        }
+        socks.push(s);
+    }
+    still_serving(&b).await;
+    drop(socks);
+    assert!(b.alive());
+    // Every connection is accounted for once the sockets are gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while b.metric("ringmq_connections") > 0.0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(b.metric("ringmq_connections"), 0.0);
+}
