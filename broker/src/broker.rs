@@ -123,10 +123,10 @@ impl Broker {
     fn drop_routes(&self, client: &ClientId, filters: &[String]) {
         for raw in filters {
             // Filters in a session were validated when they were added.
-            if let Ok(f) = topic::parse_filter(raw, usize::MAX, false) {
-                if self.router.unsubscribe(client, &f) {
-                    self.metrics.subscriptions.dec();
-                }
+            if let Ok(f) = topic::parse_filter(raw, usize::MAX, false)
+                && self.router.unsubscribe(client, &f)
+            {
+                self.metrics.subscriptions.dec();
             }
         }
     }
@@ -302,10 +302,10 @@ impl Broker {
     /// Removes one subscription of a session; returns whether it existed.
     pub fn unsubscribe(&self, session: &Session, raw: &str) -> bool {
         let existed = session.lock().subscriptions.remove(raw).is_some();
-        if let Ok(filter) = topic::parse_filter(raw, usize::MAX, false) {
-            if self.router.unsubscribe(&session.client_id, &filter) {
-                self.metrics.subscriptions.dec();
-            }
+        if let Ok(filter) = topic::parse_filter(raw, usize::MAX, false)
+            && self.router.unsubscribe(&session.client_id, &filter)
+        {
+            self.metrics.subscriptions.dec();
         }
         existed
     }

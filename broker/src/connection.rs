@@ -281,10 +281,10 @@ impl Pump {
         loop {
             let id = self.next_id.get().wrapping_add(1);
             self.next_id.set(id);
-            if let Some(id) = NonZeroU16::new(id) {
-                if !in_use(id.get()) {
-                    return id;
-                }
+            if let Some(id) = NonZeroU16::new(id)
+                && !in_use(id.get())
+            {
+                return id;
             }
         }
     }

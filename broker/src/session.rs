@@ -143,7 +143,8 @@ impl Session {
     /// persistent ones store QoS 1/2 messages as offline messages.
     pub fn enqueue(&self, d: Delivery, limits: QueueLimits) -> Enqueued {
         let mut st = self.lock();
-        let outcome = if let Some(conn) = &st.attached {
+
+        if let Some(conn) = &st.attached {
             if st.queue.len() >= limits.online {
                 Enqueued::Dropped
             } else {
@@ -151,7 +152,7 @@ impl Session {
                 st.queue.push_back(d);
                 drop(st);
                 wake.notify_one();
-                return Enqueued::Online;
+                Enqueued::Online
             }
         } else if d.qos == QoS::AtMostOnce || !st.persistent || limits.offline == 0 {
             Enqueued::Dropped
@@ -168,8 +169,7 @@ impl Session {
             } else {
                 Enqueued::Offline
             }
-        };
-        outcome
+        }
     }
 
     /// Marks a packet id acknowledged by the connection of `generation`.
@@ -360,10 +360,11 @@ impl SessionStore {
             .shard(&session.client_id)
             .write()
             .unwrap_or_else(|e| e.into_inner());
-        if let Some(current) = map.get(&session.client_id) {
-            if Arc::ptr_eq(current, session) && session.lock().attached.is_none() {
-                map.remove(&session.client_id);
-            }
+        if let Some(current) = map.get(&session.client_id)
+            && Arc::ptr_eq(current, session)
+            && session.lock().attached.is_none()
+        {
+            map.remove(&session.client_id);
         }
     }
 

@@ -8,8 +8,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::v4::{self, QoS};
 use common::Broker;
+use common::v4::{self, QoS};
 
 fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
     loop {
@@ -152,7 +152,9 @@ async fn garbage_and_truncated_packets_close_only_that_connection() {
     }
     assert!(b.alive());
     let publisher = v4::connect(v4::options("publisher", b.tcp)).await;
-    publisher.publish("by/x", QoS::AtLeastOnce, false, "after").await;
+    publisher
+        .publish("by/x", QoS::AtLeastOnce, false, "after")
+        .await;
     assert_eq!(&bystander.next_publish().await.payload[..], b"after");
 }
 
@@ -179,7 +181,10 @@ async fn invalid_utf8_topic_closes_the_connection() {
     let mut r = Raw::connected(&b, 4, "utf8");
     r.send(&publish_qos1(4, &[b'a', 0xff, 0xfe], b"x"));
     let packets = r.until_closed();
-    assert!(packets.iter().all(|(k, _)| *k != 0x40), "no PUBACK for it: {packets:?}");
+    assert!(
+        packets.iter().all(|(k, _)| *k != 0x40),
+        "no PUBACK for it: {packets:?}"
+    );
     assert!(b.alive());
     still_serving(&b).await;
 }
@@ -192,7 +197,10 @@ async fn invalid_filters_get_failure_codes() {
     let mut r = Raw::connected(&b, 4, "f3");
     r.send(&subscribe(4, b"a/#/b"));
     let packets = r.until_closed();
-    assert!(packets.iter().all(|(_, body)| body.last() != Some(&1)), "{packets:?}");
+    assert!(
+        packets.iter().all(|(_, body)| body.last() != Some(&1)),
+        "{packets:?}"
+    );
 
     // 5: the same malformed packet ends with a DISCONNECT carrying an error reason.
     let mut r = Raw::connected(&b, 5, "f5");
@@ -209,7 +217,11 @@ async fn strict_names_refuse_well_formed_but_unwanted_filters() {
     let mut r = Raw::connected(&b, 5, "strict");
     r.send(&subscribe(5, b"a b/c"));
     let (kind, body) = r.read().unwrap_or_else(|| panic!("no SUBACK"));
-    assert_eq!((kind, body.last().copied()), (0x90, Some(0x8f)), "Topic Filter Invalid");
+    assert_eq!(
+        (kind, body.last().copied()),
+        (0x90, Some(0x8f)),
+        "Topic Filter Invalid"
+    );
     assert!(b.metric("ringmq_packets_rejected_total{reason=\"subscribe_refused\"}") >= 1.0);
 }
 

@@ -2,8 +2,8 @@
 
 mod common;
 
-use common::v4::{self, ConnectReturnCode, LastWill, QoS};
 use common::Broker;
+use common::v4::{self, ConnectReturnCode, LastWill, QoS};
 
 #[tokio::test]
 async fn qos_levels_and_downgrade_to_subscription_maximum() {
@@ -12,14 +12,22 @@ async fn qos_levels_and_downgrade_to_subscription_maximum() {
     assert_eq!(sub.subscribe("q/2", QoS::ExactlyOnce).await.len(), 1);
     sub.subscribe("q/1", QoS::AtLeastOnce).await;
     let publisher = v4::connect(v4::options("pub", b.tcp)).await;
-    for (topic, qos) in [("q/2", QoS::ExactlyOnce), ("q/2", QoS::AtLeastOnce), ("q/2", QoS::AtMostOnce)] {
-        publisher.publish(topic, qos, false, format!("{qos:?}")).await;
+    for (topic, qos) in [
+        ("q/2", QoS::ExactlyOnce),
+        ("q/2", QoS::AtLeastOnce),
+        ("q/2", QoS::AtMostOnce),
+    ] {
+        publisher
+            .publish(topic, qos, false, format!("{qos:?}"))
+            .await;
         let p = sub.next_publish().await;
         assert_eq!(p.qos, qos, "delivered at the publisher's QoS");
         assert_eq!(p.payload, format!("{qos:?}").as_bytes());
     }
     // A QoS 2 publish to a QoS 1 subscription arrives at QoS 1.
-    publisher.publish("q/1", QoS::ExactlyOnce, false, "down").await;
+    publisher
+        .publish("q/1", QoS::ExactlyOnce, false, "down")
+        .await;
     let p = sub.next_publish().await;
     assert_eq!((p.topic.as_str(), p.qos), ("q/1", QoS::AtLeastOnce));
     assert!(b.metric("ringmq_messages_received_total{qos=\"2\"}") >= 2.0);
@@ -33,11 +41,21 @@ async fn wildcards_and_dollar_topics() {
     let mut plus = v4::connect(v4::options("plus", b.tcp)).await;
     plus.subscribe("a/+/c", QoS::AtMostOnce).await;
     let publisher = v4::connect(v4::options("pub", b.tcp)).await;
-    publisher.publish("$SYS/private", QoS::AtMostOnce, false, "x").await;
-    publisher.publish("a/b/c", QoS::AtMostOnce, false, "y").await;
-    assert_eq!(all.next_publish().await.topic, "a/b/c", "# must not match $ topics");
+    publisher
+        .publish("$SYS/private", QoS::AtMostOnce, false, "x")
+        .await;
+    publisher
+        .publish("a/b/c", QoS::AtMostOnce, false, "y")
+        .await;
+    assert_eq!(
+        all.next_publish().await.topic,
+        "a/b/c",
+        "# must not match $ topics"
+    );
     assert_eq!(plus.next_publish().await.topic, "a/b/c");
-    publisher.publish("a/b/c/d", QoS::AtMostOnce, false, "z").await;
+    publisher
+        .publish("a/b/c/d", QoS::AtMostOnce, false, "z")
+        .await;
     assert_eq!(all.next_publish().await.topic, "a/b/c/d");
     plus.no_publish().await;
 }
@@ -46,14 +64,18 @@ async fn wildcards_and_dollar_topics() {
 async fn retained_message_is_replayed_and_cleared() {
     let b = Broker::start("");
     let publisher = v4::connect(v4::options("pub", b.tcp)).await;
-    publisher.publish("r/t", QoS::AtLeastOnce, true, "kept").await;
+    publisher
+        .publish("r/t", QoS::AtLeastOnce, true, "kept")
+        .await;
     let mut late = v4::connect(v4::options("late", b.tcp)).await;
     late.subscribe("r/#", QoS::AtLeastOnce).await;
     let p = late.next_publish().await;
     assert!(p.retain, "replayed retained messages carry the retain flag");
     assert_eq!(p.payload, "kept".as_bytes());
     // A live message is forwarded without the retain flag (MQTT-3.3.1-9).
-    publisher.publish("r/t", QoS::AtLeastOnce, true, "live").await;
+    publisher
+        .publish("r/t", QoS::AtLeastOnce, true, "live")
+        .await;
     assert!(!late.next_publish().await.retain);
     publisher.publish("r/t", QoS::AtLeastOnce, true, "").await;
     late.next_publish().await;
@@ -73,9 +95,13 @@ async fn persistent_session_keeps_subscriptions_and_offline_messages() {
     c.disconnect().await;
 
     let publisher = v4::connect(v4::options("pub", b.tcp)).await;
-    publisher.publish("off/0", QoS::AtMostOnce, false, "qos0 is not kept").await;
+    publisher
+        .publish("off/0", QoS::AtMostOnce, false, "qos0 is not kept")
+        .await;
     for i in 1..=12 {
-        publisher.publish("off/1", QoS::AtLeastOnce, false, format!("m{i}")).await;
+        publisher
+            .publish("off/1", QoS::AtLeastOnce, false, format!("m{i}"))
+            .await;
     }
     publisher.disconnect().await;
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
@@ -103,7 +129,9 @@ async fn clean_session_discards_state() {
     let mut c = v4::connect(opts).await;
     assert!(!c.connack.session_present);
     let publisher = v4::connect(v4::options("pub", b.tcp)).await;
-    publisher.publish("gone/x", QoS::AtLeastOnce, false, "x").await;
+    publisher
+        .publish("gone/x", QoS::AtLeastOnce, false, "x")
+        .await;
     c.no_publish().await;
 }
 
@@ -118,7 +146,10 @@ async fn will_is_published_on_abrupt_close_only() {
     let c = v4::connect(opts.clone()).await;
     c.kill();
     let p = watcher.next_publish().await;
-    assert_eq!((p.topic.as_str(), &p.payload[..]), ("will/dying", &b"gone"[..]));
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("will/dying", &b"gone"[..])
+    );
 
     let c = v4::connect(opts).await;
     c.disconnect().await;
@@ -143,7 +174,12 @@ async fn p2p_reaches_the_target_without_subscription() {
     other.subscribe("#", QoS::AtLeastOnce).await;
     let sender = v4::connect(v4::options("GID_ptp@@@sender", b.tcp)).await;
     sender
-        .publish("topic1/p2p/GID_ptp@@@target", QoS::AtLeastOnce, false, "direct")
+        .publish(
+            "topic1/p2p/GID_ptp@@@target",
+            QoS::AtLeastOnce,
+            false,
+            "direct",
+        )
         .await;
     let p = target.next_publish().await;
     assert_eq!(p.payload, "direct".as_bytes());
@@ -160,7 +196,9 @@ async fn offline_pull_switches_off_automatic_push() {
     c.disconnect().await;
     let publisher = v4::connect(v4::options("pub", b.tcp)).await;
     for i in 1..=5 {
-        publisher.publish("pull/x", QoS::AtLeastOnce, false, format!("m{i}")).await;
+        publisher
+            .publish("pull/x", QoS::AtLeastOnce, false, format!("m{i}"))
+            .await;
     }
     publisher.disconnect().await;
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
@@ -170,14 +208,24 @@ async fn offline_pull_switches_off_automatic_push() {
     for i in 1..=2 {
         assert_eq!(c.next_publish().await.payload, format!("m{i}").as_bytes());
     }
-    c.publish("$SYS/getOfflineMsg", QoS::AtLeastOnce, false, r#"{"pushOrder":"DESC","maxPushNum":2}"#)
-        .await;
+    c.publish(
+        "$SYS/getOfflineMsg",
+        QoS::AtLeastOnce,
+        false,
+        r#"{"pushOrder":"DESC","maxPushNum":2}"#,
+    )
+    .await;
     for i in [5, 4] {
         assert_eq!(c.next_publish().await.payload, format!("m{i}").as_bytes());
     }
     c.no_publish().await;
-    c.publish("$SYS/getOfflineMsg", QoS::AtLeastOnce, false, r#"{"pushOrder":"ASC","maxPushNum":30}"#)
-        .await;
+    c.publish(
+        "$SYS/getOfflineMsg",
+        QoS::AtLeastOnce,
+        false,
+        r#"{"pushOrder":"ASC","maxPushNum":30}"#,
+    )
+    .await;
     assert_eq!(c.next_publish().await.payload, "m3".as_bytes());
     c.no_publish().await;
 }
@@ -186,9 +234,15 @@ async fn offline_pull_switches_off_automatic_push() {
 async fn refused_connects_get_return_codes() {
     let b = Broker::start("client_id:\n  require_group_id: true\n");
     let err = v4::try_connect(v4::options("no-group", b.tcp)).await.err();
-    assert_eq!(err.as_deref(), Some(format!("{:?}", ConnectReturnCode::BadClientId).as_str()));
+    assert_eq!(
+        err.as_deref(),
+        Some(format!("{:?}", ConnectReturnCode::BadClientId).as_str())
+    );
     let err = v4::try_connect(v4::options("GID_x@@@d", b.tcp)).await.err();
-    assert!(err.is_some(), "Group ID shorter than 7 characters is refused");
+    assert!(
+        err.is_some(),
+        "Group ID shorter than 7 characters is refused"
+    );
     v4::connect(v4::options("GID_valid@@@dev-1", b.tcp)).await;
     assert!(b.metric("ringmq_packets_rejected_total{reason=\"client_id_invalid\"}") >= 2.0);
 }

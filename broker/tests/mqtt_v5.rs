@@ -5,8 +5,12 @@ mod common;
 use std::time::Duration;
 
 use common::Broker;
-use common::v5::{self, DisconnectReasonCode, LastWill, PubAckReason, PublishProperties, QoS, SubscribeReasonCode};
-use rumqttc::v5::mqttbytes::v5::{Filter, LastWillProperties, RetainForwardRule, SubscribeProperties};
+use common::v5::{
+    self, DisconnectReasonCode, LastWill, PubAckReason, PublishProperties, QoS, SubscribeReasonCode,
+};
+use rumqttc::v5::mqttbytes::v5::{
+    Filter, LastWillProperties, RetainForwardRule, SubscribeProperties,
+};
 
 #[tokio::test]
 async fn session_expiry_is_capped_and_enforced() {
@@ -15,7 +19,11 @@ async fn session_expiry_is_capped_and_enforced() {
     opts.set_clean_start(false);
     opts.set_session_expiry_interval(Some(3600));
     let mut c = v5::connect(opts.clone()).await;
-    let expiry = c.connack.properties.as_ref().and_then(|p| p.session_expiry_interval);
+    let expiry = c
+        .connack
+        .properties
+        .as_ref()
+        .and_then(|p| p.session_expiry_interval);
     assert_eq!(expiry, Some(1), "capped by the instance maximum");
     c.subscribe("exp/#", QoS::AtLeastOnce).await;
     c.disconnect().await;
@@ -44,7 +52,13 @@ async fn will_delay_is_cancelled_by_reconnect() {
         correlation_data: None,
         user_properties: Vec::new(),
     };
-    opts.set_last_will(LastWill::new("will/delayed", "late", QoS::AtLeastOnce, false, Some(props)));
+    opts.set_last_will(LastWill::new(
+        "will/delayed",
+        "late",
+        QoS::AtLeastOnce,
+        false,
+        Some(props),
+    ));
 
     // Reconnecting within the delay cancels the will.
     v5::connect(opts.clone()).await.kill();
@@ -68,12 +82,16 @@ async fn shared_subscription_delivers_each_message_once() {
     m2.subscribe("$share/g/jobs/+", QoS::AtLeastOnce).await;
     let publisher = v5::connect(v5::options("pub", b.tcp)).await;
     for i in 0..20 {
-        publisher.publish("jobs/x", QoS::AtLeastOnce, false, format!("{i}")).await;
+        publisher
+            .publish("jobs/x", QoS::AtLeastOnce, false, format!("{i}"))
+            .await;
     }
     let mut got = Vec::new();
     let mut per_member = [0, 0];
     for (n, member) in [&mut m1, &mut m2].into_iter().enumerate() {
-        while let Ok(Some(p)) = tokio::time::timeout(Duration::from_millis(700), member.rx.recv()).await {
+        while let Ok(Some(p)) =
+            tokio::time::timeout(Duration::from_millis(700), member.rx.recv()).await
+        {
             if let v5::Packet::Publish(p) = p {
                 got.push(String::from_utf8_lossy(&p.payload).to_string());
                 per_member[n] += 1;
@@ -83,32 +101,40 @@ async fn shared_subscription_delivers_each_message_once() {
     got.sort_by_key(|s| s.parse::<u32>().unwrap_or(u32::MAX));
     let expected: Vec<String> = (0..20).map(|i| i.to_string()).collect();
     assert_eq!(got, expected, "every message once, in the group as a whole");
-    assert!(per_member.iter().all(|&n| n > 0), "both members served: {per_member:?}");
+    assert!(
+        per_member.iter().all(|&n| n > 0),
+        "both members served: {per_member:?}"
+    );
 }
 
 #[tokio::test]
 async fn no_local_and_retain_handling_options() {
     let b = Broker::start("");
     let publisher = v5::connect(v5::options("retainer", b.tcp)).await;
-    publisher.publish("opt/r", QoS::AtLeastOnce, true, "old").await;
+    publisher
+        .publish("opt/r", QoS::AtLeastOnce, true, "old")
+        .await;
     let mut c = v5::connect(v5::options("self", b.tcp)).await;
-    let filters = [
-        Filter {
-            path: "opt/#".into(),
-            qos: QoS::AtLeastOnce,
-            nolocal: true,
-            preserve_retain: true,
-            retain_forward_rule: RetainForwardRule::Never,
-        },
-    ];
+    let filters = [Filter {
+        path: "opt/#".into(),
+        qos: QoS::AtLeastOnce,
+        nolocal: true,
+        preserve_retain: true,
+        retain_forward_rule: RetainForwardRule::Never,
+    }];
     c.client
         .subscribe_many(filters)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(c.suback().await, [SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
+    assert_eq!(
+        c.suback().await,
+        [SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
     c.publish("opt/own", QoS::AtLeastOnce, false, "mine").await;
     c.no_publish().await;
-    publisher.publish("opt/r", QoS::AtLeastOnce, true, "new").await;
+    publisher
+        .publish("opt/r", QoS::AtLeastOnce, true, "new")
+        .await;
     let p = c.next_publish().await;
     assert_eq!(&p.payload[..], b"new");
     assert!(p.retain, "retain as published keeps the flag");
@@ -175,7 +201,9 @@ async fn expired_offline_message_is_not_delivered() {
         .publish_with_properties("exp/short", QoS::AtLeastOnce, false, "short", short)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    publisher.publish("exp/long", QoS::AtLeastOnce, false, "long").await;
+    publisher
+        .publish("exp/long", QoS::AtLeastOnce, false, "long")
+        .await;
     tokio::time::sleep(Duration::from_millis(2200)).await;
     let mut c = v5::connect(opts).await;
     assert_eq!(&c.next_publish().await.payload[..], b"long");
@@ -192,7 +220,9 @@ async fn unacknowledged_message_is_redelivered_with_dup() {
     let mut c = v5::connect(opts.clone()).await;
     c.subscribe("redo/#", QoS::AtLeastOnce).await;
     let publisher = v5::connect(v5::options("pub", b.tcp)).await;
-    publisher.publish("redo/1", QoS::AtLeastOnce, false, "again").await;
+    publisher
+        .publish("redo/1", QoS::AtLeastOnce, false, "again")
+        .await;
     let first = c.next_publish().await;
     assert!(!first.dup);
     c.kill(); // no PUBACK sent
@@ -217,14 +247,20 @@ async fn limits_answer_with_reason_codes() {
     let b = Broker::start("limits:\n  max_subscriptions_per_client: 2\n");
     let mut c = v5::connect(v5::options("limited", b.tcp)).await;
     // Topic longer than 64 characters.
-    c.publish(&"t".repeat(65), QoS::AtLeastOnce, false, "x").await;
+    c.publish(&"t".repeat(65), QoS::AtLeastOnce, false, "x")
+        .await;
     assert_eq!(c.next_puback().await.reason, PubAckReason::TopicNameInvalid);
     // Third subscription beyond a limit of two.
     c.subscribe("s/1", QoS::AtMostOnce).await;
     c.subscribe("s/2", QoS::AtMostOnce).await;
-    assert_eq!(c.subscribe("s/3", QoS::AtMostOnce).await, [SubscribeReasonCode::QuotaExceeded]);
+    assert_eq!(
+        c.subscribe("s/3", QoS::AtMostOnce).await,
+        [SubscribeReasonCode::QuotaExceeded]
+    );
     // Client ID longer than 128 characters.
-    let err = v5::try_connect(v5::options(&"c".repeat(129), b.tcp)).await.err();
+    let err = v5::try_connect(v5::options(&"c".repeat(129), b.tcp))
+        .await
+        .err();
     assert_eq!(err.as_deref(), Some("ClientIdentifierNotValid"));
     assert!(b.metric("ringmq_packets_rejected_total{reason=\"topic_invalid\"}") >= 1.0);
     assert!(b.metric("ringmq_packets_rejected_total{reason=\"subscribe_refused\"}") >= 1.0);
@@ -238,8 +274,15 @@ async fn connack_advertises_limits_and_features() {
     let props = props.unwrap_or_else(|| panic!("CONNACK without properties"));
     assert_eq!(props.max_packet_size, Some(128 * 1024));
     assert_eq!(props.receive_max, Some(64));
-    assert!(props.assigned_client_identifier.is_some(), "an empty Client ID gets one assigned");
-    assert_ne!(props.shared_subscription_available, Some(0), "absent or 1 means available");
+    assert!(
+        props.assigned_client_identifier.is_some(),
+        "an empty Client ID gets one assigned"
+    );
+    assert_ne!(
+        props.shared_subscription_available,
+        Some(0),
+        "absent or 1 means available"
+    );
 }
 
 #[tokio::test]
@@ -249,13 +292,22 @@ async fn offline_pull_rate_is_limited() {
     let req = r#"{"pushOrder":"ASC","maxPushNum":1}"#;
     let mut reasons = Vec::new();
     for _ in 0..3 {
-        c.publish("$SYS/getOfflineMsg", QoS::AtLeastOnce, false, req).await;
+        c.publish("$SYS/getOfflineMsg", QoS::AtLeastOnce, false, req)
+            .await;
         reasons.push(c.next_puback().await.reason);
     }
     assert_eq!(
         reasons,
-        [PubAckReason::Success, PubAckReason::Success, PubAckReason::QuotaExceeded]
+        [
+            PubAckReason::Success,
+            PubAckReason::Success,
+            PubAckReason::QuotaExceeded
+        ]
     );
-    c.publish("$SYS/getOfflineMsg", QoS::AtLeastOnce, false, "not json").await;
-    assert_eq!(c.next_puback().await.reason, PubAckReason::PayloadFormatInvalid);
+    c.publish("$SYS/getOfflineMsg", QoS::AtLeastOnce, false, "not json")
+        .await;
+    assert_eq!(
+        c.next_puback().await.reason,
+        PubAckReason::PayloadFormatInvalid
+    );
 }

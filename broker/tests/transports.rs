@@ -7,8 +7,8 @@ mod common;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use common::v4::{self, MqttOptions, QoS};
 use common::Broker;
+use common::v4::{self, MqttOptions, QoS};
 use rumqttc::{TlsConfiguration, Transport};
 
 struct Pki {
@@ -20,8 +20,9 @@ struct Pki {
 
 fn pki() -> Pki {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-        .unwrap_or_else(|e| panic!("certificate: {e}"));
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap_or_else(|e| panic!("certificate: {e}"));
     let cert = dir.path().join("tls.crt");
     let key = dir.path().join("tls.key");
     std::fs::write(&cert, ck.cert.pem()).unwrap_or_else(|e| panic!("{e}"));
@@ -46,7 +47,9 @@ fn pki() -> Pki {
 
 fn tls_options(id: &str, port: u16, client: &Arc<rustls::ClientConfig>) -> MqttOptions {
     let mut o = MqttOptions::new(id, "localhost", port);
-    o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(client.clone())));
+    o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+        client.clone(),
+    )));
     o
 }
 
@@ -64,14 +67,18 @@ async fn one_message_crosses_every_listener() {
     o.set_transport(Transport::ws());
     let mut over_ws = v4::connect(o).await;
     let mut o = ws_options("wss", "wss", b.wss);
-    o.set_transport(Transport::wss_with_config(TlsConfiguration::Rustls(pki.client.clone())));
+    o.set_transport(Transport::wss_with_config(TlsConfiguration::Rustls(
+        pki.client.clone(),
+    )));
     let mut over_wss = v4::connect(o).await;
     let mut over_tcp = v4::connect(v4::options("tcp", b.tcp)).await;
 
     for c in [&mut over_tls, &mut over_ws, &mut over_wss, &mut over_tcp] {
         c.subscribe("x/#", QoS::AtLeastOnce).await;
     }
-    over_wss.publish("x/1", QoS::AtLeastOnce, false, "hello").await;
+    over_wss
+        .publish("x/1", QoS::AtLeastOnce, false, "hello")
+        .await;
     for c in [&mut over_tls, &mut over_ws, &mut over_wss, &mut over_tcp] {
         assert_eq!(&c.next_publish().await.payload[..], b"hello");
     }
@@ -83,7 +90,10 @@ async fn tls_refuses_an_untrusted_server_certificate() {
     let other = pki();
     let b = Broker::start_tls("", &trusted.cert, &trusted.key);
     let err = v4::try_connect(tls_options("x", b.tls, &other.client)).await;
-    assert!(err.is_err(), "a client trusting another CA must not connect");
+    assert!(
+        err.is_err(),
+        "a client trusting another CA must not connect"
+    );
     // Plain MQTT on the TLS port fails too, and the broker stays up.
     assert!(v4::try_connect(v4::options("plain", b.tls)).await.is_err());
     v4::connect(tls_options("ok", b.tls, &trusted.client)).await;

@@ -5,7 +5,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -42,16 +42,25 @@ impl Broker {
     }
 
     /// Starts a broker with TLS listeners from the given PEM files.
-    pub fn start_tls(extra: &str, cert: &PathBuf, key: &PathBuf) -> Broker {
-        Self::start_with(extra, Some((cert.clone(), key.clone())))
+    pub fn start_tls(extra: &str, cert: &Path, key: &Path) -> Broker {
+        Self::start_with(extra, Some((cert.to_path_buf(), key.to_path_buf())))
     }
 
     fn start_with(extra: &str, tls: Option<(PathBuf, PathBuf)>) -> Broker {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-        let (tcp, ws, tls_port, wss, admin) =
-            (free_port(), free_port(), free_port(), free_port(), free_port());
+        let (tcp, ws, tls_port, wss, admin) = (
+            free_port(),
+            free_port(),
+            free_port(),
+            free_port(),
+            free_port(),
+        );
         let tls_files = match &tls {
-            Some((c, k)) => format!("\n  tls_files:\n    cert: {}\n    key: {}", c.display(), k.display()),
+            Some((c, k)) => format!(
+                "\n  tls_files:\n    cert: {}\n    key: {}",
+                c.display(),
+                k.display()
+            ),
             None => String::new(),
         };
         let config = format!(
@@ -101,7 +110,11 @@ impl Broker {
     fn try_http(&self, path: &str) -> Option<(u16, String)> {
         let mut s = TcpStream::connect(("127.0.0.1", self.admin)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
         let mut buf = String::new();
         s.read_to_string(&mut buf).ok()?;
         let status = buf.split_whitespace().nth(1)?.parse().ok()?;
@@ -166,9 +179,9 @@ pub async fn quiet<T: std::fmt::Debug>(rx: &mut mpsc::UnboundedReceiver<T>, what
 pub mod v4 {
     //! MQTT 3.1.1 clients.
     use super::*;
+    #[allow(unused_imports)]
     pub use rumqttc::{
-        AsyncClient, ConnAck, ConnectReturnCode, Event, LastWill, MqttOptions, Packet, Publish,
-        QoS,
+        AsyncClient, ConnAck, ConnectReturnCode, Event, LastWill, MqttOptions, Packet, Publish, QoS,
     };
 
     /// A connected client and the packets it receives.
@@ -243,7 +256,11 @@ pub mod v4 {
     }
 
     impl Client {
-        pub async fn subscribe(&mut self, filter: &str, qos: QoS) -> Vec<rumqttc::SubscribeReasonCode> {
+        pub async fn subscribe(
+            &mut self,
+            filter: &str,
+            qos: QoS,
+        ) -> Vec<rumqttc::SubscribeReasonCode> {
             self.client
                 .subscribe(filter, qos)
                 .await
@@ -257,7 +274,13 @@ pub mod v4 {
             }
         }
 
-        pub async fn publish(&self, topic: &str, qos: QoS, retain: bool, payload: impl Into<Vec<u8>>) {
+        pub async fn publish(
+            &self,
+            topic: &str,
+            qos: QoS,
+            retain: bool,
+            payload: impl Into<Vec<u8>>,
+        ) {
             self.client
                 .publish(topic, qos, retain, payload.into())
                 .await
@@ -311,6 +334,7 @@ pub mod v5 {
     //! MQTT 5 clients.
     use super::*;
     pub use rumqttc::v5::mqttbytes::QoS;
+    #[allow(unused_imports)]
     pub use rumqttc::v5::mqttbytes::v5::{
         ConnAck, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill, Packet, PubAck,
         PubAckReason, Publish, PublishProperties, SubscribeReasonCode,
@@ -412,7 +436,13 @@ pub mod v5 {
             }
         }
 
-        pub async fn publish(&self, topic: &str, qos: QoS, retain: bool, payload: impl Into<Vec<u8>>) {
+        pub async fn publish(
+            &self,
+            topic: &str,
+            qos: QoS,
+            retain: bool,
+            payload: impl Into<Vec<u8>>,
+        ) {
             self.client
                 .publish(topic, qos, retain, payload.into())
                 .await
@@ -423,7 +453,9 @@ pub mod v5 {
             loop {
                 match recv(&mut self.rx, "PUBLISH").await {
                     Packet::Publish(p) => return p,
-                    Packet::Disconnect(d) => panic!("disconnected while waiting for a PUBLISH: {d:?}"),
+                    Packet::Disconnect(d) => {
+                        panic!("disconnected while waiting for a PUBLISH: {d:?}")
+                    }
                     _ => {}
                 }
             }
@@ -434,7 +466,9 @@ pub mod v5 {
             loop {
                 match recv(&mut self.rx, "PUBACK").await {
                     Packet::PubAck(a) => return a,
-                    Packet::Disconnect(d) => panic!("disconnected while waiting for a PUBACK: {d:?}"),
+                    Packet::Disconnect(d) => {
+                        panic!("disconnected while waiting for a PUBACK: {d:?}")
+                    }
                     _ => {}
                 }
             }
