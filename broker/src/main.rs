@@ -24,6 +24,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG)),
         )
+        .with_writer(std::io::stderr)
         .init();
     let config = match parse_args() {
         Ok(Some(c)) => c,

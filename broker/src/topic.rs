@@ -250,6 +250,16 @@ mod tests {
         assert_eq!(validate_name("a b", 64, true), Err(TopicError::StrictNames));
     }
 
+    /// Found by the `topic` fuzz target: `$share/` is a valid topic name but,
+    /// as a filter, a shared subscription that needs a group and a filter.
+    #[test]
+    fn share_prefix_as_name_and_as_filter() {
+        for raw in ["$share/", "$share//"] {
+            assert!(validate_name(raw, 64, false).is_ok());
+            assert_eq!(parse_filter(raw, 64, false), Err(TopicError::BadShare));
+        }
+    }
+
     #[test]
     fn client_ids() {
         let p = parse_client_id("GID_test@@@dev-1", 128, true, true);

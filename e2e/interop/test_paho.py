@@ -1,0 +1,212 @@
+"""Interoperability with an independent client: Eclipse Paho for Python,
+MQTT 3.1.1 and MQTT 5, against the real ringmq-broker binary."""
+
+import os
+import queue
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+WAIT = 5.0
+
+
+def broker_binary() -> Path:
+    if os.environ.get("RINGMQ_BROKER"):
+        return Path(os.environ["RINGMQ_BROKER"])
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    return target / "debug" / "ringmq-broker"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def broker():
+    """A broker process on free loopback ports; killed afterwards."""
+    binary = broker_binary()
+    if not binary.exists():
+        pytest.fail(f"broker binary not built: {binary} (run cargo build first)")
+    tcp, admin = free_port(), free_port()
+    with tempfile.TemporaryDirectory() as d:
+        cfg = Path(d) / "broker.yaml"
+        cfg.write_text(
+            "listeners:\n"
+            f'  tcp: "127.0.0.1:{tcp}"\n'
+            "  ws: null\n"
+            f'  admin: "127.0.0.1:{admin}"\n'
+            "workers: 2\n"
+        )
+        log = open(Path(d) / "broker.log", "w")
+        proc = subprocess.Popen([str(binary), "--config", str(cfg)], stderr=log)
+        deadline = time.time() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                proc.kill()
+                pytest.fail("broker did not become ready")
+            time.sleep(0.05)
+        yield tcp
+        proc.kill()
+        proc.wait()
+        log.close()
+
+
+class Client:
+    """A paho client with its received messages in a queue."""
+
+    def __init__(self, port, version, client_id=None, clean=True, will=None, expiry=None):
+        self.messages = queue.Queue()
+        self.acks = queue.Queue()
+        self.connected = queue.Queue()
+        self.c = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"paho-{uuid.uuid4().hex[:8]}",
+            protocol=version,
+            clean_session=clean if version == mqtt.MQTTv311 else None,
+        )
+        self.c.on_message = lambda c, u, m: self.messages.put(m)
+        self.c.on_connect = lambda c, u, f, rc, p: self.connected.put((f, rc))
+        self.c.on_publish = lambda c, u, mid, rc, p: self.acks.put((mid, rc))
+        self.c.on_subscribe = lambda c, u, mid, rcs, p: self.acks.put((mid, rcs))
+        if will:
+            self.c.will_set(*will)
+        props = None
+        if version == mqtt.MQTTv5 and expiry is not None:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = expiry
+        if version == mqtt.MQTTv5:
+            self.c.connect("127.0.0.1", port, keepalive=30, clean_start=clean, properties=props)
+        else:
+            self.c.connect("127.0.0.1", port, keepalive=30)
+        self.c.loop_start()
+        flags, rc = self.connected.get(timeout=WAIT)
+        assert not rc.is_failure, rc
+        self.session_present = flags.session_present
+
+    def subscribe(self, topic, qos):
+        self.c.subscribe(topic, qos)
+        _, rcs = self.acks.get(timeout=WAIT)
+        return rcs
+
+    def publish(self, topic, payload, qos=0, retain=False, properties=None):
+        info = self.c.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        if qos > 0:
+            info.wait_for_publish(timeout=WAIT)
+        return info
+
+    def message(self):
+        return self.messages.get(timeout=WAIT)
+
+    def nothing(self):
+        with pytest.raises(queue.Empty):
+            self.messages.get(timeout=0.7)
+
+    def close(self):
+        self.c.disconnect()
+        self.c.loop_stop()
+
+    def drop(self):
+        """Closes the socket without DISCONNECT."""
+        self.c.loop_stop()
+        self.c.socket().close()
+
+
+@pytest.mark.parametrize("version", [mqtt.MQTTv311, mqtt.MQTTv5])
+def test_qos_round_trip_and_wildcards(broker, version):
+    sub = Client(broker, version)
+    sub.subscribe("paho/+/x", 2)
+    pub = Client(broker, version)
+    for qos in (0, 1, 2):
+        pub.publish("paho/a/x", f"q{qos}".encode(), qos=qos)
+        m = sub.message()
+        assert (m.topic, m.payload, m.qos) == ("paho/a/x", f"q{qos}".encode(), qos)
+    pub.publish("paho/a/y", b"no", qos=1)
+    sub.nothing()
+
+
+@pytest.mark.parametrize("version", [mqtt.MQTTv311, mqtt.MQTTv5])
+def test_retained_and_will(broker, version):
+    pub = Client(broker, version)
+    pub.publish("paho/ret", b"kept", qos=1, retain=True)
+    late = Client(broker, version)
+    late.subscribe("paho/#", 1)
+    m = late.message()
+    assert (m.payload, m.retain) == (b"kept", True)
+    dying = Client(broker, version, will=("paho/will", b"bye", 1, False))
+    dying.drop()
+    m = late.message()
+    assert (m.topic, m.payload) == ("paho/will", b"bye")
+
+
+def test_persistent_session_v311(broker):
+    cid = "paho-persistent"
+    c = Client(broker, mqtt.MQTTv311, client_id=cid, clean=False)
+    c.subscribe("paho/off", 1)
+    c.close()
+    pub = Client(broker, mqtt.MQTTv311)
+    pub.publish("paho/off", b"while away", qos=1)
+    time.sleep(0.2)
+    c = Client(broker, mqtt.MQTTv311, client_id=cid, clean=False)
+    assert c.session_present
+    assert c.message().payload == b"while away"
+
+
+def test_v5_session_expiry_properties_and_reason_codes(broker):
+    cid = "paho-v5"
+    c = Client(broker, mqtt.MQTTv5, client_id=cid, clean=False, expiry=300)
+    c.subscribe("paho5/#", 1)
+    c.close()
+    pub = Client(broker, mqtt.MQTTv5)
+    props = Properties(PacketTypes.PUBLISH)
+    props.UserProperty = ("origin", "paho")
+    props.ContentType = "text/plain"
+    pub.publish("paho5/a", b"props", qos=1, properties=props)
+    time.sleep(0.2)
+    c = Client(broker, mqtt.MQTTv5, client_id=cid, clean=False, expiry=300)
+    assert c.session_present
+    m = c.message()
+    assert m.payload == b"props"
+    assert ("origin", "paho") in m.properties.UserProperty
+    assert m.properties.ContentType == "text/plain"
+    # A topic over the 64-character limit is refused with Topic Name Invalid.
+    info = pub.publish("t" * 65, b"x", qos=1)
+    while True:
+        mid, rc = pub.acks.get(timeout=WAIT)
+        if mid == info.mid:
+            break
+    assert rc.value == 0x90
+
+
+def test_v5_shared_subscription(broker):
+    a, b = Client(broker, mqtt.MQTTv5), Client(broker, mqtt.MQTTv5)
+    a.subscribe("$share/workers/paho/jobs", 1)
+    b.subscribe("$share/workers/paho/jobs", 1)
+    pub = Client(broker, mqtt.MQTTv5)
+    for i in range(10):
+        pub.publish("paho/jobs", str(i).encode(), qos=1)
+    got = []
+    for client in (a, b):
+        while True:
+            try:
+                got.append(int(client.messages.get(timeout=0.7).payload))
+            except queue.Empty:
+                break
+    assert sorted(got) == list(range(10))
