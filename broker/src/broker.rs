@@ -17,7 +17,7 @@ use crate::session::{
     Attached, Delivery, Enqueued, KickReason, QueueLimits, Session, SessionStore,
 };
 use crate::storage::{Storage, StorageError};
-use crate::topic::{self, Filter, TopicError};
+use crate::topic::{self, TopicError};
 
 /// Why a PUBLISH was refused.
 #[derive(Debug, thiserror::Error)]
@@ -308,15 +308,6 @@ impl Broker {
             self.metrics.subscriptions.dec();
         }
         existed
-    }
-
-    /// Parses a filter for the protocol layer (used for retained replay checks).
-    pub fn parse_filter<'a>(&self, raw: &'a str) -> Result<Filter<'a>, TopicError> {
-        topic::parse_filter(
-            raw,
-            self.config.limits.max_topic_length,
-            self.config.client_id.strict_names,
-        )
     }
 
     /// Builds a message received from a client or made by the broker.

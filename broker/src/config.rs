@@ -30,7 +30,7 @@ pub enum ConfigError {
 pub type Result<T> = std::result::Result<T, ConfigError>;
 
 /// The whole broker configuration.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Network listeners.
@@ -43,6 +43,18 @@ pub struct Config {
     pub workers: usize,
     /// Seconds that a graceful shutdown waits for connections to close.
     pub shutdown_timeout_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listeners: ListenerConfig::default(),
+            limits: LimitsConfig::default(),
+            client_id: ClientIdConfig::default(),
+            workers: 0,
+            shutdown_timeout_secs: 10,
+        }
+    }
 }
 
 /// Addresses the broker listens on.
@@ -120,11 +132,16 @@ pub struct LimitsConfig {
     /// QoS 1/2 messages a client may have in flight towards the broker (MQTT 5
     /// receive maximum).
     pub receive_maximum: u16,
-    /// Topic aliases accepted from an MQTT 5 client.
+    /// Topic aliases per direction with an MQTT 5 client (those it may use, and
+    /// at most those the broker uses towards it).
     pub topic_alias_maximum: u16,
     /// Keep-alive (seconds) enforced for clients that ask for none; 0 keeps such
     /// connections open until the peer goes away.
     pub default_keep_alive_secs: u16,
+    /// Largest keep-alive (seconds) granted; a client asking for more gets this
+    /// value as the MQTT 5 Server Keep Alive (3.1.1 clients are closed after 1.5
+    /// times it). 0 grants whatever the client asks.
+    pub max_keep_alive_secs: u16,
     /// Seconds a client has to send CONNECT after the TCP handshake.
     pub connect_timeout_secs: u16,
 }
@@ -147,6 +164,7 @@ impl Default for LimitsConfig {
             receive_maximum: 64,
             topic_alias_maximum: 32,
             default_keep_alive_secs: 0,
+            max_keep_alive_secs: 0,
             connect_timeout_secs: 10,
         }
     }
@@ -268,10 +286,12 @@ limits:
   max_inflight: 32
   # QoS 1/2 messages in flight from one client (MQTT 5 receive maximum)
   receive_maximum: 64
-  # MQTT 5 topic aliases accepted from a client
+  # MQTT 5 topic aliases per direction
   topic_alias_maximum: 32
   # keep-alive imposed on clients that ask for none, seconds (0 = none)
   default_keep_alive_secs: 0
+  # largest keep-alive granted, seconds (0 = whatever the client asks)
+  max_keep_alive_secs: 0
   # time to send CONNECT after the TCP handshake, seconds
   connect_timeout_secs: 10
 client_id:

@@ -231,7 +231,7 @@ impl Pump {
             batch.push(d);
         }
         let mut wait = None;
-        if !st.pull_mode && !st.offline_hold && !st.offline.is_empty() {
+        if !st.pull_mode && !st.offline.is_empty() {
             if now >= *next_offline {
                 let n = limits.offline_batch.min(st.offline.len());
                 batch.extend(st.offline.drain(..n));

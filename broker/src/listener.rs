@@ -170,6 +170,13 @@ pub async fn serve(
         ntex::util::Either::Right(()) => {
             tracing::info!("shutting down: closing connections");
             broker.close_all();
+            // Each connection's pump sends its DISCONNECT and closes; the
+            // server stops once they are gone or the timeout passed.
+            let deadline = std::time::Instant::now()
+                + std::time::Duration::from_secs(config.shutdown_timeout_secs);
+            while broker.metrics.connections.get() > 0 && std::time::Instant::now() < deadline {
+                ntex::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
             stopper.stop(true).await;
             server.await.map_err(ListenerError::Server)
         }

@@ -34,7 +34,15 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
-    match ntex::rt::System::new("ringmq-broker", ntex::rt::DefaultRuntime).block_on(serve(config)) {
+    let shutdown = match shutdown_signal() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ringmq-broker: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let system = ntex::rt::System::new("ringmq-broker", ntex::rt::DefaultRuntime);
+    match system.block_on(serve(config, shutdown)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ringmq-broker: {e:#}");
@@ -67,14 +75,26 @@ fn parse_args() -> anyhow::Result<Option<Config>> {
     Ok(Some(config))
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
-    ringmq_broker::run(config, shutdown_signal()).await?;
+async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    ringmq_broker::run(config, shutdown).await?;
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    if let Ok(signals) = ntex::rt::signals::signal().await {
-        tracing::info!(?signals, "signal received");
-    }
+/// A future that resolves on the first SIGTERM, SIGINT or SIGQUIT. The
+/// signals are read on a thread of their own, so the runtime needs no part in it.
+fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
+    use signal_hook::consts::{SIGINT, SIGQUIT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGQUIT])?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                tracing::info!(signal = sig, "shutdown signal received");
+                let _ = tx.send(());
+            }
+        })?;
+    Ok(async move {
+        let _ = rx.await;
+    })
 }

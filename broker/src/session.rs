@@ -98,8 +98,6 @@ pub struct State {
     pub resend: VecDeque<Delivery>,
     /// The client switched to `$SYS/getOfflineMsg` pulls on this connection (B6).
     pub pull_mode: bool,
-    /// Delivery of offline messages waits for authentication (token mode).
-    pub offline_hold: bool,
     /// The client asked for ordered storage (`$SYS/enableOrderMsg`, B11).
     pub ordered: bool,
     /// A will message waiting for its delay (MQTT 5), cancelled on reconnect.
@@ -122,7 +120,6 @@ impl Session {
                 inflight: BTreeMap::new(),
                 resend: VecDeque::new(),
                 pull_mode: false,
-                offline_hold: false,
                 ordered: false,
                 pending_will_generation: None,
             }),

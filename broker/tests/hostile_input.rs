@@ -246,3 +246,23 @@ async fn a_flood_of_connections_leaves_the_broker_serving() {
     }
     assert_eq!(b.metric("ringmq_connections"), 0.0);
 }
+
+#[tokio::test]
+async fn silent_client_is_closed_after_one_and_a_half_keep_alives() {
+    let b = Broker::start("");
+    let mut r = Raw::open(&b);
+    let mut body = string(b"MQTT");
+    body.extend_from_slice(&[4, 0x02, 0, 1]); // keep-alive 1 s
+    body.extend(string(b"silent"));
+    r.send(&packet(0x10, &body));
+    assert_eq!(r.read().map(|(k, _)| k), Some(0x20));
+    let start = std::time::Instant::now();
+    // No PINGREQ: the broker closes the connection ("no heart").
+    r.until_closed();
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "closed too early: {waited:?}"
+    );
+    assert!(b.metric("ringmq_packets_rejected_total{reason=\"no_heart\"}") >= 1.0);
+}

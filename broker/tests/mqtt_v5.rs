@@ -311,3 +311,111 @@ async fn offline_pull_rate_is_limited() {
         PubAckReason::PayloadFormatInvalid
     );
 }
+
+#[tokio::test]
+async fn topic_alias_from_the_client_is_resolved() {
+    let b = Broker::start("");
+    let mut sub = v5::connect(v5::options("sub", b.tcp)).await;
+    sub.subscribe("alias/#", QoS::AtLeastOnce).await;
+    let publisher = v5::connect(v5::options("pub", b.tcp)).await;
+    let with_alias = |alias| PublishProperties {
+        topic_alias: Some(alias),
+        ..Default::default()
+    };
+    publisher
+        .client
+        .publish_with_properties(
+            "alias/long/name",
+            QoS::AtLeastOnce,
+            false,
+            "one",
+            with_alias(1),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    publisher
+        .client
+        .publish_with_properties("", QoS::AtLeastOnce, false, "two", with_alias(1))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for payload in ["one", "two"] {
+        let p = sub.next_publish().await;
+        assert_eq!(
+            (&p.topic[..], &p.payload[..]),
+            (&b"alias/long/name"[..], payload.as_bytes())
+        );
+    }
+}
+
+#[tokio::test]
+async fn ordered_storage_request_is_checked() {
+    let b = Broker::start("");
+    let mut c = v5::connect(v5::options("GID_order@@@d1", b.tcp)).await;
+    c.publish(
+        "$SYS/enableOrderMsg",
+        QoS::AtLeastOnce,
+        false,
+        r#"{"order":"true"}"#,
+    )
+    .await;
+    assert_eq!(c.next_puback().await.reason, PubAckReason::Success);
+    c.publish(
+        "$SYS/enableOrderMsg",
+        QoS::AtLeastOnce,
+        false,
+        r#"{"order":"maybe"}"#,
+    )
+    .await;
+    assert_eq!(
+        c.next_puback().await.reason,
+        PubAckReason::PayloadFormatInvalid
+    );
+}
+
+#[tokio::test]
+async fn sigterm_tells_clients_and_exits_cleanly() {
+    let mut b = Broker::start("");
+    let mut c = v5::connect(v5::options("stayer", b.tcp)).await;
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &b.pid().to_string()])
+        .status()
+        .unwrap_or_else(|e| panic!("kill: {e}"));
+    assert!(status.success());
+    assert_eq!(c.closed().await, DisconnectReasonCode::ServerShuttingDown);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while b.alive() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!b.alive(), "the broker exits after a graceful shutdown");
+}
+
+#[tokio::test]
+async fn broker_uses_topic_aliases_the_client_accepts() {
+    let b = Broker::start("");
+    let mut opts = v5::options("aliased", b.tcp);
+    opts.set_topic_alias_max(Some(1));
+    let mut sub = v5::connect(opts).await;
+    sub.subscribe("ta/#", QoS::AtMostOnce).await;
+    let publisher = v5::connect(v5::options("pub", b.tcp)).await;
+    for topic in ["ta/one", "ta/one", "ta/two"] {
+        publisher
+            .publish(topic, QoS::AtMostOnce, false, topic)
+            .await;
+    }
+    // The first message sets alias 1, the second uses it with an empty topic,
+    // the third gets no alias: the client accepts only one.
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let p = sub.next_publish().await;
+        let alias = p.properties.as_ref().and_then(|pr| pr.topic_alias);
+        seen.push((String::from_utf8_lossy(&p.payload).to_string(), alias));
+    }
+    assert_eq!(
+        seen,
+        [
+            ("ta/one".to_string(), Some(1)),
+            ("ta/one".to_string(), Some(1)),
+            ("ta/two".to_string(), None),
+        ]
+    );
+}

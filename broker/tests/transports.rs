@@ -113,3 +113,15 @@ async fn websocket_answers_only_on_the_mqtt_path() {
     o.set_transport(Transport::ws());
     assert!(v4::try_connect(o).await.is_err());
 }
+
+#[tokio::test]
+async fn default_style_listener_serves_ipv6_and_ipv4() {
+    let b = Broker::start_dual_stack();
+    let mut v6 = v4::connect(MqttOptions::new("v6", "::1", b.tcp)).await;
+    v6.subscribe("ip/#", QoS::AtLeastOnce).await;
+    let v4_client = v4::connect(v4::options("v4", b.tcp)).await;
+    v4_client
+        .publish("ip/x", QoS::AtLeastOnce, false, "both")
+        .await;
+    assert_eq!(&v6.next_publish().await.payload[..], b"both");
+}

@@ -57,6 +57,22 @@ impl Error {
     }
 }
 
+/// The keep-alive granted to a client that asked for `requested` seconds:
+/// the operator's default for clients that ask for none, capped by the
+/// maximum; 0 means none.
+pub fn granted_keep_alive(limits: &crate::config::LimitsConfig, requested: u16) -> u16 {
+    let granted = if requested == 0 {
+        limits.default_keep_alive_secs
+    } else {
+        requested
+    };
+    match limits.max_keep_alive_secs {
+        0 => granted,
+        max if granted == 0 || granted > max => max,
+        _ => granted,
+    }
+}
+
 /// The inbound publish path shared by both versions: validate, answer system
 /// topics, store and route. Resolves when the PUBLISH may be acknowledged.
 pub async fn publish(conn: &Connection, msg: Message) -> Result<()> {

@@ -73,11 +73,11 @@ pub async fn connect(broker: &Arc<Broker>, c: v3::Connect) -> Result<v3::Connect
     let conn = Rc::new(Connection::new(broker.clone(), attached, !clean, will));
     conn.start_pump(c.sink());
     let ack = c.ack(conn, present).max_send(Some(limits.max_inflight));
-    Ok(if keep_alive == 0 {
-        // A keep-alive of 0 turns the mechanism off (MQTT-3.1.2-24) unless the
-        // operator imposes one.
-        let secs = limits.default_keep_alive_secs;
-        ack.idle_timeout(Seconds(secs.saturating_add(secs.div_ceil(2))))
+    let granted = super::granted_keep_alive(limits, keep_alive);
+    // A keep-alive of 0 turns the mechanism off (MQTT-3.1.2-24) unless the
+    // operator imposes one; ntex-mqtt would otherwise close idle clients after 30 s.
+    Ok(if granted != keep_alive || keep_alive == 0 {
+        ack.idle_timeout(Seconds(granted.saturating_add(granted.div_ceil(2))))
     } else {
         ack
     })

@@ -2,6 +2,8 @@
 //! delay, message expiry, user properties, subscription options and
 //! identifiers, shared subscriptions.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::num::NonZeroU16;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -98,6 +100,7 @@ pub async fn connect(broker: &Arc<Broker>, c: v5::Connect) -> Result<v5::Connect
     let requested_expiry = pkt.session_expiry_interval_secs;
     let keep_alive = pkt.keep_alive;
     let client_max_packet = pkt.max_packet_size;
+    let client_alias_max = pkt.topic_alias_max.min(limits.topic_alias_maximum);
     let attached = broker.attach(
         &client_id,
         clean,
@@ -120,9 +123,17 @@ pub async fn connect(broker: &Arc<Broker>, c: v5::Connect) -> Result<v5::Connect
     conn.start_pump(V5Sink {
         sink: c.sink(),
         max_packet: client_max_packet.map(|m| m.get()),
+        alias_max: client_alias_max,
+        aliases: RefCell::new(HashMap::new()),
     });
-    let mut ack = c.ack(conn).max_send(Some(limits.max_inflight)).with(|a| {
+    let granted_keep_alive = super::granted_keep_alive(limits, keep_alive);
+    let ack = c.ack(conn).max_send(Some(limits.max_inflight)).with(|a| {
         a.session_present = present;
+        // Server Keep Alive (3.2.2.3.14): also sent as 0 to a client asking for
+        // none, which keeps ntex-mqtt from imposing its own 30 s.
+        if granted_keep_alive != keep_alive || keep_alive == 0 {
+            a.server_keepalive_sec = Some(granted_keep_alive);
+        }
         if requested_expiry != expiry_secs {
             a.session_expiry_interval_secs = Some(expiry_secs);
         }
@@ -134,9 +145,6 @@ pub async fn connect(broker: &Arc<Broker>, c: v5::Connect) -> Result<v5::Connect
         a.subscription_identifiers_available = true;
         a.shared_subscription_available = true;
     });
-    if keep_alive == 0 && limits.default_keep_alive_secs > 0 {
-        ack = ack.keep_alive(limits.default_keep_alive_secs);
-    }
     Ok(ack)
 }
 
@@ -306,13 +314,39 @@ pub async fn control(s: &v5::Session<St>, c: Control<Error>) -> Result<Option<co
 pub struct V5Sink {
     sink: v5::MqttSink,
     max_packet: Option<u32>,
+    /// Topic aliases the client accepts from us.
+    alias_max: u16,
+    /// Topics given an alias on this connection; first come, first served.
+    aliases: RefCell<HashMap<ByteString, NonZeroU16>>,
 }
 
 impl V5Sink {
+    /// The topic to send and its alias: an aliased topic goes out empty.
+    fn alias(&self, topic: &ByteString) -> (ByteString, Option<NonZeroU16>) {
+        if self.alias_max == 0 {
+            return (topic.clone(), None);
+        }
+        let mut aliases = self.aliases.borrow_mut();
+        if let Some(alias) = aliases.get(topic) {
+            return (ByteString::new(), Some(*alias));
+        }
+        let next = u16::try_from(aliases.len() + 1)
+            .ok()
+            .filter(|n| *n <= self.alias_max);
+        match next.and_then(NonZeroU16::new) {
+            Some(alias) => {
+                aliases.insert(topic.clone(), alias);
+                (topic.clone(), Some(alias))
+            }
+            None => (topic.clone(), None),
+        }
+    }
+
     fn builder(&self, d: &Delivery, now: Instant) -> v5::PublishBuilder {
         let msg = &d.msg;
+        let (topic, alias) = self.alias(&msg.topic);
         self.sink
-            .publish(msg.topic.clone())
+            .publish(topic)
             .dup(d.dup)
             .retain(d.retain)
             .properties(|p| {
@@ -324,6 +358,7 @@ impl V5Sink {
                     .clone_from(&msg.properties.correlation_data);
                 p.is_utf8_payload = msg.properties.utf8_payload;
                 p.subscription_ids.clone_from(&d.sub_ids);
+                p.topic_alias = alias;
             })
     }
 }

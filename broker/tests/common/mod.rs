@@ -38,15 +38,25 @@ impl Broker {
     /// Starts a broker with the default configuration plus `extra` YAML
     /// (top-level keys other than `listeners`).
     pub fn start(extra: &str) -> Broker {
-        Self::start_with(extra, None)
+        Self::start_with(extra, None, "127.0.0.1")
+    }
+
+    /// Starts a broker whose MQTT/TCP listener is bound to `[::]`, as the
+    /// embedded defaults are (IPv6 and IPv4 on one socket).
+    pub fn start_dual_stack() -> Broker {
+        Self::start_with("", None, "[::]")
     }
 
     /// Starts a broker with TLS listeners from the given PEM files.
     pub fn start_tls(extra: &str, cert: &Path, key: &Path) -> Broker {
-        Self::start_with(extra, Some((cert.to_path_buf(), key.to_path_buf())))
+        Self::start_with(
+            extra,
+            Some((cert.to_path_buf(), key.to_path_buf())),
+            "127.0.0.1",
+        )
     }
 
-    fn start_with(extra: &str, tls: Option<(PathBuf, PathBuf)>) -> Broker {
+    fn start_with(extra: &str, tls: Option<(PathBuf, PathBuf)>, tcp_host: &str) -> Broker {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let (tcp, ws, tls_port, wss, admin) = (
             free_port(),
@@ -64,7 +74,7 @@ impl Broker {
             None => String::new(),
         };
         let config = format!(
-            "listeners:\n  tcp: \"127.0.0.1:{tcp}\"\n  ws: \"127.0.0.1:{ws}\"\n  tls: \"127.0.0.1:{tls_port}\"\n  wss: \"127.0.0.1:{wss}\"\n  admin: \"127.0.0.1:{admin}\"{tls_files}\nworkers: 2\nshutdown_timeout_secs: 2\n{extra}\n"
+            "listeners:\n  tcp: \"{tcp_host}:{tcp}\"\n  ws: \"127.0.0.1:{ws}\"\n  tls: \"127.0.0.1:{tls_port}\"\n  wss: \"127.0.0.1:{wss}\"\n  admin: \"127.0.0.1:{admin}\"{tls_files}\nworkers: 2\nshutdown_timeout_secs: 2\n{extra}\n"
         );
         let path = dir.path().join("broker.yaml");
         std::fs::write(&path, config).unwrap_or_else(|e| panic!("write config: {e}"));
