@@ -17,7 +17,7 @@ use crate::session::{
     Attached, Delivery, Enqueued, KickReason, QueueLimits, Session, SessionStore,
 };
 use crate::storage::{Storage, StorageError};
-use crate::topic::{self, TopicError};
+use crate::topic::{self, ClientIdError, TopicError};
 
 /// Why a PUBLISH was refused.
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +138,31 @@ impl Broker {
             self.drop_routes(&client, &subs);
         }
         self.metrics.sessions.set(gauge(self.sessions.len()));
+    }
+
+    /// The Client ID a CONNECT gets: a generated one for an empty request,
+    /// otherwise the requested one if it passes the rules (B8, B12). A refusal
+    /// is counted and logged.
+    pub fn client_id(&self, requested: &str) -> Result<String, ClientIdError> {
+        let id = if requested.is_empty() {
+            format!("ringmq-{}", self.ids.next())
+        } else {
+            requested.to_owned()
+        };
+        let rules = &self.config.client_id;
+        match topic::parse_client_id(
+            &id,
+            self.config.limits.max_client_id_length,
+            rules.require_group_id,
+            rules.strict_names,
+        ) {
+            Ok(_) => Ok(id),
+            Err(e) => {
+                self.metrics.reject("client_id_invalid");
+                tracing::info!(client_id = id, error = %e, "CONNECT refused");
+                Err(e)
+            }
+        }
     }
 
     /// Validates a topic name against the configured limits.

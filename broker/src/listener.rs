@@ -137,7 +137,9 @@ pub async fn serve(
         builder = builder
             .listen("mqtt-tls", lst, mqtt_cfg.clone(), async move |_| {
                 ntex::tls::rustls::TlsAcceptor::new(tls.clone())
-                    .map_err(|e| MqttError::Service(protocol::Error::Payload(format!("TLS: {e}"))))
+                    .map_err(|e| {
+                        MqttError::Service(protocol::Error::Transport(format!("TLS: {e}")))
+                    })
                     .and_then(mqtt_service(b.clone()))
             })
             .map_err(server_err)?;

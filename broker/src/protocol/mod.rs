@@ -25,6 +25,8 @@ pub enum Error {
     Sys(#[from] SysError),
     #[error("payload could not be read: {0}")]
     Payload(String),
+    #[error("transport: {0}")]
+    Transport(String),
     #[error("protocol handler failed")]
     Handler,
 }
@@ -52,6 +54,7 @@ impl Error {
             Error::Sys(SysError::RateLimited(_)) => "offline_pull_rate",
             Error::Sys(SysError::Malformed(_)) => "sys_request_malformed",
             Error::Payload(_) => "payload",
+            Error::Transport(_) => "transport",
             Error::Handler => "handler",
         }
     }

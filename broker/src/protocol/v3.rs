@@ -16,7 +16,6 @@ use crate::connection::{CloseReason, Connection, OutSink, Will};
 use crate::message::QoS;
 use crate::router::SubOptions;
 use crate::session::Delivery;
-use crate::topic;
 
 pub type St = Rc<Connection>;
 
@@ -26,24 +25,13 @@ pub async fn connect(broker: &Arc<Broker>, c: v3::Connect) -> Result<v3::Connect
     let limits = &broker.config.limits;
     let clean = pkt.clean_session;
     let keep_alive = pkt.keep_alive;
-    let client_id = if pkt.client_id.is_empty() {
-        if !clean {
-            // MQTT-3.1.3-8: an empty Client ID needs a clean session.
-            return Ok(refuse(broker, c, "client_id_empty"));
-        }
-        format!("ringmq-{}", broker.ids.next())
-    } else {
-        pkt.client_id.to_string()
-    };
-    if let Err(e) = topic::parse_client_id(
-        &client_id,
-        limits.max_client_id_length,
-        broker.config.client_id.require_group_id,
-        broker.config.client_id.strict_names,
-    ) {
-        tracing::info!(client_id, error = %e, "CONNECT refused");
-        return Ok(refuse(broker, c, "client_id_invalid"));
+    if pkt.client_id.is_empty() && !clean {
+        // MQTT-3.1.3-8: an empty Client ID needs a clean session.
+        return Ok(refuse(broker, c, "client_id_empty"));
     }
+    let Ok(client_id) = broker.client_id(&pkt.client_id) else {
+        return Ok(c.identifier_rejected());
+    };
     let will = match &pkt.last_will {
         Some(w) => {
             if broker.check_topic(&w.topic).is_err() {

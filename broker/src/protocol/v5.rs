@@ -23,7 +23,7 @@ use crate::message::{Message, Properties, QoS};
 use crate::router::SubOptions;
 use crate::session::{Delivery, KickReason};
 use crate::storage::StorageError;
-use crate::topic::{self, ClientIdError};
+use crate::topic::ClientIdError;
 
 pub type St = Rc<Connection>;
 
@@ -42,27 +42,18 @@ pub async fn connect(broker: &Arc<Broker>, c: v5::Connect) -> Result<v5::Connect
     let pkt = c.packet();
     let limits = &broker.config.limits;
     let assigned = pkt.client_id.is_empty();
-    let client_id = if assigned {
-        format!("ringmq-{}", broker.ids.next())
-    } else {
-        pkt.client_id.to_string()
+    let client_id = match broker.client_id(&pkt.client_id) {
+        Ok(id) => id,
+        Err(e) => {
+            let reason = match e {
+                ClientIdError::BadGroupId | ClientIdError::GroupIdRequired => {
+                    ConnectAckReason::NotAuthorized
+                }
+                _ => ConnectAckReason::ClientIdentifierNotValid,
+            };
+            return Ok(c.failed(reason));
+        }
     };
-    if let Err(e) = topic::parse_client_id(
-        &client_id,
-        limits.max_client_id_length,
-        broker.config.client_id.require_group_id,
-        broker.config.client_id.strict_names,
-    ) {
-        tracing::info!(client_id, error = %e, "CONNECT refused");
-        broker.metrics.reject("client_id_invalid");
-        let reason = match e {
-            ClientIdError::BadGroupId | ClientIdError::GroupIdRequired => {
-                ConnectAckReason::NotAuthorized
-            }
-            _ => ConnectAckReason::ClientIdentifierNotValid,
-        };
-        return Ok(c.failed(reason));
-    }
     let expiry_secs = pkt
         .session_expiry_interval_secs
         .min(limits.session_expiry_secs);
