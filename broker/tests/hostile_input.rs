@@ -266,3 +266,43 @@ async fn silent_client_is_closed_after_one_and_a_half_keep_alives() {
     );
     assert!(b.metric("ringmq_packets_rejected_total{reason=\"no_heart\"}") >= 1.0);
 }
+
+#[tokio::test]
+async fn exceeding_receive_maximum_gets_its_reason_code() {
+    let b = Broker::start("limits:\n  receive_maximum: 8\n");
+    let mut r = Raw::connected(&b, 5, "flood-qos2");
+    // Nine QoS 2 publishes without PUBREL: one more than the receive maximum.
+    let mut burst = Vec::new();
+    for id in 1..=9u16 {
+        let mut body = string(b"rm/x");
+        body.extend_from_slice(&id.to_be_bytes());
+        body.push(0);
+        body.extend_from_slice(b"p");
+        burst.extend(packet(0x34, &body));
+    }
+    r.send(&burst);
+    // Like a real client (Paho's flow-control test), answer each PUBREC with
+    // PUBREL before reading on; those writes must not fail with a broken pipe
+    // before the client could read why it is being disconnected.
+    let mut packets = Vec::new();
+    let mut failed_writes = 0;
+    while let Some((kind, body)) = r.read() {
+        if kind == 0x50 {
+            if r.0.write_all(&packet(0x62, &body[..2])).is_err() {
+                failed_writes += 1;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        packets.push((kind, body));
+    }
+    assert_eq!(
+        failed_writes, 0,
+        "the broker closed before the client read its DISCONNECT"
+    );
+    let disconnect = packets.iter().find(|(k, _)| *k == 0xe0);
+    assert_eq!(
+        disconnect.and_then(|(_, body)| body.first().copied()),
+        Some(0x93),
+        "DISCONNECT Receive Maximum exceeded: {packets:?}"
+    );
+}

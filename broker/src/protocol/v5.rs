@@ -278,10 +278,19 @@ pub async fn protocol(
     }
 }
 
+/// How long a connection that broke the protocol stays open after DISCONNECT.
+const PROTOCOL_ERROR_LINGER: Duration = Duration::from_millis(300);
+
 /// Connection events: records why a connection stopped.
 pub async fn control(s: &v5::Session<St>, c: Control<Error>) -> Result<Option<codec::Encoded>> {
     if let Control::Stop(reason) = &c {
         super::trace_stop(&s.client_id, &s.broker, reason);
+        if let Reason::Protocol(_) = reason {
+            // ntex-mqtt has sent DISCONNECT with the reason code; the client may
+            // still be writing packets it queued before reading it, and would
+            // get a reset instead of the reason if the socket closed at once.
+            ntex::time::sleep(PROTOCOL_ERROR_LINGER).await;
+        }
         if let Reason::Error(e) = reason {
             let code = match e.get_ref() {
                 Error::Publish(PublishError::Topic(_)) => DisconnectReasonCode::TopicNameInvalid,
