@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::message::{Message, MessageIds, QoS};
 use crate::metrics::Metrics;
@@ -48,6 +49,7 @@ pub struct Broker {
     pub retained: RetainStore,
     pub metrics: Metrics,
     pub ids: MessageIds,
+    pub auth: Auth,
     storage: Arc<dyn Storage>,
     /// Cleared when the node starts shutting down (`/readyz` answers 503).
     ready: AtomicBool,
@@ -63,7 +65,12 @@ pub struct Subscribed {
 }
 
 impl Broker {
-    pub fn new(config: Config, metrics: Metrics, storage: Arc<dyn Storage>) -> Arc<Self> {
+    pub fn new(
+        config: Config,
+        metrics: Metrics,
+        auth: Auth,
+        storage: Arc<dyn Storage>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             config,
             sessions: SessionStore::default(),
@@ -71,6 +78,7 @@ impl Broker {
             retained: RetainStore::default(),
             metrics,
             ids: MessageIds::default(),
+            auth,
             storage,
             ready: AtomicBool::new(true),
         })

@@ -39,6 +39,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Client ID rules.
     pub client_id: ClientIdConfig,
+    /// Credentials and how refusals look.
+    pub auth: AuthConfig,
     /// Number of worker threads serving connections; 0 means one per CPU core.
     pub workers: usize,
     /// Seconds that a graceful shutdown waits for connections to close.
@@ -51,6 +53,7 @@ impl Default for Config {
             listeners: ListenerConfig::default(),
             limits: LimitsConfig::default(),
             client_id: ClientIdConfig::default(),
+            auth: AuthConfig::default(),
             workers: 0,
             shutdown_timeout_secs: 10,
         }
@@ -181,6 +184,36 @@ pub struct ClientIdConfig {
     pub strict_names: bool,
 }
 
+/// Authentication settings (A1–A6). Secrets themselves live in files that
+/// Kubernetes mounts from Secrets, never in this configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// YAML file with users (password hashes and grants), AccessKey/SecretKey
+    /// pairs, declared Group IDs and anonymous access; reloaded when it
+    /// changes. Without it every client may connect and use every topic.
+    pub credentials_file: Option<PathBuf>,
+    /// How an MQTT 3.1.1 SUBSCRIBE to a topic the client may not read is
+    /// refused: `close` the connection (the seeds' behaviour) or answer with
+    /// the SUBACK failure code 0x80.
+    pub v3_subscribe_refusal: V3SubscribeRefusal,
+    /// File holding the bearer token that the admin HTTP API requires.
+    /// `/healthz` and `/readyz` never need it; `/metrics` only when
+    /// `protect_metrics` is set.
+    pub admin_token_file: Option<PathBuf>,
+    /// Require the admin token for `/metrics` too.
+    pub protect_metrics: bool,
+}
+
+/// See `AuthConfig::v3_subscribe_refusal`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum V3SubscribeRefusal {
+    #[default]
+    Close,
+    Suback,
+}
+
 impl Config {
     /// Reads a YAML file; an empty file gives the defaults.
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -299,6 +332,16 @@ client_id:
   require_group_id: false
   # the seeds' character rule for topics and Device IDs
   strict_names: false
+auth:
+  # users, access keys, Group IDs, anonymous access (mounted from a Secret;
+  # reloaded on change). null: anyone may connect and use every topic.
+  credentials_file: null
+  # MQTT 3.1.1 SUBSCRIBE refused by the grants: close (seeds) or suback (0x80)
+  v3_subscribe_refusal: close
+  # bearer token file for the admin HTTP API (null: no token needed)
+  admin_token_file: null
+  # also require the token for /metrics
+  protect_metrics: false
 # connection worker threads, 0 = one per CPU core
 workers: 0
 # graceful shutdown: seconds to wait for connections to close

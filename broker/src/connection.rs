@@ -13,6 +13,7 @@ use std::num::NonZeroU16;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::auth::Identity;
 use crate::broker::Broker;
 use crate::message::{Message, QoS};
 use crate::router::ClientId;
@@ -56,6 +57,9 @@ pub struct Connection {
     pub session: Arc<Session>,
     pub conn: Conn,
     pub client_id: ClientId,
+    /// Who the client authenticated as; grants are looked up by it on every
+    /// PUBLISH and SUBSCRIBE, so reloaded credentials apply at once.
+    pub identity: Identity,
     /// cleanSession=false / session expiry > 0.
     pub persistent: bool,
     pub will: RefCell<Option<Will>>,
@@ -69,6 +73,7 @@ impl Connection {
     pub fn new(
         broker: Arc<Broker>,
         attached: crate::session::Attached,
+        identity: Identity,
         persistent: bool,
         will: Option<Will>,
     ) -> Self {
@@ -78,6 +83,7 @@ impl Connection {
             client_id: attached.session.client_id.clone(),
             session: attached.session,
             conn: attached.conn,
+            identity,
             broker,
             persistent,
             will: RefCell::new(will),

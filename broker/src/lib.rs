@@ -4,6 +4,7 @@
 //! See `ARCHITECTURE.md` at the repository root for how the pieces fit.
 
 pub mod admin;
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod connection;
@@ -32,6 +33,13 @@ pub enum Error {
     Listener(#[from] listener::ListenerError),
     #[error(transparent)]
     Metrics(#[from] metrics::MetricsError),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+    #[error("cannot read the admin token file {path}: {error}")]
+    AdminToken {
+        path: std::path::PathBuf,
+        error: std::io::Error,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -44,15 +52,36 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracing::info!(listener = name, %addr, "listening");
     }
     let metrics = metrics::Metrics::new()?;
-    let broker = Broker::new(config, metrics, Arc::new(storage::NoStorage));
-    listener::serve(broker, bound, shutdown).await?;
+    let auth = match &config.auth.credentials_file {
+        Some(path) => auth::Auth::from_file(path)?,
+        None => auth::Auth::open(),
+    };
+    let admin_token = match &config.auth.admin_token_file {
+        Some(path) => Some(
+            admin::AdminToken::read(path).map_err(|error| Error::AdminToken {
+                path: path.clone(),
+                error,
+            })?,
+        ),
+        None => None,
+    };
+    let broker = Broker::new(config, metrics, auth, Arc::new(storage::NoStorage));
+    listener::serve(broker, bound, admin_token, shutdown).await?;
     Ok(())
 }
 
-/// Periodic work: session expiry.
+/// Periodic work: session expiry, credentials reload.
 async fn housekeeping(broker: Arc<Broker>) {
     loop {
         ntex::time::sleep(Duration::from_secs(1)).await;
         broker.expire_sessions(Instant::now());
+        match broker.auth.reload_if_changed() {
+            Ok(true) => tracing::info!("credentials reloaded"),
+            Ok(false) => {}
+            Err(e) => {
+                broker.metrics.reject("credentials_reload");
+                tracing::warn!(error = %e, "credentials file not reloaded; the previous one stays in force");
+            }
+        }
     }
 }

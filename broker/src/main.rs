@@ -7,6 +7,7 @@ use anyhow::Context;
 use ringmq_broker::Config;
 
 const USAGE: &str = "usage: ringmq-broker [--config FILE] [--print-default-config]
+       ringmq-broker hash-password   (reads a password on stdin, prints its argon2id hash)
 
 Runs one ringmq broker node. Without --config it uses the embedded defaults:
 MQTT/TCP on 1883, MQTT over WebSocket on 8083 (/mqtt), admin HTTP on 8080.
@@ -60,6 +61,18 @@ fn parse_args() -> anyhow::Result<Option<Config>> {
             "--config" => {
                 let path = PathBuf::from(args.next().context("--config needs a file")?);
                 config = Config::from_file(&path)?;
+            }
+            "hash-password" => {
+                let mut password = String::new();
+                std::io::stdin()
+                    .read_line(&mut password)
+                    .context("reading the password from stdin")?;
+                let password = password.trim_end_matches(['\r', '\n']);
+                anyhow::ensure!(!password.is_empty(), "empty password");
+                let hash = ringmq_broker::auth::hash_password(password)
+                    .map_err(|e| anyhow::anyhow!("hashing failed: {e}"))?;
+                println!("{hash}");
+                return Ok(None);
             }
             "--print-default-config" => {
                 print!("{}", Config::default_yaml());

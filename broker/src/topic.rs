@@ -181,6 +181,39 @@ pub fn matches(filter: &str, topic: &str) -> bool {
     }
 }
 
+/// Whether every topic matched by `inner` is also matched by `outer`
+/// (both valid, non-shared filters): a grant on `outer` covers `inner`.
+pub fn filter_covers(outer: &str, inner: &str) -> bool {
+    if inner.starts_with('$') != outer.starts_with('$') && outer.starts_with(['+', '#']) {
+        return false;
+    }
+    let mut o = outer.split('/');
+    let mut i = inner.split('/');
+    loop {
+        match (o.next(), i.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(l)) if l != "#" => {}
+            (Some(ol), Some(il)) if ol == il && il != "+" && il != "#" => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Whether some topic is matched by both filters (valid, non-shared).
+pub fn filters_overlap(a: &str, b: &str) -> bool {
+    let mut x = a.split('/');
+    let mut y = b.split('/');
+    loop {
+        match (x.next(), y.next()) {
+            (Some("#"), _) | (_, Some("#")) => return true,
+            (Some(p), Some(q)) if p == "+" || q == "+" || p == q => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 /// The parent topic: the first level of a topic (B9).
 pub fn parent_topic(topic: &str) -> &str {
     topic.split('/').next().unwrap_or(topic)
@@ -287,6 +320,22 @@ mod tests {
             parse_client_id(&"x".repeat(129), 128, false, false),
             Err(ClientIdError::TooLong(128))
         );
+    }
+
+    #[test]
+    fn grant_coverage_and_overlap() {
+        assert!(filter_covers("#", "a/b/+"));
+        assert!(filter_covers("a/#", "a"));
+        assert!(filter_covers("a/+", "a/b"));
+        assert!(filter_covers("a/+/c", "a/+/c"));
+        assert!(!filter_covers("a/+", "a/#"));
+        assert!(!filter_covers("a/b", "a/+"));
+        assert!(!filter_covers("a/b", "a/b/c"));
+        assert!(!filter_covers("#", "$SYS/x"));
+        assert!(filters_overlap("test/nosubscribe", "test/#"));
+        assert!(filters_overlap("a/+/c", "a/b/+"));
+        assert!(!filters_overlap("a/b", "a/c"));
+        assert!(!filters_overlap("a/b", "a/b/c"));
     }
 
     #[test]

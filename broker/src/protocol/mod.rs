@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use ntex_mqtt::Reason;
 
+use crate::auth::{Identity, Refusal};
 use crate::broker::{Broker, PublishError};
 use crate::connection::Connection;
 use crate::message::Message;
@@ -29,6 +30,8 @@ pub enum Error {
     Transport(String),
     #[error("protocol handler failed")]
     Handler,
+    #[error("topic auth failed")]
+    NotAuthorized,
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -56,6 +59,7 @@ impl Error {
             Error::Payload(_) => "payload",
             Error::Transport(_) => "transport",
             Error::Handler => "handler",
+            Error::NotAuthorized => "topic_auth_failed",
         }
     }
 }
@@ -76,6 +80,33 @@ pub fn granted_keep_alive(limits: &crate::config::LimitsConfig, requested: u16) 
     }
 }
 
+/// Authenticates a CONNECT; a refusal is counted and logged ("not authorized").
+pub fn authenticate(
+    broker: &Broker,
+    client_id: &str,
+    username: Option<&str>,
+    password: Option<&[u8]>,
+) -> std::result::Result<Identity, Refusal> {
+    broker
+        .auth
+        .authenticate(client_id, username, password)
+        .inspect_err(|r| {
+            broker.metrics.reject(r.reason());
+            tracing::info!(client_id, user = username.unwrap_or(""), reason = %r, "CONNECT refused: not authorized");
+        })
+}
+
+/// Whether the client may subscribe to `filter`; a refusal is counted and
+/// logged ("topic auth failed").
+pub fn may_subscribe(conn: &Connection, filter: &str) -> bool {
+    let ok = conn.broker.auth.may_subscribe(&conn.identity, filter);
+    if !ok {
+        conn.broker.metrics.reject("topic_auth_failed");
+        tracing::info!(client_id = %conn.client_id, filter, "SUBSCRIBE refused: topic auth failed");
+    }
+    ok
+}
+
 /// The inbound publish path shared by both versions: validate, answer system
 /// topics, store and route. Resolves when the PUBLISH may be acknowledged.
 pub async fn publish(conn: &Connection, msg: Message) -> Result<()> {
@@ -86,6 +117,9 @@ pub async fn publish(conn: &Connection, msg: Message) -> Result<()> {
             broker.metrics.received(msg.qos, msg.payload.len());
             sys::handle(conn, &msg.topic, &msg.payload)?;
             return Ok(());
+        }
+        if !broker.auth.may_publish(&conn.identity, &msg.topic) {
+            return Err(Error::NotAuthorized);
         }
         broker.accept(Arc::new(msg), conn.persistent).await?;
         Ok(())

@@ -11,7 +11,9 @@ use ntex::time::Seconds;
 use ntex_mqtt::{Control, v3};
 
 use super::{Error, Result};
+use crate::auth::Refusal;
 use crate::broker::Broker;
+use crate::config::V3SubscribeRefusal;
 use crate::connection::{CloseReason, Connection, OutSink, Will};
 use crate::message::QoS;
 use crate::router::SubOptions;
@@ -31,6 +33,14 @@ pub async fn connect(broker: &Arc<Broker>, c: v3::Connect) -> Result<v3::Connect
     }
     let Ok(client_id) = broker.client_id(&pkt.client_id) else {
         return Ok(c.identifier_rejected());
+    };
+    let password = pkt.password.as_deref();
+    let identity = match super::authenticate(broker, &client_id, pkt.username.as_deref(), password)
+    {
+        Ok(identity) => identity,
+        Err(Refusal::BadCredentials) => return Ok(c.bad_username_or_pwd()),
+        Err(Refusal::NotAuthorized) => return Ok(c.not_authorized()),
+        Err(Refusal::UnknownGroup) => return Ok(c.identifier_rejected()),
     };
     let will = match &pkt.last_will {
         Some(w) => {
@@ -58,7 +68,13 @@ pub async fn connect(broker: &Arc<Broker>, c: v3::Connect) -> Result<v3::Connect
     let attached = broker.attach(&client_id, clean, expiry);
     let present = attached.present;
     tracing::debug!(client_id, clean, present, "MQTT 3.1.1 connection accepted");
-    let conn = Rc::new(Connection::new(broker.clone(), attached, !clean, will));
+    let conn = Rc::new(Connection::new(
+        broker.clone(),
+        attached,
+        identity,
+        !clean,
+        will,
+    ));
     conn.start_pump(c.sink());
     let ack = c.ack(conn, present).max_send(Some(limits.max_inflight));
     let granted = super::granted_keep_alive(limits, keep_alive);
@@ -109,6 +125,16 @@ pub async fn protocol(
                     retain_as_published: false,
                     id: None,
                 };
+                if !super::may_subscribe(conn, item.topic()) {
+                    match broker.config.auth.v3_subscribe_refusal {
+                        V3SubscribeRefusal::Suback => {
+                            item.fail();
+                            continue;
+                        }
+                        // The seeds' behaviour: the connection is closed.
+                        V3SubscribeRefusal::Close => return Err(Error::NotAuthorized),
+                    }
+                }
                 match broker.subscribe(&conn.session, item.topic(), opts) {
                     Ok(r) => {
                         item.confirm(qos.into());

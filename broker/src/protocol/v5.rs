@@ -17,6 +17,7 @@ use ntex_mqtt::v5::codec::{
 use ntex_mqtt::{Control, Reason, v5};
 
 use super::{Error, Result};
+use crate::auth::Refusal;
 use crate::broker::{Broker, PublishError, SubscribeError};
 use crate::connection::{CloseReason, Connection, OutSink, Will};
 use crate::message::{Message, Properties, QoS};
@@ -52,6 +53,18 @@ pub async fn connect(broker: &Arc<Broker>, c: v5::Connect) -> Result<v5::Connect
                 _ => ConnectAckReason::ClientIdentifierNotValid,
             };
             return Ok(c.failed(reason));
+        }
+    };
+    let password = pkt.password.as_deref();
+    let identity = match super::authenticate(broker, &client_id, pkt.username.as_deref(), password)
+    {
+        Ok(identity) => identity,
+        Err(r) => {
+            return Ok(c.failed(match r {
+                Refusal::BadCredentials => ConnectAckReason::BadUserNameOrPassword,
+                Refusal::NotAuthorized => ConnectAckReason::NotAuthorized,
+                Refusal::UnknownGroup => ConnectAckReason::ClientIdentifierNotValid,
+            }));
         }
     };
     let expiry_secs = pkt
@@ -108,6 +121,7 @@ pub async fn connect(broker: &Arc<Broker>, c: v5::Connect) -> Result<v5::Connect
     let conn = Rc::new(Connection::new(
         broker.clone(),
         attached,
+        identity,
         expiry_secs > 0,
         will,
     ));
@@ -166,6 +180,7 @@ pub async fn publish(s: &v5::Session<St>, p: v5::Publish) -> Result<v5::PublishA
         Err(e) => {
             let code = match &e {
                 Error::Publish(PublishError::Topic(_)) => PublishAckReason::TopicNameInvalid,
+                Error::NotAuthorized => PublishAckReason::NotAuthorized,
                 Error::Publish(PublishError::Storage(StorageError::BufferFull)) => {
                     PublishAckReason::QuotaExceeded
                 }
@@ -204,6 +219,10 @@ pub async fn protocol(
                     // MQTT-3.8.3-4: No Local on a shared subscription is a protocol error.
                     broker.metrics.reject("subscribe_refused");
                     item.fail(SubscribeAckReason::ImplementationSpecificError);
+                    continue;
+                }
+                if !super::may_subscribe(conn, item.topic()) {
+                    item.fail(SubscribeAckReason::NotAuthorized);
                     continue;
                 }
                 match broker.subscribe(&conn.session, item.topic(), opts) {
@@ -294,6 +313,7 @@ pub async fn control(s: &v5::Session<St>, c: Control<Error>) -> Result<Option<co
         if let Reason::Error(e) = reason {
             let code = match e.get_ref() {
                 Error::Publish(PublishError::Topic(_)) => DisconnectReasonCode::TopicNameInvalid,
+                Error::NotAuthorized => DisconnectReasonCode::NotAuthorized,
                 Error::Sys(_) => DisconnectReasonCode::PayloadFormatInvalid,
                 _ => DisconnectReasonCode::UnspecifiedError,
             };

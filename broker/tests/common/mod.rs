@@ -104,7 +104,7 @@ impl Broker {
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if let Some((200, _)) = self.try_http("/readyz") {
+            if let Some((200, _)) = self.try_http("/readyz", &[]) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -117,12 +117,16 @@ impl Broker {
         std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
     }
 
-    fn try_http(&self, path: &str) -> Option<(u16, String)> {
+    fn try_http(&self, path: &str, headers: &[(&str, &str)]) -> Option<(u16, String)> {
         let mut s = TcpStream::connect(("127.0.0.1", self.admin)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        let extra: String = headers
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}\r\n"))
+            .collect();
         write!(
             s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n"
         )
         .ok()?;
         let mut buf = String::new();
@@ -134,7 +138,12 @@ impl Broker {
 
     /// GET on the admin port: (status, body).
     pub fn http(&self, path: &str) -> (u16, String) {
-        self.try_http(path)
+        self.http_with(path, &[])
+    }
+
+    /// GET with extra request headers.
+    pub fn http_with(&self, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+        self.try_http(path, headers)
             .unwrap_or_else(|| panic!("admin HTTP {path} failed"))
     }
 

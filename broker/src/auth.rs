@@ -1,0 +1,450 @@
+//! Authentication and authorisation (SPEC A1, A2, A4, A5, A6).
+//!
+//! Credentials live in one YAML file that Kubernetes mounts from a Secret:
+//! users with password hashes and grants, AccessKey/SecretKey pairs for the
+//! signature mode, declared Group IDs and what anonymous clients may do. The
+//! file is read again when it changes; every check uses the current snapshot,
+//! so new grants apply to a connected client's next packet. Secrets are never
+//! logged or formatted: `Debug` of the types holding them prints no secret.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
+
+use argon2::password_hash::{PasswordHash, PasswordVerifier};
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use serde::Deserialize;
+
+use crate::topic;
+
+/// Errors while loading the credentials file.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("cannot read credentials file {path}: {error}")]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("invalid credentials file {path}: {error}")]
+    Parse {
+        path: PathBuf,
+        error: serde_yaml::Error,
+    },
+    #[error("invalid credentials file {path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+pub type Result<T> = std::result::Result<T, AuthError>;
+
+/// Why a CONNECT was refused; each maps to a CONNACK code and a trace reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("bad user name or password")]
+    BadCredentials,
+    #[error("not authorized")]
+    NotAuthorized,
+    #[error("unknown Group ID")]
+    UnknownGroup,
+}
+
+impl Refusal {
+    /// Label of `ringmq_packets_rejected_total`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::BadCredentials => "bad_credentials",
+            Refusal::NotAuthorized => "not_authorized",
+            Refusal::UnknownGroup => "unknown_group_id",
+        }
+    }
+}
+
+/// What a grant allows on its topic filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Pub,
+    Sub,
+    Pubsub,
+    /// Refuses publish and subscribe on the filter, whatever else allows them.
+    Deny,
+}
+
+/// A permission on a topic filter (`+` and `#` allowed; `#` is every topic).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    pub filter: String,
+    pub action: Action,
+}
+
+/// A password hash; `Debug` does not print it.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<secret>")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserEntry {
+    username: String,
+    /// PHC string, argon2id recommended (`ringmq-broker hash-password`).
+    password_hash: Secret,
+    #[serde(default)]
+    grants: Vec<Grant>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccessKeyEntry {
+    access_key: String,
+    secret_key: Secret,
+    /// Grants of clients signing with this key; none listed means every topic.
+    #[serde(default)]
+    grants: Option<Vec<Grant>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AnonymousEntry {
+    /// Anonymous clients may connect. Defaults to true only when the file
+    /// declares no user and no access key.
+    allow: Option<bool>,
+    #[serde(default)]
+    grants: Option<Vec<Grant>>,
+}
+
+/// The credentials file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct CredentialsFile {
+    users: Vec<UserEntry>,
+    access_keys: Vec<AccessKeyEntry>,
+    /// Declared Group IDs; when not empty, a Client ID with another Group ID
+    /// is refused at CONNECT (A5).
+    group_ids: Vec<String>,
+    anonymous: AnonymousEntry,
+}
+
+/// Who a connection authenticated as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    Anonymous,
+    User(Arc<str>),
+    AccessKey(Arc<str>),
+}
+
+impl Identity {
+    /// The name shown in traces and the operations API (never a secret).
+    pub fn name(&self) -> &str {
+        match self {
+            Identity::Anonymous => "",
+            Identity::User(u) | Identity::AccessKey(u) => u,
+        }
+    }
+}
+
+/// One consistent view of the credentials.
+#[derive(Debug, Default)]
+struct Snapshot {
+    users: HashMap<String, UserEntry>,
+    keys: HashMap<String, AccessKeyEntry>,
+    groups: HashSet<String>,
+    anonymous_allowed: bool,
+    anonymous_grants: Option<Vec<Grant>>,
+}
+
+impl Snapshot {
+    fn from_file(path: &Path, file: CredentialsFile) -> Result<Self> {
+        let invalid = |reason: String| AuthError::Invalid {
+            path: path.to_owned(),
+            reason,
+        };
+        for g in &file.group_ids {
+            if !topic::is_valid_group_id(g) {
+                return Err(invalid(format!("{g:?} is not a valid Group ID")));
+            }
+        }
+        let grants = file
+            .users
+            .iter()
+            .flat_map(|u| &u.grants)
+            .chain(
+                file.access_keys
+                    .iter()
+                    .flat_map(|k| k.grants.iter().flatten()),
+            )
+            .chain(file.anonymous.grants.iter().flatten());
+        for g in grants {
+            topic::parse_filter(&g.filter, usize::MAX, false)
+                .map_err(|e| invalid(format!("grant filter {:?}: {e}", g.filter)))?;
+        }
+        for u in &file.users {
+            PasswordHash::new(&u.password_hash.0)
+                .map_err(|e| invalid(format!("password hash of user {:?}: {e}", u.username)))?;
+        }
+        let anonymous_allowed = file
+            .anonymous
+            .allow
+            .unwrap_or(file.users.is_empty() && file.access_keys.is_empty());
+        Ok(Self {
+            users: file
+                .users
+                .into_iter()
+                .map(|u| (u.username.clone(), u))
+                .collect(),
+            keys: file
+                .access_keys
+                .into_iter()
+                .map(|k| (k.access_key.clone(), k))
+                .collect(),
+            groups: file.group_ids.into_iter().collect(),
+            anonymous_allowed,
+            anonymous_grants: file.anonymous.grants,
+        })
+    }
+
+    fn grants(&self, who: &Identity) -> Option<&[Grant]> {
+        match who {
+            Identity::Anonymous => self.anonymous_grants.as_deref(),
+            Identity::User(u) => Some(self.users.get(&**u).map_or(&[][..], |e| &e.grants)),
+            Identity::AccessKey(k) => match self.keys.get(&**k) {
+                Some(e) => e.grants.as_deref(),
+                // A removed key keeps no rights.
+                None => Some(&[]),
+            },
+        }
+    }
+}
+
+/// The credentials of a node and the checks on them.
+#[derive(Debug)]
+pub struct Auth {
+    path: Option<PathBuf>,
+    snapshot: RwLock<Arc<Snapshot>>,
+    modified: Mutex<Option<SystemTime>>,
+}
+
+type HmacSha1 = Hmac<sha1::Sha1>;
+
+impl Auth {
+    /// Without a file: anonymous clients may do anything.
+    pub fn open() -> Self {
+        Self {
+            path: None,
+            snapshot: RwLock::new(Arc::new(Snapshot {
+                anonymous_allowed: true,
+                ..Snapshot::default()
+            })),
+            modified: Mutex::new(None),
+        }
+    }
+
+    /// Loads the credentials file; an error here stops the start-up.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let (snapshot, modified) = load(path)?;
+        Ok(Self {
+            path: Some(path.to_owned()),
+            snapshot: RwLock::new(Arc::new(snapshot)),
+            modified: Mutex::new(modified),
+        })
+    }
+
+    fn current(&self) -> Arc<Snapshot> {
+        self.snapshot
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Reads the file again if it changed. A broken new version is reported
+    /// and the previous credentials stay in force.
+    pub fn reload_if_changed(&self) -> Result<bool> {
+        let Some(path) = &self.path else {
+            return Ok(false);
+        };
+        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        {
+            let last = self.modified.lock().unwrap_or_else(|e| e.into_inner());
+            if *last == modified {
+                return Ok(false);
+            }
+        }
+        let (snapshot, modified) = load(path)?;
+        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snapshot);
+        *self.modified.lock().unwrap_or_else(|e| e.into_inner()) = modified;
+        Ok(true)
+    }
+
+    /// Authenticates a CONNECT (A1, A2, A5). `client_id` has passed the
+    /// Client ID rules already.
+    pub fn authenticate(
+        &self,
+        client_id: &str,
+        username: Option<&str>,
+        password: Option<&[u8]>,
+    ) -> std::result::Result<Identity, Refusal> {
+        let group_id = client_id.split_once("@@@").map(|(g, _)| g);
+        let snap = self.current();
+        if !snap.groups.is_empty() && !group_id.is_some_and(|g| snap.groups.contains(g)) {
+            return Err(Refusal::UnknownGroup);
+        }
+        let Some(username) = username.filter(|u| !u.is_empty()) else {
+            return if snap.anonymous_allowed {
+                Ok(Identity::Anonymous)
+            } else {
+                Err(Refusal::NotAuthorized)
+            };
+        };
+        let password = password.unwrap_or_default();
+        if let Some(user) = snap.users.get(username) {
+            let ok = PasswordHash::new(&user.password_hash.0).is_ok_and(|h| {
+                argon2::Argon2::default()
+                    .verify_password(password, &h)
+                    .is_ok()
+            });
+            return if ok {
+                Ok(Identity::User(Arc::from(username)))
+            } else {
+                Err(Refusal::BadCredentials)
+            };
+        }
+        let access_key = signature_access_key(username);
+        if let Some(key) = snap.keys.get(access_key) {
+            // Signature mode (A2): Base64(HmacSHA1(SecretKey, GroupID)) as the
+            // seeds sign it, or over the whole Client ID as newer clients do.
+            let Ok(given) = base64::engine::general_purpose::STANDARD.decode(password) else {
+                return Err(Refusal::BadCredentials);
+            };
+            let signed = group_id.into_iter().chain([client_id]);
+            let valid = signed
+                .into_iter()
+                .any(|data| verify_hmac(key.secret_key.0.as_bytes(), data.as_bytes(), &given));
+            return if valid {
+                Ok(Identity::AccessKey(Arc::from(access_key)))
+            } else {
+                Err(Refusal::BadCredentials)
+            };
+        }
+        Err(Refusal::BadCredentials)
+    }
+
+    /// Whether `who` may publish to `topic`.
+    pub fn may_publish(&self, who: &Identity, topic: &str) -> bool {
+        let snap = self.current();
+        let Some(grants) = snap.grants(who) else {
+            return true;
+        };
+        !grants
+            .iter()
+            .any(|g| g.action == Action::Deny && topic::matches(&g.filter, topic))
+            && grants.iter().any(|g| {
+                matches!(g.action, Action::Pub | Action::Pubsub) && topic::matches(&g.filter, topic)
+            })
+    }
+
+    /// Whether `who` may subscribe to `filter` (a `$share/<group>/` prefix is
+    /// judged by the filter behind it).
+    pub fn may_subscribe(&self, who: &Identity, filter: &str) -> bool {
+        let snap = self.current();
+        let Some(grants) = snap.grants(who) else {
+            return true;
+        };
+        let filter = topic::parse_filter(filter, usize::MAX, false)
+            .map(|f| f.filter)
+            .unwrap_or(filter);
+        !grants
+            .iter()
+            .any(|g| g.action == Action::Deny && topic::filters_overlap(&g.filter, filter))
+            && grants.iter().any(|g| {
+                matches!(g.action, Action::Sub | Action::Pubsub)
+                    && topic::filter_covers(&g.filter, filter)
+            })
+    }
+}
+
+/// Constant-time check of an HMAC-SHA1 tag.
+fn verify_hmac(key: &[u8], data: &[u8], tag: &[u8]) -> bool {
+    HmacSha1::new_from_slice(key).is_ok_and(|mut mac| {
+        mac.update(data);
+        mac.verify_slice(tag).is_ok()
+    })
+}
+
+/// The AccessKey of a signature-mode user name: the name itself, or its
+/// second field in the `Signature|AccessKey|InstanceId` form.
+fn signature_access_key(username: &str) -> &str {
+    let mut parts = username.split('|');
+    match (parts.next(), parts.next()) {
+        (Some("Signature"), Some(key)) => key,
+        _ => username,
+    }
+}
+
+fn load(path: &Path) -> Result<(Snapshot, Option<SystemTime>)> {
+    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let text = std::fs::read_to_string(path).map_err(|error| AuthError::Read {
+        path: path.to_owned(),
+        error,
+    })?;
+    let file: CredentialsFile = if text.trim().is_empty() {
+        CredentialsFile::default()
+    } else {
+        serde_yaml::from_str(&text).map_err(|error| AuthError::Parse {
+            path: path.to_owned(),
+            error,
+        })?
+    };
+    Ok((Snapshot::from_file(path, file)?, modified))
+}
+
+/// A PHC argon2id hash of a password, for the credentials file.
+pub fn hash_password(password: &str) -> std::result::Result<String, String> {
+    use argon2::password_hash::{PasswordHasher, SaltString, rand_core::OsRng};
+    let salt = SaltString::generate(&mut OsRng);
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// The signature-mode password a device computes (A2), for tests and tools.
+pub fn signature(secret_key: &str, group_id: &str) -> String {
+    let mut mac = match HmacSha1::new_from_slice(secret_key.as_bytes()) {
+        Ok(m) => m,
+        // HMAC takes keys of any length.
+        Err(_) => return String::new(),
+    };
+    mac.update(group_id.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Computed with Python's hmac module, the way the seed's Python sample
+    /// signs: base64(hmac.new(b"XXXX", b"GID_AAA", sha1).digest()).
+    #[test]
+    fn signature_matches_the_seed_algorithm() {
+        assert_eq!(signature("XXXX", "GID_AAA"), "2rJinBsSwnDo+VPfYZyvsRUxaTI=");
+    }
+
+    #[test]
+    fn secrets_do_not_show_in_debug_output() {
+        let s = Secret("hunter2".into());
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn signature_user_name_forms() {
+        assert_eq!(signature_access_key("AK1"), "AK1");
+        assert_eq!(signature_access_key("Signature|AK1|inst"), "AK1");
+    }
+}
