@@ -33,9 +33,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def broker():
-    """A broker process on free loopback ports; killed afterwards."""
+def start_broker(extra=""):
+    """Starts a broker process on free loopback ports; yields its MQTT port."""
     binary = broker_binary()
     if not binary.exists():
         pytest.fail(f"broker binary not built: {binary} (run cargo build first)")
@@ -47,7 +46,7 @@ def broker():
             f'  tcp: "127.0.0.1:{tcp}"\n'
             "  ws: null\n"
             f'  admin: "127.0.0.1:{admin}"\n'
-            "workers: 2\n"
+            "workers: 2\n" + extra
         )
         log = open(Path(d) / "broker.log", "w")
         proc = subprocess.Popen([str(binary), "--config", str(cfg)], stderr=log)
@@ -69,10 +68,29 @@ def broker():
         log.close()
 
 
+@pytest.fixture
+def broker():
+    """A broker on embedded defaults (anyone may connect)."""
+    yield from start_broker()
+
+
+@pytest.fixture
+def signed_broker(tmp_path):
+    """A broker with one AccessKey/SecretKey pair and a declared Group ID."""
+    creds = tmp_path / "credentials.yaml"
+    creds.write_text(
+        "access_keys:\n  - access_key: AK_interop\n    secret_key: SK_interop_secret\n"
+        "group_ids: [GID_interop]\n"
+    )
+    yield from start_broker(f"auth:\n  credentials_file: {creds}\n")
+
+
 class Client:
     """A paho client with its received messages in a queue."""
 
-    def __init__(self, port, version, client_id=None, clean=True, will=None, expiry=None):
+    def __init__(
+        self, port, version, client_id=None, clean=True, will=None, expiry=None, credentials=None
+    ):
         self.messages = queue.Queue()
         self.acks = queue.Queue()
         self.connected = queue.Queue()
@@ -88,6 +106,8 @@ class Client:
         self.c.on_subscribe = lambda c, u, mid, rcs, p: self.acks.put((mid, rcs))
         if will:
             self.c.will_set(*will)
+        if credentials:
+            self.c.username_pw_set(*credentials)
         props = None
         if version == mqtt.MQTTv5 and expiry is not None:
             props = Properties(PacketTypes.CONNECT)
@@ -210,3 +230,32 @@ def test_v5_shared_subscription(broker):
             except queue.Empty:
                 break
     assert sorted(got) == list(range(10))
+
+
+def seed_signature(secret_key: str, client_id: str) -> str:
+    """The password as the seed's Python sample computes it: the Group ID
+    (Client ID before @@@) signed with HmacSHA1 under the SecretKey, Base64."""
+    import base64
+    import hashlib
+    import hmac
+
+    group_id = client_id.split("@@@")[0]
+    digest = hmac.new(secret_key.encode(), group_id.encode(), hashlib.sha1).digest()
+    return base64.b64encode(digest).decode()
+
+
+@pytest.mark.parametrize("version", [mqtt.MQTTv311, mqtt.MQTTv5])
+def test_signature_mode(signed_broker, version):
+    cid = "GID_interop@@@device-1"
+    c = Client(
+        signed_broker, version, client_id=cid,
+        credentials=("AK_interop", seed_signature("SK_interop_secret", cid)),
+    )
+    c.subscribe("sig/#", 1)
+    c.publish("sig/a", b"signed", qos=1)
+    assert c.message().payload == b"signed"
+    with pytest.raises(AssertionError):
+        Client(
+            signed_broker, version, client_id=cid,
+            credentials=("AK_interop", seed_signature("wrong", cid)),
+        )
