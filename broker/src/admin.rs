@@ -48,15 +48,55 @@ impl AdminToken {
     }
 }
 
+/// Largest request body the admin port reads (token service forms).
+const MAX_BODY: usize = 64 * 1024;
+
 /// The admin HTTP service for one connection.
 pub fn service(
     broker: Arc<Broker>,
     token: Option<AdminToken>,
 ) -> impl Service<(), Io, Res = (), Error = io::Error> {
-    HttpService::new(async move |req: Request| {
+    HttpService::new(async move |mut req: Request| {
+        if req.path().starts_with("/token/") {
+            let body = read_body(&mut req).await;
+            return Ok::<_, io::Error>(match body {
+                Some(body) => token_api(&broker, &req, &body),
+                None => Response::PayloadTooLarge().body("request body too large or unreadable"),
+            });
+        }
         Ok::<_, io::Error>(respond(&broker, token.as_ref(), &req))
     })
     .map_err(|e| io::Error::other(format!("{e:?}")))
+}
+
+async fn read_body(req: &mut Request) -> Option<Vec<u8>> {
+    let mut payload = req.take_payload();
+    let mut body = Vec::new();
+    while let Some(chunk) = payload.recv().await {
+        body.extend_from_slice(&chunk.ok()?);
+        if body.len() > MAX_BODY {
+            return None;
+        }
+    }
+    Some(body)
+}
+
+/// `/token/{apply,revoke,query}`: parameters from the query string (GET) or
+/// a form body (POST), authenticated by their signature, not by the admin
+/// token: the caller is an application server holding an AccessKey.
+fn token_api(broker: &Broker, req: &Request, body: &[u8]) -> Response {
+    let uri = req.uri().as_str();
+    let query = uri.split_once('?').map_or("", |(_, q)| q);
+    let mut params = crate::token_api::parse_form(query.as_bytes());
+    params.extend(crate::token_api::parse_form(body));
+    let op = req.path().trim_start_matches("/token/");
+    let answer = crate::token_api::handle(broker, op, &params);
+    if !answer.success {
+        broker.metrics.reject("token_api");
+    }
+    Response::Ok()
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(serde_json::to_string(&answer).unwrap_or_default())
 }
 
 fn respond(broker: &Broker, token: Option<&AdminToken>, req: &Request) -> Response {

@@ -138,6 +138,8 @@ pub enum Identity {
     Anonymous,
     User(Arc<str>),
     AccessKey(Arc<str>),
+    /// Token mode: rights come from the tokens the connection uploads.
+    Token(Arc<str>),
 }
 
 impl Identity {
@@ -145,7 +147,7 @@ impl Identity {
     pub fn name(&self) -> &str {
         match self {
             Identity::Anonymous => "",
-            Identity::User(u) | Identity::AccessKey(u) => u,
+            Identity::User(u) | Identity::AccessKey(u) | Identity::Token(u) => u,
         }
     }
 }
@@ -214,6 +216,8 @@ impl Snapshot {
         match who {
             Identity::Anonymous => self.anonymous_grants.as_deref(),
             Identity::User(u) => Some(self.users.get(&**u).map_or(&[][..], |e| &e.grants)),
+            // Token rights are checked against the connection's tokens.
+            Identity::Token(_) => Some(&[]),
             Identity::AccessKey(k) => match self.keys.get(&**k) {
                 Some(e) => e.grants.as_deref(),
                 // A removed key keeps no rights.
@@ -315,6 +319,15 @@ impl Auth {
                 Err(Refusal::BadCredentials)
             };
         }
+        if let Some(rest) = username.strip_prefix("Token|") {
+            // Token mode: `Token|AccessKey|InstanceId`; the tokens follow.
+            let ak = rest.split('|').next().unwrap_or_default();
+            return if snap.keys.contains_key(ak) {
+                Ok(Identity::Token(Arc::from(ak)))
+            } else {
+                Err(Refusal::NotAuthorized)
+            };
+        }
         let access_key = signature_access_key(username);
         if let Some(key) = snap.keys.get(access_key) {
             // Signature mode (A2): Base64(HmacSHA1(SecretKey, GroupID)) as the
@@ -333,6 +346,23 @@ impl Auth {
             };
         }
         Err(Refusal::BadCredentials)
+    }
+
+    /// Whether `signature` is Base64(HmacSHA1(SecretKey of `ak`, `data`)):
+    /// the token service's request signature.
+    pub fn verify_request(&self, ak: &str, data: &str, signature: &str) -> bool {
+        let snap = self.current();
+        let Some(key) = snap.keys.get(ak) else {
+            return false;
+        };
+        base64::engine::general_purpose::STANDARD
+            .decode(signature)
+            .is_ok_and(|tag| verify_hmac(key.secret_key.0.as_bytes(), data.as_bytes(), &tag))
+    }
+
+    /// Whether an AccessKey is still configured (a token outlives no key).
+    pub fn has_access_key(&self, ak: &str) -> bool {
+        self.current().keys.contains_key(ak)
     }
 
     /// Whether `who` may publish to `topic`.

@@ -18,6 +18,7 @@ use crate::session::{
     Attached, Delivery, Enqueued, KickReason, QueueLimits, Session, SessionStore,
 };
 use crate::storage::{Storage, StorageError};
+use crate::token::TokenService;
 use crate::topic::{self, ClientIdError, TopicError};
 
 /// Why a PUBLISH was refused.
@@ -50,6 +51,8 @@ pub struct Broker {
     pub metrics: Metrics,
     pub ids: MessageIds,
     pub auth: Auth,
+    /// The token service, when a signing key is configured.
+    pub tokens: Option<TokenService>,
     storage: Arc<dyn Storage>,
     /// Cleared when the node starts shutting down (`/readyz` answers 503).
     ready: AtomicBool,
@@ -69,6 +72,7 @@ impl Broker {
         config: Config,
         metrics: Metrics,
         auth: Auth,
+        tokens: Option<TokenService>,
         storage: Arc<dyn Storage>,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -79,6 +83,7 @@ impl Broker {
             metrics,
             ids: MessageIds::default(),
             auth,
+            tokens,
             storage,
             ready: AtomicBool::new(true),
         })

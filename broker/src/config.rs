@@ -186,7 +186,7 @@ pub struct ClientIdConfig {
 
 /// Authentication settings (A1–A6). Secrets themselves live in files that
 /// Kubernetes mounts from Secrets, never in this configuration.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// YAML file with users (password hashes and grants), AccessKey/SecretKey
@@ -203,6 +203,26 @@ pub struct AuthConfig {
     pub admin_token_file: Option<PathBuf>,
     /// Require the admin token for `/metrics` too.
     pub protect_metrics: bool,
+    /// File holding the key that signs tokens (token mode, A3); the same key
+    /// on every node lets any node verify any token. Without it the token
+    /// service is off.
+    pub token_signing_key_file: Option<PathBuf>,
+    /// Shortest lifetime of a token the service issues, seconds (the seeds:
+    /// 60; lower only for tests).
+    pub token_min_lifetime_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            credentials_file: None,
+            v3_subscribe_refusal: V3SubscribeRefusal::Close,
+            admin_token_file: None,
+            protect_metrics: false,
+            token_signing_key_file: None,
+            token_min_lifetime_secs: 60,
+        }
+    }
 }
 
 /// See `AuthConfig::v3_subscribe_refusal`.
@@ -342,6 +362,10 @@ auth:
   admin_token_file: null
   # also require the token for /metrics
   protect_metrics: false
+  # key that signs tokens of the token service (null: token mode off)
+  token_signing_key_file: null
+  # shortest token lifetime issued, seconds
+  token_min_lifetime_secs: 60
 # connection worker threads, 0 = one per CPU core
 workers: 0
 # graceful shutdown: seconds to wait for connections to close

@@ -18,6 +18,7 @@ use crate::broker::Broker;
 use crate::message::{Message, QoS};
 use crate::router::ClientId;
 use crate::session::{Conn, Delivery, KickReason, Session};
+use crate::token::{TokenError, TokenType};
 
 /// Why the pump closes the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +102,38 @@ impl Connection {
             next_id: Cell::new(0),
         };
         ntex::rt::spawn(async move { pump.run(sink).await });
+    }
+
+    /// Token mode: whether the connection's tokens allow writing to `topic`
+    /// (or reading `filter`), and if not, the seed's reason.
+    pub fn token_check(&self, write: bool, target: &str) -> Result<(), (TokenError, TokenType)> {
+        let wanted = if write { TokenType::W } else { TokenType::R };
+        let Some(service) = &self.broker.tokens else {
+            return Err((TokenError::Account, wanted));
+        };
+        let st = self.session.lock();
+        let mut failure = (TokenError::ActionMismatch, wanted);
+        let now = crate::message::now_ms();
+        for (ty, claims) in &st.tokens {
+            let verdict = if !self.broker.auth.has_access_key(&claims.ak) {
+                Err(TokenError::Account)
+            } else if claims.exp <= now {
+                Err(TokenError::Expired)
+            } else if service.is_revoked(&claims.id) {
+                Err(TokenError::Revoked)
+            } else if write {
+                claims.may_write(target)
+            } else {
+                claims.may_read(target)
+            };
+            match verdict {
+                Ok(()) => return Ok(()),
+                // A token that does not grant the action says least.
+                Err(TokenError::ActionMismatch) => {}
+                Err(e) => failure = (e, *ty),
+            }
+        }
+        Err(failure)
     }
 
     /// Builds a message published by this client.
@@ -237,7 +270,7 @@ impl Pump {
             batch.push(d);
         }
         let mut wait = None;
-        if !st.pull_mode && !st.offline.is_empty() {
+        if !st.pull_mode && !st.offline_hold && !st.offline.is_empty() {
             if now >= *next_offline {
                 let n = limits.offline_batch.min(st.offline.len());
                 batch.extend(st.offline.drain(..n));

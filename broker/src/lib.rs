@@ -18,6 +18,8 @@ pub mod session;
 pub mod storage;
 pub mod sys;
 pub mod tls;
+pub mod token;
+pub mod token_api;
 pub mod topic;
 
 use std::sync::Arc;
@@ -35,6 +37,11 @@ pub enum Error {
     Metrics(#[from] metrics::MetricsError),
     #[error(transparent)]
     Auth(#[from] auth::AuthError),
+    #[error("cannot read the token signing key file {path}: {error}")]
+    SigningKey {
+        path: std::path::PathBuf,
+        error: std::io::Error,
+    },
     #[error("cannot read the admin token file {path}: {error}")]
     AdminToken {
         path: std::path::PathBuf,
@@ -65,7 +72,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         ),
         None => None,
     };
-    let broker = Broker::new(config, metrics, auth, Arc::new(storage::NoStorage));
+    let tokens = match &config.auth.token_signing_key_file {
+        Some(path) => {
+            let key = std::fs::read(path).map_err(|error| Error::SigningKey {
+                path: path.clone(),
+                error,
+            })?;
+            Some(token::TokenService::new(key.trim_ascii()))
+        }
+        None => None,
+    };
+    let broker = Broker::new(config, metrics, auth, tokens, Arc::new(storage::NoStorage));
     listener::serve(broker, bound, admin_token, shutdown).await?;
     Ok(())
 }

@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 
 use crate::message::{Message, QoS};
 use crate::router::{ClientId, SubOptions};
+use crate::token::{Claims, TokenType};
 
 const SHARDS: usize = 16;
 
@@ -100,6 +101,10 @@ pub struct State {
     pub pull_mode: bool,
     /// The client asked for ordered storage (`$SYS/enableOrderMsg`, B11).
     pub ordered: bool,
+    /// Token mode: offline messages wait until a token is verified.
+    pub offline_hold: bool,
+    /// Token mode: the tokens the current connection uploaded, one per type.
+    pub tokens: HashMap<TokenType, Claims>,
     /// A will message waiting for its delay (MQTT 5), cancelled on reconnect.
     pub pending_will_generation: Option<u64>,
 }
@@ -121,6 +126,8 @@ impl Session {
                 resend: VecDeque::new(),
                 pull_mode: false,
                 ordered: false,
+                offline_hold: false,
+                tokens: HashMap::new(),
                 pending_will_generation: None,
             }),
         }
@@ -298,6 +305,8 @@ impl SessionStore {
         st.expiry = expiry;
         st.disconnected_at = None;
         st.pull_mode = false;
+        st.offline_hold = false;
+        st.tokens.clear();
         st.pending_will_generation = None;
         st.kick = None;
         drop(st);

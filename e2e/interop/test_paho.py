@@ -33,12 +33,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_broker(extra=""):
+def start_broker(extra="", admin=None):
     """Starts a broker process on free loopback ports; yields its MQTT port."""
     binary = broker_binary()
     if not binary.exists():
         pytest.fail(f"broker binary not built: {binary} (run cargo build first)")
-    tcp, admin = free_port(), free_port()
+    tcp, admin = free_port(), admin or free_port()
     with tempfile.TemporaryDirectory() as d:
         cfg = Path(d) / "broker.yaml"
         cfg.write_text(

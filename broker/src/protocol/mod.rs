@@ -12,6 +12,7 @@ use crate::broker::{Broker, PublishError};
 use crate::connection::Connection;
 use crate::message::Message;
 use crate::sys::{self, SysError};
+use crate::token::{Claims, TokenError, TokenType};
 use crate::topic::TopicError;
 
 pub mod v3;
@@ -32,6 +33,8 @@ pub enum Error {
     Handler,
     #[error("topic auth failed")]
     NotAuthorized,
+    #[error("token refused: {0}")]
+    Token(TokenError, TokenType),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -60,6 +63,7 @@ impl Error {
             Error::Transport(_) => "transport",
             Error::Handler => "handler",
             Error::NotAuthorized => "topic_auth_failed",
+            Error::Token(..) | Error::Sys(SysError::Token(..)) => "token_invalid",
         }
     }
 }
@@ -98,13 +102,74 @@ pub fn authenticate(
 
 /// Whether the client may subscribe to `filter`; a refusal is counted and
 /// logged ("topic auth failed").
-pub fn may_subscribe(conn: &Connection, filter: &str) -> bool {
-    let ok = conn.broker.auth.may_subscribe(&conn.identity, filter);
-    if !ok {
-        conn.broker.metrics.reject("topic_auth_failed");
-        tracing::info!(client_id = %conn.client_id, filter, "SUBSCRIBE refused: topic auth failed");
+pub fn may_subscribe(conn: &Connection, filter: &str) -> Result<()> {
+    let verdict = if let Identity::Token(_) = conn.identity {
+        conn.token_check(false, filter)
+            .map_err(|(e, ty)| Error::Token(e, ty))
+    } else if conn.broker.auth.may_subscribe(&conn.identity, filter) {
+        Ok(())
+    } else {
+        Err(Error::NotAuthorized)
+    };
+    if let Err(e) = &verdict {
+        conn.broker.metrics.reject(e.reason());
+        tracing::info!(client_id = %conn.client_id, filter, error = %e, "SUBSCRIBE refused: topic auth failed");
     }
-    ok
+    verdict
+}
+
+/// The `$SYS/tokenInvalidNotice` payload for a token refusal, if it is one.
+pub fn token_notice(e: &Error) -> Option<String> {
+    match e {
+        Error::Token(err, ty) | Error::Sys(SysError::Token(err, ty)) => {
+            Some(crate::token_api::invalid_notice(*err, *ty))
+        }
+        _ => None,
+    }
+}
+
+/// Token mode: installs the tokens of the CONNECT; without any, offline
+/// messages wait for the first `$SYS/uploadToken`.
+pub fn install_tokens(conn: &Connection, tokens: Vec<(TokenType, Claims)>) {
+    if !matches!(conn.identity, Identity::Token(_)) {
+        return;
+    }
+    if tokens.is_empty() {
+        conn.session.lock().offline_hold = true;
+    }
+    for (ty, claims) in tokens {
+        sys::install_token(conn, ty, claims);
+    }
+}
+
+/// Token mode: the tokens a CONNECT carries in its password
+/// (`R|token|W|token`, any order, one per type).
+pub fn connect_tokens(
+    broker: &Broker,
+    ak: &str,
+    password: Option<&[u8]>,
+) -> std::result::Result<Vec<(TokenType, Claims)>, Refusal> {
+    let Some(password) = password.filter(|p| !p.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    let service = broker.tokens.as_ref().ok_or(Refusal::NotAuthorized)?;
+    let text = std::str::from_utf8(password).map_err(|_| Refusal::BadCredentials)?;
+    let parts: Vec<&str> = text.split('|').collect();
+    if !parts.len().is_multiple_of(2) || parts.len() > 6 {
+        return Err(Refusal::BadCredentials);
+    }
+    let mut tokens = Vec::new();
+    for pair in parts.chunks(2) {
+        let ty = TokenType::parse(pair[0]).ok_or(Refusal::BadCredentials)?;
+        let claims = service
+            .verify(pair[1])
+            .map_err(|_| Refusal::BadCredentials)?;
+        if claims.ak != ak || !claims.act.iter().any(|a| *a == ty || *a == TokenType::RW) {
+            return Err(Refusal::BadCredentials);
+        }
+        tokens.push((ty, claims));
+    }
+    Ok(tokens)
 }
 
 /// The inbound publish path shared by both versions: validate, answer system
@@ -118,7 +183,10 @@ pub async fn publish(conn: &Connection, msg: Message) -> Result<()> {
             sys::handle(conn, &msg.topic, &msg.payload)?;
             return Ok(());
         }
-        if !broker.auth.may_publish(&conn.identity, &msg.topic) {
+        if let Identity::Token(_) = conn.identity {
+            conn.token_check(true, &msg.topic)
+                .map_err(|(e, ty)| Error::Token(e, ty))?;
+        } else if !broker.auth.may_publish(&conn.identity, &msg.topic) {
             return Err(Error::NotAuthorized);
         }
         broker.accept(Arc::new(msg), conn.persistent).await?;

@@ -11,13 +11,16 @@ use ntex::time::Seconds;
 use ntex_mqtt::{Control, v3};
 
 use super::{Error, Result};
-use crate::auth::Refusal;
+use ntex::util::{ByteString, Bytes};
+
+use crate::auth::{Identity, Refusal};
 use crate::broker::Broker;
 use crate::config::V3SubscribeRefusal;
 use crate::connection::{CloseReason, Connection, OutSink, Will};
 use crate::message::QoS;
 use crate::router::SubOptions;
 use crate::session::Delivery;
+use crate::sys;
 
 pub type St = Rc<Connection>;
 
@@ -35,9 +38,16 @@ pub async fn connect(broker: &Arc<Broker>, c: v3::Connect) -> Result<v3::Connect
         return Ok(c.identifier_rejected());
     };
     let password = pkt.password.as_deref();
-    let identity = match super::authenticate(broker, &client_id, pkt.username.as_deref(), password)
-    {
-        Ok(identity) => identity,
+    let verdict = super::authenticate(broker, &client_id, pkt.username.as_deref(), password)
+        .and_then(|identity| {
+            let tokens = match &identity {
+                Identity::Token(ak) => super::connect_tokens(broker, ak, password)?,
+                _ => Vec::new(),
+            };
+            Ok((identity, tokens))
+        });
+    let (identity, tokens) = match verdict {
+        Ok(v) => v,
         Err(Refusal::BadCredentials) => return Ok(c.bad_username_or_pwd()),
         Err(Refusal::NotAuthorized) => return Ok(c.not_authorized()),
         Err(Refusal::UnknownGroup) => return Ok(c.identifier_rejected()),
@@ -75,6 +85,7 @@ pub async fn connect(broker: &Arc<Broker>, c: v3::Connect) -> Result<v3::Connect
         !clean,
         will,
     ));
+    super::install_tokens(&conn, tokens);
     conn.start_pump(c.sink());
     let ack = c.ack(conn, present).max_send(Some(limits.max_inflight));
     let granted = super::granted_keep_alive(limits, keep_alive);
@@ -104,7 +115,21 @@ pub async fn publish(s: &v3::Session<St>, p: v3::Publish) -> Result<()> {
         p.qos().into(),
         p.retain(),
     );
-    super::publish(s, msg).await
+    let result = super::publish(s, msg).await;
+    if let Err(e) = &result
+        && let Some(notice) = super::token_notice(e)
+    {
+        send_notice(s.sink(), notice).await;
+    }
+    result
+}
+
+/// `$SYS/tokenInvalidNotice`, written before the connection is closed.
+async fn send_notice(sink: &v3::MqttSink, body: String) {
+    let _ = sink
+        .publish(ByteString::from_static(sys::TOKEN_INVALID_NOTICE))
+        .send_at_most_once(Bytes::from(body.into_bytes()))
+        .await;
 }
 
 /// SUBSCRIBE, UNSUBSCRIBE, DISCONNECT, PINGREQ, PUBREL.
@@ -125,14 +150,18 @@ pub async fn protocol(
                     retain_as_published: false,
                     id: None,
                 };
-                if !super::may_subscribe(conn, item.topic()) {
+                if let Err(e) = super::may_subscribe(conn, item.topic()) {
+                    if let Some(notice) = super::token_notice(&e) {
+                        send_notice(s.sink(), notice).await;
+                        return Err(e);
+                    }
                     match broker.config.auth.v3_subscribe_refusal {
                         V3SubscribeRefusal::Suback => {
                             item.fail();
                             continue;
                         }
                         // The seeds' behaviour: the connection is closed.
-                        V3SubscribeRefusal::Close => return Err(Error::NotAuthorized),
+                        V3SubscribeRefusal::Close => return Err(e),
                     }
                 }
                 match broker.subscribe(&conn.session, item.topic(), opts) {

@@ -17,13 +17,14 @@ use ntex_mqtt::v5::codec::{
 use ntex_mqtt::{Control, Reason, v5};
 
 use super::{Error, Result};
-use crate::auth::Refusal;
+use crate::auth::{Identity, Refusal};
 use crate::broker::{Broker, PublishError, SubscribeError};
 use crate::connection::{CloseReason, Connection, OutSink, Will};
 use crate::message::{Message, Properties, QoS};
 use crate::router::SubOptions;
 use crate::session::{Delivery, KickReason};
 use crate::storage::StorageError;
+use crate::sys;
 use crate::topic::ClientIdError;
 
 pub type St = Rc<Connection>;
@@ -56,9 +57,16 @@ pub async fn connect(broker: &Arc<Broker>, c: v5::Connect) -> Result<v5::Connect
         }
     };
     let password = pkt.password.as_deref();
-    let identity = match super::authenticate(broker, &client_id, pkt.username.as_deref(), password)
-    {
-        Ok(identity) => identity,
+    let verdict = super::authenticate(broker, &client_id, pkt.username.as_deref(), password)
+        .and_then(|identity| {
+            let tokens = match &identity {
+                Identity::Token(ak) => super::connect_tokens(broker, ak, password)?,
+                _ => Vec::new(),
+            };
+            Ok((identity, tokens))
+        });
+    let (identity, tokens) = match verdict {
+        Ok(v) => v,
         Err(r) => {
             return Ok(c.failed(match r {
                 Refusal::BadCredentials => ConnectAckReason::BadUserNameOrPassword,
@@ -125,6 +133,7 @@ pub async fn connect(broker: &Arc<Broker>, c: v5::Connect) -> Result<v5::Connect
         expiry_secs > 0,
         will,
     ));
+    super::install_tokens(&conn, tokens);
     conn.start_pump(V5Sink {
         sink: c.sink(),
         max_packet: client_max_packet.map(|m| m.get()),
@@ -175,6 +184,13 @@ pub async fn publish(s: &v5::Session<St>, p: v5::Publish) -> Result<v5::PublishA
     let qos = msg.qos;
     match super::publish(s, msg).await {
         Ok(()) => Ok(p.ack()),
+        // Token refusals: the notice, then the connection closes (A3).
+        Err(e) if super::token_notice(&e).is_some() => {
+            if let Some(notice) = super::token_notice(&e) {
+                send_notice(s.sink(), notice).await;
+            }
+            Err(e)
+        }
         // QoS 0 has no ack to carry a reason: the connection is closed.
         Err(e) if qos == QoS::AtMostOnce => Err(e),
         Err(e) => {
@@ -221,7 +237,11 @@ pub async fn protocol(
                     item.fail(SubscribeAckReason::ImplementationSpecificError);
                     continue;
                 }
-                if !super::may_subscribe(conn, item.topic()) {
+                if let Err(e) = super::may_subscribe(conn, item.topic()) {
+                    if let Some(notice) = super::token_notice(&e) {
+                        send_notice(s.sink(), notice).await;
+                        return Err(e);
+                    }
                     item.fail(SubscribeAckReason::NotAuthorized);
                     continue;
                 }
@@ -297,6 +317,14 @@ pub async fn protocol(
     }
 }
 
+/// `$SYS/tokenInvalidNotice`, written before the connection is closed.
+async fn send_notice(sink: &v5::MqttSink, body: String) {
+    let _ = sink
+        .publish(ByteString::from_static(sys::TOKEN_INVALID_NOTICE))
+        .send_at_most_once(ntex::util::Bytes::from(body.into_bytes()))
+        .await;
+}
+
 /// How long a connection that broke the protocol stays open after DISCONNECT.
 const PROTOCOL_ERROR_LINGER: Duration = Duration::from_millis(300);
 
@@ -313,7 +341,7 @@ pub async fn control(s: &v5::Session<St>, c: Control<Error>) -> Result<Option<co
         if let Reason::Error(e) = reason {
             let code = match e.get_ref() {
                 Error::Publish(PublishError::Topic(_)) => DisconnectReasonCode::TopicNameInvalid,
-                Error::NotAuthorized => DisconnectReasonCode::NotAuthorized,
+                Error::NotAuthorized | Error::Token(..) => DisconnectReasonCode::NotAuthorized,
                 Error::Sys(_) => DisconnectReasonCode::PayloadFormatInvalid,
                 _ => DisconnectReasonCode::UnspecifiedError,
             };
