@@ -11,51 +11,28 @@ use ntex::http::{HttpService, Request, Response, header};
 use ntex::io::Io;
 
 use crate::broker::Broker;
+use crate::secret_file::SecretFile;
 
-/// The bearer token of the admin API; `Debug` does not print it.
-#[derive(Clone)]
-pub struct AdminToken(Arc<str>);
-
-impl std::fmt::Debug for AdminToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("AdminToken(<secret>)")
-    }
-}
-
-impl AdminToken {
-    /// Reads the token from a file (surrounding white space ignored).
-    pub fn read(path: &std::path::Path) -> io::Result<Self> {
-        let text = std::fs::read_to_string(path)?;
-        let token = text.trim();
-        if token.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "empty token"));
-        }
-        Ok(Self(Arc::from(token)))
-    }
-
-    /// Constant-time comparison with the request's bearer token.
-    fn admits(&self, req: &Request) -> bool {
-        let Some(given) = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-        else {
-            return false;
-        };
-        let (a, b) = (given.as_bytes(), self.0.as_bytes());
-        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-    }
+/// Whether the request carries the admin bearer token (constant-time).
+fn admits(token: &SecretFile, req: &Request) -> bool {
+    let Some(given) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let expected = token.get();
+    let (a, b) = (given.as_bytes(), &expected[..]);
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Largest request body the admin port reads (token service forms).
 const MAX_BODY: usize = 64 * 1024;
 
 /// The admin HTTP service for one connection.
-pub fn service(
-    broker: Arc<Broker>,
-    token: Option<AdminToken>,
-) -> impl Service<(), Io, Res = (), Error = io::Error> {
+pub fn service(broker: Arc<Broker>) -> impl Service<(), Io, Res = (), Error = io::Error> {
     HttpService::new(async move |mut req: Request| {
         if req.path().starts_with("/token/") {
             let body = read_body(&mut req).await;
@@ -64,7 +41,7 @@ pub fn service(
                 None => Response::PayloadTooLarge().body("request body too large or unreadable"),
             });
         }
-        Ok::<_, io::Error>(respond(&broker, token.as_ref(), &req))
+        Ok::<_, io::Error>(respond(&broker, &req))
     })
     .map_err(|e| io::Error::other(format!("{e:?}")))
 }
@@ -99,13 +76,13 @@ fn token_api(broker: &Broker, req: &Request, body: &[u8]) -> Response {
         .body(serde_json::to_string(&answer).unwrap_or_default())
 }
 
-fn respond(broker: &Broker, token: Option<&AdminToken>, req: &Request) -> Response {
+fn respond(broker: &Broker, req: &Request) -> Response {
     let open = match req.path() {
         "/healthz" | "/readyz" => true,
         "/metrics" => !broker.config.auth.protect_metrics,
         _ => false,
     };
-    if !open && token.is_some_and(|t| !t.admits(req)) {
+    if !open && broker.admin_token.as_ref().is_some_and(|t| !admits(t, req)) {
         broker.metrics.reject("admin_unauthorized");
         return Response::Unauthorized()
             .header(header::WWW_AUTHENTICATE, "Bearer")

@@ -14,6 +14,7 @@ use crate::message::{Message, MessageIds, QoS};
 use crate::metrics::Metrics;
 use crate::retain::RetainStore;
 use crate::router::{ClientId, Route, Router, SubOptions};
+use crate::secret_file::SecretFile;
 use crate::session::{
     Attached, Delivery, Enqueued, KickReason, QueueLimits, Session, SessionStore,
 };
@@ -53,6 +54,8 @@ pub struct Broker {
     pub auth: Auth,
     /// The token service, when a signing key is configured.
     pub tokens: Option<TokenService>,
+    /// The admin API's bearer token, when configured.
+    pub admin_token: Option<SecretFile>,
     storage: Arc<dyn Storage>,
     /// Cleared when the node starts shutting down (`/readyz` answers 503).
     ready: AtomicBool,
@@ -73,6 +76,7 @@ impl Broker {
         metrics: Metrics,
         auth: Auth,
         tokens: Option<TokenService>,
+        admin_token: Option<SecretFile>,
         storage: Arc<dyn Storage>,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -84,6 +88,7 @@ impl Broker {
             ids: MessageIds::default(),
             auth,
             tokens,
+            admin_token,
             storage,
             ready: AtomicBool::new(true),
         })

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod retain;
 pub mod router;
+pub mod secret_file;
 pub mod session;
 pub mod storage;
 pub mod sys;
@@ -37,13 +38,9 @@ pub enum Error {
     Metrics(#[from] metrics::MetricsError),
     #[error(transparent)]
     Auth(#[from] auth::AuthError),
-    #[error("cannot read the token signing key file {path}: {error}")]
-    SigningKey {
-        path: std::path::PathBuf,
-        error: std::io::Error,
-    },
-    #[error("cannot read the admin token file {path}: {error}")]
-    AdminToken {
+    #[error("cannot read the {what} file {path}: {error}")]
+    SecretFile {
+        what: &'static str,
         path: std::path::PathBuf,
         error: std::io::Error,
     },
@@ -63,27 +60,30 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Some(path) => auth::Auth::from_file(path)?,
         None => auth::Auth::open(),
     };
-    let admin_token = match &config.auth.admin_token_file {
-        Some(path) => Some(
-            admin::AdminToken::read(path).map_err(|error| Error::AdminToken {
-                path: path.clone(),
-                error,
-            })?,
-        ),
-        None => None,
+    let secret = |path: &std::path::PathBuf, what: &'static str| {
+        secret_file::SecretFile::load(path).map_err(|error| Error::SecretFile {
+            what,
+            path: path.clone(),
+            error,
+        })
     };
     let tokens = match &config.auth.token_signing_key_file {
-        Some(path) => {
-            let key = std::fs::read(path).map_err(|error| Error::SigningKey {
-                path: path.clone(),
-                error,
-            })?;
-            Some(token::TokenService::new(key.trim_ascii()))
-        }
+        Some(path) => Some(token::TokenService::new(secret(path, "token signing key")?)),
         None => None,
     };
-    let broker = Broker::new(config, metrics, auth, tokens, Arc::new(storage::NoStorage));
-    listener::serve(broker, bound, admin_token, shutdown).await?;
+    let admin_token = match &config.auth.admin_token_file {
+        Some(path) => Some(secret(path, "admin token")?),
+        None => None,
+    };
+    let broker = Broker::new(
+        config,
+        metrics,
+        auth,
+        tokens,
+        admin_token,
+        Arc::new(storage::NoStorage),
+    );
+    listener::serve(broker, bound, shutdown).await?;
     Ok(())
 }
 
@@ -92,6 +92,22 @@ async fn housekeeping(broker: Arc<Broker>) {
     loop {
         ntex::time::sleep(Duration::from_secs(1)).await;
         broker.expire_sessions(Instant::now());
+        let secrets = broker
+            .tokens
+            .as_ref()
+            .map(|t| t.key_file())
+            .into_iter()
+            .chain(broker.admin_token.as_ref());
+        for file in secrets {
+            match file.reload_if_changed() {
+                Ok(true) => tracing::info!(path = %file.path().display(), "secret reloaded"),
+                Ok(false) => {}
+                Err(e) => {
+                    broker.metrics.reject("secret_reload");
+                    tracing::warn!(path = %file.path().display(), error = %e, "secret not reloaded; the previous one stays in force");
+                }
+            }
+        }
         match broker.auth.reload_if_changed() {
             Ok(true) => tracing::info!("credentials reloaded"),
             Ok(false) => {}

@@ -85,7 +85,6 @@ fn bind(name: &'static str, addr: Option<SocketAddr>) -> Result<Option<TcpListen
 pub async fn serve(
     broker: Arc<Broker>,
     bound: Bound,
-    admin_token: Option<admin::AdminToken>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let config = &broker.config;
@@ -160,7 +159,7 @@ pub async fn serve(
         let b = broker.clone();
         builder = builder
             .listen("admin", lst, SharedCfg::new("ADMIN"), async move |_| {
-                admin::service(b.clone(), admin_token.clone())
+                admin::service(b.clone())
             })
             .map_err(server_err)?;
     }

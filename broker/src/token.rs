@@ -17,6 +17,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use serde::{Deserialize, Serialize};
 
 use crate::message::now_ms;
+use crate::secret_file::SecretFile;
 use crate::topic;
 
 /// Longest token lifetime; longer requests are capped.
@@ -133,7 +134,7 @@ impl Claims {
 
 /// Issues, verifies and revokes tokens.
 pub struct TokenService {
-    key: ring::hmac::Key,
+    key: SecretFile,
     /// Revoked token ids with their expiry, forgotten once expired.
     revoked: Mutex<HashMap<String, u64>>,
 }
@@ -145,11 +146,20 @@ impl std::fmt::Debug for TokenService {
 }
 
 impl TokenService {
-    pub fn new(signing_key: &[u8]) -> Self {
+    pub fn new(signing_key: SecretFile) -> Self {
         Self {
-            key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, signing_key),
+            key: signing_key,
             revoked: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The signing key file, read again when it changes (rotation).
+    pub fn key_file(&self) -> &SecretFile {
+        &self.key
+    }
+
+    fn mac_key(&self) -> ring::hmac::Key {
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.key.get())
     }
 
     /// Issues a token; `exp` is already validated and capped.
@@ -169,7 +179,7 @@ impl TokenService {
         };
         let payload = serde_json::to_vec(&claims).unwrap_or_default();
         let payload = B64URL.encode(payload);
-        let mac = ring::hmac::sign(&self.key, payload.as_bytes());
+        let mac = ring::hmac::sign(&self.mac_key(), payload.as_bytes());
         format!("v1.{payload}.{}", B64URL.encode(mac.as_ref()))
     }
 
@@ -182,7 +192,7 @@ impl TokenService {
             return Err(TokenError::Forged);
         };
         let mac = B64URL.decode(mac).map_err(|_| TokenError::Forged)?;
-        ring::hmac::verify(&self.key, payload.as_bytes(), &mac)
+        ring::hmac::verify(&self.mac_key(), payload.as_bytes(), &mac)
             .map_err(|_| TokenError::BadSignature)?;
         let claims: Claims = B64URL
             .decode(payload)
@@ -244,16 +254,24 @@ mod tests {
         );
     }
 
+    fn service(key: &str) -> (tempfile::TempDir, TokenService) {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("key");
+        std::fs::write(&path, key).unwrap_or_else(|e| panic!("{e}"));
+        let file = SecretFile::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        (dir, TokenService::new(file))
+    }
+
     #[test]
     fn tokens_verify_expire_and_revoke() {
-        let svc = TokenService::new(b"signing key");
+        let (_d1, svc) = service("signing key");
         let exp = now_ms() + 120_000;
         let t = svc.issue("AK", vec!["a/#".into()], vec![TokenType::W], exp);
         let claims = svc.verify(&t).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(claims.may_write("a/b"), Ok(()));
         assert_eq!(claims.may_write("b/a"), Err(TokenError::ResourceMismatch));
         assert_eq!(claims.may_read("a/b"), Err(TokenError::ActionMismatch));
-        let other = TokenService::new(b"other key");
+        let (_d2, other) = service("other key");
         assert_eq!(other.verify(&t), Err(TokenError::BadSignature));
         assert_eq!(svc.verify("garbage"), Err(TokenError::Forged));
         let tampered = t.replacen("v1.", "v1.x", 1);

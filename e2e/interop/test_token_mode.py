@@ -178,3 +178,11 @@ def test_offline_messages_wait_for_the_token(tb):
     c.nothing()
     upload_ok(c, tb.token("R", "off/#"), "R")
     assert c.message().payload == b"queued"
+
+
+@pytest.mark.parametrize("version", [mqtt.MQTTv311, mqtt.MQTTv5])
+def test_wrong_action_is_refused_in_both_versions(tb, version):
+    c = device(tb, f"reader-{version}", version=version)
+    upload_ok(c, tb.token("R", "act/#"), "R")
+    c.c.publish("act/x", b"no write token", qos=1)
+    expect_invalid(c, 5, "W")
