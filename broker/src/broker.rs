@@ -199,18 +199,65 @@ impl Broker {
         if self.storage.stores(topic::parent_topic(&msg.topic)) {
             self.storage.store(msg.clone()).await?;
         }
-        Ok(self.publish(&msg, publisher_persistent))
+        let mut waiting = Vec::new();
+        let reached = self.route(&msg, publisher_persistent, &mut waiting);
+        for (session, d) in waiting {
+            self.wait_for_room(&session, d).await;
+        }
+        Ok(reached)
+    }
+
+    /// Backpressure: waits until a full live queue takes the delivery, up to
+    /// `queue_full_wait_ms`; then that copy is dropped and counted.
+    async fn wait_for_room(&self, session: &Session, mut d: Delivery) {
+        let wait = Duration::from_millis(self.config.limits.queue_full_wait_ms);
+        let deadline = Instant::now() + wait;
+        loop {
+            let notified = session.space.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            match session.enqueue(d, self.queue_limits()) {
+                Enqueued::Full(back) => d = back,
+                outcome => {
+                    self.count(session, outcome);
+                    return;
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                self.metrics.drop_message("queue_full");
+                return;
+            }
+            let _ = ntex::util::select(notified, ntex::time::sleep(left)).await;
+        }
     }
 
     /// Routes a message to every matching session (or the P2P target) and
-    /// keeps it if it is retained. Returns the number of sessions it reached.
+    /// keeps it if it is retained; nothing waits for full queues here (wills,
+    /// broker notices). Returns the number of sessions it reached.
     pub fn publish(&self, msg: &Arc<Message>, publisher_persistent: bool) -> usize {
+        let mut waiting = Vec::new();
+        let reached = self.route(msg, publisher_persistent, &mut waiting);
+        for _ in waiting {
+            self.metrics.drop_message("queue_full");
+        }
+        reached
+    }
+
+    /// Offers a message to every target; deliveries that met a full queue
+    /// go to `waiting`.
+    fn route(
+        &self,
+        msg: &Arc<Message>,
+        publisher_persistent: bool,
+        waiting: &mut Vec<(Arc<Session>, Delivery)>,
+    ) -> usize {
         if msg.retain {
             let n = self.retained.set(msg);
             self.metrics.retained.set(gauge(n));
         }
         if let Some(target) = topic::p2p_target(&msg.topic) {
-            return self.publish_p2p(msg, target, publisher_persistent);
+            return self.publish_p2p(msg, target, publisher_persistent, waiting);
         }
         let mut routes: Vec<Route> = Vec::new();
         self.router.route(
@@ -258,14 +305,25 @@ impl Broker {
                 dup: false,
                 sub_ids,
             };
-            if self.offer(&session, d) {
-                reached += 1;
+            match session.enqueue(d, self.queue_limits()) {
+                Enqueued::Full(d) => waiting.push((session, d)),
+                outcome => {
+                    if self.count(&session, outcome) {
+                        reached += 1;
+                    }
+                }
             }
         }
         reached
     }
 
-    fn publish_p2p(&self, msg: &Arc<Message>, target: &str, publisher_persistent: bool) -> usize {
+    fn publish_p2p(
+        &self,
+        msg: &Arc<Message>,
+        target: &str,
+        publisher_persistent: bool,
+        waiting: &mut Vec<(Arc<Session>, Delivery)>,
+    ) -> usize {
         let Some(session) = self.sessions.get(target) else {
             self.metrics.drop_message("p2p_no_session");
             return 0;
@@ -283,12 +341,25 @@ impl Broker {
             dup: false,
             sub_ids: Vec::new(),
         };
-        usize::from(self.offer(&session, d))
+        match session.enqueue(d, self.queue_limits()) {
+            Enqueued::Full(d) => {
+                waiting.push((session, d));
+                0
+            }
+            outcome => usize::from(self.count(&session, outcome)),
+        }
     }
 
-    /// Offers one delivery to a session and counts the outcome.
+    /// Offers one delivery to a session, dropping it if the queue is full
+    /// (retained replay, broker notices), and counts the outcome.
     pub fn offer(&self, session: &Session, d: Delivery) -> bool {
-        match session.enqueue(d, self.queue_limits()) {
+        let outcome = session.enqueue(d, self.queue_limits());
+        self.count(session, outcome)
+    }
+
+    /// Counts what happened to a delivery; true if it was kept.
+    fn count(&self, session: &Session, outcome: Enqueued) -> bool {
+        match outcome {
             Enqueued::Online => true,
             Enqueued::Offline => {
                 self.metrics.offline_queued.inc();
@@ -305,6 +376,10 @@ impl Broker {
                 } else {
                     "offline"
                 });
+                false
+            }
+            Enqueued::Full(_) => {
+                self.metrics.drop_message("queue_full");
                 false
             }
         }

@@ -127,9 +127,13 @@ pub struct LimitsConfig {
     pub offline_batch_interval_secs: u64,
     /// `$SYS/getOfflineMsg` pulls allowed per client per second.
     pub offline_pulls_per_sec: u32,
-    /// Messages waiting for an online client before new QoS 0 messages are dropped
-    /// and QoS 1/2 ones too (each drop is counted).
+    /// Messages waiting for an online client. Beyond it QoS 0 messages are
+    /// dropped (counted); a QoS 1/2 PUBLISH waits for room, holding back its
+    /// acknowledgement, so the publisher slows down to the subscriber's pace.
     pub max_queued_messages: usize,
+    /// How long a QoS 1/2 PUBLISH waits for room in a full subscriber queue
+    /// before that subscriber's copy is dropped (counted), milliseconds.
+    pub queue_full_wait_ms: u64,
     /// QoS 1/2 messages in flight towards one client (capped by its receive maximum).
     pub max_inflight: u16,
     /// QoS 1/2 messages a client may have in flight towards the broker (MQTT 5
@@ -163,6 +167,7 @@ impl Default for LimitsConfig {
             offline_batch_interval_secs: 5,
             offline_pulls_per_sec: 5,
             max_queued_messages: 1000,
+            queue_full_wait_ms: 10_000,
             max_inflight: 32,
             receive_maximum: 64,
             topic_alias_maximum: 32,
@@ -333,8 +338,10 @@ limits:
   offline_batch_interval_secs: 5
   # $SYS/getOfflineMsg pulls per client per second
   offline_pulls_per_sec: 5
-  # messages waiting for one online client before further ones are dropped
+  # messages waiting for one online client; beyond it QoS 0 is dropped and
+  # QoS 1/2 publishers wait (their PUBACK is held back) for up to queue_full_wait_ms
   max_queued_messages: 1000
+  queue_full_wait_ms: 10000
   # QoS 1/2 messages in flight towards one client
   max_inflight: 32
   # QoS 1/2 messages in flight from one client (MQTT 5 receive maximum)

@@ -280,9 +280,14 @@ impl Pump {
                 wait = Some(next_offline.saturating_duration_since(now));
             }
         }
+        let before = st.queue.len();
         while batch.len() < BATCH {
             let Some(d) = st.queue.pop_front() else { break };
             batch.push(d);
+        }
+        if st.queue.len() < before {
+            // Publishers waiting for room in this queue may go on.
+            self.session.space.notify_waiters();
         }
         let mut out = Vec::with_capacity(batch.len());
         for d in batch {

@@ -44,7 +44,7 @@ pub enum KickReason {
 }
 
 /// What happened to a message offered to a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Enqueued {
     /// Waiting for the online connection.
     Online,
@@ -52,8 +52,11 @@ pub enum Enqueued {
     Offline,
     /// Stored offline; the oldest offline message was dropped for it.
     OfflineDroppedOldest,
-    /// Not stored: QoS 0 for an offline client, or the online queue is full.
+    /// Not stored: QoS 0 for an offline client or a full online queue.
     Dropped,
+    /// QoS 1/2 for an online client whose queue is full: handed back, so the
+    /// publisher can wait for room (backpressure) instead of losing it.
+    Full(Delivery),
 }
 
 /// Limits that shape a session's queues.
@@ -67,6 +70,8 @@ pub struct QueueLimits {
 pub struct Session {
     pub client_id: ClientId,
     state: Mutex<State>,
+    /// Signalled when the connection takes messages from the live queue.
+    pub space: Notify,
 }
 
 /// The connection serving a session.
@@ -130,6 +135,7 @@ impl Session {
                 tokens: HashMap::new(),
                 pending_will_generation: None,
             }),
+            space: Notify::new(),
         }
     }
 
@@ -147,10 +153,13 @@ impl Session {
     /// persistent ones store QoS 1/2 messages as offline messages.
     pub fn enqueue(&self, d: Delivery, limits: QueueLimits) -> Enqueued {
         let mut st = self.lock();
-
         if let Some(conn) = &st.attached {
             if st.queue.len() >= limits.online {
-                Enqueued::Dropped
+                if d.qos == QoS::AtMostOnce {
+                    Enqueued::Dropped
+                } else {
+                    Enqueued::Full(d)
+                }
             } else {
                 let wake = conn.wake.clone();
                 st.queue.push_back(d);
@@ -450,25 +459,48 @@ mod tests {
         assert!(!a.present);
         assert!(store.detach(&a.session, a.conn.generation).is_none());
         let s = &a.session;
-        assert_eq!(
+        assert!(matches!(
             s.enqueue(delivery(QoS::AtMostOnce, 0), LIMITS),
             Enqueued::Dropped
-        );
+        ));
         for n in 1..=3 {
-            assert_eq!(
+            assert!(matches!(
                 s.enqueue(delivery(QoS::AtLeastOnce, n), LIMITS),
                 Enqueued::Offline
-            );
+            ));
         }
-        assert_eq!(
+        assert!(matches!(
             s.enqueue(delivery(QoS::AtLeastOnce, 4), LIMITS),
             Enqueued::OfflineDroppedOldest
-        );
+        ));
         let payloads: Vec<u8> = s.lock().offline.iter().map(|d| d.msg.payload[0]).collect();
         assert_eq!(payloads, [2, 3, 4]);
         let b = store.attach("c", false, Duration::from_secs(60));
         assert!(b.present);
         assert_eq!(b.session.lock().offline.len(), 3);
+    }
+
+    #[test]
+    fn full_online_queue_hands_qos1_back_and_drops_qos0() {
+        let store = SessionStore::default();
+        let a = store.attach("c", true, Duration::ZERO);
+        let tight = QueueLimits {
+            online: 1,
+            offline: 0,
+        };
+        let s = &a.session;
+        assert!(matches!(
+            s.enqueue(delivery(QoS::AtLeastOnce, 1), tight),
+            Enqueued::Online
+        ));
+        assert!(matches!(
+            s.enqueue(delivery(QoS::AtMostOnce, 2), tight),
+            Enqueued::Dropped
+        ));
+        assert!(matches!(
+            s.enqueue(delivery(QoS::AtLeastOnce, 3), tight),
+            Enqueued::Full(_)
+        ));
     }
 
     #[test]

@@ -419,3 +419,40 @@ async fn broker_uses_topic_aliases_the_client_accepts() {
         ]
     );
 }
+
+#[tokio::test]
+async fn slow_subscriber_slows_qos1_publisher_instead_of_losing() {
+    let b = Broker::start("limits:\n  max_queued_messages: 4\n  max_inflight: 2\n");
+    let mut opts = v5::options("slow", b.tcp);
+    opts.set_manual_acks(true);
+    let mut slow = v5::connect(opts).await;
+    slow.subscribe("bp/#", QoS::AtLeastOnce).await;
+    let mut publisher = v5::connect(v5::options("fast", b.tcp)).await;
+    for i in 0..20 {
+        publisher
+            .publish("bp/x", QoS::AtLeastOnce, false, format!("{i}"))
+            .await;
+    }
+    // Two in flight to the subscriber and four queued: the rest of the
+    // publisher's PUBACKs are held back.
+    let mut acked = 0;
+    while let Ok(Some(p)) = tokio::time::timeout(common::QUIET, publisher.rx.recv()).await {
+        if let v5::Packet::PubAck(_) = p {
+            acked += 1;
+        }
+    }
+    assert!(
+        acked < 20,
+        "backpressure holds acknowledgements ({acked} acked)"
+    );
+    // Once the subscriber acknowledges, everything arrives, in order.
+    for i in 0..20 {
+        let p = slow.next_publish().await;
+        assert_eq!(p.payload, format!("{i}").as_bytes());
+        slow.client.ack(&p).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert_eq!(
+        b.metric("ringmq_messages_dropped_total{reason=\"queue_full\"}"),
+        0.0
+    );
+}

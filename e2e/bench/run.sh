@@ -21,7 +21,8 @@ cargo "$tc" build --release --locked -p ringmq-broker -p ringmq-bench >&2
 bench="$target/release/ringmq-bench"
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-port=41883
+# Below the ephemeral range, where the generator's own sockets could take it.
+port=21900
 start_broker() { # name -> sets pid; port in $port
     case "$1" in
     ringmq)
