@@ -109,9 +109,12 @@ impl Broker {
     }
 
     pub fn queue_limits(&self) -> QueueLimits {
+        let l = &self.config.limits;
         QueueLimits {
-            online: self.config.limits.max_queued_messages,
-            offline: self.config.limits.offline_queue_len,
+            online: l.max_queued_messages,
+            // Room for every publish a client may have unacknowledged.
+            overflow: l.max_queued_messages.max(usize::from(l.receive_maximum)),
+            offline: l.offline_queue_len,
         }
     }
 
@@ -199,33 +202,30 @@ impl Broker {
         if self.storage.stores(topic::parent_topic(&msg.topic)) {
             self.storage.store(msg.clone()).await?;
         }
-        let mut waiting = Vec::new();
-        let reached = self.route(&msg, publisher_persistent, &mut waiting);
-        for (session, d) in waiting {
-            self.wait_for_room(&session, d).await;
+        let mut over = Vec::new();
+        let reached = self.route(&msg, publisher_persistent, &mut over);
+        for session in over {
+            self.wait_for_room(&session).await;
         }
         Ok(reached)
     }
 
-    /// Backpressure: waits until a full live queue takes the delivery, up to
-    /// `queue_full_wait_ms`; then that copy is dropped and counted.
-    async fn wait_for_room(&self, session: &Session, mut d: Delivery) {
-        let wait = Duration::from_millis(self.config.limits.queue_full_wait_ms);
-        let deadline = Instant::now() + wait;
+    /// Backpressure: holds the publisher's acknowledgement until the session's
+    /// live queue is back within its limit, or `queue_full_wait_ms` passed.
+    async fn wait_for_room(&self, session: &Session) {
+        let limit = self.config.limits.max_queued_messages;
+        let deadline =
+            Instant::now() + Duration::from_millis(self.config.limits.queue_full_wait_ms);
         loop {
             let notified = session.space.notified();
             let mut notified = std::pin::pin!(notified);
             notified.as_mut().enable();
-            match session.enqueue(d, self.queue_limits()) {
-                Enqueued::Full(back) => d = back,
-                outcome => {
-                    self.count(session, outcome);
-                    return;
-                }
-            }
+            let room = {
+                let st = session.lock();
+                st.attached.is_none() || st.queue.len() <= limit
+            };
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                self.metrics.drop_message("queue_full");
+            if room || left.is_zero() {
                 return;
             }
             let _ = ntex::util::select(notified, ntex::time::sleep(left)).await;
@@ -236,28 +236,23 @@ impl Broker {
     /// keeps it if it is retained; nothing waits for full queues here (wills,
     /// broker notices). Returns the number of sessions it reached.
     pub fn publish(&self, msg: &Arc<Message>, publisher_persistent: bool) -> usize {
-        let mut waiting = Vec::new();
-        let reached = self.route(msg, publisher_persistent, &mut waiting);
-        for _ in waiting {
-            self.metrics.drop_message("queue_full");
-        }
-        reached
+        self.route(msg, publisher_persistent, &mut Vec::new())
     }
 
-    /// Offers a message to every target; deliveries that met a full queue
-    /// go to `waiting`.
+    /// Offers a message to every target; sessions whose queue went over its
+    /// limit are added to `over`.
     fn route(
         &self,
         msg: &Arc<Message>,
         publisher_persistent: bool,
-        waiting: &mut Vec<(Arc<Session>, Delivery)>,
+        over: &mut Vec<Arc<Session>>,
     ) -> usize {
         if msg.retain {
             let n = self.retained.set(msg);
             self.metrics.retained.set(gauge(n));
         }
         if let Some(target) = topic::p2p_target(&msg.topic) {
-            return self.publish_p2p(msg, target, publisher_persistent, waiting);
+            return self.publish_p2p(msg, target, publisher_persistent, over);
         }
         let mut routes: Vec<Route> = Vec::new();
         self.router.route(
@@ -305,13 +300,13 @@ impl Broker {
                 dup: false,
                 sub_ids,
             };
-            match session.enqueue(d, self.queue_limits()) {
-                Enqueued::Full(d) => waiting.push((session, d)),
-                outcome => {
-                    if self.count(&session, outcome) {
-                        reached += 1;
-                    }
-                }
+            let outcome = session.enqueue(d, self.queue_limits());
+            let is_over = matches!(outcome, Enqueued::OverLimit);
+            if self.count(&session, outcome) {
+                reached += 1;
+            }
+            if is_over {
+                over.push(session);
             }
         }
         reached
@@ -322,7 +317,7 @@ impl Broker {
         msg: &Arc<Message>,
         target: &str,
         publisher_persistent: bool,
-        waiting: &mut Vec<(Arc<Session>, Delivery)>,
+        over: &mut Vec<Arc<Session>>,
     ) -> usize {
         let Some(session) = self.sessions.get(target) else {
             self.metrics.drop_message("p2p_no_session");
@@ -341,17 +336,17 @@ impl Broker {
             dup: false,
             sub_ids: Vec::new(),
         };
-        match session.enqueue(d, self.queue_limits()) {
-            Enqueued::Full(d) => {
-                waiting.push((session, d));
-                0
-            }
-            outcome => usize::from(self.count(&session, outcome)),
+        let outcome = session.enqueue(d, self.queue_limits());
+        let is_over = matches!(outcome, Enqueued::OverLimit);
+        let reached = usize::from(self.count(&session, outcome));
+        if is_over {
+            over.push(session);
         }
+        reached
     }
 
-    /// Offers one delivery to a session, dropping it if the queue is full
-    /// (retained replay, broker notices), and counts the outcome.
+    /// Offers one delivery to a session without waiting for room (retained
+    /// replay, broker notices) and counts the outcome.
     pub fn offer(&self, session: &Session, d: Delivery) -> bool {
         let outcome = session.enqueue(d, self.queue_limits());
         self.count(session, outcome)
@@ -360,7 +355,7 @@ impl Broker {
     /// Counts what happened to a delivery; true if it was kept.
     fn count(&self, session: &Session, outcome: Enqueued) -> bool {
         match outcome {
-            Enqueued::Online => true,
+            Enqueued::Online | Enqueued::OverLimit => true,
             Enqueued::Offline => {
                 self.metrics.offline_queued.inc();
                 true
@@ -376,10 +371,6 @@ impl Broker {
                 } else {
                     "offline"
                 });
-                false
-            }
-            Enqueued::Full(_) => {
-                self.metrics.drop_message("queue_full");
                 false
             }
         }

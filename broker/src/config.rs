@@ -128,11 +128,13 @@ pub struct LimitsConfig {
     /// `$SYS/getOfflineMsg` pulls allowed per client per second.
     pub offline_pulls_per_sec: u32,
     /// Messages waiting for an online client. Beyond it QoS 0 messages are
-    /// dropped (counted); a QoS 1/2 PUBLISH waits for room, holding back its
-    /// acknowledgement, so the publisher slows down to the subscriber's pace.
+    /// dropped (counted); QoS 1/2 ones are still queued (up to twice the
+    /// limit, or the limit plus `receive_maximum`), and their publishers'
+    /// acknowledgements wait until the queue is back
+    /// within it, so publishers slow down to the subscriber's pace.
     pub max_queued_messages: usize,
-    /// How long a QoS 1/2 PUBLISH waits for room in a full subscriber queue
-    /// before that subscriber's copy is dropped (counted), milliseconds.
+    /// Longest time a PUBLISH acknowledgement waits for room in a subscriber
+    /// queue, milliseconds.
     pub queue_full_wait_ms: u64,
     /// QoS 1/2 messages in flight towards one client (capped by its receive maximum).
     pub max_inflight: u16,
@@ -338,8 +340,8 @@ limits:
   offline_batch_interval_secs: 5
   # $SYS/getOfflineMsg pulls per client per second
   offline_pulls_per_sec: 5
-  # messages waiting for one online client; beyond it QoS 0 is dropped and
-  # QoS 1/2 publishers wait (their PUBACK is held back) for up to queue_full_wait_ms
+  # messages waiting for one online client; beyond it QoS 0 is dropped, QoS 1/2
+  # is queued up to twice the limit and its PUBACK waits (up to queue_full_wait_ms)
   max_queued_messages: 1000
   queue_full_wait_ms: 10000
   # QoS 1/2 messages in flight towards one client

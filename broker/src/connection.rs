@@ -32,6 +32,8 @@ pub enum CloseReason {
 pub trait OutSink {
     /// Waits for send credit (the client's receive maximum); false once closed.
     fn ready(&self) -> impl Future<Output = bool>;
+    /// QoS 1/2 messages that may be sent now without waiting.
+    fn credit(&self) -> usize;
     fn send_qos0(&self, d: &Delivery, now: Instant) -> impl Future<Output = bool>;
     /// Writes a QoS 1 PUBLISH without waiting; the ack arrives through `on_ack`.
     fn send_qos1(&self, d: &Delivery, id: NonZeroU16, now: Instant) -> bool;
@@ -213,6 +215,8 @@ struct Pump {
 enum Step {
     Send(Vec<(Delivery, Option<NonZeroU16>)>),
     Wait(Option<Duration>),
+    /// QoS 1/2 messages wait in the live queue for the client's credit.
+    WaitCredit,
     Close(Option<CloseReason>),
 }
 
@@ -226,7 +230,7 @@ impl Pump {
         let mut next_offline = Instant::now();
         loop {
             let notified = self.conn.wake.notified();
-            let step = self.take(&mut next_offline, batch_interval);
+            let step = self.take(&mut next_offline, batch_interval, sink.credit());
             match step {
                 Step::Close(reason) => {
                     if let Some(r) = reason {
@@ -238,6 +242,13 @@ impl Pump {
                 Step::Wait(Some(d)) => {
                     let _ = ntex::util::select(notified, ntex::time::sleep(d)).await;
                 }
+                Step::WaitCredit => {
+                    if let ntex::util::Either::Right(false) =
+                        ntex::util::select(notified, sink.ready()).await
+                    {
+                        return;
+                    }
+                }
                 Step::Send(batch) => {
                     if !self.send(&sink, batch).await {
                         return;
@@ -247,8 +258,10 @@ impl Pump {
         }
     }
 
-    /// Decides what to do next, under the session lock.
-    fn take(&self, next_offline: &mut Instant, interval: Duration) -> Step {
+    /// Decides what to do next, under the session lock. QoS 1/2 messages stay
+    /// in the live queue until the client has credit for them, so a slow
+    /// client's backlog is visible to the publishers' backpressure.
+    fn take(&self, next_offline: &mut Instant, interval: Duration, credit: usize) -> Step {
         let limits = &self.broker.config.limits;
         let now = Instant::now();
         let ttl = Duration::from_secs(limits.offline_message_ttl_secs);
@@ -281,12 +294,24 @@ impl Pump {
             }
         }
         let before = st.queue.len();
+        let mut credit =
+            credit.saturating_sub(batch.iter().filter(|d| d.qos != QoS::AtMostOnce).count());
+        let mut starved = false;
         while batch.len() < BATCH {
-            let Some(d) = st.queue.pop_front() else { break };
-            batch.push(d);
+            let Some(front) = st.queue.front() else { break };
+            if front.qos != QoS::AtMostOnce {
+                if credit == 0 {
+                    starved = true;
+                    break;
+                }
+                credit -= 1;
+            }
+            if let Some(d) = st.queue.pop_front() {
+                batch.push(d);
+            }
         }
         if st.queue.len() < before {
-            // Publishers waiting for room in this queue may go on.
+            // Publishers holding acknowledgements for this queue may go on.
             self.session.space.notify_waiters();
         }
         let mut out = Vec::with_capacity(batch.len());
@@ -313,10 +338,12 @@ impl Pump {
                 .with_label_values(&["expired"])
                 .inc_by(expired);
         }
-        if out.is_empty() {
-            Step::Wait(wait)
-        } else {
+        if !out.is_empty() {
             Step::Send(out)
+        } else if starved {
+            Step::WaitCredit
+        } else {
+            Step::Wait(wait)
         }
     }
 

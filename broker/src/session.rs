@@ -54,15 +54,18 @@ pub enum Enqueued {
     OfflineDroppedOldest,
     /// Not stored: QoS 0 for an offline client or a full online queue.
     Dropped,
-    /// QoS 1/2 for an online client whose queue is full: handed back, so the
-    /// publisher can wait for room (backpressure) instead of losing it.
-    Full(Delivery),
+    /// QoS 1/2 queued for an online client beyond its queue limit: kept (in
+    /// order), and the publisher should wait for room before it acknowledges
+    /// (backpressure).
+    OverLimit,
 }
 
 /// Limits that shape a session's queues.
 #[derive(Debug, Clone, Copy)]
 pub struct QueueLimits {
     pub online: usize,
+    /// QoS 1/2 messages queued past `online` while their publishers wait.
+    pub overflow: usize,
     pub offline: usize,
 }
 
@@ -154,18 +157,24 @@ impl Session {
     pub fn enqueue(&self, d: Delivery, limits: QueueLimits) -> Enqueued {
         let mut st = self.lock();
         if let Some(conn) = &st.attached {
-            if st.queue.len() >= limits.online {
-                if d.qos == QoS::AtMostOnce {
-                    Enqueued::Dropped
-                } else {
-                    Enqueued::Full(d)
-                }
+            let len = st.queue.len();
+            // QoS 1/2 may go past the limit by `overflow`, so that waiting
+            // publishers keep their order; beyond that, or for QoS 0, drop.
+            if len >= limits.online
+                && (d.qos == QoS::AtMostOnce || len >= limits.online + limits.overflow)
+            {
+                Enqueued::Dropped
             } else {
+                let over = len >= limits.online;
                 let wake = conn.wake.clone();
                 st.queue.push_back(d);
                 drop(st);
                 wake.notify_one();
-                Enqueued::Online
+                if over {
+                    Enqueued::OverLimit
+                } else {
+                    Enqueued::Online
+                }
             }
         } else if d.qos == QoS::AtMostOnce || !st.persistent || limits.offline == 0 {
             Enqueued::Dropped
@@ -449,6 +458,7 @@ mod tests {
 
     const LIMITS: QueueLimits = QueueLimits {
         online: 100,
+        overflow: 100,
         offline: 3,
     };
 
@@ -481,11 +491,12 @@ mod tests {
     }
 
     #[test]
-    fn full_online_queue_hands_qos1_back_and_drops_qos0() {
+    fn full_online_queue_takes_qos1_over_the_limit_and_drops_qos0() {
         let store = SessionStore::default();
         let a = store.attach("c", true, Duration::ZERO);
         let tight = QueueLimits {
             online: 1,
+            overflow: 1,
             offline: 0,
         };
         let s = &a.session;
@@ -499,7 +510,11 @@ mod tests {
         ));
         assert!(matches!(
             s.enqueue(delivery(QoS::AtLeastOnce, 3), tight),
-            Enqueued::Full(_)
+            Enqueued::OverLimit
+        ));
+        assert!(matches!(
+            s.enqueue(delivery(QoS::AtLeastOnce, 4), tight),
+            Enqueued::Dropped
         ));
     }
 

@@ -217,6 +217,10 @@ impl OutSink for v3::MqttSink {
         v3::MqttSink::ready(self).await
     }
 
+    fn credit(&self) -> usize {
+        v3::MqttSink::credit(self)
+    }
+
     async fn send_qos0(&self, d: &Delivery, _now: Instant) -> bool {
         builder(self, d)
             .send_at_most_once(d.msg.payload.clone())

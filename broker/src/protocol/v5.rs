@@ -416,6 +416,10 @@ impl OutSink for V5Sink {
         self.sink.ready().await
     }
 
+    fn credit(&self) -> usize {
+        self.sink.credit()
+    }
+
     async fn send_qos0(&self, d: &Delivery, now: Instant) -> bool {
         self.builder(d, now)
             .send_at_most_once(d.msg.payload.clone())
