@@ -105,6 +105,7 @@ for sc in "${scenarios[@]}"; do
     done
 done
 
+mkdir -p "$(dirname "$out")"
 field() { # json key -> value
     sed -n "s/.*\"$2\":\([^,}]*\).*/\1/p" <<<"$1"
 }
