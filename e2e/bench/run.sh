@@ -79,7 +79,7 @@ if [ -n "$smoke" ]; then
 else
     secs=10
     scenarios=(
-        "1:QoS 0, 1:1, 64 B, 10 pairs, max rate:--scenario one-to-one --clients 10 --qos 0 --payload 64"
+        "1:QoS 0, one-to-one, 64 B, 10 pairs, max rate:--scenario one-to-one --clients 10 --qos 0 --payload 64"
         "2:fan-in 1000 publishers x 10/s QoS 1:--scenario fan-in --clients 1000 --qos 1 --payload 64 --rate 10"
         "3:fan-out 1 to 1000 subscribers QoS 0, 100/s:--scenario fan-out --clients 1000 --qos 0 --payload 64 --rate 100"
         "4:QoS 1, 16 publishers, max rate:--scenario one-to-one --clients 16 --qos 1 --payload 64"
