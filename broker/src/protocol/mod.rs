@@ -84,16 +84,24 @@ pub fn granted_keep_alive(limits: &crate::config::LimitsConfig, requested: u16) 
     }
 }
 
-/// Authenticates a CONNECT; a refusal is counted and logged ("not authorized").
+/// Authenticates a CONNECT, with the tokens a token-mode password carries;
+/// a refusal is counted and logged ("not authorized").
 pub fn authenticate(
     broker: &Broker,
     client_id: &str,
     username: Option<&str>,
     password: Option<&[u8]>,
-) -> std::result::Result<Identity, Refusal> {
+) -> std::result::Result<(Identity, Vec<(TokenType, Claims)>), Refusal> {
     broker
         .auth
         .authenticate(client_id, username, password)
+        .and_then(|identity| {
+            let tokens = match &identity {
+                Identity::Token(ak) => connect_tokens(broker, ak, password)?,
+                _ => Vec::new(),
+            };
+            Ok((identity, tokens))
+        })
         .inspect_err(|r| {
             broker.metrics.reject(r.reason());
             tracing::info!(client_id, user = username.unwrap_or(""), reason = %r, "CONNECT refused: not authorized");
@@ -144,7 +152,7 @@ pub fn install_tokens(conn: &Connection, tokens: Vec<(TokenType, Claims)>) {
 
 /// Token mode: the tokens a CONNECT carries in its password
 /// (`R|token|W|token`, any order, one per type).
-pub fn connect_tokens(
+fn connect_tokens(
     broker: &Broker,
     ak: &str,
     password: Option<&[u8]>,

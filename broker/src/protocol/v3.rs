@@ -13,7 +13,7 @@ use ntex_mqtt::{Control, v3};
 use super::{Error, Result};
 use ntex::util::{ByteString, Bytes};
 
-use crate::auth::{Identity, Refusal};
+use crate::auth::Refusal;
 use crate::broker::Broker;
 use crate::config::V3SubscribeRefusal;
 use crate::connection::{CloseReason, Connection, OutSink, Will};
@@ -38,14 +38,7 @@ pub async fn connect(broker: &Arc<Broker>, c: v3::Connect) -> Result<v3::Connect
         return Ok(c.identifier_rejected());
     };
     let password = pkt.password.as_deref();
-    let verdict = super::authenticate(broker, &client_id, pkt.username.as_deref(), password)
-        .and_then(|identity| {
-            let tokens = match &identity {
-                Identity::Token(ak) => super::connect_tokens(broker, ak, password)?,
-                _ => Vec::new(),
-            };
-            Ok((identity, tokens))
-        });
+    let verdict = super::authenticate(broker, &client_id, pkt.username.as_deref(), password);
     let (identity, tokens) = match verdict {
         Ok(v) => v,
         Err(Refusal::BadCredentials) => return Ok(c.bad_username_or_pwd()),

@@ -17,7 +17,7 @@ use ntex_mqtt::v5::codec::{
 use ntex_mqtt::{Control, Reason, v5};
 
 use super::{Error, Result};
-use crate::auth::{Identity, Refusal};
+use crate::auth::Refusal;
 use crate::broker::{Broker, PublishError, SubscribeError};
 use crate::connection::{CloseReason, Connection, OutSink, Will};
 use crate::message::{Message, Properties, QoS};
@@ -57,14 +57,7 @@ pub async fn connect(broker: &Arc<Broker>, c: v5::Connect) -> Result<v5::Connect
         }
     };
     let password = pkt.password.as_deref();
-    let verdict = super::authenticate(broker, &client_id, pkt.username.as_deref(), password)
-        .and_then(|identity| {
-            let tokens = match &identity {
-                Identity::Token(ak) => super::connect_tokens(broker, ak, password)?,
-                _ => Vec::new(),
-            };
-            Ok((identity, tokens))
-        });
+    let verdict = super::authenticate(broker, &client_id, pkt.username.as_deref(), password);
     let (identity, tokens) = match verdict {
         Ok(v) => v,
         Err(r) => {
