@@ -142,16 +142,6 @@ pub enum Identity {
     Token(Arc<str>),
 }
 
-impl Identity {
-    /// The name shown in traces and the operations API (never a secret).
-    pub fn name(&self) -> &str {
-        match self {
-            Identity::Anonymous => "",
-            Identity::User(u) | Identity::AccessKey(u) | Identity::Token(u) => u,
-        }
-    }
-}
-
 /// One consistent view of the credentials.
 #[derive(Debug, Default)]
 struct Snapshot {
@@ -444,17 +434,6 @@ pub fn hash_password(password: &str) -> std::result::Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
-/// The signature-mode password a device computes (A2), for tests and tools.
-pub fn signature(secret_key: &str, group_id: &str) -> String {
-    let mut mac = match HmacSha1::new_from_slice(secret_key.as_bytes()) {
-        Ok(m) => m,
-        // HMAC takes keys of any length.
-        Err(_) => return String::new(),
-    };
-    mac.update(group_id.as_bytes());
-    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -463,7 +442,11 @@ mod tests {
     /// signs: base64(hmac.new(b"XXXX", b"GID_AAA", sha1).digest()).
     #[test]
     fn signature_matches_the_seed_algorithm() {
-        assert_eq!(signature("XXXX", "GID_AAA"), "2rJinBsSwnDo+VPfYZyvsRUxaTI=");
+        let tag = base64::engine::general_purpose::STANDARD
+            .decode("2rJinBsSwnDo+VPfYZyvsRUxaTI=")
+            .unwrap_or_default();
+        assert!(verify_hmac(b"XXXX", b"GID_AAA", &tag));
+        assert!(!verify_hmac(b"XXXY", b"GID_AAA", &tag));
     }
 
     #[test]
