@@ -102,8 +102,8 @@ async fn tls_refuses_an_untrusted_server_certificate() {
 #[tokio::test]
 async fn tls_listeners_stay_off_without_a_certificate() {
     let b = Broker::start("");
-    assert!(std::net::TcpStream::connect(("127.0.0.1", b.tls)).is_err());
-    assert!(std::net::TcpStream::connect(("127.0.0.1", b.wss)).is_err());
+    // The broker names every listener it opens.
+    assert_eq!((b.tls, b.wss), (0, 0), "{}", b.log());
 }
 
 #[tokio::test]

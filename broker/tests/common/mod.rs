@@ -4,7 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -25,13 +25,6 @@ pub struct Broker {
     pub wss: u16,
     pub admin: u16,
     pub dir: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free port: {e}"))
 }
 
 impl Broker {
@@ -58,13 +51,6 @@ impl Broker {
 
     fn start_with(extra: &str, tls: Option<(PathBuf, PathBuf)>, tcp_host: &str) -> Broker {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-        let (tcp, ws, tls_port, wss, admin) = (
-            free_port(),
-            free_port(),
-            free_port(),
-            free_port(),
-            free_port(),
-        );
         let tls_files = match &tls {
             Some((c, k)) => format!(
                 "\n  tls_files:\n    cert: {}\n    key: {}",
@@ -73,8 +59,10 @@ impl Broker {
             ),
             None => String::new(),
         };
+        // Port 0 everywhere: the broker binds free ports itself and logs them,
+        // so parallel tests never race for a port.
         let config = format!(
-            "listeners:\n  tcp: \"{tcp_host}:{tcp}\"\n  ws: \"127.0.0.1:{ws}\"\n  tls: \"127.0.0.1:{tls_port}\"\n  wss: \"127.0.0.1:{wss}\"\n  admin: \"127.0.0.1:{admin}\"{tls_files}\nworkers: 2\nshutdown_timeout_secs: 2\n{extra}\n"
+            "listeners:\n  tcp: \"{tcp_host}:0\"\n  ws: \"127.0.0.1:0\"\n  tls: \"127.0.0.1:0\"\n  wss: \"127.0.0.1:0\"\n  admin: \"127.0.0.1:0\"{tls_files}\nworkers: 2\nshutdown_timeout_secs: 2\n{extra}\n"
         );
         let path = dir.path().join("broker.yaml");
         std::fs::write(&path, config).unwrap_or_else(|e| panic!("write config: {e}"));
@@ -88,17 +76,46 @@ impl Broker {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn broker: {e}"));
-        let broker = Broker {
+        let mut broker = Broker {
             child,
-            tcp,
-            ws,
-            tls: tls_port,
-            wss,
-            admin,
+            tcp: 0,
+            ws: 0,
+            tls: 0,
+            wss: 0,
+            admin: 0,
             dir,
         };
+        broker.read_ports(tls.is_some());
         broker.wait_ready();
         broker
+    }
+
+    /// Reads the bound ports from the broker's "listening" log lines.
+    fn read_ports(&mut self, tls: bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.log();
+            let port = |name: &str| -> u16 {
+                log.lines()
+                    .find(|l| {
+                        l.contains("listening") && l.contains(&format!("listener=\"{name}\""))
+                    })
+                    .and_then(|l| l.rsplit(':').next())
+                    .and_then(|p| p.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            (self.tcp, self.ws, self.admin) = (port("mqtt-tcp"), port("mqtt-ws"), port("admin"));
+            (self.tls, self.wss) = (port("mqtt-tls"), port("mqtt-wss"));
+            let all = self.tcp != 0 && self.ws != 0 && self.admin != 0;
+            if all && (!tls || (self.tls != 0 && self.wss != 0)) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "broker did not log its ports:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn wait_ready(&self) {
