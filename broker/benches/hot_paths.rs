@@ -5,10 +5,10 @@
 
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use ringmq_broker::message::{Message, MessageId, Properties, QoS};
+use ringmq_broker::message::{Message, MessageId, QoS};
 use ringmq_broker::router::{Router, SubOptions};
 use ringmq_broker::session::{Delivery, QueueLimits, SessionStore};
 use ringmq_broker::topic;
@@ -75,18 +75,14 @@ fn queue(c: &mut Criterion) {
     let store = SessionStore::default();
     let attached = store.attach("bench", false, Duration::from_secs(60));
     let session = attached.session;
-    let msg = Arc::new(Message {
-        id: MessageId(1),
-        topic: "t/1".into(),
-        payload: vec![0u8; 64].into(),
-        qos: QoS::AtLeastOnce,
-        retain: false,
-        publisher: Arc::from("p"),
-        ts_ms: 0,
-        received: Instant::now(),
-        expiry: None,
-        properties: Properties::default(),
-    });
+    let msg = Arc::new(Message::new(
+        MessageId(1),
+        "t/1".into(),
+        vec![0u8; 64].into(),
+        QoS::AtLeastOnce,
+        false,
+        Arc::from("p"),
+    ));
     let limits = QueueLimits {
         online: 1_000_000,
         overflow: 0,
@@ -94,13 +90,7 @@ fn queue(c: &mut Criterion) {
     };
     c.bench_function("session enqueue + dequeue (shared payload)", |b| {
         b.iter(|| {
-            let d = Delivery {
-                msg: msg.clone(),
-                qos: QoS::AtLeastOnce,
-                retain: false,
-                dup: false,
-                sub_ids: Vec::new(),
-            };
+            let d = Delivery::new(msg.clone(), QoS::AtLeastOnce);
             black_box(session.enqueue(d, limits));
             black_box(session.lock().queue.pop_front())
         })

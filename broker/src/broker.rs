@@ -300,13 +300,8 @@ impl Broker {
                 dup: false,
                 sub_ids,
             };
-            let outcome = session.enqueue(d, self.queue_limits());
-            let is_over = matches!(outcome, Enqueued::OverLimit);
-            if self.count(&session, outcome) {
+            if self.deliver(session, d, over) {
                 reached += 1;
-            }
-            if is_over {
-                over.push(session);
             }
         }
         reached
@@ -329,20 +324,19 @@ impl Broker {
         } else {
             msg.qos
         };
-        let d = Delivery {
-            msg: msg.clone(),
-            qos,
-            retain: false,
-            dup: false,
-            sub_ids: Vec::new(),
-        };
+        usize::from(self.deliver(session, Delivery::new(msg.clone(), qos), over))
+    }
+
+    /// Queues one delivery and counts it; a session that went over its queue
+    /// limit joins `over`, for the publisher to wait on. True if kept.
+    fn deliver(&self, session: Arc<Session>, d: Delivery, over: &mut Vec<Arc<Session>>) -> bool {
         let outcome = session.enqueue(d, self.queue_limits());
         let is_over = matches!(outcome, Enqueued::OverLimit);
-        let reached = usize::from(self.count(&session, outcome));
+        let kept = self.count(&session, outcome);
         if is_over {
             over.push(session);
         }
-        reached
+        kept
     }
 
     /// Offers one delivery to a session without waiting for room (retained
@@ -428,18 +422,7 @@ impl Broker {
         retain: bool,
         publisher: ClientId,
     ) -> Message {
-        Message {
-            id: self.ids.next(),
-            topic,
-            payload,
-            qos,
-            retain,
-            publisher,
-            ts_ms: crate::message::now_ms(),
-            received: Instant::now(),
-            expiry: None,
-            properties: Default::default(),
-        }
+        Message::new(self.ids.next(), topic, payload, qos, retain, publisher)
     }
 }
 

@@ -80,6 +80,29 @@ pub struct Message {
 }
 
 impl Message {
+    /// A message received now, without MQTT 5 properties or expiry.
+    pub fn new(
+        id: MessageId,
+        topic: ByteString,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+        publisher: Arc<str>,
+    ) -> Self {
+        Self {
+            id,
+            topic,
+            payload,
+            qos,
+            retain,
+            publisher,
+            ts_ms: now_ms(),
+            received: Instant::now(),
+            expiry: None,
+            properties: Properties::default(),
+        }
+    }
+
     /// Whether the message has outlived its expiry interval or `max_age`.
     pub fn is_expired(&self, now: Instant, max_age: Duration) -> bool {
         let age = now.saturating_duration_since(self.received);

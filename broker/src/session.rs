@@ -33,6 +33,19 @@ pub struct Delivery {
     pub sub_ids: Vec<NonZeroU32>,
 }
 
+impl Delivery {
+    /// A first delivery at `qos`: not retained, no DUP, no subscription ids.
+    pub fn new(msg: Arc<Message>, qos: QoS) -> Self {
+        Self {
+            msg,
+            qos,
+            retain: false,
+            dup: false,
+            sub_ids: Vec::new(),
+        }
+    }
+}
+
 /// Why a connection was told to go away (a takeover needs no kick: the old
 /// connection sees another generation attached).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -433,27 +446,18 @@ impl SessionStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::{MessageId, Properties};
+    use crate::message::MessageId;
 
     fn delivery(qos: QoS, n: u8) -> Delivery {
-        Delivery {
-            msg: Arc::new(Message {
-                id: MessageId(u64::from(n)),
-                topic: "t".into(),
-                payload: vec![n].into(),
-                qos,
-                retain: false,
-                publisher: Arc::from("p"),
-                ts_ms: 0,
-                received: Instant::now(),
-                expiry: None,
-                properties: Properties::default(),
-            }),
+        let msg = Message::new(
+            MessageId(u64::from(n)),
+            "t".into(),
+            vec![n].into(),
             qos,
-            retain: false,
-            dup: false,
-            sub_ids: Vec::new(),
-        }
+            false,
+            Arc::from("p"),
+        );
+        Delivery::new(Arc::new(msg), qos)
     }
 
     const LIMITS: QueueLimits = QueueLimits {

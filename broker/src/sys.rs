@@ -164,14 +164,7 @@ fn notify(broker: &Broker, session: &Session, topic: &'static str, body: String)
         false,
         Arc::from(""),
     );
-    let d = Delivery {
-        msg: Arc::new(msg),
-        qos: QoS::AtLeastOnce,
-        retain: false,
-        dup: false,
-        sub_ids: Vec::new(),
-    };
-    broker.offer(session, d);
+    broker.offer(session, Delivery::new(Arc::new(msg), QoS::AtLeastOnce));
 }
 
 /// `$SYS/getOfflineMsg`: moves up to `maxPushNum` offline messages, oldest or

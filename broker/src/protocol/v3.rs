@@ -170,12 +170,10 @@ pub async fn protocol(
                 }
             }
             for (m, qos) in replay {
+                let qos = qos.min(m.qos);
                 let d = Delivery {
-                    qos: qos.min(m.qos),
-                    msg: m,
                     retain: true,
-                    dup: false,
-                    sub_ids: Vec::new(),
+                    ..Delivery::new(m, qos)
                 };
                 broker.offer(&conn.session, d);
             }

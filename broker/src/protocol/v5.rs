@@ -261,12 +261,11 @@ pub async fn protocol(
                 }
             }
             for (m, opts) in replay {
+                let qos = opts.qos.min(m.qos);
                 let d = Delivery {
-                    qos: opts.qos.min(m.qos),
-                    msg: m,
                     retain: true,
-                    dup: false,
                     sub_ids: opts.id.into_iter().collect(),
+                    ..Delivery::new(m, qos)
                 };
                 broker.offer(&conn.session, d);
             }
