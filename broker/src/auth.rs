@@ -9,6 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
@@ -222,7 +223,18 @@ impl Snapshot {
 pub struct Auth {
     path: Option<PathBuf>,
     snapshot: RwLock<Arc<Snapshot>>,
+    /// Bumped with every new snapshot, so connections holding a `Grants`
+    /// notice a reload with one atomic read instead of a lock per packet.
+    generation: AtomicU64,
     modified: Mutex<Option<SystemTime>>,
+}
+
+/// A connection's view of the credentials: the grants checks of the
+/// publish and subscribe paths, on the snapshot of one generation.
+#[derive(Debug, Clone)]
+pub struct Grants {
+    generation: u64,
+    snap: Arc<Snapshot>,
 }
 
 type HmacSha1 = Hmac<sha1::Sha1>;
@@ -236,6 +248,7 @@ impl Auth {
                 anonymous_allowed: true,
                 ..Snapshot::default()
             })),
+            generation: AtomicU64::new(0),
             modified: Mutex::new(None),
         }
     }
@@ -246,8 +259,25 @@ impl Auth {
         Ok(Self {
             path: Some(path.to_owned()),
             snapshot: RwLock::new(Arc::new(snapshot)),
+            generation: AtomicU64::new(0),
             modified: Mutex::new(modified),
         })
+    }
+
+    /// The current grants, for a connection to keep.
+    pub fn grants(&self) -> Grants {
+        // Generation first: a reload in between makes the view look stale
+        // and it is fetched again, never the other way round.
+        let generation = self.generation.load(Ordering::Acquire);
+        Grants {
+            generation,
+            snap: self.current(),
+        }
+    }
+
+    /// Whether `grants` still reflect the current credentials.
+    pub fn is_current(&self, grants: &Grants) -> bool {
+        self.generation.load(Ordering::Acquire) == grants.generation
     }
 
     fn current(&self) -> Arc<Snapshot> {
@@ -272,6 +302,7 @@ impl Auth {
         }
         let (snapshot, modified) = load(path)?;
         *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snapshot);
+        self.generation.fetch_add(1, Ordering::AcqRel);
         *self.modified.lock().unwrap_or_else(|e| e.into_inner()) = modified;
         Ok(true)
     }
@@ -349,16 +380,17 @@ impl Auth {
             .decode(signature)
             .is_ok_and(|tag| verify_hmac(key.secret_key.0.as_bytes(), data.as_bytes(), &tag))
     }
+}
 
+impl Grants {
     /// Whether an AccessKey is still configured (a token outlives no key).
     pub fn has_access_key(&self, ak: &str) -> bool {
-        self.current().keys.contains_key(ak)
+        self.snap.keys.contains_key(ak)
     }
 
     /// Whether `who` may publish to `topic`.
     pub fn may_publish(&self, who: &Identity, topic: &str) -> bool {
-        let snap = self.current();
-        let Some(grants) = snap.grants(who) else {
+        let Some(grants) = self.snap.grants(who) else {
             return true;
         };
         !grants
@@ -372,8 +404,7 @@ impl Auth {
     /// Whether `who` may subscribe to `filter` (a `$share/<group>/` prefix is
     /// judged by the filter behind it).
     pub fn may_subscribe(&self, who: &Identity, filter: &str) -> bool {
-        let snap = self.current();
-        let Some(grants) = snap.grants(who) else {
+        let Some(grants) = self.snap.grants(who) else {
             return true;
         };
         let filter = topic::parse_filter(filter, usize::MAX, false)

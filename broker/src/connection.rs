@@ -13,7 +13,7 @@ use std::num::NonZeroU16;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::auth::Identity;
+use crate::auth::{Grants, Identity};
 use crate::broker::Broker;
 use crate::message::{Message, QoS};
 use crate::router::ClientId;
@@ -63,6 +63,9 @@ pub struct Connection {
     /// Who the client authenticated as; grants are looked up by it on every
     /// PUBLISH and SUBSCRIBE, so reloaded credentials apply at once.
     pub identity: Identity,
+    /// The credentials this connection checks against, refreshed when they
+    /// are reloaded.
+    grants: RefCell<Grants>,
     /// cleanSession=false / session expiry > 0.
     pub persistent: bool,
     pub will: RefCell<Option<Will>>,
@@ -87,6 +90,7 @@ impl Connection {
             session: attached.session,
             conn: attached.conn,
             identity,
+            grants: RefCell::new(broker.auth.grants()),
             broker,
             persistent,
             will: RefCell::new(will),
@@ -106,6 +110,15 @@ impl Connection {
         ntex::rt::spawn(async move { pump.run(sink).await });
     }
 
+    /// The current grants: an atomic read per packet, a lock only after a
+    /// credentials reload.
+    pub fn grants(&self) -> std::cell::Ref<'_, Grants> {
+        if !self.broker.auth.is_current(&self.grants.borrow()) {
+            *self.grants.borrow_mut() = self.broker.auth.grants();
+        }
+        self.grants.borrow()
+    }
+
     /// Token mode: whether the connection's tokens allow writing to `topic`
     /// (or reading `filter`), and if not, the seed's reason.
     pub fn token_check(&self, write: bool, target: &str) -> Result<(), (TokenError, TokenType)> {
@@ -117,7 +130,7 @@ impl Connection {
         let mut failure = (TokenError::ActionMismatch, wanted);
         let now = crate::message::now_ms();
         for (ty, claims) in &st.tokens {
-            let verdict = if !self.broker.auth.has_access_key(&claims.ak) {
+            let verdict = if !self.grants().has_access_key(&claims.ak) {
                 Err(TokenError::Account)
             } else if claims.exp <= now {
                 Err(TokenError::Expired)

@@ -114,7 +114,7 @@ pub fn may_subscribe(conn: &Connection, filter: &str) -> Result<()> {
     let verdict = if let Identity::Token(_) = conn.identity {
         conn.token_check(false, filter)
             .map_err(|(e, ty)| Error::Token(e, ty))
-    } else if conn.broker.auth.may_subscribe(&conn.identity, filter) {
+    } else if conn.grants().may_subscribe(&conn.identity, filter) {
         Ok(())
     } else {
         Err(Error::NotAuthorized)
@@ -194,7 +194,7 @@ pub async fn publish(conn: &Connection, msg: Message) -> Result<()> {
         if let Identity::Token(_) = conn.identity {
             conn.token_check(true, &msg.topic)
                 .map_err(|(e, ty)| Error::Token(e, ty))?;
-        } else if !broker.auth.may_publish(&conn.identity, &msg.topic) {
+        } else if !conn.grants().may_publish(&conn.identity, &msg.topic) {
             return Err(Error::NotAuthorized);
         }
         broker.accept(Arc::new(msg), conn.persistent).await?;
