@@ -4,8 +4,9 @@
 //! Nothing here knows about MQTT versions or sockets; `protocol` translates
 //! ntex-mqtt's v3 and v5 packets into these calls.
 
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::auth::Auth;
@@ -18,7 +19,7 @@ use crate::secret_file::SecretFile;
 use crate::session::{
     Attached, Delivery, Enqueued, KickReason, QueueLimits, Session, SessionStore,
 };
-use crate::storage::{Storage, StorageError};
+use crate::storage::{DeviceEvent, Durability, EventKind, OnFull, Storage, StorageError};
 use crate::token::TokenService;
 use crate::topic::{self, ClientIdError, TopicError};
 
@@ -59,6 +60,33 @@ pub struct Broker {
     storage: Arc<dyn Storage>,
     /// Cleared when the node starts shutting down (`/readyz` answers 503).
     ready: AtomicBool,
+    /// This node's name (`Config::node_name`).
+    pub node: Arc<str>,
+    /// Sequence of channel IDs (one per TCP connection).
+    channels: AtomicU64,
+    /// Last device event index handed out.
+    event_clock: AtomicU64,
+}
+
+/// Who publishes a message, as the storage and routing rules need it.
+#[derive(Debug, Clone, Copy)]
+pub struct Publisher<'a> {
+    /// The publisher's session: its `ordered` flag keys stored records.
+    pub session: &'a Session,
+    /// cleanSession=false / session expiry > 0: decides P2P offline queueing.
+    pub persistent: bool,
+    /// What a full storage buffer does to this publisher's QoS 1/2 messages.
+    pub on_full: OnFull,
+}
+
+/// Which offline sessions keep a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeepOffline {
+    /// MQTT publishes: every persistent session, except that P2P follows the
+    /// sender's flag (B10).
+    Publisher { persistent: bool },
+    /// Downlink records: the `cleanSession` header decides for every target.
+    Record { persistent: bool },
 }
 
 /// What a successful subscription gives back.
@@ -79,6 +107,7 @@ impl Broker {
         admin_token: Option<SecretFile>,
         storage: Arc<dyn Storage>,
     ) -> Arc<Self> {
+        let config_node = config.node_name();
         Arc::new(Self {
             config,
             sessions: SessionStore::default(),
@@ -91,6 +120,9 @@ impl Broker {
             admin_token,
             storage,
             ready: AtomicBool::new(true),
+            node: Arc::from(config_node.as_str()),
+            channels: AtomicU64::new(0),
+            event_clock: AtomicU64::new(0),
         })
     }
 
@@ -197,33 +229,125 @@ impl Broker {
 
     /// The inbound publish path: store (when the parent topic is stored),
     /// then route. Resolves when the PUBLISH may be acknowledged.
-    pub async fn accept(&self, msg: Arc<Message>, publisher_persistent: bool) -> Result<usize> {
+    pub async fn accept(&self, msg: Arc<Message>, publisher: Publisher<'_>) -> Result<usize> {
         self.metrics.received(msg.qos, msg.payload.len());
         if self.storage.stores(topic::parent_topic(&msg.topic)) {
-            self.storage.store(msg.clone()).await?;
+            let ordered = publisher.session.lock().ordered;
+            let durability = if msg.qos == QoS::AtMostOnce {
+                Durability::BestEffort
+            } else {
+                Durability::Acknowledged(publisher.on_full)
+            };
+            self.storage.store(msg.clone(), ordered, durability).await?;
         }
         let mut over = Vec::new();
-        let reached = self.route(&msg, publisher_persistent, &mut over);
+        let keep = KeepOffline::Publisher {
+            persistent: publisher.persistent,
+        };
+        let reached = self.route(&msg, keep, &mut over);
         for session in over {
             self.wait_for_room(&session).await;
         }
         Ok(reached)
     }
 
+    /// A will message: stored like a QoS 0 message (nobody waits for it),
+    /// then routed.
+    pub fn publish_will(&self, msg: &Arc<Message>, session: &Session, persistent: bool) {
+        if self.storage.stores(topic::parent_topic(&msg.topic)) {
+            let ordered = session.lock().ordered;
+            // BestEffort resolves at once: the future has nothing left to do.
+            drop(
+                self.storage
+                    .store(msg.clone(), ordered, Durability::BestEffort),
+            );
+        }
+        self.publish(msg, persistent);
+    }
+
+    /// A downlink record from Kafka (K4): routed like a publish; offline
+    /// persistent sessions keep it only when the record says
+    /// `cleanSession=false`. Returns the sessions that went over their queue
+    /// limit, for the consumer to wait on, with the number of sessions reached.
+    pub fn publish_downlink(
+        &self,
+        msg: &Arc<Message>,
+        clean_session: bool,
+    ) -> (usize, Vec<Arc<Session>>) {
+        self.metrics.received(msg.qos, msg.payload.len());
+        let mut over = Vec::new();
+        let keep = KeepOffline::Record {
+            persistent: !clean_session,
+        };
+        let reached = self.route(msg, keep, &mut over);
+        (reached, over)
+    }
+
+    /// Whether a session's live queue is within its limit (or nobody reads it).
+    pub fn has_room(&self, session: &Session) -> bool {
+        let st = session.lock();
+        st.attached.is_none() || st.queue.len() <= self.config.limits.max_queued_messages
+    }
+
+    /// A new channel ID, unique per TCP connection of this node.
+    pub fn next_channel_id(&self) -> Arc<str> {
+        let n = self.channels.fetch_add(1, Ordering::Relaxed) + 1;
+        Arc::from(format!("{}-{n}", self.node))
+    }
+
+    /// The next device event index: microseconds since the Unix epoch, or
+    /// one more than the last index if the clock has not moved past it. It
+    /// increases with every event of this node; across nodes it increases as
+    /// long as their clocks differ by less than the time a client takes to
+    /// reconnect.
+    fn next_event_index(&self) -> u64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        let mut last = self.event_clock.load(Ordering::Relaxed);
+        loop {
+            let next = now.max(last.saturating_add(1));
+            match self.event_clock.compare_exchange_weak(
+                last,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return next,
+                Err(seen) => last = seen,
+            }
+        }
+    }
+
+    /// Records a device connect or disconnect (K5).
+    pub fn device_event(
+        &self,
+        client_id: &ClientId,
+        kind: EventKind,
+        channel_id: &Arc<str>,
+        client_ip: Option<IpAddr>,
+    ) {
+        self.storage.device_event(DeviceEvent {
+            client_id: client_id.clone(),
+            kind,
+            channel_id: channel_id.clone(),
+            client_ip,
+            ts_ms: crate::message::now_ms(),
+            index: self.next_event_index(),
+        });
+    }
+
     /// Backpressure: holds the publisher's acknowledgement until the session's
     /// live queue is back within its limit, or `queue_full_wait_ms` passed.
     async fn wait_for_room(&self, session: &Session) {
-        let limit = self.config.limits.max_queued_messages;
         let deadline =
             Instant::now() + Duration::from_millis(self.config.limits.queue_full_wait_ms);
         loop {
             let notified = session.space.notified();
             let mut notified = std::pin::pin!(notified);
             notified.as_mut().enable();
-            let room = {
-                let st = session.lock();
-                st.attached.is_none() || st.queue.len() <= limit
-            };
+            let room = self.has_room(session);
             let left = deadline.saturating_duration_since(Instant::now());
             if room || left.is_zero() {
                 return;
@@ -236,23 +360,26 @@ impl Broker {
     /// keeps it if it is retained; nothing waits for full queues here (wills,
     /// broker notices). Returns the number of sessions it reached.
     pub fn publish(&self, msg: &Arc<Message>, publisher_persistent: bool) -> usize {
-        self.route(msg, publisher_persistent, &mut Vec::new())
+        let keep = KeepOffline::Publisher {
+            persistent: publisher_persistent,
+        };
+        self.route(msg, keep, &mut Vec::new())
     }
 
     /// Offers a message to every target; sessions whose queue went over its
     /// limit are added to `over`.
-    fn route(
-        &self,
-        msg: &Arc<Message>,
-        publisher_persistent: bool,
-        over: &mut Vec<Arc<Session>>,
-    ) -> usize {
+    fn route(&self, msg: &Arc<Message>, keep: KeepOffline, over: &mut Vec<Arc<Session>>) -> usize {
         if msg.retain {
             let n = self.retained.set(msg);
             self.metrics.retained.set(gauge(n));
         }
         if let Some(target) = topic::p2p_target(&msg.topic) {
-            return self.publish_p2p(msg, target, publisher_persistent, over);
+            let persistent = match keep {
+                KeepOffline::Publisher { persistent } | KeepOffline::Record { persistent } => {
+                    persistent
+                }
+            };
+            return self.publish_p2p(msg, target, persistent, over);
         }
         let mut routes: Vec<Route> = Vec::new();
         self.router.route(
@@ -293,6 +420,11 @@ impl Broker {
             let Some(session) = self.sessions.get(&client) else {
                 continue;
             };
+            if keep == (KeepOffline::Record { persistent: false }) && !session.is_online() {
+                // cleanSession=true records are for online clients only.
+                self.metrics.drop_message("offline");
+                continue;
+            }
             let d = Delivery {
                 msg: msg.clone(),
                 qos: qos.min(msg.qos),

@@ -41,6 +41,13 @@ pub struct Config {
     pub client_id: ClientIdConfig,
     /// Credentials and how refusals look.
     pub auth: AuthConfig,
+    /// The Kafka cluster this instance binds (K1). `null`: no message is
+    /// stored and the broker routes between MQTT clients only.
+    pub kafka: Option<KafkaConfig>,
+    /// This node's name: the Kafka consumer group suffix and the prefix of
+    /// channel IDs in device events. `null`: the host name (the pod name on
+    /// Kubernetes).
+    pub node_id: Option<String>,
     /// Number of worker threads serving connections; 0 means one per CPU core.
     pub workers: usize,
     /// Seconds that a graceful shutdown waits for connections to close.
@@ -54,6 +61,8 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             client_id: ClientIdConfig::default(),
             auth: AuthConfig::default(),
+            kafka: None,
+            node_id: None,
             workers: 0,
             shutdown_timeout_secs: 10,
         }
@@ -241,6 +250,197 @@ pub enum V3SubscribeRefusal {
     Suback,
 }
 
+/// The Kafka cluster of the instance and what is written to it (K1–K7).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, `host:port[,host:port…]`.
+    pub bootstrap_servers: String,
+    /// How the broker authenticates to Kafka.
+    pub security: KafkaSecurity,
+    /// Parent topics whose messages are stored, each in the Kafka topic of
+    /// the same name.
+    pub parent_topics: Vec<ParentTopic>,
+    /// Topic that backend applications write device-bound messages to.
+    pub downlink_topic: String,
+    /// Topic of device connect events; `null` turns them off.
+    pub connect_topic: Option<String>,
+    /// Topic of device disconnect events; `null` turns them off.
+    pub disconnect_topic: Option<String>,
+    /// Consumer group of this node's downlink consumer; `null`:
+    /// `ringmq-<node_id>`. Every node needs its own group (see ARCHITECTURE.md).
+    pub consumer_group: Option<String>,
+    /// Create missing topics at start with `partitions` and
+    /// `replication_factor`; the operator turns this off when it manages them.
+    pub create_topics: bool,
+    /// Partitions of topics the broker creates (K6).
+    pub partitions: i32,
+    /// Replication factor of topics the broker creates.
+    pub replication_factor: i32,
+    /// Records waiting for Kafka's acknowledgement, at most. Beyond it QoS 0
+    /// messages and device events are dropped (and counted), MQTT 5 QoS 1/2
+    /// publishes are refused with reason 0x97 and MQTT 3.1.1 ones wait (K7).
+    pub buffer_records: usize,
+    /// Producer batching delay, milliseconds.
+    pub linger_ms: u32,
+    /// Producer compression.
+    pub compression: Compression,
+    /// Seconds a record may wait for Kafka before it fails; 0 retries until
+    /// Kafka is back, which is what keeps acknowledged messages (K3, K7).
+    pub delivery_timeout_secs: u32,
+    /// Further librdkafka properties for the producer and the consumer
+    /// (for example `socket.keepalive.enable`); they override the above.
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            bootstrap_servers: "localhost:9092".into(),
+            security: KafkaSecurity::default(),
+            parent_topics: Vec::new(),
+            downlink_topic: "mq2mqtt".into(),
+            connect_topic: Some("mqtt-device-connect".into()),
+            disconnect_topic: Some("mqtt-device-disconnect".into()),
+            consumer_group: None,
+            create_topics: true,
+            partitions: 3,
+            replication_factor: 1,
+            buffer_records: 10_000,
+            linger_ms: 5,
+            compression: Compression::None,
+            delivery_timeout_secs: 0,
+            properties: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+/// A declared parent topic (K6).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ParentTopic {
+    /// First level of the MQTT topic, and the Kafka topic's name.
+    pub name: String,
+    /// `normal`, or `ordered`: records keyed by Client ID, so that each
+    /// client's messages stay in send order within one partition.
+    #[serde(default)]
+    pub kind: TopicKind,
+}
+
+/// See `ParentTopic::kind`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TopicKind {
+    #[default]
+    Normal,
+    Ordered,
+}
+
+/// See `KafkaConfig::compression`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    #[default]
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
+}
+
+/// Kafka client authentication; secrets are read from mounted files.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaSecurity {
+    /// `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`.
+    pub protocol: KafkaProtocol,
+    /// SASL mechanism: `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
+    pub sasl_mechanism: Option<String>,
+    /// SASL user name.
+    pub username: Option<String>,
+    /// File holding the SASL password.
+    pub password_file: Option<PathBuf>,
+    /// CA bundle that signs the Kafka brokers' certificates.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key, for mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// See `KafkaSecurity::protocol`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum KafkaProtocol {
+    #[default]
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+/// Kafka's topic name rule: 1–249 of `[a-zA-Z0-9._-]`.
+pub fn is_kafka_topic_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 249
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+impl KafkaConfig {
+    fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.bootstrap_servers.trim().is_empty() {
+            return bad("kafka.bootstrap_servers must not be empty".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for t in &self.parent_topics {
+            if !is_kafka_topic_name(&t.name) {
+                return bad(format!(
+                    "kafka.parent_topics: {:?} is not a Kafka topic name (1-249 of a-z A-Z 0-9 . _ -)",
+                    t.name
+                ));
+            }
+            if !seen.insert(t.name.as_str()) {
+                return bad(format!(
+                    "kafka.parent_topics: {:?} is declared twice",
+                    t.name
+                ));
+            }
+        }
+        let system = [
+            Some(&self.downlink_topic),
+            self.connect_topic.as_ref(),
+            self.disconnect_topic.as_ref(),
+        ];
+        for name in system.into_iter().flatten() {
+            if !is_kafka_topic_name(name) {
+                return bad(format!("kafka: {name:?} is not a Kafka topic name"));
+            }
+            if seen.contains(name.as_str()) {
+                return bad(format!(
+                    "kafka: {name:?} is a system topic and cannot be a parent topic"
+                ));
+            }
+        }
+        if self.partitions < 1 || self.replication_factor < 1 {
+            return bad("kafka.partitions and kafka.replication_factor must be at least 1".into());
+        }
+        if self.buffer_records == 0 || self.buffer_records > 10_000_000 {
+            return bad("kafka.buffer_records must be between 1 and 10000000".into());
+        }
+        let sasl = matches!(
+            self.security.protocol,
+            KafkaProtocol::SaslPlaintext | KafkaProtocol::SaslSsl
+        );
+        if sasl && (self.security.username.is_none() || self.security.password_file.is_none()) {
+            return bad("kafka.security: SASL needs username and password_file".into());
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     /// Reads a YAML file; an empty file gives the defaults.
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -271,6 +471,19 @@ impl Config {
         Ok(config)
     }
 
+    /// This node's name: `node_id`, or the host name.
+    pub fn node_name(&self) -> String {
+        if let Some(id) = &self.node_id {
+            return id.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "ringmq".to_owned())
+    }
+
     /// The defaults as documented YAML, for `--print-default-config`.
     pub fn default_yaml() -> String {
         DEFAULT_CONFIG_YAML.to_owned()
@@ -299,6 +512,14 @@ impl Config {
         }
         if l.offline_pulls_per_sec == 0 {
             return bad("limits.offline_pulls_per_sec must be at least 1");
+        }
+        if let Some(id) = &self.node_id
+            && (id.is_empty() || !id.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return bad("node_id must be printable ASCII without spaces");
+        }
+        if let Some(k) = &self.kafka {
+            k.validate()?;
         }
         Ok(())
     }
@@ -375,6 +596,33 @@ auth:
   token_signing_key_file: null
   # shortest token lifetime issued, seconds
   token_min_lifetime_secs: 60
+# The Kafka cluster the instance binds (null: nothing is stored). Example:
+# kafka:
+#   bootstrap_servers: "kafka-0.kafka:9092,kafka-1.kafka:9092"
+#   security:
+#     protocol: sasl_ssl            # plaintext | ssl | sasl_plaintext | sasl_ssl
+#     sasl_mechanism: SCRAM-SHA-512
+#     username: ringmq
+#     password_file: /etc/ringmq/kafka/password
+#     ca_file: /etc/ringmq/kafka/ca.crt
+#   parent_topics:                  # first MQTT topic level = Kafka topic
+#     - { name: sensors, kind: normal }
+#     - { name: orders, kind: ordered }   # keyed by Client ID
+#   downlink_topic: mq2mqtt
+#   connect_topic: mqtt-device-connect
+#   disconnect_topic: mqtt-device-disconnect
+#   consumer_group: null            # null: ringmq-<node_id>
+#   create_topics: true
+#   partitions: 3
+#   replication_factor: 1
+#   buffer_records: 10000           # records awaiting Kafka, at most
+#   linger_ms: 5
+#   compression: none               # none | gzip | snappy | lz4
+#   delivery_timeout_secs: 0        # 0: retry until Kafka is back
+#   properties: {}                  # extra librdkafka settings
+kafka: null
+# this node's name (null: the host name)
+node_id: null
 # connection worker threads, 0 = one per CPU core
 workers: 0
 # graceful shutdown: seconds to wait for connections to close
@@ -403,6 +651,32 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("max_topic_lenght"), "{err}");
+    }
+
+    #[test]
+    fn kafka_section_parses_with_defaults_for_missing_keys() {
+        let yaml = "kafka:\n  bootstrap_servers: k:9092\n  parent_topics:\n    - name: sensors\n    - { name: orders, kind: ordered }\n";
+        let c = Config::from_yaml(yaml).map_err(|e| e.to_string());
+        let k = c.ok().and_then(|c| c.kafka);
+        let k = k.as_ref();
+        assert_eq!(k.map(|k| k.parent_topics.len()), Some(2));
+        assert_eq!(k.map(|k| k.parent_topics[1].kind), Some(TopicKind::Ordered));
+        assert_eq!(k.map(|k| k.downlink_topic.as_str()), Some("mq2mqtt"));
+        assert_eq!(k.map(|k| k.partitions), Some(3));
+    }
+
+    #[test]
+    fn kafka_topic_names_are_checked() {
+        for bad in [
+            "kafka:\n  parent_topics: [{ name: \"a/b\" }]\n",
+            "kafka:\n  parent_topics: [{ name: a }, { name: a }]\n",
+            "kafka:\n  parent_topics: [{ name: mq2mqtt }]\n",
+            "kafka:\n  parent_topics: [{ name: a, kind: sorted }]\n",
+            "kafka:\n  security: { protocol: sasl_ssl }\n",
+            "kafka:\n  buffer_records: 0\n",
+        ] {
+            assert!(Config::from_yaml(bad).is_err(), "accepted: {bad}");
+        }
     }
 
     #[test]

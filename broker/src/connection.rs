@@ -9,6 +9,7 @@
 //! that dies loses none of them: the next connection resends them with DUP.
 
 use std::cell::{Cell, RefCell};
+use std::net::IpAddr;
 use std::num::NonZeroU16;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,6 +19,7 @@ use crate::broker::Broker;
 use crate::message::{Message, QoS};
 use crate::router::ClientId;
 use crate::session::{Conn, Delivery, KickReason, Session};
+use crate::storage::EventKind;
 use crate::token::{TokenError, TokenType};
 
 /// Why the pump closes the connection.
@@ -73,6 +75,9 @@ pub struct Connection {
     pub graceful: Cell<bool>,
     /// Start of the current one-second window and pulls made in it (B6).
     pub pulls: Cell<(Instant, u32)>,
+    /// Unique per TCP connection; named in device events (K5).
+    pub channel_id: Arc<str>,
+    pub peer: Option<IpAddr>,
 }
 
 impl Connection {
@@ -82,9 +87,17 @@ impl Connection {
         identity: Identity,
         persistent: bool,
         will: Option<Will>,
+        peer: Option<IpAddr>,
     ) -> Self {
         broker.metrics.connections.inc();
         broker.metrics.connections_total.inc();
+        let channel_id = broker.next_channel_id();
+        broker.device_event(
+            &attached.session.client_id,
+            EventKind::Connect,
+            &channel_id,
+            peer,
+        );
         Self {
             client_id: attached.session.client_id.clone(),
             session: attached.session,
@@ -96,6 +109,8 @@ impl Connection {
             will: RefCell::new(will),
             graceful: Cell::new(false),
             pulls: Cell::new((Instant::now(), 0)),
+            channel_id,
+            peer,
         }
     }
 
@@ -171,7 +186,7 @@ impl Connection {
         let msg = Arc::new(will.msg);
         let persistent = self.persistent;
         if will.delay.is_zero() || !persistent {
-            broker.publish(&msg, persistent);
+            broker.publish_will(&msg, &self.session, persistent);
             return;
         }
         // MQTT 5 will delay: published when the delay or the session ends,
@@ -185,9 +200,16 @@ impl Connection {
             let due = session.lock().pending_will_generation == Some(generation);
             if due {
                 session.lock().pending_will_generation = None;
-                broker.publish(&msg, persistent);
+                broker.publish_will(&msg, &session, persistent);
             }
         });
+    }
+}
+
+impl Connection {
+    fn event(&self, kind: EventKind) {
+        self.broker
+            .device_event(&self.client_id, kind, &self.channel_id, self.peer);
     }
 }
 
@@ -200,9 +222,12 @@ impl Drop for Connection {
             .attached
             .as_ref()
             .is_none_or(|c| c.generation != self.conn.generation);
-        if !self.graceful.get() {
+        if self.graceful.get() {
+            self.event(EventKind::Disconnect);
+        } else {
             self.publish_will();
         }
+        self.event(EventKind::TcpClean);
         tracing::debug!(
             client_id = %self.client_id,
             graceful = self.graceful.get(),

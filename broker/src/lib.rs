@@ -8,6 +8,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod connection;
+pub mod kafka;
 pub mod listener;
 pub mod message;
 pub mod metrics;
@@ -24,6 +25,7 @@ pub mod token_api;
 pub mod topic;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 pub use broker::Broker;
@@ -38,6 +40,8 @@ pub enum Error {
     Metrics(#[from] metrics::MetricsError),
     #[error(transparent)]
     Auth(#[from] auth::AuthError),
+    #[error(transparent)]
+    Kafka(#[from] kafka::KafkaSetupError),
     #[error("cannot read the {what} file {path}: {error}")]
     SecretFile {
         what: &'static str,
@@ -75,15 +79,41 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Some(path) => Some(secret(path, "admin token")?),
         None => None,
     };
-    let broker = Broker::new(
-        config,
-        metrics,
-        auth,
-        tokens,
-        admin_token,
-        Arc::new(storage::NoStorage),
-    );
+    let kafka = match &config.kafka {
+        Some(k) => Some(kafka::Kafka::new(
+            k,
+            &config.node_name(),
+            metrics.registry(),
+        )?),
+        None => None,
+    };
+    let storage: Arc<dyn storage::Storage> = match &kafka {
+        Some(k) => k.clone(),
+        None => Arc::new(storage::NoStorage),
+    };
+    let flush_timeout = Duration::from_secs(config.shutdown_timeout_secs);
+    let broker = Broker::new(config, metrics, auth, tokens, admin_token, storage);
+    let downlink = match &kafka {
+        Some(k) => {
+            let topics_ready = Arc::new(AtomicBool::new(!k.creates_topics()));
+            if k.creates_topics() {
+                let (k, ready) = (k.clone(), topics_ready.clone());
+                ntex::rt::spawn(async move {
+                    k.ensure_topics().await;
+                    ready.store(true, Ordering::Release);
+                });
+            }
+            Some(kafka::Downlink::start(k, broker.clone(), topics_ready)?)
+        }
+        None => None,
+    };
     listener::serve(broker, bound, shutdown).await?;
+    if let Some(d) = downlink {
+        d.stop();
+    }
+    if let Some(k) = kafka {
+        k.flush(flush_timeout);
+    }
     Ok(())
 }
 

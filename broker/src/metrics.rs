@@ -118,6 +118,11 @@ impl Metrics {
         self.messages_dropped.with_label_values(&[reason]).inc();
     }
 
+    /// The registry, for modules that add their own metrics.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use ntex_mqtt::Reason;
 
 use crate::auth::{Identity, Refusal};
-use crate::broker::{Broker, PublishError};
+use crate::broker::{Broker, PublishError, Publisher};
 use crate::connection::Connection;
 use crate::message::Message;
+use crate::storage::{OnFull, StorageError};
 use crate::sys::{self, SysError};
 use crate::token::{Claims, TokenError, TokenType};
 use crate::topic::TopicError;
@@ -56,6 +57,9 @@ impl Error {
     pub fn reason(&self) -> &'static str {
         match self {
             Error::Publish(PublishError::Topic(_)) => "topic_invalid",
+            Error::Publish(PublishError::Storage(StorageError::BufferFull)) => {
+                "storage_buffer_full"
+            }
             Error::Publish(PublishError::Storage(_)) => "storage_unavailable",
             Error::Sys(SysError::RateLimited(_)) => "offline_pull_rate",
             Error::Sys(SysError::Malformed(_)) => "sys_request_malformed",
@@ -182,7 +186,7 @@ fn connect_tokens(
 
 /// The inbound publish path shared by both versions: validate, answer system
 /// topics, store and route. Resolves when the PUBLISH may be acknowledged.
-pub async fn publish(conn: &Connection, msg: Message) -> Result<()> {
+pub async fn publish(conn: &Connection, msg: Message, on_full: OnFull) -> Result<()> {
     let broker = &conn.broker;
     let result: Result<()> = async {
         broker.check_topic(&msg.topic)?;
@@ -197,7 +201,12 @@ pub async fn publish(conn: &Connection, msg: Message) -> Result<()> {
         } else if !conn.grants().may_publish(&conn.identity, &msg.topic) {
             return Err(Error::NotAuthorized);
         }
-        broker.accept(Arc::new(msg), conn.persistent).await?;
+        let publisher = Publisher {
+            session: &conn.session,
+            persistent: conn.persistent,
+            on_full,
+        };
+        broker.accept(Arc::new(msg), publisher).await?;
         Ok(())
     }
     .await;
@@ -206,6 +215,13 @@ pub async fn publish(conn: &Connection, msg: Message) -> Result<()> {
         tracing::info!(client_id = %conn.client_id, error = %e, "publish refused");
     }
     result
+}
+
+/// The client's IP address, as device events report it.
+fn peer_ip(io: &ntex::io::IoBoxed) -> Option<std::net::IpAddr> {
+    io.query::<ntex::io::types::PeerAddr>()
+        .get()
+        .map(|a| a.0.ip().to_canonical())
 }
 
 /// Records why a connection of either version stopped ("no heart", protocol

@@ -77,6 +77,7 @@ pub async fn connect(broker: &Arc<Broker>, c: v3::Connect) -> Result<v3::Connect
         identity,
         !clean,
         will,
+        super::peer_ip(c.io()),
     ));
     super::install_tokens(&conn, tokens);
     conn.start_pump(c.sink());
@@ -108,7 +109,7 @@ pub async fn publish(s: &v3::Session<St>, p: v3::Publish) -> Result<()> {
         p.qos().into(),
         p.retain(),
     );
-    let result = super::publish(s, msg).await;
+    let result = super::publish(s, msg, crate::storage::OnFull::Wait).await;
     if let Err(e) = &result
         && let Some(notice) = super::token_notice(e)
     {

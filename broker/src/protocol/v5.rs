@@ -125,6 +125,7 @@ pub async fn connect(broker: &Arc<Broker>, c: v5::Connect) -> Result<v5::Connect
         identity,
         expiry_secs > 0,
         will,
+        super::peer_ip(c.io()),
     ));
     super::install_tokens(&conn, tokens);
     conn.start_pump(V5Sink {
@@ -175,7 +176,7 @@ pub async fn publish(s: &v5::Session<St>, p: v5::Publish) -> Result<v5::PublishA
         utf8_payload: props.is_utf8_payload,
     };
     let qos = msg.qos;
-    match super::publish(s, msg).await {
+    match super::publish(s, msg, crate::storage::OnFull::Refuse).await {
         Ok(()) => Ok(p.ack()),
         // Token refusals: the notice, then the connection closes (A3).
         Err(e) if super::token_notice(&e).is_some() => {

@@ -1,0 +1,362 @@
+"""Kafka data flows (K1–K7) end to end: Paho MQTT clients on one side, the
+real ringmq-broker in the middle, a real Kafka-protocol broker (tansu) and an
+independent Kafka client (confluent-kafka) on the other side."""
+
+import base64
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+import pytest
+
+from harness import WAIT, Broker, Tansu, kafka_yaml, records_json, wait_for
+from mqttclient import Client
+
+V3, V5 = mqtt.MQTTv311, mqtt.MQTTv5
+
+
+@pytest.fixture
+def tansu(tmp_path):
+    t = Tansu(tmp_path)
+    yield t
+    t.stop()
+
+
+@pytest.fixture
+def broker(tmp_path, tansu):
+    b = Broker(tmp_path, kafka_yaml(tansu))
+    wait_for("kafka topics", lambda: {"sensors", "orders", "mq2mqtt"} <= set(tansu.topics()), timeout=20)
+    yield b
+    b.stop()
+
+
+def downlink_ready(tansu, broker, sub, topic="cmd/warmup"):
+    """Waits until the broker's downlink consumer has its partitions: the
+    group starts at the latest offset, so records sent before are not read."""
+    sub.subscribe(topic, 1)
+
+    def probe():
+        tansu.send("mq2mqtt", b"probe", headers=[("mqttTopic", topic)])
+        try:
+            sub.messages.get(timeout=1.0)
+            return True
+        except Exception:
+            return False
+
+    wait_for("the downlink consumer", probe, timeout=30, every=0)
+    while not sub.messages.empty():
+        sub.messages.get()
+    sub.c.unsubscribe(topic)
+
+
+def test_topics_are_created_with_three_partitions(broker, tansu):
+    topics = tansu.topics()
+    for name in ("sensors", "orders", "mq2mqtt", "mqtt-device-connect", "mqtt-device-disconnect"):
+        assert name in topics, name
+        assert len(topics[name].partitions) == 3, name
+
+
+@pytest.mark.parametrize("version", [V3, V5])
+def test_uplink_records_read_by_a_kafka_consumer(broker, tansu, version):
+    pub = Client(broker.port, version, client_id=f"GID_atest@@@dev-{version}")
+    pub.publish("sensors/room1/temp", b"21.5", qos=1)
+    pub.publish("sensors/room1/raw", bytes([0xFF, 0x00, 0x10]), qos=1)
+    records = tansu.read("sensors", 2)
+    values = sorted(records_json(records), key=lambda v: v["topic"])
+    raw, temp = values
+    assert temp["clientId"] == f"GID_atest@@@dev-{version}"
+    assert (temp["payload"], temp["payloadEncoding"], temp["qos"]) == ("21.5", "utf8", 1)
+    assert temp["ts"] > 1_600_000_000_000 and temp["msgId"].startswith("n1-")
+    assert raw["payloadEncoding"] == "base64"
+    assert base64.b64decode(raw["payload"]) == bytes([0xFF, 0x00, 0x10])
+    headers = dict(records[0].headers())
+    assert headers["clientId"] == f"GID_atest@@@dev-{version}".encode()
+    # A normal parent topic is not keyed: Kafka spreads the records.
+    assert all(r.key() is None for r in records)
+    assert broker.metric("ringmq_kafka_records_total", topic="sensors", result="ok") == 2
+    assert broker.metric("ringmq_kafka_produce_seconds_count") >= 2
+
+
+def test_undeclared_parent_topics_are_routed_but_not_stored(broker, tansu):
+    sub = Client(broker.port, V5)
+    sub.subscribe("chat/#", 1)
+    pub = Client(broker.port, V5)
+    pub.publish("chat/room", b"hello", qos=1)
+    assert sub.message().payload == b"hello"
+    assert "chat" not in tansu.topics()
+    assert broker.metric("ringmq_kafka_records_total", topic="chat", result="ok") == 0
+
+
+def test_stored_messages_still_reach_mqtt_subscribers(broker, tansu):
+    sub = Client(broker.port, V3)
+    sub.subscribe("sensors/#", 1)
+    pub = Client(broker.port, V3)
+    pub.publish("sensors/x", b"both", qos=1)
+    assert sub.message().payload == b"both"
+    assert records_json(tansu.read("sensors", 1))[0]["payload"] == "both"
+
+
+def test_ordered_topic_keeps_1000_messages_in_send_order(broker, tansu):
+    cid = "GID_otest@@@ordered-dev"
+    pub = Client(broker.port, V5, client_id=cid)
+    infos = [pub.c.publish("orders/line", str(i).encode(), qos=1) for i in range(1000)]
+    for info in infos:
+        info.wait_for_publish(timeout=30)
+    records = tansu.read("orders", 1000, timeout=30)
+    assert {r.key() for r in records} == {cid.encode()}
+    assert len({r.partition() for r in records}) == 1
+    records.sort(key=lambda r: r.offset())
+    assert [int(v["payload"]) for v in records_json(records)] == list(range(1000))
+
+
+def test_enable_order_msg_keys_a_clients_records(broker, tansu):
+    cid = "GID_otest@@@asks-order"
+    pub = Client(broker.port, V3, client_id=cid)
+    pub.publish("$SYS/enableOrderMsg", b'{"order":"true"}', qos=1)
+    pub.publish("sensors/a", b"keyed", qos=1)
+    other = Client(broker.port, V3, client_id="GID_otest@@@no-order")
+    other.publish("sensors/b", b"unkeyed", qos=1)
+    by_payload = {json.loads(r.value())["payload"]: r.key() for r in tansu.read("sensors", 2)}
+    assert by_payload == {"keyed": cid.encode(), "unkeyed": None}
+
+
+@pytest.mark.parametrize("version", [V3, V5])
+def test_downlink_records_reach_subscribers(broker, tansu, version):
+    sub = Client(broker.port, version)
+    downlink_ready(tansu, broker, sub)
+    sub.subscribe("cmd/+/set", 1)
+    tansu.send("mq2mqtt", b"on", headers=[("mqttTopic", "cmd/lamp/set"), ("qoslevel", "1")])
+    m = sub.message()
+    assert (m.topic, m.payload, m.qos) == ("cmd/lamp/set", b"on", 1)
+    tansu.send("mq2mqtt", b"q0", headers=[("mqttTopic", "cmd/lamp/set"), ("qoslevel", "0")])
+    assert sub.message().qos == 0
+    # A record without mqttTopic is skipped and counted; the next one flows.
+    tansu.send("mq2mqtt", b"bad", headers=[("qoslevel", "1")])
+    tansu.send("mq2mqtt", b"bad qos", headers=[("mqttTopic", "cmd/lamp/set"), ("qoslevel", "7")])
+    tansu.send("mq2mqtt", b"after", headers=[("mqttTopic", "cmd/lamp/set")])
+    m = sub.message()
+    assert (m.payload, m.qos) == (b"after", 1)
+    assert broker.metric("ringmq_kafka_downlink_records_total", result="invalid") == 2
+
+
+def test_downlink_clean_session_header_decides_offline_queueing(broker, tansu):
+    probe = Client(broker.port, V3)
+    downlink_ready(tansu, broker, probe)
+    cid = "GID_dtest@@@sleeper"
+    dev = Client(broker.port, V3, client_id=cid, clean=False)
+    dev.subscribe("cmd/sleeper", 1)
+    dev.close()
+    delivered = broker.metric("ringmq_kafka_downlink_records_total", result="delivered")
+    tansu.send("mq2mqtt", b"kept", headers=[("mqttTopic", "cmd/sleeper"), ("cleanSession", "false")])
+    tansu.send("mq2mqtt", b"online only", headers=[("mqttTopic", "cmd/sleeper"), ("cleanSession", "true")])
+    # Both records are read before the device returns.
+    metric = broker.metric
+    wait_for(
+        "both downlink records",
+        lambda: metric("ringmq_kafka_downlink_records_total", result="delivered") == delivered + 1
+        and metric("ringmq_kafka_downlink_records_total", result="no_subscriber") == 1,
+    )
+    dev = Client(broker.port, V3, client_id=cid, clean=False)
+    assert dev.message().payload == b"kept"
+    dev.nothing()
+
+
+def test_p2p_through_kafka_reaches_only_its_target(broker, tansu):
+    target = Client(broker.port, V5, client_id="GID_ptest@@@target")
+    other = Client(broker.port, V5, client_id="GID_ptest@@@other")
+    other.subscribe("app/#", 1)
+    downlink_ready(tansu, broker, target)
+    tansu.send("mq2mqtt", b"just you", headers=[("mqttTopic", "app/p2p/GID_ptest@@@target"), ("qoslevel", "1")])
+    m = target.message()
+    assert (m.topic, m.payload) == ("app/p2p/GID_ptest@@@target", b"just you")
+    other.nothing()
+
+
+def events_of(tansu, topic, client_id, count):
+    def got():
+        recs = [v for v in records_json(tansu.read_all(topic)) if v["clientId"] == client_id]
+        return recs if len(recs) >= count else None
+
+    return wait_for(f"{count} {topic} events of {client_id}", got, timeout=20, every=0.2)
+
+
+def test_device_events_for_clean_disconnect_and_killed_client(broker, tansu):
+    clean = Client(broker.port, V3, client_id="GID_etest@@@polite")
+    clean.close()
+    # A client process killed with SIGKILL: the TCP connection just goes away.
+    script = (
+        "import paho.mqtt.client as m, time\n"
+        "c = m.Client(m.CallbackAPIVersion.VERSION2, client_id='GID_etest@@@killed')\n"
+        f"c.connect('127.0.0.1', {broker.port}, keepalive=60)\n"
+        "c.loop_start()\n"
+        "print('connected', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == b"connected"
+    wait_for("the killed client's session", lambda: broker.metric("ringmq_connections") >= 1)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    polite_up = events_of(tansu, "mqtt-device-connect", "GID_etest@@@polite", 1)
+    polite_down = events_of(tansu, "mqtt-device-disconnect", "GID_etest@@@polite", 2)
+    assert [e["eventType"] for e in polite_up] == ["connect"]
+    assert sorted(e["eventType"] for e in polite_down) == ["disconnect", "tcpclean"]
+    every = polite_up + polite_down
+    assert {e["channelId"] for e in every} == {polite_up[0]["channelId"]}
+    assert all(e["clientIp"] == "127.0.0.1" for e in every)
+    order = [e["eventType"] for e in sorted(every, key=lambda e: e["eventIndex"])]
+    assert order == ["connect", "disconnect", "tcpclean"]
+    assert all(e["ts"] > 1_600_000_000_000 for e in every)
+
+    killed_up = events_of(tansu, "mqtt-device-connect", "GID_etest@@@killed", 1)
+    killed_down = events_of(tansu, "mqtt-device-disconnect", "GID_etest@@@killed", 1)
+    assert [e["eventType"] for e in killed_down] == ["tcpclean"]
+    assert killed_down[0]["eventIndex"] > killed_up[0]["eventIndex"]
+    assert killed_up[0]["channelId"] != polite_up[0]["channelId"]
+
+
+class Stream:
+    """A QoS 1 publisher that records which messages were acknowledged."""
+
+    def __init__(self, port, version, topic, client_id):
+        self.acked, self.refused = [], []
+        self.lock = threading.Lock()
+        self.c = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=version,
+        )
+        self.c.max_inflight_messages_set(100)
+        self.c.max_queued_messages_set(0)
+        self.mids = {}
+        self.c.on_publish = self._on_publish
+        self.c.connect("127.0.0.1", port, keepalive=30)
+        self.c.loop_start()
+        self.topic = topic
+
+    def _on_publish(self, c, u, mid, rc, props):
+        with self.lock:
+            n = self.mids.pop(mid, None)
+            if n is None:
+                return
+            (self.refused if rc.is_failure else self.acked).append((n, rc.value))
+
+    def send(self, n):
+        with self.lock:
+            info = self.c.publish(self.topic, str(n).encode(), qos=1)
+            self.mids[info.mid] = n
+
+    def outstanding(self):
+        with self.lock:
+            return len(self.mids)
+
+
+@pytest.mark.parametrize("outage", ["network", "frozen"])
+def test_kafka_outage_loses_no_acknowledged_message(tmp_path, tansu, outage):
+    """K7: cut Kafka off in the middle of a QoS 1 stream, bring it back:
+    every PUBACKed message is in Kafka exactly once; while Kafka is away QoS 0
+    messages to stored topics are dropped and counted, MQTT 5 publishers get
+    0x97 once the buffer is full, and MQTT-to-MQTT traffic keeps flowing."""
+    broker = Broker(tmp_path, kafka_yaml(tansu, extra="  buffer_records: 100\n"))
+    try:
+        wait_for("kafka topics", lambda: "sensors" in tansu.topics(), timeout=20)
+        v3 = Stream(broker.port, V3, "sensors/v3", "GID_stest@@@v3")
+        v5 = Stream(broker.port, V5, "sensors/v5", "GID_stest@@@v5")
+        # Fewer than buffer_records at a time: all acknowledged.
+        for n in range(40):
+            v3.send(n)
+            v5.send(n)
+        wait_for("the first acknowledgements", lambda: len(v3.acked) == 40 and len(v5.acked) == 40, timeout=20)
+
+        if outage == "network":
+            tansu.proxy.down()
+        else:
+            tansu.proc.send_signal(signal.SIGSTOP)
+        for n in range(40, 400):
+            v3.send(n)
+            v5.send(n)
+            if n % 50 == 0:
+                time.sleep(0.05)
+        wait_for("a full buffer", lambda: broker.metric("ringmq_kafka_buffer_records") == 100)
+        qos0 = Client(broker.port, V3)
+        for _ in range(50):
+            qos0.publish("sensors/qos0", b"dropped", qos=0)
+        # MQTT-to-MQTT traffic does not depend on Kafka.
+        sub = Client(broker.port, V5)
+        sub.subscribe("chat/#", 1)
+        Client(broker.port, V5).publish("chat/x", b"still routed", qos=1)
+        assert sub.message().payload == b"still routed"
+        # The buffer is full: a new MQTT 5 publisher is refused at once.
+        # (Publishers whose earlier messages wait for Kafka get their
+        # refusals after those: PUBACKs go out in the order of the PUBLISHes.)
+        late = Client(broker.port, V5)
+        late.c.publish("sensors/late", b"refused", qos=1)
+        _, rc = late.acks.get(timeout=WAIT)
+        assert rc.value == 0x97, rc
+        wait_for("QoS 0 drops counted", lambda: broker.metric("ringmq_kafka_records_total", topic="sensors", result="dropped") == 50)
+        acked_during = len(v3.acked) + len(v5.acked)
+
+        if outage == "network":
+            tansu.proxy.up()
+        else:
+            tansu.proc.send_signal(signal.SIGCONT)
+        wait_for("every message answered", lambda: v3.outstanding() == 0 and v5.outstanding() == 0, timeout=60)
+        assert len(v3.acked) == 400, "MQTT 3.1.1 publishes wait for Kafka, none is refused"
+        assert len(v3.acked) + len(v5.acked) > acked_during
+
+        acked = {("v3", n) for n, _ in v3.acked} | {("v5", n) for n, _ in v5.acked}
+        refused = {("v5", n) for n, _ in v5.refused}
+        assert {rc for _, rc in v5.refused} <= {0x97}
+        stored = tansu.read_at_least("sensors", len(acked), timeout=30)
+        keys = [
+            (v["topic"].split("/")[1], int(v["payload"]))
+            for v in records_json(stored)
+            if v["topic"] in ("sensors/v3", "sensors/v5")
+        ]
+        assert len(keys) == len(set(keys)), "a record was written twice"
+        assert acked <= set(keys), f"acknowledged but not in Kafka: {sorted(acked - set(keys))[:10]}"
+        assert not refused & set(keys), "a refused message was stored"
+
+    finally:
+        if outage == "frozen":
+            tansu.proc.send_signal(signal.SIGCONT)
+        broker.stop()
+
+
+def test_broker_serves_mqtt_while_kafka_is_unreachable_and_catches_up(tmp_path, tansu):
+    tansu.proxy.down()
+    broker = Broker(tmp_path, kafka_yaml(tansu))
+    try:
+        sub = Client(broker.port, V3)
+        sub.subscribe("chat/#", 1)
+        pub = Client(broker.port, V3, client_id="GID_wtest@@@early")
+        pub.publish("chat/a", b"routed", qos=1)
+        assert sub.message().payload == b"routed"
+        info = pub.c.publish("sensors/a", b"waits for kafka", qos=1)
+        time.sleep(1.0)
+        assert not info.is_published(), "PUBACK before Kafka had the record"
+        tansu.proxy.up()
+        info.wait_for_publish(timeout=60)
+        assert info.is_published()
+        assert records_json(tansu.read("sensors", 1, timeout=30))[0]["payload"] == "waits for kafka"
+    finally:
+        broker.stop()
+
+
+def test_bad_kafka_config_is_refused_at_start(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("kafka:\n  parent_topics: [{name: \"a/b\"}]\n")
+    from harness import broker_binary
+
+    r = subprocess.run([str(broker_binary()), "--config", str(cfg)], capture_output=True, timeout=20)
+    assert r.returncode == 64
+    assert b"a/b" in r.stderr and b"Kafka topic name" in r.stderr
+
