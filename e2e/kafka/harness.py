@@ -223,6 +223,21 @@ class Tansu:
         """Every record of a topic, read until none came for `quiet` seconds."""
         return self.read_at_least(topic, 0, quiet=quiet)
 
+    def committed_lag(self, group, topic):
+        """Records of `topic` after the offsets `group` committed (without
+        joining the group)."""
+        c = Consumer({"bootstrap.servers": self.bootstrap, "group.id": group, "enable.auto.commit": False})
+        try:
+            partitions = self.topics()[topic].partitions
+            committed = c.committed([TopicPartition(topic, p) for p in partitions], timeout=WAIT)
+            lag = 0
+            for tp in committed:
+                _, high = c.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout=WAIT)
+                lag += high - max(tp.offset, 0)
+            return lag
+        finally:
+            c.close()
+
     def topics(self):
         from confluent_kafka.admin import AdminClient
 

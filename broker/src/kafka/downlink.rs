@@ -35,7 +35,7 @@ struct ConsumerCtx {
 
 impl ClientContext for ConsumerCtx {
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
-        super::log_librdkafka(level, fac, message);
+        super::producer::log_librdkafka(level, fac, message);
     }
 
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {

@@ -16,21 +16,20 @@
 
 mod downlink;
 mod metrics;
+mod producer;
 pub mod record;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rdkafka::ClientContext;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use tokio::sync::{Notify, oneshot};
+use rdkafka::producer::Producer;
+use tokio::sync::oneshot;
 
 use crate::config::{Compression, KafkaConfig, KafkaProtocol, TopicKind};
 use crate::message::Message;
@@ -39,6 +38,7 @@ use crate::topic;
 
 pub use downlink::Downlink;
 use metrics::KafkaMetrics;
+use producer::{Context, Out, Record, Shared, Submitted, WhenFull};
 
 /// Errors while setting up the Kafka clients.
 #[derive(Debug, thiserror::Error)]
@@ -66,194 +66,6 @@ pub struct Kafka {
     parents: HashMap<String, (Arc<str>, TopicKind)>,
     connect_topic: Option<Arc<str>>,
     disconnect_topic: Option<Arc<str>>,
-}
-
-/// What the producer's delivery callback shares with the publish path.
-#[derive(Debug)]
-struct Shared {
-    /// Records in librdkafka's queue, waiting for Kafka.
-    pending: AtomicUsize,
-    limit: usize,
-    /// Signalled when a record leaves the buffer.
-    room: Notify,
-    metrics: KafkaMetrics,
-}
-
-impl Shared {
-    fn try_reserve(&self) -> bool {
-        self.pending
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.limit).then_some(n + 1)
-            })
-            .is_ok()
-    }
-
-    async fn reserve(&self, on_full: OnFull) -> std::result::Result<(), StorageError> {
-        loop {
-            let notified = self.room.notified();
-            let mut notified = std::pin::pin!(notified);
-            notified.as_mut().enable();
-            if self.try_reserve() {
-                self.metrics.buffer.inc();
-                return Ok(());
-            }
-            if on_full == OnFull::Refuse {
-                return Err(StorageError::BufferFull);
-            }
-            notified.await;
-        }
-    }
-
-    fn release(&self) {
-        self.pending.fetch_sub(1, Ordering::AcqRel);
-        self.metrics.buffer.dec();
-        self.room.notify_waiters();
-    }
-}
-
-/// Carried by each record through librdkafka to the delivery callback.
-struct Pending {
-    topic: Arc<str>,
-    started: Instant,
-    done: Option<oneshot::Sender<std::result::Result<(), String>>>,
-}
-
-/// librdkafka callbacks: delivery reports, errors and logs.
-#[derive(Debug)]
-struct Context {
-    shared: Arc<Shared>,
-}
-
-impl ClientContext for Context {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        log_librdkafka(level, fac, log_message);
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        self.shared.metrics.client_errors.inc();
-        tracing::warn!(%error, reason, "kafka client error");
-    }
-}
-
-impl ProducerContext for Context {
-    type DeliveryOpaque = Box<Pending>;
-
-    fn delivery(&self, result: &DeliveryResult<'_>, pending: Box<Pending>) {
-        let m = &self.shared.metrics;
-        m.produce_seconds
-            .observe(pending.started.elapsed().as_secs_f64());
-        let outcome = match result {
-            Ok(_) => {
-                m.records.with_label_values(&[&pending.topic, "ok"]).inc();
-                Ok(())
-            }
-            Err((e, _)) => {
-                m.records
-                    .with_label_values(&[&pending.topic, "failed"])
-                    .inc();
-                tracing::warn!(topic = %pending.topic, error = %e, "kafka record not stored");
-                Err(e.to_string())
-            }
-        };
-        self.shared.release();
-        if let Some(done) = pending.done {
-            // The publisher may be gone (connection closed); nothing to tell.
-            let _ = done.send(outcome);
-        }
-    }
-}
-
-fn log_librdkafka(level: RDKafkaLogLevel, fac: &str, message: &str) {
-    match level {
-        RDKafkaLogLevel::Emerg
-        | RDKafkaLogLevel::Alert
-        | RDKafkaLogLevel::Critical
-        | RDKafkaLogLevel::Error => tracing::error!(fac, "librdkafka: {message}"),
-        RDKafkaLogLevel::Warning => tracing::warn!(fac, "librdkafka: {message}"),
-        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
-            tracing::info!(fac, "librdkafka: {message}")
-        }
-        RDKafkaLogLevel::Debug => tracing::debug!(fac, "librdkafka: {message}"),
-    }
-}
-
-/// The producer and its buffer accounting.
-struct Out {
-    producer: ThreadedProducer<Context>,
-    shared: Arc<Shared>,
-}
-
-impl std::fmt::Debug for Out {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Out").field("shared", &self.shared).finish()
-    }
-}
-
-impl Out {
-    /// Hands one record to librdkafka; the caller holds a buffer slot.
-    fn send(
-        &self,
-        topic: &Arc<str>,
-        key: Option<&str>,
-        value: &[u8],
-        headers: OwnedHeaders,
-        ts_ms: u64,
-        done: Option<oneshot::Sender<std::result::Result<(), String>>>,
-    ) -> std::result::Result<(), StorageError> {
-        let pending = Box::new(Pending {
-            topic: topic.clone(),
-            started: Instant::now(),
-            done,
-        });
-        let mut record = BaseRecord::with_opaque_to(topic, pending)
-            .payload(value)
-            .headers(headers)
-            .timestamp(i64::try_from(ts_ms).unwrap_or(i64::MAX));
-        if let Some(k) = key {
-            record = record.key(k);
-        }
-        match self.producer.send(record) {
-            Ok(()) => Ok(()),
-            Err((e, _)) => {
-                self.shared.release();
-                self.shared
-                    .metrics
-                    .records
-                    .with_label_values(&[topic, "failed"])
-                    .inc();
-                match e {
-                    KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => {
-                        Err(StorageError::BufferFull)
-                    }
-                    other => Err(StorageError::Unavailable(other.to_string())),
-                }
-            }
-        }
-    }
-
-    /// A record nobody waits for: written when a buffer slot is free,
-    /// otherwise dropped and counted.
-    fn send_best_effort(
-        &self,
-        topic: &Arc<str>,
-        key: Option<&str>,
-        value: &[u8],
-        headers: OwnedHeaders,
-        ts_ms: u64,
-    ) {
-        if !self.shared.try_reserve() {
-            self.shared
-                .metrics
-                .records
-                .with_label_values(&[topic, "dropped"])
-                .inc();
-            return;
-        }
-        self.shared.metrics.buffer.inc();
-        if let Err(e) = self.send(topic, key, value, headers, ts_ms, None) {
-            tracing::debug!(%topic, error = %e, "best-effort kafka record dropped");
-        }
-    }
 }
 
 /// Settings every client of the node shares: servers and security.
@@ -314,12 +126,7 @@ impl Kafka {
     ) -> Result<Arc<Self>> {
         let metrics = KafkaMetrics::new(registry)?;
         metrics.buffer_limit.set(gauge(cfg.buffer_records));
-        let shared = Arc::new(Shared {
-            pending: AtomicUsize::new(0),
-            limit: cfg.buffer_records,
-            room: Notify::new(),
-            metrics,
-        });
+        let shared = Arc::new(Shared::new(cfg.buffer_records, metrics));
         let mut pc = base_config(cfg, node)?;
         pc.set("enable.idempotence", "true")
             .set("acks", "all")
@@ -357,7 +164,7 @@ impl Kafka {
         Ok(Arc::new(Self {
             config: cfg.clone(),
             node: Arc::from(node),
-            out: Arc::new(Out { producer, shared }),
+            out: Arc::new(Out::new(producer, shared)),
             parents,
             connect_topic: cfg.connect_topic.as_deref().map(Arc::from),
             disconnect_topic: cfg.disconnect_topic.as_deref().map(Arc::from),
@@ -448,13 +255,13 @@ impl Kafka {
 
     /// Writes what is still buffered, waiting at most `timeout`.
     pub fn flush(&self, timeout: Duration) {
-        let left = self.out.shared.pending.load(Ordering::Acquire);
+        let left = self.out.shared.in_use();
         if left == 0 {
             return;
         }
         tracing::info!(records = left, "flushing kafka records");
-        if let Err(e) = self.out.producer.flush(timeout) {
-            let left = self.out.shared.pending.load(Ordering::Acquire);
+        if let Err(e) = self.out.producer().flush(timeout) {
+            let left = self.out.shared.in_use();
             tracing::warn!(error = %e, records = left, "kafka records not flushed before shutdown");
         }
     }
@@ -469,8 +276,7 @@ impl Storage for Kafka {
         let Some((topic, kind)) = self.parents.get(topic::parent_topic(&msg.topic)) else {
             return Box::pin(async { Ok(()) });
         };
-        let key = (ordered || *kind == TopicKind::Ordered).then_some(&*msg.publisher);
-        let value = record::uplink(&msg, &self.node);
+        let key = (ordered || *kind == TopicKind::Ordered).then(|| msg.publisher.clone());
         let headers = OwnedHeaders::new_with_capacity(2)
             .insert(Header {
                 key: "mqttTopic",
@@ -480,35 +286,47 @@ impl Storage for Kafka {
                 key: "clientId",
                 value: Some(&*msg.publisher),
             });
-        match durability {
+        let mut record = Record {
+            topic: topic.clone(),
+            key,
+            value: record::uplink(&msg, &self.node),
+            headers,
+            ts_ms: msg.ts_ms,
+            done: None,
+        };
+        let when_full = match durability {
             Durability::BestEffort => {
-                self.out
-                    .send_best_effort(topic, key, &value, headers, msg.ts_ms);
-                Box::pin(async { Ok(()) })
+                self.out.submit(record, WhenFull::Drop);
+                return Box::pin(async { Ok(()) });
             }
-            Durability::Acknowledged(on_full) => {
-                let (tx, rx) = oneshot::channel();
-                let topic = topic.clone();
-                let key = key.map(str::to_owned);
-                let out = self.out.clone();
-                Box::pin(async move {
-                    if let Err(e) = out.shared.reserve(on_full).await {
-                        out.shared
-                            .metrics
-                            .records
-                            .with_label_values(&[&topic, "refused"])
-                            .inc();
-                        return Err(e);
-                    }
-                    out.send(&topic, key.as_deref(), &value, headers, msg.ts_ms, Some(tx))?;
-                    match rx.await {
-                        Ok(Ok(())) => Ok(()),
-                        Ok(Err(e)) => Err(StorageError::Unavailable(e)),
-                        Err(_) => Err(StorageError::Unavailable("producer closed".into())),
-                    }
-                })
+            Durability::Acknowledged(OnFull::Refuse) => WhenFull::Refuse,
+            Durability::Acknowledged(OnFull::Wait) => WhenFull::Queue,
+        };
+        let (tx, rx) = oneshot::channel();
+        record.done = Some(tx);
+        // Submitted now, in the caller's order, not when the future first runs.
+        let queued = match self.out.submit(record, when_full) {
+            Submitted::Sent => None,
+            Submitted::Queued(id) => Some(id),
+            Submitted::Refused | Submitted::Dropped => {
+                return Box::pin(async { Err(StorageError::BufferFull) });
             }
-        }
+        };
+        let out = self.out.clone();
+        Box::pin(async move {
+            let outcome = match queued {
+                None => rx.await,
+                Some(id) => {
+                    let _withdraw = Withdraw { out: &out, id };
+                    wait_in_queue(&out, rx).await
+                }
+            };
+            match outcome {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(StorageError::Unavailable(e)),
+                Err(_) => Err(StorageError::Unavailable("kafka producer closed".into())),
+            }
+        })
     }
 
     fn device_event(&self, event: DeviceEvent) {
@@ -519,14 +337,47 @@ impl Storage for Kafka {
         let Some(topic) = topic else {
             return;
         };
-        let value = record::event(&event);
-        self.out.send_best_effort(
-            topic,
-            Some(&event.client_id),
-            &value,
-            OwnedHeaders::new(),
-            event.ts_ms,
-        );
+        let record = Record {
+            topic: topic.clone(),
+            key: Some(event.client_id.clone()),
+            value: record::event(&event),
+            headers: OwnedHeaders::new(),
+            ts_ms: event.ts_ms,
+            done: None,
+        };
+        self.out.submit(record, WhenFull::Drop);
+    }
+}
+
+/// Waits for a queued record's outcome; whenever a buffer slot frees, hands
+/// the queue's head records to librdkafka (any waiting publisher may do it
+/// for all of them).
+async fn wait_in_queue(
+    out: &Out,
+    mut rx: oneshot::Receiver<producer::Outcome>,
+) -> std::result::Result<producer::Outcome, oneshot::error::RecvError> {
+    loop {
+        let room = out.shared.room.notified();
+        let mut room = std::pin::pin!(room);
+        room.as_mut().enable();
+        out.drain();
+        if let ntex::util::Either::Left(outcome) = ntex::util::select(&mut rx, room).await {
+            return outcome;
+        }
+    }
+}
+
+/// Takes a record out of the waiting queue when its publisher goes away
+/// before it was handed to librdkafka: it was never acknowledged, and the
+/// client sends it again.
+struct Withdraw<'a> {
+    out: &'a Out,
+    id: u64,
+}
+
+impl Drop for Withdraw<'_> {
+    fn drop(&mut self) {
+        self.out.withdraw(self.id);
     }
 }
 
