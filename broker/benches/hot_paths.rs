@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use ringmq_broker::message::{Message, MessageId, QoS};
-use ringmq_broker::router::{Router, SubOptions};
+use ringmq_broker::router::{Router, Scope, SubOptions};
 use ringmq_broker::session::{Delivery, QueueLimits, SessionStore};
 use ringmq_broker::topic;
 
@@ -52,7 +52,7 @@ fn routing(c: &mut Criterion) {
     c.bench_function("router::route among 100k subscriptions (3 matches)", |b| {
         b.iter(|| {
             out.clear();
-            r.route(black_box("fleet/d777/cmd"), &|_| true, &mut out);
+            r.route(black_box("fleet/d777/cmd"), &|_| true, Scope::All, &mut out);
             black_box(out.len())
         })
     });
@@ -65,7 +65,7 @@ fn routing(c: &mut Criterion) {
     c.bench_function("router::route fan-out to 1000 subscribers", |b| {
         b.iter(|| {
             out.clear();
-            fan.route(black_box("news/all"), &|_| true, &mut out);
+            fan.route(black_box("news/all"), &|_| true, Scope::All, &mut out);
             black_box(out.len())
         })
     });

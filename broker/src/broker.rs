@@ -10,11 +10,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::auth::Auth;
+use crate::cluster::wire::{Frame, WireMessage};
+use crate::cluster::{self, Cluster};
 use crate::config::Config;
 use crate::message::{Message, MessageIds, QoS};
 use crate::metrics::Metrics;
 use crate::retain::RetainStore;
-use crate::router::{ClientId, Route, Router, SubOptions};
+use crate::router::{ClientId, Route, Router, Scope, SubOptions, node_route, route_node};
 use crate::secret_file::SecretFile;
 use crate::session::{
     Attached, Delivery, Enqueued, KickReason, QueueLimits, Session, SessionStore,
@@ -66,7 +68,14 @@ pub struct Broker {
     channels: AtomicU64,
     /// Last device event index handed out.
     event_clock: AtomicU64,
+    /// The other nodes, when this node is part of a cluster.
+    pub cluster: Option<Arc<Cluster>>,
+    /// Client IP addresses of connections another node forwarded here.
+    pub forwarded_peers: cluster::gate::ForwardedPeers,
 }
+
+/// Frames for other nodes that a publish produced.
+type Forwards = Vec<(Arc<str>, Frame)>;
 
 /// Who publishes a message, as the storage and routing rules need it.
 #[derive(Debug, Clone, Copy)]
@@ -106,6 +115,7 @@ impl Broker {
         tokens: Option<TokenService>,
         admin_token: Option<SecretFile>,
         storage: Arc<dyn Storage>,
+        cluster: Option<Arc<Cluster>>,
     ) -> Arc<Self> {
         let config_node = config.node_name();
         Arc::new(Self {
@@ -123,6 +133,8 @@ impl Broker {
             node: Arc::from(config_node.as_str()),
             channels: AtomicU64::new(0),
             event_clock: AtomicU64::new(0),
+            cluster,
+            forwarded_peers: cluster::gate::ForwardedPeers::default(),
         })
     }
 
@@ -175,6 +187,9 @@ impl Broker {
 
     fn drop_routes(&self, client: &ClientId, filters: &[String]) {
         for raw in filters {
+            if let Some(c) = &self.cluster {
+                c.filter_removed(raw);
+            }
             // Filters in a session were validated when they were added.
             if let Ok(f) = topic::parse_filter(raw, usize::MAX, false)
                 && self.router.unsubscribe(client, &f)
@@ -241,10 +256,20 @@ impl Broker {
             self.storage.store(msg.clone(), ordered, durability).await?;
         }
         let mut over = Vec::new();
+        let mut forwards = Vec::new();
         let keep = KeepOffline::Publisher {
             persistent: publisher.persistent,
         };
-        let reached = self.route(&msg, keep, &mut over);
+        let reached = self.route(&msg, keep, Scope::All, &mut over, &mut forwards);
+        if let Some(c) = &self.cluster {
+            // Backpressure across nodes: a full link queue holds the PUBACK.
+            let wait = Duration::from_millis(self.config.limits.queue_full_wait_ms);
+            for (node, frame) in forwards {
+                if !c.send(&node, frame, wait).await {
+                    self.metrics.drop_message("cluster_link");
+                }
+            }
+        }
         for session in over {
             self.wait_for_room(&session).await;
         }
@@ -276,11 +301,89 @@ impl Broker {
     ) -> (usize, Vec<Arc<Session>>) {
         self.metrics.received(msg.qos, msg.payload.len());
         let mut over = Vec::new();
+        let mut forwards = Vec::new();
         let keep = KeepOffline::Record {
             persistent: !clean_session,
         };
-        let reached = self.route(msg, keep, &mut over);
+        // Every node reads every record: each delivers to its own sessions,
+        // and a shared group is served by the one node the ring designates.
+        let owns = |group: &str| {
+            self.cluster
+                .as_ref()
+                .is_none_or(|c| c.is_local(&c.owner(group)))
+        };
+        let scope = Scope::Designated { owns: &owns };
+        let reached = self.route(msg, keep, scope, &mut over, &mut forwards);
+        self.forward_now(forwards);
         (reached, over)
+    }
+
+    /// Sends forwards without waiting; what finds a full link is counted.
+    fn forward_now(&self, forwards: Forwards) {
+        if let Some(c) = &self.cluster {
+            for (node, frame) in forwards {
+                if !c.try_send(&node, frame) {
+                    self.metrics.drop_message("cluster_link");
+                }
+            }
+        }
+    }
+
+    /// A message another node forwarded: delivered to this node's sessions
+    /// (and to the shared groups the sender chose this node for).
+    pub fn publish_forwarded(&self, w: WireMessage, groups: &[String]) {
+        let msg = Arc::new(cluster::from_wire(w, self.ids.next()));
+        let keep = KeepOffline::Publisher { persistent: true };
+        let mut forwards = Vec::new();
+        self.route(
+            &msg,
+            keep,
+            Scope::Local { groups },
+            &mut Vec::new(),
+            &mut forwards,
+        );
+    }
+
+    /// A P2P message another node forwarded to the owner of its target.
+    pub fn deliver_direct(&self, client_id: &str, persistent: bool, w: WireMessage) {
+        let msg = Arc::new(cluster::from_wire(w, self.ids.next()));
+        self.publish_p2p(&msg, client_id, persistent, &mut Vec::new());
+    }
+
+    /// A retained message another node stored.
+    pub fn retain_replica(&self, w: WireMessage) {
+        let msg = Arc::new(cluster::from_wire(w, self.ids.next()));
+        let n = self.retained.set(&msg);
+        self.metrics.retained.set(gauge(n));
+    }
+
+    /// A peer announced filters its sessions added or dropped.
+    pub fn remote_routes(&self, node: &str, add: &[String], del: &[String]) {
+        let marker = node_route(node);
+        let opts = SubOptions {
+            qos: cluster::MARKER_QOS,
+            no_local: false,
+            retain_as_published: true,
+            id: None,
+        };
+        for raw in add {
+            if let Ok(f) = topic::parse_filter(raw, usize::MAX, false) {
+                self.router.subscribe(&marker, &f, opts);
+            }
+        }
+        for raw in del {
+            if let Ok(f) = topic::parse_filter(raw, usize::MAX, false) {
+                self.router.unsubscribe(&marker, &f);
+            }
+        }
+    }
+
+    /// A peer left: its routes go.
+    pub fn peer_gone(&self, node: &str) {
+        if let Some(c) = &self.cluster {
+            let filters = c.forget(node);
+            self.remote_routes(node, &[], &filters);
+        }
     }
 
     /// Whether a session's live queue is within its limit (or nobody reads it).
@@ -363,15 +466,32 @@ impl Broker {
         let keep = KeepOffline::Publisher {
             persistent: publisher_persistent,
         };
-        self.route(msg, keep, &mut Vec::new())
+        let mut forwards = Vec::new();
+        let reached = self.route(msg, keep, Scope::All, &mut Vec::new(), &mut forwards);
+        self.forward_now(forwards);
+        reached
     }
 
     /// Offers a message to every target; sessions whose queue went over its
     /// limit are added to `over`.
-    fn route(&self, msg: &Arc<Message>, keep: KeepOffline, over: &mut Vec<Arc<Session>>) -> usize {
-        if msg.retain {
+    fn route(
+        &self,
+        msg: &Arc<Message>,
+        keep: KeepOffline,
+        scope: Scope<'_>,
+        over: &mut Vec<Arc<Session>>,
+        forwards: &mut Forwards,
+    ) -> usize {
+        let origin = matches!(scope, Scope::All);
+        let now = Instant::now();
+        if msg.retain && origin {
             let n = self.retained.set(msg);
             self.metrics.retained.set(gauge(n));
+            if let Some(c) = &self.cluster {
+                c.broadcast(&Frame::Retain {
+                    msg: cluster::to_wire(msg, now),
+                });
+            }
         }
         if let Some(target) = topic::p2p_target(&msg.topic) {
             let persistent = match keep {
@@ -379,24 +499,58 @@ impl Broker {
                     persistent
                 }
             };
+            // The target's session lives on its ring owner.
+            if let Some(c) = &self.cluster
+                && origin
+            {
+                let owner = c.owner(target);
+                if !c.is_local(&owner) {
+                    let frame = Frame::Direct {
+                        client_id: target.to_owned(),
+                        persistent,
+                        msg: cluster::to_wire(msg, now),
+                    };
+                    forwards.push((owner, frame));
+                    return 0;
+                }
+            }
             return self.publish_p2p(msg, target, persistent, over);
         }
         let mut routes: Vec<Route> = Vec::new();
-        self.router.route(
-            &msg.topic,
-            &|c| self.sessions.get(c).is_some_and(|s| s.is_online()),
-            &mut routes,
-        );
+        let is_online = |c: &ClientId| {
+            route_node(c).is_some() || self.sessions.get(c).is_some_and(|s| s.is_online())
+        };
+        self.router
+            .route(&msg.topic, &is_online, scope, &mut routes);
         if routes.is_empty() {
             return 0;
         }
         // Overlapping subscriptions of one client get one copy, at the highest
         // QoS, carrying every subscription identifier (MQTT 5 3.3.4).
-        routes.sort_unstable_by(|a, b| a.client.cmp(&b.client).then(a.shared.cmp(&b.shared)));
+        routes.sort_unstable_by(|a, b| {
+            a.client
+                .cmp(&b.client)
+                .then(a.group.is_some().cmp(&b.group.is_some()))
+        });
         let mut reached = 0;
         let mut i = 0;
         while i < routes.len() {
             let client = routes[i].client.clone();
+            if let Some(node) = route_node(&client) {
+                // Another node's subscriptions: one frame per node, naming
+                // the shared groups chosen for it.
+                let mut groups = Vec::new();
+                while i < routes.len() && routes[i].client == client {
+                    groups.extend(routes[i].group.as_deref().map(str::to_owned));
+                    i += 1;
+                }
+                let frame = Frame::Publish {
+                    msg: cluster::to_wire(msg, now),
+                    groups,
+                };
+                forwards.push((Arc::from(node), frame));
+                continue;
+            }
             let mut j = i;
             let mut qos = QoS::AtMostOnce;
             let mut rap = false;
@@ -405,7 +559,7 @@ impl Broker {
             while j < routes.len() && routes[j].client == client {
                 let r = &routes[j];
                 j += 1;
-                if r.opts.no_local && !r.shared && *r.client == *msg.publisher {
+                if r.opts.no_local && r.group.is_none() && *r.client == *msg.publisher {
                     continue;
                 }
                 wanted = true;
@@ -526,6 +680,11 @@ impl Broker {
         if self.router.subscribe(&session.client_id, &filter, opts) {
             self.metrics.subscriptions.inc();
         }
+        if let Some(c) = &self.cluster
+            && !existed
+        {
+            c.filter_added(raw);
+        }
         let retained = match filter.share_group {
             // Retained messages are not sent for shared subscriptions (MQTT 5 4.8.2).
             Some(_) => Vec::new(),
@@ -537,6 +696,11 @@ impl Broker {
     /// Removes one subscription of a session; returns whether it existed.
     pub fn unsubscribe(&self, session: &Session, raw: &str) -> bool {
         let existed = session.lock().subscriptions.remove(raw).is_some();
+        if let Some(c) = &self.cluster
+            && existed
+        {
+            c.filter_removed(raw);
+        }
         if let Ok(filter) = topic::parse_filter(raw, usize::MAX, false)
             && self.router.unsubscribe(&session.client_id, &filter)
         {

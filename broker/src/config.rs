@@ -44,10 +44,12 @@ pub struct Config {
     /// The Kafka cluster this instance binds (K1). `null`: no message is
     /// stored and the broker routes between MQTT clients only.
     pub kafka: Option<KafkaConfig>,
-    /// This node's name: the Kafka consumer group suffix and the prefix of
-    /// channel IDs in device events. `null`: the host name (the pod name on
-    /// Kubernetes).
+    /// This node's name: its name on the cluster ring, the Kafka consumer
+    /// group suffix and the prefix of channel IDs in device events. `null`:
+    /// the host name (the pod name on Kubernetes).
     pub node_id: Option<String>,
+    /// The other nodes of this instance (C1–C5). `null`: this node runs alone.
+    pub cluster: Option<ClusterConfig>,
     /// Number of worker threads serving connections; 0 means one per CPU core.
     pub workers: usize,
     /// Seconds that a graceful shutdown waits for connections to close.
@@ -63,6 +65,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             kafka: None,
             node_id: None,
+            cluster: None,
             workers: 0,
             shutdown_timeout_secs: 10,
         }
@@ -248,6 +251,48 @@ pub enum V3SubscribeRefusal {
     #[default]
     Close,
     Suback,
+}
+
+/// Cluster membership and links (C1–C5).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The cluster port: links between nodes, and client connections that
+    /// another node forwards to their session's owner.
+    pub listen: SocketAddr,
+    /// The other nodes' cluster addresses, `host:port` (on Kubernetes the
+    /// pods' names under the StatefulSet's headless Service). Names are
+    /// resolved again on every connection attempt; this node's own address
+    /// may be listed (it is recognised and skipped).
+    pub peers: Vec<String>,
+    /// Where the other nodes reach this node's cluster port (`host:port`);
+    /// `null`: the listen address, or `<node_id>:<port>` when it listens on
+    /// every interface.
+    pub advertise: Option<String>,
+    /// File holding the secret every node of the instance shares; a node
+    /// that cannot prove it knows the secret is not let in.
+    pub secret_file: PathBuf,
+    /// Heartbeat interval on every link, milliseconds.
+    pub heartbeat_ms: u64,
+    /// A node not heard from for this long is taken off the ring, milliseconds.
+    pub failure_timeout_ms: u64,
+    /// Frames waiting for one peer, at most; beyond it forwarded QoS 0
+    /// messages are dropped (counted) and QoS 1/2 publishes wait.
+    pub link_queue: usize,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 0], 7946)),
+            peers: Vec::new(),
+            advertise: None,
+            secret_file: PathBuf::from("/etc/ringmq/cluster/secret"),
+            heartbeat_ms: 500,
+            failure_timeout_ms: 3000,
+            link_queue: 10_000,
+        }
+    }
 }
 
 /// The Kafka cluster of the instance and what is written to it (K1–K7).
@@ -521,6 +566,16 @@ impl Config {
         if let Some(k) = &self.kafka {
             k.validate()?;
         }
+        if let Some(c) = &self.cluster {
+            if c.heartbeat_ms == 0 || c.failure_timeout_ms < 2 * c.heartbeat_ms {
+                return bad(
+                    "cluster.failure_timeout_ms must be at least twice cluster.heartbeat_ms (> 0)",
+                );
+            }
+            if c.link_queue == 0 {
+                return bad("cluster.link_queue must be at least 1");
+            }
+        }
         Ok(())
     }
 }
@@ -623,6 +678,17 @@ auth:
 kafka: null
 # this node's name (null: the host name)
 node_id: null
+# The other nodes of the instance (null: this node runs alone). Example:
+# cluster:
+#   listen: "[::]:7946"             # links between nodes, forwarded clients
+#   peers: ["ringmq-0.ringmq-nodes:7946", "ringmq-1.ringmq-nodes:7946"]
+#   advertise: null                 # how others reach this node (null: listen
+#                                   # address, or <node_id>:<port> on [::])
+#   secret_file: /etc/ringmq/cluster/secret
+#   heartbeat_ms: 500
+#   failure_timeout_ms: 3000        # a silent node leaves the ring after this
+#   link_queue: 10000               # frames waiting for one peer
+cluster: null
 # connection worker threads, 0 = one per CPU core
 workers: 0
 # graceful shutdown: seconds to wait for connections to close

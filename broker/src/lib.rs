@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod auth;
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod kafka;
@@ -14,6 +15,7 @@ pub mod message;
 pub mod metrics;
 pub mod protocol;
 pub mod retain;
+pub mod ring;
 pub mod router;
 pub mod secret_file;
 pub mod session;
@@ -42,6 +44,8 @@ pub enum Error {
     Auth(#[from] auth::AuthError),
     #[error(transparent)]
     Kafka(#[from] kafka::KafkaSetupError),
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
     #[error("cannot read the {what} file {path}: {error}")]
     SecretFile {
         what: &'static str,
@@ -92,7 +96,33 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         None => Arc::new(storage::NoStorage),
     };
     let flush_timeout = Duration::from_secs(config.shutdown_timeout_secs);
-    let broker = Broker::new(config, metrics, auth, tokens, admin_token, storage);
+    let cluster = match &config.cluster {
+        Some(c) => Some(cluster::Cluster::new(
+            c,
+            &config.node_name(),
+            bound.cluster.as_ref().and_then(|l| l.local_addr().ok()),
+        )?),
+        None => None,
+    };
+    let broker = Broker::new(
+        config,
+        metrics,
+        auth,
+        tokens,
+        admin_token,
+        storage,
+        cluster.clone(),
+    );
+    if let Some(c) = &cluster {
+        for addr in &c.config.peers {
+            ntex::rt::spawn(cluster::link::outbound(
+                c.clone(),
+                broker.clone(),
+                addr.clone(),
+            ));
+        }
+        ntex::rt::spawn(cluster::watch(c.clone(), broker.clone()));
+    }
     let downlink = match &kafka {
         Some(k) => {
             let topics_ready = Arc::new(AtomicBool::new(!k.creates_topics()));

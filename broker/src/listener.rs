@@ -43,6 +43,7 @@ pub struct Bound {
     pub tls: Option<TcpListener>,
     pub wss: Option<TcpListener>,
     pub admin: Option<TcpListener>,
+    pub cluster: Option<TcpListener>,
 }
 
 impl Bound {
@@ -56,6 +57,7 @@ impl Bound {
             tls: bind("mqtt-tls", l.tls.filter(|_| tls_on))?,
             wss: bind("mqtt-wss", l.wss.filter(|_| tls_on))?,
             admin: bind("admin", l.admin)?,
+            cluster: bind("cluster", config.cluster.as_ref().map(|c| c.listen))?,
         })
     }
 
@@ -67,6 +69,7 @@ impl Bound {
             ("mqtt-tls", &self.tls),
             ("mqtt-wss", &self.wss),
             ("admin", &self.admin),
+            ("cluster", &self.cluster),
         ]
         .into_iter()
         .filter_map(|(n, l)| Some((n, l.as_ref()?.local_addr().ok()?)))
@@ -119,7 +122,7 @@ pub async fn serve(
         let b = broker.clone();
         builder = builder
             .listen("mqtt-tcp", lst, mqtt_cfg.clone(), async move |_| {
-                mqtt_service(b.clone())
+                front_service(b.clone())
             })
             .map_err(server_err)?;
     }
@@ -127,8 +130,7 @@ pub async fn serve(
         let b = broker.clone();
         builder = builder
             .listen("mqtt-ws", lst, mqtt_cfg.clone(), async move |_| {
-                let mqtt = Pipeline::new((), mqtt_service(b.clone()));
-                ws_service(mqtt)
+                ws_service(b.clone(), Pipeline::new((), mqtt_service(b.clone())))
             })
             .map_err(server_err)?;
     }
@@ -140,7 +142,7 @@ pub async fn serve(
                     .map_err(|e| {
                         MqttError::Service(protocol::Error::Transport(format!("TLS: {e}")))
                     })
-                    .and_then(mqtt_service(b.clone()))
+                    .and_then(front_service(b.clone()))
             })
             .map_err(server_err)?;
     }
@@ -151,7 +153,23 @@ pub async fn serve(
                 let mqtt = Pipeline::new((), mqtt_service(b.clone()));
                 ntex::tls::rustls::TlsAcceptor::new(tls.clone())
                     .map_err(io::Error::other)
-                    .and_then(ws_service(mqtt))
+                    .and_then(ws_service(b.clone(), mqtt))
+            })
+            .map_err(server_err)?;
+    }
+    if let (Some(lst), Some(cluster)) = (bound.cluster, broker.cluster.clone()) {
+        let b = broker.clone();
+        builder = builder
+            .listen("cluster", lst, mqtt_cfg.clone(), async move |_| {
+                let mqtt = Pipeline::new((), mqtt_service(b.clone())).bind();
+                let (b, c) = (b.clone(), cluster.clone());
+                ntex::service::fn_service(move |io: Io| {
+                    let (b, c, mqtt) = (b.clone(), c.clone(), mqtt.clone());
+                    async move {
+                        crate::cluster::link::inbound(io.boxed(), c, b, &mqtt).await;
+                        Ok::<_, io::Error>(())
+                    }
+                })
             })
             .map_err(server_err)?;
     }
@@ -208,7 +226,23 @@ where
 }
 
 /// HTTP upgrade to WebSocket on `/mqtt` with the `mqtt` subprotocol, then MQTT.
+/// A client-facing MQTT listener's service: on a clustered node, the gate
+/// that serves the client here or forwards it to its session's owner.
+fn front_service<F: Filter>(
+    broker: Arc<Broker>,
+) -> impl Service<(), Io<F>, Res = (), Error = MqttError<protocol::Error>> {
+    let mqtt = Pipeline::new((), mqtt_service(broker.clone())).bind();
+    ntex::service::fn_service(move |io: Io<F>| {
+        let (broker, mqtt) = (broker.clone(), mqtt.clone());
+        async move {
+            crate::cluster::gate::serve(io.boxed(), broker, &mqtt).await;
+            Ok(())
+        }
+    })
+}
+
 fn ws_service<F: Filter>(
+    broker: Arc<Broker>,
     mqtt: Pipeline<IoBoxed, (), MqttError<protocol::Error>>,
 ) -> impl Service<(), Io<F>, Res = (), Error = io::Error> {
     let mqtt = mqtt.bind();
@@ -220,11 +254,7 @@ fn ws_service<F: Filter>(
             h1::Control::Upgrade(ctl) => {
                 let (ack, io, req, codec) = ctl.handle();
                 match upgrade(io, req, codec).await {
-                    Ok(io) => {
-                        if let Err(e) = mqtt.call(io.boxed()).await {
-                            tracing::debug!(error = ?e, "MQTT over WebSocket ended");
-                        }
-                    }
+                    Ok(io) => crate::cluster::gate::serve(io.boxed(), broker.clone(), &mqtt).await,
                     Err(e) => tracing::info!(error = %e, "WebSocket upgrade refused"),
                 }
                 ack

@@ -34,6 +34,7 @@ pub struct Metrics {
     pub offline_dropped: IntCounter,
     pub rejected: IntCounterVec,
     pub takeovers: IntCounter,
+    pub cluster_nodes: IntGauge,
 }
 
 impl Metrics {
@@ -90,6 +91,10 @@ impl Metrics {
             takeovers: counter(
                 "clientid_takeovers_total",
                 "Connections closed because the Client ID connected again",
+            )?,
+            cluster_nodes: gauge(
+                "cluster_nodes",
+                "Nodes on this node's ring, itself included",
             )?,
             registry,
         };

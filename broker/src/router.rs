@@ -7,8 +7,10 @@
 //! write lock of one shard.
 //!
 //! A route names a session by Client ID, not a connection: the session store
-//! decides whether it is online, offline or (once the cluster lands) owned by
-//! another node.
+//! decides whether it is online or offline. Routes to other nodes of a
+//! cluster are held under *node markers* (`node_route`), names that no
+//! Client ID can take, so that one table answers "who wants this topic"
+//! for the whole cluster.
 
 use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
@@ -39,8 +41,36 @@ pub struct SubOptions {
 pub struct Route {
     pub client: ClientId,
     pub opts: SubOptions,
-    /// Chosen from a shared-subscription group.
-    pub shared: bool,
+    /// Chosen from this shared-subscription group (`$share/<group>/<filter>`).
+    pub group: Option<Arc<str>>,
+}
+
+/// U+0000 cannot appear in an MQTT Client ID (MQTT 5 1.5.4), so a node
+/// marker never collides with a session.
+const NODE_PREFIX: char = '\u{0}';
+
+/// The router name of another cluster node.
+pub fn node_route(node: &str) -> ClientId {
+    Arc::from(format!("{NODE_PREFIX}{node}"))
+}
+
+/// The node a route name stands for, if it is a node marker.
+pub fn route_node(client: &str) -> Option<&str> {
+    client.strip_prefix(NODE_PREFIX)
+}
+
+/// Which routes a lookup wants.
+#[derive(Clone, Copy)]
+pub enum Scope<'a> {
+    /// A publish received here: every route, node markers included.
+    All,
+    /// A message another node forwarded: this node's sessions only, and of
+    /// the shared groups only those the sender chose this node for.
+    Local { groups: &'a [String] },
+    /// A message every node receives by itself (Kafka downlink): this node's
+    /// sessions, and the shared groups this node is designated for, whose
+    /// member may be on any node.
+    Designated { owns: &'a dyn Fn(&str) -> bool },
 }
 
 #[derive(Debug, Default)]
@@ -52,6 +82,8 @@ struct Node {
 
 #[derive(Debug, Default)]
 struct Group {
+    /// `$share/<group>/<filter>`.
+    name: Arc<str>,
     members: Vec<(ClientId, SubOptions)>,
     next: AtomicUsize,
 }
@@ -61,64 +93,99 @@ impl Node {
         self.children.is_empty() && self.subs.is_empty() && self.groups.is_empty()
     }
 
-    fn collect(
-        &self,
-        levels: &[&str],
-        dollar: bool,
-        is_online: &dyn Fn(&ClientId) -> bool,
-        out: &mut Vec<Route>,
-    ) {
+    fn collect(&self, levels: &[&str], dollar: bool, q: &Query<'_>, out: &mut Vec<Route>) {
         let Some((level, rest)) = levels.split_first() else {
-            self.emit(is_online, out);
+            self.emit(q, out);
             // "a/#" also matches "a".
             if let Some(hash) = self.children.get("#") {
-                hash.emit(is_online, out);
+                hash.emit(q, out);
             }
             return;
         };
         if !dollar {
             if let Some(hash) = self.children.get("#") {
-                hash.emit(is_online, out);
+                hash.emit(q, out);
             }
             if let Some(plus) = self.children.get("+") {
-                plus.collect(rest, false, is_online, out);
+                plus.collect(rest, false, q, out);
             }
         }
         if let Some(child) = self.children.get(*level) {
-            child.collect(rest, false, is_online, out);
+            child.collect(rest, false, q, out);
         }
     }
 
-    fn emit(&self, is_online: &dyn Fn(&ClientId) -> bool, out: &mut Vec<Route>) {
-        out.extend(self.subs.iter().map(|(client, opts)| Route {
-            client: client.clone(),
-            opts: *opts,
-            shared: false,
-        }));
+    fn emit(&self, q: &Query<'_>, out: &mut Vec<Route>) {
+        let local_subs = !matches!(q.scope, Scope::All);
+        let local_only = matches!(q.scope, Scope::Local { .. });
+        out.extend(
+            self.subs
+                .iter()
+                .filter(|(client, _)| !local_subs || route_node(client).is_none())
+                .map(|(client, opts)| Route {
+                    client: client.clone(),
+                    opts: *opts,
+                    group: None,
+                }),
+        );
         for group in self.groups.values() {
-            if let Some((client, opts)) = group.pick(is_online) {
+            let wanted = match q.scope {
+                Scope::All => true,
+                Scope::Local { groups } => groups.iter().any(|g| **g == *group.name),
+                Scope::Designated { owns } => owns(&group.name),
+            };
+            if !wanted {
+                continue;
+            }
+            if let Some((client, opts)) = group.pick(q.is_online, local_only) {
                 out.push(Route {
                     client: client.clone(),
                     opts: *opts,
-                    shared: true,
+                    group: Some(group.name.clone()),
                 });
             }
         }
     }
 }
 
+impl std::fmt::Debug for Scope<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Scope::All => f.write_str("All"),
+            Scope::Local { groups } => f.debug_struct("Local").field("groups", groups).finish(),
+            Scope::Designated { .. } => f.write_str("Designated"),
+        }
+    }
+}
+
+/// One lookup's parameters.
+struct Query<'a> {
+    is_online: &'a dyn Fn(&ClientId) -> bool,
+    scope: Scope<'a>,
+}
+
 impl Group {
-    /// Round robin over the members, skipping offline ones while any is online.
-    fn pick(&self, is_online: &dyn Fn(&ClientId) -> bool) -> Option<&(ClientId, SubOptions)> {
+    /// Round robin over the members (this node's only, if `local_only`),
+    /// skipping offline ones while any is online.
+    fn pick(
+        &self,
+        is_online: &dyn Fn(&ClientId) -> bool,
+        local_only: bool,
+    ) -> Option<&(ClientId, SubOptions)> {
         let n = self.members.len();
         if n == 0 {
             return None;
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let allowed = |c: &ClientId| !local_only || route_node(c).is_none();
         (0..n)
             .map(|i| &self.members[(start + i) % n])
-            .find(|(c, _)| is_online(c))
-            .or_else(|| self.members.get(start % n))
+            .find(|(c, _)| allowed(c) && is_online(c))
+            .or_else(|| {
+                (0..n)
+                    .map(|i| &self.members[(start + i) % n])
+                    .find(|(c, _)| allowed(c))
+            })
     }
 }
 
@@ -166,7 +233,10 @@ impl Router {
         match filter.share_group {
             None => node.subs.insert(client.clone(), opts).is_none(),
             Some(group) => {
-                let g = node.groups.entry(group.into()).or_default();
+                let g = node.groups.entry(group.into()).or_insert_with(|| Group {
+                    name: Arc::from(format!("$share/{group}/{}", filter.filter)),
+                    ..Group::default()
+                });
                 match g.members.iter_mut().find(|(c, _)| c == client) {
                     Some(member) => {
                         member.1 = opts;
@@ -190,7 +260,14 @@ impl Router {
     }
 
     /// Appends the routes for a topic to `out`; one member per shared group.
-    pub fn route(&self, topic: &str, is_online: &dyn Fn(&ClientId) -> bool, out: &mut Vec<Route>) {
+    pub fn route(
+        &self,
+        topic: &str,
+        is_online: &dyn Fn(&ClientId) -> bool,
+        scope: Scope<'_>,
+        out: &mut Vec<Route>,
+    ) {
+        let q = Query { is_online, scope };
         let levels: Vec<&str> = topic.split('/').collect();
         let dollar = topic.starts_with('$');
         let first = levels.first().copied().unwrap_or("");
@@ -199,12 +276,12 @@ impl Router {
                 .read()
                 .unwrap_or_else(|e| e.into_inner());
             if let Some(child) = shard.children.get(first) {
-                child.collect(&levels[1..], false, is_online, out);
+                child.collect(&levels[1..], false, &q, out);
             }
         }
         if !dollar {
             let wild = self.wild.read().unwrap_or_else(|e| e.into_inner());
-            wild.collect(&levels, false, is_online, out);
+            wild.collect(&levels, false, &q, out);
         }
     }
 }
@@ -253,7 +330,7 @@ mod tests {
 
     fn clients(r: &Router, topic: &str) -> Vec<String> {
         let mut out = Vec::new();
-        r.route(topic, &|_| true, &mut out);
+        r.route(topic, &|_| true, Scope::All, &mut out);
         let mut v: Vec<String> = out.iter().map(|r| r.client.to_string()).collect();
         v.sort();
         v
@@ -292,12 +369,49 @@ mod tests {
         let mut seen = Vec::new();
         for _ in 0..6 {
             let mut out = Vec::new();
-            r.route("s/1", &|c| &**c != "m2", &mut out);
+            r.route("s/1", &|c| &**c != "m2", Scope::All, &mut out);
             assert_eq!(out.len(), 1);
             seen.push(out[0].client.to_string());
         }
         assert!(seen.contains(&"m1".to_string()));
         assert!(seen.contains(&"m3".to_string()));
         assert!(!seen.contains(&"m2".to_string()));
+    }
+
+    #[test]
+    fn local_scope_skips_other_nodes_and_unchosen_groups() {
+        let r = Router::default();
+        let sub = |c: &ClientId, f: &str| {
+            let f = parse_filter(f, 64, false).unwrap_or_else(|e| panic!("{e}"));
+            r.subscribe(c, &f, opts(QoS::AtLeastOnce));
+        };
+        let n2 = node_route("n2");
+        sub(&Arc::from("local"), "a/+");
+        sub(&n2, "a/+");
+        sub(&Arc::from("m1"), "$share/g/a/#");
+        sub(&n2, "$share/g/a/#");
+        sub(&Arc::from("h1"), "$share/h/a/#");
+        let mut all = Vec::new();
+        for _ in 0..4 {
+            r.route("a/b", &|_| true, Scope::All, &mut all);
+        }
+        // Everywhere: the group g alternates between m1 and node n2.
+        assert!(all.iter().any(|r| r.client == n2 && r.group.is_some()));
+        assert!(all.iter().any(|r| &*r.client == "m1"));
+        let chosen = ["$share/g/a/#".to_string()];
+        for _ in 0..4 {
+            let mut local = Vec::new();
+            r.route(
+                "a/b",
+                &|_| true,
+                Scope::Local { groups: &chosen },
+                &mut local,
+            );
+            let mut names: Vec<String> = local.iter().map(|r| r.client.to_string()).collect();
+            names.sort();
+            assert_eq!(names, ["local", "m1"]);
+        }
+        assert_eq!(route_node(&n2), Some("n2"));
+        assert_eq!(route_node("n2"), None);
     }
 }

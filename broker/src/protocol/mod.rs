@@ -217,8 +217,14 @@ pub async fn publish(conn: &Connection, msg: Message, on_full: OnFull) -> Result
     result
 }
 
-/// The client's IP address, as device events report it.
-fn peer_ip(io: &ntex::io::IoBoxed) -> Option<std::net::IpAddr> {
+/// The client's IP address, as device events report it: the socket's peer,
+/// or for a connection another node forwarded, the client behind it.
+fn peer_ip(broker: &Broker, io: &ntex::io::IoBoxed) -> Option<std::net::IpAddr> {
+    broker.forwarded_peers.get(io).or_else(|| socket_ip(io))
+}
+
+/// The peer address of the socket itself.
+pub(crate) fn socket_ip(io: &ntex::io::IoBoxed) -> Option<std::net::IpAddr> {
     io.query::<ntex::io::types::PeerAddr>()
         .get()
         .map(|a| a.0.ip().to_canonical())

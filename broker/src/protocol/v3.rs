@@ -77,7 +77,7 @@ pub async fn connect(broker: &Arc<Broker>, c: v3::Connect) -> Result<v3::Connect
         identity,
         !clean,
         will,
-        super::peer_ip(c.io()),
+        super::peer_ip(broker, c.io()),
     ));
     super::install_tokens(&conn, tokens);
     conn.start_pump(c.sink());

@@ -125,7 +125,7 @@ pub async fn connect(broker: &Arc<Broker>, c: v5::Connect) -> Result<v5::Connect
         identity,
         expiry_secs > 0,
         will,
-        super::peer_ip(c.io()),
+        super::peer_ip(broker, c.io()),
     ));
     super::install_tokens(&conn, tokens);
     conn.start_pump(V5Sink {

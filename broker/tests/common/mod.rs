@@ -11,6 +11,83 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+/// Nodes of one cluster on loopback, started one after the other; each is
+/// given the addresses of the nodes before it and the older ones dial back.
+pub struct Cluster {
+    pub nodes: Vec<Broker>,
+    secret: PathBuf,
+    _dir: tempfile::TempDir,
+    extra: String,
+}
+
+impl Cluster {
+    /// Starts `n` nodes named `n0`, `n1`, … sharing a secret, and waits until
+    /// every node sees all of them.
+    pub fn start(n: usize, extra: &str) -> Cluster {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "cluster-secret-for-tests")
+            .unwrap_or_else(|e| panic!("secret: {e}"));
+        let mut c = Cluster {
+            nodes: Vec::new(),
+            secret,
+            _dir: dir,
+            extra: extra.to_owned(),
+        };
+        for _ in 0..n {
+            c.add();
+        }
+        c.wait_ring(n);
+        c
+    }
+
+    /// Starts one more node (named after its position) that knows the others.
+    pub fn add(&mut self) -> &Broker {
+        let name = format!("n{}", self.nodes.len());
+        let secret = self.secret.clone();
+        self.add_named(&name, &secret)
+    }
+
+    /// Starts a node with a given name and secret file.
+    pub fn add_named(&mut self, name: &str, secret: &Path) -> &Broker {
+        let peers: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|b| format!("\"127.0.0.1:{}\"", b.cluster))
+            .collect();
+        let config = format!(
+            "node_id: {name}\ncluster:\n  listen: \"127.0.0.1:0\"\n  peers: [{}]\n  secret_file: {}\n  heartbeat_ms: 100\n  failure_timeout_ms: 1000\n{}",
+            peers.join(", "),
+            secret.display(),
+            self.extra
+        );
+        let b = Broker::start(&config);
+        self.nodes.push(b);
+        let last = self.nodes.len() - 1;
+        &self.nodes[last]
+    }
+
+    /// Waits until every running node's ring has `n` nodes.
+    pub fn wait_ring(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let sizes: Vec<f64> = self
+                .nodes
+                .iter()
+                .map(|b| b.metric("ringmq_cluster_nodes"))
+                .collect();
+            if sizes.iter().all(|s| *s == n as f64) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rings did not converge to {n}: {sizes:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 /// How long a test waits for something that should happen.
 pub const WAIT: Duration = Duration::from_secs(5);
 /// How long a test waits to be sure that something does not happen.
@@ -24,6 +101,8 @@ pub struct Broker {
     pub tls: u16,
     pub wss: u16,
     pub admin: u16,
+    /// The cluster port, when the configuration has a `cluster` section.
+    pub cluster: u16,
     pub dir: tempfile::TempDir,
 }
 
@@ -83,6 +162,7 @@ impl Broker {
             tls: 0,
             wss: 0,
             admin: 0,
+            cluster: 0,
             dir,
         };
         broker.read_ports(tls.is_some());
@@ -106,6 +186,7 @@ impl Broker {
             };
             (self.tcp, self.ws, self.admin) = (port("mqtt-tcp"), port("mqtt-ws"), port("admin"));
             (self.tls, self.wss) = (port("mqtt-tls"), port("mqtt-wss"));
+            self.cluster = port("cluster");
             let all = self.tcp != 0 && self.ws != 0 && self.admin != 0;
             if all && (!tls || (self.tls != 0 && self.wss != 0)) {
                 return;

@@ -1,0 +1,266 @@
+//! The front door of a clustered node: read a client's CONNECT without
+//! consuming it, find the owner of its Client ID on the ring, and either
+//! serve the client here or forward its bytes to the owner.
+//!
+//! Forwarding happens after TLS and WebSocket are taken off, so the owner
+//! sees plain MQTT, preceded on the link by the handshake and a `Proxy` frame
+//! that carries the client's IP address (for device events).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
+
+use ntex::codec::{BytesCodec, Decoder};
+use ntex::io::IoBoxed;
+use ntex::util::{BytesMut, Either};
+
+use super::link::{self, FrameCodec};
+use super::wire::Frame;
+use crate::broker::Broker;
+
+/// The MQTT service of a worker thread.
+pub type Mqtt = ntex::PipelineBinding<IoBoxed, (), ntex_mqtt::MqttError<crate::protocol::Error>>;
+
+/// What the first packet says.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Peek {
+    /// A complete CONNECT with this Client ID (empty: the broker assigns one).
+    ClientId(String),
+    /// Not a CONNECT, or not one this code can read: ntex-mqtt answers it.
+    Other,
+}
+
+/// Reads the Client ID from a CONNECT at the front of the buffer, leaving
+/// the buffer as it is. `Ok(None)`: more bytes are needed.
+#[derive(Debug, Clone, Copy)]
+pub struct PeekConnect {
+    /// Larger CONNECT packets are left to ntex-mqtt, which refuses them.
+    pub max_size: usize,
+}
+
+impl Decoder for PeekConnect {
+    type Item = Peek;
+    type Error = std::convert::Infallible;
+
+    fn decode(&self, src: &mut BytesMut) -> Result<Option<Peek>, Self::Error> {
+        Ok(peek_connect(src, self.max_size))
+    }
+}
+
+/// The parsing behind `PeekConnect`: MQTT 3.1.1 and 5 CONNECT up to the
+/// Client ID (MQTT 5 3.1).
+pub fn peek_connect(b: &[u8], max_size: usize) -> Option<Peek> {
+    let &first = b.first()?;
+    if first != 0x10 {
+        return Some(Peek::Other);
+    }
+    let mut pos = 1;
+    let remaining = match varint(b, &mut pos) {
+        Some(Ok(n)) => n,
+        Some(Err(())) => return Some(Peek::Other),
+        None => return None,
+    };
+    if remaining > max_size {
+        return Some(Peek::Other);
+    }
+    let end = pos + remaining;
+    if b.len() < end {
+        return None;
+    }
+    let p = &b[pos..end];
+    Some(client_id(p).map_or(Peek::Other, Peek::ClientId))
+}
+
+/// MQTT variable byte integer at `b[*pos..]`: `None` if incomplete.
+fn varint(b: &[u8], pos: &mut usize) -> Option<Result<usize, ()>> {
+    let mut value = 0usize;
+    for i in 0..4 {
+        let byte = *b.get(*pos)?;
+        *pos += 1;
+        value |= usize::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some(Ok(value));
+        }
+    }
+    Some(Err(()))
+}
+
+fn client_id(p: &[u8]) -> Option<String> {
+    let u16_at = |i: usize| -> Option<usize> {
+        Some(usize::from(u16::from_be_bytes([
+            *p.get(i)?,
+            *p.get(i + 1)?,
+        ])))
+    };
+    let name_len = u16_at(0)?;
+    let mut pos = 2 + name_len;
+    let level = *p.get(pos)?;
+    pos += 1 + 1 + 2; // level, flags, keep-alive
+    if level == 5 {
+        match varint(p, &mut pos)? {
+            Ok(props) => pos += props,
+            Err(()) => return None,
+        }
+    }
+    let id_len = u16_at(pos)?;
+    let id = p.get(pos + 2..pos + 2 + id_len)?;
+    String::from_utf8(id.to_vec()).ok()
+}
+
+/// Client IP addresses of forwarded connections, by I/O stream (an ntex
+/// stream id is unique on its worker thread), for device events.
+#[derive(Debug, Default)]
+pub struct ForwardedPeers(Mutex<HashMap<(ThreadId, ntex::io::Id), IpAddr>>);
+
+impl ForwardedPeers {
+    fn insert(&self, key: (ThreadId, ntex::io::Id), ip: IpAddr) {
+        if let Ok(mut m) = self.0.lock() {
+            m.insert(key, ip);
+        }
+    }
+
+    fn remove(&self, key: &(ThreadId, ntex::io::Id)) {
+        if let Ok(mut m) = self.0.lock() {
+            m.remove(key);
+        }
+    }
+
+    /// The forwarded client IP of a stream of this thread, if it is one.
+    pub fn get(&self, io: &ntex::io::IoRef) -> Option<IpAddr> {
+        let key = (std::thread::current().id(), io.id());
+        self.0.lock().ok()?.get(&key).copied()
+    }
+}
+
+/// Serves one client connection of a front-door listener.
+pub async fn serve(io: IoBoxed, broker: Arc<Broker>, mqtt: &Mqtt) {
+    let Some(cluster) = broker.cluster.clone() else {
+        let _ = mqtt.call(io).await;
+        return;
+    };
+    let codec = PeekConnect {
+        max_size: broker.config.limits.max_packet_size as usize,
+    };
+    let peek = loop {
+        match io.decode(&codec) {
+            Ok(Some(p)) => break p,
+            Ok(None) => match io.read_more().await {
+                Ok(Some(())) => {}
+                // Closed before a CONNECT arrived.
+                _ => return,
+            },
+            Err(e) => match e {},
+        }
+    };
+    let owner = match &peek {
+        Peek::ClientId(id) if !id.is_empty() => cluster.owner(id),
+        _ => cluster.node.clone(),
+    };
+    if cluster.is_local(&owner) {
+        let _ = mqtt.call(io).await;
+        return;
+    }
+    let client_ip = crate::protocol::socket_ip(&io);
+    if let Err(e) = forward(&io, &cluster, &owner, client_ip).await {
+        broker.metrics.reject("cluster_forward");
+        tracing::info!(owner = %owner, error = %e, "client not forwarded to its session's owner");
+    }
+    io.close();
+}
+
+/// Pipes the client's bytes to the owner and back until either side closes.
+async fn forward(
+    client: &IoBoxed,
+    cluster: &super::Cluster,
+    owner: &str,
+    client_ip: Option<IpAddr>,
+) -> super::Result<()> {
+    let addr = cluster
+        .addr_of(owner)
+        .ok_or_else(|| super::ClusterError::Link(format!("no address for {owner}")))?;
+    let (up, peer) = link::dial(cluster, &addr).await?;
+    if *peer != *owner {
+        return Err(super::ClusterError::Link(format!(
+            "{addr} is {peer}, not {owner}"
+        )));
+    }
+    let proxy = Frame::Proxy {
+        client_ip: client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+    };
+    up.send(proxy, &FrameCodec)
+        .await
+        .map_err(|e| super::ClusterError::Link(format!("{e:?}")))?;
+    let to_owner = pipe(client, &up);
+    let to_client = pipe(&up, client);
+    let _ = ntex::util::select(std::pin::pin!(to_owner), std::pin::pin!(to_client)).await;
+    up.close();
+    Ok(())
+}
+
+async fn pipe(from: &IoBoxed, to: &IoBoxed) {
+    loop {
+        match from.recv(&BytesCodec).await {
+            Ok(Some(bytes)) => {
+                if to.send(bytes, &BytesCodec).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) | Err(Either::Left(_)) | Err(Either::Right(_)) => return,
+        }
+    }
+}
+
+/// The owner's side: a client another node forwarded, served like a local one.
+pub async fn serve_forwarded(io: IoBoxed, broker: &Broker, client_ip: Option<IpAddr>, mqtt: &Mqtt) {
+    let key = (std::thread::current().id(), io.id());
+    if let Some(ip) = client_ip {
+        broker.forwarded_peers.insert(key, ip);
+    }
+    let _ = mqtt.call(io).await;
+    broker.forwarded_peers.remove(&key);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connect(level: u8, id: &str, props: &[u8]) -> Vec<u8> {
+        let mut v = vec![0, 4, b'M', b'Q', b'T', b'T', level, 0x02, 0, 60];
+        if level == 5 {
+            v.push(props.len() as u8);
+            v.extend_from_slice(props);
+        }
+        v.extend_from_slice(&(id.len() as u16).to_be_bytes());
+        v.extend_from_slice(id.as_bytes());
+        let mut p = vec![0x10, v.len() as u8];
+        p.extend(v);
+        p
+    }
+
+    #[test]
+    fn reads_the_client_id_of_both_versions() {
+        let v3 = connect(4, "GID_test@@@d1", &[]);
+        assert_eq!(
+            peek_connect(&v3, 1024),
+            Some(Peek::ClientId("GID_test@@@d1".into()))
+        );
+        let v5 = connect(5, "dev", &[0x11, 0, 0, 0, 10]);
+        assert_eq!(peek_connect(&v5, 1024), Some(Peek::ClientId("dev".into())));
+    }
+
+    #[test]
+    fn waits_for_the_whole_packet_and_leaves_the_rest_to_ntex_mqtt() {
+        let v3 = connect(4, "abc", &[]);
+        for n in 0..v3.len() {
+            assert_eq!(peek_connect(&v3[..n], 1024), None, "prefix {n}");
+        }
+        assert_eq!(peek_connect(&[0x30, 0], 1024), Some(Peek::Other));
+        assert_eq!(peek_connect(&v3, 4), Some(Peek::Other));
+        assert_eq!(
+            peek_connect(&[0x10, 0xff, 0xff, 0xff, 0xff, 1], 1024),
+            Some(Peek::Other)
+        );
+        assert_eq!(peek_connect(&[0x10, 2, 0, 9], 1024), Some(Peek::Other));
+    }
+}

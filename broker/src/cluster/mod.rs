@@ -1,0 +1,446 @@
+//! The cluster: broker nodes that share session ownership through a
+//! consistent-hash ring (C1–C5).
+//!
+//! - Membership: every node dials every address of `cluster.peers` and keeps
+//!   one authenticated link to each (`link`). A node is a member while its
+//!   link is up and it was heard from within `failure_timeout_ms`; the ring
+//!   is this node plus the members.
+//! - Ownership: the ring owner of a Client ID holds its session. A client
+//!   that connects through another node is forwarded, bytes and all, to the
+//!   owner (`gate`), so takeover, persistent sessions and offline messages
+//!   behave exactly as on one node.
+//! - Routing: each node tells the others which filters its sessions
+//!   subscribe to; the router holds those as routes to *node markers*. A
+//!   publish reaches local subscribers and is forwarded once to each node
+//!   with a matching filter; a shared group picks one member among local
+//!   sessions and remote nodes, so it gets a message once.
+//! - Retained messages are copied to every node; P2P goes to the target's
+//!   owner.
+
+pub mod gate;
+pub mod link;
+pub mod wire;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::config::ClusterConfig;
+use crate::message::{Message, MessageId, Properties, QoS};
+use crate::ring::Ring;
+use crate::secret_file::SecretFile;
+use wire::{Frame, WireMessage};
+
+/// Errors while starting the cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot read cluster.secret_file {path}: {error}")]
+    Secret {
+        path: std::path::PathBuf,
+        error: std::io::Error,
+    },
+    #[error("cluster link: {0}")]
+    Link(String),
+}
+
+pub type Result<T> = std::result::Result<T, ClusterError>;
+
+/// What this node knows of one peer.
+#[derive(Debug)]
+struct Peer {
+    /// The address this node dials it at.
+    addr: String,
+    /// Frames for the peer; the link task writes them.
+    tx: mpsc::Sender<Frame>,
+    last_seen: Instant,
+    leaving: bool,
+}
+
+/// The cluster state of one node.
+#[derive(Debug)]
+pub struct Cluster {
+    pub node: Arc<str>,
+    pub config: ClusterConfig,
+    secret: SecretFile,
+    peers: RwLock<HashMap<Arc<str>, Peer>>,
+    ring: RwLock<Arc<Ring>>,
+    /// Filters of this node's sessions, with how many sessions hold each.
+    local_filters: Mutex<HashMap<String, usize>>,
+    /// Filters each peer announced.
+    remote_filters: Mutex<HashMap<Arc<str>, HashSet<String>>>,
+    /// Set once this node announced that it leaves.
+    leaving: std::sync::atomic::AtomicBool,
+    /// Addresses a link task dials.
+    dialing: Mutex<HashSet<String>>,
+    /// Where other nodes reach this node's cluster port.
+    advertise: String,
+}
+
+impl Cluster {
+    /// `bound`: the address the cluster port is bound to (its real port
+    /// when the configuration asked for port 0).
+    pub fn new(
+        config: &ClusterConfig,
+        node: &str,
+        bound: Option<std::net::SocketAddr>,
+    ) -> Result<Arc<Self>> {
+        let secret =
+            SecretFile::load(&config.secret_file).map_err(|error| ClusterError::Secret {
+                path: config.secret_file.clone(),
+                error,
+            })?;
+        Ok(Arc::new(Self {
+            node: Arc::from(node),
+            config: config.clone(),
+            secret,
+            peers: RwLock::new(HashMap::new()),
+            ring: RwLock::new(Arc::new(Ring::new([node]))),
+            local_filters: Mutex::new(HashMap::new()),
+            remote_filters: Mutex::new(HashMap::new()),
+            leaving: std::sync::atomic::AtomicBool::new(false),
+            dialing: Mutex::new(HashSet::new()),
+            advertise: advertise(config, node, bound),
+        }))
+    }
+
+    /// Where other nodes reach this node.
+    pub fn advertised(&self) -> String {
+        self.advertise.clone()
+    }
+
+    /// Claims `addr` for a link task; false if one already dials it.
+    fn start_dialing(&self, addr: &str) -> bool {
+        self.dialing
+            .lock()
+            .is_ok_and(|mut d| d.insert(addr.to_owned()))
+    }
+
+    fn stop_dialing(&self, addr: &str) {
+        if let Ok(mut d) = self.dialing.lock() {
+            d.remove(addr);
+        }
+    }
+
+    /// Whether a link task dials `addr`, or it is this node's own address.
+    fn dials(&self, addr: &str) -> bool {
+        addr == self.advertise || self.dialing.lock().is_ok_and(|d| d.contains(addr))
+    }
+
+    pub fn secret(&self) -> &SecretFile {
+        &self.secret
+    }
+
+    /// The current ring.
+    pub fn ring(&self) -> Arc<Ring> {
+        self.ring
+            .read()
+            .map(|r| r.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    /// The node that owns `client_id`'s session.
+    pub fn owner(&self, client_id: &str) -> Arc<str> {
+        self.ring()
+            .owner(client_id)
+            .cloned()
+            .unwrap_or_else(|| self.node.clone())
+    }
+
+    pub fn is_local(&self, node: &str) -> bool {
+        *self.node == *node
+    }
+
+    /// The address a member is dialled at.
+    pub fn addr_of(&self, node: &str) -> Option<String> {
+        let peers = self.peers.read().ok()?;
+        peers.get(node).map(|p| p.addr.clone())
+    }
+
+    /// A link to `node` came up (called by its link task).
+    fn link_up(&self, node: &Arc<str>, addr: &str, tx: mpsc::Sender<Frame>) {
+        if let Ok(mut peers) = self.peers.write() {
+            peers.insert(
+                node.clone(),
+                Peer {
+                    addr: addr.to_owned(),
+                    tx,
+                    last_seen: Instant::now(),
+                    leaving: false,
+                },
+            );
+        }
+        tracing::info!(peer = %node, addr, "cluster link up");
+        self.update_ring();
+    }
+
+    /// The link to `node` went down.
+    fn link_down(&self, node: &str) {
+        if let Ok(mut peers) = self.peers.write() {
+            peers.remove(node);
+        }
+        tracing::info!(peer = node, "cluster link down");
+        self.update_ring();
+    }
+
+    /// A heartbeat arrived from `node`.
+    fn heard(&self, node: &str, leaving: bool) {
+        let changed = match self.peers.write() {
+            Ok(mut peers) => match peers.get_mut(node) {
+                Some(p) => {
+                    p.last_seen = Instant::now();
+                    std::mem::replace(&mut p.leaving, leaving) != leaving
+                }
+                None => false,
+            },
+            Err(_) => false,
+        };
+        if changed {
+            self.update_ring();
+        }
+    }
+
+    /// Recomputes the ring from the live members; true if it changed.
+    pub fn update_ring(&self) -> bool {
+        let timeout = Duration::from_millis(self.config.failure_timeout_ms);
+        let mut members: Vec<Arc<str>> = match self.peers.read() {
+            Ok(peers) => peers
+                .iter()
+                .filter(|(_, p)| !p.leaving && p.last_seen.elapsed() < timeout)
+                .map(|(n, _)| n.clone())
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        if !self.leaving.load(std::sync::atomic::Ordering::Relaxed) {
+            members.push(self.node.clone());
+        }
+        let ring = Ring::new(&members);
+        let Ok(mut current) = self.ring.write() else {
+            return false;
+        };
+        if **current == ring {
+            return false;
+        }
+        tracing::info!(members = ?ring.nodes(), "cluster ring changed");
+        *current = Arc::new(ring);
+        true
+    }
+
+    /// Members other than this node, by name.
+    pub fn members(&self) -> Vec<Arc<str>> {
+        self.ring()
+            .nodes()
+            .iter()
+            .filter(|n| !self.is_local(n))
+            .cloned()
+            .collect()
+    }
+
+    /// Starts leaving: off the ring here, and told to every peer.
+    pub fn leave(&self) {
+        self.leaving
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.update_ring();
+        self.broadcast(&Frame::Heartbeat { leaving: true });
+    }
+
+    pub fn is_leaving(&self) -> bool {
+        self.leaving.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn sender(&self, node: &str) -> Option<mpsc::Sender<Frame>> {
+        let peers = self.peers.read().ok()?;
+        peers.get(node).map(|p| p.tx.clone())
+    }
+
+    /// Queues a frame for `node` without waiting; false if its queue is full
+    /// or it is not a member.
+    pub fn try_send(&self, node: &str, frame: Frame) -> bool {
+        self.sender(node)
+            .is_some_and(|tx| tx.try_send(frame).is_ok())
+    }
+
+    /// Queues a frame for `node`, waiting up to `wait` for room.
+    pub async fn send(&self, node: &str, frame: Frame, wait: Duration) -> bool {
+        let Some(tx) = self.sender(node) else {
+            return false;
+        };
+        let send = std::pin::pin!(tx.send(frame));
+        matches!(
+            ntex::util::select(send, ntex::time::sleep(wait)).await,
+            ntex::util::Either::Left(Ok(()))
+        )
+    }
+
+    /// Sends a frame to every peer with a link.
+    pub fn broadcast(&self, frame: &Frame) {
+        let senders: Vec<mpsc::Sender<Frame>> = match self.peers.read() {
+            Ok(peers) => peers.values().map(|p| p.tx.clone()).collect(),
+            Err(_) => Vec::new(),
+        };
+        for tx in senders {
+            let _ = tx.try_send(frame.clone());
+        }
+    }
+
+    /// A session of this node subscribed to `raw` (a filter or `$share/…`).
+    pub fn filter_added(&self, raw: &str) {
+        let first = match self.local_filters.lock() {
+            Ok(mut f) => {
+                let n = f.entry(raw.to_owned()).or_insert(0);
+                *n += 1;
+                *n == 1
+            }
+            Err(_) => false,
+        };
+        if first {
+            self.broadcast(&Frame::RouteAdd {
+                filter: raw.to_owned(),
+            });
+        }
+    }
+
+    /// A session of this node dropped its subscription to `raw`.
+    pub fn filter_removed(&self, raw: &str) {
+        let last = match self.local_filters.lock() {
+            Ok(mut f) => match f.get_mut(raw) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                Some(_) => {
+                    f.remove(raw);
+                    true
+                }
+                None => false,
+            },
+            Err(_) => false,
+        };
+        if last {
+            self.broadcast(&Frame::RouteDel {
+                filter: raw.to_owned(),
+            });
+        }
+    }
+
+    /// Every filter this node's sessions hold, for a new link.
+    fn local_snapshot(&self) -> Vec<String> {
+        self.local_filters
+            .lock()
+            .map(|f| f.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Records what a peer announced; returns the filters to add to and
+    /// remove from its marker's routes.
+    fn remote_routes(&self, node: &Arc<str>, frame: &Frame) -> (Vec<String>, Vec<String>) {
+        let Ok(mut all) = self.remote_filters.lock() else {
+            return (Vec::new(), Vec::new());
+        };
+        let known = all.entry(node.clone()).or_default();
+        match frame {
+            Frame::Routes { filters } => {
+                let new: HashSet<String> = filters.iter().cloned().collect();
+                let add = new.difference(known).cloned().collect();
+                let del = known.difference(&new).cloned().collect();
+                *known = new;
+                (add, del)
+            }
+            Frame::RouteAdd { filter } if known.insert(filter.clone()) => {
+                (vec![filter.clone()], Vec::new())
+            }
+            Frame::RouteDel { filter } if known.remove(filter) => {
+                (Vec::new(), vec![filter.clone()])
+            }
+            _ => (Vec::new(), Vec::new()),
+        }
+    }
+
+    /// Forgets what a departed peer announced; returns its filters.
+    pub(crate) fn forget(&self, node: &str) -> Vec<String> {
+        self.remote_filters
+            .lock()
+            .ok()
+            .and_then(|mut all| all.remove(node))
+            .map(|s| s.into_iter().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// This node's cluster address as others should dial it: `cluster.advertise`,
+/// or the bound address, with the node name in place of an unspecified IP
+/// (on Kubernetes the pod name, resolvable under the headless Service when
+/// the peers are given as such).
+fn advertise(config: &ClusterConfig, node: &str, bound: Option<std::net::SocketAddr>) -> String {
+    if let Some(a) = &config.advertise {
+        return a.clone();
+    }
+    let addr = bound.unwrap_or(config.listen);
+    if addr.ip().is_unspecified() {
+        format!("{node}:{}", addr.port())
+    } else {
+        addr.to_string()
+    }
+}
+
+/// A message as it crosses to another node.
+pub fn to_wire(msg: &Message, now: Instant) -> WireMessage {
+    WireMessage {
+        topic: msg.topic.clone(),
+        payload: msg.payload.clone(),
+        qos: msg.qos,
+        retain: msg.retain,
+        publisher: ntex::util::ByteString::from(&*msg.publisher),
+        ts_ms: msg.ts_ms,
+        expiry_ms: msg.expiry.map(|e| {
+            let left = e.saturating_sub(now.saturating_duration_since(msg.received));
+            u64::try_from(left.as_millis()).unwrap_or(u64::MAX)
+        }),
+        user: msg.properties.user.clone(),
+        content_type: msg.properties.content_type.clone(),
+        response_topic: msg.properties.response_topic.clone(),
+        correlation_data: msg.properties.correlation_data.clone(),
+        utf8_payload: msg.properties.utf8_payload,
+    }
+}
+
+/// A message that arrived from another node.
+pub fn from_wire(w: WireMessage, id: MessageId) -> Message {
+    let mut msg = Message::new(
+        id,
+        w.topic,
+        w.payload,
+        w.qos,
+        w.retain,
+        Arc::from(&*w.publisher),
+    );
+    msg.ts_ms = w.ts_ms;
+    msg.expiry = w.expiry_ms.map(Duration::from_millis);
+    msg.properties = Properties {
+        user: w.user,
+        content_type: w.content_type,
+        response_topic: w.response_topic,
+        correlation_data: w.correlation_data,
+        utf8_payload: w.utf8_payload,
+    };
+    msg
+}
+
+/// The QoS with which a remote node's marker subscribes: the highest, so
+/// that downgrades happen at the subscriber's node.
+pub const MARKER_QOS: QoS = QoS::ExactlyOnce;
+
+/// Keeps the ring current: a peer that stops sending heartbeats leaves it
+/// after `failure_timeout_ms` even while its TCP connection looks open.
+pub async fn watch(cluster: Arc<Cluster>, broker: Arc<crate::broker::Broker>) {
+    let every = Duration::from_millis(cluster.config.heartbeat_ms);
+    loop {
+        ntex::time::sleep(every).await;
+        cluster.update_ring();
+        broker
+            .metrics
+            .cluster_nodes
+            .set(i64::try_from(cluster.ring().nodes().len()).unwrap_or(i64::MAX));
+    }
+}
