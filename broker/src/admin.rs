@@ -76,7 +76,7 @@ fn token_api(broker: &Broker, req: &Request, body: &[u8]) -> Response {
         .body(serde_json::to_string(&answer).unwrap_or_default())
 }
 
-fn respond(broker: &Broker, req: &Request) -> Response {
+fn respond(broker: &Arc<Broker>, req: &Request) -> Response {
     let open = match req.path() {
         "/healthz" | "/readyz" => true,
         "/metrics" => !broker.config.auth.protect_metrics,
@@ -100,6 +100,20 @@ fn respond(broker: &Broker, req: &Request) -> Response {
                 Response::ServiceUnavailable().body("shutting down")
             }
         }
+        // The operator calls this before it lowers the replica count: the
+        // node hands its sessions to the rest of the ring and tells its
+        // clients to reconnect; it keeps running until it is stopped.
+        "/cluster/drain" if req.method() == ntex::http::Method::POST => match &broker.cluster {
+            Some(c) => {
+                c.leave();
+                broker.rebalance();
+                Response::Accepted().body(format!(
+                    "draining: {} sessions to hand over",
+                    broker.sessions.len()
+                ))
+            }
+            None => Response::Conflict().body("this node is not part of a cluster"),
+        },
         _ => Response::NotFound().body("not found: try /metrics, /healthz or /readyz"),
     }
 }

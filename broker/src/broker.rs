@@ -72,6 +72,9 @@ pub struct Broker {
     pub cluster: Option<Arc<Cluster>>,
     /// Client IP addresses of connections another node forwarded here.
     pub forwarded_peers: cluster::gate::ForwardedPeers,
+    /// Sessions that moved to another node, by Client ID, with their new
+    /// owner: while their routes linger here, messages for them follow them.
+    moved: std::sync::Mutex<std::collections::HashMap<ClientId, Arc<str>>>,
 }
 
 /// Frames for other nodes that a publish produced.
@@ -135,6 +138,7 @@ impl Broker {
             event_clock: AtomicU64::new(0),
             cluster,
             forwarded_peers: cluster::gate::ForwardedPeers::default(),
+            moved: std::sync::Mutex::default(),
         })
     }
 
@@ -378,6 +382,155 @@ impl Broker {
         }
     }
 
+    fn moved_to(&self, client: &str) -> Option<Arc<str>> {
+        self.moved.lock().ok()?.get(client).cloned()
+    }
+
+    /// Moves every session this node no longer owns to its owner on the
+    /// current ring (C4). Called when the ring changes.
+    pub fn rebalance(self: &Arc<Self>) {
+        let Some(c) = &self.cluster else {
+            return;
+        };
+        let ring = c.ring();
+        for session in self.sessions.all() {
+            let Some(owner) = ring.owner(&session.client_id).cloned() else {
+                continue;
+            };
+            if c.is_local(&owner) {
+                continue;
+            }
+            {
+                let Ok(mut moved) = self.moved.lock() else {
+                    continue;
+                };
+                if moved.contains_key(&session.client_id) {
+                    continue;
+                }
+                moved.insert(session.client_id.clone(), owner.clone());
+            }
+            let broker = self.clone();
+            ntex::rt::spawn(async move { broker.move_session(session, owner).await });
+        }
+    }
+
+    /// Hands one session to `owner`: the connection is told to reconnect
+    /// (it lands on the owner), then the state moves. The session's routes
+    /// stay here for a grace period and forward what still arrives, so no
+    /// message is lost while the other nodes learn the new owner's routes
+    /// (a message may arrive twice in that window).
+    async fn move_session(self: Arc<Self>, session: Arc<Session>, owner: Arc<str>) {
+        let Some(c) = self.cluster.clone() else {
+            return;
+        };
+        let client = session.client_id.clone();
+        session.kick(KickReason::Moved);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while session.is_online() && Instant::now() < deadline {
+            ntex::time::sleep(Duration::from_millis(10)).await;
+        }
+        let snapshot = {
+            let mut st = session.lock();
+            if st.attached.is_some() || !st.persistent {
+                None
+            } else {
+                Some(cluster::session_to_wire(&client, &mut st, Instant::now()))
+            }
+        };
+        let subs: Vec<String> = match &snapshot {
+            Some(ws) => ws.subscriptions.iter().map(|s| s.filter.clone()).collect(),
+            None => Vec::new(),
+        };
+        if let Some(ws) = snapshot {
+            self.sessions.remove(&client);
+            self.metrics.sessions.set(gauge(self.sessions.len()));
+            let wait = Duration::from_secs(5);
+            if c.send(&owner, Frame::Session(ws), wait).await {
+                self.metrics.sessions_moved.inc();
+                tracing::debug!(client_id = %client, owner = %owner, "session moved");
+            } else {
+                self.metrics.drop_message("session_move");
+                tracing::warn!(client_id = %client, owner = %owner, "session not moved: the owner is unreachable");
+            }
+        }
+        // Grace: long enough for the owner's routes to reach every node.
+        ntex::time::sleep(Duration::from_millis(4 * c.config.heartbeat_ms)).await;
+        if let Ok(mut moved) = self.moved.lock() {
+            moved.remove(&client);
+        }
+        self.drop_routes(&client, &subs);
+    }
+
+    /// Whether sessions are still on their way to other nodes.
+    pub fn moving(&self) -> usize {
+        self.moved.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// A persistent session another node handed over: installed here, or
+    /// merged into the session its client already opened here.
+    pub fn install_session(self: &Arc<Self>, ws: cluster::wire::WireSession) {
+        let session = self.sessions.adopt(&ws.client_id);
+        let mut added = Vec::new();
+        let wake = {
+            let mut st = session.lock();
+            for sub in &ws.subscriptions {
+                if !st.subscriptions.contains_key(&sub.filter) {
+                    let opts = cluster::sub_options(sub);
+                    st.subscriptions.insert(sub.filter.clone(), opts);
+                    added.push((sub.filter.clone(), opts));
+                }
+            }
+            st.persistent = true;
+            st.expiry = st.expiry.max(Duration::from_millis(ws.expiry_ms));
+            st.ordered |= ws.ordered;
+            let resend = ws
+                .resend
+                .into_iter()
+                .map(|d| cluster::delivery_from_wire(d, self.ids.next()));
+            let offline = ws
+                .offline
+                .into_iter()
+                .map(|d| cluster::delivery_from_wire(d, self.ids.next()));
+            match &st.attached {
+                // The client came back first: the messages join its live queue.
+                Some(conn) => {
+                    let wake = conn.wake.clone();
+                    st.queue.extend(resend.chain(offline));
+                    Some(wake)
+                }
+                None => {
+                    st.resend.extend(resend);
+                    st.offline.extend(offline);
+                    None
+                }
+            }
+        };
+        if let Some(w) = wake {
+            w.notify_one();
+        }
+        for (raw, opts) in added {
+            if let Ok(f) = topic::parse_filter(&raw, usize::MAX, false)
+                && self.router.subscribe(&session.client_id, &f, opts)
+            {
+                self.metrics.subscriptions.inc();
+            }
+            if let Some(c) = &self.cluster {
+                c.filter_added(&raw);
+            }
+        }
+        self.metrics.sessions.set(gauge(self.sessions.len()));
+        tracing::debug!(client_id = %session.client_id, "session moved in");
+        // The ring changed again while the session travelled (or this node
+        // is leaving): it goes on to its owner.
+        if self
+            .cluster
+            .as_ref()
+            .is_some_and(|c| !c.is_local(&c.owner(&session.client_id)))
+        {
+            self.rebalance();
+        }
+    }
+
     /// A peer left: its routes go.
     pub fn peer_gone(&self, node: &str) {
         if let Some(c) = &self.cluster {
@@ -572,6 +725,18 @@ impl Broker {
                 continue;
             }
             let Some(session) = self.sessions.get(&client) else {
+                // A session that just moved: the message follows it.
+                if let Some(owner) = self.moved_to(&client) {
+                    let mut d = cluster::to_wire(msg, now);
+                    d.qos = qos.min(msg.qos);
+                    let frame = Frame::Direct {
+                        client_id: client.to_string(),
+                        persistent: true,
+                        msg: d,
+                    };
+                    forwards.push((owner, frame));
+                    reached += 1;
+                }
                 continue;
             };
             if keep == (KeepOffline::Record { persistent: false }) && !session.is_online() {

@@ -222,9 +222,10 @@ impl Drop for Connection {
             .attached
             .as_ref()
             .is_none_or(|c| c.generation != self.conn.generation);
+        let moved = self.session.lock().kick == Some(KickReason::Moved);
         if self.graceful.get() {
             self.event(EventKind::Disconnect);
-        } else {
+        } else if !moved {
             self.publish_will();
         }
         self.event(EventKind::TcpClean);

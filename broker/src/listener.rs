@@ -188,12 +188,25 @@ pub async fn serve(
     let result = match ntex::util::select(server.as_mut(), std::pin::pin!(shutdown)).await {
         ntex::util::Either::Left(r) => r.map_err(ListenerError::Server),
         ntex::util::Either::Right(()) => {
+            let deadline = std::time::Instant::now()
+                + std::time::Duration::from_secs(config.shutdown_timeout_secs);
+            if let Some(c) = broker.cluster.clone().filter(|c| !c.members().is_empty()) {
+                // A planned leave (C4): the sessions go to the rest of the
+                // ring, their clients are told to reconnect, and the node
+                // stays until the handover and its grace period are over.
+                tracing::info!("leaving the cluster: handing sessions over");
+                c.leave();
+                broker.rebalance();
+                while (!broker.sessions.is_empty() || broker.moving() > 0)
+                    && std::time::Instant::now() < deadline
+                {
+                    ntex::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            }
             tracing::info!("shutting down: closing connections");
             broker.close_all();
             // Each connection's pump sends its DISCONNECT and closes; the
             // server stops once they are gone or the timeout passed.
-            let deadline = std::time::Instant::now()
-                + std::time::Duration::from_secs(config.shutdown_timeout_secs);
             while broker.metrics.connections.get() > 0 && std::time::Instant::now() < deadline {
                 ntex::time::sleep(std::time::Duration::from_millis(20)).await;
             }

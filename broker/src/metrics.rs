@@ -35,6 +35,7 @@ pub struct Metrics {
     pub rejected: IntCounterVec,
     pub takeovers: IntCounter,
     pub cluster_nodes: IntGauge,
+    pub sessions_moved: IntCounter,
 }
 
 impl Metrics {
@@ -95,6 +96,10 @@ impl Metrics {
             cluster_nodes: gauge(
                 "cluster_nodes",
                 "Nodes on this node's ring, itself included",
+            )?,
+            sessions_moved: counter(
+                "sessions_moved_total",
+                "Persistent sessions handed to their new owner after a ring change",
             )?,
             registry,
         };

@@ -54,6 +54,9 @@ pub enum KickReason {
     Administrative,
     /// The broker is shutting down.
     Shutdown,
+    /// The session moved to another node of the cluster: the client
+    /// reconnects and finds it there (no will: the session goes on).
+    Moved,
 }
 
 /// What happened to a message offered to a session.
@@ -429,6 +432,34 @@ impl SessionStore {
     }
 
     /// Every session, for shutdown and housekeeping.
+    /// Takes a session out of this node's store (it moved to another node).
+    pub fn remove(&self, client_id: &str) -> Option<Arc<Session>> {
+        self.shard(client_id)
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(client_id)
+    }
+
+    /// The session another node hands over: the one that exists already (its
+    /// client reconnected first), or a new offline persistent one.
+    pub fn adopt(&self, client_id: &str) -> Arc<Session> {
+        let mut map = self
+            .shard(client_id)
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        map.entry(Arc::from(client_id))
+            .or_insert_with_key(|k| {
+                let s = Session::new(k.clone());
+                {
+                    let mut st = s.lock();
+                    st.persistent = true;
+                    st.disconnected_at = Some(Instant::now());
+                }
+                Arc::new(s)
+            })
+            .clone()
+    }
+
     pub fn all(&self) -> Vec<Arc<Session>> {
         self.shards
             .iter()

@@ -3,10 +3,13 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use common::{Broker, Cluster, QUIET, v4 as v3, v5};
+use common::{Broker, Cluster, QUIET, WAIT, v4 as v3, v5};
 use rumqttc::v5::mqttbytes::v5::Packet as P5;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
 
 #[tokio::test]
 async fn three_nodes_form_one_ring_and_a_stranger_is_refused() {
@@ -14,7 +17,7 @@ async fn three_nodes_form_one_ring_and_a_stranger_is_refused() {
     let wrong = c.nodes[0].dir.path().join("wrong-secret");
     std::fs::write(&wrong, "not the secret").unwrap_or_else(|e| panic!("{e}"));
     c.add_named("stranger", &wrong);
-    let stranger = c.nodes.pop().unwrap_or_else(|| panic!("no stranger"));
+    let stranger = c.take(3);
     tokio::time::sleep(QUIET).await;
     assert_eq!(stranger.metric("ringmq_cluster_nodes"), 1.0);
     c.wait_ring(3);
@@ -184,7 +187,7 @@ async fn a_killed_node_leaves_the_ring_and_its_clients_get_service_elsewhere() {
     watcher.subscribe("alive/#", v5::QoS::AtLeastOnce).await;
     let victim_port = c.nodes[2].tcp;
     let mut on_victim = v5::connect(v5::options("GID_test@@@victim-client", victim_port)).await;
-    let victim: Broker = c.nodes.remove(2);
+    let victim: Broker = c.take(2);
     drop(victim); // SIGKILL
     assert!(matches!(
         tokio::time::timeout(common::WAIT, on_victim.rx.recv()).await,
@@ -196,4 +199,245 @@ async fn a_killed_node_leaves_the_ring_and_its_clients_get_service_elsewhere() {
     back.publish("alive/again", v5::QoS::AtLeastOnce, false, "hi")
         .await;
     assert_eq!(&watcher.next_publish().await.payload[..], b"hi");
+}
+
+/// Persistent sessions with queued offline messages, on a cluster that
+/// changes size: every session and message is found again after the change.
+async fn park_sessions(c: &Cluster, n: usize) {
+    for i in 0..n {
+        let port = c.nodes[i % c.nodes.len()].tcp;
+        let mut opts = v3::options(&format!("GID_test@@@parked-{i}"), port);
+        opts.set_clean_session(false);
+        let mut s = v3::connect(opts).await;
+        s.subscribe(&format!("box/{i}"), v3::QoS::AtLeastOnce).await;
+        s.disconnect().await;
+    }
+    tokio::time::sleep(QUIET).await;
+    let p = v3::connect(v3::options("filler", c.nodes[0].tcp)).await;
+    for i in 0..n {
+        for k in 0..2 {
+            p.publish(
+                &format!("box/{i}"),
+                v3::QoS::AtLeastOnce,
+                false,
+                format!("{i}:{k}"),
+            )
+            .await;
+        }
+    }
+    tokio::time::sleep(QUIET).await;
+}
+
+async fn check_sessions(c: &Cluster, n: usize) {
+    for i in 0..n {
+        let port = c.nodes[(i + 1) % c.nodes.len()].tcp;
+        let mut opts = v3::options(&format!("GID_test@@@parked-{i}"), port);
+        opts.set_clean_session(false);
+        let mut s = v3::connect(opts).await;
+        assert!(s.connack.session_present, "session {i} survived");
+        for k in 0..2 {
+            assert_eq!(
+                s.next_publish().await.payload,
+                format!("{i}:{k}").as_bytes()
+            );
+        }
+        s.disconnect().await;
+    }
+}
+
+fn moved(c: &Cluster) -> f64 {
+    c.nodes
+        .iter()
+        .map(|n| n.metric("ringmq_sessions_moved_total"))
+        .sum()
+}
+
+#[tokio::test]
+async fn scaling_up_and_down_moves_sessions_with_their_offline_messages() {
+    let mut c = Cluster::start(3, "");
+    park_sessions(&c, 24).await;
+    // Scale up: the new node takes over its share of the sessions.
+    c.add();
+    c.wait_ring(4);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while moved(&c) == 0.0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(moved(&c) > 0.0, "some sessions belong to the new node");
+    assert!(c.nodes[3].metric("ringmq_sessions") > 0.0);
+    tokio::time::sleep(QUIET).await;
+
+    // Scale down by two: planned leaves hand every session over.
+    for i in [3, 0] {
+        let mut gone = c.take(i);
+        assert_eq!(gone.terminate(), Some(0));
+    }
+    c.wait_ring(2);
+    check_sessions(&c, 24).await;
+}
+
+/// Sends QoS 1 messages one by one through whichever node is up, until each
+/// is acknowledged; returns the acknowledged numbers.
+async fn stream(ports: Arc<Mutex<Vec<u16>>>, count: usize) -> BTreeSet<usize> {
+    let mut acked = BTreeSet::new();
+    let mut n = 0;
+    let mut attempt = 0usize;
+    while n < count {
+        attempt += 1;
+        let port = {
+            let p = ports.lock().unwrap_or_else(|e| e.into_inner());
+            p[attempt % p.len()]
+        };
+        let mut opts = MqttOptions::new("GID_test@@@streamer", "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(30));
+        let (client, mut el) = AsyncClient::new(opts, 10);
+        'conn: loop {
+            if client
+                .publish("stream/x", rumqttc::QoS::AtLeastOnce, false, n.to_string())
+                .await
+                .is_err()
+            {
+                break 'conn;
+            }
+            loop {
+                match tokio::time::timeout(Duration::from_secs(2), el.poll()).await {
+                    Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => {
+                        acked.insert(n);
+                        n += 1;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        if n == count {
+                            return acked;
+                        }
+                        continue 'conn;
+                    }
+                    Ok(Ok(_)) => {}
+                    // Disconnected or stuck: try again through another node.
+                    Ok(Err(_)) | Err(_) => break 'conn,
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    acked
+}
+
+/// Receives on a persistent QoS 1 session through whichever node is up.
+async fn collect(ports: Arc<Mutex<Vec<u16>>>, stop: Arc<Mutex<bool>>) -> BTreeSet<usize> {
+    let mut got = BTreeSet::new();
+    let mut attempt = 0usize;
+    while !*stop.lock().unwrap_or_else(|e| e.into_inner()) {
+        attempt += 1;
+        let port = {
+            let p = ports.lock().unwrap_or_else(|e| e.into_inner());
+            p[attempt % p.len()]
+        };
+        let mut opts = MqttOptions::new("GID_test@@@collector", "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_clean_session(false);
+        let (client, mut el) = AsyncClient::new(opts, 10);
+        let _ = client
+            .subscribe("stream/#", rumqttc::QoS::AtLeastOnce)
+            .await;
+        loop {
+            if *stop.lock().unwrap_or_else(|e| e.into_inner()) {
+                return got;
+            }
+            match tokio::time::timeout(Duration::from_millis(500), el.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                    if let Ok(n) = String::from_utf8_lossy(&p.payload).parse() {
+                        got.insert(n);
+                    }
+                }
+                Ok(Ok(_)) | Err(_) => {}
+                Ok(Err(_)) => break,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    got
+}
+
+#[tokio::test]
+async fn a_rolling_restart_under_a_qos1_stream_loses_no_acknowledged_message() {
+    let mut c = Cluster::start(3, "");
+    let ports = Arc::new(Mutex::new(c.ports()));
+    let stop = Arc::new(Mutex::new(false));
+    let collector = tokio::spawn(collect(ports.clone(), stop.clone()));
+    tokio::time::sleep(QUIET).await;
+    let streamer = tokio::spawn(stream(ports.clone(), 300));
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The oldest node goes first, as a StatefulSet's rolling update does.
+        c.restart(0);
+        *ports.lock().unwrap_or_else(|e| e.into_inner()) = c.ports();
+        c.wait_ring(3);
+    }
+    let acked = tokio::time::timeout(Duration::from_secs(60), streamer)
+        .await
+        .unwrap_or_else(|_| panic!("the stream did not finish"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(acked.len(), 300);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    *stop.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    let got = collector.await.unwrap_or_else(|e| panic!("{e}"));
+    let lost: Vec<&usize> = acked.difference(&got).collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged but never delivered: {lost:?}"
+    );
+}
+
+/// A Client ID whose session the ring puts on `node` among `nodes`.
+fn owned_by(node: &str, nodes: &[String], prefix: &str) -> String {
+    let ring = ringmq_broker::ring::Ring::new(nodes);
+    (0..)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|id| ring.owner(id).is_some_and(|o| &**o == node))
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_leaving_node_tells_its_clients_to_reconnect_and_a_drained_node_owns_nothing() {
+    let mut c = Cluster::start(3, "");
+    // SIGTERM: an MQTT 5 client of the leaving node gets 0x9C and finds its
+    // session (and what was queued for it) through another node.
+    let id = owned_by("n2", &c.names, "GID_test@@@leaver");
+    let mut opts = v5::options(&id, c.nodes[0].tcp);
+    opts.set_clean_start(false);
+    opts.set_session_expiry_interval(Some(600));
+    let mut client = v5::connect(opts).await;
+    client.subscribe("leave/test", v5::QoS::AtLeastOnce).await;
+    let mut gone = c.take(2);
+    let stopping = std::thread::spawn(move || gone.terminate());
+    assert_eq!(
+        client.closed().await,
+        v5::DisconnectReasonCode::UseAnotherServer
+    );
+    assert_eq!(stopping.join().ok().flatten(), Some(0));
+    c.wait_ring(2);
+    let p = v5::connect(v5::options("leave-pub", c.nodes[1].tcp)).await;
+    p.publish("leave/test", v5::QoS::AtLeastOnce, false, "kept")
+        .await;
+    let mut opts = v5::options(&id, c.nodes[1].tcp);
+    opts.set_clean_start(false);
+    opts.set_session_expiry_interval(Some(600));
+    let mut back = v5::connect(opts).await;
+    assert!(back.connack.session_present);
+    assert_eq!(&back.next_publish().await.payload[..], b"kept");
+
+    // Drain (what the operator calls before scaling down): the node hands
+    // every session over and leaves the ring while it keeps running.
+    let (status, body) = c.nodes[0].post("/cluster/drain");
+    assert_eq!(status, 202, "{body}");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while c.nodes[0].metric("ringmq_sessions") > 0.0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(c.nodes[0].metric("ringmq_sessions"), 0.0);
+    // The drained node is off the ring of the node that stays.
+    while c.nodes[1].metric("ringmq_cluster_nodes") != 1.0 && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(c.nodes[1].metric("ringmq_cluster_nodes"), 1.0);
 }

@@ -149,8 +149,9 @@ pub async fn outbound(cluster: Arc<Cluster>, broker: Arc<Broker>, addr: String) 
                 }
                 cluster.link_up(&peer, &addr, tx.clone());
                 let result = pump(&io, &cluster, &mut rx, heartbeat).await;
-                cluster.link_down(&peer);
-                broker.peer_gone(&peer);
+                if cluster.link_down(&peer, &addr) {
+                    broker.peer_gone(&peer);
+                }
                 io.close();
                 if let Err(e) = result {
                     tracing::info!(peer = %peer, error = %e, "cluster link lost");
@@ -180,8 +181,16 @@ pub async fn dial(cluster: &Cluster, addr: &str) -> Result<(IoBoxed, Arc<str>)> 
     Ok((io, peer))
 }
 
-/// What a new link carries first: this node's routes and retained messages.
+/// What a new link carries first: the members this node knows, its routes
+/// and its retained messages.
 async fn greet(io: &IoBoxed, cluster: &Cluster, broker: &Broker) -> Result<()> {
+    send(
+        io,
+        Frame::Members {
+            addrs: cluster.known_addrs(),
+        },
+    )
+    .await?;
     send(
         io,
         Frame::Routes {
@@ -278,9 +287,18 @@ pub async fn inbound(
 }
 
 /// Applies one frame from `peer`.
-fn apply(cluster: &Cluster, broker: &Broker, peer: &Arc<str>, frame: Frame) {
+fn apply(cluster: &Arc<Cluster>, broker: &Arc<Broker>, peer: &Arc<str>, frame: Frame) {
     match frame {
         Frame::Heartbeat { leaving } => cluster.heard(peer, leaving),
+        // Nodes the peer knows: a node that was given only some of the
+        // others as peers (seeds) finds the rest this way.
+        Frame::Members { addrs } => {
+            for addr in addrs {
+                if !cluster.dials(&addr) {
+                    ntex::rt::spawn(outbound(cluster.clone(), broker.clone(), addr));
+                }
+            }
+        }
         f @ (Frame::Routes { .. } | Frame::RouteAdd { .. } | Frame::RouteDel { .. }) => {
             let (add, del) = cluster.remote_routes(peer, &f);
             broker.remote_routes(peer, &add, &del);
@@ -292,6 +310,7 @@ fn apply(cluster: &Cluster, broker: &Broker, peer: &Arc<str>, frame: Frame) {
             msg,
         } => broker.deliver_direct(&client_id, persistent, msg),
         Frame::Retain { msg } => broker.retain_replica(msg),
+        Frame::Session(ws) => broker.install_session(ws),
         Frame::Hello { .. } | Frame::Auth { .. } | Frame::Proxy { .. } => {
             tracing::warn!(peer = %peer, "unexpected cluster frame ignored");
         }

@@ -74,6 +74,8 @@ pub struct Cluster {
     leaving: std::sync::atomic::AtomicBool,
     /// Addresses a link task dials.
     dialing: Mutex<HashSet<String>>,
+    /// Bumped whenever the ring changes.
+    generation: std::sync::atomic::AtomicU64,
     /// Where other nodes reach this node's cluster port.
     advertise: String,
 }
@@ -101,6 +103,7 @@ impl Cluster {
             remote_filters: Mutex::new(HashMap::new()),
             leaving: std::sync::atomic::AtomicBool::new(false),
             dialing: Mutex::new(HashSet::new()),
+            generation: std::sync::atomic::AtomicU64::new(0),
             advertise: advertise(config, node, bound),
         }))
     }
@@ -175,13 +178,31 @@ impl Cluster {
         self.update_ring();
     }
 
-    /// The link to `node` went down.
-    fn link_down(&self, node: &str) {
-        if let Ok(mut peers) = self.peers.write() {
-            peers.remove(node);
+    /// The link to `node` at `addr` went down; false if a newer link (a
+    /// restarted node of the same name, at another address) replaced it.
+    fn link_down(&self, node: &str, addr: &str) -> bool {
+        let removed = match self.peers.write() {
+            Ok(mut peers) if peers.get(node).is_some_and(|p| p.addr == addr) => {
+                peers.remove(node);
+                true
+            }
+            _ => false,
+        };
+        if removed {
+            tracing::info!(peer = node, "cluster link down");
+            self.update_ring();
         }
-        tracing::info!(peer = node, "cluster link down");
-        self.update_ring();
+        removed
+    }
+
+    /// Addresses of the peers this node has links to, and its own.
+    fn known_addrs(&self) -> Vec<String> {
+        let mut out: Vec<String> = match self.peers.read() {
+            Ok(peers) => peers.values().map(|p| p.addr.clone()).collect(),
+            Err(_) => Vec::new(),
+        };
+        out.push(self.advertise.clone());
+        out
     }
 
     /// A heartbeat arrived from `node`.
@@ -224,6 +245,8 @@ impl Cluster {
         }
         tracing::info!(members = ?ring.nodes(), "cluster ring changed");
         *current = Arc::new(ring);
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         true
     }
 
@@ -427,6 +450,77 @@ pub fn from_wire(w: WireMessage, id: MessageId) -> Message {
     msg
 }
 
+/// Takes a detached persistent session's state for its new owner; the
+/// session is left empty.
+pub fn session_to_wire(
+    client_id: &str,
+    st: &mut crate::session::State,
+    now: Instant,
+) -> wire::WireSession {
+    let delivery = |d: crate::session::Delivery| wire::WireDelivery {
+        msg: to_wire(&d.msg, now),
+        qos: d.qos,
+        retain: d.retain,
+        dup: d.dup,
+        sub_ids: d.sub_ids.iter().map(|i| i.get()).collect(),
+    };
+    let left = st.disconnected_at.map_or(st.expiry, |t| {
+        st.expiry.saturating_sub(now.saturating_duration_since(t))
+    });
+    let mut resend: Vec<wire::WireDelivery> = std::mem::take(&mut st.inflight)
+        .into_values()
+        .map(|mut d| {
+            d.dup = true;
+            delivery(d)
+        })
+        .collect();
+    resend.extend(st.resend.drain(..).map(delivery));
+    resend.extend(st.queue.drain(..).map(delivery));
+    wire::WireSession {
+        client_id: client_id.to_owned(),
+        expiry_ms: u64::try_from(left.as_millis()).unwrap_or(u64::MAX),
+        ordered: st.ordered,
+        subscriptions: st
+            .subscriptions
+            .drain()
+            .map(|(filter, o)| wire::WireSub {
+                filter,
+                qos: o.qos,
+                no_local: o.no_local,
+                retain_as_published: o.retain_as_published,
+                id: o.id.map_or(0, |i| i.get()),
+            })
+            .collect(),
+        resend,
+        offline: st.offline.drain(..).map(delivery).collect(),
+    }
+}
+
+/// A subscription's options as they arrived.
+pub fn sub_options(s: &wire::WireSub) -> crate::router::SubOptions {
+    crate::router::SubOptions {
+        qos: s.qos,
+        no_local: s.no_local,
+        retain_as_published: s.retain_as_published,
+        id: std::num::NonZeroU32::new(s.id),
+    }
+}
+
+/// A waiting message as it arrived.
+pub fn delivery_from_wire(d: wire::WireDelivery, id: MessageId) -> crate::session::Delivery {
+    crate::session::Delivery {
+        msg: Arc::new(from_wire(d.msg, id)),
+        qos: d.qos,
+        retain: d.retain,
+        dup: d.dup,
+        sub_ids: d
+            .sub_ids
+            .into_iter()
+            .filter_map(std::num::NonZeroU32::new)
+            .collect(),
+    }
+}
+
 /// The QoS with which a remote node's marker subscribes: the highest, so
 /// that downgrades happen at the subscriber's node.
 pub const MARKER_QOS: QoS = QoS::ExactlyOnce;
@@ -435,9 +529,17 @@ pub const MARKER_QOS: QoS = QoS::ExactlyOnce;
 /// after `failure_timeout_ms` even while its TCP connection looks open.
 pub async fn watch(cluster: Arc<Cluster>, broker: Arc<crate::broker::Broker>) {
     let every = Duration::from_millis(cluster.config.heartbeat_ms);
+    let mut seen = 0;
     loop {
         ntex::time::sleep(every).await;
         cluster.update_ring();
+        let now = cluster
+            .generation
+            .load(std::sync::atomic::Ordering::Acquire);
+        if now != seen {
+            seen = now;
+            broker.rebalance();
+        }
         broker
             .metrics
             .cluster_nodes

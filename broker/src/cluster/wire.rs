@@ -60,6 +60,41 @@ pub struct WireMessage {
     pub utf8_payload: bool,
 }
 
+/// A message waiting for a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireDelivery {
+    pub msg: WireMessage,
+    pub qos: QoS,
+    pub retain: bool,
+    pub dup: bool,
+    pub sub_ids: Vec<u32>,
+}
+
+/// One subscription of a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireSub {
+    pub filter: String,
+    pub qos: QoS,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+    pub id: u32,
+}
+
+/// A persistent session as it moves between nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireSession {
+    pub client_id: String,
+    /// Session expiry left, milliseconds.
+    pub expiry_ms: u64,
+    pub ordered: bool,
+    pub subscriptions: Vec<WireSub>,
+    /// Sent before and not acknowledged, or queued for the connection: sent
+    /// first when the client is back.
+    pub resend: Vec<WireDelivery>,
+    /// Offline messages (B5).
+    pub offline: Vec<WireDelivery>,
+}
+
 /// One frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
@@ -77,6 +112,10 @@ pub enum Frame {
     /// Sent every heartbeat interval; `leaving` announces a planned leave.
     Heartbeat {
         leaving: bool,
+    },
+    /// Cluster addresses the sender knows (its own included).
+    Members {
+        addrs: Vec<String>,
     },
     /// Every filter the sender's sessions subscribe to (replaces what the
     /// receiver knew of the sender).
@@ -106,6 +145,8 @@ pub enum Frame {
     Retain {
         msg: WireMessage,
     },
+    /// A persistent session handed to its new owner.
+    Session(WireSession),
     /// The link carries one client's MQTT bytes from here on: the sender
     /// accepted the client and forwards it to the owner of its session.
     Proxy {
@@ -123,6 +164,8 @@ const PUBLISH: u8 = 7;
 const DIRECT: u8 = 8;
 const RETAIN: u8 = 9;
 const PROXY: u8 = 10;
+const SESSION: u8 = 11;
+const MEMBERS: u8 = 12;
 
 impl Frame {
     /// Appends the encoded frame to `out`.
@@ -149,6 +192,13 @@ impl Frame {
             Frame::Heartbeat { leaving } => {
                 out.put_u8(HEARTBEAT);
                 out.put_u8(u8::from(*leaving));
+            }
+            Frame::Members { addrs } => {
+                out.put_u8(MEMBERS);
+                out.put_u16(len16(addrs.len()));
+                for a in addrs {
+                    put_str(out, a);
+                }
             }
             Frame::Routes { filters } => {
                 out.put_u8(ROUTES);
@@ -190,6 +240,10 @@ impl Frame {
             Frame::Proxy { client_ip } => {
                 out.put_u8(PROXY);
                 put_str(out, client_ip);
+            }
+            Frame::Session(ws) => {
+                out.put_u8(SESSION);
+                put_session(out, ws);
             }
         }
         let len = len32(out.len() - start - 4);
@@ -245,6 +299,14 @@ fn decode_body(b: &mut Bytes) -> Result<Frame> {
         HEARTBEAT => Frame::Heartbeat {
             leaving: get_u8(b)? != 0,
         },
+        MEMBERS => {
+            let n = usize::from(get_u16(b)?);
+            let mut addrs = Vec::with_capacity(n.min(b.len() / 2));
+            for _ in 0..n {
+                addrs.push(get_str(b)?.to_string());
+            }
+            Frame::Members { addrs }
+        }
         ROUTES => {
             let n = get_u32(b)? as usize;
             // Each filter takes at least its two length bytes.
@@ -285,6 +347,7 @@ fn decode_body(b: &mut Bytes) -> Result<Frame> {
         PROXY => Frame::Proxy {
             client_ip: get_str(b)?.to_string(),
         },
+        SESSION => Frame::Session(get_session(b)?),
         other => return Err(WireError::Kind(other)),
     })
 }
@@ -349,6 +412,94 @@ fn put_msg(out: &mut BytesMut, m: &WireMessage) {
     }
 }
 
+fn qos_of(q: u8) -> Result<QoS> {
+    match q {
+        0 => Ok(QoS::AtMostOnce),
+        1 => Ok(QoS::AtLeastOnce),
+        2 => Ok(QoS::ExactlyOnce),
+        q => Err(WireError::Qos(q)),
+    }
+}
+
+fn put_deliveries(out: &mut BytesMut, ds: &[WireDelivery]) {
+    out.put_u32(len32(ds.len()));
+    for d in ds {
+        put_msg(out, &d.msg);
+        out.put_u8((d.qos as u8) | (u8::from(d.retain) << 2) | (u8::from(d.dup) << 3));
+        out.put_u16(len16(d.sub_ids.len()));
+        for id in &d.sub_ids {
+            out.put_u32(*id);
+        }
+    }
+}
+
+fn get_deliveries(b: &mut Bytes) -> Result<Vec<WireDelivery>> {
+    let n = get_u32(b)? as usize;
+    let mut out = Vec::with_capacity(n.min(b.len() / 16));
+    for _ in 0..n {
+        let msg = get_msg(b)?;
+        let flags = get_u8(b)?;
+        let k = usize::from(get_u16(b)?);
+        let mut sub_ids = Vec::with_capacity(k.min(b.len() / 4));
+        for _ in 0..k {
+            sub_ids.push(get_u32(b)?);
+        }
+        out.push(WireDelivery {
+            msg,
+            qos: qos_of(flags & 0b11)?,
+            retain: flags & (1 << 2) != 0,
+            dup: flags & (1 << 3) != 0,
+            sub_ids,
+        });
+    }
+    Ok(out)
+}
+
+fn put_session(out: &mut BytesMut, s: &WireSession) {
+    put_str(out, &s.client_id);
+    out.put_u64(s.expiry_ms);
+    out.put_u8(u8::from(s.ordered));
+    out.put_u32(len32(s.subscriptions.len()));
+    for sub in &s.subscriptions {
+        put_str(out, &sub.filter);
+        out.put_u8(
+            (sub.qos as u8)
+                | (u8::from(sub.no_local) << 2)
+                | (u8::from(sub.retain_as_published) << 3),
+        );
+        out.put_u32(sub.id);
+    }
+    put_deliveries(out, &s.resend);
+    put_deliveries(out, &s.offline);
+}
+
+fn get_session(b: &mut Bytes) -> Result<WireSession> {
+    let client_id = get_str(b)?.to_string();
+    let expiry_ms = get_u64(b)?;
+    let ordered = get_u8(b)? != 0;
+    let n = get_u32(b)? as usize;
+    let mut subscriptions = Vec::with_capacity(n.min(b.len() / 7));
+    for _ in 0..n {
+        let filter = get_str(b)?.to_string();
+        let flags = get_u8(b)?;
+        subscriptions.push(WireSub {
+            filter,
+            qos: qos_of(flags & 0b11)?,
+            no_local: flags & (1 << 2) != 0,
+            retain_as_published: flags & (1 << 3) != 0,
+            id: get_u32(b)?,
+        });
+    }
+    Ok(WireSession {
+        client_id,
+        expiry_ms,
+        ordered,
+        subscriptions,
+        resend: get_deliveries(b)?,
+        offline: get_deliveries(b)?,
+    })
+}
+
 fn take(b: &mut Bytes, n: usize) -> Result<Bytes> {
     if b.len() < n {
         return Err(WireError::Truncated);
@@ -398,12 +549,7 @@ fn get_msg(b: &mut Bytes) -> Result<WireMessage> {
     let topic = get_str(b)?;
     let payload = get_bytes(b)?;
     let flags = get_u8(b)?;
-    let qos = match flags & 0b11 {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        2 => QoS::ExactlyOnce,
-        q => return Err(WireError::Qos(q)),
-    };
+    let qos = qos_of(flags & 0b11)?;
     let publisher = get_str(b)?;
     let ts_ms = get_u64(b)?;
     let expiry_ms = if flags & (1 << 4) != 0 {
@@ -469,6 +615,9 @@ mod tests {
             },
             Frame::Auth { mac: [9; 32] },
             Frame::Heartbeat { leaving: true },
+            Frame::Members {
+                addrs: vec!["a:1".into(), "b:2".into()],
+            },
             Frame::Routes {
                 filters: vec!["a/#".into(), "$share/g/b/+".into()],
             },
@@ -490,6 +639,26 @@ mod tests {
             Frame::Proxy {
                 client_ip: "::1".into(),
             },
+            Frame::Session(WireSession {
+                client_id: "GID_test@@@d".into(),
+                expiry_ms: 7_200_000,
+                ordered: true,
+                subscriptions: vec![WireSub {
+                    filter: "$share/g/a/#".into(),
+                    qos: QoS::AtLeastOnce,
+                    no_local: true,
+                    retain_as_published: false,
+                    id: 7,
+                }],
+                resend: vec![WireDelivery {
+                    msg: msg(),
+                    qos: QoS::AtLeastOnce,
+                    retain: false,
+                    dup: true,
+                    sub_ids: vec![7, 9],
+                }],
+                offline: Vec::new(),
+            }),
         ]
     }
 

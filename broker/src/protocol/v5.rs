@@ -454,6 +454,10 @@ impl OutSink for V5Sink {
                 DisconnectReasonCode::ServerShuttingDown,
                 "server shutting down",
             ),
+            CloseReason::Kick(KickReason::Moved) => (
+                DisconnectReasonCode::UseAnotherServer,
+                "session moved to another node: reconnect",
+            ),
         };
         self.sink.close_with_reason(codec::Disconnect {
             reason_code: code,

@@ -15,9 +15,13 @@ use tokio::sync::mpsc;
 /// given the addresses of the nodes before it and the older ones dial back.
 pub struct Cluster {
     pub nodes: Vec<Broker>,
+    /// The node names, in the order of `nodes`.
+    pub names: Vec<String>,
     secret: PathBuf,
     _dir: tempfile::TempDir,
     extra: String,
+    /// Nodes taken away for good, so that new names do not repeat.
+    pub removed: usize,
 }
 
 impl Cluster {
@@ -30,9 +34,11 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("secret: {e}"));
         let mut c = Cluster {
             nodes: Vec::new(),
+            names: Vec::new(),
             secret,
             _dir: dir,
             extra: extra.to_owned(),
+            removed: 0,
         };
         for _ in 0..n {
             c.add();
@@ -43,7 +49,7 @@ impl Cluster {
 
     /// Starts one more node (named after its position) that knows the others.
     pub fn add(&mut self) -> &Broker {
-        let name = format!("n{}", self.nodes.len());
+        let name = format!("n{}", self.nodes.len() + self.removed);
         let secret = self.secret.clone();
         self.add_named(&name, &secret)
     }
@@ -63,8 +69,33 @@ impl Cluster {
         );
         let b = Broker::start(&config);
         self.nodes.push(b);
+        self.names.push(name.to_owned());
         let last = self.nodes.len() - 1;
         &self.nodes[last]
+    }
+
+    /// Takes node `i` out of the cluster's list (dropping it kills it).
+    pub fn take(&mut self, i: usize) -> Broker {
+        self.names.remove(i);
+        self.removed += 1;
+        self.nodes.remove(i)
+    }
+
+    /// MQTT/TCP ports of the running nodes.
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|b| b.tcp).collect()
+    }
+
+    /// Stops node `i` with SIGTERM (a planned leave) and replaces it with a
+    /// new process of the same name that knows the other nodes (a rolling
+    /// restart step); returns the new node's index.
+    pub fn restart(&mut self, i: usize) -> usize {
+        let mut old = self.nodes.remove(i);
+        assert_eq!(old.terminate(), Some(0), "clean exit:\n{}", old.log());
+        let name = self.names.remove(i);
+        let secret = self.secret.clone();
+        self.add_named(&name, &secret);
+        self.nodes.len() - 1
     }
 
     /// Waits until every running node's ring has `n` nodes.
@@ -216,6 +247,21 @@ impl Broker {
     }
 
     fn try_http(&self, path: &str, headers: &[(&str, &str)]) -> Option<(u16, String)> {
+        self.try_request("GET", path, headers)
+    }
+
+    /// POST without a body on the admin port: (status, body).
+    pub fn post(&self, path: &str) -> (u16, String) {
+        self.try_request("POST", path, &[("Content-Length", "0")])
+            .unwrap_or_else(|| panic!("POST {path} failed"))
+    }
+
+    fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Option<(u16, String)> {
         let mut s = TcpStream::connect(("127.0.0.1", self.admin)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
         let extra: String = headers
@@ -224,7 +270,7 @@ impl Broker {
             .collect();
         write!(
             s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n"
         )
         .ok()?;
         let mut buf = String::new();
@@ -267,6 +313,21 @@ impl Broker {
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends SIGTERM and waits for the process to exit; returns its status code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("broker did not exit after SIGTERM:\n{}", self.log());
     }
 }
 
