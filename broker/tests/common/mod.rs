@@ -22,12 +22,19 @@ pub struct Cluster {
     extra: String,
     /// Nodes taken away for good, so that new names do not repeat.
     pub removed: usize,
+    /// The address the nodes' cluster ports listen on.
+    host: String,
 }
 
 impl Cluster {
     /// Starts `n` nodes named `n0`, `n1`, … sharing a secret, and waits until
     /// every node sees all of them.
     pub fn start(n: usize, extra: &str) -> Cluster {
+        Self::start_on(n, extra, "127.0.0.1")
+    }
+
+    /// Like `start`, with the cluster ports on `host`.
+    pub fn start_on(n: usize, extra: &str, host: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let secret = dir.path().join("secret");
         std::fs::write(&secret, "cluster-secret-for-tests")
@@ -39,6 +46,7 @@ impl Cluster {
             _dir: dir,
             extra: extra.to_owned(),
             removed: 0,
+            host: host.to_owned(),
         };
         for _ in 0..n {
             c.add();
@@ -56,22 +64,43 @@ impl Cluster {
 
     /// Starts a node with a given name and secret file.
     pub fn add_named(&mut self, name: &str, secret: &Path) -> &Broker {
-        let peers: Vec<String> = self
-            .nodes
-            .iter()
-            .map(|b| format!("\"127.0.0.1:{}\"", b.cluster))
-            .collect();
-        let config = format!(
-            "node_id: {name}\ncluster:\n  listen: \"127.0.0.1:0\"\n  peers: [{}]\n  secret_file: {}\n  heartbeat_ms: 100\n  failure_timeout_ms: 1000\n{}",
-            peers.join(", "),
-            secret.display(),
-            self.extra
-        );
+        let config = self.node_config(name, secret, &self.host);
         let b = Broker::start(&config);
         self.nodes.push(b);
         self.names.push(name.to_owned());
         let last = self.nodes.len() - 1;
         &self.nodes[last]
+    }
+
+    /// Starts a node inside a network namespace: its cluster port on
+    /// `cluster_ip`, its MQTT and admin ports on `client_ip`.
+    pub fn add_in_netns(
+        &mut self,
+        name: &str,
+        netns: &str,
+        cluster_ip: &str,
+        client_ip: &str,
+    ) -> &Broker {
+        let config = self.node_config(name, &self.secret, cluster_ip);
+        let b = Broker::start_in_netns(&config, netns, client_ip);
+        self.nodes.push(b);
+        self.names.push(name.to_owned());
+        let last = self.nodes.len() - 1;
+        &self.nodes[last]
+    }
+
+    fn node_config(&self, name: &str, secret: &Path, host: &str) -> String {
+        let peers: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|b| format!("\"{}:{}\"", self.host, b.cluster))
+            .collect();
+        format!(
+            "node_id: {name}\ncluster:\n  listen: \"{host}:0\"\n  peers: [{}]\n  secret_file: {}\n  heartbeat_ms: 100\n  failure_timeout_ms: 1000\n{}",
+            peers.join(", "),
+            secret.display(),
+            self.extra
+        )
     }
 
     /// Takes node `i` out of the cluster's list (dropping it kills it).
@@ -134,6 +163,8 @@ pub struct Broker {
     pub admin: u16,
     /// The cluster port, when the configuration has a `cluster` section.
     pub cluster: u16,
+    /// The address the test reaches the MQTT/TCP and admin ports at.
+    pub host: String,
     pub dir: tempfile::TempDir,
 }
 
@@ -160,6 +191,22 @@ impl Broker {
     }
 
     fn start_with(extra: &str, tls: Option<(PathBuf, PathBuf)>, tcp_host: &str) -> Broker {
+        Self::spawn(extra, tls, tcp_host, "127.0.0.1", None)
+    }
+
+    /// Starts a broker inside a network namespace, its MQTT/TCP and admin
+    /// ports on `host` (an address of the namespace the test can reach).
+    pub fn start_in_netns(extra: &str, netns: &str, host: &str) -> Broker {
+        Self::spawn(extra, None, host, host, Some(netns))
+    }
+
+    fn spawn(
+        extra: &str,
+        tls: Option<(PathBuf, PathBuf)>,
+        tcp_host: &str,
+        admin_host: &str,
+        netns: Option<&str>,
+    ) -> Broker {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let tls_files = match &tls {
             Some((c, k)) => format!(
@@ -172,13 +219,23 @@ impl Broker {
         // Port 0 everywhere: the broker binds free ports itself and logs them,
         // so parallel tests never race for a port.
         let config = format!(
-            "listeners:\n  tcp: \"{tcp_host}:0\"\n  ws: \"127.0.0.1:0\"\n  tls: \"127.0.0.1:0\"\n  wss: \"127.0.0.1:0\"\n  admin: \"127.0.0.1:0\"{tls_files}\nworkers: 2\nshutdown_timeout_secs: 2\n{extra}\n"
+            "listeners:\n  tcp: \"{tcp_host}:0\"\n  ws: \"127.0.0.1:0\"\n  tls: \"127.0.0.1:0\"\n  wss: \"127.0.0.1:0\"\n  admin: \"{admin_host}:0\"{tls_files}\nworkers: 2\nshutdown_timeout_secs: 2\n{extra}\n"
         );
         let path = dir.path().join("broker.yaml");
         std::fs::write(&path, config).unwrap_or_else(|e| panic!("write config: {e}"));
         let log = std::fs::File::create(dir.path().join("broker.log"))
             .unwrap_or_else(|e| panic!("log file: {e}"));
-        let child = Command::new(env!("CARGO_BIN_EXE_ringmq-broker"))
+        let binary = env!("CARGO_BIN_EXE_ringmq-broker");
+        let mut command = match netns {
+            // `ip netns exec` execs the broker: the child's pid is the broker's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, binary]);
+                c
+            }
+            None => Command::new(binary),
+        };
+        let child = command
             .arg("--config")
             .arg(&path)
             .env("RUST_LOG", "warn,ringmq_broker=debug")
@@ -194,6 +251,7 @@ impl Broker {
             wss: 0,
             admin: 0,
             cluster: 0,
+            host: admin_host.to_owned(),
             dir,
         };
         broker.read_ports(tls.is_some());
@@ -262,7 +320,7 @@ impl Broker {
         path: &str,
         headers: &[(&str, &str)],
     ) -> Option<(u16, String)> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.admin)).ok()?;
+        let mut s = TcpStream::connect((self.host.as_str(), self.admin)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
         let extra: String = headers
             .iter()
@@ -371,7 +429,11 @@ pub mod v4 {
     }
 
     pub fn options(id: &str, port: u16) -> MqttOptions {
-        let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        options_at(id, "127.0.0.1", port)
+    }
+
+    pub fn options_at(id: &str, host: &str, port: u16) -> MqttOptions {
+        let mut o = MqttOptions::new(id, host, port);
         o.set_keep_alive(Duration::from_secs(30));
         o
     }
@@ -527,7 +589,11 @@ pub mod v5 {
     }
 
     pub fn options(id: &str, port: u16) -> MqttOptions {
-        let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        options_at(id, "127.0.0.1", port)
+    }
+
+    pub fn options_at(id: &str, host: &str, port: u16) -> MqttOptions {
+        let mut o = MqttOptions::new(id, host, port);
         o.set_keep_alive(Duration::from_secs(30));
         o
     }
