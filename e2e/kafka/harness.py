@@ -1,6 +1,7 @@
 """Processes and helpers of the Kafka end-to-end tests: a real Kafka-protocol
-broker (tansu), a TCP proxy in front of it that a test can cut, the real
-ringmq-broker binary, and an independent Kafka client (confluent-kafka)."""
+broker (nisshi, SQLite storage so that it can be killed and restarted), a TCP
+proxy in front of it that a test can cut, the real ringmq-broker binary, and
+an independent Kafka client (confluent-kafka)."""
 
 import json
 import os
@@ -27,15 +28,15 @@ def broker_binary() -> Path:
     return target / "debug" / "ringmq-broker"
 
 
-def tansu_binary() -> str:
-    found = os.environ.get("TANSU") or shutil.which("tansu")
-    home = Path.home() / ".cargo" / "bin" / "tansu"
+def kafka_binary() -> str:
+    found = os.environ.get("NISSHI") or shutil.which("nisshi")
+    home = Path.home() / ".cargo" / "bin" / "nisshi"
     if not found and home.exists():
         found = str(home)
     if not found:
         pytest.fail(
-            "tansu is not installed: cargo install tansu --version 0.6.0 "
-            "--features dynostore --locked (.ci/run does this)"
+            "nisshi is not installed: cargo +nightly install nisshi --version 0.8.1 "
+            "--no-default-features --features dynostore,libsql --locked (.ci/run does this)"
         )
     return found
 
@@ -130,34 +131,61 @@ class Proxy:
                 pass
 
 
-class Tansu:
-    """tansu with in-memory storage, reached through a Proxy: every Kafka
-    client (the broker and the test's own) uses the proxy's address, which
-    is what tansu advertises in its metadata."""
+class Kafka:
+    """nisshi with SQLite storage, reached through a Proxy: every Kafka client
+    (the broker and the test's own) uses the proxy's address, which is what
+    nisshi advertises in its metadata. `tls` = (cert, key, ca) serves TLS
+    only; `user` = (name, password) requires SASL SCRAM-SHA-512."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, tls=None, user=None):
+        self.tmp = tmp
         self.port = free_port()
         self.proxy = Proxy(self.port)
         self.bootstrap = f"127.0.0.1:{self.proxy.port}"
-        self.log = open(tmp / "tansu.log", "w")
+        # nisshi resolves the SQLite path against its working directory.
+        self.storage = "sqlite://./kafka.db"
+        self.tls, self.user = tls, user
+        self.log = open(tmp / "kafka.log", "a")
+        self.proc = None
+        if user:
+            # nisshi's `user create` speaks plaintext without authentication:
+            # the user is created on the same storage before SASL is required.
+            self.start(secure=False)
+            subprocess.run(
+                [kafka_binary(), "user", "create", "--broker", f"tcp://127.0.0.1:{self.port}", user[0], user[1]],
+                check=True,
+                stdout=self.log,
+                stderr=subprocess.STDOUT,
+                timeout=30,
+            )
+            self.kill()
+        self.start()
+
+    def start(self, secure=True):
+        """Starts (or restarts) the Kafka broker on its port and storage."""
+        args = [
+            kafka_binary(),
+            "broker",
+            "--storage-engine", self.storage,
+            "--listener-url", f"tcp://127.0.0.1:{self.port}",
+            "--advertised-listener-url", f"tcp://127.0.0.1:{self.proxy.port}",
+        ]
+        if secure and self.tls:
+            args += ["--cert", str(self.tls[0]), "--key", str(self.tls[1])]
+        if secure and self.user:
+            args += ["--authentication"]
         env = {k: v for k, v in os.environ.items() if k not in ("LISTENER_URL", "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE")}
-        self.proc = subprocess.Popen(
-            [
-                tansu_binary(),
-                "broker",
-                "--storage-engine", "memory://tansu/",
-                "--listener-url", f"tcp://127.0.0.1:{self.port}",
-                "--advertised-listener-url", f"tcp://127.0.0.1:{self.proxy.port}",
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        wait_for("tansu to listen", self._listening, timeout=30)
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=self.tmp)
+        wait_for("the Kafka broker to listen", self._listening, timeout=30)
+
+    def kill(self):
+        """SIGKILL: what is stored stays in its SQLite file."""
+        self.proc.kill()
+        self.proc.wait()
 
     def _listening(self):
         if self.proc.poll() is not None:
-            raise AssertionError(f"tansu exited with {self.proc.returncode}")
+            raise AssertionError(f"nisshi exited with {self.proc.returncode}")
         try:
             socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
             return True
@@ -166,12 +194,29 @@ class Tansu:
 
     def stop(self):
         self.proxy.down()
-        self.proc.kill()
-        self.proc.wait()
+        if self.proc.poll() is None:
+            self.kill()
         self.log.close()
 
+    def client(self, **extra):
+        """Settings of the test's own Kafka clients."""
+        conf = {"bootstrap.servers": self.bootstrap}
+        if self.tls:
+            conf.update({"security.protocol": "ssl", "ssl.ca.location": str(self.tls[2])})
+        if self.user:
+            conf.update(
+                {
+                    "security.protocol": "sasl_ssl" if self.tls else "sasl_plaintext",
+                    "sasl.mechanism": "SCRAM-SHA-512",
+                    "sasl.username": self.user[0],
+                    "sasl.password": self.user[1],
+                }
+            )
+        conf.update(extra)
+        return conf
+
     def producer(self) -> Producer:
-        return Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 0})
+        return Producer(self.client(**{"linger.ms": 0}))
 
     def send(self, topic, value, headers=None, key=None):
         """Writes one record as a backend application would; waits for it."""
@@ -184,13 +229,7 @@ class Tansu:
     def _consumer(self, topic):
         """A consumer assigned to every partition of `topic` from the start
         (no group: nothing to wait for, nothing committed)."""
-        c = Consumer(
-            {
-                "bootstrap.servers": self.bootstrap,
-                "group.id": "ringmq-e2e-check",
-                "enable.auto.commit": False,
-            }
-        )
+        c = Consumer(self.client(**{"group.id": "ringmq-e2e-check", "enable.auto.commit": False}))
         partitions = wait_for(f"{topic} metadata", lambda: self.topics().get(topic), timeout=WAIT)
         c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions.partitions])
         return c
@@ -226,7 +265,7 @@ class Tansu:
     def committed_lag(self, group, topic):
         """Records of `topic` after the offsets `group` committed (without
         joining the group)."""
-        c = Consumer({"bootstrap.servers": self.bootstrap, "group.id": group, "enable.auto.commit": False})
+        c = Consumer(self.client(**{"group.id": group, "enable.auto.commit": False}))
         try:
             partitions = self.topics()[topic].partitions
             committed = c.committed([TopicPartition(topic, p) for p in partitions], timeout=WAIT)
@@ -241,7 +280,7 @@ class Tansu:
     def topics(self):
         from confluent_kafka.admin import AdminClient
 
-        md = AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=WAIT)
+        md = AdminClient(self.client()).list_topics(timeout=WAIT)
         return md.topics
 
 
@@ -309,9 +348,9 @@ class Broker:
         self.log.close()
 
 
-def kafka_yaml(tansu: Tansu, parents="[{name: sensors}, {name: orders, kind: ordered}]", extra=""):
+def kafka_yaml(kafka: Kafka, parents="[{name: sensors}, {name: orders, kind: ordered}]", extra=""):
     return (
-        f'  bootstrap_servers: "{tansu.bootstrap}"\n'
+        f'  bootstrap_servers: "{kafka.bootstrap}"\n'
         f"  parent_topics: {parents}\n"
         "  properties:\n"
         # Find Kafka again quickly after an outage.
@@ -327,8 +366,8 @@ def records_json(records):
 __all__ = [
     "Broker",
     "KafkaException",
+    "Kafka",
     "Proxy",
-    "Tansu",
     "TopicPartition",
     "WAIT",
     "free_port",

@@ -1,5 +1,5 @@
 """Kafka data flows (K1–K7) end to end: Paho MQTT clients on one side, the
-real ringmq-broker in the middle, a real Kafka-protocol broker (tansu) and an
+real ringmq-broker in the middle, a real Kafka-protocol broker (nisshi) and an
 independent Kafka client (confluent-kafka) on the other side."""
 
 import base64
@@ -15,34 +15,34 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 import pytest
 
-from harness import WAIT, Broker, Tansu, kafka_yaml, records_json, wait_for
+from harness import WAIT, Broker, Kafka, kafka_yaml, records_json, wait_for
 from mqttclient import Client
 
 V3, V5 = mqtt.MQTTv311, mqtt.MQTTv5
 
 
 @pytest.fixture
-def tansu(tmp_path):
-    t = Tansu(tmp_path)
-    yield t
-    t.stop()
+def kafka(tmp_path):
+    k = Kafka(tmp_path)
+    yield k
+    k.stop()
 
 
 @pytest.fixture
-def broker(tmp_path, tansu):
-    b = Broker(tmp_path, kafka_yaml(tansu))
-    wait_for("kafka topics", lambda: {"sensors", "orders", "mq2mqtt"} <= set(tansu.topics()), timeout=20)
+def broker(tmp_path, kafka):
+    b = Broker(tmp_path, kafka_yaml(kafka))
+    wait_for("kafka topics", lambda: {"sensors", "orders", "mq2mqtt"} <= set(kafka.topics()), timeout=20)
     yield b
     b.stop()
 
 
-def downlink_ready(tansu, broker, sub, topic="cmd/warmup"):
+def downlink_ready(kafka, broker, sub, topic="cmd/warmup"):
     """Waits until the broker's downlink consumer has its partitions: the
     group starts at the latest offset, so records sent before are not read."""
     sub.subscribe(topic, 1)
 
     def probe():
-        tansu.send("mq2mqtt", b"probe", headers=[("mqttTopic", topic)])
+        kafka.send("mq2mqtt", b"probe", headers=[("mqttTopic", topic)])
         try:
             sub.messages.get(timeout=1.0)
             return True
@@ -55,20 +55,20 @@ def downlink_ready(tansu, broker, sub, topic="cmd/warmup"):
     sub.c.unsubscribe(topic)
 
 
-def test_topics_are_created_with_three_partitions(broker, tansu):
-    topics = tansu.topics()
+def test_topics_are_created_with_three_partitions(broker, kafka):
+    topics = kafka.topics()
     for name in ("sensors", "orders", "mq2mqtt", "mqtt-device-connect", "mqtt-device-disconnect"):
         assert name in topics, name
         assert len(topics[name].partitions) == 3, name
 
 
 @pytest.mark.parametrize("version", [V3, V5])
-def test_uplink_records_read_by_a_kafka_consumer(broker, tansu, version):
+def test_uplink_records_read_by_a_kafka_consumer(broker, kafka, version):
     pub = Client(broker.port, version, client_id=f"GID_atest@@@dev-{version}")
     pub.publish("sensors/room1/temp", b"21.5", qos=1)
     pub.publish("sensors/room1/raw", bytes([0xFF, 0x00, 0x10]), qos=1)
     pub.publish("sensors/room1/q2", b"exactly once", qos=2)
-    records = tansu.read("sensors", 3)
+    records = kafka.read("sensors", 3)
     values = sorted(records_json(records), key=lambda v: v["topic"])
     q2, raw, temp = values
     assert (q2["payload"], q2["qos"]) == ("exactly once", 2)
@@ -85,80 +85,80 @@ def test_uplink_records_read_by_a_kafka_consumer(broker, tansu, version):
     assert broker.metric("ringmq_kafka_produce_seconds_count") >= 3
 
 
-def test_undeclared_parent_topics_are_routed_but_not_stored(broker, tansu):
+def test_undeclared_parent_topics_are_routed_but_not_stored(broker, kafka):
     sub = Client(broker.port, V5)
     sub.subscribe("chat/#", 1)
     pub = Client(broker.port, V5)
     pub.publish("chat/room", b"hello", qos=1)
     assert sub.message().payload == b"hello"
-    assert "chat" not in tansu.topics()
+    assert "chat" not in kafka.topics()
     assert broker.metric("ringmq_kafka_records_total", topic="chat", result="ok") == 0
 
 
-def test_stored_messages_still_reach_mqtt_subscribers(broker, tansu):
+def test_stored_messages_still_reach_mqtt_subscribers(broker, kafka):
     sub = Client(broker.port, V3)
     sub.subscribe("sensors/#", 1)
     pub = Client(broker.port, V3)
     pub.publish("sensors/x", b"both", qos=1)
     assert sub.message().payload == b"both"
-    assert records_json(tansu.read("sensors", 1))[0]["payload"] == "both"
+    assert records_json(kafka.read("sensors", 1))[0]["payload"] == "both"
 
 
-def test_ordered_topic_keeps_1000_messages_in_send_order(broker, tansu):
+def test_ordered_topic_keeps_1000_messages_in_send_order(broker, kafka):
     cid = "GID_otest@@@ordered-dev"
     pub = Client(broker.port, V5, client_id=cid)
     infos = [pub.c.publish("orders/line", str(i).encode(), qos=1) for i in range(1000)]
     for info in infos:
         info.wait_for_publish(timeout=30)
-    records = tansu.read("orders", 1000, timeout=30)
+    records = kafka.read("orders", 1000, timeout=30)
     assert {r.key() for r in records} == {cid.encode()}
     assert len({r.partition() for r in records}) == 1
     records.sort(key=lambda r: r.offset())
     assert [int(v["payload"]) for v in records_json(records)] == list(range(1000))
 
 
-def test_enable_order_msg_keys_a_clients_records(broker, tansu):
+def test_enable_order_msg_keys_a_clients_records(broker, kafka):
     cid = "GID_otest@@@asks-order"
     pub = Client(broker.port, V3, client_id=cid)
     pub.publish("$SYS/enableOrderMsg", b'{"order":"true"}', qos=1)
     pub.publish("sensors/a", b"keyed", qos=1)
     other = Client(broker.port, V3, client_id="GID_otest@@@no-order")
     other.publish("sensors/b", b"unkeyed", qos=1)
-    by_payload = {json.loads(r.value())["payload"]: r.key() for r in tansu.read("sensors", 2)}
+    by_payload = {json.loads(r.value())["payload"]: r.key() for r in kafka.read("sensors", 2)}
     assert by_payload == {"keyed": cid.encode(), "unkeyed": None}
 
 
 @pytest.mark.parametrize("version", [V3, V5])
-def test_downlink_records_reach_subscribers(broker, tansu, version):
+def test_downlink_records_reach_subscribers(broker, kafka, version):
     sub = Client(broker.port, version)
-    downlink_ready(tansu, broker, sub)
+    downlink_ready(kafka, broker, sub)
     sub.subscribe("cmd/+/set", 1)
-    tansu.send("mq2mqtt", b"on", headers=[("mqttTopic", "cmd/lamp/set"), ("qoslevel", "1")])
+    kafka.send("mq2mqtt", b"on", headers=[("mqttTopic", "cmd/lamp/set"), ("qoslevel", "1")])
     m = sub.message()
     assert (m.topic, m.payload, m.qos) == ("cmd/lamp/set", b"on", 1)
-    tansu.send("mq2mqtt", b"q0", headers=[("mqttTopic", "cmd/lamp/set"), ("qoslevel", "0")])
+    kafka.send("mq2mqtt", b"q0", headers=[("mqttTopic", "cmd/lamp/set"), ("qoslevel", "0")])
     assert sub.message().qos == 0
     # A record without mqttTopic is skipped and counted; the next one flows.
-    tansu.send("mq2mqtt", b"bad", headers=[("qoslevel", "1")])
-    tansu.send("mq2mqtt", b"bad qos", headers=[("mqttTopic", "cmd/lamp/set"), ("qoslevel", "7")])
-    tansu.send("mq2mqtt", b"after", headers=[("mqttTopic", "cmd/lamp/set")])
+    kafka.send("mq2mqtt", b"bad", headers=[("qoslevel", "1")])
+    kafka.send("mq2mqtt", b"bad qos", headers=[("mqttTopic", "cmd/lamp/set"), ("qoslevel", "7")])
+    kafka.send("mq2mqtt", b"after", headers=[("mqttTopic", "cmd/lamp/set")])
     m = sub.message()
     assert (m.payload, m.qos) == (b"after", 1)
     assert broker.metric("ringmq_kafka_downlink_records_total", result="invalid") == 2
     # Offsets are committed (every second) once records are delivered or skipped.
-    wait_for("committed offsets", lambda: tansu.committed_lag("ringmq-n1", "mq2mqtt") == 0)
+    wait_for("committed offsets", lambda: kafka.committed_lag("ringmq-n1", "mq2mqtt") == 0)
 
 
-def test_downlink_clean_session_header_decides_offline_queueing(broker, tansu):
+def test_downlink_clean_session_header_decides_offline_queueing(broker, kafka):
     probe = Client(broker.port, V3)
-    downlink_ready(tansu, broker, probe)
+    downlink_ready(kafka, broker, probe)
     cid = "GID_dtest@@@sleeper"
     dev = Client(broker.port, V3, client_id=cid, clean=False)
     dev.subscribe("cmd/sleeper", 1)
     dev.close()
     delivered = broker.metric("ringmq_kafka_downlink_records_total", result="delivered")
-    tansu.send("mq2mqtt", b"kept", headers=[("mqttTopic", "cmd/sleeper"), ("cleanSession", "false")])
-    tansu.send("mq2mqtt", b"online only", headers=[("mqttTopic", "cmd/sleeper"), ("cleanSession", "true")])
+    kafka.send("mq2mqtt", b"kept", headers=[("mqttTopic", "cmd/sleeper"), ("cleanSession", "false")])
+    kafka.send("mq2mqtt", b"online only", headers=[("mqttTopic", "cmd/sleeper"), ("cleanSession", "true")])
     # Both records are read before the device returns.
     metric = broker.metric
     wait_for(
@@ -171,26 +171,26 @@ def test_downlink_clean_session_header_decides_offline_queueing(broker, tansu):
     dev.nothing()
 
 
-def test_p2p_through_kafka_reaches_only_its_target(broker, tansu):
+def test_p2p_through_kafka_reaches_only_its_target(broker, kafka):
     target = Client(broker.port, V5, client_id="GID_ptest@@@target")
     other = Client(broker.port, V5, client_id="GID_ptest@@@other")
     other.subscribe("app/#", 1)
-    downlink_ready(tansu, broker, target)
-    tansu.send("mq2mqtt", b"just you", headers=[("mqttTopic", "app/p2p/GID_ptest@@@target"), ("qoslevel", "1")])
+    downlink_ready(kafka, broker, target)
+    kafka.send("mq2mqtt", b"just you", headers=[("mqttTopic", "app/p2p/GID_ptest@@@target"), ("qoslevel", "1")])
     m = target.message()
     assert (m.topic, m.payload) == ("app/p2p/GID_ptest@@@target", b"just you")
     other.nothing()
 
 
-def events_of(tansu, topic, client_id, count):
+def events_of(kafka, topic, client_id, count):
     def got():
-        recs = [v for v in records_json(tansu.read_all(topic)) if v["clientId"] == client_id]
+        recs = [v for v in records_json(kafka.read_all(topic)) if v["clientId"] == client_id]
         return recs if len(recs) >= count else None
 
     return wait_for(f"{count} {topic} events of {client_id}", got, timeout=20, every=0.2)
 
 
-def test_device_events_for_clean_disconnect_and_killed_client(broker, tansu):
+def test_device_events_for_clean_disconnect_and_killed_client(broker, kafka):
     clean = Client(broker.port, V3, client_id="GID_etest@@@polite")
     clean.close()
     # A client process killed with SIGKILL: the TCP connection just goes away.
@@ -209,8 +209,8 @@ def test_device_events_for_clean_disconnect_and_killed_client(broker, tansu):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
-    polite_up = events_of(tansu, "mqtt-device-connect", "GID_etest@@@polite", 1)
-    polite_down = events_of(tansu, "mqtt-device-disconnect", "GID_etest@@@polite", 2)
+    polite_up = events_of(kafka, "mqtt-device-connect", "GID_etest@@@polite", 1)
+    polite_down = events_of(kafka, "mqtt-device-disconnect", "GID_etest@@@polite", 2)
     assert [e["eventType"] for e in polite_up] == ["connect"]
     assert sorted(e["eventType"] for e in polite_down) == ["disconnect", "tcpclean"]
     every = polite_up + polite_down
@@ -220,8 +220,8 @@ def test_device_events_for_clean_disconnect_and_killed_client(broker, tansu):
     assert order == ["connect", "disconnect", "tcpclean"]
     assert all(e["ts"] > 1_600_000_000_000 for e in every)
 
-    killed_up = events_of(tansu, "mqtt-device-connect", "GID_etest@@@killed", 1)
-    killed_down = events_of(tansu, "mqtt-device-disconnect", "GID_etest@@@killed", 1)
+    killed_up = events_of(kafka, "mqtt-device-connect", "GID_etest@@@killed", 1)
+    killed_down = events_of(kafka, "mqtt-device-disconnect", "GID_etest@@@killed", 1)
     assert [e["eventType"] for e in killed_down] == ["tcpclean"]
     assert killed_down[0]["eventIndex"] > killed_up[0]["eventIndex"]
     assert killed_up[0]["channelId"] != polite_up[0]["channelId"]
@@ -263,15 +263,16 @@ class Stream:
             return len(self.mids)
 
 
-@pytest.mark.parametrize("outage", ["network", "frozen"])
-def test_kafka_outage_loses_no_acknowledged_message(tmp_path, tansu, outage):
-    """K7: cut Kafka off in the middle of a QoS 1 stream, bring it back:
+@pytest.mark.parametrize("outage", ["network", "frozen", "restart"])
+def test_kafka_outage_loses_no_acknowledged_message(tmp_path, kafka, outage):
+    """K7: cut Kafka off (network cut, frozen process, or killed with SIGKILL
+    and restarted on its storage) in the middle of a QoS 1 stream, bring it back:
     every PUBACKed message is in Kafka exactly once; while Kafka is away QoS 0
     messages to stored topics are dropped and counted, MQTT 5 publishers get
     0x97 once the buffer is full, and MQTT-to-MQTT traffic keeps flowing."""
-    broker = Broker(tmp_path, kafka_yaml(tansu, extra="  buffer_records: 100\n"))
+    broker = Broker(tmp_path, kafka_yaml(kafka, extra="  buffer_records: 100\n"))
     try:
-        wait_for("kafka topics", lambda: "sensors" in tansu.topics(), timeout=20)
+        wait_for("kafka topics", lambda: "sensors" in kafka.topics(), timeout=20)
         # MQTT 3.1.1 publishes to an ordered topic: they wait for buffer slots
         # through the outage and must still land in send order.
         v3 = Stream(broker.port, V3, "orders/v3", "GID_stest@@@v3")
@@ -283,9 +284,11 @@ def test_kafka_outage_loses_no_acknowledged_message(tmp_path, tansu, outage):
         wait_for("the first acknowledgements", lambda: len(v3.acked) == 40 and len(v5.acked) == 40, timeout=20)
 
         if outage == "network":
-            tansu.proxy.down()
+            kafka.proxy.down()
+        elif outage == "frozen":
+            kafka.proc.send_signal(signal.SIGSTOP)
         else:
-            tansu.proc.send_signal(signal.SIGSTOP)
+            kafka.kill()
         for n in range(40, 400):
             v3.send(n)
             v5.send(n)
@@ -311,14 +314,16 @@ def test_kafka_outage_loses_no_acknowledged_message(tmp_path, tansu, outage):
         acked_during = len(v3.acked) + len(v5.acked)
 
         if outage == "network":
-            tansu.proxy.up()
+            kafka.proxy.up()
+        elif outage == "frozen":
+            kafka.proc.send_signal(signal.SIGCONT)
         else:
-            tansu.proc.send_signal(signal.SIGCONT)
+            kafka.start()
         wait_for("every message answered", lambda: v3.outstanding() == 0 and v5.outstanding() == 0, timeout=60)
         assert len(v3.acked) == 400, "MQTT 3.1.1 publishes wait for Kafka, none is refused"
         assert len(v3.acked) + len(v5.acked) > acked_during
 
-        ordered = sorted(tansu.read("orders", 400, timeout=30), key=lambda r: r.offset())
+        ordered = sorted(kafka.read("orders", 400, timeout=30), key=lambda r: r.offset())
         assert len({r.partition() for r in ordered}) == 1
         got = [int(v["payload"]) for v in records_json(ordered)]
         assert got == list(range(400)), [(i, n) for i, n in enumerate(got) if i != n][:20]
@@ -326,7 +331,7 @@ def test_kafka_outage_loses_no_acknowledged_message(tmp_path, tansu, outage):
         acked = {n for n, _ in v5.acked}
         refused = {n for n, _ in v5.refused}
         assert {rc for _, rc in v5.refused} <= {0x97}
-        stored = tansu.read_at_least("sensors", len(acked), timeout=30)
+        stored = kafka.read_at_least("sensors", len(acked), timeout=30)
         numbers = [int(v["payload"]) for v in records_json(stored) if v["topic"] == "sensors/v5"]
         assert len(numbers) == len(set(numbers)), "a record was written twice"
         assert acked <= set(numbers), f"acknowledged but not in Kafka: {sorted(acked - set(numbers))[:10]}"
@@ -334,13 +339,13 @@ def test_kafka_outage_loses_no_acknowledged_message(tmp_path, tansu, outage):
 
     finally:
         if outage == "frozen":
-            tansu.proc.send_signal(signal.SIGCONT)
+            kafka.proc.send_signal(signal.SIGCONT)
         broker.stop()
 
 
-def test_broker_serves_mqtt_while_kafka_is_unreachable_and_catches_up(tmp_path, tansu):
-    tansu.proxy.down()
-    broker = Broker(tmp_path, kafka_yaml(tansu))
+def test_broker_serves_mqtt_while_kafka_is_unreachable_and_catches_up(tmp_path, kafka):
+    kafka.proxy.down()
+    broker = Broker(tmp_path, kafka_yaml(kafka))
     try:
         sub = Client(broker.port, V3)
         sub.subscribe("chat/#", 1)
@@ -350,10 +355,10 @@ def test_broker_serves_mqtt_while_kafka_is_unreachable_and_catches_up(tmp_path, 
         info = pub.c.publish("sensors/a", b"waits for kafka", qos=1)
         time.sleep(1.0)
         assert not info.is_published(), "PUBACK before Kafka had the record"
-        tansu.proxy.up()
+        kafka.proxy.up()
         info.wait_for_publish(timeout=60)
         assert info.is_published()
-        assert records_json(tansu.read("sensors", 1, timeout=30))[0]["payload"] == "waits for kafka"
+        assert records_json(kafka.read("sensors", 1, timeout=30))[0]["payload"] == "waits for kafka"
     finally:
         broker.stop()
 
@@ -367,3 +372,56 @@ def test_bad_kafka_config_is_refused_at_start(tmp_path):
     assert r.returncode == 64
     assert b"a/b" in r.stderr and b"Kafka topic name" in r.stderr
 
+
+
+def make_tls(tmp):
+    """A CA and a server certificate for 127.0.0.1, made with openssl."""
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "1", "-subj", "/CN=ringmq-test-ca")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
+    (tmp / "ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.crt", "-days", "1", "-extfile", "ext")
+    return tmp / "server.crt", tmp / "server.key", tmp / "ca.crt"
+
+
+@pytest.mark.parametrize("security", ["ssl", "sasl_plaintext", "sasl_ssl"])
+def test_kafka_credentials_from_files(tmp_path, security):
+    """K1: the broker reaches a Kafka cluster that requires TLS and/or SASL
+    SCRAM, with the CA and the password read from mounted files; a wrong
+    password stores nothing and the broker says why."""
+    tls = make_tls(tmp_path) if "ssl" in security else None
+    user = ("ringmq", "kafka-pass-123") if "sasl" in security else None
+    kafka = Kafka(tmp_path, tls=tls, user=user)
+    try:
+        sec = f"    protocol: {security}\n"
+        if tls:
+            sec += f"    ca_file: {tls[2]}\n"
+        if user:
+            (tmp_path / "password").write_text(user[1] + "\n")
+            sec += f"    sasl_mechanism: SCRAM-SHA-512\n    username: {user[0]}\n    password_file: {tmp_path / 'password'}\n"
+        broker = Broker(tmp_path, kafka_yaml(kafka, extra="  security:\n" + sec))
+        try:
+            wait_for("kafka topics", lambda: "sensors" in kafka.topics(), timeout=20)
+            pub = Client(broker.port, V5)
+            pub.publish("sensors/secure", b"over " + security.encode(), qos=1)
+            assert records_json(kafka.read("sensors", 1))[0]["payload"] == "over " + security
+        finally:
+            broker.stop()
+        if user:
+            (tmp_path / "password").write_text("wrong\n")
+            wrong = tmp_path / "wrong"
+            wrong.mkdir()
+            broker = Broker(wrong, kafka_yaml(kafka, extra="  security:\n" + sec))
+            try:
+                pub = Client(broker.port, V5)
+                info = pub.c.publish("sensors/secure", b"never stored", qos=1)
+                time.sleep(1.0)
+                assert not info.is_published(), "acknowledged without Kafka"
+                wait_for("the authentication error", lambda: broker.metric("ringmq_kafka_client_errors_total") >= 1)
+                assert "Authentication" in broker.logs() or "authentication" in broker.logs()
+            finally:
+                broker.stop()
+    finally:
+        kafka.stop()
