@@ -219,12 +219,21 @@ class Kafka:
         return Producer(self.client(**{"linger.ms": 0}))
 
     def send(self, topic, value, headers=None, key=None):
-        """Writes one record as a backend application would; waits for it."""
+        """Writes one record as a backend application would; waits for it and
+        returns its (partition, offset)."""
         p = self.producer()
-        errors = []
-        p.produce(topic, value=value, key=key, headers=headers or [], on_delivery=lambda e, m: e and errors.append(e))
+        errors, placed = [], []
+
+        def done(e, m):
+            if e:
+                errors.append(e)
+            else:
+                placed.append((m.partition(), m.offset()))
+
+        p.produce(topic, value=value, key=key, headers=headers or [], on_delivery=done)
         assert p.flush(WAIT) == 0, "record not delivered"
         assert not errors, errors
+        return placed[0]
 
     def _consumer(self, topic):
         """A consumer assigned to every partition of `topic` from the start
@@ -262,18 +271,12 @@ class Kafka:
         """Every record of a topic, read until none came for `quiet` seconds."""
         return self.read_at_least(topic, 0, quiet=quiet)
 
-    def committed_lag(self, group, topic):
-        """Records of `topic` after the offsets `group` committed (without
-        joining the group)."""
+    def committed(self, group, topic, partition):
+        """The offset `group` committed on one partition (without joining the
+        group); negative when it committed none."""
         c = Consumer(self.client(**{"group.id": group, "enable.auto.commit": False}))
         try:
-            partitions = self.topics()[topic].partitions
-            committed = c.committed([TopicPartition(topic, p) for p in partitions], timeout=WAIT)
-            lag = 0
-            for tp in committed:
-                _, high = c.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout=WAIT)
-                lag += high - max(tp.offset, 0)
-            return lag
+            return c.committed([TopicPartition(topic, partition)], timeout=WAIT)[0].offset
         finally:
             c.close()
 
