@@ -94,10 +94,13 @@ fn respond(broker: &Arc<Broker>, req: &Request) -> Response {
             .body(broker.metrics.render()),
         "/healthz" => Response::Ok().body("ok"),
         "/readyz" => {
-            if broker.is_ready() {
-                Response::Ok().body("ready")
-            } else {
+            if !broker.is_ready() {
                 Response::ServiceUnavailable().body("shutting down")
+            } else if broker.cluster.as_ref().is_some_and(|c| !c.is_settled()) {
+                Response::ServiceUnavailable()
+                    .body("joining: waiting for sessions from the other nodes")
+            } else {
+                Response::Ok().body("ready")
             }
         }
         // The operator calls this before it lowers the replica count: the

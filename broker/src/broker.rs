@@ -393,6 +393,7 @@ impl Broker {
             return;
         };
         let ring = c.ring();
+        let mut moves = Vec::new();
         for session in self.sessions.all() {
             let Some(owner) = ring.owner(&session.client_id).cloned() else {
                 continue;
@@ -409,8 +410,19 @@ impl Broker {
                 }
                 moved.insert(session.client_id.clone(), owner.clone());
             }
-            let broker = self.clone();
-            ntex::rt::spawn(async move { broker.move_session(session, owner).await });
+            moves.push((session, owner));
+        }
+        // Once every session of this ring is on its way (the frames go in
+        // order on each link), the new owners may serve them.
+        let left = Arc::new(std::sync::atomic::AtomicUsize::new(moves.len()));
+        if moves.is_empty() {
+            c.announce_settled();
+        }
+        for (session, owner) in moves {
+            let (broker, left) = (self.clone(), left.clone());
+            ntex::rt::spawn(async move {
+                broker.move_session(session, owner, &left).await;
+            });
         }
     }
 
@@ -419,7 +431,12 @@ impl Broker {
     /// stay here for a grace period and forward what still arrives, so no
     /// message is lost while the other nodes learn the new owner's routes
     /// (a message may arrive twice in that window).
-    async fn move_session(self: Arc<Self>, session: Arc<Session>, owner: Arc<str>) {
+    async fn move_session(
+        self: Arc<Self>,
+        session: Arc<Session>,
+        owner: Arc<str>,
+        left: &std::sync::atomic::AtomicUsize,
+    ) {
         let Some(c) = self.cluster.clone() else {
             return;
         };
@@ -452,6 +469,9 @@ impl Broker {
                 self.metrics.drop_message("session_move");
                 tracing::warn!(client_id = %client, owner = %owner, "session not moved: the owner is unreachable");
             }
+        }
+        if left.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+            c.announce_settled();
         }
         // Grace: long enough for the owner's routes to reach every node.
         ntex::time::sleep(Duration::from_millis(4 * c.config.heartbeat_ms)).await;

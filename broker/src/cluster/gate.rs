@@ -158,6 +158,13 @@ pub async fn serve(io: IoBoxed, broker: Arc<Broker>, mqtt: &Mqtt) {
         _ => cluster.node.clone(),
     };
     if cluster.is_local(&owner) {
+        // A node that just joined serves its sessions once the others have
+        // handed them over (bounded by the failure timeout).
+        let deadline = std::time::Instant::now()
+            + std::time::Duration::from_millis(cluster.config.failure_timeout_ms);
+        while !cluster.is_settled() && std::time::Instant::now() < deadline {
+            ntex::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         let _ = mqtt.call(io).await;
         return;
     }

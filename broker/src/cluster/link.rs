@@ -290,6 +290,7 @@ pub async fn inbound(
 fn apply(cluster: &Arc<Cluster>, broker: &Arc<Broker>, peer: &Arc<str>, frame: Frame) {
     match frame {
         Frame::Heartbeat { leaving } => cluster.heard(peer, leaving),
+        Frame::Settled { members } => cluster.settled_from(peer, members),
         // Nodes the peer knows: a node that was given only some of the
         // others as peers (seeds) finds the rest this way.
         Frame::Members { addrs } => {

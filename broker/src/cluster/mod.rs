@@ -76,6 +76,9 @@ pub struct Cluster {
     dialing: Mutex<HashSet<String>>,
     /// Bumped whenever the ring changes.
     generation: std::sync::atomic::AtomicU64,
+    /// The ring members each peer last said it has handed sessions over for.
+    settled_by: Mutex<HashMap<Arc<str>, HashSet<String>>>,
+    started: Instant,
     /// Where other nodes reach this node's cluster port.
     advertise: String,
 }
@@ -104,6 +107,8 @@ impl Cluster {
             leaving: std::sync::atomic::AtomicBool::new(false),
             dialing: Mutex::new(HashSet::new()),
             generation: std::sync::atomic::AtomicU64::new(0),
+            settled_by: Mutex::new(HashMap::new()),
+            started: Instant::now(),
             advertise: advertise(config, node, bound),
         }))
     }
@@ -248,6 +253,38 @@ impl Cluster {
         self.generation
             .fetch_add(1, std::sync::atomic::Ordering::Release);
         true
+    }
+
+    /// A peer finished handing over the sessions of its ring of `members`.
+    fn settled_from(&self, peer: &Arc<str>, members: Vec<String>) {
+        if let Ok(mut s) = self.settled_by.lock() {
+            s.insert(peer.clone(), members.into_iter().collect());
+        }
+    }
+
+    /// Whether every other member has handed this node its sessions: a node
+    /// that joins serves its own sessions only from then on, so that a
+    /// client never finds an empty session that is still on its way.
+    pub fn is_settled(&self) -> bool {
+        // A node that has just started has not met its peers yet: it waits
+        // as long as it would take to notice them.
+        if self.started.elapsed() < Duration::from_millis(self.config.failure_timeout_ms) {
+            return false;
+        }
+        let members = self.members();
+        let Ok(settled) = self.settled_by.lock() else {
+            return false;
+        };
+        members
+            .iter()
+            .all(|m| settled.get(m).is_some_and(|s| s.contains(&*self.node)))
+    }
+
+    /// Tells every peer that this node has handed over the sessions of its
+    /// current ring.
+    pub fn announce_settled(&self) {
+        let members = self.ring().nodes().iter().map(|n| n.to_string()).collect();
+        self.broadcast(&Frame::Settled { members });
     }
 
     /// Members other than this node, by name.

@@ -117,6 +117,12 @@ pub enum Frame {
     Members {
         addrs: Vec<String>,
     },
+    /// The sender has handed over every session its ring of `members` gives
+    /// to other nodes: a joining node waits for this from every member
+    /// before it serves its sessions.
+    Settled {
+        members: Vec<String>,
+    },
     /// Every filter the sender's sessions subscribe to (replaces what the
     /// receiver knew of the sender).
     Routes {
@@ -166,6 +172,7 @@ const RETAIN: u8 = 9;
 const PROXY: u8 = 10;
 const SESSION: u8 = 11;
 const MEMBERS: u8 = 12;
+const SETTLED: u8 = 13;
 
 impl Frame {
     /// Appends the encoded frame to `out`.
@@ -198,6 +205,13 @@ impl Frame {
                 out.put_u16(len16(addrs.len()));
                 for a in addrs {
                     put_str(out, a);
+                }
+            }
+            Frame::Settled { members } => {
+                out.put_u8(SETTLED);
+                out.put_u16(len16(members.len()));
+                for m in members {
+                    put_str(out, m);
                 }
             }
             Frame::Routes { filters } => {
@@ -299,14 +313,12 @@ fn decode_body(b: &mut Bytes) -> Result<Frame> {
         HEARTBEAT => Frame::Heartbeat {
             leaving: get_u8(b)? != 0,
         },
-        MEMBERS => {
-            let n = usize::from(get_u16(b)?);
-            let mut addrs = Vec::with_capacity(n.min(b.len() / 2));
-            for _ in 0..n {
-                addrs.push(get_str(b)?.to_string());
-            }
-            Frame::Members { addrs }
-        }
+        MEMBERS => Frame::Members {
+            addrs: get_strs(b)?,
+        },
+        SETTLED => Frame::Settled {
+            members: get_strs(b)?,
+        },
         ROUTES => {
             let n = get_u32(b)? as usize;
             // Each filter takes at least its two length bytes.
@@ -533,6 +545,15 @@ fn get_str(b: &mut Bytes) -> Result<ByteString> {
     ByteString::try_from(take(b, n)?).map_err(|_| WireError::Utf8)
 }
 
+fn get_strs(b: &mut Bytes) -> Result<Vec<String>> {
+    let n = usize::from(get_u16(b)?);
+    let mut out = Vec::with_capacity(n.min(b.len() / 2));
+    for _ in 0..n {
+        out.push(get_str(b)?.to_string());
+    }
+    Ok(out)
+}
+
 fn get_bytes(b: &mut Bytes) -> Result<Bytes> {
     let n = get_u32(b)? as usize;
     take(b, n)
@@ -617,6 +638,9 @@ mod tests {
             Frame::Heartbeat { leaving: true },
             Frame::Members {
                 addrs: vec!["a:1".into(), "b:2".into()],
+            },
+            Frame::Settled {
+                members: vec!["n0".into(), "n1".into()],
             },
             Frame::Routes {
                 filters: vec!["a/#".into(), "$share/g/b/+".into()],
