@@ -218,11 +218,31 @@ impl TokenService {
     /// Revokes a valid token.
     pub fn revoke(&self, token: &str) -> Result<Claims> {
         let claims = self.verify(token)?;
+        self.revoke_id(&claims.id, claims.exp);
+        Ok(claims)
+    }
+
+    /// Records a revocation by token id (one another node made); kept until
+    /// the token would have expired anyway.
+    pub fn revoke_id(&self, id: &str, exp: u64) {
         let mut revoked = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
         let now = now_ms();
         revoked.retain(|_, exp| *exp > now);
-        revoked.insert(claims.id.clone(), claims.exp);
-        Ok(claims)
+        if exp > now {
+            revoked.insert(id.to_owned(), exp);
+        }
+    }
+
+    /// The revocations in force: (token id, expiry).
+    pub fn revocations(&self) -> Vec<(String, u64)> {
+        let now = now_ms();
+        self.revoked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, exp)| **exp > now)
+            .map(|(id, exp)| (id.clone(), *exp))
+            .collect()
     }
 }
 

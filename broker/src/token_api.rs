@@ -132,7 +132,16 @@ pub fn handle(broker: &Broker, op: &str, params: &[(String, String)]) -> Answer 
             get("serviceName"),
         ),
         "revoke" => match tokens.revoke(get("token")) {
-            Ok(_) => Answer::ok("token revoked", None),
+            Ok(claims) => {
+                // Every node verifies tokens: every node learns the revocation.
+                if let Some(c) = &broker.cluster {
+                    c.broadcast(&crate::cluster::wire::Frame::Revoked {
+                        id: claims.id.clone(),
+                        exp_ms: claims.exp,
+                    });
+                }
+                Answer::ok("token revoked", None)
+            }
             Err(e) => Answer::err(
                 REVOCATION_ERROR,
                 format!("revocation failed: {e} ({})", e.code()),

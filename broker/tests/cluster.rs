@@ -642,3 +642,100 @@ async fn a_partitioned_node_serves_alone_and_its_sessions_find_their_owners_when
         b"queued on the minority side"
     );
 }
+
+/// Percent-encodes a form value.
+fn form(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A token service request signed the seed's way (HmacSHA1 of the sorted
+/// parameters with the SecretKey, Base64), sent as a GET query.
+fn token_call(node: &Broker, op: &str, params: &[(&str, &str)]) -> serde_json::Value {
+    use base64::Engine as _;
+    use hmac::Mac as _;
+    let base = ringmq_broker::token::canonical(params);
+    let mut mac = hmac::Hmac::<sha1::Sha1>::new_from_slice(b"SK_cluster_secret")
+        .unwrap_or_else(|e| panic!("{e}"));
+    mac.update(base.as_bytes());
+    let signature = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    let mut query: Vec<String> = params
+        .iter()
+        .map(|(k, v)| format!("{k}={}", form(v)))
+        .collect();
+    query.push(format!("signature={}", form(&signature)));
+    query.push("accessKey=AK_cluster".into());
+    query.push("proxyType=MQTT".into());
+    let (status, body) = node.http(&format!("/token/{op}?{}", query.join("&")));
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+#[tokio::test]
+async fn a_token_revoked_on_one_node_is_refused_on_every_node() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let creds = dir.path().join("credentials.yaml");
+    std::fs::write(
+        &creds,
+        "access_keys:\n  - access_key: AK_cluster\n    secret_key: SK_cluster_secret\ngroup_ids: [GID_token]\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let key = dir.path().join("signing-key");
+    std::fs::write(&key, "one-signing-key-for-every-node").unwrap_or_else(|e| panic!("{e}"));
+    let extra = format!(
+        "auth:\n  credentials_file: {}\n  token_signing_key_file: {}\n",
+        creds.display(),
+        key.display()
+    );
+    let c = Cluster::start(2, &extra);
+    let expire = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+        + 600_000)
+        .to_string();
+    let answer = token_call(
+        &c.nodes[0],
+        "apply",
+        &[
+            ("actions", "W"),
+            ("resources", "tok/#"),
+            ("expireTime", &expire),
+            ("serviceName", "mq"),
+        ],
+    );
+    let token = answer["tokenData"].as_str().unwrap_or_default().to_owned();
+    assert!(!token.is_empty(), "{answer}");
+
+    // The device's session lives on n1 (it connects through n0); the token
+    // service answers on n0. MQTT 3.1.1, so that the notice is read before
+    // the connection closes (rumqttc's MQTT 5 client drops a PUBLISH that
+    // arrives together with DISCONNECT).
+    let id = owned_by("n1", &c.names, "GID_token@@@dev");
+    let mut opts = v3::options(&id, c.nodes[0].tcp);
+    opts.set_credentials("Token|AK_cluster|instance-1", "");
+    let mut dev = v3::connect(opts).await;
+    let upload = serde_json::json!({"token": token, "type": "W"}).to_string();
+    dev.publish("$SYS/uploadToken", v3::QoS::AtLeastOnce, false, upload)
+        .await;
+    tokio::time::sleep(QUIET).await;
+    // Allowed: no notice, the connection stays.
+    dev.publish("tok/a", v3::QoS::AtLeastOnce, false, "allowed")
+        .await;
+    dev.no_publish().await;
+
+    let answer = token_call(&c.nodes[0], "revoke", &[("token", &token)]);
+    assert_eq!(answer["code"], 200, "{answer}");
+    tokio::time::sleep(QUIET).await;
+    dev.publish("tok/a", v3::QoS::AtLeastOnce, false, "refused")
+        .await;
+    let notice = dev.next_publish().await;
+    assert_eq!(notice.topic, "$SYS/tokenInvalidNotice");
+    let body: serde_json::Value = serde_json::from_slice(&notice.payload).unwrap_or_default();
+    assert_eq!(body, serde_json::json!({"code": 3, "type": "W"}));
+    dev.closed().await;
+}

@@ -181,8 +181,8 @@ pub async fn dial(cluster: &Cluster, addr: &str) -> Result<(IoBoxed, Arc<str>)> 
     Ok((io, peer))
 }
 
-/// What a new link carries first: the members this node knows, its routes
-/// and its retained messages.
+/// What a new link carries first: the members this node knows, its routes,
+/// the token revocations in force and its retained messages.
 async fn greet(io: &IoBoxed, cluster: &Cluster, broker: &Broker) -> Result<()> {
     send(
         io,
@@ -198,6 +198,11 @@ async fn greet(io: &IoBoxed, cluster: &Cluster, broker: &Broker) -> Result<()> {
         },
     )
     .await?;
+    if let Some(t) = &broker.tokens {
+        for (id, exp_ms) in t.revocations() {
+            send(io, Frame::Revoked { id, exp_ms }).await?;
+        }
+    }
     let now = std::time::Instant::now();
     for msg in broker.retained.matching("#") {
         send(
@@ -291,6 +296,11 @@ fn apply(cluster: &Arc<Cluster>, broker: &Arc<Broker>, peer: &Arc<str>, frame: F
     match frame {
         Frame::Heartbeat { leaving } => cluster.heard(peer, leaving),
         Frame::Settled { members } => cluster.settled_from(peer, members),
+        Frame::Revoked { id, exp_ms } => {
+            if let Some(t) = &broker.tokens {
+                t.revoke_id(&id, exp_ms);
+            }
+        }
         // Nodes the peer knows: a node that was given only some of the
         // others as peers (seeds) finds the rest this way.
         Frame::Members { addrs } => {

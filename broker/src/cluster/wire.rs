@@ -117,6 +117,11 @@ pub enum Frame {
     Members {
         addrs: Vec<String>,
     },
+    /// A token was revoked (A3): refused on every node until it expires.
+    Revoked {
+        id: String,
+        exp_ms: u64,
+    },
     /// The sender has handed over every session its ring of `members` gives
     /// to other nodes: a joining node waits for this from every member
     /// before it serves its sessions.
@@ -173,6 +178,7 @@ const PROXY: u8 = 10;
 const SESSION: u8 = 11;
 const MEMBERS: u8 = 12;
 const SETTLED: u8 = 13;
+const REVOKED: u8 = 14;
 
 impl Frame {
     /// Appends the encoded frame to `out`.
@@ -206,6 +212,11 @@ impl Frame {
                 for a in addrs {
                     put_str(out, a);
                 }
+            }
+            Frame::Revoked { id, exp_ms } => {
+                out.put_u8(REVOKED);
+                put_str(out, id);
+                out.put_u64(*exp_ms);
             }
             Frame::Settled { members } => {
                 out.put_u8(SETTLED);
@@ -315,6 +326,10 @@ fn decode_body(b: &mut Bytes) -> Result<Frame> {
         },
         MEMBERS => Frame::Members {
             addrs: get_strs(b)?,
+        },
+        REVOKED => Frame::Revoked {
+            id: get_str(b)?.to_string(),
+            exp_ms: get_u64(b)?,
         },
         SETTLED => Frame::Settled {
             members: get_strs(b)?,
@@ -641,6 +656,10 @@ mod tests {
             },
             Frame::Settled {
                 members: vec!["n0".into(), "n1".into()],
+            },
+            Frame::Revoked {
+                id: "tok-1".into(),
+                exp_ms: 1_795_353_358_454,
             },
             Frame::Routes {
                 filters: vec!["a/#".into(), "$share/g/b/+".into()],
