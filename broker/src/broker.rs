@@ -32,6 +32,8 @@ pub enum PublishError {
     Topic(#[from] TopicError),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error("a node with subscribers is unreachable")]
+    Cluster,
 }
 
 /// Why one filter of a SUBSCRIBE was refused.
@@ -266,12 +268,19 @@ impl Broker {
         };
         let reached = self.route(&msg, keep, Scope::All, &mut over, &mut forwards);
         if let Some(c) = &self.cluster {
-            // Backpressure across nodes: a full link queue holds the PUBACK.
+            // Backpressure across nodes: a full link queue holds the PUBACK;
+            // a link that stays full or is gone refuses the publish, so
+            // that the client sends it again rather than believe it arrived.
             let wait = Duration::from_millis(self.config.limits.queue_full_wait_ms);
+            let mut failed = false;
             for (node, frame) in forwards {
                 if !c.send(&node, frame, wait).await {
                     self.metrics.drop_message("cluster_link");
+                    failed = true;
                 }
+            }
+            if failed && msg.qos != QoS::AtMostOnce {
+                return Err(PublishError::Cluster);
             }
         }
         for session in over {
@@ -350,6 +359,18 @@ impl Broker {
 
     /// A P2P message another node forwarded to the owner of its target.
     pub fn deliver_direct(&self, client_id: &str, persistent: bool, w: WireMessage) {
+        if self.sessions.get(client_id).is_none()
+            && let Some(owner) = self.moved_to(client_id)
+        {
+            // It moved on while the message travelled.
+            let frame = Frame::Direct {
+                client_id: client_id.to_owned(),
+                persistent,
+                msg: w,
+            };
+            self.forward_now(vec![(owner, frame)]);
+            return;
+        }
         let msg = Arc::new(cluster::from_wire(w, self.ids.next()));
         self.publish_p2p(&msg, client_id, persistent, &mut Vec::new());
     }
@@ -357,7 +378,7 @@ impl Broker {
     /// A retained message another node stored.
     pub fn retain_replica(&self, w: WireMessage) {
         let msg = Arc::new(cluster::from_wire(w, self.ids.next()));
-        let n = self.retained.set(&msg);
+        let n = self.retained.set_if_newer(&msg);
         self.metrics.retained.set(gauge(n));
     }
 
@@ -451,6 +472,9 @@ impl Broker {
             if st.attached.is_some() || !st.persistent {
                 None
             } else {
+                // From here on, deliveries that still find this object
+                // follow the session instead of landing in it.
+                st.moved_to = Some(owner.clone());
                 Some(cluster::session_to_wire(&client, &mut st, Instant::now()))
             }
         };
@@ -462,12 +486,22 @@ impl Broker {
             self.sessions.remove(&client);
             self.metrics.sessions.set(gauge(self.sessions.len()));
             let wait = Duration::from_secs(5);
-            if c.send(&owner, Frame::Session(ws), wait).await {
+            if c.send(&owner, Frame::Session(ws.clone()), wait).await {
                 self.metrics.sessions_moved.inc();
                 tracing::debug!(client_id = %client, owner = %owner, "session moved");
             } else {
-                self.metrics.drop_message("session_move");
-                tracing::warn!(client_id = %client, owner = %owner, "session not moved: the owner is unreachable");
+                // The owner is gone too: the session stays here, and the
+                // next ring change moves it again.
+                self.metrics.reject("session_move");
+                tracing::warn!(client_id = %client, owner = %owner, "session not moved: the owner is unreachable; kept here");
+                if let Ok(mut moved) = self.moved.lock() {
+                    moved.remove(&client);
+                }
+                self.install_session(ws);
+                if left.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+                    c.announce_settled();
+                }
+                return;
             }
         }
         if left.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
@@ -478,7 +512,11 @@ impl Broker {
         if let Ok(mut moved) = self.moved.lock() {
             moved.remove(&client);
         }
-        self.drop_routes(&client, &subs);
+        // Unless the client came back here meanwhile (the ring moved back)
+        // and holds these routes again.
+        if self.sessions.get(&client).is_none() {
+            self.drop_routes(&client, &subs);
+        }
     }
 
     /// Whether sessions are still on their way to other nodes.
@@ -493,6 +531,11 @@ impl Broker {
         let mut added = Vec::new();
         let wake = {
             let mut st = session.lock();
+            if st.attached.is_some() && !st.persistent {
+                // The client came back first with a clean start: the old
+                // state is discarded, as it would be on one node.
+                return;
+            }
             for sub in &ws.subscriptions {
                 if !st.subscriptions.contains_key(&sub.filter) {
                     let opts = cluster::sub_options(sub);
@@ -672,7 +715,14 @@ impl Broker {
                     persistent
                 }
             };
-            // The target's session lives on its ring owner.
+            // The target's session lives on its ring owner. A downlink record
+            // is read by every node: the owner's delivers it.
+            if let Some(c) = &self.cluster
+                && matches!(scope, Scope::Designated { .. })
+                && !c.is_local(&c.owner(target))
+            {
+                return 0;
+            }
             if let Some(c) = &self.cluster
                 && origin
             {
@@ -802,6 +852,7 @@ impl Broker {
     /// limit joins `over`, for the publisher to wait on. True if kept.
     fn deliver(&self, session: Arc<Session>, d: Delivery, over: &mut Vec<Arc<Session>>) -> bool {
         let outcome = session.enqueue(d, self.queue_limits());
+        let outcome = self.follow_move(&session, outcome);
         let is_over = matches!(outcome, Enqueued::OverLimit);
         let kept = self.count(&session, outcome);
         if is_over {
@@ -814,13 +865,36 @@ impl Broker {
     /// replay, broker notices) and counts the outcome.
     pub fn offer(&self, session: &Session, d: Delivery) -> bool {
         let outcome = session.enqueue(d, self.queue_limits());
+        let outcome = self.follow_move(session, outcome);
         self.count(session, outcome)
+    }
+
+    /// A delivery to a session that left for another node goes after it.
+    fn follow_move(&self, session: &Session, outcome: Enqueued) -> Enqueued {
+        let Enqueued::Moved(owner, d) = outcome else {
+            return outcome;
+        };
+        let frame = Frame::Direct {
+            client_id: session.client_id.to_string(),
+            persistent: true,
+            msg: {
+                let mut w = cluster::to_wire(&d.msg, Instant::now());
+                w.qos = d.qos;
+                w
+            },
+        };
+        match &self.cluster {
+            Some(c) if c.try_send(&owner, frame) => Enqueued::Online,
+            _ => Enqueued::Dropped,
+        }
     }
 
     /// Counts what happened to a delivery; true if it was kept.
     fn count(&self, session: &Session, outcome: Enqueued) -> bool {
         match outcome {
             Enqueued::Online | Enqueued::OverLimit => true,
+            // `follow_move` resolved it already.
+            Enqueued::Moved(..) => false,
             Enqueued::Offline => {
                 self.metrics.offline_queued.inc();
                 true

@@ -238,7 +238,6 @@ where
             .build(async move |c| protocol::v5::connect(&b5, c).await))
 }
 
-/// HTTP upgrade to WebSocket on `/mqtt` with the `mqtt` subprotocol, then MQTT.
 /// A client-facing MQTT listener's service: on a clustered node, the gate
 /// that serves the client here or forwards it to its session's owner.
 fn front_service<F: Filter>(
@@ -254,6 +253,8 @@ fn front_service<F: Filter>(
     })
 }
 
+/// HTTP upgrade to WebSocket on `/mqtt` with the `mqtt` subprotocol, then
+/// MQTT (through the gate, as `front_service`).
 fn ws_service<F: Filter>(
     broker: Arc<Broker>,
     mqtt: Pipeline<IoBoxed, (), MqttError<protocol::Error>>,

@@ -27,6 +27,21 @@ impl RetainStore {
         map.len()
     }
 
+    /// A copy from another node: stored unless this node holds a newer
+    /// message for the topic (the last publish wins, by its time).
+    pub fn set_if_newer(&self, msg: &Arc<Message>) -> usize {
+        let mut map = self.messages.write().unwrap_or_else(|e| e.into_inner());
+        if map.get(&msg.topic).is_some_and(|m| m.ts_ms > msg.ts_ms) {
+            return map.len();
+        }
+        if msg.payload.is_empty() {
+            map.remove(&msg.topic);
+        } else {
+            map.insert(msg.topic.clone(), msg.clone());
+        }
+        map.len()
+    }
+
     /// Retained messages whose topic matches a (non-shared) filter.
     pub fn matching(&self, filter: &str) -> Vec<Arc<Message>> {
         let map = self.messages.read().unwrap_or_else(|e| e.into_inner());

@@ -61,10 +61,6 @@ impl Ring {
         &self.nodes
     }
 
-    pub fn contains(&self, node: &str) -> bool {
-        self.nodes.iter().any(|n| &**n == node)
-    }
-
     /// The node that owns `key`; `None` for an empty ring.
     pub fn owner(&self, key: &str) -> Option<&Arc<str>> {
         if self.points.is_empty() {

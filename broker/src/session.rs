@@ -74,6 +74,9 @@ pub enum Enqueued {
     /// order), and the publisher should wait for room before it acknowledges
     /// (backpressure).
     OverLimit,
+    /// The session has moved to this node of the cluster: the delivery comes
+    /// back to be sent after it.
+    Moved(Arc<str>, Delivery),
 }
 
 /// Limits that shape a session's queues.
@@ -131,6 +134,9 @@ pub struct State {
     pub tokens: HashMap<TokenType, Claims>,
     /// A will message waiting for its delay (MQTT 5), cancelled on reconnect.
     pub pending_will_generation: Option<u64>,
+    /// Set when the session's state left for another node: what still
+    /// arrives here follows it.
+    pub moved_to: Option<Arc<str>>,
 }
 
 impl Session {
@@ -153,6 +159,7 @@ impl Session {
                 offline_hold: false,
                 tokens: HashMap::new(),
                 pending_will_generation: None,
+                moved_to: None,
             }),
             space: Notify::new(),
         }
@@ -172,6 +179,9 @@ impl Session {
     /// persistent ones store QoS 1/2 messages as offline messages.
     pub fn enqueue(&self, d: Delivery, limits: QueueLimits) -> Enqueued {
         let mut st = self.lock();
+        if let Some(owner) = &st.moved_to {
+            return Enqueued::Moved(owner.clone(), d);
+        }
         if let Some(conn) = &st.attached {
             let len = st.queue.len();
             // QoS 1/2 may go past the limit by `overflow`, so that waiting
@@ -431,7 +441,6 @@ impl SessionStore {
         gone
     }
 
-    /// Every session, for shutdown and housekeeping.
     /// Takes a session out of this node's store (it moved to another node).
     pub fn remove(&self, client_id: &str) -> Option<Arc<Session>> {
         self.shard(client_id)
@@ -460,6 +469,7 @@ impl SessionStore {
             .clone()
     }
 
+    /// Every session, for shutdown, housekeeping and rebalancing.
     pub fn all(&self) -> Vec<Arc<Session>> {
         self.shards
             .iter()

@@ -290,7 +290,7 @@ class Kafka:
 class Broker:
     """The real ringmq-broker binary on loopback ports chosen by the OS."""
 
-    def __init__(self, tmp: Path, kafka_yaml: str, extra: str = ""):
+    def __init__(self, tmp: Path, kafka_yaml: str, extra: str = "", node="n1", top=""):
         binary = broker_binary()
         if not binary.exists():
             pytest.fail(f"broker binary not built: {binary} (run cargo build first)")
@@ -301,8 +301,7 @@ class Broker:
             "  ws: null\n"
             '  admin: "127.0.0.1:0"\n'
             "workers: 2\n"
-            "node_id: n1\n"
-            "kafka:\n" + kafka_yaml + extra
+            f"node_id: {node}\n" + top + "kafka:\n" + kafka_yaml + extra
         )
         self.log_path = tmp / "broker.log"
         self.log = open(self.log_path, "w")
@@ -310,6 +309,7 @@ class Broker:
         try:
             self.port = wait_for("MQTT listener", lambda: self._port("mqtt-tcp"), timeout=20)
             self.admin = wait_for("admin listener", lambda: self._port("admin"), timeout=20)
+            self.cluster = self._port("cluster")
             wait_for("readiness", self._ready, timeout=20)
         except BaseException:
             self.stop()
@@ -360,6 +360,38 @@ def kafka_yaml(kafka: Kafka, parents="[{name: sensors}, {name: orders, kind: ord
         '    reconnect.backoff.max.ms: "500"\n'
         '    topic.metadata.refresh.interval.ms: "1000"\n' + extra
     )
+
+
+def ring_hash(b: bytes) -> int:
+    """The broker's ring hash (broker/src/ring.rs): FNV-1a 64, splitmix64 finaliser."""
+    m = (1 << 64) - 1
+    h = 0xCBF29CE484222325
+    for c in b:
+        h ^= c
+        h = (h * 0x100000001B3) & m
+    h ^= h >> 30
+    h = (h * 0xBF58476D1CE4E5B9) & m
+    h ^= h >> 27
+    h = (h * 0x94D049BB133111EB) & m
+    return h ^ (h >> 31)
+
+
+def ring_owner(nodes, key: str) -> str:
+    """The node the broker's ring gives `key` to (128 points per node)."""
+    points = sorted((ring_hash(f"{n}#{i}".encode()), n) for n in nodes for i in range(128))
+    h = ring_hash(key.encode())
+    for p, n in points:
+        if p >= h:
+            return n
+    return points[0][1]
+
+
+def owned_by(node, nodes, prefix):
+    """A Client ID whose session lives on `node`."""
+    i = 0
+    while ring_owner(nodes, f"{prefix}-{i}") != node:
+        i += 1
+    return f"{prefix}-{i}"
 
 
 def records_json(records):

@@ -15,7 +15,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 import pytest
 
-from harness import WAIT, Broker, Kafka, kafka_yaml, records_json, wait_for
+from harness import WAIT, Broker, Kafka, kafka_yaml, owned_by, records_json, wait_for
 from mqttclient import Client
 
 V3, V5 = mqtt.MQTTv311, mqtt.MQTTv5
@@ -425,3 +425,65 @@ def test_kafka_credentials_from_files(tmp_path, security):
                 broker.stop()
     finally:
         kafka.stop()
+
+
+def test_downlink_in_a_cluster_reaches_each_subscriber_once(tmp_path, kafka):
+    """K4 with several nodes: each node reads every mq2mqtt record with its
+    own consumer group and delivers it to the sessions it holds, so a
+    subscriber gets a record once whichever node its client came through; a
+    shared group gets it once (one node is designated for the group); P2P
+    once, from the target's owner."""
+    secret = tmp_path / "cluster-secret"
+    secret.write_text("kafka-cluster-test-secret")
+    nodes = []
+    try:
+        for name in ("n1", "n2"):
+            d = tmp_path / name
+            d.mkdir()
+            peers = ", ".join(f'"127.0.0.1:{n.cluster}"' for n in nodes)
+            top = (
+                "cluster:\n"
+                '  listen: "127.0.0.1:0"\n'
+                f"  peers: [{peers}]\n"
+                f"  secret_file: {secret}\n"
+                "  heartbeat_ms: 100\n"
+                "  failure_timeout_ms: 1000\n"
+            )
+            nodes.append(Broker(d, kafka_yaml(kafka), node=name, top=top))
+        wait_for("a ring of two", lambda: all(n.metric("ringmq_cluster_nodes") == 2 for n in nodes), timeout=20)
+        names = ["n1", "n2"]
+        # One subscriber's session on each node (they connect through the other).
+        subs = [
+            Client(nodes[1 - i].port, V5, client_id=owned_by(name, names, "GID_ctest@@@sub"))
+            for i, name in enumerate(names)
+        ]
+        members = [Client(n.port, V3, client_id=f"GID_ctest@@@worker-{i}") for i, n in enumerate(nodes)]
+        for s in subs:
+            s.subscribe("cmd/#", 1)
+        for m in members:
+            m.subscribe("$share/workers/jobs/#", 1)
+        target = Client(nodes[1].port, V5, client_id="GID_ctest@@@target")
+        # Both nodes' consumers must be positioned before the records.
+        for i, s in enumerate(subs):
+            downlink_ready(kafka, None, s, topic=f"warm/{i}")
+        for n in range(10):
+            kafka.send("mq2mqtt", f"cmd {n}".encode(), headers=[("mqttTopic", f"cmd/{n}")])
+            kafka.send("mq2mqtt", f"job {n}".encode(), headers=[("mqttTopic", f"jobs/{n}")])
+        kafka.send("mq2mqtt", b"only you", headers=[("mqttTopic", "app/p2p/GID_ctest@@@target")])
+        for s in subs:
+            got = sorted(s.message().payload for _ in range(10))
+            assert got == sorted(f"cmd {n}".encode() for n in range(10))
+            s.nothing()
+        jobs = []
+        for m in members:
+            while True:
+                try:
+                    jobs.append(m.messages.get(timeout=1.5).payload)
+                except Exception:
+                    break
+        assert sorted(jobs) == sorted(f"job {n}".encode() for n in range(10)), jobs
+        assert target.message().payload == b"only you"
+        target.nothing()
+    finally:
+        for n in nodes:
+            n.stop()

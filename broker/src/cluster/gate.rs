@@ -15,7 +15,7 @@ use ntex::codec::{BytesCodec, Decoder};
 use ntex::io::IoBoxed;
 use ntex::util::{BytesMut, Either};
 
-use super::link::{self, FrameCodec};
+use super::link;
 use super::wire::Frame;
 use crate::broker::Broker;
 
@@ -142,15 +142,28 @@ pub async fn serve(io: IoBoxed, broker: Arc<Broker>, mqtt: &Mqtt) {
     let codec = PeekConnect {
         max_size: broker.config.limits.max_packet_size as usize,
     };
-    let peek = loop {
-        match io.decode(&codec) {
-            Ok(Some(p)) => break p,
-            Ok(None) => match io.read_more().await {
-                Ok(Some(())) => {}
-                // Closed before a CONNECT arrived.
-                _ => return,
-            },
-            Err(e) => match e {},
+    let read = async {
+        loop {
+            match io.decode(&codec) {
+                Ok(Some(p)) => return Some(p),
+                Ok(None) => match io.read_more().await {
+                    Ok(Some(())) => {}
+                    // Closed before a CONNECT arrived.
+                    _ => return None,
+                },
+                Err(e) => match e {},
+            }
+        }
+    };
+    // The same deadline ntex-mqtt gives a CONNECT.
+    let timeout = std::time::Duration::from_secs(broker.config.limits.connect_timeout_secs.into());
+    let peek = match ntex::util::select(std::pin::pin!(read), ntex::time::sleep(timeout)).await {
+        Either::Left(Some(p)) => p,
+        Either::Left(None) => return,
+        Either::Right(()) => {
+            broker.metrics.reject("connect_timeout");
+            io.close();
+            return;
         }
     };
     let owner = match &peek {
@@ -158,13 +171,7 @@ pub async fn serve(io: IoBoxed, broker: Arc<Broker>, mqtt: &Mqtt) {
         _ => cluster.node.clone(),
     };
     if cluster.is_local(&owner) {
-        // A node that just joined serves its sessions once the others have
-        // handed them over (bounded by the failure timeout).
-        let deadline = std::time::Instant::now()
-            + std::time::Duration::from_millis(cluster.config.failure_timeout_ms);
-        while !cluster.is_settled() && std::time::Instant::now() < deadline {
-            ntex::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        wait_settled(&cluster).await;
         let _ = mqtt.call(io).await;
         return;
     }
@@ -195,7 +202,7 @@ async fn forward(
     let proxy = Frame::Proxy {
         client_ip: client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
     };
-    up.send(proxy, &FrameCodec)
+    up.send(proxy, &link::LINK)
         .await
         .map_err(|e| super::ClusterError::Link(format!("{e:?}")))?;
     let to_owner = pipe(client, &up);
@@ -218,8 +225,21 @@ async fn pipe(from: &IoBoxed, to: &IoBoxed) {
     }
 }
 
+/// A node that just joined serves its sessions once the others have handed
+/// them over (bounded by the failure timeout).
+async fn wait_settled(cluster: &super::Cluster) {
+    let deadline = std::time::Instant::now()
+        + std::time::Duration::from_millis(cluster.config.failure_timeout_ms);
+    while !cluster.is_settled() && std::time::Instant::now() < deadline {
+        ntex::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// The owner's side: a client another node forwarded, served like a local one.
 pub async fn serve_forwarded(io: IoBoxed, broker: &Broker, client_ip: Option<IpAddr>, mqtt: &Mqtt) {
+    if let Some(c) = &broker.cluster {
+        wait_settled(c).await;
+    }
     let key = (std::thread::current().id(), io.id());
     if let Some(ip) = client_ip {
         broker.forwarded_peers.insert(key, ip);

@@ -20,16 +20,23 @@ use super::wire::{self, Frame, WireError};
 use super::{Cluster, ClusterError, Result};
 use crate::broker::Broker;
 
-/// Frames on an ntex I/O stream.
+/// Frames on an ntex I/O stream, up to `max` bytes each.
 #[derive(Debug, Clone, Copy)]
-pub struct FrameCodec;
+pub struct FrameCodec {
+    pub max: usize,
+}
+
+/// The codec of authenticated links.
+pub const LINK: FrameCodec = FrameCodec {
+    max: wire::MAX_FRAME,
+};
 
 impl Decoder for FrameCodec {
     type Item = Frame;
     type Error = WireError;
 
     fn decode(&self, src: &mut BytesMut) -> std::result::Result<Option<Frame>, WireError> {
-        Frame::decode(src)
+        Frame::decode_limited(src, self.max)
     }
 }
 
@@ -54,7 +61,7 @@ fn link_err(e: impl std::fmt::Debug) -> ClusterError {
 }
 
 async fn recv(io: &IoBoxed) -> Result<Frame> {
-    match io.recv(&FrameCodec).await {
+    match io.recv(&LINK).await {
         Ok(Some(f)) => Ok(f),
         Ok(None) => Err(ClusterError::Link("closed".into())),
         Err(Either::Left(e)) => Err(ClusterError::Link(e.to_string())),
@@ -63,20 +70,61 @@ async fn recv(io: &IoBoxed) -> Result<Frame> {
 }
 
 async fn send(io: &IoBoxed, frame: Frame) -> Result<()> {
-    io.send(frame, &FrameCodec).await.map_err(link_err)
+    io.send(frame, &LINK).await.map_err(link_err)
 }
 
-fn mac(secret: &[u8], nonce: &[u8; 16], node: &str) -> hmac::Tag {
-    let key = hmac::Key::new(hmac::HMAC_SHA256, secret);
-    let mut ctx = hmac::Context::with_key(&key);
-    ctx.update(b"ringmq-cluster-v1\0");
-    ctx.update(nonce);
-    ctx.update(node.as_bytes());
-    ctx.sign()
+/// Which end of a connection a node is: the proof of each end covers its
+/// role, so that a proof one end gave can never be replayed as the other's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Dialer,
+    Acceptor,
 }
 
-/// Both sides: Hello, then Auth. Returns the peer's name and address.
-pub async fn handshake(io: &IoBoxed, cluster: &Cluster) -> Result<(Arc<str>, String)> {
+/// The message a node signs: the protocol, its role, both names and both
+/// nonces (its own last), so a proof binds one connection and one direction.
+fn proof_input(
+    role: Role,
+    me: &str,
+    peer: &str,
+    my_nonce: &[u8; 16],
+    peer_nonce: &[u8; 16],
+) -> Vec<u8> {
+    let mut m = Vec::with_capacity(64 + me.len() + peer.len());
+    m.extend_from_slice(b"ringmq-cluster-v1\0");
+    m.push(match role {
+        Role::Dialer => b'D',
+        Role::Acceptor => b'A',
+    });
+    for name in [me, peer] {
+        m.extend_from_slice(&u16::try_from(name.len()).unwrap_or(u16::MAX).to_be_bytes());
+        m.extend_from_slice(name.as_bytes());
+    }
+    m.extend_from_slice(peer_nonce);
+    m.extend_from_slice(my_nonce);
+    m
+}
+
+/// Both sides: Hello, then Auth. Returns the peer's name and address. Every
+/// read has a deadline, so a silent connection cannot stay open.
+pub async fn handshake(io: &IoBoxed, cluster: &Cluster, role: Role) -> Result<(Arc<str>, String)> {
+    let deadline = Duration::from_secs(10);
+    match ntex::util::select(
+        std::pin::pin!(handshake_inner(io, cluster, role)),
+        ntex::time::sleep(deadline),
+    )
+    .await
+    {
+        Either::Left(r) => r,
+        Either::Right(()) => Err(ClusterError::Link("handshake timed out".into())),
+    }
+}
+
+async fn handshake_inner(
+    io: &IoBoxed,
+    cluster: &Cluster,
+    role: Role,
+) -> Result<(Arc<str>, String)> {
     let mut nonce = [0u8; 16];
     SystemRandom::new()
         .fill(&mut nonce)
@@ -96,7 +144,7 @@ pub async fn handshake(io: &IoBoxed, cluster: &Cluster) -> Result<(Arc<str>, Str
         node: peer,
         addr: peer_addr,
         nonce: peer_nonce,
-    } = recv(io).await?
+    } = recv_small(io).await?
     else {
         return Err(ClusterError::Link("expected Hello".into()));
     };
@@ -107,22 +155,45 @@ pub async fn handshake(io: &IoBoxed, cluster: &Cluster) -> Result<(Arc<str>, Str
         )));
     }
     let secret = cluster.secret().get();
-    let ours = mac(&secret, &peer_nonce, &cluster.node);
+    let key = hmac::Key::new(hmac::HMAC_SHA256, &secret);
+    let ours = hmac::sign(
+        &key,
+        &proof_input(role, &cluster.node, &peer, &nonce, &peer_nonce),
+    );
     let mut tag = [0u8; 32];
     tag.copy_from_slice(ours.as_ref());
     send(io, Frame::Auth { mac: tag }).await?;
-    let Frame::Auth { mac: theirs } = recv(io).await? else {
+    let Frame::Auth { mac: theirs } = recv_small(io).await? else {
         return Err(ClusterError::Link("expected Auth".into()));
     };
-    let key = hmac::Key::new(hmac::HMAC_SHA256, &secret);
-    let mut msg = Vec::with_capacity(18 + 16 + peer.len());
-    msg.extend_from_slice(b"ringmq-cluster-v1\0");
-    msg.extend_from_slice(&nonce);
-    msg.extend_from_slice(peer.as_bytes());
-    hmac::verify(&key, &msg, &theirs)
+    let their_role = match role {
+        Role::Dialer => Role::Acceptor,
+        Role::Acceptor => Role::Dialer,
+    };
+    let expected = proof_input(their_role, &peer, &cluster.node, &peer_nonce, &nonce);
+    hmac::verify(&key, &expected, &theirs)
         .map_err(|_| ClusterError::Link(format!("{peer} does not know the cluster secret")))?;
     Ok((Arc::from(peer), peer_addr))
 }
+
+/// A handshake frame: small, and read before the peer proved anything, so
+/// the frame size limit is that of a handshake.
+async fn recv_small(io: &IoBoxed) -> Result<Frame> {
+    match io
+        .recv(&FrameCodec {
+            max: HANDSHAKE_FRAME,
+        })
+        .await
+    {
+        Ok(Some(f)) => Ok(f),
+        Ok(None) => Err(ClusterError::Link("closed".into())),
+        Err(Either::Left(e)) => Err(ClusterError::Link(e.to_string())),
+        Err(Either::Right(e)) => Err(ClusterError::Link(e.to_string())),
+    }
+}
+
+/// Largest frame read before authentication.
+const HANDSHAKE_FRAME: usize = 4096;
 
 /// Dials a peer address, runs the link while it is up, and dials again
 /// when it drops, until this node stops or finds the address is its own.
@@ -131,6 +202,8 @@ pub async fn outbound(cluster: Arc<Cluster>, broker: Arc<Broker>, addr: String) 
         return;
     }
     let (tx, mut rx) = mpsc::channel::<Frame>(cluster.config.link_queue);
+    // Control frames are few and must not be lost: their queue is unbounded.
+    let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<Frame>();
     let heartbeat = Duration::from_millis(cluster.config.heartbeat_ms);
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -143,12 +216,15 @@ pub async fn outbound(cluster: Arc<Cluster>, broker: Arc<Broker>, addr: String) 
             }
             Ok((io, peer)) => {
                 backoff = Duration::from_millis(100);
+                // What queued up while the link was down is in the snapshot
+                // that `greet` sends.
+                while ctl_rx.try_recv().is_ok() {}
                 if let Err(e) = greet(&io, &cluster, &broker).await {
                     tracing::info!(peer = %peer, error = %e, "cluster link lost");
                     continue;
                 }
-                cluster.link_up(&peer, &addr, tx.clone());
-                let result = pump(&io, &cluster, &mut rx, heartbeat).await;
+                cluster.link_up(&peer, &addr, tx.clone(), ctl_tx.clone());
+                let result = pump(&io, &cluster, &mut ctl_rx, &mut rx, heartbeat).await;
                 if cluster.link_down(&peer, &addr) {
                     broker.peer_gone(&peer);
                 }
@@ -177,7 +253,7 @@ pub async fn dial(cluster: &Cluster, addr: &str) -> Result<(IoBoxed, Arc<str>)> 
         Either::Left(Err(e)) => return Err(link_err(e)),
         Either::Right(()) => return Err(ClusterError::Link("connect timed out".into())),
     };
-    let (peer, _) = handshake(&io, cluster).await?;
+    let (peer, _) = handshake(&io, cluster, Role::Dialer).await?;
     Ok((io, peer))
 }
 
@@ -220,28 +296,53 @@ async fn greet(io: &IoBoxed, cluster: &Cluster, broker: &Broker) -> Result<()> {
 async fn pump(
     io: &IoBoxed,
     cluster: &Cluster,
+    ctl: &mut mpsc::UnboundedReceiver<Frame>,
     rx: &mut mpsc::Receiver<Frame>,
     heartbeat: Duration,
 ) -> Result<()> {
+    // Heartbeats go out on a fixed schedule, however busy the link is: the
+    // peer counts only heartbeats as signs of life.
+    let mut next_beat = std::time::Instant::now();
     loop {
-        let frame = {
-            let next = std::pin::pin!(rx.recv());
-            match ntex::util::select(next, ntex::time::sleep(heartbeat)).await {
-                Either::Left(Some(f)) => f,
-                Either::Left(None) => return Ok(()),
-                Either::Right(()) => Frame::Heartbeat {
-                    leaving: cluster.is_leaving(),
-                },
+        let now = std::time::Instant::now();
+        if now >= next_beat {
+            let beat = Frame::Heartbeat {
+                leaving: cluster.is_leaving(),
+            };
+            io.encode(beat, &LINK).map_err(link_err)?;
+            next_beat = now + heartbeat;
+        }
+        // Control frames (routes, revocations, retained) first, then data.
+        while let Ok(f) = ctl.try_recv() {
+            io.encode(f, &LINK).map_err(link_err)?;
+        }
+        let mut batch = 0;
+        while batch < 256 {
+            match rx.try_recv() {
+                Ok(f) => {
+                    io.encode(f, &LINK).map_err(link_err)?;
+                    batch += 1;
+                }
+                Err(_) => break,
             }
-        };
-        io.encode(frame, &FrameCodec).map_err(link_err)?;
-        // Batch what is already queued before waiting for the socket.
-        while let Ok(f) = rx.try_recv() {
-            io.encode(f, &FrameCodec).map_err(link_err)?;
         }
         io.flush(false).await.map_err(link_err)?;
         if io.is_closed() {
             return Err(ClusterError::Link("closed".into()));
+        }
+        if batch == 256 {
+            continue;
+        }
+        let wait = next_beat.saturating_duration_since(std::time::Instant::now());
+        let ctl_next = std::pin::pin!(ctl.recv());
+        let data_next = std::pin::pin!(rx.recv());
+        let next = ntex::util::select(ctl_next, data_next);
+        match ntex::util::select(next, ntex::time::sleep(wait)).await {
+            Either::Left(Either::Left(Some(f)) | Either::Right(Some(f))) => {
+                io.encode(f, &LINK).map_err(link_err)?;
+            }
+            Either::Left(Either::Left(None) | Either::Right(None)) => return Ok(()),
+            Either::Right(()) => {}
         }
     }
 }
@@ -253,7 +354,12 @@ pub async fn inbound(
     broker: Arc<Broker>,
     mqtt: &super::gate::Mqtt,
 ) {
-    let peer = match handshake(&io, &cluster).await {
+    let peer = match handshake(&io, &cluster, Role::Acceptor).await {
+        // This node dialled its own address (it is in its peer list).
+        Ok((peer, _)) if cluster.is_local(&peer) => {
+            io.close();
+            return;
+        }
         Ok((peer, addr)) => {
             // A node this one does not dial yet (not in its peer list): dial
             // back, so that both directions of the pair exist.

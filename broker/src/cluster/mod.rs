@@ -52,8 +52,10 @@ pub type Result<T> = std::result::Result<T, ClusterError>;
 struct Peer {
     /// The address this node dials it at.
     addr: String,
-    /// Frames for the peer; the link task writes them.
+    /// Data frames for the peer (bounded); the link task writes them.
     tx: mpsc::Sender<Frame>,
+    /// Control frames for the peer (never dropped).
+    ctl: mpsc::UnboundedSender<Frame>,
     last_seen: Instant,
     leaving: bool,
 }
@@ -167,13 +169,20 @@ impl Cluster {
     }
 
     /// A link to `node` came up (called by its link task).
-    fn link_up(&self, node: &Arc<str>, addr: &str, tx: mpsc::Sender<Frame>) {
+    fn link_up(
+        &self,
+        node: &Arc<str>,
+        addr: &str,
+        tx: mpsc::Sender<Frame>,
+        ctl: mpsc::UnboundedSender<Frame>,
+    ) {
         if let Ok(mut peers) = self.peers.write() {
             peers.insert(
                 node.clone(),
                 Peer {
                     addr: addr.to_owned(),
                     tx,
+                    ctl,
                     last_seen: Instant::now(),
                     leaving: false,
                 },
@@ -283,8 +292,20 @@ impl Cluster {
     /// Tells every peer that this node has handed over the sessions of its
     /// current ring.
     pub fn announce_settled(&self) {
-        let members = self.ring().nodes().iter().map(|n| n.to_string()).collect();
-        self.broadcast(&Frame::Settled { members });
+        let members: Vec<String> = self.ring().nodes().iter().map(|n| n.to_string()).collect();
+        // On the data queues, behind the `Session` frames it vouches for.
+        let senders: Vec<mpsc::Sender<Frame>> = match self.peers.read() {
+            Ok(peers) => peers.values().map(|p| p.tx.clone()).collect(),
+            Err(_) => Vec::new(),
+        };
+        for tx in senders {
+            let frame = Frame::Settled {
+                members: members.clone(),
+            };
+            ntex::rt::spawn(async move {
+                let _ = tx.send(frame).await;
+            });
+        }
     }
 
     /// Members other than this node, by name.
@@ -297,7 +318,8 @@ impl Cluster {
             .collect()
     }
 
-    /// Starts leaving: off the ring here, and told to every peer.
+    /// Starts leaving: off the ring here, and told to every peer (the next
+    /// heartbeat says so too).
     pub fn leave(&self) {
         self.leaving
             .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -333,38 +355,36 @@ impl Cluster {
         )
     }
 
-    /// Sends a frame to every peer with a link.
+    /// Sends a control frame to every peer with a link; it is never
+    /// dropped while the link is up, and what a link down misses, the next
+    /// link's greeting carries.
     pub fn broadcast(&self, frame: &Frame) {
-        let senders: Vec<mpsc::Sender<Frame>> = match self.peers.read() {
-            Ok(peers) => peers.values().map(|p| p.tx.clone()).collect(),
-            Err(_) => Vec::new(),
-        };
-        for tx in senders {
-            let _ = tx.try_send(frame.clone());
+        if let Ok(peers) = self.peers.read() {
+            for p in peers.values() {
+                let _ = p.ctl.send(frame.clone());
+            }
         }
     }
 
     /// A session of this node subscribed to `raw` (a filter or `$share/…`).
     pub fn filter_added(&self, raw: &str) {
-        let first = match self.local_filters.lock() {
-            Ok(mut f) => {
-                let n = f.entry(raw.to_owned()).or_insert(0);
-                *n += 1;
-                *n == 1
+        // The frame is queued under the lock, so adds and removes of one
+        // filter reach the peers in the order they happened.
+        if let Ok(mut f) = self.local_filters.lock() {
+            let n = f.entry(raw.to_owned()).or_insert(0);
+            *n += 1;
+            if *n == 1 {
+                self.broadcast(&Frame::RouteAdd {
+                    filter: raw.to_owned(),
+                });
             }
-            Err(_) => false,
-        };
-        if first {
-            self.broadcast(&Frame::RouteAdd {
-                filter: raw.to_owned(),
-            });
         }
     }
 
     /// A session of this node dropped its subscription to `raw`.
     pub fn filter_removed(&self, raw: &str) {
-        let last = match self.local_filters.lock() {
-            Ok(mut f) => match f.get_mut(raw) {
+        if let Ok(mut f) = self.local_filters.lock() {
+            let last = match f.get_mut(raw) {
                 Some(n) if *n > 1 => {
                     *n -= 1;
                     false
@@ -374,13 +394,12 @@ impl Cluster {
                     true
                 }
                 None => false,
-            },
-            Err(_) => false,
-        };
-        if last {
-            self.broadcast(&Frame::RouteDel {
-                filter: raw.to_owned(),
-            });
+            };
+            if last {
+                self.broadcast(&Frame::RouteDel {
+                    filter: raw.to_owned(),
+                });
+            }
         }
     }
 

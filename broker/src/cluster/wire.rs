@@ -10,7 +10,9 @@
 //! the peer's nonce and the sender's name): a node without the secret cannot
 //! join. A node refuses a `Hello` with a version it does not speak. The
 //! decoder is fuzzed (`fuzz/fuzz_targets/wire.rs`): any input gives a frame or
-//! an error, never a panic, and never allocates more than the frame's length.
+//! an error, never a panic; it reserves memory only in small steps, so what
+//! it allocates follows what arrives. Before authentication a frame may be
+//! at most 4 KiB.
 
 use ntex::util::{Buf, BufMut, ByteString, Bytes, BytesMut};
 
@@ -277,11 +279,16 @@ impl Frame {
 
     /// Takes one frame off the front of `buf`; `Ok(None)` until it is whole.
     pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>> {
+        Self::decode_limited(buf, MAX_FRAME)
+    }
+
+    /// `decode` with a smaller frame limit (the handshake's).
+    pub fn decode_limited(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>> {
         if buf.len() < 4 {
             return Ok(None);
         }
         let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-        if len > MAX_FRAME {
+        if len > max.min(MAX_FRAME) {
             return Err(WireError::TooLarge(len));
         }
         if len == 0 {
@@ -340,7 +347,7 @@ fn decode_body(b: &mut Bytes) -> Result<Frame> {
             if n > b.len() / 2 {
                 return Err(WireError::Truncated);
             }
-            let mut filters = Vec::with_capacity(n);
+            let mut filters = Vec::with_capacity(n.min(1024));
             for _ in 0..n {
                 filters.push(get_str(b)?.to_string());
             }
@@ -355,7 +362,7 @@ fn decode_body(b: &mut Bytes) -> Result<Frame> {
         PUBLISH => {
             let msg = get_msg(b)?;
             let n = usize::from(get_u16(b)?);
-            let mut groups = Vec::with_capacity(n.min(b.len() / 2));
+            let mut groups = Vec::with_capacity(n.min(64));
             for _ in 0..n {
                 groups.push(get_str(b)?.to_string());
             }
@@ -462,12 +469,12 @@ fn put_deliveries(out: &mut BytesMut, ds: &[WireDelivery]) {
 
 fn get_deliveries(b: &mut Bytes) -> Result<Vec<WireDelivery>> {
     let n = get_u32(b)? as usize;
-    let mut out = Vec::with_capacity(n.min(b.len() / 16));
+    let mut out = Vec::with_capacity(n.min(64));
     for _ in 0..n {
         let msg = get_msg(b)?;
         let flags = get_u8(b)?;
         let k = usize::from(get_u16(b)?);
-        let mut sub_ids = Vec::with_capacity(k.min(b.len() / 4));
+        let mut sub_ids = Vec::with_capacity(k.min(8));
         for _ in 0..k {
             sub_ids.push(get_u32(b)?);
         }
@@ -505,7 +512,7 @@ fn get_session(b: &mut Bytes) -> Result<WireSession> {
     let expiry_ms = get_u64(b)?;
     let ordered = get_u8(b)? != 0;
     let n = get_u32(b)? as usize;
-    let mut subscriptions = Vec::with_capacity(n.min(b.len() / 7));
+    let mut subscriptions = Vec::with_capacity(n.min(64));
     for _ in 0..n {
         let filter = get_str(b)?.to_string();
         let flags = get_u8(b)?;
@@ -562,7 +569,7 @@ fn get_str(b: &mut Bytes) -> Result<ByteString> {
 
 fn get_strs(b: &mut Bytes) -> Result<Vec<String>> {
     let n = usize::from(get_u16(b)?);
-    let mut out = Vec::with_capacity(n.min(b.len() / 2));
+    let mut out = Vec::with_capacity(n.min(64));
     for _ in 0..n {
         out.push(get_str(b)?.to_string());
     }
@@ -594,7 +601,7 @@ fn get_msg(b: &mut Bytes) -> Result<WireMessage> {
         None
     };
     let n = usize::from(get_u16(b)?);
-    let mut user = Vec::with_capacity(n.min(b.len() / 4));
+    let mut user = Vec::with_capacity(n.min(16));
     for _ in 0..n {
         user.push((get_str(b)?, get_str(b)?));
     }

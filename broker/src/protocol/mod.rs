@@ -61,6 +61,7 @@ impl Error {
                 "storage_buffer_full"
             }
             Error::Publish(PublishError::Storage(_)) => "storage_unavailable",
+            Error::Publish(PublishError::Cluster) => "cluster_unavailable",
             Error::Sys(SysError::RateLimited(_)) => "offline_pull_rate",
             Error::Sys(SysError::Malformed(_)) => "sys_request_malformed",
             Error::Payload(_) => "payload",
