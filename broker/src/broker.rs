@@ -343,22 +343,34 @@ impl Broker {
     }
 
     /// A message another node forwarded: delivered to this node's sessions
-    /// (and to the shared groups the sender chose this node for).
-    pub fn publish_forwarded(&self, w: WireMessage, groups: &[String]) {
+    /// (and to the shared groups the sender chose this node for). Returns
+    /// the sessions that went over their queue limit: the link waits for
+    /// them before it reads on, which holds the sender (and, through its
+    /// link queue, the publisher's PUBACK) — backpressure across nodes.
+    pub fn publish_forwarded(&self, w: WireMessage, groups: &[String]) -> Vec<Arc<Session>> {
         let msg = Arc::new(cluster::from_wire(w, self.ids.next()));
         let keep = KeepOffline::Publisher { persistent: true };
         let mut forwards = Vec::new();
+        let mut over = Vec::new();
         self.route(
             &msg,
             keep,
             Scope::Local { groups },
-            &mut Vec::new(),
+            &mut over,
             &mut forwards,
         );
+        // Only sessions that just moved produce forwards here.
+        self.forward_now(forwards);
+        over
     }
 
     /// A P2P message another node forwarded to the owner of its target.
-    pub fn deliver_direct(&self, client_id: &str, persistent: bool, w: WireMessage) {
+    pub fn deliver_direct(
+        &self,
+        client_id: &str,
+        persistent: bool,
+        w: WireMessage,
+    ) -> Vec<Arc<Session>> {
         if self.sessions.get(client_id).is_none()
             && let Some(owner) = self.moved_to(client_id)
         {
@@ -369,10 +381,12 @@ impl Broker {
                 msg: w,
             };
             self.forward_now(vec![(owner, frame)]);
-            return;
+            return Vec::new();
         }
         let msg = Arc::new(cluster::from_wire(w, self.ids.next()));
-        self.publish_p2p(&msg, client_id, persistent, &mut Vec::new());
+        let mut over = Vec::new();
+        self.publish_p2p(&msg, client_id, persistent, &mut over);
+        over
     }
 
     /// A retained message another node stored.
@@ -659,7 +673,7 @@ impl Broker {
 
     /// Backpressure: holds the publisher's acknowledgement until the session's
     /// live queue is back within its limit, or `queue_full_wait_ms` passed.
-    async fn wait_for_room(&self, session: &Session) {
+    pub async fn wait_for_room(&self, session: &Session) {
         let deadline =
             Instant::now() + Duration::from_millis(self.config.limits.queue_full_wait_ms);
         loop {

@@ -205,22 +205,43 @@ async fn forward(
     up.send(proxy, &link::LINK)
         .await
         .map_err(|e| super::ClusterError::Link(format!("{e:?}")))?;
-    let to_owner = pipe(client, &up);
-    let to_client = pipe(&up, client);
-    let _ = ntex::util::select(std::pin::pin!(to_owner), std::pin::pin!(to_client)).await;
+    let mut to_owner = std::pin::pin!(pipe(client, &up));
+    let mut to_client = std::pin::pin!(pipe(&up, client));
+    if let Either::Left(PipeEnd::SinkFailed) =
+        ntex::util::select(to_owner.as_mut(), to_client.as_mut()).await
+    {
+        // The owner closed while its last bytes (a notice, a DISCONNECT)
+        // may still be on their way to the client: let them through.
+        let _ = ntex::util::select(
+            to_client.as_mut(),
+            ntex::time::sleep(std::time::Duration::from_secs(1)),
+        )
+        .await;
+    }
     up.close();
     Ok(())
 }
 
-async fn pipe(from: &IoBoxed, to: &IoBoxed) {
+/// Why a pipe stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PipeEnd {
+    /// Its source closed.
+    SourceClosed,
+    /// Writing to its sink failed.
+    SinkFailed,
+}
+
+async fn pipe(from: &IoBoxed, to: &IoBoxed) -> PipeEnd {
     loop {
         match from.recv(&BytesCodec).await {
             Ok(Some(bytes)) => {
                 if to.send(bytes, &BytesCodec).await.is_err() {
-                    return;
+                    return PipeEnd::SinkFailed;
                 }
             }
-            Ok(None) | Err(Either::Left(_)) | Err(Either::Right(_)) => return,
+            Ok(None) | Err(Either::Left(_)) | Err(Either::Right(_)) => {
+                return PipeEnd::SourceClosed;
+            }
         }
     }
 }

@@ -201,7 +201,7 @@ pub async fn outbound(cluster: Arc<Cluster>, broker: Arc<Broker>, addr: String) 
     if !cluster.start_dialing(&addr) {
         return;
     }
-    let (tx, mut rx) = mpsc::channel::<Frame>(cluster.config.link_queue);
+    let (tx, mut rx) = super::DataQueue::new();
     // Control frames are few and must not be lost: their queue is unbounded.
     let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<Frame>();
     let heartbeat = Duration::from_millis(cluster.config.heartbeat_ms);
@@ -297,7 +297,7 @@ async fn pump(
     io: &IoBoxed,
     cluster: &Cluster,
     ctl: &mut mpsc::UnboundedReceiver<Frame>,
-    rx: &mut mpsc::Receiver<Frame>,
+    rx: &mut super::DataReceiver,
     heartbeat: Duration,
 ) -> Result<()> {
     // Heartbeats go out on a fixed schedule, however busy the link is: the
@@ -319,11 +319,11 @@ async fn pump(
         let mut batch = 0;
         while batch < 256 {
             match rx.try_recv() {
-                Ok(f) => {
+                Some(f) => {
                     io.encode(f, &LINK).map_err(link_err)?;
                     batch += 1;
                 }
-                Err(_) => break,
+                None => break,
             }
         }
         io.flush(false).await.map_err(link_err)?;
@@ -386,7 +386,9 @@ pub async fn inbound(
     }
     let mut frame = first;
     loop {
-        apply(&cluster, &broker, &peer, frame);
+        for session in apply(&cluster, &broker, &peer, frame) {
+            broker.wait_for_room(&session).await;
+        }
         frame = match recv(&io).await {
             Ok(f) => f,
             Err(e) => {
@@ -397,8 +399,14 @@ pub async fn inbound(
     }
 }
 
-/// Applies one frame from `peer`.
-fn apply(cluster: &Arc<Cluster>, broker: &Arc<Broker>, peer: &Arc<str>, frame: Frame) {
+/// Applies one frame from `peer`; returns the sessions whose queues went
+/// over their limit, for the link to wait on.
+fn apply(
+    cluster: &Arc<Cluster>,
+    broker: &Arc<Broker>,
+    peer: &Arc<str>,
+    frame: Frame,
+) -> Vec<Arc<crate::session::Session>> {
     match frame {
         Frame::Heartbeat { leaving } => cluster.heard(peer, leaving),
         Frame::Settled { members } => cluster.settled_from(peer, members),
@@ -420,16 +428,17 @@ fn apply(cluster: &Arc<Cluster>, broker: &Arc<Broker>, peer: &Arc<str>, frame: F
             let (add, del) = cluster.remote_routes(peer, &f);
             broker.remote_routes(peer, &add, &del);
         }
-        Frame::Publish { msg, groups } => broker.publish_forwarded(msg, &groups),
+        Frame::Publish { msg, groups } => return broker.publish_forwarded(msg, &groups),
         Frame::Direct {
             client_id,
             persistent,
             msg,
-        } => broker.deliver_direct(&client_id, persistent, msg),
+        } => return broker.deliver_direct(&client_id, persistent, msg),
         Frame::Retain { msg } => broker.retain_replica(msg),
         Frame::Session(ws) => broker.install_session(ws),
         Frame::Hello { .. } | Frame::Auth { .. } | Frame::Proxy { .. } => {
             tracing::warn!(peer = %peer, "unexpected cluster frame ignored");
         }
     }
+    Vec::new()
 }

@@ -47,13 +47,96 @@ pub enum ClusterError {
 
 pub type Result<T> = std::result::Result<T, ClusterError>;
 
+/// The data frames waiting for one peer, in order. Pushing never waits (so
+/// concurrent publishers cannot overtake each other); backpressure comes
+/// from `wait_below`, which publishers await after pushing.
+#[derive(Debug, Clone)]
+pub struct DataQueue {
+    tx: mpsc::UnboundedSender<Frame>,
+    len: Arc<std::sync::atomic::AtomicUsize>,
+    room: Arc<tokio::sync::Notify>,
+}
+
+impl DataQueue {
+    pub fn new() -> (Self, DataReceiver) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let q = Self {
+            tx,
+            len: Arc::default(),
+            room: Arc::default(),
+        };
+        let r = DataReceiver {
+            rx,
+            len: q.len.clone(),
+            room: q.room.clone(),
+        };
+        (q, r)
+    }
+
+    pub fn push(&self, frame: Frame) {
+        if self.tx.send(frame).is_ok() {
+            self.len.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Waits until fewer than `limit` frames wait, or `wait` passed.
+    async fn wait_below(&self, limit: usize, wait: Duration) {
+        let deadline = Instant::now() + wait;
+        loop {
+            let notified = self.room.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.len() < limit || left.is_zero() {
+                return;
+            }
+            let _ = ntex::util::select(notified, ntex::time::sleep(left)).await;
+        }
+    }
+}
+
+/// The link task's end of a `DataQueue`.
+#[derive(Debug)]
+pub struct DataReceiver {
+    rx: mpsc::UnboundedReceiver<Frame>,
+    len: Arc<std::sync::atomic::AtomicUsize>,
+    room: Arc<tokio::sync::Notify>,
+}
+
+impl DataReceiver {
+    fn took(&self) {
+        self.len.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.room.notify_waiters();
+    }
+
+    pub fn try_recv(&mut self) -> Option<Frame> {
+        let f = self.rx.try_recv().ok()?;
+        self.took();
+        Some(f)
+    }
+
+    pub async fn recv(&mut self) -> Option<Frame> {
+        let f = self.rx.recv().await?;
+        self.took();
+        Some(f)
+    }
+}
+
 /// What this node knows of one peer.
 #[derive(Debug)]
 struct Peer {
     /// The address this node dials it at.
     addr: String,
-    /// Data frames for the peer (bounded); the link task writes them.
-    tx: mpsc::Sender<Frame>,
+    /// Data frames for the peer; the link task writes them.
+    tx: DataQueue,
     /// Control frames for the peer (never dropped).
     ctl: mpsc::UnboundedSender<Frame>,
     last_seen: Instant,
@@ -173,7 +256,7 @@ impl Cluster {
         &self,
         node: &Arc<str>,
         addr: &str,
-        tx: mpsc::Sender<Frame>,
+        tx: DataQueue,
         ctl: mpsc::UnboundedSender<Frame>,
     ) {
         if let Ok(mut peers) = self.peers.write() {
@@ -294,17 +377,12 @@ impl Cluster {
     pub fn announce_settled(&self) {
         let members: Vec<String> = self.ring().nodes().iter().map(|n| n.to_string()).collect();
         // On the data queues, behind the `Session` frames it vouches for.
-        let senders: Vec<mpsc::Sender<Frame>> = match self.peers.read() {
-            Ok(peers) => peers.values().map(|p| p.tx.clone()).collect(),
-            Err(_) => Vec::new(),
-        };
-        for tx in senders {
-            let frame = Frame::Settled {
-                members: members.clone(),
-            };
-            ntex::rt::spawn(async move {
-                let _ = tx.send(frame).await;
-            });
+        if let Ok(peers) = self.peers.read() {
+            for p in peers.values() {
+                p.tx.push(Frame::Settled {
+                    members: members.clone(),
+                });
+            }
         }
     }
 
@@ -331,28 +409,33 @@ impl Cluster {
         self.leaving.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn sender(&self, node: &str) -> Option<mpsc::Sender<Frame>> {
+    fn queue(&self, node: &str) -> Option<DataQueue> {
         let peers = self.peers.read().ok()?;
         peers.get(node).map(|p| p.tx.clone())
     }
 
-    /// Queues a frame for `node` without waiting; false if its queue is full
-    /// or it is not a member.
+    /// Queues a frame for `node` unless its queue is over `link_queue`
+    /// (best effort: QoS 0, wills, notices); false if dropped.
     pub fn try_send(&self, node: &str, frame: Frame) -> bool {
-        self.sender(node)
-            .is_some_and(|tx| tx.try_send(frame).is_ok())
+        self.queue(node).is_some_and(|q| {
+            q.len() < self.config.link_queue && {
+                q.push(frame);
+                true
+            }
+        })
     }
 
-    /// Queues a frame for `node`, waiting up to `wait` for room.
+    /// Queues a frame for `node` at once (so frames keep the order of the
+    /// calls), then waits up to `wait` while the queue is over `link_queue`:
+    /// the caller's acknowledgement waits for the link. False if `node` has
+    /// no link.
     pub async fn send(&self, node: &str, frame: Frame, wait: Duration) -> bool {
-        let Some(tx) = self.sender(node) else {
+        let Some(q) = self.queue(node) else {
             return false;
         };
-        let send = std::pin::pin!(tx.send(frame));
-        matches!(
-            ntex::util::select(send, ntex::time::sleep(wait)).await,
-            ntex::util::Either::Left(Ok(()))
-        )
+        q.push(frame);
+        q.wait_below(self.config.link_queue, wait).await;
+        true
     }
 
     /// Sends a control frame to every peer with a link; it is never
