@@ -19,6 +19,10 @@ pub const GET_OFFLINE_MSG: &str = "$SYS/getOfflineMsg";
 pub const ENABLE_ORDER_MSG: &str = "$SYS/enableOrderMsg";
 pub const UPLOAD_TOKEN: &str = "$SYS/uploadToken";
 pub const TOKEN_EXPIRE_NOTICE: &str = "$SYS/tokenExpireNotice";
+/// How long a connection stays open after a token invalid notice, so that
+/// the notice reaches the client before the close.
+pub const NOTICE_LINGER: std::time::Duration = std::time::Duration::from_millis(100);
+
 pub const TOKEN_INVALID_NOTICE: &str = "$SYS/tokenInvalidNotice";
 
 /// The expiry notice goes out this long before a token expires.

@@ -733,7 +733,15 @@ async fn a_token_revoked_on_one_node_is_refused_on_every_node() {
     tokio::time::sleep(QUIET).await;
     dev.publish("tok/a", v3::QoS::AtLeastOnce, false, "refused")
         .await;
-    let notice = dev.next_publish().await;
+    let notice = match tokio::time::timeout(WAIT, dev.rx.recv()).await {
+        Ok(Some(Packet::Publish(p))) => p,
+        other => {
+            for n in &c.nodes {
+                eprintln!("---- node log\n{}", n.log());
+            }
+            panic!("no notice: {other:?}");
+        }
+    };
     assert_eq!(notice.topic, "$SYS/tokenInvalidNotice");
     let body: serde_json::Value = serde_json::from_slice(&notice.payload).unwrap_or_default();
     assert_eq!(body, serde_json::json!({"code": 3, "type": "W"}));

@@ -316,6 +316,9 @@ async fn send_notice(sink: &v5::MqttSink, body: String) {
         .publish(ByteString::from_static(sys::TOKEN_INVALID_NOTICE))
         .send_at_most_once(ntex::util::Bytes::from(body.into_bytes()))
         .await;
+    // The connection closes right after; the notice is only in the write
+    // buffer, and a close on error does not wait for it to drain.
+    ntex::time::sleep(crate::sys::NOTICE_LINGER).await;
 }
 
 /// How long a connection that broke the protocol stays open after DISCONNECT.
