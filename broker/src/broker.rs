@@ -533,6 +533,15 @@ impl Broker {
         }
     }
 
+    /// A planned leave (SIGTERM, or the drain API): off the ring, and every
+    /// session handed to its new owner.
+    pub fn leave_cluster(self: &Arc<Self>) {
+        if let Some(c) = &self.cluster {
+            c.leave();
+            self.rebalance();
+        }
+    }
+
     /// Whether sessions are still on their way to other nodes.
     pub fn moving(&self) -> usize {
         self.moved.lock().map(|m| m.len()).unwrap_or(0)

@@ -190,13 +190,16 @@ pub async fn serve(
         ntex::util::Either::Right(()) => {
             let deadline = std::time::Instant::now()
                 + std::time::Duration::from_secs(config.shutdown_timeout_secs);
-            if let Some(c) = broker.cluster.clone().filter(|c| !c.members().is_empty()) {
+            if broker
+                .cluster
+                .as_ref()
+                .is_some_and(|c| !c.members().is_empty())
+            {
                 // A planned leave (C4): the sessions go to the rest of the
                 // ring, their clients are told to reconnect, and the node
                 // stays until the handover and its grace period are over.
                 tracing::info!("leaving the cluster: handing sessions over");
-                c.leave();
-                broker.rebalance();
+                broker.leave_cluster();
                 while (!broker.sessions.is_empty() || broker.moving() > 0)
                     && std::time::Instant::now() < deadline
                 {

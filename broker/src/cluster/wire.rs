@@ -210,10 +210,7 @@ impl Frame {
             }
             Frame::Members { addrs } => {
                 out.put_u8(MEMBERS);
-                out.put_u16(len16(addrs.len()));
-                for a in addrs {
-                    put_str(out, a);
-                }
+                put_strs(out, addrs);
             }
             Frame::Revoked { id, exp_ms } => {
                 out.put_u8(REVOKED);
@@ -222,10 +219,7 @@ impl Frame {
             }
             Frame::Settled { members } => {
                 out.put_u8(SETTLED);
-                out.put_u16(len16(members.len()));
-                for m in members {
-                    put_str(out, m);
-                }
+                put_strs(out, members);
             }
             Frame::Routes { filters } => {
                 out.put_u8(ROUTES);
@@ -245,10 +239,7 @@ impl Frame {
             Frame::Publish { msg, groups } => {
                 out.put_u8(PUBLISH);
                 put_msg(out, msg);
-                out.put_u16(len16(groups.len()));
-                for g in groups {
-                    put_str(out, g);
-                }
+                put_strs(out, groups);
             }
             Frame::Direct {
                 client_id,
@@ -359,15 +350,10 @@ fn decode_body(b: &mut Bytes) -> Result<Frame> {
         ROUTE_DEL => Frame::RouteDel {
             filter: get_str(b)?.to_string(),
         },
-        PUBLISH => {
-            let msg = get_msg(b)?;
-            let n = usize::from(get_u16(b)?);
-            let mut groups = Vec::with_capacity(n.min(64));
-            for _ in 0..n {
-                groups.push(get_str(b)?.to_string());
-            }
-            Frame::Publish { msg, groups }
-        }
+        PUBLISH => Frame::Publish {
+            msg: get_msg(b)?,
+            groups: get_strs(b)?,
+        },
         DIRECT => {
             let client_id = get_str(b)?.to_string();
             let persistent = get_u8(b)? != 0;
@@ -400,6 +386,14 @@ fn put_str(out: &mut BytesMut, s: &str) {
     let bytes = &s.as_bytes()[..s.len().min(usize::from(u16::MAX))];
     out.put_u16(len16(bytes.len()));
     out.put_slice(bytes);
+}
+
+/// A list of at most 65 535 strings.
+fn put_strs(out: &mut BytesMut, list: &[String]) {
+    out.put_u16(len16(list.len()));
+    for s in list {
+        put_str(out, s);
+    }
 }
 
 fn put_bytes(out: &mut BytesMut, b: &[u8]) {
