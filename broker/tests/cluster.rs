@@ -110,9 +110,7 @@ async fn duplicate_client_id_on_two_nodes_closes_the_older_once() {
 #[tokio::test]
 async fn a_persistent_session_resumes_through_another_node() {
     let c = Cluster::start(3, "");
-    let mut opts = v3::options("GID_test@@@sleepy", c.nodes[0].tcp);
-    opts.set_clean_session(false);
-    let mut s = v3::connect(opts.clone()).await;
+    let mut s = persistent("GID_test@@@sleepy", c.nodes[0].tcp).await;
     s.subscribe("mail/sleepy", v3::QoS::AtLeastOnce).await;
     s.disconnect().await;
     tokio::time::sleep(QUIET).await;
@@ -126,9 +124,7 @@ async fn a_persistent_session_resumes_through_another_node() {
         )
         .await;
     }
-    let mut opts = v3::options("GID_test@@@sleepy", c.nodes[1].tcp);
-    opts.set_clean_session(false);
-    let mut s = v3::connect(opts).await;
+    let mut s = persistent("GID_test@@@sleepy", c.nodes[1].tcp).await;
     assert!(s.connack.session_present, "the session followed the client");
     for n in 0..3 {
         assert_eq!(
@@ -188,9 +184,7 @@ async fn a_killed_node_leaves_the_ring_and_its_clients_get_service_elsewhere() {
     let on_victim = owned_by("n2", &c.names, "GID_test@@@victim");
     let on_survivor = owned_by("n1", &c.names, "GID_test@@@survivor");
     for id in [&on_victim, &on_survivor] {
-        let mut opts = v3::options(id, c.nodes[0].tcp);
-        opts.set_clean_session(false);
-        let mut s = v3::connect(opts).await;
+        let mut s = persistent(id, c.nodes[0].tcp).await;
         s.subscribe("queued/#", v3::QoS::AtLeastOnce).await;
         s.disconnect().await;
     }
@@ -220,14 +214,10 @@ async fn a_killed_node_leaves_the_ring_and_its_clients_get_service_elsewhere() {
     // What survives (ARCHITECTURE.md, "Failure model"): sessions held by the
     // survivors, retained messages (every node has a copy); what does not:
     // the sessions the lost node held.
-    let mut opts = v3::options(&on_survivor, c.nodes[0].tcp);
-    opts.set_clean_session(false);
-    let mut s = v3::connect(opts).await;
+    let mut s = persistent(&on_survivor, c.nodes[0].tcp).await;
     assert!(s.connack.session_present);
     assert_eq!(&s.next_publish().await.payload[..], b"queued");
-    let mut opts = v3::options(&on_victim, c.nodes[0].tcp);
-    opts.set_clean_session(false);
-    let s = v3::connect(opts).await;
+    let s = persistent(&on_victim, c.nodes[0].tcp).await;
     assert!(
         !s.connack.session_present,
         "the lost node's sessions are gone"
@@ -242,9 +232,7 @@ async fn a_killed_node_leaves_the_ring_and_its_clients_get_service_elsewhere() {
 async fn park_sessions(c: &Cluster, n: usize) {
     for i in 0..n {
         let port = c.nodes[i % c.nodes.len()].tcp;
-        let mut opts = v3::options(&format!("GID_test@@@parked-{i}"), port);
-        opts.set_clean_session(false);
-        let mut s = v3::connect(opts).await;
+        let mut s = persistent(&format!("GID_test@@@parked-{i}"), port).await;
         s.subscribe(&format!("box/{i}"), v3::QoS::AtLeastOnce).await;
         s.disconnect().await;
     }
@@ -274,9 +262,7 @@ async fn fill(c: &Cluster, n: usize, round: usize) {
 async fn check_sessions(c: &Cluster, n: usize, round: usize) {
     for i in 0..n {
         let port = c.nodes[(i + 1) % c.nodes.len()].tcp;
-        let mut opts = v3::options(&format!("GID_test@@@parked-{i}"), port);
-        opts.set_clean_session(false);
-        let mut s = v3::connect(opts).await;
+        let mut s = persistent(&format!("GID_test@@@parked-{i}"), port).await;
         assert!(s.connack.session_present, "session {i} survived");
         for k in 0..2 {
             assert_eq!(
@@ -424,6 +410,14 @@ async fn a_rolling_restart_under_a_qos1_stream_loses_no_acknowledged_message() {
         lost.is_empty(),
         "acknowledged but never delivered: {lost:?}"
     );
+}
+
+/// An MQTT 3.1.1 client with a persistent session (cleanSession=false),
+/// connected through the node at `port`.
+async fn persistent(id: &str, port: u16) -> v3::Client {
+    let mut opts = v3::options(id, port);
+    opts.set_clean_session(false);
+    v3::connect(opts).await
 }
 
 /// A Client ID whose session the ring puts on `node` among `nodes`.
@@ -633,9 +627,7 @@ async fn a_partitioned_node_serves_alone_and_its_sessions_find_their_owners_when
     while c.nodes[0].metric("ringmq_sessions") < 1.0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut opts = v3::options(&owned_by_n0, c.nodes[1].tcp);
-    opts.set_clean_session(false);
-    let mut back = v3::connect(opts).await;
+    let mut back = persistent(&owned_by_n0, c.nodes[1].tcp).await;
     assert!(back.connack.session_present);
     assert_eq!(
         &back.next_publish().await.payload[..],
