@@ -272,7 +272,13 @@ impl Cluster {
             );
         }
         tracing::info!(peer = %node, addr, "cluster link up");
-        self.update_ring();
+        // Even when the ring looks the same (a node restarted under its old
+        // name before the others noticed it was gone), the new process needs
+        // its sessions and a `Settled`: a new link always counts as a change.
+        if !self.update_ring() {
+            self.generation
+                .fetch_add(1, std::sync::atomic::Ordering::Release);
+        }
     }
 
     /// The link to `node` at `addr` went down; false if a newer link (a
