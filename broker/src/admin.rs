@@ -1,6 +1,8 @@
 //! The admin HTTP port: `/metrics` (Prometheus text), `/healthz` (the process
-//! answers) and `/readyz` (the node accepts MQTT connections). When a token
-//! file is configured, everything but the probes (and, by choice, `/metrics`)
+//! answers), `/readyz` (the node accepts MQTT connections), the operations
+//! API under `/api/v1` (`ops::http`) and the token service under `/token`.
+//! When a token file is configured, everything but the probes, the OpenAPI
+//! document, the token service (signed requests) and, by choice, `/metrics`
 //! requires `Authorization: Bearer <token>`.
 
 use std::io;
@@ -34,6 +36,25 @@ const MAX_BODY: usize = 64 * 1024;
 /// The admin HTTP service for one connection.
 pub fn service(broker: Arc<Broker>) -> impl Service<(), Io, Res = (), Error = io::Error> {
     HttpService::new(async move |mut req: Request| {
+        if req.path().starts_with("/api/v1/") {
+            let public = req.path() == "/api/v1/openapi.json";
+            if !public
+                && broker
+                    .admin_token
+                    .as_ref()
+                    .is_some_and(|t| !admits(t, &req))
+            {
+                return Ok::<_, io::Error>(unauthorized(&broker));
+            }
+            let Some(body) = read_body(&mut req).await else {
+                return Ok(Response::PayloadTooLarge().body("request body too large or unreadable"));
+            };
+            let uri = req.uri().to_string();
+            let query = uri.split_once('?').map_or("", |(_, q)| q).to_owned();
+            let path = req.path().to_owned();
+            let method = req.method().clone();
+            return Ok(crate::ops::http::handle(&broker, &method, &path, &query, &body).await);
+        }
         if req.path().starts_with("/token/") {
             let body = read_body(&mut req).await;
             return Ok::<_, io::Error>(match body {
@@ -76,6 +97,13 @@ fn token_api(broker: &Broker, req: &Request, body: &[u8]) -> Response {
         .body(serde_json::to_string(&answer).unwrap_or_default())
 }
 
+fn unauthorized(broker: &Broker) -> Response {
+    broker.metrics.reject("admin_unauthorized");
+    Response::Unauthorized()
+        .header(header::WWW_AUTHENTICATE, "Bearer")
+        .body("admin token required")
+}
+
 fn respond(broker: &Arc<Broker>, req: &Request) -> Response {
     let open = match req.path() {
         "/healthz" | "/readyz" => true,
@@ -83,10 +111,7 @@ fn respond(broker: &Arc<Broker>, req: &Request) -> Response {
         _ => false,
     };
     if !open && broker.admin_token.as_ref().is_some_and(|t| !admits(t, req)) {
-        broker.metrics.reject("admin_unauthorized");
-        return Response::Unauthorized()
-            .header(header::WWW_AUTHENTICATE, "Bearer")
-            .body("admin token required");
+        return unauthorized(broker);
     }
     match req.path() {
         "/metrics" => Response::Ok()
@@ -117,6 +142,7 @@ fn respond(broker: &Arc<Broker>, req: &Request) -> Response {
             }
             None => Response::Conflict().body("this node is not part of a cluster"),
         },
-        _ => Response::NotFound().body("not found: try /metrics, /healthz or /readyz"),
+        _ => Response::NotFound()
+            .body("not found: try /metrics, /healthz, /readyz or /api/v1/openapi.json"),
     }
 }

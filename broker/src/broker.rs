@@ -9,11 +9,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::alarm::Alarms;
 use crate::auth::Auth;
+use crate::capacity::Capacity;
 use crate::cluster::wire::{Frame, WireMessage};
 use crate::cluster::{self, Cluster};
 use crate::config::Config;
 use crate::message::{Message, MessageIds, QoS};
+use crate::meter::{Meter, weight};
 use crate::metrics::Metrics;
 use crate::retain::RetainStore;
 use crate::router::{ClientId, Route, Router, Scope, SubOptions, node_route, route_node};
@@ -24,6 +27,7 @@ use crate::session::{
 use crate::storage::{DeviceEvent, Durability, EventKind, OnFull, Storage, StorageError};
 use crate::token::TokenService;
 use crate::topic::{self, ClientIdError, TopicError};
+use crate::trace::{MessageAction, Traces};
 
 /// Why a PUBLISH was refused.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +47,8 @@ pub enum SubscribeError {
     Filter(#[from] TopicError),
     #[error("too many subscriptions (at most {0} per client)")]
     Quota(usize),
+    #[error("the instance's subscription capacity is used up")]
+    Capacity,
 }
 
 pub type Result<T, E = PublishError> = std::result::Result<T, E>;
@@ -77,6 +83,17 @@ pub struct Broker {
     /// Sessions that moved to another node, by Client ID, with their new
     /// owner: while their routes linger here, messages for them follow them.
     moved: std::sync::Mutex<std::collections::HashMap<ClientId, Arc<str>>>,
+    pub usage: Usage,
+}
+
+/// What the node measures and remembers for the operations API, and the
+/// capacity it enforces.
+#[derive(Debug)]
+pub struct Usage {
+    pub meter: Meter,
+    pub traces: Traces,
+    pub capacity: Capacity,
+    pub alarms: Alarms,
 }
 
 /// Frames for other nodes that a publish produced.
@@ -112,16 +129,29 @@ pub struct Subscribed {
     pub retained: Vec<Arc<Message>>,
 }
 
+/// What a node is built from, besides its configuration.
+#[derive(Debug)]
+pub struct Parts {
+    pub metrics: Metrics,
+    pub auth: Auth,
+    pub tokens: Option<TokenService>,
+    pub admin_token: Option<SecretFile>,
+    pub storage: Arc<dyn Storage>,
+    pub cluster: Option<Arc<Cluster>>,
+    pub usage: Usage,
+}
+
 impl Broker {
-    pub fn new(
-        config: Config,
-        metrics: Metrics,
-        auth: Auth,
-        tokens: Option<TokenService>,
-        admin_token: Option<SecretFile>,
-        storage: Arc<dyn Storage>,
-        cluster: Option<Arc<Cluster>>,
-    ) -> Arc<Self> {
+    pub fn new(config: Config, parts: Parts) -> Arc<Self> {
+        let Parts {
+            metrics,
+            auth,
+            tokens,
+            admin_token,
+            storage,
+            cluster,
+            usage,
+        } = parts;
         let config_node = config.node_name();
         Arc::new(Self {
             config,
@@ -129,7 +159,7 @@ impl Broker {
             router: Router::default(),
             retained: RetainStore::default(),
             metrics,
-            ids: MessageIds::default(),
+            ids: MessageIds::new(&config_node),
             auth,
             tokens,
             admin_token,
@@ -141,6 +171,7 @@ impl Broker {
             cluster,
             forwarded_peers: cluster::gate::ForwardedPeers::default(),
             moved: std::sync::Mutex::default(),
+            usage,
         })
     }
 
@@ -252,6 +283,8 @@ impl Broker {
     /// then route. Resolves when the PUBLISH may be acknowledged.
     pub async fn accept(&self, msg: Arc<Message>, publisher: Publisher<'_>) -> Result<usize> {
         self.metrics.received(msg.qos, msg.payload.len());
+        self.count_produced(&msg, &publisher.session.client_id, MessageAction::Published);
+        publisher.session.received.fetch_add(1, Ordering::Relaxed);
         if self.storage.stores(topic::parent_topic(&msg.topic)) {
             let ordered = publisher.session.lock().ordered;
             let durability = if msg.qos == QoS::AtMostOnce {
@@ -289,6 +322,14 @@ impl Broker {
         Ok(reached)
     }
 
+    /// Meters, charges and traces a message entering the broker.
+    fn count_produced(&self, msg: &Message, client_id: &ClientId, action: MessageAction) {
+        let u = &self.usage;
+        u.meter.produced(&msg.topic, msg.qos);
+        u.capacity.charge(weight(msg.qos));
+        u.traces.message(client_id, msg, action, msg.qos);
+    }
+
     /// A will message: stored like a QoS 0 message (nobody waits for it),
     /// then routed.
     pub fn publish_will(&self, msg: &Arc<Message>, session: &Session, persistent: bool) {
@@ -303,6 +344,21 @@ impl Broker {
         self.publish(msg, persistent);
     }
 
+    /// A test message sent through the operations API (O8): stored when its
+    /// parent topic is (best effort), then routed like a QoS 0 publish of a
+    /// client without a session. Returns the sessions reached.
+    pub fn publish_api(&self, msg: &Arc<Message>) -> usize {
+        self.metrics.received(msg.qos, msg.payload.len());
+        self.count_produced(msg, &msg.publisher, MessageAction::Published);
+        if self.storage.stores(topic::parent_topic(&msg.topic)) {
+            drop(
+                self.storage
+                    .store(msg.clone(), false, Durability::BestEffort),
+            );
+        }
+        self.publish(msg, false)
+    }
+
     /// A downlink record from Kafka (K4): routed like a publish; offline
     /// persistent sessions keep it only when the record says
     /// `cleanSession=false`. Returns the sessions that went over their queue
@@ -313,6 +369,7 @@ impl Broker {
         clean_session: bool,
     ) -> (usize, Vec<Arc<Session>>) {
         self.metrics.received(msg.qos, msg.payload.len());
+        self.count_produced(msg, &msg.publisher, MessageAction::FromKafka);
         let mut over = Vec::new();
         let mut forwards = Vec::new();
         let keep = KeepOffline::Record {
@@ -348,7 +405,7 @@ impl Broker {
     /// them before it reads on, which holds the sender (and, through its
     /// link queue, the publisher's PUBACK) — backpressure across nodes.
     pub fn publish_forwarded(&self, w: WireMessage, groups: &[String]) -> Vec<Arc<Session>> {
-        let msg = Arc::new(cluster::from_wire(w, self.ids.next()));
+        let msg = Arc::new(cluster::from_wire(w));
         let keep = KeepOffline::Publisher { persistent: true };
         let mut forwards = Vec::new();
         let mut over = Vec::new();
@@ -383,7 +440,7 @@ impl Broker {
             self.forward_now(vec![(owner, frame)]);
             return Vec::new();
         }
-        let msg = Arc::new(cluster::from_wire(w, self.ids.next()));
+        let msg = Arc::new(cluster::from_wire(w));
         let mut over = Vec::new();
         self.publish_p2p(&msg, client_id, persistent, &mut over);
         over
@@ -391,7 +448,7 @@ impl Broker {
 
     /// A retained message another node stored.
     pub fn retain_replica(&self, w: WireMessage) {
-        let msg = Arc::new(cluster::from_wire(w, self.ids.next()));
+        let msg = Arc::new(cluster::from_wire(w));
         let n = self.retained.set_if_newer(&msg);
         self.metrics.retained.set(gauge(n));
     }
@@ -569,14 +626,8 @@ impl Broker {
             st.persistent = true;
             st.expiry = st.expiry.max(Duration::from_millis(ws.expiry_ms));
             st.ordered |= ws.ordered;
-            let resend = ws
-                .resend
-                .into_iter()
-                .map(|d| cluster::delivery_from_wire(d, self.ids.next()));
-            let offline = ws
-                .offline
-                .into_iter()
-                .map(|d| cluster::delivery_from_wire(d, self.ids.next()));
+            let resend = ws.resend.into_iter().map(cluster::delivery_from_wire);
+            let offline = ws.offline.into_iter().map(cluster::delivery_from_wire);
             match &st.attached {
                 // The client came back first: the messages join its live queue.
                 Some(conn) => {
@@ -956,6 +1007,10 @@ impl Broker {
         let max = limits.max_subscriptions_per_client;
         if !existed && max > 0 && st.subscriptions.len() >= max {
             return Err(SubscribeError::Quota(max));
+        }
+        let local = u64::try_from(self.metrics.subscriptions.get()).unwrap_or(0);
+        if !existed && !self.usage.capacity.admit_subscription(local) {
+            return Err(SubscribeError::Capacity);
         }
         st.subscriptions.insert(raw.to_owned(), opts);
         drop(st);

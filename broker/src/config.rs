@@ -54,6 +54,14 @@ pub struct Config {
     pub workers: usize,
     /// Seconds that a graceful shutdown waits for connections to close.
     pub shutdown_timeout_secs: u64,
+    /// What the operations API reports about the instance as a whole (O1).
+    pub instance: InstanceConfig,
+    /// Declared capacity (L1) and its enforcement (L3).
+    pub capacity: CapacityConfig,
+    /// Alarm thresholds (L4).
+    pub alarms: AlarmsConfig,
+    /// Device and message traces (O4, O5) and metering history (O3, O6).
+    pub trace: TraceConfig,
 }
 
 impl Default for Config {
@@ -68,6 +76,155 @@ impl Default for Config {
             cluster: None,
             workers: 0,
             shutdown_timeout_secs: 10,
+            instance: InstanceConfig::default(),
+            capacity: CapacityConfig::default(),
+            alarms: AlarmsConfig::default(),
+            trace: TraceConfig::default(),
+        }
+    }
+}
+
+/// The instance as its users see it; the operator fills this in.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct InstanceConfig {
+    /// The instance's name (the `MqttInstance` resource's name).
+    pub name: String,
+    /// Addresses devices and applications use, by kind (`tcp`, `tls`, `ws`,
+    /// `wss`, `tcp_ipv6`, …), as the operator publishes them; reported by
+    /// the operations API as they are.
+    pub endpoints: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for InstanceConfig {
+    fn default() -> Self {
+        Self {
+            name: "ringmq".to_owned(),
+            endpoints: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+/// Declared capacity of the whole instance (L1); 0 means no limit. Counts are
+/// instance-wide: nodes tell each other their usage every second, and each
+/// node admits a new connection or subscription only while the instance's
+/// total is below the limit.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CapacityConfig {
+    /// Client connections at the same time.
+    pub connections: u64,
+    /// Weighted messages per second, sent plus received (L2: QoS 0 counts 1,
+    /// QoS 1 counts 2, QoS 2 counts 10). Each node allows an equal share.
+    pub tps: u64,
+    /// Subscriptions (one client's filter is one subscription).
+    pub subscriptions: u64,
+    /// Distinct subscribed topic filters; only the topics alarm uses it.
+    pub topics: u64,
+    /// `enforce`: refuse and throttle beyond the limits; `alarm_only`: let
+    /// everything through, count what would have been refused, and alarm.
+    pub mode: CapacityMode,
+}
+
+/// See `CapacityConfig::mode`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CapacityMode {
+    #[default]
+    Enforce,
+    AlarmOnly,
+}
+
+/// Alarm rules (L4): one per metric.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AlarmsConfig {
+    pub connections: AlarmRule,
+    pub subscriptions: AlarmRule,
+    pub topics: AlarmRule,
+    pub tps: AlarmRule,
+    /// A firing alarm resolves only once the value is below its threshold
+    /// by this many percent of the threshold, so that a value hovering at
+    /// the threshold does not flap.
+    pub hysteresis_percent: u32,
+    /// Seconds a value must stay beyond the threshold (or back below the
+    /// resolve level) before the alarm fires (or resolves).
+    pub hold_secs: u64,
+    /// TPS is averaged over this many seconds before it is compared.
+    pub tps_window_secs: u64,
+}
+
+impl Default for AlarmsConfig {
+    fn default() -> Self {
+        Self {
+            connections: AlarmRule::default(),
+            subscriptions: AlarmRule::default(),
+            topics: AlarmRule::default(),
+            tps: AlarmRule::default(),
+            hysteresis_percent: 10,
+            hold_secs: 30,
+            tps_window_secs: 10,
+        }
+    }
+}
+
+/// One alarm rule.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AlarmRule {
+    /// The alarm switch.
+    pub enabled: bool,
+    /// Threshold in percent of the declared capacity.
+    pub percent: u32,
+    /// Absolute threshold; when set it replaces `percent`, and it is the
+    /// only way to alarm on a metric without a declared capacity.
+    pub value: Option<u64>,
+}
+
+impl Default for AlarmRule {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            percent: 70,
+            value: None,
+        }
+    }
+}
+
+/// What the node remembers for the operations API. Everything is held in
+/// memory, bounded by count and by age; a restarted node starts empty.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TraceConfig {
+    /// Device trace events (connect, subscribed, …) kept, at most.
+    pub device_events: usize,
+    /// Message trace events kept, at most; 0 turns message tracing off.
+    pub message_events: usize,
+    /// Age after which trace events and metering history are dropped,
+    /// seconds; at least one day, the longest trace query.
+    pub retention_secs: u64,
+    /// Group ID online counts are kept for this long, seconds (the query
+    /// window is two days).
+    pub group_history_secs: u64,
+    /// Parent topic / subtopic pairs metered per minute, at most; the rest
+    /// are counted under the subtopic `(other)`.
+    pub report_keys: usize,
+    /// Group IDs whose online count history is kept, at most.
+    pub groups: usize,
+    /// Seconds between two samples of the Group ID online counts.
+    pub group_sample_secs: u64,
+}
+
+impl Default for TraceConfig {
+    fn default() -> Self {
+        Self {
+            device_events: 200_000,
+            message_events: 500_000,
+            retention_secs: 25 * 3600,
+            group_history_secs: 49 * 3600,
+            report_keys: 10_000,
+            groups: 1_000,
+            group_sample_secs: 60,
         }
     }
 }
@@ -566,6 +723,21 @@ impl Config {
         if let Some(k) = &self.kafka {
             k.validate()?;
         }
+        let t = &self.trace;
+        if t.retention_secs < 24 * 3600 || t.group_history_secs < 48 * 3600 {
+            return bad(
+                "trace.retention_secs must be at least 86400 and trace.group_history_secs at least 172800: the API's query windows are one and two days",
+            );
+        }
+        if t.group_sample_secs == 0 {
+            return bad("trace.group_sample_secs must be at least 1");
+        }
+        let a = &self.alarms;
+        if a.tps_window_secs == 0 || a.tps_window_secs > 300 || a.hysteresis_percent >= 100 {
+            return bad(
+                "alarms.tps_window_secs must be between 1 and 300 and alarms.hysteresis_percent below 100",
+            );
+        }
         if let Some(c) = &self.cluster {
             if c.heartbeat_ms == 0 || c.failure_timeout_ms < 2 * c.heartbeat_ms {
                 return bad(
@@ -693,6 +865,36 @@ cluster: null
 workers: 0
 # graceful shutdown: seconds to wait for connections to close
 shutdown_timeout_secs: 10
+# how the operations API names the instance and where users reach it
+instance:
+  name: ringmq
+  endpoints: {}                     # e.g. { tcp: "mqtt.example.com:1883" }
+# declared capacity of the whole instance, 0 = no limit
+capacity:
+  connections: 0
+  # weighted messages per second, sent + received (QoS 0 x1, QoS 1 x2, QoS 2 x10)
+  tps: 0
+  subscriptions: 0
+  topics: 0                         # distinct subscribed filters (alarm only)
+  mode: enforce                     # enforce | alarm_only
+# alarm rules: threshold = percent of capacity, or an absolute value
+alarms:
+  connections: { enabled: true, percent: 70, value: null }
+  subscriptions: { enabled: true, percent: 70, value: null }
+  topics: { enabled: true, percent: 70, value: null }
+  tps: { enabled: true, percent: 70, value: null }
+  hysteresis_percent: 10            # resolve below threshold minus 10 %
+  hold_secs: 30                     # beyond / back below for this long
+  tps_window_secs: 10               # TPS averaged over this window
+# what the operations API remembers (in memory, bounded)
+trace:
+  device_events: 200000
+  message_events: 500000            # 0 turns message tracing off
+  retention_secs: 90000
+  group_history_secs: 176400
+  report_keys: 10000
+  groups: 1000
+  group_sample_secs: 60
 "#;
 
 #[cfg(test)]

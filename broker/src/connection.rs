@@ -14,13 +14,16 @@ use std::num::NonZeroU16;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::rc::Rc;
+
 use crate::auth::{Grants, Identity};
-use crate::broker::Broker;
+use crate::broker::{Broker, SubscribeError};
 use crate::message::{Message, QoS};
 use crate::router::ClientId;
-use crate::session::{Conn, Delivery, KickReason, Session};
+use crate::session::{ClientInfo, Conn, Delivery, KickReason, Session};
 use crate::storage::EventKind;
 use crate::token::{TokenError, TokenType};
+use crate::trace::{DeviceAction, DeviceReason, MessageAction};
 
 /// Why the pump closes the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +81,17 @@ pub struct Connection {
     /// Unique per TCP connection; named in device events (K5).
     pub channel_id: Arc<str>,
     pub peer: Option<IpAddr>,
+    /// Why the connection ends, for the device trace: set by the pump (a
+    /// takeover, a kick) or by the protocol layer (no heart, an error).
+    close_reason: Rc<Cell<Option<DeviceReason>>>,
+}
+
+/// How a connection came to its session, for the device trace.
+#[derive(Debug, Clone, Copy)]
+pub struct Origin {
+    /// `MQTT 3.1.1` or `MQTT 5`.
+    pub protocol: &'static str,
+    pub clean: bool,
 }
 
 impl Connection {
@@ -88,16 +102,43 @@ impl Connection {
         persistent: bool,
         will: Option<Will>,
         peer: Option<IpAddr>,
+        origin: Origin,
     ) -> Self {
         broker.metrics.connections.inc();
         broker.metrics.connections_total.inc();
+        broker
+            .usage
+            .meter
+            .connections_now(u64::try_from(broker.metrics.connections.get()).unwrap_or(0));
         let channel_id = broker.next_channel_id();
-        broker.device_event(
-            &attached.session.client_id,
-            EventKind::Connect,
-            &channel_id,
-            peer,
-        );
+        let client_id = &attached.session.client_id;
+        broker.device_event(client_id, EventKind::Connect, &channel_id, peer);
+        let traces = &broker.usage.traces;
+        let trace =
+            |action| traces.device(client_id, &channel_id, action, DeviceReason::Accepted, None);
+        trace(DeviceAction::Connect);
+        if attached.took_over {
+            trace(DeviceAction::Takeovered);
+        }
+        if attached.present {
+            trace(DeviceAction::Resumed);
+        } else if !attached.discarded_subscriptions.is_empty()
+            || (origin.clean && attached.took_over)
+        {
+            trace(DeviceAction::Discarded);
+        }
+        attached.session.lock().info = ClientInfo {
+            ip: peer,
+            protocol: origin.protocol,
+            clean_session: origin.clean,
+            user: match &identity {
+                Identity::Anonymous => None,
+                Identity::User(u) | Identity::AccessKey(u) | Identity::Token(u) => Some(u.clone()),
+            },
+            channel_id: Some(channel_id.clone()),
+            connected_at: crate::message::now_ms(),
+            disconnected_at: None,
+        };
         Self {
             client_id: attached.session.client_id.clone(),
             session: attached.session,
@@ -111,6 +152,34 @@ impl Connection {
             pulls: Cell::new((Instant::now(), 0)),
             channel_id,
             peer,
+            close_reason: Rc::new(Cell::new(None)),
+        }
+    }
+
+    /// Records a device trace event of this connection.
+    pub fn trace(&self, action: DeviceAction, reason: DeviceReason, detail: Option<&str>) {
+        self.broker
+            .usage
+            .traces
+            .device(&self.client_id, &self.channel_id, action, reason, detail);
+    }
+
+    /// Records the outcome of one SUBSCRIBE filter.
+    pub fn trace_subscribe(&self, filter: &str, refused: Option<&SubscribeError>) {
+        let reason = match refused {
+            None => DeviceReason::Accepted,
+            Some(SubscribeError::Filter(_)) => DeviceReason::Invalid,
+            Some(SubscribeError::Quota(_) | SubscribeError::Capacity) => {
+                DeviceReason::QuotaExceeded
+            }
+        };
+        self.trace(DeviceAction::Subscribed, reason, Some(filter));
+    }
+
+    /// Why the connection is about to end, unless a reason is known already.
+    pub fn closing(&self, reason: DeviceReason) {
+        if self.close_reason.get().is_none() {
+            self.close_reason.set(Some(reason));
         }
     }
 
@@ -121,6 +190,7 @@ impl Connection {
             session: self.session.clone(),
             conn: self.conn.clone(),
             next_id: Cell::new(0),
+            close_reason: self.close_reason.clone(),
         };
         ntex::rt::spawn(async move { pump.run(sink).await });
     }
@@ -225,8 +295,21 @@ impl Drop for Connection {
         let moved = self.session.lock().kick == Some(KickReason::Moved);
         if self.graceful.get() {
             self.event(EventKind::Disconnect);
-        } else if !moved {
-            self.publish_will();
+            self.trace(
+                DeviceAction::Disconnect,
+                DeviceReason::DisconnectedByClient,
+                None,
+            );
+        } else {
+            if !moved {
+                self.publish_will();
+            }
+            let reason = self.close_reason.get().unwrap_or(if superseded {
+                DeviceReason::ClientIdConflict
+            } else {
+                DeviceReason::ClosedByClient
+            });
+            self.trace(DeviceAction::Close, reason, None);
         }
         self.event(EventKind::TcpClean);
         tracing::debug!(
@@ -249,10 +332,19 @@ struct Pump {
     session: Arc<Session>,
     conn: Conn,
     next_id: Cell<u16>,
+    close_reason: Rc<Cell<Option<DeviceReason>>>,
+}
+
+/// A delivery the pump writes: its packet id (QoS 1/2) and whether it comes
+/// from the offline queue (the message trace tells them apart).
+struct Outgoing {
+    d: Delivery,
+    id: Option<NonZeroU16>,
+    offline: bool,
 }
 
 enum Step {
-    Send(Vec<(Delivery, Option<NonZeroU16>)>),
+    Send(Vec<Outgoing>),
     Wait(Option<Duration>),
     /// QoS 1/2 messages wait in the live queue for the client's credit.
     WaitCredit,
@@ -273,6 +365,12 @@ impl Pump {
             match step {
                 Step::Close(reason) => {
                     if let Some(r) = reason {
+                        self.close_reason.set(Some(match r {
+                            CloseReason::Takeover => DeviceReason::ClientIdConflict,
+                            CloseReason::Kick(KickReason::Administrative) => DeviceReason::Kicked,
+                            CloseReason::Kick(KickReason::Shutdown) => DeviceReason::ServerShutdown,
+                            CloseReason::Kick(KickReason::Moved) => DeviceReason::SessionMoved,
+                        }));
                         sink.close(r);
                     }
                     return;
@@ -321,10 +419,13 @@ impl Pump {
             };
             batch.push(d);
         }
+        let resent = batch.len();
+        let mut offline = 0;
         let mut wait = None;
         if !st.pull_mode && !st.offline_hold && !st.offline.is_empty() {
             if now >= *next_offline {
                 let n = limits.offline_batch.min(st.offline.len());
+                offline = n;
                 batch.extend(st.offline.drain(..n));
                 *next_offline = now + interval;
             }
@@ -354,11 +455,12 @@ impl Pump {
             self.session.space.notify_waiters();
         }
         let mut out = Vec::with_capacity(batch.len());
-        for d in batch {
+        for (i, d) in batch.into_iter().enumerate() {
             if d.msg.is_expired(now, ttl) {
                 expired += 1;
                 continue;
             }
+            let from_offline = i >= resent && i < resent + offline;
             let id = if d.qos == QoS::AtMostOnce {
                 None
             } else {
@@ -366,7 +468,11 @@ impl Pump {
                 st.inflight.insert(id.get(), d.clone());
                 Some(id)
             };
-            out.push((d, id));
+            out.push(Outgoing {
+                d,
+                id,
+                offline: from_offline,
+            });
         }
         drop(st);
         if expired > 0 {
@@ -400,9 +506,10 @@ impl Pump {
     }
 
     /// Writes a batch; false once the connection is gone.
-    async fn send<S: OutSink>(&self, sink: &S, batch: Vec<(Delivery, Option<NonZeroU16>)>) -> bool {
+    async fn send<S: OutSink>(&self, sink: &S, batch: Vec<Outgoing>) -> bool {
         let metrics = &self.broker.metrics;
-        for (d, id) in batch {
+        let usage = &self.broker.usage;
+        for Outgoing { d, id, offline } in batch {
             let now = Instant::now();
             if sink
                 .max_packet_size()
@@ -437,6 +544,19 @@ impl Pump {
                 return false;
             }
             metrics.sent(d.qos, d.msg.payload.len());
+            usage.meter.consumed(&d.msg.topic, d.qos, 1);
+            usage.capacity.charge(crate::meter::weight(d.qos));
+            let action = if offline {
+                MessageAction::OfflinePushed
+            } else {
+                MessageAction::Pushed
+            };
+            usage
+                .traces
+                .message(&self.session.client_id, &d.msg, action, d.qos);
+            self.session
+                .sent
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         true
     }

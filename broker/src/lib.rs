@@ -4,15 +4,19 @@
 //! See `ARCHITECTURE.md` at the repository root for how the pieces fit.
 
 pub mod admin;
+pub mod alarm;
 pub mod auth;
 pub mod broker;
+pub mod capacity;
 pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod kafka;
 pub mod listener;
 pub mod message;
+pub mod meter;
 pub mod metrics;
+pub mod ops;
 pub mod protocol;
 pub mod retain;
 pub mod ring;
@@ -25,6 +29,7 @@ pub mod tls;
 pub mod token;
 pub mod token_api;
 pub mod topic;
+pub mod trace;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,6 +51,10 @@ pub enum Error {
     Kafka(#[from] kafka::KafkaSetupError),
     #[error(transparent)]
     Cluster(#[from] cluster::ClusterError),
+    #[error(transparent)]
+    Capacity(#[from] capacity::CapacityError),
+    #[error(transparent)]
+    Alarm(#[from] alarm::AlarmError),
     #[error("cannot read the {what} file {path}: {error}")]
     SecretFile {
         what: &'static str,
@@ -104,15 +113,30 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         )?),
         None => None,
     };
+    let usage = broker::Usage {
+        meter: meter::Meter::new(&config.trace, config.alarms.tps_window_secs),
+        traces: trace::Traces::new(&config.trace),
+        capacity: capacity::Capacity::new(&config.capacity, metrics.registry())?,
+        alarms: alarm::Alarms::new(
+            &config.alarms,
+            &config.capacity,
+            &config.node_name(),
+            metrics.registry(),
+        )?,
+    };
     let broker = Broker::new(
         config,
-        metrics,
-        auth,
-        tokens,
-        admin_token,
-        storage,
-        cluster.clone(),
+        broker::Parts {
+            metrics,
+            auth,
+            tokens,
+            admin_token,
+            storage,
+            cluster: cluster.clone(),
+            usage,
+        },
     );
+    ntex::rt::spawn(ops::tick(broker.clone()));
     if let Some(c) = &cluster {
         for addr in &c.config.peers {
             ntex::rt::spawn(cluster::link::outbound(

@@ -128,21 +128,38 @@ impl std::fmt::Display for MessageId {
     }
 }
 
-/// Hands out message ids: the start time in the high bits keeps ids unique
-/// across restarts of the node.
+/// Hands out message ids, unique in the instance: the top 12 bits name the
+/// node (a hash of its name), the rest count up from the start time in
+/// milliseconds × 1024, so a restarted node does not reuse its old ids
+/// unless it issued more than a million a second.
 #[derive(Debug)]
-pub struct MessageIds(AtomicU64);
-
-impl Default for MessageIds {
-    fn default() -> Self {
-        let start = now_ms() << 20;
-        Self(AtomicU64::new(start))
-    }
+pub struct MessageIds {
+    node: u64,
+    next: AtomicU64,
 }
 
 impl MessageIds {
+    pub fn new(node: &str) -> Self {
+        let h = node.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        Self {
+            node: (h >> 52) << 52,
+            next: AtomicU64::new(now_ms() << 10),
+        }
+    }
+
     pub fn next(&self) -> MessageId {
-        MessageId(self.0.fetch_add(1, Ordering::Relaxed))
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        MessageId(self.node | (n & ((1 << 52) - 1)))
+    }
+}
+
+impl std::str::FromStr for MessageId {
+    type Err = std::num::ParseIntError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        u64::from_str_radix(s, 16).map(MessageId)
     }
 }
 

@@ -194,6 +194,9 @@ impl Group {
 pub struct Router {
     shards: Vec<RwLock<Node>>,
     wild: RwLock<Node>,
+    /// Distinct filters with at least one subscriber, local or on another
+    /// node: the instance's topic count.
+    filters: std::sync::atomic::AtomicUsize,
 }
 
 impl Default for Router {
@@ -201,6 +204,7 @@ impl Default for Router {
         Self {
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
             wild: RwLock::default(),
+            filters: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 }
@@ -230,6 +234,10 @@ impl Router {
         for level in filter.filter.split('/') {
             node = node.children.entry(level.into()).or_default();
         }
+        if node.subs.is_empty() && node.groups.is_empty() {
+            self.filters
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         match filter.share_group {
             None => node.subs.insert(client.clone(), opts).is_none(),
             Some(group) => {
@@ -256,7 +264,18 @@ impl Router {
         let shard = self.shard_for_filter(filter.filter);
         let mut root = shard.write().unwrap_or_else(|e| e.into_inner());
         let levels: Vec<&str> = filter.filter.split('/').collect();
-        remove(&mut root, &levels, filter.share_group, client)
+        let mut emptied = false;
+        let removed = remove(&mut root, &levels, filter.share_group, client, &mut emptied);
+        if emptied {
+            self.filters
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        removed
+    }
+
+    /// Distinct filters with a subscriber (see `filters`).
+    pub fn distinct_filters(&self) -> usize {
+        self.filters.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Appends the routes for a topic to `out`; one member per shared group.
@@ -286,9 +305,17 @@ impl Router {
     }
 }
 
-fn remove(node: &mut Node, levels: &[&str], group: Option<&str>, client: &ClientId) -> bool {
+/// Removes a subscription; `emptied` tells whether the filter lost its last
+/// subscriber.
+fn remove(
+    node: &mut Node,
+    levels: &[&str],
+    group: Option<&str>,
+    client: &ClientId,
+    emptied: &mut bool,
+) -> bool {
     let Some((level, rest)) = levels.split_first() else {
-        return match group {
+        let removed = match group {
             None => node.subs.remove(client).is_some(),
             Some(g) => {
                 let Some(grp) = node.groups.get_mut(g) else {
@@ -303,11 +330,13 @@ fn remove(node: &mut Node, levels: &[&str], group: Option<&str>, client: &Client
                 removed
             }
         };
+        *emptied = removed && node.subs.is_empty() && node.groups.is_empty();
+        return removed;
     };
     let Some(child) = node.children.get_mut(*level) else {
         return false;
     };
-    let removed = remove(child, rest, group, client);
+    let removed = remove(child, rest, group, client, emptied);
     if child.is_empty() {
         node.children.remove(*level);
     }

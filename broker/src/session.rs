@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::num::NonZeroU32;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
@@ -94,6 +95,9 @@ pub struct Session {
     state: Mutex<State>,
     /// Signalled when the connection takes messages from the live queue.
     pub space: Notify,
+    /// Messages the client published, and messages sent to it (O2).
+    pub received: AtomicU64,
+    pub sent: AtomicU64,
 }
 
 /// The connection serving a session.
@@ -137,6 +141,23 @@ pub struct State {
     /// Set when the session's state left for another node: what still
     /// arrives here follows it.
     pub moved_to: Option<Arc<str>>,
+    /// What the connection query reports (O2).
+    pub info: ClientInfo,
+}
+
+/// The last connection of a session, as the connection query shows it (O2).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientInfo {
+    pub ip: Option<std::net::IpAddr>,
+    /// `MQTT 3.1.1` or `MQTT 5`.
+    pub protocol: &'static str,
+    pub clean_session: bool,
+    /// The user or AccessKey it authenticated as.
+    pub user: Option<Arc<str>>,
+    pub channel_id: Option<Arc<str>>,
+    /// Milliseconds since the Unix epoch.
+    pub connected_at: u64,
+    pub disconnected_at: Option<u64>,
 }
 
 impl Session {
@@ -160,8 +181,11 @@ impl Session {
                 tokens: HashMap::new(),
                 pending_will_generation: None,
                 moved_to: None,
+                info: ClientInfo::default(),
             }),
             space: Notify::new(),
+            received: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
         }
     }
 
@@ -383,6 +407,7 @@ impl SessionStore {
         st.kick = None;
         if st.persistent {
             st.disconnected_at = Some(Instant::now());
+            st.info.disconnected_at = Some(crate::message::now_ms());
             let unacked: Vec<Delivery> = std::mem::take(&mut st.inflight).into_values().collect();
             let mut front: VecDeque<Delivery> = unacked
                 .into_iter()
@@ -463,6 +488,7 @@ impl SessionStore {
                     let mut st = s.lock();
                     st.persistent = true;
                     st.disconnected_at = Some(Instant::now());
+                    st.info.disconnected_at = Some(crate::message::now_ms());
                 }
                 Arc::new(s)
             })

@@ -54,17 +54,19 @@ pub fn parse_form(input: &[u8]) -> Vec<(String, String)> {
             let mut kv = pair.splitn(2, |b| *b == b'=');
             let k = kv.next().unwrap_or_default();
             let v = kv.next().unwrap_or_default();
-            (percent_decode(k), percent_decode(v))
+            (percent_decode(k, true), percent_decode(v, true))
         })
         .collect()
 }
 
-fn percent_decode(s: &[u8]) -> String {
+/// Decodes `%XX` escapes (and `+` as a space in forms); a malformed escape
+/// stays as it is.
+pub fn percent_decode(s: &[u8], plus_is_space: bool) -> String {
     let mut out = Vec::with_capacity(s.len());
     let mut i = 0;
     while i < s.len() {
         match s[i] {
-            b'+' => out.push(b' '),
+            b'+' if plus_is_space => out.push(b' '),
             b'%' => {
                 let hex = s
                     .get(i + 1..i + 3)

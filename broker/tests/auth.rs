@@ -80,6 +80,17 @@ async fn users_passwords_and_connect_refusals() {
     );
     assert!(b.metric("ringmq_packets_rejected_total{reason=\"bad_credentials\"}") >= 3.0);
     assert!(b.metric("ringmq_packets_rejected_total{reason=\"unknown_group_id\"}") >= 1.0);
+    // Each refusal is in the device trace (A4, O4).
+    for id in [
+        "GID_AAA@@@a2",
+        "GID_AAA@@@a3",
+        "GID_AAA@@@a4",
+        "GID_AAA@@@a6",
+    ] {
+        let trace = b.api(&format!("/api/v1/trace/device?clientId={id}"));
+        assert_eq!(trace["events"][0]["action"], "connect", "{trace}");
+        assert_eq!(trace["events"][0]["reason"], "not authorized", "{trace}");
+    }
     assert!(
         !b.log().contains("alice-pw") && !b.log().contains("wrong-pw-5731"),
         "no secret in logs"
@@ -114,6 +125,36 @@ async fn grants_decide_publish_and_subscribe() {
     bob3.publish("a/c", v4::QoS::AtLeastOnce, false, "refused")
         .await;
     bob3.closed().await;
+
+    // The device trace names every refusal "topic auth failed" (A4, O4).
+    let seen = |id: &str| -> Vec<(String, String, String)> {
+        let t = b.api(&format!("/api/v1/trace/device?clientId={id}"));
+        t["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                let s = |k: &str| e[k].as_str().unwrap_or("").to_owned();
+                (s("action"), s("reason"), s("detail"))
+            })
+            .collect()
+    };
+    let refused = |a: &str, d: &str| (a.to_owned(), "topic auth failed".to_owned(), d.to_owned());
+    let bob_trace = seen("GID_AAA@@@bob");
+    assert!(
+        bob_trace.contains(&refused("subscribed", "a/b")),
+        "{bob_trace:?}"
+    );
+    assert!(
+        bob_trace.contains(&refused("publish", "a/c")),
+        "{bob_trace:?}"
+    );
+    let bob3_trace = seen("GID_AAA@@@bob3");
+    assert!(
+        bob3_trace.contains(&refused("publish", "a/c")),
+        "{bob3_trace:?}"
+    );
+    assert!(bob3_trace.contains(&refused("close", "")), "{bob3_trace:?}");
 }
 
 #[tokio::test]

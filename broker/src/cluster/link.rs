@@ -436,6 +436,25 @@ fn apply(
         } => return broker.deliver_direct(&client_id, persistent, msg),
         Frame::Retain { msg } => broker.retain_replica(msg),
         Frame::Session(ws) => broker.install_session(ws),
+        Frame::Load {
+            connections,
+            subscriptions,
+            pub_tps,
+            sub_tps,
+        } => broker.usage.capacity.peer_load(
+            peer,
+            crate::capacity::Load {
+                connections,
+                subscriptions,
+                pub_tps,
+                sub_tps,
+            },
+        ),
+        Frame::Query { id, body } => {
+            let body = crate::ops::answer_json(broker, &body);
+            cluster.control(peer, Frame::Reply { id, body });
+        }
+        Frame::Reply { id, body } => cluster.answered(id, body),
         Frame::Hello { .. } | Frame::Auth { .. } | Frame::Proxy { .. } => {
             tracing::warn!(peer = %peer, "unexpected cluster frame ignored");
         }

@@ -166,6 +166,9 @@ pub struct Cluster {
     started: Instant,
     /// Where other nodes reach this node's cluster port.
     advertise: String,
+    /// Operations API questions asked of peers, waiting for their replies.
+    queries: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<String>>>,
+    next_query: std::sync::atomic::AtomicU64,
 }
 
 impl Cluster {
@@ -195,6 +198,8 @@ impl Cluster {
             settled_by: Mutex::new(HashMap::new()),
             started: Instant::now(),
             advertise: advertise(config, node, bound),
+            queries: Mutex::new(HashMap::new()),
+            next_query: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
@@ -455,6 +460,45 @@ impl Cluster {
         }
     }
 
+    /// Sends a control frame to one peer; false if it has no link.
+    pub fn control(&self, node: &str, frame: Frame) -> bool {
+        self.peers
+            .read()
+            .ok()
+            .and_then(|p| p.get(node).map(|p| p.ctl.send(frame).is_ok()))
+            .unwrap_or(false)
+    }
+
+    /// Asks `node` an operations API question; `None` if it has no link or
+    /// does not answer within `timeout`.
+    pub async fn ask(&self, node: &str, body: String, timeout: Duration) -> Option<String> {
+        let id = self
+            .next_query
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.queries.lock().ok()?.insert(id, tx);
+        let answer = if self.control(node, Frame::Query { id, body }) {
+            match ntex::util::select(rx, ntex::time::sleep(timeout)).await {
+                ntex::util::Either::Left(Ok(body)) => Some(body),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        if let Ok(mut q) = self.queries.lock() {
+            q.remove(&id);
+        }
+        answer
+    }
+
+    /// A peer answered question `id`.
+    pub fn answered(&self, id: u64, body: String) {
+        let waiting = self.queries.lock().ok().and_then(|mut q| q.remove(&id));
+        if let Some(tx) = waiting {
+            let _ = tx.send(body);
+        }
+    }
+
     /// A session of this node subscribed to `raw` (a filter or `$share/…`).
     pub fn filter_added(&self, raw: &str) {
         // The frame is queued under the lock, so adds and removes of one
@@ -555,6 +599,7 @@ fn advertise(config: &ClusterConfig, node: &str, bound: Option<std::net::SocketA
 /// A message as it crosses to another node.
 pub fn to_wire(msg: &Message, now: Instant) -> WireMessage {
     WireMessage {
+        id: msg.id.0,
         topic: msg.topic.clone(),
         payload: msg.payload.clone(),
         qos: msg.qos,
@@ -574,9 +619,9 @@ pub fn to_wire(msg: &Message, now: Instant) -> WireMessage {
 }
 
 /// A message that arrived from another node.
-pub fn from_wire(w: WireMessage, id: MessageId) -> Message {
+pub fn from_wire(w: WireMessage) -> Message {
     let mut msg = Message::new(
-        id,
+        MessageId(w.id),
         w.topic,
         w.payload,
         w.qos,
@@ -652,9 +697,9 @@ pub fn sub_options(s: &wire::WireSub) -> crate::router::SubOptions {
 }
 
 /// A waiting message as it arrived.
-pub fn delivery_from_wire(d: wire::WireDelivery, id: MessageId) -> crate::session::Delivery {
+pub fn delivery_from_wire(d: wire::WireDelivery) -> crate::session::Delivery {
     crate::session::Delivery {
-        msg: Arc::new(from_wire(d.msg, id)),
+        msg: Arc::new(from_wire(d.msg)),
         qos: d.qos,
         retain: d.retain,
         dup: d.dup,

@@ -47,6 +47,8 @@ pub type Result<T> = std::result::Result<T, WireError>;
 /// An application message as it crosses between nodes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WireMessage {
+    /// The message ID its first node gave it: traces on every node name it.
+    pub id: u64,
     pub topic: ByteString,
     pub payload: Bytes,
     pub qos: QoS,
@@ -165,6 +167,24 @@ pub enum Frame {
     Proxy {
         client_ip: String,
     },
+    /// The sender's usage, once a second: the instance-wide capacity budget
+    /// and the operations API's per-node table.
+    Load {
+        connections: u64,
+        subscriptions: u64,
+        pub_tps: u64,
+        sub_tps: u64,
+    },
+    /// An operations API question for the receiver (JSON), answered by a
+    /// `Reply` with the same `id`.
+    Query {
+        id: u64,
+        body: String,
+    },
+    Reply {
+        id: u64,
+        body: String,
+    },
 }
 
 const HELLO: u8 = 1;
@@ -181,6 +201,9 @@ const SESSION: u8 = 11;
 const MEMBERS: u8 = 12;
 const SETTLED: u8 = 13;
 const REVOKED: u8 = 14;
+const LOAD: u8 = 15;
+const QUERY: u8 = 16;
+const REPLY: u8 = 17;
 
 impl Frame {
     /// Appends the encoded frame to `out`.
@@ -262,6 +285,27 @@ impl Frame {
             Frame::Session(ws) => {
                 out.put_u8(SESSION);
                 put_session(out, ws);
+            }
+            Frame::Load {
+                connections,
+                subscriptions,
+                pub_tps,
+                sub_tps,
+            } => {
+                out.put_u8(LOAD);
+                for v in [connections, subscriptions, pub_tps, sub_tps] {
+                    out.put_u64(*v);
+                }
+            }
+            Frame::Query { id, body } => {
+                out.put_u8(QUERY);
+                out.put_u64(*id);
+                put_bytes(out, body.as_bytes());
+            }
+            Frame::Reply { id, body } => {
+                out.put_u8(REPLY);
+                out.put_u64(*id);
+                put_bytes(out, body.as_bytes());
             }
         }
         let len = len32(out.len() - start - 4);
@@ -368,6 +412,21 @@ fn decode_body(b: &mut Bytes) -> Result<Frame> {
             client_ip: get_str(b)?.to_string(),
         },
         SESSION => Frame::Session(get_session(b)?),
+        LOAD => Frame::Load {
+            connections: get_u64(b)?,
+            subscriptions: get_u64(b)?,
+            pub_tps: get_u64(b)?,
+            sub_tps: get_u64(b)?,
+        },
+        QUERY | REPLY => {
+            let id = get_u64(b)?;
+            let body = String::from_utf8(get_bytes(b)?.to_vec()).map_err(|_| WireError::Utf8)?;
+            if kind == QUERY {
+                Frame::Query { id, body }
+            } else {
+                Frame::Reply { id, body }
+            }
+        }
         other => return Err(WireError::Kind(other)),
     })
 }
@@ -412,6 +471,7 @@ fn put_opt_str(out: &mut BytesMut, s: Option<&ByteString>) {
 }
 
 fn put_msg(out: &mut BytesMut, m: &WireMessage) {
+    out.put_u64(m.id);
     put_str(out, &m.topic);
     put_bytes(out, &m.payload);
     let flags = (m.qos as u8)
@@ -583,6 +643,7 @@ fn get_opt_str(b: &mut Bytes) -> Result<Option<ByteString>> {
 }
 
 fn get_msg(b: &mut Bytes) -> Result<WireMessage> {
+    let id = get_u64(b)?;
     let topic = get_str(b)?;
     let payload = get_bytes(b)?;
     let flags = get_u8(b)?;
@@ -606,6 +667,7 @@ fn get_msg(b: &mut Bytes) -> Result<WireMessage> {
         _ => Some(get_bytes(b)?),
     };
     Ok(WireMessage {
+        id,
         topic,
         payload,
         qos,
@@ -627,6 +689,7 @@ mod tests {
 
     fn msg() -> WireMessage {
         WireMessage {
+            id: 0x0123_4567_89ab_cdef,
             topic: "a/b".into(),
             payload: Bytes::from_static(b"\x00\xffpayload"),
             qos: QoS::ExactlyOnce,
@@ -682,6 +745,20 @@ mod tests {
             Frame::Retain { msg: msg() },
             Frame::Proxy {
                 client_ip: "::1".into(),
+            },
+            Frame::Load {
+                connections: 1,
+                subscriptions: 2,
+                pub_tps: 3,
+                sub_tps: u64::MAX,
+            },
+            Frame::Query {
+                id: 9,
+                body: "{\"q\":\"node\"}".into(),
+            },
+            Frame::Reply {
+                id: 9,
+                body: String::new(),
             },
             Frame::Session(WireSession {
                 client_id: "GID_test@@@d".into(),

@@ -15,6 +15,7 @@ use crate::storage::{OnFull, StorageError};
 use crate::sys::{self, SysError};
 use crate::token::{Claims, TokenError, TokenType};
 use crate::topic::TopicError;
+use crate::trace::{DeviceAction, DeviceReason};
 
 pub mod v3;
 pub mod v5;
@@ -53,6 +54,19 @@ impl From<TopicError> for Error {
 }
 
 impl Error {
+    /// The device trace's reason for a refusal (A4).
+    pub fn device_reason(&self) -> DeviceReason {
+        match self {
+            Error::NotAuthorized => DeviceReason::TopicAuthFailed,
+            Error::Token(..) | Error::Sys(SysError::Token(..)) => DeviceReason::NotAuthorized,
+            Error::Publish(PublishError::Storage(StorageError::BufferFull)) => {
+                DeviceReason::QuotaExceeded
+            }
+            Error::Transport(_) => DeviceReason::ClosedByClient,
+            _ => DeviceReason::Invalid,
+        }
+    }
+
     /// Label of the `packets_rejected_total` metric.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -109,8 +123,45 @@ pub fn authenticate(
         })
         .inspect_err(|r| {
             broker.metrics.reject(r.reason());
+            refused(broker, client_id, DeviceReason::NotAuthorized);
             tracing::info!(client_id, user = username.unwrap_or(""), reason = %r, "CONNECT refused: not authorized");
         })
+}
+
+/// Records a refused CONNECT in the device trace.
+pub fn refused(broker: &Broker, client_id: &str, reason: DeviceReason) {
+    let channel = broker.next_channel_id();
+    broker.usage.traces.device(
+        &Arc::from(client_id),
+        &channel,
+        DeviceAction::Connect,
+        reason,
+        None,
+    );
+}
+
+/// Whether the instance's connection capacity admits this client (L3); a
+/// client that takes over its own live connection adds none. A refusal is
+/// counted, logged and traced.
+pub fn admit(broker: &Broker, client_id: &str) -> bool {
+    if broker
+        .sessions
+        .get(client_id)
+        .is_some_and(|s| s.is_online())
+    {
+        return true;
+    }
+    let local = u64::try_from(broker.metrics.connections.get()).unwrap_or(0);
+    if broker.usage.capacity.admit_connection(local) {
+        return true;
+    }
+    broker.metrics.reject("capacity_connections");
+    refused(broker, client_id, DeviceReason::QuotaExceeded);
+    tracing::info!(
+        client_id,
+        "CONNECT refused: the instance's connection capacity is used up"
+    );
+    false
 }
 
 /// Whether the client may subscribe to `filter`; a refusal is counted and
@@ -126,6 +177,7 @@ pub fn may_subscribe(conn: &Connection, filter: &str) -> Result<()> {
     };
     if let Err(e) = &verdict {
         conn.broker.metrics.reject(e.reason());
+        conn.trace(DeviceAction::Subscribed, e.device_reason(), Some(filter));
         tracing::info!(client_id = %conn.client_id, filter, error = %e, "SUBSCRIBE refused: topic auth failed");
     }
     verdict
@@ -189,6 +241,11 @@ fn connect_tokens(
 /// topics, store and route. Resolves when the PUBLISH may be acknowledged.
 pub async fn publish(conn: &Connection, msg: Message, on_full: OnFull) -> Result<()> {
     let broker = &conn.broker;
+    // Over the node's TPS share (L3): the next message waits.
+    if broker.usage.capacity.throttle().await {
+        tracing::debug!(client_id = %conn.client_id, "publisher throttled: TPS capacity");
+    }
+    let topic = msg.topic.clone();
     let result: Result<()> = async {
         broker.check_topic(&msg.topic)?;
         if sys::is_sys_request(&msg.topic) {
@@ -213,6 +270,7 @@ pub async fn publish(conn: &Connection, msg: Message, on_full: OnFull) -> Result
     .await;
     if let Err(e) = &result {
         broker.metrics.reject(e.reason());
+        conn.trace(DeviceAction::Publish, e.device_reason(), Some(&topic));
         tracing::info!(client_id = %conn.client_id, error = %e, "publish refused");
     }
     result
@@ -233,19 +291,26 @@ pub(crate) fn socket_ip(io: &ntex::io::IoBoxed) -> Option<std::net::IpAddr> {
 
 /// Records why a connection of either version stopped ("no heart", protocol
 /// error, peer gone).
-pub fn trace_stop(client_id: &str, broker: &Broker, reason: &Reason<Error>) {
+pub fn trace_stop(conn: &Connection, reason: &Reason<Error>) {
+    let client_id = &*conn.client_id;
     match reason {
         Reason::PeerGone(_) => tracing::debug!(client_id, "peer gone"),
         Reason::Protocol(p) => {
-            let label = match p.get_ref() {
-                ntex_mqtt::MqttProtocolError::KeepAliveTimeout => "no_heart",
-                ntex_mqtt::MqttProtocolError::Decode(_) => "malformed_packet",
-                _ => "protocol_error",
+            let (label, why) = match p.get_ref() {
+                ntex_mqtt::MqttProtocolError::KeepAliveTimeout => {
+                    ("no_heart", DeviceReason::NoHeart)
+                }
+                ntex_mqtt::MqttProtocolError::Decode(_) => {
+                    ("malformed_packet", DeviceReason::ProtocolError)
+                }
+                _ => ("protocol_error", DeviceReason::ProtocolError),
             };
-            broker.metrics.reject(label);
+            conn.broker.metrics.reject(label);
+            conn.closing(why);
             tracing::info!(client_id, reason = label, error = %p.get_ref(), "connection closed");
         }
         Reason::Error(e) => {
+            conn.closing(e.get_ref().device_reason());
             tracing::info!(client_id, error = %e.get_ref(), "connection closed by the broker");
         }
     }

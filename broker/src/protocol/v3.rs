@@ -16,11 +16,12 @@ use ntex::util::{ByteString, Bytes};
 use crate::auth::Refusal;
 use crate::broker::Broker;
 use crate::config::V3SubscribeRefusal;
-use crate::connection::{CloseReason, Connection, OutSink, Will};
+use crate::connection::{CloseReason, Connection, Origin, OutSink, Will};
 use crate::message::QoS;
 use crate::router::SubOptions;
 use crate::session::Delivery;
 use crate::sys;
+use crate::trace::DeviceReason;
 
 pub type St = Rc<Connection>;
 
@@ -35,6 +36,7 @@ pub async fn connect(broker: &Arc<Broker>, c: v3::Connect) -> Result<v3::Connect
         return Ok(refuse(broker, c, "client_id_empty"));
     }
     let Ok(client_id) = broker.client_id(&pkt.client_id) else {
+        super::refused(broker, &pkt.client_id, DeviceReason::Invalid);
         return Ok(c.identifier_rejected());
     };
     let password = pkt.password.as_deref();
@@ -45,6 +47,9 @@ pub async fn connect(broker: &Arc<Broker>, c: v3::Connect) -> Result<v3::Connect
         Err(Refusal::NotAuthorized) => return Ok(c.not_authorized()),
         Err(Refusal::UnknownGroup) => return Ok(c.identifier_rejected()),
     };
+    if !super::admit(broker, &client_id) {
+        return Ok(c.service_unavailable());
+    }
     let will = match &pkt.last_will {
         Some(w) => {
             if broker.check_topic(&w.topic).is_err() {
@@ -78,6 +83,10 @@ pub async fn connect(broker: &Arc<Broker>, c: v3::Connect) -> Result<v3::Connect
         !clean,
         will,
         super::peer_ip(broker, c.io()),
+        Origin {
+            protocol: "MQTT 3.1.1",
+            clean,
+        },
     ));
     super::install_tokens(&conn, tokens);
     conn.start_pump(c.sink());
@@ -163,12 +172,14 @@ pub async fn protocol(
                 }
                 match broker.subscribe(&conn.session, item.topic(), opts) {
                     Ok(r) => {
+                        conn.trace_subscribe(item.topic(), None);
                         item.confirm(qos.into());
                         replay.extend(r.retained.into_iter().map(|m| (m, qos)));
                     }
                     Err(e) => {
                         broker.metrics.reject("subscribe_refused");
                         tracing::info!(client_id = %conn.client_id, filter = %item.topic(), error = %e, "subscription refused");
+                        conn.trace_subscribe(item.topic(), Some(&e));
                         item.fail();
                     }
                 }
@@ -202,7 +213,7 @@ pub async fn protocol(
 /// Connection events: records why a connection stopped.
 pub async fn control(s: &v3::Session<St>, c: Control<Error>) -> Result<Option<v3::codec::Encoded>> {
     if let Control::Stop(reason) = &c {
-        super::trace_stop(&s.client_id, &s.broker, reason);
+        super::trace_stop(s, reason);
     }
     Ok(None)
 }

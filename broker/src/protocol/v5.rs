@@ -19,13 +19,14 @@ use ntex_mqtt::{Control, Reason, v5};
 use super::{Error, Result};
 use crate::auth::Refusal;
 use crate::broker::{Broker, PublishError, SubscribeError};
-use crate::connection::{CloseReason, Connection, OutSink, Will};
+use crate::connection::{CloseReason, Connection, Origin, OutSink, Will};
 use crate::message::{Message, Properties, QoS};
 use crate::router::SubOptions;
 use crate::session::{Delivery, KickReason};
 use crate::storage::StorageError;
 use crate::sys;
 use crate::topic::ClientIdError;
+use crate::trace::DeviceReason;
 
 pub type St = Rc<Connection>;
 
@@ -53,6 +54,7 @@ pub async fn connect(broker: &Arc<Broker>, c: v5::Connect) -> Result<v5::Connect
                 }
                 _ => ConnectAckReason::ClientIdentifierNotValid,
             };
+            super::refused(broker, &pkt.client_id, DeviceReason::Invalid);
             return Ok(c.failed(reason));
         }
     };
@@ -68,6 +70,9 @@ pub async fn connect(broker: &Arc<Broker>, c: v5::Connect) -> Result<v5::Connect
             }));
         }
     };
+    if !super::admit(broker, &client_id) {
+        return Ok(c.failed(ConnectAckReason::QuotaExceeded));
+    }
     let expiry_secs = pkt
         .session_expiry_interval_secs
         .min(limits.session_expiry_secs);
@@ -126,6 +131,10 @@ pub async fn connect(broker: &Arc<Broker>, c: v5::Connect) -> Result<v5::Connect
         expiry_secs > 0,
         will,
         super::peer_ip(broker, c.io()),
+        Origin {
+            protocol: "MQTT 5",
+            clean,
+        },
     ));
     super::install_tokens(&conn, tokens);
     conn.start_pump(V5Sink {
@@ -241,6 +250,7 @@ pub async fn protocol(
                 }
                 match broker.subscribe(&conn.session, item.topic(), opts) {
                     Ok(r) => {
+                        conn.trace_subscribe(item.topic(), None);
                         item.confirm(o.qos);
                         let send = match o.retain_handling {
                             RetainHandling::AtSubscribe => true,
@@ -254,9 +264,12 @@ pub async fn protocol(
                     Err(e) => {
                         broker.metrics.reject("subscribe_refused");
                         tracing::info!(client_id = %conn.client_id, filter = %item.topic(), error = %e, "subscription refused");
+                        conn.trace_subscribe(item.topic(), Some(&e));
                         item.fail(match e {
                             SubscribeError::Filter(_) => SubscribeAckReason::TopicFilterInvalid,
-                            SubscribeError::Quota(_) => SubscribeAckReason::QuotaExceeded,
+                            SubscribeError::Quota(_) | SubscribeError::Capacity => {
+                                SubscribeAckReason::QuotaExceeded
+                            }
                         });
                     }
                 }
@@ -327,7 +340,7 @@ const PROTOCOL_ERROR_LINGER: Duration = Duration::from_millis(300);
 /// Connection events: records why a connection stopped.
 pub async fn control(s: &v5::Session<St>, c: Control<Error>) -> Result<Option<codec::Encoded>> {
     if let Control::Stop(reason) = &c {
-        super::trace_stop(&s.client_id, &s.broker, reason);
+        super::trace_stop(s, reason);
         if let Reason::Protocol(_) = reason {
             // ntex-mqtt has sent DISCONNECT with the reason code; the client may
             // still be writing packets it queued before reading it, and would

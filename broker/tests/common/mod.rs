@@ -320,15 +320,25 @@ impl Broker {
         path: &str,
         headers: &[(&str, &str)],
     ) -> Option<(u16, String)> {
+        self.try_send(method, path, headers, "")
+    }
+
+    fn try_send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Option<(u16, String)> {
         let mut s = TcpStream::connect((self.host.as_str(), self.admin)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
         let extra: String = headers
             .iter()
             .map(|(k, v)| format!("{k}: {v}\r\n"))
             .collect();
         write!(
             s,
-            "{method} {path} HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n{body}"
         )
         .ok()?;
         let mut buf = String::new();
@@ -336,6 +346,31 @@ impl Broker {
         let status = buf.split_whitespace().nth(1)?.parse().ok()?;
         let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
         Some((status, body))
+    }
+
+    /// An operations API call with a JSON body: (status, body).
+    pub fn api_send(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let len = body.len().to_string();
+        let headers = [
+            ("Content-Type", "application/json"),
+            ("Content-Length", len.as_str()),
+        ];
+        self.try_send(method, path, &headers, body)
+            .unwrap_or_else(|| panic!("{method} {path} failed"))
+    }
+
+    /// GET an operations API path that must answer 200; its JSON.
+    pub fn api(&self, path: &str) -> serde_json::Value {
+        let (status, body) = self.http(path);
+        assert_eq!(status, 200, "GET {path}: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
+    }
+
+    /// POST a JSON body to an operations API path that must answer 200.
+    pub fn api_post(&self, path: &str, body: &str) -> serde_json::Value {
+        let (status, answer) = self.api_send("POST", path, body);
+        assert_eq!(status, 200, "POST {path}: {answer}");
+        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("POST {path}: {e}: {answer}"))
     }
 
     /// GET on the admin port: (status, body).
