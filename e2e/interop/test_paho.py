@@ -1,15 +1,8 @@
 """Interoperability with an independent client: Eclipse Paho for Python,
 MQTT 3.1.1 and MQTT 5, against the real ringmq-broker binary."""
 
-import os
 import queue
-import socket
-import subprocess
-import tempfile
 import time
-import urllib.request
-import uuid
-from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -17,56 +10,7 @@ from paho.mqtt.properties import Properties
 import pytest
 
 from mqttclient import WAIT, Client
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def broker_binary() -> Path:
-    if os.environ.get("RINGMQ_BROKER"):
-        return Path(os.environ["RINGMQ_BROKER"])
-    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
-    return target / "debug" / "ringmq-broker"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_broker(extra="", admin=None):
-    """Starts a broker process on free loopback ports; yields its MQTT port."""
-    binary = broker_binary()
-    if not binary.exists():
-        pytest.fail(f"broker binary not built: {binary} (run cargo build first)")
-    tcp, admin = free_port(), admin or free_port()
-    with tempfile.TemporaryDirectory() as d:
-        cfg = Path(d) / "broker.yaml"
-        cfg.write_text(
-            "listeners:\n"
-            f'  tcp: "127.0.0.1:{tcp}"\n'
-            "  ws: null\n"
-            f'  admin: "127.0.0.1:{admin}"\n'
-            "workers: 2\n" + extra
-        )
-        log = open(Path(d) / "broker.log", "w")
-        proc = subprocess.Popen([str(binary), "--config", str(cfg)], stderr=log)
-        deadline = time.time() + 20
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                proc.kill()
-                pytest.fail("broker did not become ready")
-            time.sleep(0.05)
-        yield tcp
-        proc.kill()
-        proc.wait()
-        log.close()
+from procs import start_broker
 
 
 @pytest.fixture

@@ -14,7 +14,8 @@ import urllib.request
 import paho.mqtt.client as mqtt
 import pytest
 
-from test_paho import WAIT, Client, free_port, start_broker
+from mqttclient import WAIT, Client
+from procs import free_port, start_broker
 
 AK, SK = "AK_token", "SK_token_secret"
 

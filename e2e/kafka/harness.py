@@ -15,17 +15,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from procs import broker_binary, free_port
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 
-ROOT = Path(__file__).resolve().parents[2]
 WAIT = 10.0
-
-
-def broker_binary() -> Path:
-    if os.environ.get("RINGMQ_BROKER"):
-        return Path(os.environ["RINGMQ_BROKER"])
-    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
-    return target / "debug" / "ringmq-broker"
 
 
 def kafka_binary() -> str:
@@ -39,12 +32,6 @@ def kafka_binary() -> str:
             "--no-default-features --features dynostore,libsql --locked (.ci/run does this)"
         )
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(what, predicate, timeout=WAIT, every=0.05):

@@ -11,8 +11,6 @@ import threading
 import time
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 import pytest
 
 from harness import WAIT, Broker, Kafka, kafka_yaml, owned_by, records_json, wait_for

@@ -26,8 +26,26 @@ const MAX_EVENTS: usize = 10_000;
 /// Most Client IDs in one batch online query.
 const MAX_BATCH: usize = 1_000;
 
-/// A refusal with its status and message.
+/// A refusal with its status and message (and, for 405, the methods the
+/// path allows).
 struct Refusal(StatusCode, String);
+
+/// The method a known path allows (every path allows exactly one).
+fn allowed(segs: &[&str]) -> Option<&'static str> {
+    match segs {
+        ["instance"]
+        | ["clients", _]
+        | ["online", "topic" | "groups"]
+        | ["trace", "device" | "message"]
+        | ["report"]
+        | ["alarms"] => Some("GET"),
+        ["clients", _, "kick" | "unsubscribe"]
+        | ["online", "clients"]
+        | ["alarms", _, "ack"]
+        | ["messages"] => Some("POST"),
+        _ => None,
+    }
+}
 
 type Answer = Result<Value, Refusal>;
 
@@ -59,24 +77,45 @@ pub async fn handle(
             .header(header::CONTENT_TYPE, "application/json")
             .body(OPENAPI);
     }
-    let params: HashMap<String, String> = crate::token_api::parse_form(query.as_bytes())
-        .into_iter()
-        .collect();
     let segments: Vec<String> = rest
         .split('/')
         .map(|s| crate::token_api::percent_decode(s.as_bytes(), false))
         .collect();
     let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
-    let result = route(broker, method, &segs, &params, body).await;
+    let result = match params(query) {
+        Ok(params) => route(broker, method, &segs, &params, body).await,
+        Err(e) => Err(e),
+    };
     match result {
         Ok(v) => json_response(StatusCode::OK, &v),
         Err(Refusal(status, msg)) => {
             if status.is_client_error() {
                 broker.metrics.reject("api_bad_request");
             }
-            json_response(status, &json!({ "error": msg }))
+            let mut response = json_response(status, &json!({ "error": msg }));
+            if status == StatusCode::METHOD_NOT_ALLOWED
+                && let Some(allow) = allowed(&segs)
+            {
+                response
+                    .headers_mut()
+                    .insert(header::ALLOW, header::HeaderValue::from_static(allow));
+            }
+            response
         }
     }
+}
+
+/// The query parameters; a parameter given twice is refused rather than
+/// guessed at.
+fn params(query: &str) -> Result<HashMap<String, String>, Refusal> {
+    let mut params = HashMap::new();
+    for (k, v) in crate::token_api::parse_form(query.as_bytes()) {
+        if params.contains_key(&k) {
+            return Err(bad(format!("parameter {k} is given more than once")));
+        }
+        params.insert(k, v);
+    }
+    Ok(params)
 }
 
 async fn route(
@@ -130,14 +169,19 @@ fn known(segs: &[&str]) -> bool {
 }
 
 fn param_u64(params: &HashMap<String, String>, name: &str) -> Result<Option<u64>, Refusal> {
-    match params.get(name).filter(|v| !v.is_empty()) {
-        None => Ok(None),
-        Some(v) => v.parse().map(Some).map_err(|_| {
+    let Some(v) = params.get(name) else {
+        return Ok(None);
+    };
+    // JSON clients hold these in signed 64-bit integers.
+    v.parse::<i64>()
+        .ok()
+        .and_then(|n| u64::try_from(n).ok())
+        .map(Some)
+        .ok_or_else(|| {
             bad(format!(
-                "{name} must be a whole number (milliseconds since the Unix epoch for times)"
+                "{name} must be a whole number from 0 to 2^63-1 (milliseconds since the Unix epoch for times)"
             ))
-        }),
-    }
+        })
 }
 
 /// `from`/`to` (ms since the epoch), defaulting to the last `default` ms,
@@ -447,11 +491,11 @@ async fn device_trace(broker: &Arc<Broker>, params: &HashMap<String, String>) ->
 
 async fn message_trace(broker: &Arc<Broker>, params: &HashMap<String, String>) -> Answer {
     let client_id = params.get("clientId").filter(|c| !c.is_empty()).cloned();
-    let message_id = match params.get("messageId").filter(|m| !m.is_empty()) {
+    let message_id = match params.get("messageId") {
         None => None,
         Some(m) => {
             let refuse = || bad("messageId must be the 16 hex digits the broker reports");
-            if m.len() > 16 || !m.bytes().all(|b| b.is_ascii_hexdigit()) {
+            if m.is_empty() || m.len() > 16 || !m.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(refuse());
             }
             Some(m.parse::<MessageId>().map_err(|_| refuse())?.0)
@@ -492,7 +536,10 @@ async fn message_trace(broker: &Arc<Broker>, params: &HashMap<String, String>) -
 
 async fn report(broker: &Arc<Broker>, params: &HashMap<String, String>) -> Answer {
     let (from, to) = match params.get("range").map(String::as_str) {
-        None | Some("") => range(params, HOUR_MS, DAY_MS)?,
+        None => range(params, HOUR_MS, DAY_MS)?,
+        Some(_) if params.contains_key("from") || params.contains_key("to") => {
+            return Err(bad("give range or from/to, not both"));
+        }
         Some(r) => {
             let span = match r {
                 "1h" => HOUR_MS,
@@ -579,11 +626,19 @@ struct SendBody {
     topic: String,
     payload: String,
     #[serde(default)]
-    payload_encoding: Option<String>,
+    payload_encoding: PayloadEncoding,
     #[serde(default)]
     qos: u8,
     #[serde(default)]
     retain: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+enum PayloadEncoding {
+    #[default]
+    Utf8,
+    Base64,
 }
 
 fn send_message(broker: &Arc<Broker>, body: &[u8]) -> Answer {
@@ -602,12 +657,11 @@ fn send_message(broker: &Arc<Broker>, body: &[u8]) -> Answer {
         2 => QoS::ExactlyOnce,
         _ => return Err(bad("qos must be 0, 1 or 2")),
     };
-    let payload = match b.payload_encoding.as_deref() {
-        None | Some("utf8") => b.payload.into_bytes(),
-        Some("base64") => base64::engine::general_purpose::STANDARD
+    let payload = match b.payload_encoding {
+        PayloadEncoding::Utf8 => b.payload.into_bytes(),
+        PayloadEncoding::Base64 => base64::engine::general_purpose::STANDARD
             .decode(b.payload)
             .map_err(|_| bad("payload is not valid base64"))?,
-        Some(_) => return Err(bad("payloadEncoding must be utf8 or base64")),
     };
     if payload.len() > broker.config.limits.max_packet_size as usize {
         return Err(bad("payload larger than limits.max_packet_size"));
