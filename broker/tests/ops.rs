@@ -602,3 +602,79 @@ async fn every_node_answers_for_the_whole_cluster() {
     );
     s.closed().await;
 }
+
+/// Runs `ringmqctl` against a broker: (success, stdout, stderr).
+fn ctl(b: &Broker, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringmqctl"))
+        .arg("--server")
+        .arg(format!("http://127.0.0.1:{}", b.admin))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("ringmqctl: {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn ringmqctl_prints_tables_of_the_same_answers() {
+    let b = Broker::start("capacity:\n  connections: 10");
+    let mut s = v5::connect(v5::options("GID_cli@@@dev 1", b.tcp)).await;
+    s.subscribe("cli/+/x", v5::QoS::AtLeastOnce).await;
+
+    let (ok, out, err) = ctl(&b, &["instance"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("connections:   1 of 10 (10.0 %)"), "{out}");
+    let node_row = out
+        .lines()
+        .find(|l| l.contains("running"))
+        .unwrap_or_default();
+    assert_eq!(
+        node_row.split_whitespace().nth(2),
+        Some("1"),
+        "connections column: {out}"
+    );
+
+    let (ok, out, err) = ctl(&b, &["client", "GID_cli@@@dev 1"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("protocol:"), "{out}");
+    assert!(out.contains("MQTT 5"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("cli/+/x") && l.ends_with('1')),
+        "{out}"
+    );
+
+    let (ok, out, _) = ctl(&b, &["device-trace", "GID_cli@@@dev 1"]);
+    assert!(ok);
+    assert!(
+        out.lines()
+            .any(|l| l.contains("connect") && l.contains("accepted")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.contains("subscribed") && l.contains("cli/+/x")),
+        "{out}"
+    );
+
+    let (ok, out, _) = ctl(&b, &["send", "cli/a/x", "hello", "--qos", "1"]);
+    assert!(ok);
+    assert!(out.contains("1 sessions reached"), "{out}");
+    assert_eq!(&s.next_publish().await.payload[..], b"hello");
+
+    let (ok, out, _) = ctl(&b, &["--json", "online", "GID_cli@@@dev 1", "nobody"]);
+    assert!(ok);
+    let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+    assert_eq!(v["online"]["GID_cli@@@dev 1"], true);
+    assert_eq!(v["online"]["nobody"], false);
+
+    let (ok, _, err) = ctl(&b, &["client", "nobody"]);
+    assert!(!ok);
+    assert!(err.contains("404") && err.contains("no session"), "{err}");
+    let (ok, _, err) = ctl(&b, &["report", "--last", "2w"]);
+    assert!(!ok);
+    assert!(err.contains("400"), "{err}");
+}
