@@ -134,13 +134,29 @@ impl Alarms {
             &["metric"],
         )?;
         registry.register(Box::new(firing.clone()))?;
-        Ok(Self {
+        let thresholds = IntGaugeVec::new(
+            Opts::new(
+                "alarm_threshold",
+                "Threshold of the instance's alarm on a metric (absent: switched off or no capacity)",
+            ),
+            &["metric"],
+        )?;
+        registry.register(Box::new(thresholds.clone()))?;
+        let alarms = Self {
             config: config.clone(),
             capacity: capacity.clone(),
             node: node.to_owned(),
             inner: Mutex::new(Inner::default()),
             firing,
-        })
+        };
+        for m in Metric::ALL {
+            if let Some(t) = alarms.threshold(m) {
+                thresholds
+                    .with_label_values(&[m.label()])
+                    .set(i64::try_from(t).unwrap_or(i64::MAX));
+            }
+        }
+        Ok(alarms)
     }
 
     fn rule(&self, m: Metric) -> &AlarmRule {

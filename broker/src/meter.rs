@@ -183,8 +183,9 @@ impl Meter {
     }
 
     /// Once a second: the last second's rates, the shards folded into the
-    /// current minute, finished minutes into the history.
-    pub fn tick(&self, now_ms: u64) {
+    /// current minute, finished minutes into the history. Returns the last
+    /// second's counts by parent topic.
+    pub fn tick(&self, now_ms: u64) -> HashMap<String, Counts> {
         let (total_in, total_out) = self.weighted_totals();
         let mut h = self.history();
         let second = (total_in - h.last_in, total_out - h.last_out);
@@ -204,9 +205,17 @@ impl Meter {
         }
         h.filling.pub_weighted += second.0;
         h.filling.sub_weighted += second.1;
+        let mut by_parent: HashMap<String, Counts> = HashMap::new();
         for shard in &self.shards {
             let drained = std::mem::take(&mut *shard.lock().unwrap_or_else(|e| e.into_inner()));
             for (key, counts) in drained {
+                let parent = crate::topic::parent_topic(&key);
+                match by_parent.get_mut(parent) {
+                    Some(c) => c.add(&counts),
+                    None => {
+                        by_parent.insert(parent.to_owned(), counts);
+                    }
+                }
                 h.filling.topics.entry(key).or_default().add(&counts);
             }
         }
@@ -214,6 +223,7 @@ impl Meter {
         while h.minutes.front().is_some_and(|m| m.start_ms < oldest) {
             h.minutes.pop_front();
         }
+        by_parent
     }
 
     /// Weighted messages per second received and sent, averaged over the

@@ -3,7 +3,9 @@
 //! The registry is owned by the broker (no global default registry), so tests
 //! can run several brokers in one process.
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, GaugeVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
 
 use crate::message::QoS;
 
@@ -36,6 +38,12 @@ pub struct Metrics {
     pub takeovers: IntCounter,
     pub cluster_nodes: IntGauge,
     pub sessions_moved: IntCounter,
+    /// Weighted messages per second (L2), averaged over the TPS window.
+    pub tps: GaugeVec,
+    pub messages_weighted: IntCounterVec,
+    pub connections_peak: IntGauge,
+    pub topics: IntGauge,
+    pub topic_messages: IntCounterVec,
 }
 
 impl Metrics {
@@ -101,6 +109,41 @@ impl Metrics {
                 "sessions_moved_total",
                 "Persistent sessions handed to their new owner after a ring change",
             )?,
+            tps: {
+                let g = GaugeVec::new(
+                    Opts::new(
+                        "tps",
+                        "Weighted messages per second (QoS 0 x1, QoS 1 x2, QoS 2 x10), received (pub) or sent (sub), averaged over alarms.tps_window_secs",
+                    ),
+                    &["direction"],
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            messages_weighted: vec(
+                "messages_weighted_total",
+                "Weighted messages (QoS 0 x1, QoS 1 x2, QoS 2 x10) received (pub) or sent (sub)",
+                "direction",
+            )?,
+            connections_peak: gauge(
+                "connections_peak",
+                "Most connections this node held since it started",
+            )?,
+            topics: gauge(
+                "topics",
+                "Distinct subscribed topic filters this node routes (its own and the other nodes')",
+            )?,
+            topic_messages: {
+                let c = IntCounterVec::new(
+                    Opts::new(
+                        "topic_messages_total",
+                        "Messages by parent topic (the first 100 seen, declared Kafka parent topics always; the rest as _other), direction (produced, consumed) and QoS",
+                    ),
+                    &["parent_topic", "direction", "qos"],
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
             registry,
         };
         Ok(m)

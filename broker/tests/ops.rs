@@ -316,6 +316,20 @@ async fn tps_is_weighted_by_qos_and_the_report_counts_every_message() {
     assert_eq!(r["totals"]["produced"], 162);
     let only = b.api("/api/v1/report?range=3h&parentTopic=other");
     assert_eq!(only["rows"].as_array().map(Vec::len), Some(1));
+    // The same counts for Prometheus (O9).
+    let series = |s: &str| b.metric(&format!("ringmq_topic_messages_total{{{s}}}"));
+    assert_eq!(
+        series("direction=\"produced\",parent_topic=\"plant\",qos=\"1\""),
+        160.0
+    );
+    assert_eq!(
+        series("direction=\"consumed\",parent_topic=\"plant\",qos=\"2\""),
+        1.0
+    );
+    assert_eq!(
+        b.metric("ringmq_messages_weighted_total{direction=\"pub\"}"),
+        160.0 * 2.0 + 10.0 + 1.0
+    );
 }
 
 #[tokio::test]
@@ -389,6 +403,11 @@ async fn capacity_refuses_connections_and_subscriptions_and_throttles_publishers
     })
     .await;
     assert_eq!(b.metric("ringmq_alarm_firing{metric=\"connections\"}"), 1.0);
+    assert_eq!(
+        b.metric("ringmq_alarm_threshold{metric=\"connections\"}"),
+        3.0
+    );
+    assert_eq!(b.metric("ringmq_capacity_limit{resource=\"tps\"}"), 50.0);
 }
 
 #[tokio::test]

@@ -408,6 +408,7 @@ fn log_change(change: &Change) {
 pub async fn tick(broker: Arc<Broker>) {
     let mut n: u64 = 0;
     let mut evaluating = false;
+    let mut exported = Exported::default();
     loop {
         ntex::time::sleep(REFILL).await;
         n += 1;
@@ -422,9 +423,10 @@ pub async fn tick(broker: Arc<Broker>) {
         }
         let now = now_ms();
         let usage = &broker.usage;
-        usage.meter.tick(now);
+        let by_parent = usage.meter.tick(now);
         usage.capacity.retain_peers(&members);
         let (pub_tps, sub_tps) = usage.meter.tps();
+        export(&broker, &mut exported, by_parent);
         if let Some(c) = &broker.cluster {
             c.broadcast(&Frame::Load {
                 connections: gauge(broker.metrics.connections.get()),
@@ -449,6 +451,64 @@ pub async fn tick(broker: Arc<Broker>) {
         changes.iter().for_each(log_change);
         if n.is_multiple_of(broker.config.trace.group_sample_secs * 10) {
             usage.meter.record_groups(now, groups_now(&broker));
+        }
+    }
+}
+
+/// What `export` carried over from the previous second.
+#[derive(Default)]
+struct Exported {
+    weighted: (u64, u64),
+    /// Parent topics with their own `topic_messages_total` label.
+    parents: std::collections::HashSet<String>,
+}
+
+/// Parent topics labelled by name in `topic_messages_total`, at most; the
+/// declared Kafka parent topics always are.
+const LABELLED_PARENTS: usize = 100;
+
+/// Once a second: the meter's numbers into the Prometheus metrics (O9).
+fn export(broker: &Broker, last: &mut Exported, by_parent: HashMap<String, crate::meter::Counts>) {
+    let m = &broker.metrics;
+    let meter = &broker.usage.meter;
+    let (pub_tps, sub_tps) = meter.tps();
+    m.tps.with_label_values(&["pub"]).set(pub_tps);
+    m.tps.with_label_values(&["sub"]).set(sub_tps);
+    let (w_in, w_out) = meter.weighted_totals();
+    m.messages_weighted
+        .with_label_values(&["pub"])
+        .inc_by(w_in - last.weighted.0);
+    m.messages_weighted
+        .with_label_values(&["sub"])
+        .inc_by(w_out - last.weighted.1);
+    last.weighted = (w_in, w_out);
+    m.connections_peak
+        .set(i64::try_from(meter.peak_connections()).unwrap_or(i64::MAX));
+    m.topics
+        .set(i64::try_from(broker.router.distinct_filters()).unwrap_or(i64::MAX));
+    let declared = |p: &str| {
+        broker
+            .config
+            .kafka
+            .as_ref()
+            .is_some_and(|k| k.parent_topics.iter().any(|t| t.name == p))
+    };
+    for (parent, counts) in by_parent {
+        let labelled = last.parents.contains(&parent)
+            || declared(&parent)
+            || (last.parents.len() < LABELLED_PARENTS && last.parents.insert(parent.clone()));
+        let label = if labelled { parent.as_str() } else { "_other" };
+        for (q, qos) in ["0", "1", "2"].iter().enumerate() {
+            for (direction, n) in [
+                ("produced", counts.produced[q]),
+                ("consumed", counts.consumed[q]),
+            ] {
+                if n > 0 {
+                    m.topic_messages
+                        .with_label_values(&[label, direction, qos])
+                        .inc_by(n);
+                }
+            }
         }
     }
 }
