@@ -68,6 +68,9 @@ pub struct Broker {
     /// The admin API's bearer token, when configured.
     pub admin_token: Option<SecretFile>,
     storage: Arc<dyn Storage>,
+    /// The Kafka cluster the instance binds, for the operations API's
+    /// topic state (O7); the data flows go through `storage`.
+    pub kafka: Option<Arc<crate::kafka::Kafka>>,
     /// Cleared when the node starts shutting down (`/readyz` answers 503).
     ready: AtomicBool,
     /// This node's name (`Config::node_name`).
@@ -137,6 +140,7 @@ pub struct Parts {
     pub tokens: Option<TokenService>,
     pub admin_token: Option<SecretFile>,
     pub storage: Arc<dyn Storage>,
+    pub kafka: Option<Arc<crate::kafka::Kafka>>,
     pub cluster: Option<Arc<Cluster>>,
     pub usage: Usage,
 }
@@ -149,6 +153,7 @@ impl Broker {
             tokens,
             admin_token,
             storage,
+            kafka,
             cluster,
             usage,
         } = parts;
@@ -164,6 +169,7 @@ impl Broker {
             tokens,
             admin_token,
             storage,
+            kafka,
             ready: AtomicBool::new(true),
             node: Arc::from(config_node.as_str()),
             channels: AtomicU64::new(0),

@@ -132,6 +132,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             tokens,
             admin_token,
             storage,
+            kafka: kafka.clone(),
             cluster: cluster.clone(),
             usage,
         },

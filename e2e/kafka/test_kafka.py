@@ -4,15 +4,20 @@ independent Kafka client (confluent-kafka) on the other side."""
 
 import base64
 import json
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import paho.mqtt.client as mqtt
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 
+from procs import broker_binary
 from harness import WAIT, Broker, Kafka, kafka_yaml, owned_by, records_json, wait_for
 from mqttclient import Client
 
@@ -72,7 +77,7 @@ def test_uplink_records_read_by_a_kafka_consumer(broker, kafka, version):
     assert (q2["payload"], q2["qos"]) == ("exactly once", 2)
     assert temp["clientId"] == f"GID_atest@@@dev-{version}"
     assert (temp["payload"], temp["payloadEncoding"], temp["qos"]) == ("21.5", "utf8", 1)
-    assert temp["ts"] > 1_600_000_000_000 and temp["msgId"].startswith("n1-")
+    assert temp["ts"] > 1_600_000_000_000 and re.fullmatch("[0-9a-f]{16}", temp["msgId"])
     assert raw["payloadEncoding"] == "base64"
     assert base64.b64decode(raw["payload"]) == bytes([0xFF, 0x00, 0x10])
     headers = dict(records[0].headers())
@@ -485,3 +490,52 @@ def test_downlink_in_a_cluster_reaches_each_subscriber_once(tmp_path, kafka):
     finally:
         for n in nodes:
             n.stop()
+
+
+def api(broker, path):
+    with urllib.request.urlopen(f"http://127.0.0.1:{broker.admin}/api/v1/{path}", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def test_parent_topic_state_and_a_groups_backlog_from_the_api(broker, kafka):
+    pub = Client(broker.port, V5, client_id="GID_atest@@@state")
+    for i in range(10):
+        pub.publish(f"sensors/s{i}/v", b"x", qos=1)
+    # A backend group commits the offsets of what it read, partition by
+    # partition: its backlog is what Kafka holds beyond those offsets.
+    records = kafka.read("sensors", 10)
+    by_partition = {}
+    for r in records:
+        by_partition.setdefault(r.partition(), []).append(r.offset())
+    committed = {p: min(offs) + 1 for p, offs in by_partition.items()}
+    c = Consumer(kafka.client(**{"group.id": "backend", "enable.auto.commit": False}))
+    c.commit(offsets=[TopicPartition("sensors", p, o) for p, o in committed.items()], asynchronous=False)
+    c.close()
+    state = api(broker, "topics/sensors?group=backend")
+    assert state["topic"] == "sensors" and state["group"] == "backend"
+    assert [b["port"] for b in state["brokers"]] == [kafka.proxy.port]
+    assert len(state["partitions"]) == 3
+    assert state["messages"] == 10
+    for p in state["partitions"]:
+        assert p["messages"] == p["high"] - p["low"]
+        assert p["committed"] == committed.get(p["partition"]), p
+    assert state["backlog"] == 10 - len(committed)
+    # Without a group: counts and offsets only.
+    plain = api(broker, "topics/sensors")
+    assert plain["backlog"] is None and plain["messages"] == 10
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        api(broker, "topics/nothing-here")
+    assert missing.value.code == 404
+    # The record's msgId is the Message ID the message trace knows.
+    msg_id = json.loads(records[0].value())["msgId"]
+    trace = api(broker, f"trace/message?messageId={msg_id}")
+    assert [e["action"] for e in trace["events"]] == ["published"]
+    assert trace["events"][0]["clientId"] == "GID_atest@@@state"
+    # The same at a terminal.
+    ctl = broker_binary().parent / "ringmqctl"
+    out = subprocess.run(
+        [str(ctl), "--server", f"http://127.0.0.1:{broker.admin}", "topic", "sensors", "--group", "backend"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout
+    assert f"backlog:       {10 - len(committed)}" in out, out
+    assert len([line for line in out.splitlines() if line.split()[:1] in (["0"], ["1"], ["2"])]) == 3, out

@@ -15,6 +15,7 @@
 //! producer writes each of them once.
 
 mod downlink;
+pub mod inspect;
 mod metrics;
 mod producer;
 pub mod record;
@@ -289,7 +290,7 @@ impl Storage for Kafka {
         let mut record = Record {
             topic: topic.clone(),
             key,
-            value: record::uplink(&msg, &self.node),
+            value: record::uplink(&msg),
             headers,
             ts_ms: msg.ts_ms,
             done: None,

@@ -45,11 +45,12 @@ struct Uplink<'a> {
     content_type: Option<&'a str>,
 }
 
-/// Encodes an MQTT message as the value of its uplink record. `msgId`
-/// (`<node>-<hex id>`) is unique per received PUBLISH, so consumers can drop
-/// the second copy of a QoS 1 message that a client sent again after a lost
+/// Encodes an MQTT message as the value of its uplink record. `msgId` is
+/// the Message ID the operations API's message trace knows the message by:
+/// unique in the instance per received PUBLISH, so consumers can drop the
+/// second copy of a QoS 1 message that a client sent again after a lost
 /// PUBACK.
-pub fn uplink(msg: &Message, node: &str) -> Vec<u8> {
+pub fn uplink(msg: &Message) -> Vec<u8> {
     let (payload, payload_encoding) = match std::str::from_utf8(&msg.payload) {
         Ok(text) => (Cow::Borrowed(text), "utf8"),
         Err(_) => (
@@ -64,7 +65,7 @@ pub fn uplink(msg: &Message, node: &str) -> Vec<u8> {
         payload_encoding,
         ts: msg.ts_ms,
         qos: msg.qos as u8,
-        msg_id: format!("{node}-{}", msg.id),
+        msg_id: msg.id.to_string(),
         retain: msg.retain,
         user_properties: msg
             .properties
@@ -185,20 +186,20 @@ mod tests {
 
     #[test]
     fn text_payload_is_kept_as_text() {
-        let v = json(&uplink(&msg(b"21.5 C"), "n0"));
+        let v = json(&uplink(&msg(b"21.5 C")));
         assert_eq!(v["clientId"], "g@@@d1");
         assert_eq!(v["topic"], "sensors/a");
         assert_eq!(v["payload"], "21.5 C");
         assert_eq!(v["payloadEncoding"], "utf8");
         assert_eq!(v["qos"], 1);
-        assert_eq!(v["msgId"], "n0-000000000000002a");
+        assert_eq!(v["msgId"], "000000000000002a");
         assert!(v["ts"].as_u64().is_some_and(|t| t > 0));
         assert!(v.get("userProperties").is_none());
     }
 
     #[test]
     fn binary_payload_is_base64() {
-        let v = json(&uplink(&msg(&[0xff, 0x00, 0x10]), "n0"));
+        let v = json(&uplink(&msg(&[0xff, 0x00, 0x10])));
         assert_eq!(v["payload"], "/wAQ");
         assert_eq!(v["payloadEncoding"], "base64");
     }

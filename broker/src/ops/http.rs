@@ -38,6 +38,7 @@ fn allowed(segs: &[&str]) -> Option<&'static str> {
         | ["online", "topic" | "groups"]
         | ["trace", "device" | "message"]
         | ["report"]
+        | ["topics", _]
         | ["alarms"] => Some("GET"),
         ["clients", _, "kick" | "unsubscribe"]
         | ["online", "clients"]
@@ -141,31 +142,15 @@ async fn route(
         ["alarms"] if get => alarms(broker).await,
         ["alarms", id, "ack"] if post => ack(broker, id).await,
         ["messages"] if post => send_message(broker, body),
-        [
-            "instance" | "clients" | "online" | "trace" | "report" | "alarms" | "messages",
-            ..,
-        ] if known(segs) => Err(Refusal(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("method {method} not allowed here"),
-        )),
-        _ => Err(not_found("no such endpoint: see /api/v1/openapi.json")),
+        ["topics", parent] if get => topic_state(broker, parent, params).await,
+        _ => match allowed(segs) {
+            Some(allow) => Err(Refusal(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("method {method} not allowed here: use {allow}"),
+            )),
+            None => Err(not_found("no such endpoint: see /api/v1/openapi.json")),
+        },
     }
-}
-
-/// Whether the path exists for some method (for 405 rather than 404).
-fn known(segs: &[&str]) -> bool {
-    matches!(
-        segs,
-        ["instance"]
-            | ["clients", _]
-            | ["clients", _, "kick" | "unsubscribe"]
-            | ["online", "clients" | "topic" | "groups"]
-            | ["trace", "device" | "message"]
-            | ["report"]
-            | ["alarms"]
-            | ["alarms", _, "ack"]
-            | ["messages"]
-    )
 }
 
 fn param_u64(params: &HashMap<String, String>, name: &str) -> Result<Option<u64>, Refusal> {
@@ -617,6 +602,39 @@ async fn ack(broker: &Arc<Broker>, id: &str) -> Answer {
         Ok(json!({ "id": id, "acknowledged": true }))
     } else {
         Err(not_found(format!("no alarm {id}")))
+    }
+}
+
+/// How long the topic state may take; Kafka answers within it or the call
+/// fails with 503.
+const KAFKA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// O7: a parent topic as Kafka holds it. Every node binds the same Kafka, so
+/// the node asked answers alone.
+async fn topic_state(
+    broker: &Arc<Broker>,
+    parent: &str,
+    params: &HashMap<String, String>,
+) -> Answer {
+    let Some(kafka) = &broker.kafka else {
+        return Err(not_found("this instance has no Kafka cluster"));
+    };
+    if !crate::config::is_kafka_topic_name(parent) {
+        return Err(bad("not a Kafka topic name"));
+    }
+    let group = match params.get("group") {
+        Some(g) if g.is_empty() => return Err(bad("group must not be empty")),
+        g => g.map(String::as_str),
+    };
+    match kafka.topic_state(parent, group, KAFKA_TIMEOUT).await {
+        Ok(state) => to_value(state),
+        Err(crate::kafka::inspect::InspectError::NoTopic(t)) => {
+            Err(not_found(format!("no topic {t} in Kafka")))
+        }
+        Err(e) => Err(Refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("Kafka: {e}"),
+        )),
     }
 }
 

@@ -73,6 +73,13 @@ enum Command {
         #[arg(long)]
         parent_topic: Option<String>,
     },
+    /// A parent topic in Kafka: partitions, offsets, a group's backlog (O7).
+    Topic {
+        parent_topic: String,
+        /// Consumer group whose backlog to show.
+        #[arg(long)]
+        group: Option<String>,
+    },
     /// Alarm records, newest first (L4).
     Alarms,
     /// Acknowledges ("ignores") an alarm (L4).
@@ -213,6 +220,19 @@ fn run(cli: &Cli) -> anyhow::Result<String> {
             (
                 api.get(&format!("report?range={}{p}", encode(last)))?,
                 show_report,
+            )
+        }
+        Command::Topic {
+            parent_topic,
+            group,
+        } => {
+            let g = group
+                .as_ref()
+                .map(|g| format!("?group={}", encode(g)))
+                .unwrap_or_default();
+            (
+                api.get(&format!("topics/{}{g}", encode(parent_topic)))?,
+                show_topic,
             )
         }
         Command::Alarms => (api.get("alarms")?, show_alarms),
@@ -463,4 +483,55 @@ fn show_alarms(v: &Value) -> String {
         ]);
     }
     missing(v) + &t.render()
+}
+
+fn show_topic(v: &Value) -> String {
+    let brokers: Vec<String> = v["brokers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| {
+            format!(
+                "{}:{} (id {})",
+                cell(&b["host"]),
+                cell(&b["port"]),
+                cell(&b["id"])
+            )
+        })
+        .collect();
+    let mut out = block(&[
+        ("topic", cell(&v["topic"])),
+        ("kafka brokers", brokers.join(", ")),
+        ("messages", cell(&v["messages"])),
+        ("group", cell(&v["group"])),
+        ("backlog", cell(&v["backlog"])),
+    ]);
+    let mut t = Table::new(&[
+        "PARTITION",
+        "LEADER",
+        "LOW",
+        "HIGH",
+        "MESSAGES",
+        "COMMITTED",
+        "BACKLOG",
+    ]);
+    for p in v["partitions"].as_array().into_iter().flatten() {
+        t.row(
+            [
+                "partition",
+                "leader",
+                "low",
+                "high",
+                "messages",
+                "committed",
+                "backlog",
+            ]
+            .iter()
+            .map(|k| cell(&p[*k]))
+            .collect(),
+        );
+    }
+    out.push('\n');
+    out.push_str(&t.render());
+    out
 }
