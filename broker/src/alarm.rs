@@ -14,6 +14,7 @@ use prometheus::{IntGaugeVec, Opts, Registry};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{AlarmRule, AlarmsConfig, CapacityConfig};
+use crate::journal::{Entry, Journal};
 
 /// Errors while registering the metrics.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +118,7 @@ pub struct Alarms {
     node: String,
     inner: Mutex<Inner>,
     firing: IntGaugeVec,
+    journal: Option<Journal>,
 }
 
 impl Alarms {
@@ -125,6 +127,7 @@ impl Alarms {
         capacity: &CapacityConfig,
         node: &str,
         registry: &Registry,
+        journal: Option<Journal>,
     ) -> Result<Self> {
         let firing = IntGaugeVec::new(
             Opts::new(
@@ -148,6 +151,7 @@ impl Alarms {
             node: node.to_owned(),
             inner: Mutex::new(Inner::default()),
             firing,
+            journal,
         };
         for m in Metric::ALL {
             if let Some(t) = alarms.threshold(m) {
@@ -193,6 +197,43 @@ impl Alarms {
         }
     }
 
+    /// Puts back the records the journal held. An alarm that was firing
+    /// when the node stopped ends at `now`: this node evaluates afresh and
+    /// opens a new one if the value is still beyond the threshold.
+    pub fn restore(&self, records: Vec<AlarmRecord>, now: u64) {
+        let mut inner = self.lock();
+        for mut r in records {
+            if r.end.is_none() {
+                r.state = AlarmState::Resolved;
+                r.end = Some(now);
+                r.duration_secs = now.saturating_sub(r.start) / 1000;
+                self.journal(&r);
+            }
+            let seq = r.id.rsplit('-').next().and_then(|n| n.parse::<u64>().ok());
+            if r.node == self.node
+                && let Some(seq) = seq
+            {
+                inner.next = inner.next.max(seq + 1);
+            }
+            inner.records.push_back(r);
+        }
+        // Sequence numbers index `records` from `first`: the next one goes
+        // right after the restored records.
+        let n = inner.records.len() as u64;
+        inner.next = inner.next.max(n);
+        inner.first = inner.next - n;
+        while inner.records.len() > KEEP {
+            inner.records.pop_front();
+            inner.first += 1;
+        }
+    }
+
+    fn journal(&self, r: &AlarmRecord) {
+        if let Some(j) = &self.journal {
+            j.record(Entry::Alarm(r.clone()));
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -205,6 +246,7 @@ impl Alarms {
         for &(metric, value) in values {
             let Some(threshold) = self.threshold(metric) else {
                 if let Some(c) = close(&mut inner, metric, now) {
+                    self.journal(&c);
                     changes.push(Change::Resolved(c));
                 }
                 continue;
@@ -245,6 +287,7 @@ impl Alarms {
                     w.back_since = None;
                     trim(&mut inner);
                     self.firing.with_label_values(&[metric.label()]).set(1);
+                    self.journal(&record);
                     changes.push(Change::Fired(record));
                 }
                 Some(seq) => {
@@ -264,6 +307,7 @@ impl Alarms {
                     }
                     if let Some(c) = close(&mut inner, metric, now) {
                         self.firing.with_label_values(&[metric.label()]).set(0);
+                        self.journal(&c);
                         changes.push(Change::Resolved(c));
                     }
                 }
@@ -279,6 +323,7 @@ impl Alarms {
         for m in Metric::ALL {
             if let Some(c) = close(&mut inner, m, now) {
                 self.firing.with_label_values(&[m.label()]).set(0);
+                self.journal(&c);
                 changes.push(Change::Resolved(c));
             }
             inner.watches.remove(&m);
@@ -295,6 +340,9 @@ impl Alarms {
                 if r.state == AlarmState::Firing {
                     r.state = AlarmState::Acknowledged;
                 }
+                let r = r.clone();
+                drop(inner);
+                self.journal(&r);
                 true
             }
             None => false,
@@ -357,7 +405,8 @@ mod tests {
             connections: 100,
             ..CapacityConfig::default()
         };
-        Alarms::new(&config, &capacity, "n0", &Registry::new()).unwrap_or_else(|e| panic!("{e}"))
+        Alarms::new(&config, &capacity, "n0", &Registry::new(), None)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     #[test]

@@ -213,6 +213,12 @@ pub struct TraceConfig {
     pub groups: usize,
     /// Seconds between two samples of the Group ID online counts.
     pub group_sample_secs: u64,
+    /// Directory where traces, metering history and alarm records are also
+    /// written (JSON lines, one file per kind and hour), so that a restarted
+    /// node still answers for the retention window. `null`: memory only.
+    pub dir: Option<PathBuf>,
+    /// Most bytes the files in `dir` take; the oldest go first.
+    pub disk_bytes: u64,
 }
 
 impl Default for TraceConfig {
@@ -225,6 +231,8 @@ impl Default for TraceConfig {
             report_keys: 10_000,
             groups: 1_000,
             group_sample_secs: 60,
+            dir: None,
+            disk_bytes: 1 << 30,
         }
     }
 }
@@ -895,6 +903,8 @@ trace:
   report_keys: 10000
   groups: 1000
   group_sample_secs: 60
+  dir: null                         # also on disk here (survives restarts)
+  disk_bytes: 1073741824            # at most this much in dir
 "#;
 
 #[cfg(test)]

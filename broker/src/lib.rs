@@ -11,6 +11,7 @@ pub mod capacity;
 pub mod cluster;
 pub mod config;
 pub mod connection;
+pub mod journal;
 pub mod kafka;
 pub mod listener;
 pub mod message;
@@ -55,6 +56,8 @@ pub enum Error {
     Capacity(#[from] capacity::CapacityError),
     #[error(transparent)]
     Alarm(#[from] alarm::AlarmError),
+    #[error(transparent)]
+    Journal(#[from] journal::JournalError),
     #[error("cannot read the {what} file {path}: {error}")]
     SecretFile {
         what: &'static str,
@@ -113,17 +116,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         )?),
         None => None,
     };
-    let usage = broker::Usage {
-        meter: meter::Meter::new(&config.trace, config.alarms.tps_window_secs),
-        traces: trace::Traces::new(&config.trace),
-        capacity: capacity::Capacity::new(&config.capacity, metrics.registry())?,
-        alarms: alarm::Alarms::new(
-            &config.alarms,
-            &config.capacity,
-            &config.node_name(),
-            metrics.registry(),
-        )?,
-    };
+    let usage = usage(&config, &metrics)?;
     let broker = Broker::new(
         config,
         broker::Parts {
@@ -170,6 +163,48 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         k.flush(flush_timeout);
     }
     Ok(())
+}
+
+/// Metering, traces, capacity and alarms, with what the journal kept from
+/// before a restart.
+fn usage(config: &Config, metrics: &metrics::Metrics) -> Result<broker::Usage> {
+    let trace = &config.trace;
+    let (journal, replayed) = match &trace.dir {
+        Some(dir) => {
+            let (j, r) = journal::open(
+                dir,
+                trace.retention_secs.saturating_mul(1000),
+                trace.disk_bytes,
+                metrics.registry(),
+            )?;
+            tracing::info!(
+                dir = %dir.display(),
+                device_events = r.devices.len(),
+                message_events = r.messages.len(),
+                minutes = r.minutes.len(),
+                alarms = r.alarms.len(),
+                "journal read back"
+            );
+            (Some(j), r)
+        }
+        None => (None, journal::Replayed::default()),
+    };
+    let usage = broker::Usage {
+        meter: meter::Meter::new(trace, config.alarms.tps_window_secs, journal.clone()),
+        traces: trace::Traces::new(trace, journal.clone()),
+        capacity: capacity::Capacity::new(&config.capacity, metrics.registry())?,
+        alarms: alarm::Alarms::new(
+            &config.alarms,
+            &config.capacity,
+            &config.node_name(),
+            metrics.registry(),
+            journal,
+        )?,
+    };
+    usage.traces.restore(replayed.devices, replayed.messages);
+    usage.meter.restore(replayed.minutes, replayed.groups);
+    usage.alarms.restore(replayed.alarms, message::now_ms());
+    Ok(usage)
 }
 
 /// Periodic work: session expiry, credentials reload.

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 
 use crate::config::TraceConfig;
+use crate::journal::{Entry, Journal, MinuteRecord};
 use crate::message::QoS;
 
 /// L2: what one message counts for in TPS.
@@ -98,6 +99,7 @@ pub struct Meter {
     group_retention_ms: u64,
     max_groups: usize,
     peak_connections: AtomicU64,
+    journal: Option<Journal>,
 }
 
 /// `parent/subtopic` of a topic: its first two levels.
@@ -116,7 +118,7 @@ fn shard_of(key: &str) -> usize {
 }
 
 impl Meter {
-    pub fn new(trace: &TraceConfig, tps_window_secs: u64) -> Self {
+    pub fn new(trace: &TraceConfig, tps_window_secs: u64, journal: Option<Journal>) -> Self {
         Self {
             weighted_in: AtomicU64::new(0),
             weighted_out: AtomicU64::new(0),
@@ -128,7 +130,22 @@ impl Meter {
             group_retention_ms: trace.group_history_secs.saturating_mul(1000),
             max_groups: trace.groups,
             peak_connections: AtomicU64::new(0),
+            journal,
         }
+    }
+
+    /// Puts back the history the journal held (oldest first).
+    pub fn restore(&self, minutes: Vec<MinuteRecord>, groups: Vec<GroupSample>) {
+        let mut h = self.history();
+        for m in minutes {
+            h.minutes.push_back(Minute {
+                start_ms: m.start,
+                topics: m.topics.into_iter().map(|(k, c)| (k.into(), c)).collect(),
+                pub_weighted: m.pub_weighted,
+                sub_weighted: m.sub_weighted,
+            });
+        }
+        h.groups.extend(groups);
     }
 
     fn count(&self, topic: &str, f: impl FnOnce(&mut Counts)) {
@@ -199,6 +216,18 @@ impl Meter {
         if h.filling.start_ms != minute_start {
             let done = std::mem::take(&mut h.filling);
             if done.start_ms != 0 {
+                if let Some(j) = &self.journal {
+                    j.record(Entry::Minute(MinuteRecord {
+                        start: done.start_ms,
+                        topics: done
+                            .topics
+                            .iter()
+                            .map(|(k, c)| (k.to_string(), *c))
+                            .collect(),
+                        pub_weighted: done.pub_weighted,
+                        sub_weighted: done.sub_weighted,
+                    }));
+                }
                 h.minutes.push_back(done);
             }
             h.filling.start_ms = minute_start;
@@ -261,8 +290,12 @@ impl Meter {
             by_count.truncate(self.max_groups);
             groups = by_count.into_iter().collect();
         }
+        let sample = GroupSample { ts: now_ms, groups };
+        if let Some(j) = &self.journal {
+            j.record(Entry::Groups(sample.clone()));
+        }
         let mut h = self.history();
-        h.groups.push_back(GroupSample { ts: now_ms, groups });
+        h.groups.push_back(sample);
         let oldest = now_ms.saturating_sub(self.group_retention_ms);
         while h.groups.front().is_some_and(|g| g.ts < oldest) {
             h.groups.pop_front();
@@ -285,7 +318,7 @@ mod tests {
     use super::*;
 
     fn meter() -> Meter {
-        Meter::new(&TraceConfig::default(), 2)
+        Meter::new(&TraceConfig::default(), 2, None)
     }
 
     #[test]
@@ -322,6 +355,35 @@ mod tests {
     }
 
     #[test]
+    fn restored_minutes_answer_the_report() {
+        let m = meter();
+        let mut topics = HashMap::new();
+        topics.insert(
+            "a/b".to_owned(),
+            Counts {
+                produced: [1, 2, 3],
+                consumed: [0, 0, 4],
+            },
+        );
+        m.restore(
+            vec![MinuteRecord {
+                start: 60_000,
+                topics,
+                pub_weighted: 35,
+                sub_weighted: 40,
+            }],
+            vec![GroupSample {
+                ts: 60_000,
+                groups: HashMap::from([("GID_x".to_owned(), 3)]),
+            }],
+        );
+        let r = m.report(60_000, 61_000);
+        assert_eq!(r.pub_weighted, 35);
+        assert_eq!(r.topics["a/b"].consumed, [0, 0, 4]);
+        assert_eq!(m.groups(0, 100_000)[0].groups["GID_x"], 3);
+    }
+
+    #[test]
     fn keys_beyond_the_limit_fall_into_other() {
         let m = Meter::new(
             &TraceConfig {
@@ -329,6 +391,7 @@ mod tests {
                 ..TraceConfig::default()
             },
             1,
+            None,
         );
         for i in 0..100 {
             m.produced(&format!("p/{i}"), QoS::AtMostOnce);

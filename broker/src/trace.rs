@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use crate::config::TraceConfig;
+use crate::journal::{Entry, Journal};
 use crate::message::QoS;
 
 const SHARDS: usize = 16;
@@ -174,14 +175,44 @@ pub struct Traces {
     devices: Rings<DeviceEvent>,
     messages: Rings<RawMessageEvent>,
     retention_ms: u64,
+    journal: Option<Journal>,
 }
 
 impl Traces {
-    pub fn new(config: &TraceConfig) -> Self {
+    pub fn new(config: &TraceConfig, journal: Option<Journal>) -> Self {
         Self {
             devices: Rings::new(config.device_events),
             messages: Rings::new(config.message_events),
             retention_ms: config.retention_secs.saturating_mul(1000),
+            journal,
+        }
+    }
+
+    /// Puts back what the journal held (oldest first).
+    pub fn restore(&self, devices: Vec<DeviceEvent>, messages: Vec<MessageEvent>) {
+        let oldest = self.oldest(crate::message::now_ms());
+        for e in devices {
+            let client = e.client_id.clone();
+            self.devices.push(&client, e, |e| e.ts, oldest);
+        }
+        for e in messages {
+            let Ok(id) = e.message_id.parse::<crate::message::MessageId>() else {
+                continue;
+            };
+            let raw = RawMessageEvent {
+                ts: e.ts,
+                message_id: id.0,
+                client_id: e.client_id,
+                action: e.action,
+                topic: e.topic.into(),
+                qos: match e.qos {
+                    0 => QoS::AtMostOnce,
+                    1 => QoS::AtLeastOnce,
+                    _ => QoS::ExactlyOnce,
+                },
+            };
+            let client = raw.client_id.clone();
+            self.messages.push(&client, raw, |e| e.ts, oldest);
         }
     }
 
@@ -207,6 +238,9 @@ impl Traces {
             reason,
             detail: detail.map(str::to_owned),
         };
+        if let Some(j) = &self.journal {
+            j.record(Entry::Device(event.clone()));
+        }
         self.devices
             .push(client_id, event, |e| e.ts, self.oldest(ts));
     }
@@ -236,6 +270,9 @@ impl Traces {
             topic: msg.topic.clone(),
             qos,
         };
+        if let Some(j) = &self.journal {
+            j.record(Entry::Message(event.render()));
+        }
         self.messages
             .push(client_id, event, |e| e.ts, self.oldest(ts));
     }
@@ -302,10 +339,13 @@ mod tests {
 
     #[test]
     fn device_events_are_kept_per_client_within_the_bound() {
-        let t = Traces::new(&TraceConfig {
-            device_events: 32,
-            ..TraceConfig::default()
-        });
+        let t = Traces::new(
+            &TraceConfig {
+                device_events: 32,
+                ..TraceConfig::default()
+            },
+            None,
+        );
         let (a, b, ch): (Arc<str>, Arc<str>, Arc<str>) = ("a".into(), "b".into(), "c1".into());
         for _ in 0..100 {
             t.device(&a, &ch, DeviceAction::Connect, DeviceReason::Accepted, None);
@@ -322,7 +362,7 @@ mod tests {
 
     #[test]
     fn message_events_by_client_and_by_id() {
-        let t = Traces::new(&TraceConfig::default());
+        let t = Traces::new(&TraceConfig::default(), None);
         let pubr: Arc<str> = "pub".into();
         let sub: Arc<str> = "sub".into();
         let msg = crate::message::Message::new(

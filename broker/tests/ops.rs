@@ -697,3 +697,49 @@ async fn ringmqctl_prints_tables_of_the_same_answers() {
     assert!(!ok);
     assert!(err.contains("400"), "{err}");
 }
+
+#[tokio::test]
+async fn traces_history_and_alarms_survive_a_restart_with_a_journal() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let extra = format!(
+        "trace:\n  dir: {}\ncapacity:\n  connections: 2\n  mode: alarm_only\nalarms:\n  hold_secs: 0",
+        dir.path().display()
+    );
+    let mut b = Broker::start(&extra);
+    let mut s = v5::connect(v5::options("keeper", b.tcp)).await;
+    s.subscribe("j/#", v5::QoS::AtLeastOnce).await;
+    let p = v5::connect(v5::options("writer", b.tcp)).await;
+    p.publish("j/1", v5::QoS::AtLeastOnce, false, "x").await;
+    s.next_publish().await;
+    eventually("connections alarm", || {
+        b.api("/api/v1/alarms")["alarms"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+    })
+    .await;
+    let before = b.api("/api/v1/trace/message?clientId=writer");
+    let id = before["events"][0]["messageId"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    // The writer thread flushes when idle; give it a moment, then stop hard.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    b.kill();
+    drop((s, p));
+
+    let b = Broker::start(&extra);
+    let trace = events(&b.api("/api/v1/trace/device?clientId=keeper"));
+    assert!(has(&trace, "connect", "accepted"), "{trace:?}");
+    assert!(has(&trace, "subscribed", "accepted"), "{trace:?}");
+    let t = b.api(&format!("/api/v1/trace/message?messageId={id}"));
+    assert_eq!(events(&t).len(), 2, "published and pushed: {t}");
+    let alarms = b.api("/api/v1/alarms");
+    let a = &alarms["alarms"][0];
+    assert_eq!(a["metric"], "connections", "{alarms}");
+    assert_eq!(a["state"], "resolved", "closed at the restart: {alarms}");
+    assert!(a["end"].is_u64());
+    let files = std::fs::read_dir(dir.path())
+        .map(Iterator::count)
+        .unwrap_or(0);
+    assert!(files >= 3, "device, message and alarm files: {files}");
+}

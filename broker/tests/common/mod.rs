@@ -395,6 +395,12 @@ impl Broker {
             .unwrap_or(0.0)
     }
 
+    /// SIGKILL, and waits for the process to go.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.tcp))
     }
