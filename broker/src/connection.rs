@@ -11,10 +11,9 @@
 use std::cell::{Cell, RefCell};
 use std::net::IpAddr;
 use std::num::NonZeroU16;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use std::rc::Rc;
 
 use crate::auth::{Grants, Identity};
 use crate::broker::{Broker, SubscribeError};
@@ -507,8 +506,8 @@ impl Pump {
 
     /// Writes a batch; false once the connection is gone.
     async fn send<S: OutSink>(&self, sink: &S, batch: Vec<Outgoing>) -> bool {
-        let metrics = &self.broker.metrics;
-        let usage = &self.broker.usage;
+        let mut sent = Vec::with_capacity(batch.len());
+        let mut ok = true;
         for Outgoing { d, id, offline } in batch {
             let now = Instant::now();
             if sink
@@ -516,19 +515,18 @@ impl Pump {
                 .is_some_and(|max| d.msg.payload.len() + d.msg.topic.len() + 16 > max as usize)
             {
                 // MQTT 5 3.1.2.11.4: a message the client cannot take is dropped.
-                metrics.drop_message("client_max_packet_size");
+                self.broker.metrics.drop_message("client_max_packet_size");
                 if let Some(id) = id {
                     self.session.acked(self.conn.generation, id.get());
                 }
                 continue;
             }
-            let ok = match id {
+            ok = match id {
                 None => sink.send_qos0(&d, now).await,
                 Some(id) => {
                     if !sink.ready().await {
-                        return false;
-                    }
-                    if d.qos == QoS::AtLeastOnce {
+                        false
+                    } else if d.qos == QoS::AtLeastOnce {
                         sink.send_qos1(&d, id, now)
                     } else {
                         let ok = sink.send_qos2(&d, id, now).await;
@@ -541,23 +539,60 @@ impl Pump {
                 }
             };
             if !ok {
-                return false;
+                break;
             }
-            metrics.sent(d.qos, d.msg.payload.len());
-            usage.meter.consumed(&d.msg.topic, d.qos, 1);
-            usage.capacity.charge(crate::meter::weight(d.qos));
             let action = if offline {
                 MessageAction::OfflinePushed
             } else {
                 MessageAction::Pushed
             };
-            usage
-                .traces
-                .message(&self.session.client_id, &d.msg, action, d.qos);
-            self.session
-                .sent
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            sent.push((d.msg, d.qos, action));
         }
-        true
+        self.account(&sent);
+        ok
+    }
+
+    /// Counts, meters, charges and traces the messages of one batch that
+    /// were written: once per batch (and per run of one topic), not once
+    /// per message.
+    fn account(&self, sent: &[(Arc<Message>, QoS, MessageAction)]) {
+        if sent.is_empty() {
+            return;
+        }
+        let usage = &self.broker.usage;
+        let mut per_qos = [(0u64, 0u64); 3];
+        let mut weight = 0;
+        for (msg, qos, _) in sent {
+            let q = &mut per_qos[*qos as usize];
+            q.0 += 1;
+            q.1 += msg.payload.len() as u64;
+            weight += crate::meter::weight(*qos);
+        }
+        for (qos, (n, bytes)) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce]
+            .into_iter()
+            .zip(per_qos)
+        {
+            if n > 0 {
+                self.broker.metrics.sent_many(qos, n, bytes);
+            }
+        }
+        let mut i = 0;
+        while i < sent.len() {
+            let (msg, qos, _) = &sent[i];
+            let run = sent[i..]
+                .iter()
+                .take_while(|(m, q, _)| q == qos && m.topic == msg.topic)
+                .count();
+            usage.meter.consumed(&msg.topic, *qos, run as u64);
+            i += run;
+        }
+        usage.capacity.charge(weight);
+        usage.traces.messages(
+            &self.session.client_id,
+            sent.iter().map(|(m, q, a)| (&**m, *a, *q)),
+        );
+        self.session
+            .sent
+            .fetch_add(sent.len() as u64, std::sync::atomic::Ordering::Relaxed);
     }
 }

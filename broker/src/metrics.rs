@@ -156,11 +156,14 @@ impl Metrics {
             .inc_by(bytes as u64);
     }
 
-    pub fn sent(&self, qos: QoS, bytes: usize) {
-        self.messages_out.with_label_values(&[qos.label()]).inc();
+    /// `n` messages of one QoS with `bytes` of payload sent.
+    pub fn sent_many(&self, qos: QoS, n: u64, bytes: u64) {
+        self.messages_out
+            .with_label_values(&[qos.label()])
+            .inc_by(n);
         self.bytes_out
             .with_label_values(&[qos.label()])
-            .inc_by(bytes as u64);
+            .inc_by(bytes);
     }
 
     pub fn reject(&self, reason: &str) {

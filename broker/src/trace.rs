@@ -162,6 +162,10 @@ impl<T> Rings<T> {
             return;
         }
         let mut ring = self.shard(client_id);
+        self.push_locked(&mut ring, event, ts, oldest);
+    }
+
+    fn push_locked(&self, ring: &mut VecDeque<T>, event: T, ts: impl Fn(&T) -> u64, oldest: u64) {
         while ring.len() >= self.per_shard || ring.front().is_some_and(|e| ts(e) < oldest) {
             ring.pop_front();
         }
@@ -275,6 +279,36 @@ impl Traces {
         }
         self.messages
             .push(client_id, event, |e| e.ts, self.oldest(ts));
+    }
+
+    /// Records message events of one client at once: one lock, one clock
+    /// read (the pump's batches).
+    pub fn messages<'a>(
+        &self,
+        client_id: &Arc<str>,
+        events: impl Iterator<Item = (&'a crate::message::Message, MessageAction, QoS)>,
+    ) {
+        if !self.traces_messages() {
+            return;
+        }
+        let ts = crate::message::now_ms();
+        let oldest = self.oldest(ts);
+        let mut ring = self.messages.shard(client_id);
+        for (msg, action, qos) in events {
+            let event = RawMessageEvent {
+                ts,
+                message_id: msg.id.0,
+                client_id: client_id.clone(),
+                action,
+                topic: msg.topic.clone(),
+                qos,
+            };
+            if let Some(j) = &self.journal {
+                j.record(Entry::Message(event.render()));
+            }
+            self.messages
+                .push_locked(&mut ring, event, |e| e.ts, oldest);
+        }
     }
 
     /// Device events of one client in `[from, to]`, oldest first, at most `limit`.
