@@ -601,6 +601,22 @@ async fn every_node_answers_for_the_whole_cluster() {
         .to_owned();
     let t = n0.api(&format!("/api/v1/trace/message?messageId={id}"));
     assert_eq!(events(&t).len(), 2, "{t}");
+    // The resource report sums the nodes: the publish counted where it was
+    // received, the delivery where it was pushed.
+    eventually("report from both nodes", || {
+        let r = n0.api("/api/v1/report?range=1h&parentTopic=t");
+        r["totals"]["produced"] == 1 && r["totals"]["consumed"] == 1
+    })
+    .await;
+    // Exactly one node evaluates the alarms.
+    let inst = n1.api("/api/v1/instance");
+    let evaluators = inst["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| n["alarmEvaluator"] == true)
+        .count();
+    assert_eq!(evaluators, 1, "{inst}");
     let history = n0.api("/api/v1/online/groups?groupId=GID_yyy");
     eventually("group history", || {
         n0.api("/api/v1/online/groups?groupId=GID_yyy")["history"]
