@@ -434,6 +434,10 @@ pub struct ClusterConfig {
     /// `null`: the listen address, or `<node_id>:<port>` when it listens on
     /// every interface.
     pub advertise: Option<String>,
+    /// With `advertise` unset, advertise `<node_id>.<advertise_domain>:<port>`
+    /// (on Kubernetes: the pod's name under the headless Service, e.g.
+    /// `ringmq-nodes.mqtt.svc`), so one configuration serves every pod.
+    pub advertise_domain: Option<String>,
     /// File holding the secret every node of the instance shares; a node
     /// that cannot prove it knows the secret is not let in.
     pub secret_file: PathBuf,
@@ -452,6 +456,7 @@ impl Default for ClusterConfig {
             listen: SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 0], 7946)),
             peers: Vec::new(),
             advertise: None,
+            advertise_domain: None,
             secret_file: PathBuf::from("/etc/ringmq/cluster/secret"),
             heartbeat_ms: 500,
             failure_timeout_ms: 3000,
@@ -864,6 +869,7 @@ node_id: null
 #   peers: ["ringmq-0.ringmq-nodes:7946", "ringmq-1.ringmq-nodes:7946"]
 #   advertise: null                 # how others reach this node (null: listen
 #                                   # address, or <node_id>:<port> on [::])
+#   advertise_domain: null          # <node_id>.<domain>:<port> when advertise is null
 #   secret_file: /etc/ringmq/cluster/secret
 #   heartbeat_ms: 500
 #   failure_timeout_ms: 3000        # a silent node leaves the ring after this

@@ -589,7 +589,9 @@ fn advertise(config: &ClusterConfig, node: &str, bound: Option<std::net::SocketA
         return a.clone();
     }
     let addr = bound.unwrap_or(config.listen);
-    if addr.ip().is_unspecified() {
+    if let Some(domain) = &config.advertise_domain {
+        format!("{node}.{domain}:{}", addr.port())
+    } else if addr.ip().is_unspecified() {
         format!("{node}:{}", addr.port())
     } else {
         addr.to_string()
@@ -734,5 +736,34 @@ pub async fn watch(cluster: Arc<Cluster>, broker: Arc<crate::broker::Broker>) {
             .metrics
             .cluster_nodes
             .set(i64::try_from(cluster.ring().nodes().len()).unwrap_or(i64::MAX));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advertised_address_follows_the_configuration() {
+        let any = ClusterConfig::default();
+        assert_eq!(advertise(&any, "n0", None), "n0:7946");
+        let pods = ClusterConfig {
+            advertise_domain: Some("ringmq-nodes.mqtt.svc".into()),
+            ..ClusterConfig::default()
+        };
+        assert_eq!(
+            advertise(&pods, "ringmq-2", None),
+            "ringmq-2.ringmq-nodes.mqtt.svc:7946"
+        );
+        let fixed = ClusterConfig {
+            advertise: Some("10.0.0.5:7000".into()),
+            ..pods
+        };
+        assert_eq!(advertise(&fixed, "ringmq-2", None), "10.0.0.5:7000");
+        let local = ClusterConfig {
+            listen: "127.0.0.1:7000".parse().unwrap_or_else(|e| panic!("{e}")),
+            ..ClusterConfig::default()
+        };
+        assert_eq!(advertise(&local, "n0", None), "127.0.0.1:7000");
     }
 }

@@ -1,0 +1,146 @@
+"""Kubernetes artefacts checked without a cluster: the Helm chart linted and
+rendered with the real Helm library (helm-python-sdk), every rendered or
+generated object validated against the Kubernetes schemas
+(kubernetes-validate), and the example instances against the generated CRD."""
+
+import json
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+import helm_python
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "ringmq-operator"
+KUBE = "1.33.0"
+
+
+def docs(text):
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def validate(doc):
+    """kubernetes-validate, strict: unknown fields are errors too."""
+    kubernetes_validate.validate(doc, KUBE, strict=True)
+
+
+def render(values=None):
+    chart = helm_python.Chart.load(CHART)
+    out = chart.render(values=values or {}, name="ringmq", namespace="ringmq-system", is_install=True)
+    objects = []
+    for path, text in out.items():
+        if path.endswith("NOTES.txt"):
+            continue
+        objects += docs(text)
+    return objects
+
+
+def test_the_chart_lints_clean():
+    report = helm_python.lint(CHART, strict=True, kube_version="v1.33.0")
+    assert not report.get("errors"), report
+    bad = [m for m in report.get("messages", []) if m.get("severity") not in ("INFO", 1, "1")]
+    assert not bad, report
+
+
+@pytest.mark.parametrize(
+    "values",
+    [{}, {"watchNamespace": "mqtt", "grafanaDashboard": {"enabled": True}}, {"serviceAccount": {"create": False, "name": "ops"}}],
+)
+def test_rendered_objects_are_valid_kubernetes(values):
+    objects = render(values)
+    kinds = sorted(o["kind"] for o in objects)
+    assert "Deployment" in kinds
+    for o in objects:
+        validate(o)
+    rbac = [o for o in objects if o["kind"] in ("Role", "ClusterRole") and not o["metadata"]["name"].endswith("crd-reader")]
+    assert len(rbac) == 1
+    role = rbac[0]
+    assert role["kind"] == ("Role" if values.get("watchNamespace") else "ClusterRole")
+    # Least privilege: no wildcard, no delete, secrets never listed.
+    for rule in role["rules"]:
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
+        assert "delete" not in rule["verbs"], rule
+        if "secrets" in rule["resources"]:
+            assert set(rule["verbs"]) == {"get", "create", "patch"}, rule
+    dep = next(o for o in objects if o["kind"] == "Deployment")
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["WATCH_NAMESPACE"] == values.get("watchNamespace", "")
+    assert env["RINGMQ_BROKER_IMAGE"].startswith("ghcr.io/ringmq/ringmq-broker:")
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    if values.get("grafanaDashboard", {}).get("enabled"):
+        cm = next(o for o in objects if o["kind"] == "ConfigMap")
+        assert json.loads(cm["data"]["ringmq-dashboard.json"])["uid"] == "ringmq-instance"
+
+
+def test_values_outside_the_schema_are_refused():
+    with pytest.raises(helm_python.HelmError):
+        render({"watchNamespace": "Not_A_Namespace"})
+    with pytest.raises(helm_python.HelmError):
+        render({"image": {"repository": "x", "pullPolicy": "Sometimes"}})
+    with pytest.raises(helm_python.HelmError):
+        render({"unknownKey": 1})
+
+
+def test_the_chart_carries_the_generated_crd_and_dashboard():
+    assert (CHART / "crds" / "mqttinstances.ringmq.io.yaml").read_text() == (
+        ROOT / "crds" / "mqttinstances.ringmq.io.yaml"
+    ).read_text(), "copy crds/ into the chart (scripts/test checks this)"
+    assert (CHART / "dashboards" / "ringmq-dashboard.json").read_text() == (
+        ROOT / "manifests" / "grafana" / "ringmq-dashboard.json"
+    ).read_text()
+
+
+def crd():
+    return docs((ROOT / "crds" / "mqttinstances.ringmq.io.yaml").read_text())[0]
+
+
+def test_the_crd_is_a_valid_kubernetes_object():
+    c = crd()
+    validate(c)
+    version = c["spec"]["versions"][0]
+    assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
+    columns = [p["name"] for p in version["additionalPrinterColumns"]]
+    assert columns == ["Ready", "Replicas", "Connections", "Peak", "Age"]
+    rules = json.dumps(version["schema"])
+    assert "x-kubernetes-validations" in rules
+
+
+def schema_validator():
+    schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return jsonschema.Draft7Validator(schema)
+
+
+@pytest.mark.parametrize("example", sorted((ROOT / "manifests" / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_instances_match_the_crd(example):
+    v = schema_validator()
+    for doc in docs(example.read_text()):
+        errors = sorted(v.iter_errors(doc), key=str)
+        assert not errors, [e.message for e in errors]
+
+
+def test_out_of_range_capacity_is_refused_by_the_schema():
+    v = schema_validator()
+    bad = {
+        "apiVersion": "ringmq.io/v1alpha1",
+        "kind": "MqttInstance",
+        "metadata": {"name": "x"},
+        "spec": {"capacity": {"connections": 50, "tps": 100, "subscriptions": 1000}, "groupIds": ["nope"]},
+    }
+    messages = [e.message for e in v.iter_errors(bad)]
+    assert any("50" in m for m in messages), messages
+    assert any("nope" in m for m in messages), messages
+
+
+@pytest.mark.parametrize("golden", sorted((ROOT / "operator" / "tests" / "golden").glob("*.yaml")), ids=lambda p: p.name)
+def test_operator_objects_are_valid_kubernetes(golden):
+    objects = docs(golden.read_text())
+    assert objects
+    for o in objects:
+        if o["apiVersion"].startswith("monitoring.coreos.com/"):
+            # Prometheus Operator kinds are not in the Kubernetes schemas.
+            assert o["spec"], o
+            continue
+        validate(o)

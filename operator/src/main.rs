@@ -1,0 +1,83 @@
+//! `ringmq-operator`: runs the MqttInstance controller until SIGTERM.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::runtime::events::Recorder;
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client};
+use ringmq_operator::brokers::{Http, PodDns};
+use ringmq_operator::crd::MqttInstance;
+use ringmq_operator::reconcile::{Context, error_policy, reconcile};
+use ringmq_operator::resources::DEFAULT_IMAGE;
+use ringmq_operator::topics::Rdkafka;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn")),
+        )
+        .init();
+    let client = Client::try_default()
+        .await
+        .context("no Kubernetes API (in-cluster service account or kubeconfig)")?;
+    // The namespace to watch: all when unset (the Helm chart sets it for a
+    // namespaced install).
+    let instances: Api<MqttInstance> = match std::env::var("WATCH_NAMESPACE") {
+        Ok(ns) if !ns.is_empty() => Api::namespaced(client.clone(), &ns),
+        _ => Api::all(client.clone()),
+    };
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let monitoring = crds
+        .get_opt("servicemonitors.monitoring.coreos.com")
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+        && crds
+            .get_opt("prometheusrules.monitoring.coreos.com")
+            .await
+            .ok()
+            .flatten()
+            .is_some();
+    tracing::info!(monitoring, "prometheus operator API");
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), "ringmq-operator".into()),
+        client: client.clone(),
+        brokers: Arc::new(Http { locate: PodDns }),
+        topics: Arc::new(Rdkafka),
+        image: std::env::var("RINGMQ_BROKER_IMAGE").unwrap_or_else(|_| DEFAULT_IMAGE.to_owned()),
+        monitoring,
+        resync: Duration::from_secs(30),
+    });
+    let owned = |c: &Client| -> (Api<StatefulSet>, Api<ConfigMap>, Api<Service>) {
+        (
+            Api::all(c.clone()),
+            Api::all(c.clone()),
+            Api::all(c.clone()),
+        )
+    };
+    let (sts, cms, svcs) = owned(&client);
+    Controller::new(instances, watcher::Config::default())
+        .owns(sts, watcher::Config::default())
+        .owns(cms, watcher::Config::default())
+        .owns(svcs, watcher::Config::default())
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((obj, _)) => tracing::debug!(instance = %obj.name, "reconciled"),
+                Err(e) => tracing::warn!(error = %e, "reconcile error"),
+            }
+        })
+        .await;
+    tracing::info!("controller stopped");
+    Ok(())
+}

@@ -1,0 +1,131 @@
+//! The per-pod capacity profile (C1): how many broker pods a declared
+//! capacity needs and what each pod requests.
+//!
+//! One broker pod is sized for 50 000 connections, 20 000 weighted messages
+//! per second and 250 000 subscriptions, the most demanding dimension
+//! decides. These are conservative against the measurements in
+//! `docs/benchmarks.md` (one 2-core node moves 170 000 QoS 1 messages a
+//! second and idles at about 16 KiB per connection), leaving room for a pod
+//! to take over a failed neighbour's clients.
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+use crate::crd::{Edition, MqttInstanceSpec};
+
+/// What one pod is sized for.
+pub const CONNECTIONS_PER_POD: i64 = 50_000;
+pub const TPS_PER_POD: i64 = 20_000;
+pub const SUBSCRIPTIONS_PER_POD: i64 = 250_000;
+
+/// Memory per connection the request reserves, bytes (idle measured at
+/// 16 KiB, plus queues).
+const BYTES_PER_CONNECTION: i64 = 24 * 1024;
+const BASE_MEMORY_MIB: i64 = 256;
+/// Weighted messages per second one CPU core carries comfortably.
+const TPS_PER_CORE: i64 = 20_000;
+
+/// The fewest pods an edition runs, for availability.
+fn edition_minimum(edition: Edition) -> i32 {
+    match edition {
+        Edition::Basic => 1,
+        Edition::Standard => 2,
+        Edition::Professional => 3,
+    }
+}
+
+/// `a / b` rounded up, for positive `b` (signed `div_ceil` is unstable).
+pub fn ceil_div(a: i64, b: i64) -> i64 {
+    (a + b - 1) / b
+}
+
+fn pods_for(total: i64, per_pod: i64) -> i32 {
+    i32::try_from(ceil_div(total, per_pod)).unwrap_or(i32::MAX)
+}
+
+/// Pods for the spec: the override, or the capacity's need (at least the
+/// edition's minimum).
+pub fn replicas(spec: &MqttInstanceSpec) -> i32 {
+    if let Some(r) = spec.replicas {
+        return r;
+    }
+    let c = &spec.capacity;
+    [
+        pods_for(c.connections, CONNECTIONS_PER_POD),
+        pods_for(c.tps, TPS_PER_POD),
+        pods_for(c.subscriptions, SUBSCRIPTIONS_PER_POD),
+        edition_minimum(spec.edition),
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(1)
+}
+
+/// Requests and limits of one pod of `replicas`: memory for its share of
+/// the connections, CPU for its share of the TPS.
+pub fn resources(spec: &MqttInstanceSpec, replicas: i32) -> ResourceRequirements {
+    if let Some(r) = &spec.pod.resources {
+        return r.clone();
+    }
+    let n = i64::from(replicas.max(1));
+    let connections = ceil_div(spec.capacity.connections, n);
+    let memory_mib = BASE_MEMORY_MIB + ceil_div(connections * BYTES_PER_CONNECTION, 1 << 20);
+    let millicores = (ceil_div(spec.capacity.tps, n) * 1000 / TPS_PER_CORE).max(250);
+    let q = |s: String| Quantity(s);
+    ResourceRequirements {
+        requests: Some(
+            [
+                ("cpu".to_owned(), q(format!("{millicores}m"))),
+                ("memory".to_owned(), q(format!("{memory_mib}Mi"))),
+            ]
+            .into(),
+        ),
+        limits: Some([("memory".to_owned(), q(format!("{}Mi", memory_mib * 2)))].into()),
+        ..ResourceRequirements::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::Capacity;
+
+    fn spec(connections: i64, tps: i64, subscriptions: i64) -> MqttInstanceSpec {
+        serde_json::from_value(serde_json::json!({
+            "capacity": {"connections": connections, "tps": tps, "subscriptions": subscriptions}
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn the_most_demanding_dimension_decides() {
+        assert_eq!(replicas(&spec(100, 100, 1000)), 1);
+        assert_eq!(replicas(&spec(50_001, 100, 1000)), 2);
+        assert_eq!(replicas(&spec(100, 100_000, 1000)), 5);
+        assert_eq!(replicas(&spec(2_000_000, 500_000, 5_000_000)), 40);
+        let mut s = spec(100, 100, 1000);
+        s.edition = Edition::Professional;
+        assert_eq!(replicas(&s), 3);
+        s.replicas = Some(7);
+        assert_eq!(replicas(&s), 7);
+        assert_eq!(
+            s.capacity,
+            Capacity {
+                connections: 100,
+                tps: 100,
+                subscriptions: 1000
+            }
+        );
+    }
+
+    #[test]
+    fn requests_follow_the_share_of_each_pod() {
+        let s = spec(100_000, 40_000, 1000);
+        let r = resources(&s, 2);
+        let req = r.requests.unwrap_or_default();
+        // 50 000 connections x 24 KiB = 1 172 MiB, plus 256.
+        assert_eq!(req["memory"].0, "1428Mi");
+        assert_eq!(req["cpu"].0, "1000m");
+        assert_eq!(r.limits.unwrap_or_default()["memory"].0, "2856Mi");
+    }
+}
