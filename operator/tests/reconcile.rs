@@ -330,14 +330,18 @@ const CMS: &str = "/api/v1/namespaces/mqtt/configmaps";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/mqtt/events";
 
 fn harness() -> Harness {
+    let brokers = Arc::new(FakeBrokers::default());
+    harness_with(brokers.clone(), brokers)
+}
+
+fn harness_with(brokers: Arc<FakeBrokers>, real: Arc<dyn Brokers>) -> Harness {
     let state: Shared = Arc::default();
     let client = fake_api(state.clone());
-    let brokers = Arc::new(FakeBrokers::default());
     let topics = Arc::new(FakeTopics::default());
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), "ringmq-operator".into()),
         client,
-        brokers: brokers.clone(),
+        brokers: real,
         topics: topics.clone(),
         image: "ringmq-broker:test".into(),
         monitoring: false,
@@ -756,4 +760,193 @@ async fn deletion_removes_topics_only_by_policy() {
         h.events()
             .contains(&("Normal".into(), "KafkaTopicsDeleted".into()))
     );
+}
+
+/// Real broker processes on loopback, reached by ordinal.
+struct Loopback(Vec<u16>);
+
+impl ringmq_operator::brokers::Locate for Loopback {
+    fn admin_addr(&self, _names: &Names, ordinal: i32) -> String {
+        let port = usize::try_from(ordinal)
+            .ok()
+            .and_then(|i| self.0.get(i))
+            .copied()
+            .unwrap_or(1);
+        format!("127.0.0.1:{port}")
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The broker binary `cargo test --workspace` builds alongside.
+fn broker_binary() -> std::path::PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let bin = target.join("debug/ringmq-broker");
+    assert!(
+        bin.exists(),
+        "{} missing: cargo build -p ringmq-broker first",
+        bin.display()
+    );
+    bin
+}
+
+/// A broker process killed when dropped.
+struct Process(std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An MQTT 3.1.1 CONNECT for `client_id`, keep-alive 60 s.
+fn connect_packet(client_id: &str) -> Vec<u8> {
+    let id = client_id.as_bytes();
+    let remaining = 10 + 2 + id.len();
+    let mut p = vec![
+        0x10,
+        u8::try_from(remaining).unwrap_or(0),
+        0,
+        4,
+        b'M',
+        b'Q',
+        b'T',
+        b'T',
+        4,
+        0x02,
+        0,
+        60,
+    ];
+    p.extend_from_slice(&u16::try_from(id.len()).unwrap_or(0).to_be_bytes());
+    p.extend_from_slice(id);
+    p
+}
+
+#[tokio::test]
+async fn status_and_alarms_come_from_real_brokers_under_load() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let token = "operator-test-token";
+    std::fs::write(dir.path().join("token"), token).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(dir.path().join("secret"), "cluster-secret").unwrap_or_else(|e| panic!("{e}"));
+    let (mqtt, admin, cluster): (Vec<u16>, Vec<u16>, Vec<u16>) = (
+        (0..2).map(|_| free_port()).collect(),
+        (0..2).map(|_| free_port()).collect(),
+        (0..2).map(|_| free_port()).collect(),
+    );
+    let mut procs = Vec::new();
+    for i in 0..2 {
+        let config = format!(
+            "node_id: demo-{i}\nlisteners:\n  tcp: \"127.0.0.1:{}\"\n  ws: null\n  tls: null\n  wss: null\n  admin: \"127.0.0.1:{}\"\nworkers: 1\nauth:\n  admin_token_file: {}\ncluster:\n  listen: \"127.0.0.1:{}\"\n  peers: [\"127.0.0.1:{}\"]\n  secret_file: {}\ncapacity:\n  connections: 4\nalarms:\n  hold_secs: 0\n",
+            mqtt[i],
+            admin[i],
+            dir.path().join("token").display(),
+            cluster[i],
+            cluster[0],
+            dir.path().join("secret").display(),
+        );
+        let path = dir.path().join(format!("n{i}.yaml"));
+        std::fs::write(&path, config).unwrap_or_else(|e| panic!("{e}"));
+        let log = std::fs::File::create(dir.path().join(format!("n{i}.log")))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let child = std::process::Command::new(broker_binary())
+            .arg("--config")
+            .arg(&path)
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e}"));
+        procs.push(Process(child));
+    }
+    let brokers = ringmq_operator::brokers::Http {
+        locate: Loopback(admin.clone()),
+    };
+    let names = Names::new("demo", "mqtt");
+    // Both nodes up and on one ring.
+    let mut ring = 0;
+    for _ in 0..100 {
+        ring = match brokers.get(&names, 0, "instance", token).await {
+            Ok(v) => v["nodes"].as_array().map_or(0, Vec::len),
+            Err(_) => 0,
+        };
+        if ring == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ring, 2, "the two brokers did not form a ring");
+    // Three devices, through both nodes: 3 of 4 connections is beyond 70 %.
+    let mut devices = Vec::new();
+    for (i, port) in [mqtt[0], mqtt[1], mqtt[0]].into_iter().enumerate() {
+        let mut s =
+            std::net::TcpStream::connect(("127.0.0.1", port)).unwrap_or_else(|e| panic!("{e}"));
+        s.write_all(&connect_packet(&format!("device-{i}")))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut ack = [0u8; 4];
+        s.read_exact(&mut ack).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(ack, [0x20, 2, 0, 0], "CONNACK accepted");
+        devices.push(s);
+    }
+    let h = harness_with(Arc::new(FakeBrokers::default()), Arc::new(brokers));
+    h.insert(
+        &format!("{SECRETS}/demo-admin"),
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "demo-admin", "namespace": "mqtt"}, "data": {"token": "b3BlcmF0b3ItdGVzdC10b2tlbg=="}}),
+    );
+    let mut spec = small();
+    spec["replicas"] = json!(2);
+    h.put(spec);
+    let mut status = Value::Null;
+    for _ in 0..50 {
+        h.pass().await;
+        h.sts_ready();
+        h.pass().await;
+        status = h.object(&format!("{MI}/demo"))["status"].clone();
+        let firing = status["alarms"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|a| a["state"] == "firing"));
+        if status["totals"]["connections"] == 3 && firing {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(status["totals"]["connections"], 3, "{status}");
+    let nodes: Vec<&str> = status["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n["name"].as_str())
+        .collect();
+    assert_eq!(nodes, ["demo-0", "demo-1"], "{status}");
+    let per_node: i64 = status["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n["connections"].as_i64())
+        .sum();
+    assert_eq!(per_node, 3);
+    let alarm = status["alarms"]
+        .as_array()
+        .and_then(|a| a.iter().find(|a| a["metric"] == "connections"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(alarm["state"], "firing", "{status}");
+    assert_eq!(alarm["threshold"], 3);
+    assert_eq!(
+        h.condition("CapacityWarning"),
+        ("True".into(), "AlarmFiring".into())
+    );
+    assert_eq!(h.condition("Ready"), ("True".into(), "AllPodsReady".into()));
+    assert!(
+        h.events()
+            .contains(&("Warning".into(), "AlarmFiring".into()))
+    );
+    drop(devices);
+    drop(procs);
 }
