@@ -144,3 +144,21 @@ def test_operator_objects_are_valid_kubernetes(golden):
             assert o["spec"], o
             continue
         validate(o)
+
+
+@pytest.mark.parametrize("dockerfile", ["broker/Dockerfile", "operator/Dockerfile"])
+def test_images_are_multi_stage_and_run_as_non_root(dockerfile):
+    lines = [line.strip() for line in (ROOT / dockerfile).read_text().splitlines()]
+    stages = [line for line in lines if line.startswith("FROM ")]
+    assert len(stages) >= 2, "a build stage and a runtime stage"
+    final = lines[lines.index(stages[-1]):]
+    users = [line.split()[1] for line in final if line.startswith("USER ")]
+    assert users and users[-1].split(":")[0].isdigit() and users[-1].split(":")[0] != "0", users
+    assert not any(line.startswith("ADD http") for line in lines)
+    # The binaries it builds exist in the workspace.
+    for line in lines:
+        for part in line.split("--bin ")[1:]:
+            name = part.split()[0]
+            assert any(
+                f'name = "{name}"' in (ROOT / crate / "Cargo.toml").read_text() for crate in ("broker", "operator")
+            ), name
