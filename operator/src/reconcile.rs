@@ -18,11 +18,12 @@ use argon2::password_hash::rand_core::{OsRng, RngCore};
 use base64::Engine;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
 use kube::api::{
-    Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
+    PatchParams, PostParams,
 };
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -542,6 +543,11 @@ async fn apply(obj: Arc<MqttInstance>, ctx: Arc<Context>) -> Result<Action> {
 
     // Status from the StatefulSet and the brokers.
     let sts = sts_api.get_opt(&names.main()).await?;
+    if let Some(sts) = &sts {
+        for pod in unstick(client, &ns, &names, sts).await? {
+            event(&ctx, &obj, EventType::Normal, "RestartedStuckPod", format!("{pod} never became ready on the previous revision; recreated from the current spec")).await;
+        }
+    }
     let ready = sts
         .as_ref()
         .and_then(|s| s.status.as_ref())
@@ -663,6 +669,51 @@ async fn apply(obj: Arc<MqttInstance>, ctx: Arc<Context>) -> Result<Action> {
     } else {
         Action::requeue(ctx.resync)
     })
+}
+
+/// How long a pod of an older revision may stay unready before the
+/// operator recreates it.
+const STUCK_AFTER: Duration = Duration::from_secs(60);
+
+/// A rollout stuck on a broken revision: Kubernetes does not replace a pod
+/// that never became ready, even after the spec is fixed ("forced
+/// rollback"). Pods of an older revision than the StatefulSet's current one
+/// that have not been ready for a minute are deleted, so that the
+/// StatefulSet recreates them from the current template. Returns their names.
+async fn unstick(
+    client: &kube::Client,
+    ns: &str,
+    names: &Names,
+    sts: &StatefulSet,
+) -> Result<Vec<String>> {
+    let Some(update) = sts.status.as_ref().and_then(|s| s.update_revision.clone()) else {
+        return Ok(Vec::new());
+    };
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let list = pods
+        .list(&ListParams::default().labels(&names.selector_string()))
+        .await?;
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let mut deleted = Vec::new();
+    for pod in list {
+        let revision = pod.labels().get("controller-revision-hash").cloned();
+        let ready = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        let old_enough = pod
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .is_some_and(|t| now.duration_since(t.0).as_secs() >= STUCK_AFTER.as_secs() as i64);
+        if revision.is_some_and(|r| r != update) && !ready && old_enough {
+            let name = pod.name_any();
+            pods.delete(&name, &DeleteParams::default()).await?;
+            deleted.push(name);
+        }
+    }
+    Ok(deleted)
 }
 
 /// Sessions pod `ordinal` still holds, from its own operations API; `None`

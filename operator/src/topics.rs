@@ -159,7 +159,13 @@ impl Topics for Rdkafka {
                     )
                 })
                 .collect();
-            for r in admin.create_topics(&new, &opts()).await? {
+            // librdkafka refuses an empty request.
+            let created = if new.is_empty() {
+                Vec::new()
+            } else {
+                admin.create_topics(&new, &opts()).await?
+            };
+            for r in created {
                 match r {
                     Ok(name) => out.push((name, Outcome::Created)),
                     Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => {
@@ -174,12 +180,12 @@ impl Topics for Rdkafka {
                     NewPartitions::new(&w.name, usize::try_from(w.partitions).unwrap_or(1))
                 })
                 .collect();
-            for (r, (w, from)) in admin
-                .create_partitions(&more, &opts())
-                .await?
-                .into_iter()
-                .zip(&grow)
-            {
+            let grown = if more.is_empty() {
+                Vec::new()
+            } else {
+                admin.create_partitions(&more, &opts()).await?
+            };
+            for (r, (w, from)) in grown.into_iter().zip(&grow) {
                 match r {
                     Ok(_) => out.push((
                         w.name.clone(),

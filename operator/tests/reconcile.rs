@@ -120,6 +120,23 @@ fn answer(
     match method {
         "GET" => match st.objects.get(&key) {
             Some(o) => (StatusCode::OK, o.clone()),
+            None if key.ends_with("/pods") => {
+                let prefix = format!("{key}/");
+                let items: Vec<Value> = st
+                    .objects
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(&prefix))
+                    .map(|(_, v)| v.clone())
+                    .collect();
+                (
+                    StatusCode::OK,
+                    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items}),
+                )
+            }
+            None => (StatusCode::NOT_FOUND, not_found()),
+        },
+        "DELETE" => match st.objects.remove(&key) {
+            Some(o) => (StatusCode::OK, o),
             None => (StatusCode::NOT_FOUND, not_found()),
         },
         "POST" => {
@@ -273,6 +290,7 @@ struct FakeTopics {
     ensured: Mutex<Vec<Vec<Wanted>>>,
     deleted: Mutex<Vec<Vec<String>>>,
     shrink: Mutex<Option<String>>,
+    grow: Mutex<Option<String>>,
 }
 
 impl Topics for FakeTopics {
@@ -286,6 +304,7 @@ impl Topics for FakeTopics {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        let grow = self.grow.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let out = wanted
             .iter()
             .map(|w| {
@@ -293,6 +312,11 @@ impl Topics for FakeTopics {
                     Outcome::CannotShrink {
                         have: w.partitions + 3,
                         want: w.partitions,
+                    }
+                } else if grow.as_deref() == Some(w.name.as_str()) {
+                    Outcome::Grown {
+                        from: 1,
+                        to: w.partitions,
                     }
                 } else {
                     Outcome::Created
@@ -335,6 +359,10 @@ fn harness() -> Harness {
 }
 
 fn harness_with(brokers: Arc<FakeBrokers>, real: Arc<dyn Brokers>) -> Harness {
+    harness_full(brokers, real, false)
+}
+
+fn harness_full(brokers: Arc<FakeBrokers>, real: Arc<dyn Brokers>, monitoring: bool) -> Harness {
     let state: Shared = Arc::default();
     let client = fake_api(state.clone());
     let topics = Arc::new(FakeTopics::default());
@@ -344,7 +372,7 @@ fn harness_with(brokers: Arc<FakeBrokers>, real: Arc<dyn Brokers>) -> Harness {
         brokers: real,
         topics: topics.clone(),
         image: "ringmq-broker:test".into(),
-        monitoring: false,
+        monitoring,
         resync: Duration::from_secs(30),
     });
     Harness {
@@ -720,6 +748,15 @@ async fn kafka_topics_are_created_grown_and_a_decrease_is_reported() {
         h.condition("NotSupported"),
         ("True".into(), "PartitionDecrease".into())
     );
+    // Back to a count Kafka can serve: the condition goes, growth is an Event.
+    *h.topics.shrink.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    *h.topics.grow.lock().unwrap_or_else(|e| e.into_inner()) = Some("telemetry".into());
+    h.pass().await;
+    assert_eq!(h.condition("NotSupported"), (String::new(), String::new()));
+    assert!(
+        h.events()
+            .contains(&("Normal".into(), "KafkaTopicGrown".into()))
+    );
 }
 
 #[tokio::test]
@@ -949,4 +986,81 @@ async fn status_and_alarms_come_from_real_brokers_under_load() {
     );
     drop(devices);
     drop(procs);
+}
+
+#[tokio::test]
+async fn prometheus_objects_only_where_the_prometheus_operator_api_exists() {
+    let brokers = Arc::new(FakeBrokers::default());
+    let h = harness_full(brokers.clone(), brokers, true);
+    h.put(small());
+    h.pass().await;
+    let monitor = h.object("/apis/monitoring.coreos.com/v1/namespaces/mqtt/servicemonitors/demo");
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"], "admin");
+    let rule = h.object("/apis/monitoring.coreos.com/v1/namespaces/mqtt/prometheusrules/demo");
+    let alerts: Vec<&str> = rule["spec"]["groups"][0]["rules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["alert"].as_str())
+        .collect();
+    assert_eq!(
+        alerts,
+        [
+            "RingmqInstanceConnectionsHigh",
+            "RingmqInstanceSubscriptionsHigh",
+            "RingmqInstanceTpsHigh"
+        ]
+    );
+    // Without that API (the default harness), nothing is sent there.
+    let plain = harness();
+    plain.put(small());
+    plain.pass().await;
+    assert!(
+        !plain
+            .seen()
+            .iter()
+            .any(|s| s.path.contains("monitoring.coreos.com"))
+    );
+}
+
+#[tokio::test]
+async fn a_fixed_spec_gets_a_stuck_rollout_going_again() {
+    let h = harness();
+    h.put(small());
+    h.pass().await;
+    // Revision r2 (a broken image) never became ready; the spec is fixed
+    // (revision r3): the stuck pod is recreated, a ready one is left alone.
+    let mut sts = h.object(&format!("{STS}/demo"));
+    sts["status"] =
+        json!({"replicas": 2, "readyReplicas": 1, "currentRevision": "r1", "updateRevision": "r3"});
+    h.insert(&format!("{STS}/demo"), sts);
+    let pod = |name: &str, revision: &str, ready: &str| {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "mqtt", "creationTimestamp": "2026-11-22T00:00:00Z",
+                         "labels": {"app.kubernetes.io/name": "ringmq", "app.kubernetes.io/instance": "demo", "controller-revision-hash": revision}},
+            "status": {"conditions": [{"type": "Ready", "status": ready}]},
+        })
+    };
+    h.insert(
+        "/api/v1/namespaces/mqtt/pods/demo-0",
+        pod("demo-0", "r1", "True"),
+    );
+    h.insert(
+        "/api/v1/namespaces/mqtt/pods/demo-1",
+        pod("demo-1", "r2", "False"),
+    );
+    h.seen();
+    h.pass().await;
+    let deleted: Vec<String> = h
+        .seen()
+        .into_iter()
+        .filter(|s| s.method == "DELETE")
+        .map(|s| s.path)
+        .collect();
+    assert_eq!(deleted, ["/api/v1/namespaces/mqtt/pods/demo-1"]);
+    assert!(
+        h.events()
+            .contains(&("Normal".into(), "RestartedStuckPod".into()))
+    );
 }
