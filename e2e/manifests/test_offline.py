@@ -174,3 +174,80 @@ def test_images_are_multi_stage_and_run_as_non_root(dockerfile):
             assert any(
                 f'name = "{name}"' in (ROOT / crate / "Cargo.toml").read_text() for crate in ("broker", "operator")
             ), name
+
+
+def cel_rules(schema, path=()):
+    """Every x-kubernetes-validations rule of a schema with where it applies:
+    a path of property names, `[]` for every item of an array."""
+    for rule in schema.get("x-kubernetes-validations", []):
+        yield path, rule["rule"], rule.get("message", "")
+    for name, sub in schema.get("properties", {}).items():
+        yield from cel_rules(sub, path + (name,))
+    if "items" in schema:
+        yield from cel_rules(schema["items"], path + ("[]",))
+
+
+def at(doc, path):
+    """The values a rule path reaches in a document."""
+    if not path:
+        return [doc]
+    head, rest = path[0], path[1:]
+    if head == "[]":
+        return [v for item in (doc or []) for v in at(item, rest)]
+    if isinstance(doc, dict) and head in doc:
+        return at(doc[head], rest)
+    return []
+
+
+def failing_rules(doc):
+    import celpy
+
+    env = celpy.Environment()
+    schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    failed = []
+    for path, rule, message in cel_rules(schema):
+        program = env.program(env.compile(rule))
+        for value in at(doc, path):
+            if not program.evaluate({"self": celpy.json_to_cel(value)}):
+                failed.append(message)
+    return failed
+
+
+def test_the_crd_has_cross_field_rules():
+    schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    messages = [m for _, _, m in cel_rules(schema)]
+    assert len(messages) >= 4, messages
+
+
+@pytest.mark.parametrize("example", sorted((ROOT / "manifests" / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_instances_pass_the_cel_rules(example):
+    for doc in docs(example.read_text()):
+        assert failing_rules(doc) == []
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"requireGroupIds": True}, "requireGroupIds needs at least one declared Group ID"),
+        (
+            {"users": [{"username": "a", "passwordSecret": {"name": "s", "key": "a"}}] * 2},
+            "user names must be unique",
+        ),
+        (
+            {"kafka": {"bootstrapServers": "k:9092", "parentTopics": [{"name": "t"}, {"name": "t"}]}},
+            "parent topic names must be unique",
+        ),
+        (
+            {"kafka": {"bootstrapServers": "k:9092", "securityProtocol": "SaslSsl", "parentTopics": []}},
+            "SASL needs credentialsSecret and saslMechanism",
+        ),
+    ],
+)
+def test_cel_rules_refuse_inconsistent_specs(spec, message):
+    doc = {
+        "apiVersion": "ringmq.io/v1alpha1",
+        "kind": "MqttInstance",
+        "metadata": {"name": "x"},
+        "spec": {"capacity": {"connections": 100, "tps": 100, "subscriptions": 1000}, **spec},
+    }
+    assert failing_rules(doc) == [message]
