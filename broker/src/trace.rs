@@ -262,23 +262,7 @@ impl Traces {
         action: MessageAction,
         qos: QoS,
     ) {
-        if !self.traces_messages() {
-            return;
-        }
-        let ts = crate::message::now_ms();
-        let event = RawMessageEvent {
-            ts,
-            message_id: msg.id.0,
-            client_id: client_id.clone(),
-            action,
-            topic: msg.topic.clone(),
-            qos,
-        };
-        if let Some(j) = &self.journal {
-            j.record(Entry::Message(event.render()));
-        }
-        self.messages
-            .push(client_id, event, |e| e.ts, self.oldest(ts));
+        self.messages(client_id, std::iter::once((msg, action, qos)));
     }
 
     /// Records message events of one client at once: one lock, one clock

@@ -440,6 +440,28 @@ async fn groups(broker: &Arc<Broker>, params: &HashMap<String, String>) -> Answe
     }))
 }
 
+/// Trace events of every node in time order, at most `limit`, each with
+/// the node that recorded it.
+fn merge_events<T: serde::Serialize + serde::de::DeserializeOwned>(
+    answers: &mut super::Answers,
+    limit: usize,
+    ts: impl Fn(&T) -> u64,
+) -> Vec<Value> {
+    let mut all: Vec<(String, T)> = Vec::new();
+    for (node, events) in answers.decode::<Vec<T>>() {
+        all.extend(events.into_iter().map(|e| (node.clone(), e)));
+    }
+    all.sort_by_key(|(_, e)| ts(e));
+    all.truncate(limit);
+    all.into_iter()
+        .map(|(node, e)| {
+            let mut v = serde_json::to_value(e).unwrap_or(Value::Null);
+            v["node"] = json!(node);
+            v
+        })
+        .collect()
+}
+
 async fn device_trace(broker: &Arc<Broker>, params: &HashMap<String, String>) -> Answer {
     let client_id = required(params, "clientId")?.to_owned();
     let (from, to) = range(params, HOUR_MS, DAY_MS)?;
@@ -454,21 +476,7 @@ async fn device_trace(broker: &Arc<Broker>, params: &HashMap<String, String>) ->
         },
     )
     .await;
-    let events: Vec<(String, Vec<DeviceEvent>)> = answers.decode();
-    let mut all = Vec::new();
-    for (node, evs) in events {
-        all.extend(evs.into_iter().map(|e| (node.clone(), e)));
-    }
-    all.sort_by_key(|(_, e)| e.ts);
-    all.truncate(limit);
-    let events: Vec<Value> = all
-        .into_iter()
-        .map(|(node, e)| {
-            let mut v = serde_json::to_value(e).unwrap_or(Value::Null);
-            v["node"] = json!(node);
-            v
-        })
-        .collect();
+    let events = merge_events::<DeviceEvent>(&mut answers, limit, |e| e.ts);
     Ok(
         json!({ "clientId": client_id, "from": from, "to": to, "events": events, "missingNodes": answers.missing }),
     )
@@ -502,20 +510,7 @@ async fn message_trace(broker: &Arc<Broker>, params: &HashMap<String, String>) -
         },
     )
     .await;
-    let mut all = Vec::new();
-    for (node, evs) in answers.decode::<Vec<MessageEvent>>() {
-        all.extend(evs.into_iter().map(|e| (node.clone(), e)));
-    }
-    all.sort_by_key(|(_, e)| e.ts);
-    all.truncate(limit);
-    let events: Vec<Value> = all
-        .into_iter()
-        .map(|(node, e)| {
-            let mut v = serde_json::to_value(e).unwrap_or(Value::Null);
-            v["node"] = json!(node);
-            v
-        })
-        .collect();
+    let events = merge_events::<MessageEvent>(&mut answers, limit, |e| e.ts);
     Ok(json!({ "from": from, "to": to, "events": events, "missingNodes": answers.missing }))
 }
 

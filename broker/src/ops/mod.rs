@@ -23,7 +23,6 @@ use crate::cluster::wire::Frame;
 use crate::message::now_ms;
 use crate::meter::{GroupSample, Report};
 use crate::session::KickReason;
-use crate::trace::{DeviceEvent, MessageEvent};
 
 /// A question one node answers about itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -534,18 +533,4 @@ pub fn merge_reports(reports: impl IntoIterator<Item = Report>) -> Report {
         }
     }
     total
-}
-
-/// Device events of every node, in time order.
-pub fn merge_device_events(mut all: Vec<DeviceEvent>, limit: usize) -> Vec<DeviceEvent> {
-    all.sort_by_key(|e| e.ts);
-    all.truncate(limit);
-    all
-}
-
-/// Message events of every node, in time order.
-pub fn merge_message_events(mut all: Vec<MessageEvent>, limit: usize) -> Vec<MessageEvent> {
-    all.sort_by_key(|e| e.ts);
-    all.truncate(limit);
-    all
 }
