@@ -17,6 +17,18 @@ use ringmq_operator::reconcile::{Context, error_policy, reconcile};
 use ringmq_operator::resources::DEFAULT_IMAGE;
 use ringmq_operator::topics::Rdkafka;
 
+/// An API over one namespace, or all of them.
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -29,11 +41,11 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("no Kubernetes API (in-cluster service account or kubeconfig)")?;
     // The namespace to watch: all when unset (the Helm chart sets it for a
-    // namespaced install).
-    let instances: Api<MqttInstance> = match std::env::var("WATCH_NAMESPACE") {
-        Ok(ns) if !ns.is_empty() => Api::namespaced(client.clone(), &ns),
-        _ => Api::all(client.clone()),
-    };
+    // namespaced install, whose Role covers that namespace only).
+    let namespace = std::env::var("WATCH_NAMESPACE")
+        .ok()
+        .filter(|ns| !ns.is_empty());
+    let instances: Api<MqttInstance> = scoped(&client, namespace.as_deref());
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let monitoring = crds
         .get_opt("servicemonitors.monitoring.coreos.com")
@@ -57,18 +69,19 @@ async fn main() -> anyhow::Result<()> {
         monitoring,
         resync: Duration::from_secs(30),
     });
-    let owned = |c: &Client| -> (Api<StatefulSet>, Api<ConfigMap>, Api<Service>) {
-        (
-            Api::all(c.clone()),
-            Api::all(c.clone()),
-            Api::all(c.clone()),
-        )
-    };
-    let (sts, cms, svcs) = owned(&client);
     Controller::new(instances, watcher::Config::default())
-        .owns(sts, watcher::Config::default())
-        .owns(cms, watcher::Config::default())
-        .owns(svcs, watcher::Config::default())
+        .owns(
+            Api::<StatefulSet>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .owns(
+            Api::<ConfigMap>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .owns(
+            Api::<Service>::all(client.clone()),
+            watcher::Config::default(),
+        )
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
