@@ -74,3 +74,13 @@ class Client:
         """Closes the socket without DISCONNECT."""
         self.c.loop_stop()
         self.c.socket().close()
+
+
+def probe(port, client_id):
+    """A connected MQTT 3.1.1 client that has sent itself one QoS 1 message,
+    so that a broker's totals, traces and reports are not all empty."""
+    c = Client(port, mqtt.MQTTv311, client_id=client_id)
+    c.subscribe("probe/#", 1)
+    c.publish("probe/1", b"x", qos=1)
+    c.message()
+    return c

@@ -7,9 +7,7 @@ import re
 import time
 import urllib.request
 
-import paho.mqtt.client as mqtt
-
-from mqttclient import Client
+from mqttclient import probe
 from procs import ROOT, free_port, start_broker
 
 
@@ -31,10 +29,7 @@ def test_exported_metrics_and_the_dashboard_use_documented_names():
     gen = start_broker(extra, admin=admin)
     port = next(gen)
     try:
-        c = Client(port, mqtt.MQTTv311, client_id="metrics-probe")
-        c.subscribe("probe/#", 1)
-        c.publish("probe/1", b"x", qos=1)
-        c.message()
+        c = probe(port, "metrics-probe")
         time.sleep(1.2)  # the rates are exported once a second
         with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
             body = r.read().decode()

@@ -9,6 +9,7 @@
 #   e2e/bench/cluster.sh [PAIRS_PER_GENERATOR] [SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. e2e/bench/lib.sh
 tc="+${RINGMQ_TOOLCHAIN:-nightly}"
 target="${CARGO_TARGET_DIR:-$PWD/target}"
 pairs="${1:-6}"
@@ -35,15 +36,6 @@ node() {
     } >"$work/n$1.yaml"
     RUST_LOG=error "$broker" --config "$work/n$1.yaml" >"$work/n$1.log" 2>&1 &
     echo $!
-}
-
-wait_port() {
-    for _ in $(seq 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "port $1 did not open" >&2
-    return 1
 }
 
 # run <label> <port> <port> <port>: three generators at once; sums msg/s,

@@ -10,6 +10,7 @@
 # Install the peers with: apt-get install mosquitto; cargo install rumqttd
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. e2e/bench/lib.sh
 tc="+${RINGMQ_TOOLCHAIN:-nightly}"
 target="${CARGO_TARGET_DIR:-$PWD/target}"
 out="${BENCH_OUT:-docs/benchmarks.md}"
@@ -56,12 +57,7 @@ EOF
         ;;
     esac
     pid=$!
-    for _ in $(seq 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "$1 did not start" >&2
-    return 1
+    wait_port "$port" || { echo "$1 did not start" >&2; return 1; }
 }
 
 stop_broker() {
