@@ -121,6 +121,10 @@ fn respond(broker: &Arc<Broker>, req: &Request) -> Response {
         "/readyz" => {
             if !broker.is_ready() {
                 Response::ServiceUnavailable().body("shutting down")
+            } else if broker.cluster.as_ref().is_some_and(|c| c.is_leaving()) {
+                // Out of the Service's endpoints: new clients go to the
+                // pods that stay.
+                Response::ServiceUnavailable().body("leaving: handing sessions to the other nodes")
             } else if broker.cluster.as_ref().is_some_and(|c| !c.is_settled()) {
                 Response::ServiceUnavailable()
                     .body("joining: waiting for sessions from the other nodes")

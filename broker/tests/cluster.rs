@@ -462,6 +462,10 @@ async fn a_leaving_node_tells_its_clients_to_reconnect_and_a_drained_node_owns_n
     // every session over and leaves the ring while it keeps running.
     let (status, body) = c.nodes[0].post("/cluster/drain");
     assert_eq!(status, 202, "{body}");
+    // Unready while leaving, so that a Service sends new clients elsewhere.
+    let (status, body) = c.nodes[0].http("/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.starts_with("leaving"), "{body}");
     let deadline = tokio::time::Instant::now() + WAIT;
     while c.nodes[0].metric("ringmq_sessions") > 0.0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;

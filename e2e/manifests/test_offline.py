@@ -251,3 +251,28 @@ def test_cel_rules_refuse_inconsistent_specs(spec, message):
         "spec": {"capacity": {"connections": 100, "tps": 100, "subscriptions": 1000}, **spec},
     }
     assert failing_rules(doc) == [message]
+
+
+DNS_LABEL = "the name must be a DNS label (lower case letters, digits, '-') of at most 52 characters"
+
+
+@pytest.mark.parametrize(
+    "name, messages",
+    [
+        ("plant-7", []),
+        ("x" * 52, []),
+        ("x" * 53, [DNS_LABEL]),
+        ("Plant_7", [DNS_LABEL]),
+        ("7plant", [DNS_LABEL]),
+        ("plant-", [DNS_LABEL]),
+        ("plant-nodes", ["a name ending in -nodes would collide with another instance's headless Service"]),
+    ],
+)
+def test_instance_names_leave_room_for_the_objects_named_after_them(name, messages):
+    doc = {
+        "apiVersion": "ringmq.io/v1alpha1",
+        "kind": "MqttInstance",
+        "metadata": {"name": name},
+        "spec": {"capacity": {"connections": 100, "tps": 100, "subscriptions": 1000}},
+    }
+    assert failing_rules(doc) == messages

@@ -25,6 +25,11 @@ use serde::{Deserialize, Serialize};
     namespaced,
     status = "MqttInstanceStatus",
     shortname = "mqi",
+    // Object names derive from the instance name (`<name>-nodes`,
+    // `<name>-<ordinal>`, revision labels), so it must leave them room and
+    // not collide with another instance's headless Service.
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 52").message("the name must be a DNS label (lower case letters, digits, '-') of at most 52 characters"),
+    validation = Rule::new("!self.metadata.name.endsWith('-nodes')").message("a name ending in -nodes would collide with another instance's headless Service"),
     category = "ringmq",
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".status.replicas"}"#,
@@ -78,7 +83,8 @@ pub struct MqttInstanceSpec {
     #[schemars(length(max = 1000))]
     pub users: Vec<User>,
     /// Broker pods; unset, the capacity decides (see the per-pod capacity
-    /// profile in the README).
+    /// profile in the README). `kubectl scale` sets it; a HorizontalPodAutoscaler
+    /// needs it set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100))]
     pub replicas: Option<i32>,
@@ -450,7 +456,7 @@ pub struct AlarmStatus {
 #[serde(rename_all = "camelCase")]
 pub struct Draining {
     pub pod: String,
-    /// Sessions the pod still holds.
+    /// Sessions the pod still holds; -1 while it does not answer.
     pub sessions: i64,
     /// RFC 3339.
     pub since: String,

@@ -34,6 +34,31 @@ fn salt(uid: &str, user: &str, password: &str) -> Result<SaltString> {
     SaltString::encode_b64(&digest[..16]).map_err(|_| CredentialsError::Hash(user.to_owned()))
 }
 
+/// The rendered file and the fingerprint of what it was rendered from.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    pub yaml: String,
+    pub fingerprint: String,
+}
+
+/// A digest of everything [`render`] reads: a pass whose fingerprint
+/// matches the one on the existing Secret reuses its file instead of
+/// hashing every password again (argon2 is deliberately slow).
+pub fn fingerprint(
+    spec: &MqttInstanceSpec,
+    uid: &str,
+    passwords: &BTreeMap<String, String>,
+) -> String {
+    let input = json!({
+        "uid": uid,
+        "users": spec.users,
+        "groupIds": spec.group_ids,
+        "passwords": passwords,
+    });
+    let digest = Sha256::digest(input.to_string().as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// `credentials.yaml` for the brokers; `passwords` by user name.
 pub fn render(
     spec: &MqttInstanceSpec,

@@ -9,13 +9,16 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::runtime::events::Recorder;
-use kube::runtime::{Controller, watcher};
+use kube::runtime::{Controller, Predicate, WatchStreamExt, predicates, reflector, watcher};
 use kube::{Api, Client};
 use ringmq_operator::brokers::{Http, PodDns};
 use ringmq_operator::crd::MqttInstance;
 use ringmq_operator::reconcile::{Context, error_policy, reconcile};
 use ringmq_operator::resources::DEFAULT_IMAGE;
 use ringmq_operator::topics::Rdkafka;
+
+/// The label selector of every object the operator creates.
+const MANAGED: &str = "app.kubernetes.io/managed-by=ringmq-operator";
 
 /// An API over one namespace, or all of them.
 fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
@@ -69,19 +72,30 @@ async fn main() -> anyhow::Result<()> {
         monitoring,
         resync: Duration::from_secs(30),
     });
-    Controller::new(instances, watcher::Config::default())
+    // Status patches do not change the generation: without this filter
+    // every status write (live totals, TPS) would start another pass at
+    // once. Live numbers are refreshed by the resync instead.
+    let (reader, writer) = reflector::store();
+    let triggers = watcher(instances, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(
+            predicates::generation
+                .combine(predicates::finalizers)
+                .combine(predicates::annotations),
+            Default::default(),
+        );
+    // Owned objects: in the watched namespace only (a namespaced install's
+    // Role covers nothing else), and only those this operator manages.
+    let owned = || watcher::Config::default().labels(MANAGED);
+    Controller::for_stream(triggers, reader)
         .owns(
-            Api::<StatefulSet>::all(client.clone()),
-            watcher::Config::default(),
+            scoped::<StatefulSet>(&client, namespace.as_deref()),
+            owned(),
         )
-        .owns(
-            Api::<ConfigMap>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .owns(
-            Api::<Service>::all(client.clone()),
-            watcher::Config::default(),
-        )
+        .owns(scoped::<ConfigMap>(&client, namespace.as_deref()), owned())
+        .owns(scoped::<Service>(&client, namespace.as_deref()), owned())
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

@@ -61,16 +61,18 @@ pub fn replicas(spec: &MqttInstanceSpec) -> i32 {
     .unwrap_or(1)
 }
 
-/// Requests and limits of one pod of `replicas`: memory for its share of
-/// the connections, CPU for its share of the TPS.
-pub fn resources(spec: &MqttInstanceSpec, replicas: i32) -> ResourceRequirements {
+/// Requests and limits of one pod: memory for the connections and CPU for
+/// the TPS one pod carries at most (the per-pod profile, or the whole
+/// capacity when that is smaller). Independent of the replica count, so
+/// that scaling never changes the pod template and rolls every pod.
+pub fn resources(spec: &MqttInstanceSpec) -> ResourceRequirements {
     if let Some(r) = &spec.pod.resources {
         return r.clone();
     }
-    let n = i64::from(replicas.max(1));
-    let connections = ceil_div(spec.capacity.connections, n);
+    let connections = spec.capacity.connections.min(CONNECTIONS_PER_POD);
+    let tps = spec.capacity.tps.min(TPS_PER_POD);
     let memory_mib = BASE_MEMORY_MIB + ceil_div(connections * BYTES_PER_CONNECTION, 1 << 20);
-    let millicores = (ceil_div(spec.capacity.tps, n) * 1000 / TPS_PER_CORE).max(250);
+    let millicores = (tps * 1000 / TPS_PER_CORE).max(250);
     let q = |s: String| Quantity(s);
     ResourceRequirements {
         requests: Some(
@@ -119,13 +121,22 @@ mod tests {
     }
 
     #[test]
-    fn requests_follow_the_share_of_each_pod() {
+    fn requests_follow_what_one_pod_carries() {
         let s = spec(100_000, 40_000, 1000);
-        let r = resources(&s, 2);
+        let r = resources(&s);
         let req = r.requests.unwrap_or_default();
         // 50 000 connections x 24 KiB = 1 172 MiB, plus 256.
         assert_eq!(req["memory"].0, "1428Mi");
         assert_eq!(req["cpu"].0, "1000m");
         assert_eq!(r.limits.unwrap_or_default()["memory"].0, "2856Mi");
+    }
+
+    #[test]
+    fn a_small_instance_requests_for_its_capacity_only() {
+        let r = resources(&spec(1000, 500, 1000));
+        let req = r.requests.unwrap_or_default();
+        // 1 000 x 24 KiB = 24 MiB, plus 256; the CPU floor.
+        assert_eq!(req["memory"].0, "280Mi");
+        assert_eq!(req["cpu"].0, "250m");
     }
 }

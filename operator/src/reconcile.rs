@@ -110,8 +110,22 @@ pub async fn reconcile(obj: Arc<MqttInstance>, ctx: Arc<Context>) -> Result<Acti
         .as_ref()
         .is_some_and(|k| k.delete_policy == DeletePolicy::Delete);
     let has_finalizer = obj.finalizers().iter().any(|f| f == FINALIZER);
+    let deleting = obj.metadata.deletion_timestamp.is_some();
+    if deleting && !has_finalizer {
+        // Garbage collection removes the owned objects; applying them now
+        // would create again what it deletes.
+        return Ok(Action::await_change());
+    }
+    if deleting && deletes_topics && !keeps_topics(&obj) {
+        // The brokers stop first: one still running could write to a topic
+        // being deleted and so create it again.
+        let names = Names::new(&obj.name_any(), &ns);
+        if !brokers_stopped(&ctx.client, &ns, &names).await? {
+            return Ok(Action::requeue(Duration::from_secs(5)));
+        }
+    }
     if deletes_topics || has_finalizer {
-        if !deletes_topics && obj.metadata.deletion_timestamp.is_none() {
+        if !deletes_topics && !deleting {
             // The policy went back to Retain: nothing outside Kubernetes is
             // cleaned up any more, so nothing holds the deletion.
             remove_finalizer(&api, &obj).await?;
@@ -150,6 +164,36 @@ async fn remove_finalizer(api: &Api<MqttInstance>, obj: &MqttInstance) -> Result
     Ok(())
 }
 
+/// Lets an instance whose Kafka topics cannot be deleted (Kafka gone for
+/// good) be deleted without them: `ringmq.io/keep-kafka-topics: "true"`.
+pub const KEEP_TOPICS: &str = "ringmq.io/keep-kafka-topics";
+
+fn keeps_topics(obj: &MqttInstance) -> bool {
+    obj.annotations()
+        .get(KEEP_TOPICS)
+        .is_some_and(|v| v == "true")
+}
+
+/// Scales the instance's StatefulSet to zero; true once none of its pods
+/// is left.
+async fn brokers_stopped(client: &kube::Client, ns: &str, names: &Names) -> Result<bool> {
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    let none = Patch::Merge(json!({ "spec": { "replicas": 0 } }));
+    match sts
+        .patch(&names.main(), &PatchParams::default(), &none)
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => return Err(e.into()),
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let left = pods
+        .list(&ListParams::default().labels(&names.selector_string()))
+        .await?;
+    Ok(left.items.is_empty())
+}
+
 /// The controller's answer to a failed pass: try again in a while.
 pub fn error_policy(obj: Arc<MqttInstance>, error: &Error, _ctx: Arc<Context>) -> Action {
     tracing::warn!(instance = %obj.name_any(), %error, "reconcile failed; retrying");
@@ -159,20 +203,56 @@ pub fn error_policy(obj: Arc<MqttInstance>, error: &Error, _ctx: Arc<Context>) -
 /// The instance is being deleted: its Kafka parent topics go with it (the
 /// finalizer is only there when the delete policy says so).
 async fn cleanup(obj: Arc<MqttInstance>, ctx: Arc<Context>) -> Result<Action> {
-    if let Some(k) = &obj.spec.kafka {
-        let ns = obj.namespace().ok_or(Error::NoNamespace)?;
-        let target = kafka_target(&ctx, &ns, k).await?;
-        let names: Vec<String> = k.parent_topics.iter().map(|t| t.name.clone()).collect();
-        ctx.topics.delete(target, names.clone()).await?;
+    let Some(k) = obj
+        .spec
+        .kafka
+        .as_ref()
+        .filter(|k| k.delete_policy == DeletePolicy::Delete)
+    else {
+        return Ok(Action::await_change());
+    };
+    let names: Vec<String> = k.parent_topics.iter().map(|t| t.name.clone()).collect();
+    if keeps_topics(&obj) {
         event(
             &ctx,
             &obj,
-            EventType::Normal,
-            "KafkaTopicsDeleted",
-            format!("deleted {}", names.join(", ")),
+            EventType::Warning,
+            "KafkaTopicsKept",
+            format!("{KEEP_TOPICS}: not deleted: {}", names.join(", ")),
         )
         .await;
+        return Ok(Action::await_change());
     }
+    let ns = obj.namespace().ok_or(Error::NoNamespace)?;
+    let deleted = match kafka_target(&ctx, &ns, k).await {
+        Ok(target) => ctx
+            .topics
+            .delete(target, names.clone())
+            .await
+            .map_err(Error::from),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = deleted {
+        event(
+            &ctx,
+            &obj,
+            EventType::Warning,
+            "KafkaCleanupFailed",
+            format!(
+                "{e}; the instance stays until its topics are deleted (annotate it {KEEP_TOPICS}=true to delete it without them)"
+            ),
+        )
+        .await;
+        return Err(e);
+    }
+    event(
+        &ctx,
+        &obj,
+        EventType::Normal,
+        "KafkaTopicsDeleted",
+        format!("deleted {}", names.join(", ")),
+    )
+    .await;
     Ok(Action::await_change())
 }
 
@@ -243,6 +323,33 @@ async fn generated_secret(
     };
     secrets.create(&PostParams::default(), &secret).await?;
     Ok(value)
+}
+
+/// The credentials file: the one on the Secret when it was rendered from
+/// the same inputs, else rendered again off the async runtime.
+async fn render_credentials(
+    secrets: &Api<Secret>,
+    names: &Names,
+    spec: &crate::crd::MqttInstanceSpec,
+    uid: String,
+    passwords: BTreeMap<String, String>,
+) -> Result<credentials::Rendered> {
+    let fingerprint = credentials::fingerprint(spec, &uid, &passwords);
+    let existing = secrets.get_opt(&names.credentials_secret()).await?;
+    let cached = existing
+        .filter(|s| s.annotations().get(resources::CREDENTIALS_INPUT) == Some(&fingerprint))
+        .and_then(|s| s.data?.remove("credentials.yaml"))
+        .and_then(|b| String::from_utf8(b.0).ok());
+    let yaml = match cached {
+        Some(yaml) => yaml,
+        None => {
+            let spec = spec.clone();
+            tokio::task::spawn_blocking(move || credentials::render(&spec, &uid, &passwords))
+                .await
+                .map_err(|e| Error::Object(format!("credentials task: {e}")))??
+        }
+    };
+    Ok(credentials::Rendered { yaml, fingerprint })
 }
 
 async fn ssa<K>(api: &Api<K>, name: &str, obj: &K) -> Result<()>
@@ -389,8 +496,8 @@ async fn apply(obj: Arc<MqttInstance>, ctx: Arc<Context>) -> Result<Action> {
     }
 
     let broker_yaml = brokerconfig::render(spec, &names, &inputs);
-    let credentials_yaml = if inputs.credentials {
-        Some(credentials::render(spec, &uid, &passwords)?)
+    let credentials = if inputs.credentials {
+        Some(render_credentials(&secrets, &names, spec, uid, passwords).await?)
     } else {
         None
     };
@@ -404,13 +511,22 @@ async fn apply(obj: Arc<MqttInstance>, ctx: Arc<Context>) -> Result<Action> {
         owner,
         replicas: desired,
         image: &image,
-        config_hash: resources::hash(&[&broker_yaml, credentials_yaml.as_deref().unwrap_or("")]),
+        config_hash: resources::hash(&[
+            &broker_yaml,
+            credentials.as_ref().map_or("", |c| c.yaml.as_str()),
+        ]),
     };
     let admin_token = generated_secret(&secrets, &build, names.admin_secret(), "token").await?;
     generated_secret(&secrets, &build, names.cluster_secret(), "secret").await?;
 
     // Scale-down: one pod at a time, each drained first (P4, C4).
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let rolling = existing
+        .as_ref()
+        .and_then(|s| s.status.as_ref())
+        .is_some_and(|s| s.current_revision != s.update_revision);
     let mut draining = None;
+    let mut waiting = None;
     if let Some(cur) = current
         && cur > desired
     {
@@ -421,42 +537,91 @@ async fn apply(obj: Arc<MqttInstance>, ctx: Arc<Context>) -> Result<Action> {
             .as_ref()
             .filter(|d| d.pod == pod)
             .map(|d| d.since.clone());
-        if since.is_none() {
-            if let Err(e) = ctx.brokers.drain(&names, victim, &admin_token).await {
-                tracing::warn!(pod, error = %e, "drain call failed; lowering replicas anyway once the pod is gone");
-            }
-            event(
-                &ctx,
-                &obj,
-                EventType::Normal,
-                "Draining",
-                format!("{pod}: handing its sessions to the other pods"),
-            )
-            .await;
-        }
-        let left = sessions_of(&ctx, &names, victim, &admin_token).await;
-        if left == Some(0) || left.is_none() {
-            build.replicas = victim;
-            event(
-                &ctx,
-                &obj,
-                EventType::Normal,
-                "ScaledDown",
-                format!("{pod} drained; replicas {cur} -> {victim}"),
-            )
-            .await;
+        build.replicas = cur;
+        if since.is_none() && rolling {
+            // A rollout restarts pods from the highest ordinal down: the
+            // pod drained next could come back un-drained mid-way.
+            waiting = Some("waiting for the rollout to finish before draining".to_owned());
         } else {
-            build.replicas = cur;
-            draining = Some(Draining {
-                pod,
-                sessions: left.unwrap_or(0),
-                since: since.unwrap_or_else(|| now().0.to_string()),
-            });
+            // Asked again on every pass: a lost call, or a pod restarted
+            // since, would leave the pod serving its sessions.
+            if let Err(e) = ctx.brokers.drain(&names, victim, &admin_token).await {
+                tracing::warn!(pod, error = %e, "drain call failed; trying again next pass");
+            }
+            if since.is_none() {
+                event(
+                    &ctx,
+                    &obj,
+                    EventType::Normal,
+                    "Draining",
+                    format!("{pod}: handing its sessions to the other pods"),
+                )
+                .await;
+            }
+            let left = sessions_of(&ctx, &names, victim, &admin_token).await;
+            let gone = broker_gone(&pods, &pod).await?;
+            let timed_out = since
+                .as_deref()
+                .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+                .is_some_and(|t| {
+                    k8s_openapi::jiff::Timestamp::now()
+                        .duration_since(t)
+                        .as_secs()
+                        >= DRAIN_TIMEOUT.as_secs() as i64
+                });
+            if left == Some(0) || gone || timed_out {
+                if left != Some(0) && !gone {
+                    event(
+                        &ctx,
+                        &obj,
+                        EventType::Warning,
+                        "DrainTimedOut",
+                        format!(
+                            "{pod} still held {} sessions after {} s; removed anyway (its clients reconnect to the other pods)",
+                            left.map_or_else(|| "an unknown number of".to_owned(), |n| n.to_string()),
+                            DRAIN_TIMEOUT.as_secs()
+                        ),
+                    )
+                    .await;
+                }
+                build.replicas = victim;
+                event(
+                    &ctx,
+                    &obj,
+                    EventType::Normal,
+                    "ScaledDown",
+                    format!("{pod} drained; replicas {cur} -> {victim}"),
+                )
+                .await;
+            } else {
+                draining = Some(Draining {
+                    pod,
+                    sessions: left.unwrap_or(-1),
+                    since: since.unwrap_or_else(|| now().0.to_string()),
+                });
+            }
+        }
+    } else if let Some(d) = &old_status.draining {
+        // The scale-down was called off: the pod has left the ring and
+        // would stay off it; a restart brings it back as a member.
+        match pods.delete(&d.pod, &DeleteParams::default()).await {
+            Ok(_) => {
+                event(
+                    &ctx,
+                    &obj,
+                    EventType::Normal,
+                    "DrainAbandoned",
+                    format!("{}: scale-down called off; restarted to rejoin", d.pod),
+                )
+                .await;
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
         }
     }
 
     // The objects.
-    let objects = resources::objects(&build, spec, broker_yaml, credentials_yaml, ctx.monitoring);
+    let objects = resources::objects(&build, spec, broker_yaml, credentials, ctx.monitoring);
     for object in objects {
         apply_object(client, &ns, object).await?;
     }
@@ -543,10 +708,19 @@ async fn apply(obj: Arc<MqttInstance>, ctx: Arc<Context>) -> Result<Action> {
 
     // Status from the StatefulSet and the brokers.
     let sts = sts_api.get_opt(&names.main()).await?;
-    if let Some(sts) = &sts {
-        for pod in unstick(client, &ns, &names, sts).await? {
-            event(&ctx, &obj, EventType::Normal, "RestartedStuckPod", format!("{pod} never became ready on the previous revision; recreated from the current spec")).await;
-        }
+    if let Some(sts) = &sts
+        && let Some(pod) = unstick(client, &ns, &names, sts).await?
+    {
+        event(
+            &ctx,
+            &obj,
+            EventType::Normal,
+            "RestartedStuckPod",
+            format!(
+                "{pod} never became ready on the previous revision; recreated from the current spec"
+            ),
+        )
+        .await;
     }
     let ready = sts
         .as_ref()
@@ -560,7 +734,11 @@ async fn apply(obj: Arc<MqttInstance>, ctx: Arc<Context>) -> Result<Action> {
             s.updated_replicas.unwrap_or(0) >= build.replicas
                 && s.current_revision == s.update_revision
         });
-    status.replicas = build.replicas;
+    // The pods that exist, as the scale subresource reports them.
+    status.replicas = sts
+        .as_ref()
+        .and_then(|s| s.status.as_ref())
+        .map_or(0, |s| s.replicas);
     status.ready_replicas = ready;
     status.selector = names.selector_string();
     status.endpoints = names.endpoints(spec);
@@ -596,9 +774,10 @@ async fn apply(obj: Arc<MqttInstance>, ctx: Arc<Context>) -> Result<Action> {
             "the instance matches its spec",
         );
     } else {
-        let why = match &draining {
-            Some(d) => format!("draining {} ({} sessions left)", d.pod, d.sessions),
-            None => format!("{ready} of {} broker pods ready", build.replicas),
+        let why = match (&draining, &waiting) {
+            (Some(d), _) => format!("draining {} ({} sessions left)", d.pod, d.sessions),
+            (None, Some(w)) => w.clone(),
+            (None, None) => format!("{ready} of {} broker pods ready", build.replicas),
         };
         set_condition(
             &mut status.conditions,
@@ -678,42 +857,68 @@ const STUCK_AFTER: Duration = Duration::from_secs(60);
 /// A rollout stuck on a broken revision: Kubernetes does not replace a pod
 /// that never became ready, even after the spec is fixed ("forced
 /// rollback"). Pods of an older revision than the StatefulSet's current one
-/// that have not been ready for a minute are deleted, so that the
-/// StatefulSet recreates them from the current template. Returns their names.
+/// that have not been ready for a minute are deleted, one per pass, so that
+/// the StatefulSet recreates them from the current template. Returns the
+/// deleted pod's name.
 async fn unstick(
     client: &kube::Client,
     ns: &str,
     names: &Names,
     sts: &StatefulSet,
-) -> Result<Vec<String>> {
+) -> Result<Option<String>> {
     let Some(update) = sts.status.as_ref().and_then(|s| s.update_revision.clone()) else {
-        return Ok(Vec::new());
+        return Ok(None);
     };
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let list = pods
         .list(&ListParams::default().labels(&names.selector_string()))
         .await?;
     let now = k8s_openapi::jiff::Timestamp::now();
-    let mut deleted = Vec::new();
     for pod in list {
         let revision = pod.labels().get("controller-revision-hash").cloned();
-        let ready = pod
+        // Unready for a minute by the Ready condition's own clock: a pod
+        // of a healthy revision is briefly unready whenever a member
+        // joins, and must not be taken for a stuck one.
+        let unready_long = pod
             .status
             .as_ref()
             .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-        let old_enough = pod
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .is_some_and(|t| now.duration_since(t.0).as_secs() >= STUCK_AFTER.as_secs() as i64);
-        if revision.is_some_and(|r| r != update) && !ready && old_enough {
+            .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+            .is_some_and(|c| {
+                c.status != "True"
+                    && c.last_transition_time.as_ref().is_some_and(|t| {
+                        now.duration_since(t.0).as_secs() >= STUCK_AFTER.as_secs() as i64
+                    })
+            });
+        if revision.is_some_and(|r| r != update) && unready_long {
+            // One pod a pass: the StatefulSet recreates it before the next.
             let name = pod.name_any();
             pods.delete(&name, &DeleteParams::default()).await?;
-            deleted.push(name);
+            return Ok(Some(name));
         }
     }
-    Ok(deleted)
+    Ok(None)
+}
+
+/// How long a drain may take before the pod is removed anyway.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Whether the pod is gone or its broker is not running (so it holds no
+/// session any more).
+async fn broker_gone(pods: &Api<Pod>, name: &str) -> Result<bool> {
+    let Some(pod) = pods.get_opt(name).await? else {
+        return Ok(true);
+    };
+    let running = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .is_some_and(|c| {
+            c.iter().any(|c| {
+                c.name == "broker" && c.state.as_ref().is_some_and(|s| s.running.is_some())
+            })
+        });
+    Ok(!running)
 }
 
 /// Sessions pod `ordinal` still holds, from its own operations API; `None`

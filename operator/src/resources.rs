@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
@@ -18,6 +19,7 @@ use sha2::{Digest, Sha256};
 
 use crate::brokerconfig::{paths, ports};
 use crate::crd::{MqttInstanceSpec, ServiceType};
+use crate::credentials::Rendered;
 use crate::names::Names;
 
 /// The broker image when the spec names none.
@@ -26,6 +28,10 @@ pub const DEFAULT_IMAGE: &str = "ghcr.io/ringmq/ringmq-broker:0.1.0";
 /// Annotation carrying the hash of the configuration and credentials: pods
 /// roll when it changes.
 pub const CONFIG_HASH: &str = "ringmq.io/config-hash";
+
+/// Annotation on the credentials Secret: the fingerprint of what its file
+/// was rendered from.
+pub const CREDENTIALS_INPUT: &str = "ringmq.io/credentials-input";
 
 /// Label of the headless Service, which the ServiceMonitor selects.
 pub const NODES_LABEL: (&str, &str) = ("ringmq.io/service", "nodes");
@@ -272,7 +278,7 @@ pub fn stateful_set(ctx: &Context<'_>, spec: &MqttInstanceSpec, credentials: boo
                         ports: Some(ports),
                         readiness_probe: Some(http_probe("/readyz", 2, 3)),
                         liveness_probe: Some(http_probe("/healthz", 10, 6)),
-                        resources: Some(crate::profile::resources(spec, ctx.replicas)),
+                        resources: Some(crate::profile::resources(spec)),
                         volume_mounts: Some(mounts),
                         security_context: Some(SecurityContext {
                             allow_privilege_escalation: Some(false),
@@ -397,10 +403,20 @@ pub fn prometheus_rule(ctx: &Context<'_>, spec: &MqttInstanceSpec) -> Value {
 }
 
 /// The hashed credentials for the brokers.
-pub fn credentials_secret(ctx: &Context<'_>, credentials_yaml: String) -> Secret {
+pub fn credentials_secret(ctx: &Context<'_>, credentials: Rendered) -> Secret {
+    let mut metadata = meta(ctx, ctx.names.credentials_secret());
+    metadata.annotations = Some([(CREDENTIALS_INPUT.to_owned(), credentials.fingerprint)].into());
     Secret {
-        metadata: meta(ctx, ctx.names.credentials_secret()),
-        string_data: Some([("credentials.yaml".to_owned(), credentials_yaml)].into()),
+        metadata,
+        // `data`, not `stringData`: an applied `stringData` is never equal to
+        // the stored object, so every apply would write a new version.
+        data: Some(
+            [(
+                "credentials.yaml".to_owned(),
+                ByteString(credentials.yaml.into_bytes()),
+            )]
+            .into(),
+        ),
         ..Secret::default()
     }
 }
@@ -448,17 +464,21 @@ pub fn objects(
     ctx: &Context<'_>,
     spec: &MqttInstanceSpec,
     broker_yaml: String,
-    credentials_yaml: Option<String>,
+    credentials: Option<Rendered>,
     monitoring: bool,
 ) -> Vec<Object> {
-    let credentials = credentials_yaml.is_some();
+    let has_credentials = credentials.is_some();
     let mut out = vec![Object::ConfigMap(config_map(ctx, broker_yaml))];
-    if let Some(c) = credentials_yaml {
+    if let Some(c) = credentials {
         out.push(Object::Secret(credentials_secret(ctx, c)));
     }
     out.push(Object::Service(headless_service(ctx)));
     out.push(Object::Service(device_service(ctx, spec)));
-    out.push(Object::StatefulSet(stateful_set(ctx, spec, credentials)));
+    out.push(Object::StatefulSet(stateful_set(
+        ctx,
+        spec,
+        has_credentials,
+    )));
     out.push(Object::PodDisruptionBudget(pod_disruption_budget(ctx)));
     if monitoring {
         out.push(Object::Monitoring {

@@ -5,6 +5,8 @@
 //! validates the same files against the Kubernetes schemas.
 
 use std::collections::BTreeMap;
+
+use base64::Engine as _;
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -58,9 +60,10 @@ fn objects(file: &str) -> Vec<Object> {
     if let Err(e) = ringmq_broker::Config::from_yaml(&broker_yaml) {
         panic!("{name}: the broker refuses its configuration: {e}\n{broker_yaml}");
     }
-    let credentials_yaml = inputs
-        .credentials
-        .then(|| credentials::render(spec, "uid-1", &passwords).unwrap_or_else(|e| panic!("{e}")));
+    let credentials = inputs.credentials.then(|| credentials::Rendered {
+        yaml: credentials::render(spec, "uid-1", &passwords).unwrap_or_else(|e| panic!("{e}")),
+        fingerprint: credentials::fingerprint(spec, "uid-1", &passwords),
+    });
     let ctx = Context {
         names: &names,
         owner: OwnerReference {
@@ -73,9 +76,12 @@ fn objects(file: &str) -> Vec<Object> {
         },
         replicas: profile::replicas(spec),
         image: DEFAULT_IMAGE,
-        config_hash: resources::hash(&[&broker_yaml, credentials_yaml.as_deref().unwrap_or("")]),
+        config_hash: resources::hash(&[
+            &broker_yaml,
+            credentials.as_ref().map_or("", |c| c.yaml.as_str()),
+        ]),
     };
-    resources::objects(&ctx, spec, broker_yaml, credentials_yaml, true)
+    resources::objects(&ctx, spec, broker_yaml, credentials, true)
 }
 
 fn render(objects: &[Object]) -> String {
@@ -157,9 +163,19 @@ fn what_each_example_gets() {
         [(1883, 1883), (8883, 8883), (80, 8083), (443, 8084)]
     );
     let creds = find(&devices, "Secret", "devices-credentials");
-    let text = creds["stringData"]["credentials.yaml"]
+    let b64 = creds["data"]["credentials.yaml"]
         .as_str()
         .unwrap_or_default();
+    let text = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    assert!(
+        creds["metadata"]["annotations"]["ringmq.io/credentials-input"]
+            .as_str()
+            .is_some_and(|f| f.len() == 64),
+        "the fingerprint of what the file was rendered from"
+    );
     assert!(
         text.contains("$argon2id$") && !text.contains("sensor-password"),
         "{text}"

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use base64::Engine as _;
 use futures::future::BoxFuture;
 use http::{Request, Response, StatusCode};
 use kube::client::Body;
@@ -291,6 +292,7 @@ struct FakeTopics {
     deleted: Mutex<Vec<Vec<String>>>,
     shrink: Mutex<Option<String>>,
     grow: Mutex<Option<String>>,
+    unreachable: Mutex<bool>,
 }
 
 impl Topics for FakeTopics {
@@ -332,6 +334,13 @@ impl Topics for FakeTopics {
     }
 
     fn delete(&self, _t: Target, names: Vec<String>) -> BoxFuture<'static, Result<(), TopicError>> {
+        if *self.unreachable.lock().unwrap_or_else(|e| e.into_inner()) {
+            return Box::pin(async {
+                Err(TopicError::Metadata(
+                    "kafka:9092: all brokers down (stand-in)".into(),
+                ))
+            });
+        }
         self.deleted
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -352,6 +361,7 @@ const STS: &str = "/apis/apps/v1/namespaces/mqtt/statefulsets";
 const SECRETS: &str = "/api/v1/namespaces/mqtt/secrets";
 const CMS: &str = "/api/v1/namespaces/mqtt/configmaps";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/mqtt/events";
+const PODS: &str = "/api/v1/namespaces/mqtt/pods";
 
 fn harness() -> Harness {
     let brokers = Arc::new(FakeBrokers::default());
@@ -470,6 +480,38 @@ impl Harness {
             .unwrap_or_default()
     }
 
+    /// Broker pods 0..n exist with their broker running.
+    fn pods_running(&self, n: i32) {
+        for i in 0..n {
+            self.insert(
+                &format!("{PODS}/demo-{i}"),
+                json!({
+                    "apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": format!("demo-{i}"), "namespace": "mqtt",
+                                 "labels": {"app.kubernetes.io/name": "ringmq", "app.kubernetes.io/instance": "demo", "controller-revision-hash": "r1"}},
+                    "status": {"containerStatuses": [{"name": "broker", "image": "ringmq-broker:test", "imageID": "", "ready": true, "restartCount": 0, "state": {"running": {}}}]},
+                }),
+            );
+        }
+    }
+
+    /// One reconcile pass that may fail.
+    async fn try_pass(&self) -> Result<Action, String> {
+        let obj: MqttInstance = serde_json::from_value(self.object(&format!("{MI}/demo")))
+            .unwrap_or_else(|e| panic!("stored instance: {e}"));
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            reconcile(Arc::new(obj), self.ctx.clone()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("reconcile timed out"))
+        .map_err(|e| e.to_string())
+    }
+
+    fn count_events(&self, reason: &str) -> usize {
+        self.events().iter().filter(|e| e.1 == reason).count()
+    }
+
     /// The StatefulSet became ready at its replica count.
     fn sts_ready(&self) {
         let mut sts = self.object(&format!("{STS}/demo"));
@@ -525,7 +567,7 @@ async fn create_applies_every_object_and_reports_progress() {
     );
     let obj = h.object(&format!("{MI}/demo"));
     assert_eq!(obj["status"]["observedGeneration"], 1);
-    assert_eq!(obj["status"]["replicas"], 1);
+    assert_eq!(obj["status"]["replicas"], 0, "no pod exists yet");
     assert_eq!(
         obj["status"]["selector"],
         "app.kubernetes.io/instance=demo,app.kubernetes.io/name=ringmq"
@@ -560,6 +602,7 @@ async fn create_applies_every_object_and_reports_progress() {
         ("True".into(), "AlarmFiring".into())
     );
     let obj = h.object(&format!("{MI}/demo"));
+    assert_eq!(obj["status"]["replicas"], 1);
     assert_eq!(obj["status"]["totals"]["connections"], 70);
     assert_eq!(obj["status"]["peakUtilization"], "70% connections");
     assert_eq!(obj["status"]["nodes"][0]["maxConnections"], 71);
@@ -619,15 +662,42 @@ async fn a_config_change_rolls_the_pods_and_a_missing_secret_blocks_it() {
     // The Secret appears: credentials applied, the pods roll.
     h.insert(&format!("{SECRETS}/pw"), json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "pw", "namespace": "mqtt"}, "data": {"u1": "c2VjcmV0"}}));
     h.pass().await;
-    let creds = h.object(&format!("{SECRETS}/demo-credentials"));
-    let text = creds["stringData"]["credentials.yaml"]
-        .as_str()
-        .unwrap_or_default();
+    let creds_path = format!("{SECRETS}/demo-credentials");
+    let file = |h: &Harness| {
+        let b64 = h.object(&creds_path)["data"]["credentials.yaml"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap_or_default();
+        String::from_utf8(bytes).unwrap_or_default()
+    };
+    let text = file(&h);
     assert!(
         text.contains("username: u1") && text.contains("$argon2id$") && !text.contains("secret"),
         "{text}"
     );
-    assert_ne!(hash(&h), before, "the pods roll for the new credentials");
+    let rolled = hash(&h);
+    assert_ne!(rolled, before, "the pods roll for the new credentials");
+    // Same inputs: the file on the Secret is reused, not hashed again (a
+    // marker written into it survives the pass) and nothing rolls.
+    let mut stored = h.object(&creds_path);
+    let marked = format!("{text}# reused\n");
+    stored["data"]["credentials.yaml"] =
+        json!(base64::engine::general_purpose::STANDARD.encode(&marked));
+    h.insert(&creds_path, stored);
+    h.pass().await;
+    assert_eq!(file(&h), marked);
+    // A new password: hashed again.
+    h.insert(&format!("{SECRETS}/pw"), json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "pw", "namespace": "mqtt"}, "data": {"u1": "b3RoZXI="}}));
+    h.pass().await;
+    let again = file(&h);
+    assert!(
+        !again.contains("# reused") && again.contains("$argon2id$"),
+        "{again}"
+    );
+    assert_ne!(again, text);
     let cm = h.object(&format!("{CMS}/demo-config"));
     assert!(
         cm["data"]["broker.yaml"]
@@ -638,6 +708,26 @@ async fn a_config_change_rolls_the_pods_and_a_missing_secret_blocks_it() {
     assert_eq!(h.condition("Degraded").0, "False");
 }
 
+fn set_sessions(h: &Harness, ordinal: i32, n: i64) {
+    h.brokers
+        .sessions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(ordinal, n);
+}
+
+fn drained(h: &Harness) -> Vec<i32> {
+    h.brokers
+        .drained
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+}
+
+fn sts_replicas(h: &Harness) -> Value {
+    h.object(&format!("{STS}/demo"))["spec"]["replicas"].clone()
+}
+
 #[tokio::test]
 async fn scale_up_adds_pods_and_scale_down_drains_one_pod_at_a_time() {
     let h = harness();
@@ -645,22 +735,21 @@ async fn scale_up_adds_pods_and_scale_down_drains_one_pod_at_a_time() {
     spec["replicas"] = json!(3);
     h.put(spec.clone());
     h.pass().await;
-    assert_eq!(h.object(&format!("{STS}/demo"))["spec"]["replicas"], 3);
+    assert_eq!(sts_replicas(&h), 3);
+    let requests = |h: &Harness| {
+        h.object(&format!("{STS}/demo"))["spec"]["template"]["spec"]["containers"][0]["resources"]
+            .clone()
+    };
+    let sized = requests(&h);
     h.sts_ready();
+    h.pods_running(3);
     // Down to 1: pod 2 is drained first, and stays while it holds sessions.
     spec["replicas"] = json!(1);
     h.put(spec);
-    h.brokers
-        .sessions
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(2, 5);
+    set_sessions(&h, 2, 5);
     assert_eq!(h.pass().await, Action::requeue(Duration::from_secs(5)));
-    assert_eq!(
-        *h.brokers.drained.lock().unwrap_or_else(|e| e.into_inner()),
-        [2]
-    );
-    assert_eq!(h.object(&format!("{STS}/demo"))["spec"]["replicas"], 3);
+    assert_eq!(drained(&h), [2]);
+    assert_eq!(sts_replicas(&h), 3);
     let status = h.object(&format!("{MI}/demo"))["status"].clone();
     assert_eq!(status["draining"]["pod"], "demo-2");
     assert_eq!(status["draining"]["sessions"], 5);
@@ -668,41 +757,126 @@ async fn scale_up_adds_pods_and_scale_down_drains_one_pod_at_a_time() {
         h.condition("Progressing"),
         ("True".into(), "Draining".into())
     );
-    // Not drained again while in progress.
+    // The drain is asked again each pass (a restarted pod would otherwise
+    // keep serving), announced once.
     h.pass().await;
-    assert_eq!(
-        h.brokers
-            .drained
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len(),
-        1
-    );
+    assert_eq!(drained(&h), [2, 2]);
+    assert_eq!(h.count_events("Draining"), 1);
     // Its sessions moved: replicas 3 -> 2; then pod 1 is drained.
-    h.brokers
-        .sessions
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(2, 0);
+    set_sessions(&h, 2, 0);
     h.pass().await;
-    assert_eq!(h.object(&format!("{STS}/demo"))["spec"]["replicas"], 2);
+    assert_eq!(sts_replicas(&h), 2);
     assert!(h.events().contains(&("Normal".into(), "ScaledDown".into())));
-    h.brokers
-        .sessions
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(1, 0);
+    assert_eq!(
+        requests(&h),
+        sized,
+        "the pod template does not change with the replica count"
+    );
+    set_sessions(&h, 1, 0);
     h.sts_ready();
     h.pass().await;
-    assert_eq!(
-        *h.brokers.drained.lock().unwrap_or_else(|e| e.into_inner()),
-        [2, 1]
-    );
-    assert_eq!(h.object(&format!("{STS}/demo"))["spec"]["replicas"], 1);
+    assert_eq!(drained(&h), [2, 2, 2, 1]);
+    assert_eq!(sts_replicas(&h), 1);
+    assert!(h.object(&format!("{MI}/demo"))["status"]["draining"].is_null());
     // A capacity that needs more pods scales up at once.
     h.put(json!({"capacity": {"connections": 120000, "tps": 100, "subscriptions": 1000}}));
     h.pass().await;
-    assert_eq!(h.object(&format!("{STS}/demo"))["spec"]["replicas"], 3);
+    assert_eq!(sts_replicas(&h), 3);
+}
+
+#[tokio::test]
+async fn a_drain_waits_for_a_rollout_and_ends_when_the_pod_is_gone_or_time_is_up() {
+    let h = harness();
+    let mut spec = small();
+    spec["replicas"] = json!(3);
+    h.put(spec.clone());
+    h.pass().await;
+    h.sts_ready();
+    h.pods_running(3);
+    // A rollout in progress: no drain starts until it is done.
+    let mut sts = h.object(&format!("{STS}/demo"));
+    sts["status"]["updateRevision"] = json!("r2");
+    h.insert(&format!("{STS}/demo"), sts);
+    spec["replicas"] = json!(2);
+    h.put(spec.clone());
+    set_sessions(&h, 2, 4);
+    h.pass().await;
+    assert!(drained(&h).is_empty());
+    assert_eq!(sts_replicas(&h), 3);
+    let progressing = h.object(&format!("{MI}/demo"))["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == "Progressing")
+        .map(|c| c["message"].clone())
+        .unwrap_or_default();
+    assert_eq!(
+        progressing,
+        "waiting for the rollout to finish before draining"
+    );
+    // Rolled out: the drain starts; a drain that outlasts its time limit
+    // ends with a warning and the pod goes anyway.
+    h.sts_ready();
+    h.pass().await;
+    assert_eq!(drained(&h), [2]);
+    assert_eq!(sts_replicas(&h), 3);
+    let mut obj = h.object(&format!("{MI}/demo"));
+    obj["status"]["draining"]["since"] = json!("2026-01-01T00:00:00Z");
+    h.insert(&format!("{MI}/demo"), obj);
+    h.pass().await;
+    assert_eq!(sts_replicas(&h), 2);
+    assert!(
+        h.events()
+            .contains(&("Warning".into(), "DrainTimedOut".into()))
+    );
+    // A pod that is gone holds nothing: no wait for an answer it cannot give.
+    h.sts_ready();
+    spec["replicas"] = json!(1);
+    h.put(spec);
+    set_sessions(&h, 1, 9);
+    h.state
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .objects
+        .remove(&format!("{PODS}/demo-1"));
+    h.pass().await;
+    assert_eq!(sts_replicas(&h), 1);
+    assert_eq!(h.count_events("DrainTimedOut"), 1);
+}
+
+#[tokio::test]
+async fn a_called_off_scale_down_restarts_the_drained_pod() {
+    let h = harness();
+    let mut spec = small();
+    spec["replicas"] = json!(2);
+    h.put(spec.clone());
+    h.pass().await;
+    h.sts_ready();
+    h.pods_running(2);
+    spec["replicas"] = json!(1);
+    h.put(spec.clone());
+    set_sessions(&h, 1, 3);
+    h.pass().await;
+    assert_eq!(drained(&h), [1]);
+    // Back to 2 before the drain finished: the pod left the ring, so it is
+    // restarted to join again.
+    spec["replicas"] = json!(2);
+    h.put(spec);
+    h.seen();
+    h.pass().await;
+    let deleted: Vec<String> = h
+        .seen()
+        .into_iter()
+        .filter(|s| s.method == "DELETE")
+        .map(|s| s.path)
+        .collect();
+    assert_eq!(deleted, [format!("{PODS}/demo-1")]);
+    assert!(
+        h.events()
+            .contains(&("Normal".into(), "DrainAbandoned".into()))
+    );
+    assert_eq!(sts_replicas(&h), 2);
+    assert!(h.object(&format!("{MI}/demo"))["status"]["draining"].is_null());
 }
 
 #[tokio::test]
@@ -782,7 +956,53 @@ async fn deletion_removes_topics_only_by_policy() {
         h.object(&format!("{MI}/demo"))["metadata"]["finalizers"],
         json!(["ringmq.io/kafka-topics"])
     );
-    h.put_with(spec, json!({"finalizers": ["ringmq.io/kafka-topics"], "deletionTimestamp": "2026-11-22T10:00:00Z"}));
+    // Deleted while a broker pod still runs: the StatefulSet goes first and
+    // the topics wait until no pod is left to write to them.
+    h.pods_running(1);
+    let deleting = json!({"finalizers": ["ringmq.io/kafka-topics"], "deletionTimestamp": "2026-11-22T10:00:00Z"});
+    h.put_with(spec.clone(), deleting.clone());
+    h.seen();
+    assert_eq!(h.pass().await, Action::requeue(Duration::from_secs(5)));
+    assert_eq!(sts_replicas(&h), 0);
+    assert!(
+        h.topics
+            .deleted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    );
+    assert!(
+        !h.seen()
+            .iter()
+            .any(|s| s.method == "PATCH"
+                && (s.path.starts_with(CMS) || s.path.contains("/services/"))),
+        "nothing applied to an instance being deleted"
+    );
+    // Kafka unreachable: the instance stays, a Warning says why and how out.
+    h.state
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .objects
+        .remove(&format!("{PODS}/demo-0"));
+    *h.topics
+        .unreachable
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = true;
+    let err = h.try_pass().await.err().unwrap_or_default();
+    assert!(err.contains("all brokers down"), "{err}");
+    assert!(
+        h.events()
+            .contains(&("Warning".into(), "KafkaCleanupFailed".into()))
+    );
+    assert_eq!(
+        h.object(&format!("{MI}/demo"))["metadata"]["finalizers"],
+        json!(["ringmq.io/kafka-topics"])
+    );
+    // Kafka back: the topics go, then the finalizer.
+    *h.topics
+        .unreachable
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = false;
     h.pass().await;
     assert_eq!(
         *h.topics.deleted.lock().unwrap_or_else(|e| e.into_inner()),
@@ -796,6 +1016,46 @@ async fn deletion_removes_topics_only_by_policy() {
     assert!(
         h.events()
             .contains(&("Normal".into(), "KafkaTopicsDeleted".into()))
+    );
+    // Without a finalizer, a pass over a deleted instance applies nothing.
+    h.put_with(spec, json!({"deletionTimestamp": "2026-11-22T10:00:00Z"}));
+    h.seen();
+    assert_eq!(h.pass().await, Action::await_change());
+    assert!(h.seen().iter().all(|s| s.method == "GET"));
+}
+
+#[tokio::test]
+async fn a_kept_topics_annotation_lets_the_instance_go_without_kafka() {
+    let h = harness();
+    let mut spec = small();
+    spec["kafka"] = json!({"bootstrapServers": "kafka:9092", "deletePolicy": "Delete", "parentTopics": [{"name": "telemetry"}]});
+    h.put(spec.clone());
+    h.pass().await;
+    *h.topics
+        .unreachable
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = true;
+    h.put_with(
+        spec,
+        json!({"finalizers": ["ringmq.io/kafka-topics"], "deletionTimestamp": "2026-11-22T10:00:00Z",
+               "annotations": {"ringmq.io/keep-kafka-topics": "true"}}),
+    );
+    h.pass().await;
+    assert!(
+        h.topics
+            .deleted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    );
+    assert!(
+        h.events()
+            .contains(&("Warning".into(), "KafkaTopicsKept".into()))
+    );
+    let finalizers = h.object(&format!("{MI}/demo"))["metadata"]["finalizers"].clone();
+    assert!(
+        finalizers.as_array().is_none_or(Vec::is_empty),
+        "{finalizers}"
     );
 }
 
@@ -1029,36 +1289,44 @@ async fn a_fixed_spec_gets_a_stuck_rollout_going_again() {
     h.put(small());
     h.pass().await;
     // Revision r2 (a broken image) never became ready; the spec is fixed
-    // (revision r3): the stuck pod is recreated, a ready one is left alone.
+    // (revision r3): the stuck pods are recreated, one per pass; a pod that
+    // has only just turned unready is left alone.
     let mut sts = h.object(&format!("{STS}/demo"));
     sts["status"] =
-        json!({"replicas": 2, "readyReplicas": 1, "currentRevision": "r1", "updateRevision": "r3"});
+        json!({"replicas": 3, "readyReplicas": 0, "currentRevision": "r1", "updateRevision": "r3"});
     h.insert(&format!("{STS}/demo"), sts);
-    let pod = |name: &str, revision: &str, ready: &str| {
+    let just_now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let pod = |name: &str, revision: &str, since: &str| {
         json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": "mqtt", "creationTimestamp": "2026-11-22T00:00:00Z",
                          "labels": {"app.kubernetes.io/name": "ringmq", "app.kubernetes.io/instance": "demo", "controller-revision-hash": revision}},
-            "status": {"conditions": [{"type": "Ready", "status": ready}]},
+            "status": {"conditions": [{"type": "Ready", "status": "False", "lastTransitionTime": since}]},
         })
     };
+    h.insert(&format!("{PODS}/demo-0"), pod("demo-0", "r1", &just_now));
     h.insert(
-        "/api/v1/namespaces/mqtt/pods/demo-0",
-        pod("demo-0", "r1", "True"),
+        &format!("{PODS}/demo-1"),
+        pod("demo-1", "r2", "2026-11-22T00:00:00Z"),
     );
     h.insert(
-        "/api/v1/namespaces/mqtt/pods/demo-1",
-        pod("demo-1", "r2", "False"),
+        &format!("{PODS}/demo-2"),
+        pod("demo-2", "r2", "2026-11-22T00:00:00Z"),
     );
+    let deleted = |h: &Harness| -> Vec<String> {
+        h.seen()
+            .into_iter()
+            .filter(|s| s.method == "DELETE")
+            .map(|s| s.path)
+            .collect()
+    };
     h.seen();
     h.pass().await;
-    let deleted: Vec<String> = h
-        .seen()
-        .into_iter()
-        .filter(|s| s.method == "DELETE")
-        .map(|s| s.path)
-        .collect();
-    assert_eq!(deleted, ["/api/v1/namespaces/mqtt/pods/demo-1"]);
+    assert_eq!(deleted(&h), [format!("{PODS}/demo-1")]);
+    h.pass().await;
+    assert_eq!(deleted(&h), [format!("{PODS}/demo-2")]);
+    h.pass().await;
+    assert!(deleted(&h).is_empty());
     assert!(
         h.events()
             .contains(&("Normal".into(), "RestartedStuckPod".into()))

@@ -40,10 +40,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "create", "patch"]
-# Pods: only to recreate one stuck on a broken revision after a fix.
+# Pods: read to follow a drain; deleted only to recreate one stuck on a
+# broken revision after a fix, or a drained one whose scale-down was called off.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list", "delete"]
+  verbs: ["get", "list", "delete"]
 - apiGroups: ["apps"]
   resources: ["statefulsets"]
   verbs: ["get", "list", "watch", "create", "patch"]
