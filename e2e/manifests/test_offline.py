@@ -46,7 +46,11 @@ def test_the_chart_lints_clean():
 
 @pytest.mark.parametrize(
     "values",
-    [{}, {"watchNamespace": "mqtt", "grafanaDashboard": {"enabled": True}}, {"serviceAccount": {"create": False, "name": "ops"}}],
+    [
+        {},
+        {"watchNamespace": "mqtt", "grafanaDashboard": {"enabled": True}, "replicas": 2},
+        {"serviceAccount": {"create": False, "name": "ops"}},
+    ],
 )
 def test_rendered_objects_are_valid_kubernetes(values):
     objects = render(values)
@@ -54,20 +58,35 @@ def test_rendered_objects_are_valid_kubernetes(values):
     assert "Deployment" in kinds
     for o in objects:
         validate(o)
-    rbac = [o for o in objects if o["kind"] in ("Role", "ClusterRole") and not o["metadata"]["name"].endswith("crd-reader")]
+    rbac = [
+        o
+        for o in objects
+        if o["kind"] in ("Role", "ClusterRole")
+        and not o["metadata"]["name"].endswith(("crd-reader", "leader-election"))
+    ]
     assert len(rbac) == 1
     role = rbac[0]
     assert role["kind"] == ("Role" if values.get("watchNamespace") else "ClusterRole")
     # Least privilege: no wildcard, no delete, secrets never listed.
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
-        # Deleting: only pods stuck on a broken revision.
+        # Deleting: only pods (stuck on a broken revision, or drained for a
+        # scale-down that was called off).
         assert "delete" not in rule["verbs"] or rule["resources"] == ["pods"], rule
         if "secrets" in rule["resources"]:
             assert set(rule["verbs"]) == {"get", "create", "patch"}, rule
+    # The leader election Lease: its own Role, in the release namespace only.
+    election = next(o for o in objects if o["metadata"]["name"].endswith("leader-election") and o["kind"] == "Role")
+    assert election["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]}
+    ]
     dep = next(o for o in objects if o["kind"] == "Deployment")
+    assert election["metadata"]["namespace"] == dep["metadata"]["namespace"]
     c = dep["spec"]["template"]["spec"]["containers"][0]
-    env = {e["name"]: e["value"] for e in c["env"]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    fields = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"] if "valueFrom" in e}
+    assert fields == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
+    assert env["LEASE_NAME"]
     assert env["WATCH_NAMESPACE"] == values.get("watchNamespace", "")
     assert env["RINGMQ_BROKER_IMAGE"].startswith("ghcr.io/ringmq/ringmq-broker:")
     assert c["securityContext"]["readOnlyRootFilesystem"] is True

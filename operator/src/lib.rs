@@ -8,6 +8,7 @@ pub mod brokerconfig;
 pub mod brokers;
 pub mod crd;
 pub mod credentials;
+pub mod lease;
 pub mod names;
 pub mod profile;
 pub mod reconcile;

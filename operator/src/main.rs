@@ -13,6 +13,7 @@ use kube::runtime::{Controller, Predicate, WatchStreamExt, predicates, reflector
 use kube::{Api, Client};
 use ringmq_operator::brokers::{Http, PodDns};
 use ringmq_operator::crd::MqttInstance;
+use ringmq_operator::lease::{self, Elector};
 use ringmq_operator::reconcile::{Context, error_policy, reconcile};
 use ringmq_operator::resources::DEFAULT_IMAGE;
 use ringmq_operator::topics::Rdkafka;
@@ -50,19 +51,50 @@ async fn main() -> anyhow::Result<()> {
         .filter(|ns| !ns.is_empty());
     let instances: Api<MqttInstance> = scoped(&client, namespace.as_deref());
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let monitoring = crds
-        .get_opt("servicemonitors.monitoring.coreos.com")
-        .await
-        .ok()
-        .flatten()
-        .is_some()
-        && crds
-            .get_opt("prometheusrules.monitoring.coreos.com")
-            .await
-            .ok()
-            .flatten()
-            .is_some();
+    let mut monitoring = true;
+    for name in [
+        "servicemonitors.monitoring.coreos.com",
+        "prometheusrules.monitoring.coreos.com",
+    ] {
+        match crds.get_opt(name).await {
+            Ok(found) => monitoring &= found.is_some(),
+            Err(e) => {
+                tracing::warn!(crd = name, error = %e, "cannot tell whether the Prometheus Operator is installed; assuming not");
+                monitoring = false;
+            }
+        }
+    }
     tracing::info!(monitoring, "prometheus operator API");
+    // One replica reconciles at a time (see `lease`).
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let lease_namespace = env("POD_NAMESPACE")
+        .or_else(|| namespace.clone())
+        .unwrap_or_else(|| "default".to_owned());
+    let mut elector = Elector::new(
+        Api::namespaced(client.clone(), &lease_namespace),
+        lease::Config {
+            name: env("LEASE_NAME").unwrap_or_else(|| "ringmq-operator".to_owned()),
+            identity: env("POD_NAME")
+                .unwrap_or_else(|| format!("ringmq-operator-{}", std::process::id())),
+            duration: Duration::from_secs(15),
+            renew_every: Duration::from_secs(5),
+        },
+    );
+    tracing::info!(namespace = %lease_namespace, "waiting for the leader lease");
+    tokio::select! {
+        () = elector.acquire() => {}
+        () = shutdown_signal() => return Ok(()),
+    }
+    tracing::info!("leading");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let leadership = tokio::spawn(async move {
+        let lost = tokio::select! {
+            () = elector.hold() => true,
+            () = shutdown_signal() => false,
+        };
+        let _ = stop.send(());
+        (lost, elector)
+    });
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), "ringmq-operator".into()),
         client: client.clone(),
@@ -96,7 +128,9 @@ async fn main() -> anyhow::Result<()> {
         )
         .owns(scoped::<ConfigMap>(&client, namespace.as_deref()), owned())
         .owns(scoped::<Service>(&client, namespace.as_deref()), owned())
-        .shutdown_on_signal()
+        .graceful_shutdown_on(async move {
+            let _ = stopped.await;
+        })
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             match result {
@@ -106,5 +140,35 @@ async fn main() -> anyhow::Result<()> {
         })
         .await;
     tracing::info!("controller stopped");
+    if !leadership.is_finished() {
+        leadership.abort();
+        anyhow::bail!("the controller stopped on its own");
+    }
+    let (lost, mut elector) = leadership.await.context("leader election task")?;
+    if lost {
+        anyhow::bail!("lost the leader lease; exiting so that the pod restarts as a follower");
+    }
+    if let Err(e) = elector.release().await {
+        tracing::warn!(error = %e, "leader lease not released; another replica takes over when it expires");
+    }
     Ok(())
+}
+
+/// SIGTERM (a pod being stopped) or Ctrl-C.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no SIGTERM handler; Ctrl-C only");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
 }

@@ -11,8 +11,6 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use futures::future::BoxFuture;
-use http::{Request, Response, StatusCode};
-use kube::client::Body;
 use kube::runtime::controller::Action;
 use kube::runtime::events::Recorder;
 use ringmq_operator::brokers::{BrokerError, Brokers};
@@ -22,197 +20,8 @@ use ringmq_operator::reconcile::{Context, reconcile};
 use ringmq_operator::topics::{Outcome, Target, TopicError, Topics, Wanted};
 use serde_json::{Value, json};
 
-/// One request the fake API server received.
-#[derive(Debug, Clone)]
-struct Seen {
-    method: String,
-    path: String,
-    body: Value,
-}
-
-/// The fake API server's state: objects by path, and every request.
-#[derive(Default)]
-struct ApiState {
-    objects: BTreeMap<String, Value>,
-    seen: Vec<Seen>,
-}
-
-type Shared = Arc<Mutex<ApiState>>;
-
-fn not_found() -> Value {
-    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})
-}
-
-/// Sets `pointer` (JSON pointer, `-` appends) in `doc`.
-fn set_pointer(doc: &mut Value, pointer: &str, value: Value) {
-    let mut parts: Vec<&str> = pointer.trim_start_matches('/').split('/').collect();
-    let last = parts.pop().unwrap_or_default();
-    let mut cur = doc;
-    for p in parts {
-        if cur.get(p).is_none_or(Value::is_null) {
-            cur[p] = json!({});
-        }
-        cur = &mut cur[p];
-    }
-    if last == "-" {
-        if let Some(a) = cur.as_array_mut() {
-            a.push(value);
-        }
-    } else {
-        cur[last] = value;
-    }
-}
-
-/// Removes what `pointer` names (an object key or an array index).
-fn remove_pointer(doc: &mut Value, pointer: &str) {
-    let mut parts: Vec<&str> = pointer.trim_start_matches('/').split('/').collect();
-    let last = parts.pop().unwrap_or_default();
-    let mut cur = doc;
-    for p in parts {
-        cur = &mut cur[p];
-    }
-    if let Some(a) = cur.as_array_mut() {
-        if let Ok(i) = last.parse::<usize>()
-            && i < a.len()
-        {
-            a.remove(i);
-        }
-    } else if let Some(o) = cur.as_object_mut() {
-        o.remove(last);
-    }
-}
-
-fn merge(into: &mut Value, patch: &Value) {
-    match (into.as_object_mut(), patch.as_object()) {
-        (Some(a), Some(b)) => {
-            for (k, v) in b {
-                if v.is_object() && a.get(k).is_some_and(Value::is_object) {
-                    if let Some(slot) = a.get_mut(k) {
-                        merge(slot, v);
-                    }
-                } else {
-                    a.insert(k.clone(), v.clone());
-                }
-            }
-        }
-        _ => *into = patch.clone(),
-    }
-}
-
-/// Answers one request like the API server would, for the calls the
-/// reconciler makes.
-fn answer(
-    state: &Shared,
-    method: &str,
-    path: &str,
-    content_type: &str,
-    body: Value,
-) -> (StatusCode, Value) {
-    let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
-    st.seen.push(Seen {
-        method: method.to_owned(),
-        path: path.to_owned(),
-        body: body.clone(),
-    });
-    let (key, status_sub) = match path.strip_suffix("/status") {
-        Some(k) => (k.to_owned(), true),
-        None => (path.to_owned(), false),
-    };
-    match method {
-        "GET" => match st.objects.get(&key) {
-            Some(o) => (StatusCode::OK, o.clone()),
-            None if key.ends_with("/pods") => {
-                let prefix = format!("{key}/");
-                let items: Vec<Value> = st
-                    .objects
-                    .iter()
-                    .filter(|(k, _)| k.starts_with(&prefix))
-                    .map(|(_, v)| v.clone())
-                    .collect();
-                (
-                    StatusCode::OK,
-                    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items}),
-                )
-            }
-            None => (StatusCode::NOT_FOUND, not_found()),
-        },
-        "DELETE" => match st.objects.remove(&key) {
-            Some(o) => (StatusCode::OK, o),
-            None => (StatusCode::NOT_FOUND, not_found()),
-        },
-        "POST" => {
-            let seq = st.seen.len();
-            let name = body["metadata"]["name"]
-                .as_str()
-                .map_or_else(|| format!("generated-{seq}"), str::to_owned);
-            let key = format!("{path}/{name}");
-            st.objects.insert(key, body.clone());
-            (StatusCode::CREATED, body)
-        }
-        "PATCH" => {
-            let existing = st.objects.get(&key).cloned();
-            let updated = if content_type.contains("json-patch") {
-                let mut doc = existing.unwrap_or_else(|| json!({}));
-                for op in body.as_array().into_iter().flatten() {
-                    let p = op["path"].as_str().unwrap_or_default();
-                    match op["op"].as_str() {
-                        Some("add" | "replace") => set_pointer(&mut doc, p, op["value"].clone()),
-                        Some("remove") => remove_pointer(&mut doc, p),
-                        _ => {}
-                    }
-                }
-                doc
-            } else if status_sub {
-                let mut doc = existing.unwrap_or_else(|| json!({}));
-                doc["status"] = body["status"].clone();
-                doc
-            } else if content_type.contains("apply-patch") {
-                // Server-side apply as the single manager: the applied
-                // object replaces what it names, status kept.
-                let mut doc = body.clone();
-                if let Some(s) = existing.as_ref().and_then(|e| e.get("status")) {
-                    doc["status"] = s.clone();
-                }
-                doc
-            } else {
-                let mut doc = existing.unwrap_or_else(|| json!({}));
-                merge(&mut doc, &body);
-                doc
-            };
-            st.objects.insert(key, updated.clone());
-            (StatusCode::OK, updated)
-        }
-        _ => (StatusCode::METHOD_NOT_ALLOWED, not_found()),
-    }
-}
-
-/// Starts the fake API server; returns the client wired to it.
-fn fake_api(state: Shared) -> kube::Client {
-    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    tokio::spawn(async move {
-        while let Some((req, send)) = handle.next_request().await {
-            let method = req.method().to_string();
-            let path = req.uri().path().to_owned();
-            let ct = req
-                .headers()
-                .get(http::header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned();
-            let bytes = req.into_body().collect_bytes().await.unwrap_or_default();
-            let body: Value = serde_json::from_slice(&bytes)
-                .or_else(|_| serde_yaml::from_slice(&bytes))
-                .unwrap_or(Value::Null);
-            let (status, answer) = answer(&state, &method, &path, &ct, body);
-            let response = Response::builder()
-                .status(status)
-                .body(Body::from(serde_json::to_vec(&answer).unwrap_or_default()))
-                .unwrap_or_else(|e| panic!("{e}"));
-            send.send_response(response);
-        }
-    });
-    kube::Client::new(svc, "mqtt")
-}
+mod fakeapi;
+use fakeapi::{Seen, Shared, fake_api, merge};
 
 /// Broker pods that report `sessions[ordinal]` sessions and `instance`.
 #[derive(Default)]
@@ -1168,7 +977,7 @@ async fn status_and_alarms_come_from_real_brokers_under_load() {
     let names = Names::new("demo", "mqtt");
     // Both nodes up and on one ring.
     let mut ring = 0;
-    for _ in 0..100 {
+    for _ in 0..300 {
         ring = match brokers.get(&names, 0, "instance", token).await {
             Ok(v) => v["nodes"].as_array().map_or(0, Vec::len),
             Err(_) => 0,
