@@ -1,6 +1,8 @@
-//! Kafka topic management (`topics::Rdkafka`) against a real Kafka-protocol
-//! broker: nisshi, the one the Kafka flows are tested with (installed by
-//! `.ci/run`; `NISSHI` names another binary).
+//! Kafka topic management (`topics::Rdkafka`) against real Kafka-protocol
+//! brokers: nisshi, the one the Kafka flows are tested with (installed by
+//! `.ci/run`; `NISSHI` names another binary), and, for growing partitions
+//! (Kafka's CreatePartitions, which nisshi does not serve), noida-db from
+//! PyPI (`e2e/requirements.txt`; `NOIDA_DB` names another binary).
 
 use std::time::Duration;
 
@@ -66,6 +68,54 @@ fn nisshi() -> Nisshi {
     panic!("nisshi did not listen");
 }
 
+/// noida-db serving only its Kafka protocol on a free port, stopped when
+/// dropped.
+struct NoidaDb {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for NoidaDb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn noida_db() -> NoidaDb {
+    let binary = std::env::var_os("NOIDA_DB").unwrap_or_else(|| "noida-db".into());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let child = std::process::Command::new(&binary)
+        .arg("start")
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--host", "127.0.0.1", "--only", "kafka", "--kafka-port"])
+        .arg(port.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("{binary:?}: {e} (pip install -r e2e/requirements.txt installs noida-db)")
+        });
+    let n = NoidaDb {
+        child,
+        port,
+        _dir: dir,
+    };
+    for _ in 0..300 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("noida-db did not listen");
+}
+
 fn wanted(name: &str, partitions: i32) -> Wanted {
     Wanted {
         name: name.to_owned(),
@@ -117,12 +167,14 @@ async fn topics_are_created_not_shrunk_and_deleted() {
     );
     // Growing needs Kafka's CreatePartitions API, which nisshi does not
     // serve: the operator gets a clear error (the KafkaReady condition
-    // carries it) rather than a silent success. The reconcile tests cover
-    // the Grown outcome.
-    match t.ensure(target.clone(), vec![wanted("telemetry", 5)]).await {
-        Err(e) => assert!(e.to_string().contains("not supported"), "{e}"),
-        Ok(o) => assert_eq!(outcome(&o, "telemetry"), &Outcome::Grown { from: 3, to: 5 }),
-    }
+    // carries it) rather than a silent success.
+    let refused = t.ensure(target.clone(), vec![wanted("telemetry", 5)]).await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("not supported")),
+        "{refused:?}"
+    );
     t.delete(target.clone(), vec!["orders".to_owned()])
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -135,4 +187,33 @@ async fn topics_are_created_not_shrunk_and_deleted() {
         &Outcome::Created,
         "deleted, so created anew"
     );
+}
+
+#[tokio::test]
+async fn partitions_grow_where_the_broker_serves_create_partitions() {
+    let kafka = noida_db();
+    let target = Target {
+        bootstrap: format!("127.0.0.1:{}", kafka.port),
+        ..Target::default()
+    };
+    let t = Rdkafka;
+    let first = t
+        .ensure(target.clone(), vec![wanted("telemetry", 3)])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(outcome(&first, "telemetry"), &Outcome::Created);
+    let grown = t
+        .ensure(target.clone(), vec![wanted("telemetry", 5)])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        outcome(&grown, "telemetry"),
+        &Outcome::Grown { from: 3, to: 5 }
+    );
+    // The broker now reports five partitions: nothing left to do.
+    let again = t
+        .ensure(target, vec![wanted("telemetry", 5)])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(outcome(&again, "telemetry"), &Outcome::Unchanged);
 }
