@@ -37,7 +37,16 @@ docker build -q -f operator/Dockerfile -t "ghcr.io/ringmq/ringmq-operator:$tag" 
 kind load docker-image --name "$cluster" "ghcr.io/ringmq/ringmq-broker:$tag" "ghcr.io/ringmq/ringmq-operator:$tag"
 
 helm install ringmq charts/ringmq-operator --namespace ringmq-system --create-namespace \
-    --set image.tag="$tag" --set brokerImage.tag="$tag" --set image.pullPolicy=Never --wait
+    --set image.tag="$tag" --set brokerImage.tag="$tag" --set image.pullPolicy=Never \
+    --set replicas=2 --wait
+# Two operator replicas: one holds the leader Lease.
+leader=""
+for _ in $(seq 30); do
+    leader=$(kubectl -n ringmq-system get lease -o jsonpath='{.items[*].spec.holderIdentity}')
+    [ -n "$leader" ] && break
+    sleep 2
+done
+[ -n "$leader" ] || { echo "no operator replica holds the leader Lease" >&2; exit 1; }
 kubectl create namespace "$ns"
 kubectl apply -f manifests/examples/small.yaml
 kubectl -n "$ns" wait mqttinstance/small --for=condition=Ready --timeout=300s
@@ -57,10 +66,10 @@ grep -qx kind /tmp/ringmq-e2e.out
 kubectl -n "$ns" get mqttinstance small -o jsonpath='{.status.nodes[0].name}' | grep -qx small-0
 
 # Scale up, then down: the second pod is drained, then removed.
-kubectl -n "$ns" patch mqttinstance small --type merge -p '{"spec":{"replicas":2}}'
+kubectl -n "$ns" scale mqttinstance small --replicas=2
 kubectl -n "$ns" rollout status statefulset/small --timeout=300s
 kubectl -n "$ns" wait mqttinstance/small --for=jsonpath='{.status.readyReplicas}'=2 --timeout=300s
-kubectl -n "$ns" patch mqttinstance small --type merge -p '{"spec":{"replicas":1}}'
+kubectl -n "$ns" scale mqttinstance small --replicas=1
 kubectl -n "$ns" wait statefulset/small --for=jsonpath='{.spec.replicas}'=1 --timeout=300s
 
 # Deletion leaves nothing behind.
