@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::message::{Message, MessageIds, QoS};
 use crate::meter::{Meter, weight};
 use crate::metrics::Metrics;
+use crate::protocol::order::Gate;
 use crate::retain::RetainStore;
 use crate::router::{ClientId, Route, Router, Scope, SubOptions, node_route, route_node};
 use crate::secret_file::SecretFile;
@@ -111,6 +112,9 @@ pub struct Publisher<'a> {
     pub persistent: bool,
     /// What a full storage buffer does to this publisher's QoS 1/2 messages.
     pub on_full: OnFull,
+    /// The message's place in its client's arrival order (`None`: nothing
+    /// to keep in order with).
+    pub ticket: Option<&'a crate::protocol::order::Ticket<'a>>,
 }
 
 /// Which offline sessions keep a message.
@@ -286,11 +290,13 @@ impl Broker {
     }
 
     /// The inbound publish path: store (when the parent topic is stored),
-    /// then route. Resolves when the PUBLISH may be acknowledged.
+    /// then route, both in the client's arrival order (`protocol::order`).
+    /// Resolves when the PUBLISH may be acknowledged.
     pub async fn accept(&self, msg: Arc<Message>, publisher: Publisher<'_>) -> Result<usize> {
         self.metrics.received(msg.qos, msg.payload.len());
         self.count_produced(&msg, &publisher.session.client_id, MessageAction::Published);
         publisher.session.received.fetch_add(1, Ordering::Relaxed);
+        let ticket = publisher.ticket;
         if self.storage.stores(topic::parent_topic(&msg.topic)) {
             let ordered = publisher.session.lock().ordered;
             let durability = if msg.qos == QoS::AtMostOnce {
@@ -298,7 +304,15 @@ impl Broker {
             } else {
                 Durability::Acknowledged(publisher.on_full)
             };
-            self.storage.store(msg.clone(), ordered, durability).await?;
+            // Submitted when called; the acknowledgement is awaited with the
+            // next messages already submitted behind it.
+            let stored = self.storage.store(msg.clone(), ordered, durability);
+            ticket.inspect(|t| t.pass(Gate::Store));
+            stored.await?;
+        }
+        ticket.inspect(|t| t.pass(Gate::Store));
+        if let Some(t) = ticket {
+            t.wait(Gate::Route).await;
         }
         let mut over = Vec::new();
         let mut forwards = Vec::new();
@@ -322,6 +336,8 @@ impl Broker {
                 return Err(PublishError::Cluster);
             }
         }
+        // Queued here and on the links: the client's next message may route.
+        ticket.inspect(|t| t.pass(Gate::Route));
         for session in over {
             self.wait_for_room(&session).await;
         }

@@ -83,6 +83,8 @@ pub struct Connection {
     /// Why the connection ends, for the device trace: set by the pump (a
     /// takeover, a kick) or by the protocol layer (no heart, an error).
     close_reason: Rc<Cell<Option<DeviceReason>>>,
+    /// The client's publishes in arrival order.
+    pub arrivals: crate::protocol::order::Arrivals,
 }
 
 /// How a connection came to its session, for the device trace.
@@ -152,6 +154,7 @@ impl Connection {
             channel_id,
             peer,
             close_reason: Rc::new(Cell::new(None)),
+            arrivals: crate::protocol::order::Arrivals::default(),
         }
     }
 

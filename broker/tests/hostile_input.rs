@@ -306,3 +306,67 @@ async fn exceeding_receive_maximum_gets_its_reason_code() {
         "DISCONNECT Receive Maximum exceeded: {packets:?}"
     );
 }
+
+/// QoS 0 PUBLISH to `topic` carrying `seq` (8 bytes) and padding.
+fn publish_qos0(level: u8, topic: &[u8], seq: u64) -> Vec<u8> {
+    let mut body = string(topic);
+    if level == 5 {
+        body.push(0);
+    }
+    body.extend_from_slice(&seq.to_be_bytes());
+    body.extend_from_slice(&[b'x'; 56]);
+    packet(0x30, &body)
+}
+
+#[tokio::test]
+async fn publishes_split_across_reads_keep_their_order() {
+    // A fast client's packets straddle the broker's read buffers: a PUBLISH
+    // whose payload is still arriving must not be overtaken by the next one.
+    let b = Broker::start("limits:\n  max_queued_messages: 100000\n");
+    const N: u64 = 50_000;
+    for level in [4u8, 5] {
+        let filter = format!("order{level}/#");
+        let mut sub = Raw::connected(&b, level, &format!("order-sub-{level}"));
+        sub.send(&subscribe(level, filter.as_bytes()));
+        let (kind, _) = sub.read().unwrap_or_else(|| panic!("no SUBACK"));
+        assert_eq!(kind, 0x90);
+        let reader = std::thread::spawn(move || {
+            let mut seqs = Vec::new();
+            while (seqs.len() as u64) < N {
+                let Some((kind, body)) = sub.read() else {
+                    break;
+                };
+                if kind & 0xf0 != 0x30 {
+                    continue;
+                }
+                let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+                let mut at = 2 + topic_len;
+                if level == 5 {
+                    at += 1 + usize::from(body[at]);
+                }
+                let mut seq = [0u8; 8];
+                seq.copy_from_slice(&body[at..at + 8]);
+                seqs.push(u64::from_be_bytes(seq));
+            }
+            seqs
+        });
+        let mut publisher = Raw::connected(&b, level, &format!("order-pub-{level}"));
+        let topic = format!("order{level}/stream");
+        let burst: Vec<u8> = (0..N)
+            .flat_map(|seq| publish_qos0(level, topic.as_bytes(), seq))
+            .collect();
+        publisher.send(&burst);
+        let seqs = reader.join().unwrap_or_else(|_| panic!("reader"));
+        assert_eq!(seqs.len() as u64, N, "MQTT level {level}: every message");
+        let overtaken: Vec<(u64, u64)> = seqs
+            .windows(2)
+            .filter(|w| w[1] <= w[0])
+            .map(|w| (w[0], w[1]))
+            .take(5)
+            .collect();
+        assert!(
+            overtaken.is_empty(),
+            "MQTT level {level}: out of order: {overtaken:?}"
+        );
+    }
+}

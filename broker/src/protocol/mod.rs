@@ -17,6 +17,7 @@ use crate::token::{Claims, TokenError, TokenType};
 use crate::topic::TopicError;
 use crate::trace::{DeviceAction, DeviceReason};
 
+pub mod order;
 pub mod v3;
 pub mod v5;
 
@@ -239,8 +240,15 @@ fn connect_tokens(
 
 /// The inbound publish path shared by both versions: validate, answer system
 /// topics, store and route. Resolves when the PUBLISH may be acknowledged.
-pub async fn publish(conn: &Connection, msg: Message, on_full: OnFull) -> Result<()> {
+pub async fn publish(
+    conn: &Connection,
+    msg: Message,
+    on_full: OnFull,
+    ticket: &order::Ticket<'_>,
+) -> Result<()> {
     let broker = &conn.broker;
+    // In arrival order from here: the throttle below may hold a message.
+    ticket.wait(order::Gate::Store).await;
     // Over the node's TPS share (L3): the next message waits.
     if broker.usage.capacity.throttle().await {
         tracing::debug!(client_id = %conn.client_id, "publisher throttled: TPS capacity");
@@ -263,6 +271,7 @@ pub async fn publish(conn: &Connection, msg: Message, on_full: OnFull) -> Result
             session: &conn.session,
             persistent: conn.persistent,
             on_full,
+            ticket: Some(ticket),
         };
         broker.accept(Arc::new(msg), publisher).await?;
         Ok(())

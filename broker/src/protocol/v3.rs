@@ -108,6 +108,8 @@ fn refuse(broker: &Broker, c: v3::Connect, reason: &str) -> v3::ConnectAck<St> {
 
 /// PUBLISH from the client.
 pub async fn publish(s: &v3::Session<St>, p: v3::Publish) -> Result<()> {
+    // Taken before the payload is awaited (see `order`).
+    let ticket = s.arrivals.ticket();
     let payload = p
         .read_all()
         .await
@@ -118,7 +120,7 @@ pub async fn publish(s: &v3::Session<St>, p: v3::Publish) -> Result<()> {
         p.qos().into(),
         p.retain(),
     );
-    let result = super::publish(s, msg, crate::storage::OnFull::Wait).await;
+    let result = super::publish(s, msg, crate::storage::OnFull::Wait, &ticket).await;
     if let Err(e) = &result
         && let Some(notice) = super::token_notice(e)
     {

@@ -167,6 +167,8 @@ pub async fn connect(broker: &Arc<Broker>, c: v5::Connect) -> Result<v5::Connect
 
 /// PUBLISH from the client: refusals become PUBACK/PUBREC reason codes.
 pub async fn publish(s: &v5::Session<St>, p: v5::Publish) -> Result<v5::PublishAck> {
+    // Taken before the payload is awaited (see `order`).
+    let ticket = s.arrivals.ticket();
     let payload = p
         .read_all()
         .await
@@ -185,7 +187,7 @@ pub async fn publish(s: &v5::Session<St>, p: v5::Publish) -> Result<v5::PublishA
         utf8_payload: props.is_utf8_payload,
     };
     let qos = msg.qos;
-    match super::publish(s, msg, crate::storage::OnFull::Refuse).await {
+    match super::publish(s, msg, crate::storage::OnFull::Refuse, &ticket).await {
         Ok(()) => Ok(p.ack()),
         // Token refusals: the notice, then the connection closes (A3).
         Err(e) if super::token_notice(&e).is_some() => {
