@@ -86,6 +86,13 @@ impl Elector {
         }
     }
 
+    async fn read(&self) -> Result<Option<Lease>> {
+        self.api
+            .get_opt(&self.config.name)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
     fn seconds(&self) -> i32 {
         i32::try_from(self.config.duration.as_secs().max(1)).unwrap_or(i32::MAX)
     }
@@ -108,12 +115,7 @@ impl Elector {
     pub async fn try_acquire_or_renew(&mut self) -> Result<bool> {
         let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
         let identity = self.config.identity.clone();
-        let existing = self
-            .api
-            .get_opt(&self.config.name)
-            .await
-            .map_err(|e| self.error(e))?;
-        let Some(mut lease) = existing else {
+        let Some(mut lease) = self.read().await? else {
             let lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(self.config.name.clone()),
@@ -206,12 +208,7 @@ impl Elector {
     /// Gives the Lease up (at shutdown), so that another replica takes over
     /// at once instead of after the lease duration.
     pub async fn release(&mut self) -> Result<()> {
-        let existing = self
-            .api
-            .get_opt(&self.config.name)
-            .await
-            .map_err(|e| self.error(e))?;
-        let Some(mut lease) = existing else {
+        let Some(mut lease) = self.read().await? else {
             return Ok(());
         };
         let mut spec = lease.spec.clone().unwrap_or_default();

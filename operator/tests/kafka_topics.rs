@@ -8,21 +8,53 @@ use std::time::Duration;
 
 use ringmq_operator::topics::{Outcome, Rdkafka, Target, Topics, Wanted};
 
-/// nisshi on a free port with in-memory storage, killed when dropped.
-struct Nisshi {
+/// A Kafka-protocol broker process on a free port, killed when dropped.
+struct Kafka {
     child: std::process::Child,
     port: u16,
     _dir: tempfile::TempDir,
 }
 
-impl Drop for Nisshi {
+impl Drop for Kafka {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-fn nisshi() -> Nisshi {
+impl Kafka {
+    /// Starts `command(port, dir)` and waits until the port accepts.
+    fn start(
+        name: &str,
+        command: impl FnOnce(u16, &std::path::Path) -> std::process::Command,
+    ) -> Kafka {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let child = command(port, dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let k = Kafka {
+            child,
+            port,
+            _dir: dir,
+        };
+        for _ in 0..300 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return k;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{name} did not listen");
+    }
+}
+
+/// nisshi with SQLite storage in a temporary directory.
+fn nisshi() -> Kafka {
     let binary = std::env::var_os("NISSHI")
         .map(std::path::PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cargo/bin/nisshi")))
@@ -30,14 +62,10 @@ fn nisshi() -> Nisshi {
         .unwrap_or_else(|| {
             panic!("nisshi is not installed: cargo +nightly install nisshi --version 0.8.1 --no-default-features --features dynostore,libsql --locked")
         });
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("{e}"));
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let url = format!("tcp://127.0.0.1:{port}");
-    let child = std::process::Command::new(binary)
-        .args([
+    Kafka::start("nisshi", |port, dir| {
+        let url = format!("tcp://127.0.0.1:{port}");
+        let mut c = std::process::Command::new(binary);
+        c.args([
             "broker",
             "--storage-engine",
             "sqlite://./kafka.db",
@@ -46,74 +74,27 @@ fn nisshi() -> Nisshi {
             "--advertised-listener-url",
             &url,
         ])
-        .current_dir(dir.path())
+        .current_dir(dir)
         .env_remove("LISTENER_URL")
         .env_remove("ADVERTISED_LISTENER_URL")
-        .env_remove("STORAGE_ENGINE")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("nisshi: {e}"));
-    let n = Nisshi {
-        child,
-        port,
-        _dir: dir,
-    };
-    for _ in 0..300 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return n;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("nisshi did not listen");
+        .env_remove("STORAGE_ENGINE");
+        c
+    })
 }
 
-/// noida-db serving only its Kafka protocol on a free port, stopped when
-/// dropped.
-struct NoidaDb {
-    child: std::process::Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for NoidaDb {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn noida_db() -> NoidaDb {
+/// noida-db serving only its Kafka protocol (`pip install -r
+/// e2e/requirements.txt` installs it).
+fn noida_db() -> Kafka {
     let binary = std::env::var_os("NOIDA_DB").unwrap_or_else(|| "noida-db".into());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("{e}"));
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let child = std::process::Command::new(&binary)
-        .arg("start")
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args(["--host", "127.0.0.1", "--only", "kafka", "--kafka-port"])
-        .arg(port.to_string())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("{binary:?}: {e} (pip install -r e2e/requirements.txt installs noida-db)")
-        });
-    let n = NoidaDb {
-        child,
-        port,
-        _dir: dir,
-    };
-    for _ in 0..300 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return n;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("noida-db did not listen");
+    Kafka::start("noida-db", |port, dir| {
+        let mut c = std::process::Command::new(binary);
+        c.arg("start")
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["--host", "127.0.0.1", "--only", "kafka", "--kafka-port"])
+            .arg(port.to_string());
+        c
+    })
 }
 
 fn wanted(name: &str, partitions: i32) -> Wanted {

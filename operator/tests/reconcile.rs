@@ -537,21 +537,28 @@ fn sts_replicas(h: &Harness) -> Value {
     h.object(&format!("{STS}/demo"))["spec"]["replicas"].clone()
 }
 
-#[tokio::test]
-async fn scale_up_adds_pods_and_scale_down_drains_one_pod_at_a_time() {
+/// An instance of `replicas` pods, rolled out, every broker running; and
+/// its spec.
+async fn running(replicas: i32) -> (Harness, Value) {
     let h = harness();
     let mut spec = small();
-    spec["replicas"] = json!(3);
+    spec["replicas"] = json!(replicas);
     h.put(spec.clone());
     h.pass().await;
+    h.sts_ready();
+    h.pods_running(replicas);
+    (h, spec)
+}
+
+#[tokio::test]
+async fn scale_up_adds_pods_and_scale_down_drains_one_pod_at_a_time() {
+    let (h, mut spec) = running(3).await;
     assert_eq!(sts_replicas(&h), 3);
     let requests = |h: &Harness| {
         h.object(&format!("{STS}/demo"))["spec"]["template"]["spec"]["containers"][0]["resources"]
             .clone()
     };
     let sized = requests(&h);
-    h.sts_ready();
-    h.pods_running(3);
     // Down to 1: pod 2 is drained first, and stays while it holds sessions.
     spec["replicas"] = json!(1);
     h.put(spec);
@@ -595,13 +602,7 @@ async fn scale_up_adds_pods_and_scale_down_drains_one_pod_at_a_time() {
 
 #[tokio::test]
 async fn a_drain_waits_for_a_rollout_and_ends_when_the_pod_is_gone_or_time_is_up() {
-    let h = harness();
-    let mut spec = small();
-    spec["replicas"] = json!(3);
-    h.put(spec.clone());
-    h.pass().await;
-    h.sts_ready();
-    h.pods_running(3);
+    let (h, mut spec) = running(3).await;
     // A rollout in progress: no drain starts until it is done.
     let mut sts = h.object(&format!("{STS}/demo"));
     sts["status"]["updateRevision"] = json!("r2");
@@ -655,13 +656,7 @@ async fn a_drain_waits_for_a_rollout_and_ends_when_the_pod_is_gone_or_time_is_up
 
 #[tokio::test]
 async fn a_called_off_scale_down_restarts_the_drained_pod() {
-    let h = harness();
-    let mut spec = small();
-    spec["replicas"] = json!(2);
-    h.put(spec.clone());
-    h.pass().await;
-    h.sts_ready();
-    h.pods_running(2);
+    let (h, mut spec) = running(2).await;
     spec["replicas"] = json!(1);
     h.put(spec.clone());
     set_sessions(&h, 1, 3);
