@@ -262,15 +262,9 @@ impl Harness {
 
     /// One reconcile pass of the stored instance.
     async fn pass(&self) -> Action {
-        let obj: MqttInstance = serde_json::from_value(self.object(&format!("{MI}/demo")))
-            .unwrap_or_else(|e| panic!("stored instance: {e}"));
-        tokio::time::timeout(
-            Duration::from_secs(10),
-            reconcile(Arc::new(obj), self.ctx.clone()),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("reconcile timed out"))
-        .unwrap_or_else(|e| panic!("reconcile failed: {e}"))
+        self.try_pass()
+            .await
+            .unwrap_or_else(|e| panic!("reconcile failed: {e}"))
     }
 
     fn condition(&self, type_: &str) -> (String, String) {
