@@ -756,6 +756,10 @@ impl Broker {
     /// Backpressure: holds the publisher's acknowledgement until the session's
     /// live queue is back within its limit, or `queue_full_wait_ms` passed.
     pub async fn wait_for_room(&self, session: &Session) {
+        // Usually the pump has made room already: no clock, no registration.
+        if self.has_room(session) {
+            return;
+        }
         let deadline =
             Instant::now() + Duration::from_millis(self.config.limits.queue_full_wait_ms);
         loop {
@@ -795,13 +799,14 @@ impl Broker {
         forwards: &mut Forwards,
     ) -> usize {
         let origin = matches!(scope, Scope::All);
-        let now = Instant::now();
+        // Read only when the message goes on a cluster link.
+        let now = std::cell::LazyCell::new(Instant::now);
         if msg.retain && origin {
             let n = self.retained.set(msg);
             self.metrics.retained.set(gauge(n));
             if let Some(c) = &self.cluster {
                 c.broadcast(&Frame::Retain {
-                    msg: cluster::to_wire(msg, now),
+                    msg: cluster::to_wire(msg, *now),
                 });
             }
         }
@@ -827,7 +832,7 @@ impl Broker {
                     let frame = Frame::Direct {
                         client_id: target.to_owned(),
                         persistent,
-                        msg: cluster::to_wire(msg, now),
+                        msg: cluster::to_wire(msg, *now),
                     };
                     forwards.push((owner, frame));
                     return 0;
@@ -864,7 +869,7 @@ impl Broker {
                     i += 1;
                 }
                 let frame = Frame::Publish {
-                    msg: cluster::to_wire(msg, now),
+                    msg: cluster::to_wire(msg, *now),
                     groups,
                 };
                 forwards.push((Arc::from(node), frame));
@@ -893,7 +898,7 @@ impl Broker {
             let Some(session) = self.sessions.get(&client) else {
                 // A session that just moved: the message follows it.
                 if let Some(owner) = self.moved_to(&client) {
-                    let mut d = cluster::to_wire(msg, now);
+                    let mut d = cluster::to_wire(msg, *now);
                     d.qos = qos.min(msg.qos);
                     let frame = Frame::Direct {
                         client_id: client.to_string(),

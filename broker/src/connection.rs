@@ -511,8 +511,9 @@ impl Pump {
     async fn send<S: OutSink>(&self, sink: &S, batch: Vec<Outgoing>) -> bool {
         let mut sent = Vec::with_capacity(batch.len());
         let mut ok = true;
+        // One clock read per batch: it only ages MQTT 5 message expiry.
+        let now = Instant::now();
         for Outgoing { d, id, offline } in batch {
-            let now = Instant::now();
             if sink
                 .max_packet_size()
                 .is_some_and(|max| d.msg.payload.len() + d.msg.topic.len() + 16 > max as usize)

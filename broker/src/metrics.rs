@@ -18,6 +18,15 @@ pub enum MetricsError {
 
 pub type Result<T> = std::result::Result<T, MetricsError>;
 
+/// The message and payload-byte counters of one QoS and direction,
+/// resolved once: looking a label up hashes it, and these count every
+/// message.
+#[derive(Debug, Clone)]
+struct Flow {
+    messages: IntCounter,
+    bytes: IntCounter,
+}
+
 /// Every metric the broker exports.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -27,10 +36,9 @@ pub struct Metrics {
     pub sessions: IntGauge,
     pub subscriptions: IntGauge,
     pub retained: IntGauge,
-    pub messages_in: IntCounterVec,
-    pub bytes_in: IntCounterVec,
-    pub messages_out: IntCounterVec,
-    pub bytes_out: IntCounterVec,
+    /// Received and sent, by QoS (index `QoS as usize`).
+    received: [Flow; 3],
+    sent: [Flow; 3],
     pub messages_dropped: IntCounterVec,
     pub offline_queued: IntCounter,
     pub offline_dropped: IntCounter,
@@ -64,24 +72,34 @@ impl Metrics {
             registry.register(Box::new(c.clone()))?;
             Ok(c)
         };
+        let flows = |messages: &IntCounterVec, bytes: &IntCounterVec| {
+            [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce].map(|q| Flow {
+                messages: messages.with_label_values(&[q.label()]),
+                bytes: bytes.with_label_values(&[q.label()]),
+            })
+        };
         let m = Self {
             connections: gauge("connections", "Open MQTT connections")?,
             connections_total: counter("connections_total", "MQTT connections accepted")?,
             sessions: gauge("sessions", "Sessions held, online or offline")?,
             subscriptions: gauge("subscriptions", "Subscriptions in the routing table")?,
             retained: gauge("retained_messages", "Retained messages held")?,
-            messages_in: vec(
-                "messages_received_total",
-                "PUBLISH received from clients",
-                "qos",
-            )?,
-            bytes_in: vec(
-                "bytes_received_total",
-                "Payload bytes received from clients",
-                "qos",
-            )?,
-            messages_out: vec("messages_sent_total", "PUBLISH sent to clients", "qos")?,
-            bytes_out: vec("bytes_sent_total", "Payload bytes sent to clients", "qos")?,
+            received: flows(
+                &vec(
+                    "messages_received_total",
+                    "PUBLISH received from clients",
+                    "qos",
+                )?,
+                &vec(
+                    "bytes_received_total",
+                    "Payload bytes received from clients",
+                    "qos",
+                )?,
+            ),
+            sent: flows(
+                &vec("messages_sent_total", "PUBLISH sent to clients", "qos")?,
+                &vec("bytes_sent_total", "Payload bytes sent to clients", "qos")?,
+            ),
             messages_dropped: vec(
                 "messages_dropped_total",
                 "Messages not delivered to a session, by reason",
@@ -150,20 +168,16 @@ impl Metrics {
     }
 
     pub fn received(&self, qos: QoS, bytes: usize) {
-        self.messages_in.with_label_values(&[qos.label()]).inc();
-        self.bytes_in
-            .with_label_values(&[qos.label()])
-            .inc_by(bytes as u64);
+        let f = &self.received[qos as usize];
+        f.messages.inc();
+        f.bytes.inc_by(bytes as u64);
     }
 
     /// `n` messages of one QoS with `bytes` of payload sent.
     pub fn sent_many(&self, qos: QoS, n: u64, bytes: u64) {
-        self.messages_out
-            .with_label_values(&[qos.label()])
-            .inc_by(n);
-        self.bytes_out
-            .with_label_values(&[qos.label()])
-            .inc_by(bytes);
+        let f = &self.sent[qos as usize];
+        f.messages.inc_by(n);
+        f.bytes.inc_by(bytes);
     }
 
     pub fn reject(&self, reason: &str) {
