@@ -389,7 +389,9 @@ impl Pump {
                     }
                 }
                 Step::Send(batch) => {
-                    if !self.send(&sink, batch).await {
+                    // Boxed: the sending state (the sink's publish futures)
+                    // would otherwise stay in every idle connection's task.
+                    if !Box::pin(self.send(&sink, batch)).await {
                         return;
                     }
                 }
