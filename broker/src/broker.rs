@@ -320,28 +320,41 @@ impl Broker {
             persistent: publisher.persistent,
         };
         let reached = self.route(&msg, keep, Scope::All, &mut over, &mut forwards);
-        if let Some(c) = &self.cluster {
-            // Backpressure across nodes: a full link queue holds the PUBACK;
-            // a link that stays full or is gone refuses the publish, so
-            // that the client sends it again rather than believe it arrived.
-            let wait = Duration::from_millis(self.config.limits.queue_full_wait_ms);
-            let mut failed = false;
-            for (node, frame) in forwards {
-                if !c.send(&node, frame, wait).await {
-                    self.metrics.drop_message("cluster_link");
-                    failed = true;
-                }
-            }
-            if failed && msg.qos != QoS::AtMostOnce {
-                return Err(PublishError::Cluster);
-            }
+        // Boxed waits, here and below: the publish handler's future is moved
+        // per message, and whatever it holds inline is copied each time.
+        if !forwards.is_empty()
+            && !Box::pin(self.forward_waiting(forwards)).await
+            && msg.qos != QoS::AtMostOnce
+        {
+            return Err(PublishError::Cluster);
         }
         // Queued here and on the links: the client's next message may route.
         ticket.inspect(|t| t.pass(Gate::Route));
         for session in over {
-            self.wait_for_room(&session).await;
+            if !self.has_room(&session) {
+                Box::pin(self.wait_for_room(&session)).await;
+            }
         }
         Ok(reached)
+    }
+
+    /// Queues frames for other nodes, waiting while a link queue is full
+    /// (backpressure across nodes: a full link holds the PUBACK). False if
+    /// a link stayed full or is gone: the publish is refused, so that the
+    /// client sends it again rather than believe it arrived.
+    async fn forward_waiting(&self, forwards: Forwards) -> bool {
+        let Some(c) = &self.cluster else {
+            return false;
+        };
+        let wait = Duration::from_millis(self.config.limits.queue_full_wait_ms);
+        let mut delivered = true;
+        for (node, frame) in forwards {
+            if !c.send(&node, frame, wait).await {
+                self.metrics.drop_message("cluster_link");
+                delivered = false;
+            }
+        }
+        delivered
     }
 
     /// Meters, charges and traces a message entering the broker.
@@ -756,10 +769,6 @@ impl Broker {
     /// Backpressure: holds the publisher's acknowledgement until the session's
     /// live queue is back within its limit, or `queue_full_wait_ms` passed.
     pub async fn wait_for_room(&self, session: &Session) {
-        // Usually the pump has made room already: no clock, no registration.
-        if self.has_room(session) {
-            return;
-        }
         let deadline =
             Instant::now() + Duration::from_millis(self.config.limits.queue_full_wait_ms);
         loop {

@@ -197,10 +197,16 @@ impl Capacity {
             });
     }
 
-    /// Waits while the node is over its TPS share. Returns whether it waited.
-    pub async fn throttle(&self) -> bool {
-        if !self.throttles() || self.bucket.load(Ordering::Relaxed) >= 0 {
-            return false;
+    /// Whether the node is over its TPS share: the next message must wait
+    /// in [`throttle`](Self::throttle).
+    pub fn over_share(&self) -> bool {
+        self.throttles() && self.bucket.load(Ordering::Relaxed) < 0
+    }
+
+    /// Waits while the node is over its TPS share.
+    pub async fn throttle(&self) {
+        if !self.over_share() {
+            return;
         }
         self.exceeded
             .with_label_values(&[Resource::Tps.label(), "throttled"])
@@ -208,7 +214,6 @@ impl Capacity {
         while self.bucket.load(Ordering::Relaxed) < 0 {
             ntex::time::sleep(REFILL).await;
         }
-        true
     }
 
     /// Counts TPS beyond the declared capacity in alarm-only mode.

@@ -242,18 +242,20 @@ fn connect_tokens(
 /// topics, store and route. Resolves when the PUBLISH may be acknowledged.
 pub async fn publish(
     conn: &Connection,
-    msg: Message,
+    msg: Arc<Message>,
     on_full: OnFull,
     ticket: &order::Ticket<'_>,
 ) -> Result<()> {
     let broker = &conn.broker;
     // In arrival order from here: the throttle below may hold a message.
     ticket.wait(order::Gate::Store).await;
-    // Over the node's TPS share (L3): the next message waits.
-    if broker.usage.capacity.throttle().await {
+    // Over the node's TPS share (L3): the next message waits. The waiting
+    // is boxed, like every rare wait on this path: the handler's future is
+    // moved per message, and its size is what each move copies.
+    if broker.usage.capacity.over_share() {
         tracing::debug!(client_id = %conn.client_id, "publisher throttled: TPS capacity");
+        Box::pin(broker.usage.capacity.throttle()).await;
     }
-    let topic = msg.topic.clone();
     let result: Result<()> = async {
         broker.check_topic(&msg.topic)?;
         if sys::is_sys_request(&msg.topic) {
@@ -273,13 +275,13 @@ pub async fn publish(
             on_full,
             ticket: Some(ticket),
         };
-        broker.accept(Arc::new(msg), publisher).await?;
+        broker.accept(msg.clone(), publisher).await?;
         Ok(())
     }
     .await;
     if let Err(e) = &result {
         broker.metrics.reject(e.reason());
-        conn.trace(DeviceAction::Publish, e.device_reason(), Some(&topic));
+        conn.trace(DeviceAction::Publish, e.device_reason(), Some(&msg.topic));
         tracing::info!(client_id = %conn.client_id, error = %e, "publish refused");
     }
     result

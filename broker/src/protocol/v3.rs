@@ -120,7 +120,9 @@ pub async fn publish(s: &v3::Session<St>, p: v3::Publish) -> Result<()> {
         p.qos().into(),
         p.retain(),
     );
-    let result = super::publish(s, msg, crate::storage::OnFull::Wait, &ticket).await;
+    // Shared from here: the handler's future holds a pointer, not the
+    // message (the future is moved per message).
+    let result = super::publish(s, Arc::new(msg), crate::storage::OnFull::Wait, &ticket).await;
     if let Err(e) = &result
         && let Some(notice) = super::token_notice(e)
     {

@@ -187,7 +187,8 @@ pub async fn publish(s: &v5::Session<St>, p: v5::Publish) -> Result<v5::PublishA
         utf8_payload: props.is_utf8_payload,
     };
     let qos = msg.qos;
-    match super::publish(s, msg, crate::storage::OnFull::Refuse, &ticket).await {
+    // Shared from here (see `v3::publish`).
+    match super::publish(s, Arc::new(msg), crate::storage::OnFull::Refuse, &ticket).await {
         Ok(()) => Ok(p.ack()),
         // Token refusals: the notice, then the connection closes (A3).
         Err(e) if super::token_notice(&e).is_some() => {
