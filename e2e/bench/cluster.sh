@@ -10,16 +10,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . e2e/bench/lib.sh
-tc="+${RINGMQ_TOOLCHAIN:-nightly}"
-target="${CARGO_TARGET_DIR:-$PWD/target}"
 pairs="${1:-6}"
 secs="${2:-10}"
 work=$(mktemp -d)
 nodes=()
 trap 'kill $(jobs -p) "${nodes[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
-cargo "$tc" build --release --locked -p ringmq-broker -p ringmq-bench >&2
-broker="$target/release/ringmq-broker"
-bench="$target/release/ringmq-bench"
+build_release
+broker="$bin/ringmq-broker"
+bench="$bin/ringmq-bench"
 ulimit -n 20000 2>/dev/null || true
 echo "bench-cluster-secret" >"$work/secret"
 

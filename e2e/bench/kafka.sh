@@ -13,14 +13,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . e2e/bench/lib.sh
-tc="+${RINGMQ_TOOLCHAIN:-nightly}"
-target="${CARGO_TARGET_DIR:-$PWD/target}"
 publishers="${1:-16}"
 secs="${2:-10}"
 work=$(mktemp -d)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
-cargo "$tc" build --release --locked -p ringmq-broker -p ringmq-bench >&2
+build_release
 nisshi_bin="${NISSHI:-$(command -v nisshi || echo "$HOME/.cargo/bin/nisshi")}"
 kport=21990
 mport=21991
@@ -43,11 +41,11 @@ kafka:
   parent_topics:
     - name: bench6
 EOF
-RUST_LOG=error "$target/release/ringmq-broker" --config "$work/ringmq.yaml" >"$work/ringmq.log" 2>&1 &
+RUST_LOG=error "$bin/ringmq-broker" --config "$work/ringmq.yaml" >"$work/ringmq.log" 2>&1 &
 broker=$!
 pids+=("$broker")
 wait_port "$mport"
-uplink=$("$target/release/ringmq-bench" --port "$mport" --scenario fan-in --clients "$publishers" \
+uplink=$("$bin/ringmq-bench" --port "$mport" --scenario fan-in --clients "$publishers" \
     --qos 1 --duration "$secs" --tag bench6 --broker-pid "$broker")
 kill "$broker"
 wait "$broker" 2>/dev/null || true

@@ -9,3 +9,11 @@ wait_port() {
     echo "port $1 did not open" >&2
     return 1
 }
+
+# build_release: builds the broker and the load generator (release, the
+# toolchain in RINGMQ_TOOLCHAIN, nightly by default) and sets $bin to the
+# directory that holds them.
+build_release() {
+    cargo "+${RINGMQ_TOOLCHAIN:-nightly}" build --release --locked -p ringmq-broker -p ringmq-bench >&2
+    bin="${CARGO_TARGET_DIR:-$PWD/target}/release"
+}

@@ -11,15 +11,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . e2e/bench/lib.sh
-tc="+${RINGMQ_TOOLCHAIN:-nightly}"
-target="${CARGO_TARGET_DIR:-$PWD/target}"
 out="${BENCH_OUT:-docs/benchmarks.md}"
 smoke="${BENCH_SMOKE:-}"
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 
-cargo "$tc" build --release --locked -p ringmq-broker -p ringmq-bench >&2
-bench="$target/release/ringmq-bench"
+build_release
+bench="$bin/ringmq-bench"
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 # Below the ephemeral range, where the generator's own sockets could take it.
@@ -28,7 +26,7 @@ start_broker() { # name -> sets pid; port in $port
     case "$1" in
     ringmq)
         printf 'listeners:\n  tcp: "127.0.0.1:%s"\n  ws: null\n  admin: null\nlimits:\n  max_subscriptions_per_client: 0\n' "$port" >"$work/ringmq.yaml"
-        RUST_LOG=error "$target/release/ringmq-broker" --config "$work/ringmq.yaml" >"$work/ringmq.log" 2>&1 &
+        RUST_LOG=error "$bin/ringmq-broker" --config "$work/ringmq.yaml" >"$work/ringmq.log" 2>&1 &
         ;;
     mosquitto)
         printf 'listener %s 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000\n' "$port" >"$work/mosquitto.conf"

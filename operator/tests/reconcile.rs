@@ -527,6 +527,23 @@ fn drained(h: &Harness) -> Vec<i32> {
         .clone()
 }
 
+/// The topic deletions Kafka was asked for.
+fn deleted_topics(h: &Harness) -> Vec<Vec<String>> {
+    h.topics
+        .deleted
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+}
+
+/// Makes the stand-in Kafka (un)reachable for topic deletion.
+fn kafka_reachable(h: &Harness, reachable: bool) {
+    *h.topics
+        .unreachable
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = !reachable;
+}
+
 fn sts_replicas(h: &Harness) -> Value {
     h.object(&format!("{STS}/demo"))["spec"]["replicas"].clone()
 }
@@ -762,13 +779,7 @@ async fn deletion_removes_topics_only_by_policy() {
     h.seen();
     assert_eq!(h.pass().await, Action::requeue(Duration::from_secs(5)));
     assert_eq!(sts_replicas(&h), 0);
-    assert!(
-        h.topics
-            .deleted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty()
-    );
+    assert!(deleted_topics(&h).is_empty());
     assert!(
         !h.seen()
             .iter()
@@ -782,10 +793,7 @@ async fn deletion_removes_topics_only_by_policy() {
         .unwrap_or_else(|e| e.into_inner())
         .objects
         .remove(&format!("{PODS}/demo-0"));
-    *h.topics
-        .unreachable
-        .lock()
-        .unwrap_or_else(|e| e.into_inner()) = true;
+    kafka_reachable(&h, false);
     let err = h.try_pass().await.err().unwrap_or_default();
     assert!(err.contains("all brokers down"), "{err}");
     assert!(
@@ -797,15 +805,9 @@ async fn deletion_removes_topics_only_by_policy() {
         json!(["ringmq.io/kafka-topics"])
     );
     // Kafka back: the topics go, then the finalizer.
-    *h.topics
-        .unreachable
-        .lock()
-        .unwrap_or_else(|e| e.into_inner()) = false;
+    kafka_reachable(&h, true);
     h.pass().await;
-    assert_eq!(
-        *h.topics.deleted.lock().unwrap_or_else(|e| e.into_inner()),
-        [vec!["telemetry".to_owned()]]
-    );
+    assert_eq!(deleted_topics(&h), [vec!["telemetry".to_owned()]]);
     let finalizers = h.object(&format!("{MI}/demo"))["metadata"]["finalizers"].clone();
     assert!(
         finalizers.as_array().is_none_or(Vec::is_empty),
@@ -829,23 +831,14 @@ async fn a_kept_topics_annotation_lets_the_instance_go_without_kafka() {
     spec["kafka"] = json!({"bootstrapServers": "kafka:9092", "deletePolicy": "Delete", "parentTopics": [{"name": "telemetry"}]});
     h.put(spec.clone());
     h.pass().await;
-    *h.topics
-        .unreachable
-        .lock()
-        .unwrap_or_else(|e| e.into_inner()) = true;
+    kafka_reachable(&h, false);
     h.put_with(
         spec,
         json!({"finalizers": ["ringmq.io/kafka-topics"], "deletionTimestamp": "2026-11-22T10:00:00Z",
                "annotations": {"ringmq.io/keep-kafka-topics": "true"}}),
     );
     h.pass().await;
-    assert!(
-        h.topics
-            .deleted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty()
-    );
+    assert!(deleted_topics(&h).is_empty());
     assert!(
         h.events()
             .contains(&("Warning".into(), "KafkaTopicsKept".into()))
