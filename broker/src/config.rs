@@ -307,8 +307,8 @@ pub struct LimitsConfig {
     /// Messages waiting for an online client. Beyond it QoS 0 messages are
     /// dropped (counted); QoS 1/2 ones are still queued (up to twice the
     /// limit, or the limit plus `receive_maximum`), and their publishers'
-    /// acknowledgements wait until the queue is back
-    /// within it, so publishers slow down to the subscriber's pace.
+    /// acknowledgements wait until the queue is down to half the limit, so
+    /// publishers slow down to the subscriber's pace.
     pub max_queued_messages: usize,
     /// Longest time a PUBLISH acknowledgement waits for room in a subscriber
     /// queue, milliseconds.

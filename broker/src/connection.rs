@@ -454,8 +454,11 @@ impl Pump {
                 batch.push(d);
             }
         }
-        if st.queue.len() < before {
-            // Publishers holding acknowledgements for this queue may go on.
+        // Publishers holding acknowledgements for this queue may go on once
+        // it is down to half its limit: woken at every message taken, they
+        // would go over again at once and each wait anew per message.
+        let low = limits.max_queued_messages / 2;
+        if before > low && st.queue.len() <= low {
             self.session.space.notify_waiters();
         }
         let mut out = Vec::with_capacity(batch.len());

@@ -37,6 +37,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 pub use broker::Broker;
+
+/// A map on the message path, keyed by what clients send (topic levels,
+/// Client IDs). SipHash, std's default, showed as 3 % of a QoS 1 profile;
+/// foldhash is several times faster and still randomly seeded per map.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 pub use config::Config;
 
 /// Errors that stop the node.

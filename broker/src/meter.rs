@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
+use crate::FastMap;
 use crate::config::TraceConfig;
 use crate::journal::{Entry, Journal, MinuteRecord};
 use crate::message::QoS;
@@ -91,7 +92,7 @@ struct History {
 pub struct Meter {
     weighted_in: AtomicU64,
     weighted_out: AtomicU64,
-    shards: [Mutex<HashMap<Box<str>, Counts>>; SHARDS],
+    shards: [Mutex<FastMap<Box<str>, Counts>>; SHARDS],
     keys_per_shard: usize,
     history: Mutex<History>,
     window_len: usize,
@@ -122,7 +123,7 @@ impl Meter {
         Self {
             weighted_in: AtomicU64::new(0),
             weighted_out: AtomicU64::new(0),
-            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            shards: std::array::from_fn(|_| Mutex::new(FastMap::default())),
             keys_per_shard: trace.report_keys.div_ceil(SHARDS).max(1),
             history: Mutex::new(History::default()),
             window_len: usize::try_from(tps_window_secs).unwrap_or(1).max(1),

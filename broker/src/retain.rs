@@ -1,6 +1,6 @@
 //! Retained messages: the last retained message of every topic.
 
-use std::collections::HashMap;
+use crate::FastMap;
 use std::sync::{Arc, RwLock};
 
 use ntex::util::ByteString;
@@ -11,7 +11,7 @@ use crate::topic;
 /// Retained messages of this node, by topic.
 #[derive(Debug, Default)]
 pub struct RetainStore {
-    messages: RwLock<HashMap<ByteString, Arc<Message>>>,
+    messages: RwLock<FastMap<ByteString, Arc<Message>>>,
 }
 
 impl RetainStore {

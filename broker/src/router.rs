@@ -12,13 +12,12 @@
 //! Client ID can take, so that one table answers "who wants this topic"
 //! for the whole cluster.
 
-use std::collections::HashMap;
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
+use std::hash::BuildHasher;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
+use crate::FastMap;
 use crate::message::QoS;
 use crate::topic::Filter;
 
@@ -75,9 +74,9 @@ pub enum Scope<'a> {
 
 #[derive(Debug, Default)]
 struct Node {
-    children: HashMap<Box<str>, Node>,
-    subs: HashMap<ClientId, SubOptions>,
-    groups: HashMap<Box<str>, Group>,
+    children: FastMap<Box<str>, Node>,
+    subs: FastMap<ClientId, SubOptions>,
+    groups: FastMap<Box<str>, Group>,
 }
 
 #[derive(Debug, Default)]
@@ -197,6 +196,7 @@ pub struct Router {
     /// Distinct filters with at least one subscriber, local or on another
     /// node: the instance's topic count.
     filters: std::sync::atomic::AtomicUsize,
+    hasher: foldhash::fast::RandomState,
 }
 
 impl Default for Router {
@@ -205,24 +205,23 @@ impl Default for Router {
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
             wild: RwLock::default(),
             filters: std::sync::atomic::AtomicUsize::new(0),
+            hasher: foldhash::fast::RandomState::default(),
         }
     }
 }
 
-fn shard_of(first_level: &str) -> usize {
-    let mut h = DefaultHasher::new();
-    first_level.hash(&mut h);
-    // The modulo keeps the value below SHARDS, so the cast cannot truncate.
-    (h.finish() % SHARDS as u64) as usize
-}
-
 impl Router {
+    fn shard_of(&self, first_level: &str) -> usize {
+        // The modulo keeps the value below SHARDS, so the cast cannot truncate.
+        (self.hasher.hash_one(first_level) % SHARDS as u64) as usize
+    }
+
     fn shard_for_filter(&self, filter: &str) -> &RwLock<Node> {
         let first = filter.split('/').next().unwrap_or(filter);
         if first == "+" || first == "#" {
             &self.wild
         } else {
-            &self.shards[shard_of(first)]
+            &self.shards[self.shard_of(first)]
         }
     }
 
@@ -291,7 +290,7 @@ impl Router {
         let dollar = topic.starts_with('$');
         let first = levels.first().copied().unwrap_or("");
         {
-            let shard = self.shards[shard_of(first)]
+            let shard = self.shards[self.shard_of(first)]
                 .read()
                 .unwrap_or_else(|e| e.into_inner());
             if let Some(child) = shard.children.get(first) {

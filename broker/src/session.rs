@@ -9,7 +9,7 @@
 //! been taken over and closes.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::num::NonZeroU32;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use crate::FastMap;
 use crate::message::{Message, QoS};
 use crate::router::{ClientId, SubOptions};
 use crate::token::{Claims, TokenType};
@@ -283,8 +284,8 @@ pub struct Attached {
 /// All sessions of this node, sharded by Client ID.
 #[derive(Debug)]
 pub struct SessionStore {
-    shards: Vec<RwLock<HashMap<ClientId, Arc<Session>>>>,
-    hasher: RandomState,
+    shards: Vec<RwLock<FastMap<ClientId, Arc<Session>>>>,
+    hasher: foldhash::fast::RandomState,
     generation: std::sync::atomic::AtomicU64,
 }
 
@@ -292,14 +293,14 @@ impl Default for SessionStore {
     fn default() -> Self {
         Self {
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
-            hasher: RandomState::new(),
+            hasher: foldhash::fast::RandomState::default(),
             generation: std::sync::atomic::AtomicU64::new(1),
         }
     }
 }
 
 impl SessionStore {
-    fn shard(&self, client_id: &str) -> &RwLock<HashMap<ClientId, Arc<Session>>> {
+    fn shard(&self, client_id: &str) -> &RwLock<FastMap<ClientId, Arc<Session>>> {
         // The modulo keeps the value below SHARDS, so the cast cannot truncate.
         let i = (self.hasher.hash_one(client_id) % SHARDS as u64) as usize;
         &self.shards[i]
