@@ -346,7 +346,8 @@ struct Outgoing {
 }
 
 enum Step {
-    Send(Vec<Outgoing>),
+    /// A batch, with the clock read that took it.
+    Send(Vec<Outgoing>, Instant),
     Wait(Option<Duration>),
     /// QoS 1/2 messages wait in the live queue for the client's credit.
     WaitCredit,
@@ -388,10 +389,10 @@ impl Pump {
                         return;
                     }
                 }
-                Step::Send(batch) => {
+                Step::Send(batch, now) => {
                     // Boxed: the sending state (the sink's publish futures)
                     // would otherwise stay in every idle connection's task.
-                    if !Box::pin(self.send(&sink, batch)).await {
+                    if !Box::pin(self.send(&sink, batch, now)).await {
                         return;
                     }
                 }
@@ -491,7 +492,7 @@ impl Pump {
                 .inc_by(expired);
         }
         if !out.is_empty() {
-            Step::Send(out)
+            Step::Send(out, now)
         } else if starved {
             Step::WaitCredit
         } else {
@@ -513,11 +514,9 @@ impl Pump {
     }
 
     /// Writes a batch; false once the connection is gone.
-    async fn send<S: OutSink>(&self, sink: &S, batch: Vec<Outgoing>) -> bool {
+    async fn send<S: OutSink>(&self, sink: &S, batch: Vec<Outgoing>, now: Instant) -> bool {
         let mut sent = Vec::with_capacity(batch.len());
         let mut ok = true;
-        // One clock read per batch: it only ages MQTT 5 message expiry.
-        let now = Instant::now();
         for Outgoing { d, id, offline } in batch {
             if sink
                 .max_packet_size()

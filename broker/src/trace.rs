@@ -254,7 +254,8 @@ impl Traces {
         self.messages.per_shard > 0
     }
 
-    /// Records a message event now.
+    /// Records the event of a message entering the broker, at its receive
+    /// time (read when the message was made: no second clock read).
     pub fn message(
         &self,
         client_id: &Arc<str>,
@@ -262,20 +263,30 @@ impl Traces {
         action: MessageAction,
         qos: QoS,
     ) {
-        self.messages(client_id, std::iter::once((msg, action, qos)));
+        self.record_messages(client_id, msg.ts_ms, std::iter::once((msg, action, qos)));
     }
 
-    /// Records message events of one client at once: one lock, one clock
-    /// read (the pump's batches).
+    /// Records message events of one client at once, now: one lock, one
+    /// clock read (the pump's batches).
     pub fn messages<'a>(
         &self,
         client_id: &Arc<str>,
         events: impl Iterator<Item = (&'a crate::message::Message, MessageAction, QoS)>,
     ) {
+        if self.traces_messages() {
+            self.record_messages(client_id, crate::message::now_ms(), events);
+        }
+    }
+
+    fn record_messages<'a>(
+        &self,
+        client_id: &Arc<str>,
+        ts: u64,
+        events: impl Iterator<Item = (&'a crate::message::Message, MessageAction, QoS)>,
+    ) {
         if !self.traces_messages() {
             return;
         }
-        let ts = crate::message::now_ms();
         let oldest = self.oldest(ts);
         let mut ring = self.messages.shard(client_id);
         for (msg, action, qos) in events {
