@@ -217,10 +217,17 @@ impl Session {
                 Enqueued::Dropped
             } else {
                 let over = len >= limits.online;
-                let wake = conn.wake.clone();
+                // Only a message into an empty queue wakes the pump: with
+                // messages queued it is sending, about to take them, or
+                // waiting for the client's credit, which new messages do not
+                // give (woken for each, it took nothing, and across workers
+                // each wake-up was a cross-thread wake).
+                let wake = (len == 0).then(|| conn.wake.clone());
                 st.queue.push_back(d);
                 drop(st);
-                wake.notify_one();
+                if let Some(wake) = wake {
+                    wake.notify_one();
+                }
                 if over {
                     Enqueued::OverLimit
                 } else {
