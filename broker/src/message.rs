@@ -81,14 +81,22 @@ pub struct Message {
 
 impl Message {
     /// A message received now, without MQTT 5 properties or expiry.
+    ///
+    /// The topic and payload are copied out of the read page they arrived
+    /// in: a slice keeps its whole page (up to 64 KiB) alive, and a message
+    /// may outlive the rest of the page by hours (retained, offline, a slow
+    /// subscriber's queue, a will) — 140 KiB per retained message was
+    /// measured with other traffic between them.
     pub fn new(
         id: MessageId,
-        topic: ByteString,
-        payload: Bytes,
+        mut topic: ByteString,
+        mut payload: Bytes,
         qos: QoS,
         retain: bool,
         publisher: Arc<str>,
     ) -> Self {
+        topic.trimdown();
+        payload.trimdown();
         Self {
             id,
             topic,
@@ -101,6 +109,24 @@ impl Message {
             expiry: None,
             properties: Properties::default(),
         }
+    }
+
+    /// Sets the MQTT 5 properties, copied out of their read page (see `new`).
+    pub fn set_properties(&mut self, mut properties: Properties) {
+        for (k, v) in &mut properties.user {
+            k.trimdown();
+            v.trimdown();
+        }
+        for s in [&mut properties.content_type, &mut properties.response_topic]
+            .into_iter()
+            .flatten()
+        {
+            s.trimdown();
+        }
+        if let Some(d) = &mut properties.correlation_data {
+            d.trimdown();
+        }
+        self.properties = properties;
     }
 
     /// Whether the message has outlived its expiry interval or `max_age`.

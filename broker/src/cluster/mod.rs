@@ -632,13 +632,13 @@ pub fn from_wire(w: WireMessage) -> Message {
     );
     msg.ts_ms = w.ts_ms;
     msg.expiry = w.expiry_ms.map(Duration::from_millis);
-    msg.properties = Properties {
+    msg.set_properties(Properties {
         user: w.user,
         content_type: w.content_type,
         response_topic: w.response_topic,
         correlation_data: w.correlation_data,
         utf8_payload: w.utf8_payload,
-    };
+    });
     msg
 }
 

@@ -92,13 +92,13 @@ pub async fn connect(broker: &Arc<Broker>, c: v5::Connect) -> Result<v5::Connect
             msg.expiry = w
                 .message_expiry_interval
                 .map(|s| Duration::from_secs(u64::from(s)));
-            msg.properties = Properties {
+            msg.set_properties(Properties {
                 user: w.user_properties.clone(),
                 content_type: w.content_type.clone(),
                 response_topic: w.response_topic.clone(),
                 correlation_data: w.correlation_data.clone(),
                 utf8_payload: w.is_utf8_payload.unwrap_or(false),
-            };
+            });
             Some(Will {
                 msg,
                 delay: Duration::from_secs(u64::from(w.will_delay_interval_sec.unwrap_or(0))),
@@ -179,13 +179,13 @@ pub async fn publish(s: &v5::Session<St>, p: v5::Publish) -> Result<v5::PublishA
     msg.expiry = props
         .message_expiry_interval
         .map(|secs| Duration::from_secs(u64::from(secs)));
-    msg.properties = Properties {
+    msg.set_properties(Properties {
         user: props.user_properties.clone(),
         content_type: props.content_type.clone(),
         response_topic: props.response_topic.clone(),
         correlation_data: props.correlation_data.clone(),
         utf8_payload: props.is_utf8_payload,
-    };
+    });
     let qos = msg.qos;
     // Shared from here (see `v3::publish`).
     match super::publish(s, Arc::new(msg), crate::storage::OnFull::Refuse, &ticket).await {
