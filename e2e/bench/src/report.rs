@@ -24,6 +24,8 @@ pub struct Tally {
     pub duplicates: u64,
     pub reordered: u64,
     pub bytes: u64,
+    /// When the last message arrived (ns since the run's clock started).
+    pub last_ns: u64,
     latencies_ns: Vec<u64>,
 }
 
@@ -35,6 +37,7 @@ impl Tally {
     pub fn record(&mut self, stamp: Stamp, len: usize, now_ns: u64) {
         self.received += 1;
         self.bytes += len as u64;
+        self.last_ns = self.last_ns.max(now_ns);
         if self.latencies_ns.len() < MAX_SAMPLES || self.received.is_multiple_of(16) {
             if self.latencies_ns.len() >= MAX_SAMPLES {
                 self.latencies_ns
@@ -74,6 +77,7 @@ impl Tally {
         self.duplicates += other.duplicates;
         self.reordered += other.reordered;
         self.bytes += other.bytes;
+        self.last_ns = self.last_ns.max(other.last_ns);
         self.latencies_ns.extend(other.latencies_ns);
     }
 
@@ -98,6 +102,18 @@ mod tests {
             seq,
             sent_ns: 0,
         }
+    }
+
+    #[test]
+    fn the_last_arrival_is_kept_across_subscribers() {
+        let mut a = Tally::default();
+        a.record(s(1, 0), 10, 5_000);
+        a.record(s(1, 1), 10, 3_000);
+        let mut b = Tally::default();
+        b.record(s(2, 0), 10, 9_000);
+        a.merge(b);
+        assert_eq!(a.last_ns, 9_000);
+        assert_eq!(a.received, 3);
     }
 
     #[test]
