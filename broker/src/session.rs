@@ -427,12 +427,17 @@ impl SessionStore {
             front.extend(st.resend.drain(..));
             front.extend(st.queue.drain(..).filter(|d| d.qos != QoS::AtMostOnce));
             st.resend = front;
+            drop(st);
+            // Publishers waiting for room in the live queue need not wait
+            // for a client that is gone.
+            session.space.notify_waiters();
             None
         } else {
             let subs = st.subscriptions.drain().map(|(f, _)| f).collect();
             st.queue.clear();
             st.resend.clear();
             drop(st);
+            session.space.notify_waiters();
             self.remove_if_idle(session);
             Some(subs)
         }

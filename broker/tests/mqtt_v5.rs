@@ -421,6 +421,40 @@ async fn broker_uses_topic_aliases_the_client_accepts() {
 }
 
 #[tokio::test]
+async fn publishers_held_by_a_full_queue_go_on_when_its_subscriber_leaves() {
+    // The wait for room may last a minute; a subscriber that leaves ends it.
+    let b = Broker::start(
+        "limits:\n  max_queued_messages: 4\n  max_inflight: 2\n  queue_full_wait_ms: 60000\n",
+    );
+    let mut opts = v5::options("leaving", b.tcp);
+    opts.set_manual_acks(true);
+    let mut slow = v5::connect(opts).await;
+    slow.subscribe("leave/#", QoS::AtLeastOnce).await;
+    let mut publisher = v5::connect(v5::options("held", b.tcp)).await;
+    for i in 0..20 {
+        publisher
+            .publish("leave/x", QoS::AtLeastOnce, false, format!("{i}"))
+            .await;
+    }
+    let mut acked = 0;
+    while let Ok(Some(p)) = tokio::time::timeout(common::QUIET, publisher.rx.recv()).await {
+        if let v5::Packet::PubAck(_) = p {
+            acked += 1;
+        }
+    }
+    assert!(
+        acked < 20,
+        "held back while the subscriber is there ({acked} acked)"
+    );
+    slow.disconnect().await;
+    while acked < 20 {
+        if let v5::Packet::PubAck(_) = common::recv(&mut publisher.rx, "PUBACK").await {
+            acked += 1;
+        }
+    }
+}
+
+#[tokio::test]
 async fn slow_subscriber_slows_qos1_publisher_instead_of_losing() {
     let b = Broker::start("limits:\n  max_queued_messages: 4\n  max_inflight: 2\n");
     let mut opts = v5::options("slow", b.tcp);
