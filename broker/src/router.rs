@@ -92,8 +92,10 @@ impl Node {
         self.children.is_empty() && self.subs.is_empty() && self.groups.is_empty()
     }
 
-    fn collect(&self, levels: &[&str], dollar: bool, q: &Query<'_>, out: &mut Vec<Route>) {
-        let Some((level, rest)) = levels.split_first() else {
+    /// `levels`: the topic levels below this node, as an iterator rather
+    /// than a collected list (no allocation per routed message).
+    fn collect(&self, mut levels: Levels<'_>, q: &Query<'_>, out: &mut Vec<Route>) {
+        let Some(level) = levels.next() else {
             self.emit(q, out);
             // "a/#" also matches "a".
             if let Some(hash) = self.children.get("#") {
@@ -101,16 +103,14 @@ impl Node {
             }
             return;
         };
-        if !dollar {
-            if let Some(hash) = self.children.get("#") {
-                hash.emit(q, out);
-            }
-            if let Some(plus) = self.children.get("+") {
-                plus.collect(rest, false, q, out);
-            }
+        if let Some(hash) = self.children.get("#") {
+            hash.emit(q, out);
         }
-        if let Some(child) = self.children.get(*level) {
-            child.collect(rest, false, q, out);
+        if let Some(plus) = self.children.get("+") {
+            plus.collect(levels.clone(), q, out);
+        }
+        if let Some(child) = self.children.get(level) {
+            child.collect(levels, q, out);
         }
     }
 
@@ -156,6 +156,9 @@ impl std::fmt::Debug for Scope<'_> {
         }
     }
 }
+
+/// The levels of a topic, in order.
+type Levels<'a> = std::str::Split<'a, char>;
 
 /// One lookup's parameters.
 struct Query<'a> {
@@ -286,20 +289,20 @@ impl Router {
         out: &mut Vec<Route>,
     ) {
         let q = Query { is_online, scope };
-        let levels: Vec<&str> = topic.split('/').collect();
-        let dollar = topic.starts_with('$');
-        let first = levels.first().copied().unwrap_or("");
+        let mut levels = topic.split('/');
+        let first = levels.next().unwrap_or("");
         {
             let shard = self.shards[self.shard_of(first)]
                 .read()
                 .unwrap_or_else(|e| e.into_inner());
             if let Some(child) = shard.children.get(first) {
-                child.collect(&levels[1..], false, &q, out);
+                child.collect(levels, &q, out);
             }
         }
-        if !dollar {
+        // Wildcards at the first level do not match `$` topics (MQTT-4.7.2-1).
+        if !topic.starts_with('$') {
             let wild = self.wild.read().unwrap_or_else(|e| e.into_inner());
-            wild.collect(&levels, false, &q, out);
+            wild.collect(topic.split('/'), &q, out);
         }
     }
 }
