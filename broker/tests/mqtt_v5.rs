@@ -420,20 +420,24 @@ async fn broker_uses_topic_aliases_the_client_accepts() {
     );
 }
 
-#[tokio::test]
-async fn publishers_held_by_a_full_queue_go_on_when_its_subscriber_leaves() {
-    // The wait for room may last a minute; a subscriber that leaves ends it.
-    let b = Broker::start(
-        "limits:\n  max_queued_messages: 4\n  max_inflight: 2\n  queue_full_wait_ms: 60000\n",
-    );
-    let mut opts = v5::options("leaving", b.tcp);
+/// A subscriber that acknowledges nothing on `prefix/#` (manual acks) and a
+/// publisher that sent it 20 QoS 1 messages; returns both and how many
+/// PUBACKs the publisher got before things went quiet.
+async fn held_publisher(b: &Broker, prefix: &str) -> (v5::Client, v5::Client, usize) {
+    let mut opts = v5::options(&format!("{prefix}-sub"), b.tcp);
     opts.set_manual_acks(true);
     let mut slow = v5::connect(opts).await;
-    slow.subscribe("leave/#", QoS::AtLeastOnce).await;
-    let mut publisher = v5::connect(v5::options("held", b.tcp)).await;
+    slow.subscribe(&format!("{prefix}/#"), QoS::AtLeastOnce)
+        .await;
+    let mut publisher = v5::connect(v5::options(&format!("{prefix}-pub"), b.tcp)).await;
     for i in 0..20 {
         publisher
-            .publish("leave/x", QoS::AtLeastOnce, false, format!("{i}"))
+            .publish(
+                &format!("{prefix}/x"),
+                QoS::AtLeastOnce,
+                false,
+                format!("{i}"),
+            )
             .await;
     }
     let mut acked = 0;
@@ -442,6 +446,16 @@ async fn publishers_held_by_a_full_queue_go_on_when_its_subscriber_leaves() {
             acked += 1;
         }
     }
+    (slow, publisher, acked)
+}
+
+#[tokio::test]
+async fn publishers_held_by_a_full_queue_go_on_when_its_subscriber_leaves() {
+    // The wait for room may last a minute; a subscriber that leaves ends it.
+    let b = Broker::start(
+        "limits:\n  max_queued_messages: 4\n  max_inflight: 2\n  queue_full_wait_ms: 60000\n",
+    );
+    let (slow, mut publisher, mut acked) = held_publisher(&b, "leave").await;
     assert!(
         acked < 20,
         "held back while the subscriber is there ({acked} acked)"
@@ -457,24 +471,9 @@ async fn publishers_held_by_a_full_queue_go_on_when_its_subscriber_leaves() {
 #[tokio::test]
 async fn slow_subscriber_slows_qos1_publisher_instead_of_losing() {
     let b = Broker::start("limits:\n  max_queued_messages: 4\n  max_inflight: 2\n");
-    let mut opts = v5::options("slow", b.tcp);
-    opts.set_manual_acks(true);
-    let mut slow = v5::connect(opts).await;
-    slow.subscribe("bp/#", QoS::AtLeastOnce).await;
-    let mut publisher = v5::connect(v5::options("fast", b.tcp)).await;
-    for i in 0..20 {
-        publisher
-            .publish("bp/x", QoS::AtLeastOnce, false, format!("{i}"))
-            .await;
-    }
     // Two in flight to the subscriber and four queued: the rest of the
     // publisher's PUBACKs are held back.
-    let mut acked = 0;
-    while let Ok(Some(p)) = tokio::time::timeout(common::QUIET, publisher.rx.recv()).await {
-        if let v5::Packet::PubAck(_) = p {
-            acked += 1;
-        }
-    }
+    let (mut slow, _publisher, acked) = held_publisher(&b, "bp").await;
     assert!(
         acked < 20,
         "backpressure holds acknowledgements ({acked} acked)"
