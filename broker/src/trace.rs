@@ -263,7 +263,9 @@ impl Traces {
         action: MessageAction,
         qos: QoS,
     ) {
-        self.record_messages(client_id, msg.ts_ms, std::iter::once((msg, action, qos)));
+        if self.traces_messages() {
+            self.record_messages(client_id, msg.ts_ms, std::iter::once((msg, action, qos)));
+        }
     }
 
     /// Records message events of one client at once, now: one lock, one
@@ -284,9 +286,6 @@ impl Traces {
         ts: u64,
         events: impl Iterator<Item = (&'a crate::message::Message, MessageAction, QoS)>,
     ) {
-        if !self.traces_messages() {
-            return;
-        }
         let oldest = self.oldest(ts);
         let mut ring = self.messages.shard(client_id);
         for (msg, action, qos) in events {
