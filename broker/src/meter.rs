@@ -105,7 +105,7 @@ pub struct Meter {
 
 /// `parent/subtopic` of a topic: its first two levels.
 fn key_of(topic: &str) -> &str {
-    match topic.match_indices('/').nth(1) {
+    match topic.match_indices(crate::topic::SEPARATOR).nth(1) {
         Some((i, _)) => &topic[..i],
         None => topic,
     }

@@ -19,7 +19,7 @@ use std::sync::{Arc, RwLock};
 
 use crate::FastMap;
 use crate::message::QoS;
-use crate::topic::Filter;
+use crate::topic::{Filter, SEPARATOR};
 
 /// Sessions are named by their Client ID.
 pub type ClientId = Arc<str>;
@@ -158,7 +158,7 @@ impl std::fmt::Debug for Scope<'_> {
 }
 
 /// The levels of a topic, in order.
-type Levels<'a> = std::str::Split<'a, char>;
+type Levels<'a> = std::str::Split<'a, [char; 1]>;
 
 /// One lookup's parameters.
 struct Query<'a> {
@@ -289,7 +289,7 @@ impl Router {
         out: &mut Vec<Route>,
     ) {
         let q = Query { is_online, scope };
-        let mut levels = topic.split('/');
+        let mut levels = topic.split(SEPARATOR);
         let first = levels.next().unwrap_or("");
         {
             let shard = self.shards[self.shard_of(first)]
@@ -302,7 +302,7 @@ impl Router {
         // Wildcards at the first level do not match `$` topics (MQTT-4.7.2-1).
         if !topic.starts_with('$') {
             let wild = self.wild.read().unwrap_or_else(|e| e.into_inner());
-            wild.collect(topic.split('/'), &q, out);
+            wild.collect(topic.split(SEPARATOR), &q, out);
         }
     }
 }

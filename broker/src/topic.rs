@@ -214,14 +214,19 @@ pub fn filters_overlap(a: &str, b: &str) -> bool {
     }
 }
 
+/// The level separator as a pattern for the per-message paths: a `char`
+/// pattern finds each `/` and then compares it through a `memcmp` call (2 %
+/// of a QoS 1 profile); a one-element set tests the characters in place.
+pub const SEPARATOR: [char; 1] = ['/'];
+
 /// The parent topic: the first level of a topic (B9).
 pub fn parent_topic(topic: &str) -> &str {
-    topic.split('/').next().unwrap_or(topic)
+    topic.split(SEPARATOR).next().unwrap_or(topic)
 }
 
 /// The target Client ID of a P2P topic `<parent>/p2p/<clientId>` (B10).
 pub fn p2p_target(topic: &str) -> Option<&str> {
-    let mut parts = topic.splitn(3, '/');
+    let mut parts = topic.splitn(3, SEPARATOR);
     let _parent = parts.next()?;
     match (parts.next(), parts.next()) {
         (Some("p2p"), Some(target)) if !target.is_empty() => Some(target),
