@@ -472,7 +472,7 @@ impl Pump {
             let id = if d.qos == QoS::AtMostOnce {
                 None
             } else {
-                let id = self.packet_id(|id| st.inflight.contains_key(&id));
+                let id = self.packet_id(|id| st.inflight.contains(id));
                 st.inflight.insert(id.get(), d.clone());
                 Some(id)
             };

@@ -8,7 +8,7 @@
 //! when work arrives; a connection that finds another generation attached has
 //! been taken over and closes.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::num::NonZeroU32;
 use std::sync::atomic::AtomicU64;
@@ -125,8 +125,8 @@ pub struct State {
     pub queue: VecDeque<Delivery>,
     /// Messages stored while the client was offline (B5).
     pub offline: VecDeque<Delivery>,
-    /// Sent with QoS 1/2, not yet acknowledged, by packet id.
-    pub inflight: BTreeMap<u16, Delivery>,
+    /// Sent with QoS 1/2, not yet acknowledged.
+    pub inflight: Inflight,
     /// Sent before a reconnect and not acknowledged: resent first, with DUP.
     pub resend: VecDeque<Delivery>,
     /// The client switched to `$SYS/getOfflineMsg` pulls on this connection (B6).
@@ -174,7 +174,7 @@ impl Session {
                 subscriptions: HashMap::new(),
                 queue: VecDeque::new(),
                 offline: VecDeque::new(),
-                inflight: BTreeMap::new(),
+                inflight: Inflight::default(),
                 resend: VecDeque::new(),
                 pull_mode: false,
                 ordered: false,
@@ -260,7 +260,7 @@ impl Session {
             .as_ref()
             .is_some_and(|c| c.generation == generation)
         {
-            st.inflight.remove(&packet_id);
+            st.inflight.remove(packet_id);
         }
     }
 
@@ -286,6 +286,38 @@ pub struct Attached {
     pub took_over: bool,
     /// Subscriptions of a discarded previous session, to drop from the router.
     pub discarded_subscriptions: Vec<String>,
+}
+
+/// Deliveries sent with QoS 1/2 and not yet acknowledged, in the order they
+/// were sent: a reconnecting client gets them again in that order
+/// (MQTT-4.6.0-1), also across the wrap of packet ids, which an ordering by
+/// id would break. Clients acknowledge in order, so an acknowledgement is
+/// usually the oldest entry.
+#[derive(Debug, Default)]
+pub struct Inflight(VecDeque<(u16, Delivery)>);
+
+impl Inflight {
+    pub fn insert(&mut self, packet_id: u16, d: Delivery) {
+        self.0.push_back((packet_id, d));
+    }
+
+    pub fn contains(&self, packet_id: u16) -> bool {
+        self.0.iter().any(|(id, _)| *id == packet_id)
+    }
+
+    pub fn remove(&mut self, packet_id: u16) -> Option<Delivery> {
+        let i = self.0.iter().position(|(id, _)| *id == packet_id)?;
+        self.0.remove(i).map(|(_, d)| d)
+    }
+
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    /// Empties it, oldest first.
+    pub fn take_in_order(&mut self) -> impl Iterator<Item = Delivery> + use<> {
+        std::mem::take(&mut self.0).into_iter().map(|(_, d)| d)
+    }
 }
 
 /// All sessions of this node, sharded by Client ID.
@@ -368,7 +400,7 @@ impl SessionStore {
             false
         } else {
             // Unacknowledged messages of the previous connection go out again first.
-            let unacked: Vec<Delivery> = std::mem::take(&mut st.inflight).into_values().collect();
+            let unacked: Vec<Delivery> = st.inflight.take_in_order().collect();
             let live: Vec<Delivery> = st.queue.drain(..).collect();
             for mut d in unacked {
                 d.dup = true;
@@ -416,7 +448,7 @@ impl SessionStore {
         if st.persistent {
             st.disconnected_at = Some(Instant::now());
             st.info.disconnected_at = Some(crate::message::now_ms());
-            let unacked: Vec<Delivery> = std::mem::take(&mut st.inflight).into_values().collect();
+            let unacked: Vec<Delivery> = st.inflight.take_in_order().collect();
             let mut front: VecDeque<Delivery> = unacked
                 .into_iter()
                 .map(|mut d| {

@@ -246,3 +246,55 @@ async fn refused_connects_get_return_codes() {
     v4::connect(v4::options("GID_valid@@@dev-1", b.tcp)).await;
     assert!(b.metric("ringmq_packets_rejected_total{reason=\"client_id_invalid\"}") >= 2.0);
 }
+
+#[tokio::test]
+async fn unacknowledged_messages_come_back_in_order_across_the_packet_id_wrap() {
+    // Packet ids wrap after 65 535: a client that leaves with messages in
+    // flight on both sides of the wrap gets them again in the order sent.
+    let b = Broker::start("limits:\n  max_inflight: 16\n");
+    let mut opts = v4::options("wrap", b.tcp);
+    opts.set_clean_session(false);
+    opts.set_manual_acks(true);
+    let mut sub = v4::connect(opts.clone()).await;
+    sub.subscribe("wrap/#", QoS::AtLeastOnce).await;
+    const ACKED: u32 = 65_530;
+    const TOTAL: u32 = ACKED + 16;
+    let publisher = v4::connect(v4::options("wrap-pub", b.tcp)).await;
+    let feeder = tokio::spawn(async move {
+        for i in 0..TOTAL {
+            publisher
+                .publish("wrap/x", QoS::AtLeastOnce, false, i.to_be_bytes().to_vec())
+                .await;
+        }
+        publisher
+    });
+    let index = |p: &rumqttc::Publish| {
+        let b: [u8; 4] = p.payload[..4]
+            .try_into()
+            .unwrap_or_else(|e| panic!("payload: {e}"));
+        u32::from_be_bytes(b)
+    };
+    let mut unacked = Vec::new();
+    for expected in 0..TOTAL {
+        let p = sub.next_publish().await;
+        assert_eq!(index(&p), expected);
+        if expected < ACKED {
+            sub.client.ack(&p).await.unwrap_or_else(|e| panic!("{e}"));
+        } else {
+            unacked.push((expected, p.pkid));
+        }
+    }
+    assert!(
+        unacked.iter().any(|&(_, id)| id > 65_000) && unacked.iter().any(|&(_, id)| id < 100),
+        "in flight on both sides of the wrap: {unacked:?}"
+    );
+    sub.kill();
+    let _publisher = feeder.await.unwrap_or_else(|e| panic!("{e}"));
+    let mut sub = v4::connect(opts).await;
+    assert!(sub.connack.session_present);
+    for &(expected, _) in &unacked {
+        let p = sub.next_publish().await;
+        assert_eq!(index(&p), expected, "resent in the order sent");
+        assert!(p.dup);
+    }
+}

@@ -659,8 +659,9 @@ pub fn session_to_wire(
     let left = st.disconnected_at.map_or(st.expiry, |t| {
         st.expiry.saturating_sub(now.saturating_duration_since(t))
     });
-    let mut resend: Vec<wire::WireDelivery> = std::mem::take(&mut st.inflight)
-        .into_values()
+    let mut resend: Vec<wire::WireDelivery> = st
+        .inflight
+        .take_in_order()
         .map(|mut d| {
             d.dup = true;
             delivery(d)
