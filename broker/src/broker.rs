@@ -309,8 +309,9 @@ impl Broker {
             let stored = self.storage.store(msg.clone(), ordered, durability);
             ticket.inspect(|t| t.pass(Gate::Store));
             stored.await?;
+        } else {
+            ticket.inspect(|t| t.pass(Gate::Store));
         }
-        ticket.inspect(|t| t.pass(Gate::Store));
         if let Some(t) = ticket {
             t.wait(Gate::Route).await;
         }
