@@ -321,8 +321,8 @@ impl Broker {
             persistent: publisher.persistent,
         };
         let reached = self.route(&msg, keep, Scope::All, &mut over, &mut forwards);
-        // Boxed waits, here and below: the publish handler's future is moved
-        // per message, and whatever it holds inline is copied each time.
+        // Boxed waits, here and below: they are rare, and the publish
+        // handler's future is allocated per message at its full size.
         if !forwards.is_empty()
             && !Box::pin(self.forward_waiting(forwards)).await
             && msg.qos != QoS::AtMostOnce

@@ -251,7 +251,8 @@ pub async fn publish(
     ticket.wait(order::Gate::Store).await;
     // Over the node's TPS share (L3): the next message waits. The waiting
     // is boxed, like every rare wait on this path: the handler's future is
-    // moved per message, and its size is what each move copies.
+    // allocated per message at its full size, which rare waits would
+    // multiply (see `v3::publish`).
     if broker.usage.capacity.over_share() {
         tracing::debug!(client_id = %conn.client_id, "publisher throttled: TPS capacity");
         Box::pin(broker.usage.capacity.throttle()).await;

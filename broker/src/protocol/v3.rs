@@ -108,6 +108,13 @@ fn refuse(broker: &Broker, c: v3::Connect, reason: &str) -> v3::ConnectAck<St> {
 
 /// PUBLISH from the client.
 pub async fn publish(s: &v3::Session<St>, p: v3::Publish) -> Result<()> {
+    // ntex moves the handler's future several times per packet (through its
+    // service chain, into its boxed pipeline call): boxed here, what it
+    // moves is a pointer, not the whole publish path (728 bytes).
+    Box::pin(accept_publish(s, p)).await
+}
+
+async fn accept_publish(s: &v3::Session<St>, p: v3::Publish) -> Result<()> {
     // Taken before the payload is awaited (see `order`).
     let ticket = s.arrivals.ticket();
     let payload = p
@@ -121,7 +128,7 @@ pub async fn publish(s: &v3::Session<St>, p: v3::Publish) -> Result<()> {
         p.retain(),
     );
     // Shared from here: the handler's future holds a pointer, not the
-    // message (the future is moved per message).
+    // message.
     let result = super::publish(s, Arc::new(msg), crate::storage::OnFull::Wait, &ticket).await;
     if let Err(e) = &result
         && let Some(notice) = super::token_notice(e)
