@@ -52,6 +52,13 @@ pub struct Config {
     pub cluster: Option<ClusterConfig>,
     /// Number of worker threads serving connections; 0 means one per CPU core.
     pub workers: usize,
+    /// Pin each worker thread to a CPU core of its own (a machine the broker
+    /// has to itself). Off by default: the cores are picked among all the
+    /// process may use, so on a Kubernetes node that limits pods by CPU
+    /// quota rather than a cpuset, every pod would pin its workers to the
+    /// same first cores; unpinned, the kernel moves a worker whose core is
+    /// busy.
+    pub pin_workers: bool,
     /// Seconds that a graceful shutdown waits for connections to close.
     pub shutdown_timeout_secs: u64,
     /// What the operations API reports about the instance as a whole (O1).
@@ -75,6 +82,7 @@ impl Default for Config {
             node_id: None,
             cluster: None,
             workers: 0,
+            pin_workers: false,
             shutdown_timeout_secs: 10,
             instance: InstanceConfig::default(),
             capacity: CapacityConfig::default(),
@@ -877,6 +885,8 @@ node_id: null
 cluster: null
 # connection worker threads, 0 = one per CPU core
 workers: 0
+# pin each worker to a core of its own (only on a machine of its own)
+pin_workers: false
 # graceful shutdown: seconds to wait for connections to close
 shutdown_timeout_secs: 10
 # how the operations API names the instance and where users reach it

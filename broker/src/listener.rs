@@ -110,6 +110,11 @@ pub async fn serve(
         _ => None,
     };
     let mut builder = ntex::server::build()
+        .affinity(if config.pin_workers {
+            ntex::server::Affinity::Core
+        } else {
+            ntex::server::Affinity::Disabled
+        })
         .disable_signals()
         .graceful_shutdown_timeout(ntex::time::Seconds(
             u16::try_from(config.shutdown_timeout_secs).unwrap_or(u16::MAX),

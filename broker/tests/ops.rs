@@ -759,3 +759,49 @@ async fn traces_history_and_alarms_survive_a_restart_with_a_journal() {
         .unwrap_or(0);
     assert!(files >= 3, "device, message and alarm files: {files}");
 }
+
+/// The CPU list each thread of a process may run on.
+fn thread_cpus(pid: u32) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .filter_map(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(|cpus| cpus.trim().to_owned())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn worker_threads_are_pinned_only_when_configured() {
+    let all = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(|cpus| cpus.trim().to_owned())
+        })
+        .unwrap_or_default();
+    if !all.contains([',', '-']) {
+        eprintln!("skipped: this process may use one CPU ({all}), nothing to pin apart");
+        return;
+    }
+    // A pod limited by CPU quota may use every core of its node: workers
+    // pinned by default would all sit on the node's first cores. The
+    // harness runs two workers.
+    let b = Broker::start("");
+    let cpus = thread_cpus(b.pid());
+    assert!(cpus.len() > 2, "threads: {cpus:?}");
+    assert!(cpus.iter().all(|c| *c == all), "by default: {cpus:?}");
+    let b = Broker::start("pin_workers: true\n");
+    let cpus = thread_cpus(b.pid());
+    assert!(
+        cpus.iter().filter(|c| **c != all).count() >= 2,
+        "pin_workers: {cpus:?} (process: {all})"
+    );
+}
