@@ -3,6 +3,7 @@
 # Mosquitto (Debian package) and rumqttd (crates.io), one broker at a time on
 # this machine, in one run. Writes a ratio table to docs/benchmarks.md (or
 # $BENCH_OUT). Peers that are not installed are skipped and named as such.
+# The full run adds scenario 6 (kafka.sh) and scenario 7 (cluster.sh).
 #
 #   e2e/bench/run.sh            # full run (minutes)
 #   BENCH_SMOKE=1 e2e/bench/run.sh   # seconds: keeps the instrument working (CI)
@@ -140,6 +141,29 @@ field() { # json key -> value
         done
     done
 } >"$out"
+
+# Scenarios 6 and 7 compare ringmq with a Kafka broker's own ceiling and with
+# itself on one node; they have no MQTT peer column, but run in the same run.
+if [ -z "$smoke" ]; then
+    {
+        echo
+        echo "## Scenario 6: uplink into Kafka vs the Kafka broker's own producer ceiling"
+        echo
+        echo "\`e2e/bench/kafka.sh 16 $secs\` (nisshi, SQLite storage; the script's header says how it measures):"
+        echo
+        if command -v "${NISSHI:-nisshi}" >/dev/null || [ -x "$HOME/.cargo/bin/nisshi" ]; then
+            e2e/bench/kafka.sh 16 "$secs" || echo "kafka.sh failed: its output is on standard error"
+        else
+            echo "Skipped: nisshi is not installed (see README, \"Kafka\")."
+        fi
+        echo
+        echo "## Scenario 7: three nodes on this machine vs one node"
+        echo
+        echo "\`e2e/bench/cluster.sh 6 $secs\` (three generators at once; on the cluster each connects to a different node):"
+        echo
+        e2e/bench/cluster.sh 6 "$secs" || echo "cluster.sh failed: its output is on standard error"
+    } >>"$out"
+fi
 echo "wrote $out" >&2
 
 if [ -n "$smoke" ]; then
