@@ -6,12 +6,16 @@ use anyhow::{Context, bail};
 use ringmq_bench::{Scenario, Settings, run};
 
 const USAGE: &str =
-    "usage: ringmq-bench --port N [--host H] --scenario one-to-one|fan-in|fan-out|idle
-       [--clients N] [--qos 0|1|2] [--payload BYTES] [--rate MSGS_PER_SEC_PER_PUBLISHER]
+    "usage: ringmq-bench --port N [--host H] --scenario one-to-one|p2p|fan-in|fan-out|idle
+       [--clients N] [--qos 0|1|2[,0|1|2...]] [--payload BYTES]
+       [--rate MSGS_PER_SEC_PER_PUBLISHER] [--ramp CONNECTIONS_PER_SEC]
        [--duration SECS] [--drain SECS] [--broker-pid PID] [--tag PREFIX]
 
---clients is the number of pairs (one-to-one), publishers (fan-in),
-subscribers (fan-out) or connections (idle). Prints one JSON line.";
+--clients is the number of pairs (one-to-one, p2p), publishers (fan-in),
+subscribers (fan-out) or connections (idle). p2p sends each message to one
+receiver by its Client ID (<parent>/p2p/<clientId>) without subscriptions.
+A --qos list mixes levels: publisher i uses the i-th, in turn. --ramp paces
+the connections (default 0: back to back). Prints one JSON line.";
 
 fn main() -> anyhow::Result<()> {
     let settings = parse(std::env::args().skip(1))?;
@@ -29,9 +33,10 @@ fn parse(mut args: impl Iterator<Item = String>) -> anyhow::Result<Settings> {
         host: "127.0.0.1".into(),
         port: 0,
         scenario: Scenario::OneToOne { pairs: 1 },
-        qos: rumqttc::QoS::AtMostOnce,
+        qos: vec![rumqttc::QoS::AtMostOnce],
         payload: 64,
         rate: 0,
+        ramp: 0,
         duration: Duration::from_secs(10),
         drain: Duration::from_secs(2),
         broker_pid: None,
@@ -47,15 +52,19 @@ fn parse(mut args: impl Iterator<Item = String>) -> anyhow::Result<Settings> {
             "--scenario" => scenario = value()?,
             "--clients" => clients = value()?.parse()?,
             "--qos" => {
-                s.qos = match value()?.as_str() {
-                    "0" => rumqttc::QoS::AtMostOnce,
-                    "1" => rumqttc::QoS::AtLeastOnce,
-                    "2" => rumqttc::QoS::ExactlyOnce,
-                    q => bail!("bad QoS {q}"),
-                }
+                s.qos = value()?
+                    .split(',')
+                    .map(|q| match q {
+                        "0" => Ok(rumqttc::QoS::AtMostOnce),
+                        "1" => Ok(rumqttc::QoS::AtLeastOnce),
+                        "2" => Ok(rumqttc::QoS::ExactlyOnce),
+                        q => bail!("bad QoS {q:?}"),
+                    })
+                    .collect::<anyhow::Result<_>>()?;
             }
             "--payload" => s.payload = value()?.parse()?,
             "--rate" => s.rate = value()?.parse()?,
+            "--ramp" => s.ramp = value()?.parse()?,
             "--duration" => s.duration = Duration::from_secs_f64(value()?.parse()?),
             "--drain" => s.drain = Duration::from_secs_f64(value()?.parse()?),
             "--broker-pid" => s.broker_pid = Some(value()?.parse()?),
@@ -72,6 +81,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> anyhow::Result<Settings> {
     }
     s.scenario = match scenario.as_str() {
         "one-to-one" => Scenario::OneToOne { pairs: clients },
+        "p2p" => Scenario::P2p { pairs: clients },
         "fan-in" => Scenario::FanIn {
             publishers: clients,
         },
@@ -84,4 +94,36 @@ fn parse(mut args: impl Iterator<Item = String>) -> anyhow::Result<Settings> {
         other => bail!("unknown scenario {other:?}"),
     };
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(line: &str) -> impl Iterator<Item = String> {
+        line.split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
+    #[test]
+    fn a_qos_list_mixes_levels_and_p2p_ramp_parse() {
+        let s = parse(args(
+            "--port 1 --scenario p2p --clients 4 --qos 0,2,1 --ramp 50",
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.scenario, Scenario::P2p { pairs: 4 });
+        assert_eq!(
+            s.qos,
+            [
+                rumqttc::QoS::AtMostOnce,
+                rumqttc::QoS::ExactlyOnce,
+                rumqttc::QoS::AtLeastOnce
+            ]
+        );
+        assert_eq!(s.ramp, 50);
+        assert!(parse(args("--port 1 --qos 0,3")).is_err());
+        assert!(parse(args("--port 1 --qos 1,")).is_err());
+    }
 }

@@ -15,7 +15,7 @@ use crate::report::Tally;
 pub enum BenchError {
     #[error("client {id}: {reason}")]
     Connect { id: String, reason: String },
-    #[error("subscriber {0} ended before reporting")]
+    #[error("receiver {0} did not get its end-of-run marker within 10 s (its messages lost?)")]
     Lost(String),
 }
 
@@ -26,6 +26,10 @@ pub type Result<T> = std::result::Result<T, BenchError>;
 pub enum Scenario {
     /// N publishers, each with its own subscriber on its own topic.
     OneToOne { pairs: usize },
+    /// N publishers, each sending to one receiver by its Client ID
+    /// (`<parent>/p2p/<clientId>`, ringmq's P2P); receivers subscribe to
+    /// nothing. Brokers without P2P deliver none of it.
+    P2p { pairs: usize },
     /// N publishers, one subscriber on `bench/in/+`.
     FanIn { publishers: usize },
     /// One publisher, N subscribers on the same topic.
@@ -40,10 +44,14 @@ pub struct Settings {
     pub host: String,
     pub port: u16,
     pub scenario: Scenario,
-    pub qos: QoS,
+    /// QoS of each publisher in turn (publisher i uses `qos[i % len]`);
+    /// subscribers ask for the highest, so each message keeps its own.
+    pub qos: Vec<QoS>,
     pub payload: usize,
     /// Messages per second per publisher; 0 sends as fast as the broker takes them.
     pub rate: u64,
+    /// New connections per second; 0 connects them back to back.
+    pub ramp: u64,
     pub duration: Duration,
     /// Time given to messages in flight after the publishers stop.
     pub drain: Duration,
@@ -172,6 +180,30 @@ async fn connect(
     }
 }
 
+/// Paces connection attempts (the connection ramp).
+struct Ramp {
+    step: Option<Duration>,
+    next: Instant,
+}
+
+impl Ramp {
+    /// `per_sec` connections a second; 0: no pacing.
+    fn new(per_sec: u64) -> Ramp {
+        Ramp {
+            step: (per_sec > 0).then(|| Duration::from_nanos(1_000_000_000 / per_sec)),
+            next: Instant::now(),
+        }
+    }
+
+    /// Waits for the next connection's turn.
+    async fn wait(&mut self) {
+        if let Some(step) = self.step {
+            tokio::time::sleep_until(self.next.into()).await;
+            self.next += step;
+        }
+    }
+}
+
 struct Subscriber {
     client: AsyncClient,
     task: tokio::task::JoinHandle<()>,
@@ -182,10 +214,11 @@ struct Subscriber {
 /// when the marker arrives.
 const MARKER: u64 = u64::MAX;
 
+/// Connects a receiver; `filter` is what it subscribes to (none for P2P).
 async fn subscriber(
     s: &Settings,
     id: &str,
-    filter: &str,
+    filter: Option<&str>,
     markers: usize,
     start: Instant,
     errors: Arc<AtomicU64>,
@@ -207,13 +240,20 @@ async fn subscriber(
         None => {}
     })
     .await?;
-    client
-        .subscribe(filter, s.qos)
-        .await
-        .map_err(|e| BenchError::Connect {
-            id: id.to_owned(),
-            reason: e.to_string(),
-        })?;
+    if let Some(filter) = filter {
+        let highest = s
+            .qos
+            .iter()
+            .copied()
+            .fold(QoS::AtMostOnce, |a, b| if b > a { b } else { a });
+        client
+            .subscribe(filter, highest)
+            .await
+            .map_err(|e| BenchError::Connect {
+                id: id.to_owned(),
+                reason: e.to_string(),
+            })?;
+    }
     Ok(Subscriber {
         client,
         task,
@@ -226,6 +266,7 @@ async fn publish_loop(
     client: AsyncClient,
     topic: String,
     publisher: u64,
+    qos: QoS,
     s: Settings,
     start: Instant,
     until: Instant,
@@ -244,7 +285,7 @@ async fn publish_loop(
             sent_ns: payload::since(start),
         };
         if client
-            .publish(&topic, s.qos, false, payload::encode(stamp, s.payload))
+            .publish(&topic, qos, false, payload::encode(stamp, s.payload))
             .await
             .is_err()
         {
@@ -264,26 +305,37 @@ pub async fn run(s: Settings) -> Result<Outcome> {
         ..Outcome::default()
     };
     let tag = s.tag.clone();
-    // (publisher topic, subscribers per message) and the subscriptions.
-    let (topics, filters, fan): (Vec<String>, Vec<String>, u64) = match s.scenario {
+    // Publisher topics, each receiver's subscription, receivers per message.
+    type Shape = (Vec<String>, Vec<Option<String>>, u64);
+    let (topics, filters, fan): Shape = match s.scenario {
         Scenario::OneToOne { pairs } => {
             let t: Vec<String> = (0..pairs).map(|i| format!("{tag}/p/{i}")).collect();
-            (t.clone(), t, 1)
+            (t.clone(), t.into_iter().map(Some).collect(), 1)
         }
+        Scenario::P2p { pairs } => (
+            // The receivers' Client IDs (see `options`).
+            (0..pairs)
+                .map(|i| format!("{tag}/p2p/{tag}-sub-{i}"))
+                .collect(),
+            vec![None; pairs],
+            1,
+        ),
         Scenario::FanIn { publishers } => (
             (0..publishers).map(|i| format!("{tag}/in/{i}")).collect(),
-            vec![format!("{tag}/in/+")],
+            vec![Some(format!("{tag}/in/+"))],
             1,
         ),
         Scenario::FanOut { subscribers } => (
             vec![format!("{tag}/out")],
-            vec![format!("{tag}/out"); subscribers],
+            vec![Some(format!("{tag}/out")); subscribers],
             subscribers as u64,
         ),
         Scenario::Idle { connections } => {
             let connect_start = Instant::now();
+            let mut ramp = Ramp::new(s.ramp);
             let mut held = Vec::with_capacity(connections);
             for i in 0..connections {
+                ramp.wait().await;
                 held.push(connect(&s, &format!("idle-{i}"), errors.clone(), |_| {}).await?);
             }
             out.connect_secs = connect_start.elapsed().as_secs_f64();
@@ -300,16 +352,20 @@ pub async fn run(s: Settings) -> Result<Outcome> {
         }
     };
     let connect_start = Instant::now();
+    let mut ramp = Ramp::new(s.ramp);
     let mut subs = Vec::with_capacity(filters.len());
     for (i, f) in filters.iter().enumerate() {
         let markers = match s.scenario {
             Scenario::FanIn { publishers } => publishers,
             _ => 1,
         };
-        subs.push(subscriber(&s, &format!("sub-{i}"), f, markers, start, errors.clone()).await?);
+        ramp.wait().await;
+        let id = format!("sub-{i}");
+        subs.push(subscriber(&s, &id, f.as_deref(), markers, start, errors.clone()).await?);
     }
     let mut pubs = Vec::with_capacity(topics.len());
     for i in 0..topics.len() {
+        ramp.wait().await;
         pubs.push(connect(&s, &format!("pub-{i}"), errors.clone(), |_| {}).await?);
     }
     out.connect_secs = connect_start.elapsed().as_secs_f64();
@@ -325,10 +381,12 @@ pub async fn run(s: Settings) -> Result<Outcome> {
         .zip(&topics)
         .enumerate()
         .map(|(i, ((client, _), topic))| {
+            let qos = s.qos.get(i % s.qos.len().max(1)).copied();
             tokio::spawn(publish_loop(
                 client.clone(),
                 topic.clone(),
                 i as u64,
+                qos.unwrap_or(QoS::AtMostOnce),
                 s.clone(),
                 start,
                 until,
@@ -373,7 +431,9 @@ pub async fn run(s: Settings) -> Result<Outcome> {
             .map(|p| tally.unique_from(p))
             .sum();
         let expected_here = match s.scenario {
-            Scenario::OneToOne { .. } => per_publisher.get(i).copied().unwrap_or(0),
+            Scenario::OneToOne { .. } | Scenario::P2p { .. } => {
+                per_publisher.get(i).copied().unwrap_or(0)
+            }
             _ => out.sent,
         };
         out.lost += expected_here.saturating_sub(unique);
