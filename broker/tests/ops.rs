@@ -760,6 +760,14 @@ async fn traces_history_and_alarms_survive_a_restart_with_a_journal() {
     assert!(files >= 3, "device, message and alarm files: {files}");
 }
 
+/// The CPUs a process or thread may run on, from its `/proc` status file.
+fn cpus_allowed(status: &std::path::Path) -> Option<String> {
+    std::fs::read_to_string(status).ok()?.lines().find_map(|l| {
+        l.strip_prefix("Cpus_allowed_list:")
+            .map(|cpus| cpus.trim().to_owned())
+    })
+}
+
 /// The CPU list each thread of a process may run on.
 fn thread_cpus(pid: u32) -> Vec<String> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -767,26 +775,13 @@ fn thread_cpus(pid: u32) -> Vec<String> {
     };
     tasks
         .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
-        .filter_map(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-                .map(|cpus| cpus.trim().to_owned())
-        })
+        .filter_map(|t| cpus_allowed(&t.path().join("status")))
         .collect()
 }
 
 #[tokio::test]
 async fn worker_threads_are_pinned_only_when_configured() {
-    let all = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-                .map(|cpus| cpus.trim().to_owned())
-        })
-        .unwrap_or_default();
+    let all = cpus_allowed("/proc/self/status".as_ref()).unwrap_or_default();
     if !all.contains([',', '-']) {
         eprintln!("skipped: this process may use one CPU ({all}), nothing to pin apart");
         return;

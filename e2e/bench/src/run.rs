@@ -180,22 +180,23 @@ async fn connect(
     }
 }
 
-/// Paces connection attempts (the connection ramp).
-struct Ramp {
+/// Paces a loop at a steady rate: a publisher's messages, the connection
+/// ramp.
+struct Pace {
     step: Option<Duration>,
     next: Instant,
 }
 
-impl Ramp {
-    /// `per_sec` connections a second; 0: no pacing.
-    fn new(per_sec: u64) -> Ramp {
-        Ramp {
+impl Pace {
+    /// `per_sec` turns a second; 0: no pacing.
+    fn new(per_sec: u64) -> Pace {
+        Pace {
             step: (per_sec > 0).then(|| Duration::from_nanos(1_000_000_000 / per_sec)),
             next: Instant::now(),
         }
     }
 
-    /// Waits for the next connection's turn.
+    /// Waits for the next turn.
     async fn wait(&mut self) {
         if let Some(step) = self.step {
             tokio::time::sleep_until(self.next.into()).await;
@@ -272,13 +273,9 @@ async fn publish_loop(
     until: Instant,
 ) -> u64 {
     let mut seq = 0;
-    let interval = (s.rate > 0).then(|| Duration::from_nanos(1_000_000_000 / s.rate));
-    let mut next = Instant::now();
+    let mut pace = Pace::new(s.rate);
     while Instant::now() < until {
-        if let Some(step) = interval {
-            next += step;
-            tokio::time::sleep_until(next.into()).await;
-        }
+        pace.wait().await;
         let stamp = Stamp {
             publisher,
             seq,
@@ -332,7 +329,7 @@ pub async fn run(s: Settings) -> Result<Outcome> {
         ),
         Scenario::Idle { connections } => {
             let connect_start = Instant::now();
-            let mut ramp = Ramp::new(s.ramp);
+            let mut ramp = Pace::new(s.ramp);
             let mut held = Vec::with_capacity(connections);
             for i in 0..connections {
                 ramp.wait().await;
@@ -352,7 +349,7 @@ pub async fn run(s: Settings) -> Result<Outcome> {
         }
     };
     let connect_start = Instant::now();
-    let mut ramp = Ramp::new(s.ramp);
+    let mut ramp = Pace::new(s.ramp);
     let mut subs = Vec::with_capacity(filters.len());
     for (i, f) in filters.iter().enumerate() {
         let markers = match s.scenario {
@@ -382,11 +379,12 @@ pub async fn run(s: Settings) -> Result<Outcome> {
         .enumerate()
         .map(|(i, ((client, _), topic))| {
             let qos = s.qos.get(i % s.qos.len().max(1)).copied();
+            let qos = qos.unwrap_or(QoS::AtMostOnce);
             tokio::spawn(publish_loop(
                 client.clone(),
                 topic.clone(),
                 i as u64,
-                qos.unwrap_or(QoS::AtMostOnce),
+                qos,
                 s.clone(),
                 start,
                 until,
