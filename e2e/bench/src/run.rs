@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, NetworkOptions, Packet, QoS};
 use tokio::sync::oneshot;
 
 use crate::payload::{self, Stamp};
@@ -141,6 +141,13 @@ async fn connect(
     mut on_publish: impl FnMut(&[u8]) + Send + 'static,
 ) -> Result<(AsyncClient, tokio::task::JoinHandle<()>)> {
     let (client, mut el) = AsyncClient::new(options(s, id), 1024);
+    // Devices' clients send each packet as it is made (Paho, MQTT.js); with
+    // Nagle's algorithm on, rumqttc held small publishes for the previous
+    // one's ACK, and at fixed rates the latencies measured that (p50 about
+    // 10 ms at 1 000 msg/s on every broker).
+    let mut net = NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    el.set_network_options(net);
     let (ready_tx, ready_rx) = oneshot::channel();
     let handle = tokio::spawn(async move {
         let mut ready = Some(ready_tx);
