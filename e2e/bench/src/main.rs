@@ -15,7 +15,9 @@ const USAGE: &str =
 subscribers (fan-out) or connections (idle). p2p sends each message to one
 receiver by its Client ID (<parent>/p2p/<clientId>) without subscriptions.
 A --qos list mixes levels: publisher i uses the i-th, in turn. --ramp paces
-the connections (default 0: back to back). Prints one JSON line.";
+the connections (default 0: back to back). With a --rate, packets are sent
+at once (TCP_NODELAY); at full speed the kernel may coalesce them.
+Prints one JSON line.";
 
 fn main() -> anyhow::Result<()> {
     let settings = parse(std::env::args().skip(1))?;
