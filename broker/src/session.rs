@@ -294,29 +294,60 @@ pub struct Attached {
 /// id would break. Clients acknowledge in order, so an acknowledgement is
 /// usually the oldest entry.
 #[derive(Debug, Default)]
-pub struct Inflight(VecDeque<(u16, Delivery)>);
+pub struct Inflight {
+    entries: VecDeque<(u16, Delivery)>,
+    /// Packet ids are given out counting up (wrapping), so they rise from
+    /// the oldest entry to the newest; set when an id came round past the
+    /// oldest (a message left unacknowledged for 65 535 others), until the
+    /// window empties.
+    came_round: bool,
+}
 
 impl Inflight {
     pub fn insert(&mut self, packet_id: u16, d: Delivery) {
-        self.0.push_back((packet_id, d));
+        if let (Some((first, _)), Some((last, _))) = (self.entries.front(), self.entries.back())
+            && packet_id.wrapping_sub(*first) <= last.wrapping_sub(*first)
+        {
+            self.came_round = true;
+        }
+        self.entries.push_back((packet_id, d));
     }
 
+    /// Whether `packet_id` is taken. Called for every QoS 1/2 delivery with
+    /// the id after the newest: while ids rise from the oldest entry, one
+    /// past the newest is free without a look at each entry (the window can
+    /// be `max_inflight`, up to 65 535, long).
     pub fn contains(&self, packet_id: u16) -> bool {
-        self.0.iter().any(|(id, _)| *id == packet_id)
+        let (Some((first, _)), Some((last, _))) = (self.entries.front(), self.entries.back())
+        else {
+            return false;
+        };
+        if !self.came_round && packet_id.wrapping_sub(*first) > last.wrapping_sub(*first) {
+            return false;
+        }
+        self.entries.iter().any(|(id, _)| *id == packet_id)
     }
 
     pub fn remove(&mut self, packet_id: u16) -> Option<Delivery> {
-        let i = self.0.iter().position(|(id, _)| *id == packet_id)?;
-        self.0.remove(i).map(|(_, d)| d)
+        let i = self.entries.iter().position(|(id, _)| *id == packet_id)?;
+        let removed = self.entries.remove(i).map(|(_, d)| d);
+        if self.entries.is_empty() {
+            self.came_round = false;
+        }
+        removed
     }
 
     pub fn clear(&mut self) {
-        self.0.clear();
+        self.entries.clear();
+        self.came_round = false;
     }
 
     /// Empties it, oldest first.
     pub fn take_in_order(&mut self) -> impl Iterator<Item = Delivery> + use<> {
-        std::mem::take(&mut self.0).into_iter().map(|(_, d)| d)
+        self.came_round = false;
+        std::mem::take(&mut self.entries)
+            .into_iter()
+            .map(|(_, d)| d)
     }
 }
 
@@ -570,6 +601,27 @@ mod tests {
             Arc::from("p"),
         );
         Delivery::new(Arc::new(msg), qos)
+    }
+
+    #[test]
+    fn inflight_ids_are_found_also_when_ids_came_round_past_a_stuck_one() {
+        let mut f = Inflight::default();
+        // A message left unacknowledged while ids went round the range.
+        f.insert(5, delivery(QoS::AtLeastOnce, 0));
+        for id in [65_534, 65_535, 1, 2] {
+            f.insert(id, delivery(QoS::AtLeastOnce, 1));
+        }
+        assert!(f.contains(5) && f.contains(65_535) && f.contains(1));
+        assert!(!f.contains(3) && !f.contains(4) && !f.contains(6));
+        assert!(f.remove(2).is_some() && !f.contains(2));
+        // Past the stuck one: ids no longer rise from the oldest entry.
+        f.insert(6, delivery(QoS::AtLeastOnce, 2));
+        f.insert(7, delivery(QoS::AtLeastOnce, 3));
+        assert!(f.contains(6) && f.contains(7) && f.contains(5) && f.contains(1));
+        assert!(!f.contains(8) && !f.contains(2));
+        let order: Vec<u8> = f.take_in_order().map(|d| d.msg.payload[0]).collect();
+        assert_eq!(order, [0, 1, 1, 1, 2, 3]);
+        assert!(!f.contains(5));
     }
 
     const LIMITS: QueueLimits = QueueLimits {
