@@ -13,11 +13,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
-use argon2::password_hash::{PasswordHash, PasswordVerifier};
+use argon2::password_hash::PasswordHash;
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
 
+use crate::config::LoginConfig;
+use crate::login::{Busy, Login, LoginError, Priority};
 use crate::topic;
 
 /// Errors while loading the credentials file.
@@ -35,6 +37,8 @@ pub enum AuthError {
     },
     #[error("invalid credentials file {path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Login(#[from] LoginError),
 }
 
 pub type Result<T> = std::result::Result<T, AuthError>;
@@ -48,6 +52,10 @@ pub enum Refusal {
     NotAuthorized,
     #[error("unknown Group ID")]
     UnknownGroup,
+    #[error("too many failed logins for this user name or address")]
+    TooManyFailures,
+    #[error("server busy: too many password checks waiting")]
+    Busy,
 }
 
 impl Refusal {
@@ -57,6 +65,8 @@ impl Refusal {
             Refusal::BadCredentials => "bad_credentials",
             Refusal::NotAuthorized => "not_authorized",
             Refusal::UnknownGroup => "unknown_group_id",
+            Refusal::TooManyFailures => "login_rate_limited",
+            Refusal::Busy => "login_busy",
         }
     }
 }
@@ -83,7 +93,7 @@ pub struct Grant {
 /// A password hash; `Debug` does not print it.
 #[derive(Clone, Deserialize)]
 #[serde(transparent)]
-pub struct Secret(String);
+pub struct Secret(Arc<str>);
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -227,6 +237,11 @@ pub struct Auth {
     /// notice a reload with one atomic read instead of a lock per packet.
     generation: AtomicU64,
     modified: Mutex<Option<SystemTime>>,
+    login: Login,
+    /// What an unknown user name's password is checked against, so that its
+    /// refusal costs what a wrong password of a real user costs: the first
+    /// user's hash (same parameters), or one made at start-up.
+    decoy: Arc<str>,
 }
 
 /// A connection's view of the credentials: the grants checks of the
@@ -240,9 +255,10 @@ pub struct Grants {
 type HmacSha1 = Hmac<sha1::Sha1>;
 
 impl Auth {
-    /// Without a file: anonymous clients may do anything.
-    pub fn open() -> Self {
-        Self {
+    /// Without a file: every client may connect, whatever user name it
+    /// sends, and do anything.
+    pub fn open(login: &LoginConfig, registry: &prometheus::Registry) -> Result<Self> {
+        Ok(Self {
             path: None,
             snapshot: RwLock::new(Arc::new(Snapshot {
                 anonymous_allowed: true,
@@ -250,18 +266,31 @@ impl Auth {
             })),
             generation: AtomicU64::new(0),
             modified: Mutex::new(None),
-        }
+            login: Login::new(login, registry)?,
+            decoy: decoy()?,
+        })
     }
 
     /// Loads the credentials file; an error here stops the start-up.
-    pub fn from_file(path: &Path) -> Result<Self> {
+    pub fn from_file(
+        path: &Path,
+        login: &LoginConfig,
+        registry: &prometheus::Registry,
+    ) -> Result<Self> {
         let (snapshot, modified) = load(path)?;
         Ok(Self {
             path: Some(path.to_owned()),
             snapshot: RwLock::new(Arc::new(snapshot)),
             generation: AtomicU64::new(0),
             modified: Mutex::new(modified),
+            login: Login::new(login, registry)?,
+            decoy: decoy()?,
         })
+    }
+
+    /// The login checks (limits, refusal log).
+    pub fn login(&self) -> &Login {
+        &self.login
     }
 
     /// The current grants, for a connection to keep.
@@ -307,15 +336,20 @@ impl Auth {
         Ok(true)
     }
 
-    /// Authenticates a CONNECT (A1, A2, A5). `client_id` has passed the
-    /// Client ID rules already.
-    pub fn authenticate(
+    /// Authenticates a CONNECT (A1, A2, A5) from `ip`. `client_id` has
+    /// passed the Client ID rules already. Password checks run on the login
+    /// pool, never on the caller's thread; every refusal of a named login
+    /// costs one verification (a decoy where nothing real was checked), so
+    /// that its timing does not tell whether the name exists.
+    pub async fn authenticate(
         &self,
         client_id: &str,
         username: Option<&str>,
         password: Option<&[u8]>,
+        ip: Option<std::net::IpAddr>,
     ) -> std::result::Result<Identity, Refusal> {
         let group_id = client_id.split_once("@@@").map(|(g, _)| g);
+        let generation = self.generation.load(Ordering::Acquire);
         let snap = self.current();
         if !snap.groups.is_empty() && !group_id.is_some_and(|g| snap.groups.contains(g)) {
             return Err(Refusal::UnknownGroup);
@@ -327,46 +361,102 @@ impl Auth {
                 Err(Refusal::NotAuthorized)
             };
         };
+        if self.path.is_none() {
+            // No credentials file: a user name means nothing here.
+            return Ok(Identity::Anonymous);
+        }
         let password = password.unwrap_or_default();
+        // A user name and password that passed lately get in even while
+        // the name is over its failure limit: the devices of a fleet sharing
+        // it are not locked out by the one with a wrong password.
+        if snap.users.contains_key(username)
+            && self.login.remembered(generation, username, password)
+        {
+            // Not a new proof: the name's failure count stays.
+            return Ok(Identity::User(Arc::from(username)));
+        }
+        if self.login.limited(username, ip) {
+            return Err(Refusal::TooManyFailures);
+        }
+        let priority = self.login.priority(username, ip);
+        let verdict = self
+            .check(
+                &snap, generation, client_id, group_id, username, password, priority,
+            )
+            .await;
+        match verdict {
+            Ok(_) => self.login.succeeded(username),
+            Err(Refusal::BadCredentials | Refusal::NotAuthorized) => {
+                self.login.failed(username, ip);
+            }
+            Err(_) => {}
+        }
+        verdict
+    }
+
+    #[allow(clippy::too_many_arguments)] // one CONNECT's facts, checked in one place
+    async fn check(
+        &self,
+        snap: &Snapshot,
+        generation: u64,
+        client_id: &str,
+        group_id: Option<&str>,
+        username: &str,
+        password: &[u8],
+        priority: Priority,
+    ) -> std::result::Result<Identity, Refusal> {
+        let busy = |Busy| Refusal::Busy;
         if let Some(user) = snap.users.get(username) {
-            let ok = PasswordHash::new(&user.password_hash.0).is_ok_and(|h| {
-                argon2::Argon2::default()
-                    .verify_password(password, &h)
-                    .is_ok()
-            });
+            let hash = user.password_hash.0.clone();
+            let ok = self
+                .login
+                .verify(generation, username, hash, password, priority)
+                .await
+                .map_err(busy)?;
             return if ok {
                 Ok(Identity::User(Arc::from(username)))
             } else {
                 Err(Refusal::BadCredentials)
             };
         }
-        if let Some(rest) = username.strip_prefix("Token|") {
+        let refusal = if let Some(rest) = username.strip_prefix("Token|") {
             // Token mode: `Token|AccessKey|InstanceId`; the tokens follow.
             let ak = rest.split('|').next().unwrap_or_default();
-            return if snap.keys.contains_key(ak) {
-                Ok(Identity::Token(Arc::from(ak)))
-            } else {
-                Err(Refusal::NotAuthorized)
-            };
-        }
-        let access_key = signature_access_key(username);
-        if let Some(key) = snap.keys.get(access_key) {
+            if snap.keys.contains_key(ak) {
+                return Ok(Identity::Token(Arc::from(ak)));
+            }
+            Refusal::NotAuthorized
+        } else if let Some(key) = snap.keys.get(signature_access_key(username)) {
             // Signature mode (A2): Base64(HmacSHA1(SecretKey, GroupID)) as the
             // seeds sign it, or over the whole Client ID as newer clients do.
-            let Ok(given) = base64::engine::general_purpose::STANDARD.decode(password) else {
-                return Err(Refusal::BadCredentials);
-            };
-            let signed = group_id.into_iter().chain([client_id]);
-            let valid = signed
+            let given = base64::engine::general_purpose::STANDARD
+                .decode(password)
+                .unwrap_or_default();
+            let valid = group_id
                 .into_iter()
+                .chain([client_id])
                 .any(|data| verify_hmac(key.secret_key.0.as_bytes(), data.as_bytes(), &given));
-            return if valid {
-                Ok(Identity::AccessKey(Arc::from(access_key)))
-            } else {
-                Err(Refusal::BadCredentials)
-            };
+            if valid {
+                return Ok(Identity::AccessKey(Arc::from(signature_access_key(
+                    username,
+                ))));
+            }
+            Refusal::BadCredentials
+        } else {
+            Refusal::BadCredentials
+        };
+        self.login
+            .decoy(self.decoy_hash(snap), password, priority)
+            .await
+            .map_err(busy)?;
+        Err(refusal)
+    }
+
+    fn decoy_hash(&self, snap: &Snapshot) -> Arc<str> {
+        if let Some(u) = snap.users.values().next() {
+            return u.password_hash.0.clone();
         }
-        Err(Refusal::BadCredentials)
+        self.decoy.clone()
     }
 
     /// Whether `signature` is Base64(HmacSHA1(SecretKey of `ak`, `data`)):
@@ -438,6 +528,17 @@ fn signature_access_key(username: &str) -> &str {
     }
 }
 
+/// The decoy hash of a node whose credentials name no user, made once at
+/// start-up (hashing costs what a verification does; never on a worker).
+fn decoy() -> Result<Arc<str>> {
+    hash_password("ringmq decoy password")
+        .map(Arc::from)
+        .map_err(|reason| AuthError::Invalid {
+            path: PathBuf::from("<decoy>"),
+            reason,
+        })
+}
+
 fn load(path: &Path) -> Result<(Snapshot, Option<SystemTime>)> {
     let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
     let text = std::fs::read_to_string(path).map_err(|error| AuthError::Read {
@@ -482,7 +583,7 @@ mod tests {
 
     #[test]
     fn secrets_do_not_show_in_debug_output() {
-        let s = Secret("hunter2".into());
+        let s = Secret(Arc::from("hunter2"));
         assert!(!format!("{s:?}").contains("hunter2"));
     }
 

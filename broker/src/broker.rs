@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::admin::AdminTokens;
 use crate::alarm::Alarms;
 use crate::auth::Auth;
 use crate::capacity::Capacity;
@@ -21,7 +22,6 @@ use crate::metrics::Metrics;
 use crate::protocol::order::Gate;
 use crate::retain::RetainStore;
 use crate::router::{ClientId, Route, Router, Scope, SubOptions, node_route, route_node};
-use crate::secret_file::SecretFile;
 use crate::session::{
     Attached, Delivery, Enqueued, KickReason, QueueLimits, Session, SessionStore,
 };
@@ -66,8 +66,8 @@ pub struct Broker {
     pub auth: Auth,
     /// The token service, when a signing key is configured.
     pub tokens: Option<TokenService>,
-    /// The admin API's bearer token, when configured.
-    pub admin_token: Option<SecretFile>,
+    /// The admin port's bearer tokens.
+    pub admin_tokens: AdminTokens,
     storage: Arc<dyn Storage>,
     /// The Kafka cluster the instance binds, for the operations API's
     /// topic state (O7); the data flows go through `storage`.
@@ -84,6 +84,8 @@ pub struct Broker {
     pub cluster: Option<Arc<Cluster>>,
     /// Client IP addresses of connections another node forwarded here.
     pub forwarded_peers: cluster::gate::ForwardedPeers,
+    /// Descriptors MQTT connections may take (the admin port keeps a reserve).
+    pub fds: Arc<crate::descriptors::Budget>,
     /// Sessions that moved to another node, by Client ID, with their new
     /// owner: while their routes linger here, messages for them follow them.
     moved: std::sync::Mutex<std::collections::HashMap<ClientId, Arc<str>>>,
@@ -132,8 +134,9 @@ enum KeepOffline {
 pub struct Subscribed {
     /// The subscription replaced an existing one with the same filter.
     pub existed: bool,
-    /// Retained messages to send now.
-    pub retained: Vec<Arc<Message>>,
+    /// The retained messages to send, as a replay for the session's pump
+    /// (`None` for a shared subscription).
+    pub retained: Option<crate::retain::Replay>,
 }
 
 /// What a node is built from, besides its configuration.
@@ -142,7 +145,7 @@ pub struct Parts {
     pub metrics: Metrics,
     pub auth: Auth,
     pub tokens: Option<TokenService>,
-    pub admin_token: Option<SecretFile>,
+    pub admin_tokens: AdminTokens,
     pub storage: Arc<dyn Storage>,
     pub kafka: Option<Arc<crate::kafka::Kafka>>,
     pub cluster: Option<Arc<Cluster>>,
@@ -155,13 +158,14 @@ impl Broker {
             metrics,
             auth,
             tokens,
-            admin_token,
+            admin_tokens,
             storage,
             kafka,
             cluster,
             usage,
         } = parts;
         let config_node = config.node_name();
+        let fds = crate::descriptors::Budget::new(config.limits.reserved_file_descriptors);
         Arc::new(Self {
             config,
             sessions: SessionStore::default(),
@@ -171,7 +175,7 @@ impl Broker {
             ids: MessageIds::new(&config_node),
             auth,
             tokens,
-            admin_token,
+            admin_tokens,
             storage,
             kafka,
             ready: AtomicBool::new(true),
@@ -180,6 +184,7 @@ impl Broker {
             event_clock: AtomicU64::new(0),
             cluster,
             forwarded_peers: cluster::gate::ForwardedPeers::default(),
+            fds,
             moved: std::sync::Mutex::default(),
             usage,
         })
@@ -1061,15 +1066,19 @@ impl Broker {
         }
         let retained = match filter.share_group {
             // Retained messages are not sent for shared subscriptions (MQTT 5 4.8.2).
-            Some(_) => Vec::new(),
-            None => self.retained.matching(filter.filter),
+            Some(_) => None,
+            None => Some(self.retained.replay(filter.filter)),
         };
         Ok(Subscribed { existed, retained })
     }
 
     /// Removes one subscription of a session; returns whether it existed.
     pub fn unsubscribe(&self, session: &Session, raw: &str) -> bool {
-        let existed = session.lock().subscriptions.remove(raw).is_some();
+        let existed = {
+            let mut st = session.lock();
+            st.replays.retain(|r| r.cursor.filter() != raw);
+            st.subscriptions.remove(raw).is_some()
+        };
         if let Some(c) = &self.cluster
             && existed
         {

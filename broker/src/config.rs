@@ -336,8 +336,14 @@ pub struct LimitsConfig {
     /// value as the MQTT 5 Server Keep Alive (3.1.1 clients are closed after 1.5
     /// times it). 0 grants whatever the client asks.
     pub max_keep_alive_secs: u16,
-    /// Seconds a client has to send CONNECT after the TCP handshake.
+    /// Seconds a client has to send CONNECT after the TCP handshake (and
+    /// again for the rest of it once its first bytes arrived).
     pub connect_timeout_secs: u16,
+    /// File descriptors MQTT connections leave free under the open-file
+    /// limit (at most a quarter of it), for the admin port, cluster links,
+    /// Kafka and the journal; past the rest, new MQTT connections are closed
+    /// at once (counted as `fd_limit`).
+    pub reserved_file_descriptors: usize,
 }
 
 impl Default for LimitsConfig {
@@ -361,6 +367,7 @@ impl Default for LimitsConfig {
             default_keep_alive_secs: 0,
             max_keep_alive_secs: 0,
             connect_timeout_secs: 10,
+            reserved_file_descriptors: 256,
         }
     }
 }
@@ -391,8 +398,12 @@ pub struct AuthConfig {
     pub v3_subscribe_refusal: V3SubscribeRefusal,
     /// File holding the bearer token that the admin HTTP API requires.
     /// `/healthz` and `/readyz` never need it; `/metrics` only when
-    /// `protect_metrics` is set.
+    /// `protect_metrics` is set. Without it the operations API and
+    /// `/cluster/drain` answer requests from loopback only.
     pub admin_token_file: Option<PathBuf>,
+    /// File holding a read-only token: GET requests of the operations API
+    /// and a protected `/metrics`, for dashboards; no change.
+    pub admin_read_token_file: Option<PathBuf>,
     /// Require the admin token for `/metrics` too.
     pub protect_metrics: bool,
     /// File holding the key that signs tokens (token mode, A3); the same key
@@ -402,6 +413,49 @@ pub struct AuthConfig {
     /// Shortest lifetime of a token the service issues, seconds (the seeds:
     /// 60; lower only for tests).
     pub token_min_lifetime_secs: u64,
+    /// How CONNECT credentials are checked: the password pool, failure
+    /// limits, the cache of successful checks.
+    pub login: LoginConfig,
+}
+
+/// Password checks of CONNECT (A1). argon2 runs on threads of its own, never
+/// on a connection worker.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoginConfig {
+    /// Threads verifying passwords; 0 means one per CPU core.
+    pub verify_threads: usize,
+    /// CONNECTs waiting for a password check at most; past it a CONNECT is
+    /// refused at once as "server busy" (MQTT 5 0x89, 3.1.1 return code 3).
+    pub verify_queue: usize,
+    /// Failed logins of one user name within `failure_window_secs` after which
+    /// its CONNECTs are refused without a check (MQTT 5 0x9F, 3.1.1 return
+    /// code 5) until the window ends, except a user name and password that
+    /// passed a check within `cache_secs`; 0 turns it off. Lenient by
+    /// default: a fleet often shares one user name, and the limit is a lever
+    /// to lock all of it out.
+    pub failures_per_user: u32,
+    /// The same for one client IP address (IPv6: its /64).
+    pub failures_per_ip: u32,
+    /// Length of the failure window, seconds.
+    pub failure_window_secs: u64,
+    /// Seconds a successful password check is remembered, so that a client
+    /// reconnecting with the same user name and password skips argon2; 0
+    /// turns it off. Emptied whenever the credentials file changes.
+    pub cache_secs: u64,
+}
+
+impl Default for LoginConfig {
+    fn default() -> Self {
+        Self {
+            verify_threads: 0,
+            verify_queue: 256,
+            failures_per_user: 50,
+            failures_per_ip: 100,
+            failure_window_secs: 60,
+            cache_secs: 300,
+        }
+    }
 }
 
 impl Default for AuthConfig {
@@ -410,9 +464,11 @@ impl Default for AuthConfig {
             credentials_file: None,
             v3_subscribe_refusal: V3SubscribeRefusal::Close,
             admin_token_file: None,
+            admin_read_token_file: None,
             protect_metrics: false,
             token_signing_key_file: None,
             token_min_lifetime_secs: 60,
+            login: LoginConfig::default(),
         }
     }
 }
@@ -724,6 +780,9 @@ impl Config {
         if l.max_client_id_length == 0 || l.max_client_id_length > 65_535 {
             return bad("limits.max_client_id_length must be between 1 and 65535");
         }
+        if l.connect_timeout_secs == 0 {
+            return bad("limits.connect_timeout_secs must be at least 1");
+        }
         if l.offline_batch == 0 {
             return bad("limits.offline_batch must be at least 1");
         }
@@ -732,6 +791,11 @@ impl Config {
         }
         if l.max_queued_messages == 0 {
             return bad("limits.max_queued_messages must be at least 1");
+        }
+        if self.auth.login.verify_queue == 0 || self.auth.login.failure_window_secs == 0 {
+            return bad(
+                "auth.login.verify_queue and auth.login.failure_window_secs must be at least 1",
+            );
         }
         if l.offline_pulls_per_sec == 0 {
             return bad("limits.offline_pulls_per_sec must be at least 1");
@@ -825,6 +889,8 @@ limits:
   max_keep_alive_secs: 0
   # time to send CONNECT after the TCP handshake, seconds
   connect_timeout_secs: 10
+  # descriptors kept free for the admin port, links, Kafka (at most 1/4 of ulimit -n)
+  reserved_file_descriptors: 256
 client_id:
   # refuse Client IDs that are not GroupID@@@DeviceID
   require_group_id: false
@@ -836,14 +902,25 @@ auth:
   credentials_file: null
   # MQTT 3.1.1 SUBSCRIBE refused by the grants: close (seeds) or suback (0x80)
   v3_subscribe_refusal: close
-  # bearer token file for the admin HTTP API (null: no token needed)
+  # bearer token file for the admin HTTP API (null: the API and /cluster/drain
+  # answer loopback only; probes and /metrics answer everyone)
   admin_token_file: null
+  # read-only token file: GET requests and a protected /metrics (dashboards)
+  admin_read_token_file: null
   # also require the token for /metrics
   protect_metrics: false
   # key that signs tokens of the token service (null: token mode off)
   token_signing_key_file: null
   # shortest token lifetime issued, seconds
   token_min_lifetime_secs: 60
+  # CONNECT password checks (argon2), on threads of their own
+  login:
+    verify_threads: 0               # 0 = one per CPU core
+    verify_queue: 256               # waiting checks; beyond, "server busy"
+    failures_per_user: 50           # failed logins per user name per window (0 = off)
+    failures_per_ip: 100            # the same per client IP (IPv6: /64)
+    failure_window_secs: 60
+    cache_secs: 300                 # successful checks remembered (0 = off)
 # The Kafka cluster the instance binds (null: nothing is stored). Example:
 # kafka:
 #   bootstrap_servers: "kafka-0.kafka:9092,kafka-1.kafka:9092"

@@ -329,6 +329,25 @@ impl Drop for Connection {
 /// Messages the pump takes from the session in one go.
 const BATCH: usize = 64;
 
+/// Ready at its second poll: lets the worker's other tasks run once.
+struct YieldNow(bool);
+
+impl Future for YieldNow {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.0 {
+            return std::task::Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    }
+}
+
 struct Pump {
     broker: Arc<Broker>,
     session: Arc<Session>,
@@ -351,6 +370,9 @@ enum Step {
     Wait(Option<Duration>),
     /// QoS 1/2 messages wait in the live queue for the client's credit.
     WaitCredit,
+    /// More to do at once (a retained replay scanning on), after the other
+    /// tasks of the worker had their turn.
+    Yield,
     Close(Option<CloseReason>),
 }
 
@@ -379,6 +401,7 @@ impl Pump {
                     return;
                 }
                 Step::Wait(None) => notified.await,
+                Step::Yield => YieldNow(false).await,
                 Step::Wait(Some(d)) => {
                     let _ = ntex::util::select(notified, ntex::time::sleep(d)).await;
                 }
@@ -442,7 +465,48 @@ impl Pump {
         let mut credit =
             credit.saturating_sub(batch.iter().filter(|d| d.qos != QoS::AtMostOnce).count());
         let mut starved = false;
-        while batch.len() < BATCH {
+        // Retained messages of new subscriptions go before live ones, which
+        // wait in the queue (and hold their publishers back) meanwhile: a
+        // live message on a topic follows its retained one.
+        let mut replaying = false;
+        while batch.len() < BATCH
+            && let Some(r) = st.replays.front_mut()
+        {
+            let mut room = BATCH - batch.len();
+            if r.opts.qos != QoS::AtMostOnce {
+                room = room.min(credit);
+            }
+            if room == 0 {
+                starved = true;
+                replaying = true;
+                break;
+            }
+            let opts = r.opts;
+            let page = self.broker.retained.page(&mut r.cursor, room);
+            if page.done {
+                st.replays.pop_front();
+            } else {
+                replaying = true;
+            }
+            let found = !page.messages.is_empty();
+            for m in page.messages {
+                let qos = opts.qos.min(m.qos);
+                if qos != QoS::AtMostOnce {
+                    credit = credit.saturating_sub(1);
+                }
+                batch.push(Delivery {
+                    retain: true,
+                    sub_ids: opts.id.into_iter().collect(),
+                    ..Delivery::new(m, qos)
+                });
+            }
+            if replaying && !found {
+                // A page of non-matching topics: the rest in another step,
+                // so the session lock is not held for a whole scan.
+                break;
+            }
+        }
+        while batch.len() < BATCH && !replaying {
             let Some(front) = st.queue.front() else { break };
             if front.qos != QoS::AtMostOnce {
                 if credit == 0 {
@@ -495,6 +559,8 @@ impl Pump {
             Step::Send(out, now)
         } else if starved {
             Step::WaitCredit
+        } else if replaying {
+            Step::Yield
         } else {
             Step::Wait(wait)
         }

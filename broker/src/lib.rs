@@ -11,9 +11,11 @@ pub mod capacity;
 pub mod cluster;
 pub mod config;
 pub mod connection;
+pub mod descriptors;
 pub mod journal;
 pub mod kafka;
 pub mod listener;
+pub mod login;
 pub mod message;
 pub mod meter;
 pub mod metrics;
@@ -81,9 +83,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracing::info!(listener = name, %addr, "listening");
     }
     let metrics = metrics::Metrics::new()?;
+    let login = &config.auth.login;
     let auth = match &config.auth.credentials_file {
-        Some(path) => auth::Auth::from_file(path)?,
-        None => auth::Auth::open(),
+        Some(path) => auth::Auth::from_file(path, login, metrics.registry())?,
+        None => auth::Auth::open(login, metrics.registry())?,
     };
     let secret = |path: &std::path::PathBuf, what: &'static str| {
         secret_file::SecretFile::load(path).map_err(|error| Error::SecretFile {
@@ -96,10 +99,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Some(path) => Some(token::TokenService::new(secret(path, "token signing key")?)),
         None => None,
     };
-    let admin_token = match &config.auth.admin_token_file {
-        Some(path) => Some(secret(path, "admin token")?),
-        None => None,
-    };
+    let admin_tokens = admin::AdminTokens::new(
+        match &config.auth.admin_token_file {
+            Some(path) => Some(secret(path, "admin token")?),
+            None => None,
+        },
+        match &config.auth.admin_read_token_file {
+            Some(path) => Some(secret(path, "read-only admin token")?),
+            None => None,
+        },
+    );
     let kafka = match &config.kafka {
         Some(k) => Some(kafka::Kafka::new(
             k,
@@ -128,7 +137,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             metrics,
             auth,
             tokens,
-            admin_token,
+            admin_tokens,
             storage,
             kafka: kafka.clone(),
             cluster: cluster.clone(),
@@ -222,7 +231,7 @@ async fn housekeeping(broker: Arc<Broker>) {
             .as_ref()
             .map(|t| t.key_file())
             .into_iter()
-            .chain(broker.admin_token.as_ref());
+            .chain(broker.admin_tokens.files());
         for file in secrets {
             match file.reload_if_changed() {
                 Ok(true) => tracing::info!(path = %file.path().display(), "secret reloaded"),

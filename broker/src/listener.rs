@@ -100,7 +100,9 @@ pub async fn serve(
                 .set_max_receive(limits.receive_maximum)
                 .set_max_topic_alias(limits.topic_alias_maximum)
                 .set_max_send(limits.max_inflight)
-                .set_connect_timeout(ntex::time::Seconds(limits.connect_timeout_secs)),
+                .set_connect_timeout(ntex::time::Seconds(limits.connect_timeout_secs))
+                // The protocol header has a deadline of its own (5 s unless set).
+                .protocol_version_timeout(ntex::time::Seconds(limits.connect_timeout_secs)),
         )
         .build();
     let tls = match &config.listeners.tls_files {

@@ -1,6 +1,16 @@
 //! Retained messages: the last retained message of every topic.
+//!
+//! A new subscription receives every retained message its filter matches
+//! (MQTT-3.3.1-9), however many there are. They are not copied into the
+//! subscriber's queue at once, where its limit would drop all but the first
+//! thousand: a `Replay` is a cursor over the topics in order, and the
+//! subscriber's pump takes a page at a time as the client's window and
+//! credit allow. A replay costs a few dozen bytes whatever it covers, and
+//! it shows only messages retained before the subscription: later ones
+//! reach the subscriber as ordinary publishes.
 
-use crate::FastMap;
+use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::sync::{Arc, RwLock};
 
 use ntex::util::ByteString;
@@ -8,57 +18,276 @@ use ntex::util::ByteString;
 use crate::message::Message;
 use crate::topic;
 
+/// A topic as a key in topic order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Key(ByteString);
+
+impl Ord for Key {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.as_ref().cmp(other.0.as_ref())
+    }
+}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl std::borrow::Borrow<str> for Key {
+    fn borrow(&self) -> &str {
+        self.0.as_ref()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Each message with the sequence number of the change that stored it.
+    messages: BTreeMap<Key, (u64, Arc<Message>)>,
+    /// Number of the last change.
+    seq: u64,
+}
+
 /// Retained messages of this node, by topic.
 #[derive(Debug, Default)]
 pub struct RetainStore {
-    messages: RwLock<FastMap<ByteString, Arc<Message>>>,
+    inner: RwLock<Inner>,
+}
+
+/// Where a subscription's replay of retained messages stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replay {
+    filter: String,
+    /// Topics start with this (the filter's levels before its first wildcard).
+    prefix: String,
+    /// Only messages stored up to this change are replayed.
+    upto: u64,
+    /// The last topic looked at.
+    after: Option<String>,
+}
+
+/// Topics a page looks at, at most, while it holds the read lock: a filter
+/// that matches few of many topics returns short pages rather than holding
+/// the store (and the subscriber's session) for a whole scan.
+pub const PAGE_SCAN: usize = 4096;
+
+impl Replay {
+    /// The subscription's filter.
+    pub fn filter(&self) -> &str {
+        &self.filter
+    }
+}
+
+/// What a page of a replay found.
+#[derive(Debug, Default)]
+pub struct Page {
+    pub messages: Vec<Arc<Message>>,
+    /// Nothing more to replay.
+    pub done: bool,
 }
 
 impl RetainStore {
     /// Stores a retained message; an empty payload clears the topic. Returns
     /// the number of retained messages held afterwards.
     pub fn set(&self, msg: &Arc<Message>) -> usize {
-        let mut map = self.messages.write().unwrap_or_else(|e| e.into_inner());
-        if msg.payload.is_empty() {
-            map.remove(&msg.topic);
-        } else {
-            map.insert(msg.topic.clone(), msg.clone());
-        }
-        map.len()
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        inner.apply(msg)
     }
 
     /// A copy from another node: stored unless this node holds a newer
     /// message for the topic (the last publish wins, by its time).
     pub fn set_if_newer(&self, msg: &Arc<Message>) -> usize {
-        let mut map = self.messages.write().unwrap_or_else(|e| e.into_inner());
-        if map.get(&msg.topic).is_some_and(|m| m.ts_ms > msg.ts_ms) {
-            return map.len();
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        if inner
+            .messages
+            .get(msg.topic.as_ref() as &str)
+            .is_some_and(|(_, m)| m.ts_ms > msg.ts_ms)
+        {
+            return inner.messages.len();
         }
-        if msg.payload.is_empty() {
-            map.remove(&msg.topic);
-        } else {
-            map.insert(msg.topic.clone(), msg.clone());
+        inner.apply(msg)
+    }
+
+    /// Starts a replay of the retained messages matching a (non-shared)
+    /// filter, as they are now.
+    pub fn replay(&self, filter: &str) -> Replay {
+        let upto = self.inner.read().unwrap_or_else(|e| e.into_inner()).seq;
+        let prefix = filter
+            .split('/')
+            .take_while(|l| *l != "+" && *l != "#")
+            .collect::<Vec<_>>()
+            .join("/");
+        Replay {
+            filter: filter.to_owned(),
+            prefix,
+            upto,
+            after: None,
         }
-        map.len()
+    }
+
+    /// The next at most `max` messages of a replay, in topic order.
+    pub fn page(&self, replay: &mut Replay, max: usize) -> Page {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        let from = match &replay.after {
+            Some(t) => Bound::Excluded(t.as_str()),
+            None => Bound::Included(replay.prefix.as_str()),
+        };
+        let mut page = Page::default();
+        let mut scanned = 0;
+        let mut last = None;
+        let mut range = inner
+            .messages
+            .range::<str, _>((from, Bound::Unbounded))
+            .take_while(|(k, _)| k.0.starts_with(replay.prefix.as_str()));
+        loop {
+            if page.messages.len() >= max || scanned >= PAGE_SCAN {
+                break;
+            }
+            let Some((k, (seq, m))) = range.next() else {
+                page.done = true;
+                break;
+            };
+            scanned += 1;
+            last = Some(k);
+            if *seq <= replay.upto && topic::matches(&replay.filter, &k.0) {
+                page.messages.push(m.clone());
+            }
+        }
+        if let Some(k) = last {
+            replay.after = Some(k.0.to_string());
+        }
+        page
     }
 
     /// Retained messages whose topic matches a (non-shared) filter.
     pub fn matching(&self, filter: &str) -> Vec<Arc<Message>> {
-        let map = self.messages.read().unwrap_or_else(|e| e.into_inner());
-        map.values()
-            .filter(|m| topic::matches(filter, &m.topic))
-            .cloned()
-            .collect()
+        let mut replay = self.replay(filter);
+        let mut all = Vec::new();
+        loop {
+            let page = self.page(&mut replay, usize::MAX);
+            all.extend(page.messages);
+            if page.done {
+                return all;
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.messages
+        self.inner
             .read()
             .unwrap_or_else(|e| e.into_inner())
+            .messages
             .len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl Inner {
+    fn apply(&mut self, msg: &Arc<Message>) -> usize {
+        self.seq += 1;
+        if msg.payload.is_empty() {
+            self.messages.remove(msg.topic.as_ref() as &str);
+        } else {
+            self.messages
+                .insert(Key(msg.topic.clone()), (self.seq, msg.clone()));
+        }
+        self.messages.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::QoS;
+
+    fn msg(topic: &str, payload: &str) -> Arc<Message> {
+        Arc::new(Message::new(
+            crate::message::MessageId(1),
+            ByteString::from(topic),
+            ntex::util::Bytes::from(payload.to_owned()),
+            QoS::AtLeastOnce,
+            true,
+            Arc::from("pub"),
+        ))
+    }
+
+    fn topics(page: &Page) -> Vec<String> {
+        page.messages.iter().map(|m| m.topic.to_string()).collect()
+    }
+
+    #[test]
+    fn a_replay_pages_through_every_match_in_topic_order() {
+        let s = RetainStore::default();
+        for i in 0..10_000 {
+            s.set(&msg(&format!("rq/{i:05}"), "x"));
+        }
+        s.set(&msg("rq", "parent"));
+        s.set(&msg("rqx/1", "not under rq/"));
+        s.set(&msg("other/1", "x"));
+        let mut r = s.replay("rq/#");
+        let mut seen = Vec::new();
+        loop {
+            let page = s.page(&mut r, 64);
+            assert!(page.messages.len() <= 64);
+            seen.extend(topics(&page));
+            if page.done {
+                break;
+            }
+        }
+        assert_eq!(seen.len(), 10_001, "rq itself and its 10 000 subtopics");
+        assert_eq!(seen[0], "rq");
+        assert!(seen.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn messages_retained_after_the_subscription_are_not_replayed() {
+        let s = RetainStore::default();
+        s.set(&msg("a/1", "old"));
+        s.set(&msg("a/3", "old"));
+        let mut r = s.replay("a/+");
+        s.set(&msg("a/2", "new"));
+        s.set(&msg("a/3", "newer"));
+        s.set(&msg("a/1", ""));
+        let page = s.page(&mut r, 100);
+        assert!(page.done);
+        assert!(topics(&page).is_empty(), "{:?}", topics(&page));
+        let mut r = s.replay("a/+");
+        assert_eq!(topics(&s.page(&mut r, 100)), ["a/2", "a/3"]);
+    }
+
+    #[test]
+    fn a_sparse_filter_scans_a_bounded_number_of_topics_per_page() {
+        let s = RetainStore::default();
+        for i in 0..(3 * PAGE_SCAN) {
+            s.set(&msg(&format!("t/{i:06}/x"), "x"));
+        }
+        s.set(&msg("t/zzzzzz/y", "x"));
+        let mut r = s.replay("t/+/y");
+        let mut pages = 0;
+        let mut found = Vec::new();
+        loop {
+            let page = s.page(&mut r, 64);
+            pages += 1;
+            found.extend(topics(&page));
+            if page.done {
+                break;
+            }
+        }
+        assert_eq!(found, ["t/zzzzzz/y"]);
+        assert!(pages >= 3, "{pages} pages");
+    }
+
+    #[test]
+    fn wildcards_at_the_start_do_not_replay_system_topics() {
+        let s = RetainStore::default();
+        s.set(&msg("$SYS/x", "x"));
+        s.set(&msg("a", "x"));
+        assert_eq!(s.matching("#").len(), 1);
+        assert_eq!(s.matching("$SYS/#").len(), 1);
+        assert_eq!(s.matching("a").len(), 1);
+        assert_eq!(s.matching("b").len(), 0);
     }
 }

@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 
 use crate::FastMap;
 use crate::message::{Message, QoS};
+use crate::retain::Replay;
 use crate::router::{ClientId, SubOptions};
 use crate::token::{Claims, TokenType};
 
@@ -46,6 +47,14 @@ impl Delivery {
             sub_ids: Vec::new(),
         }
     }
+}
+
+/// The retained messages a subscription has still to receive.
+#[derive(Debug, Clone)]
+pub struct RetainedReplay {
+    pub cursor: Replay,
+    /// The subscription's options: its maximum QoS and identifier.
+    pub opts: SubOptions,
 }
 
 /// Why a connection was told to go away (a takeover needs no kick: the old
@@ -129,6 +138,9 @@ pub struct State {
     pub inflight: Inflight,
     /// Sent before a reconnect and not acknowledged: resent first, with DUP.
     pub resend: VecDeque<Delivery>,
+    /// Retained messages still to send for new subscriptions, one cursor
+    /// per filter (`retain`), taken by the pump before live messages.
+    pub replays: VecDeque<RetainedReplay>,
     /// The client switched to `$SYS/getOfflineMsg` pulls on this connection (B6).
     pub pull_mode: bool,
     /// The client asked for ordered storage (`$SYS/enableOrderMsg`, B11).
@@ -176,6 +188,7 @@ impl Session {
                 offline: VecDeque::new(),
                 inflight: Inflight::default(),
                 resend: VecDeque::new(),
+                replays: VecDeque::new(),
                 pull_mode: false,
                 ordered: false,
                 offline_hold: false,
@@ -249,6 +262,19 @@ impl Session {
             } else {
                 Enqueued::Offline
             }
+        }
+    }
+
+    /// Queues the replay of retained messages for a new subscription (one
+    /// of the same filter still going starts over) and wakes the pump.
+    pub fn replay_retained(&self, cursor: Replay, opts: SubOptions) {
+        let mut st = self.lock();
+        st.replays.retain(|r| r.cursor.filter() != cursor.filter());
+        st.replays.push_back(RetainedReplay { cursor, opts });
+        let wake = st.attached.as_ref().map(|c| c.wake.clone());
+        drop(st);
+        if let Some(wake) = wake {
+            wake.notify_one();
         }
     }
 
@@ -427,6 +453,7 @@ impl SessionStore {
             st.offline.clear();
             st.inflight.clear();
             st.resend.clear();
+            st.replays.clear();
             st.ordered = false;
             false
         } else {
@@ -499,6 +526,7 @@ impl SessionStore {
             let subs = st.subscriptions.drain().map(|(f, _)| f).collect();
             st.queue.clear();
             st.resend.clear();
+            st.replays.clear();
             drop(st);
             session.space.notify_waiters();
             self.remove_if_idle(session);

@@ -135,8 +135,13 @@ impl ForwardedPeers {
 
 /// Serves one client connection of a front-door listener.
 pub async fn serve(io: IoBoxed, broker: Arc<Broker>, mqtt: &Mqtt) {
+    let Some(_slot) = broker.fds.take(1) else {
+        broker.metrics.reject("fd_limit");
+        io.close();
+        return;
+    };
     let Some(cluster) = broker.cluster.clone() else {
-        let _ = mqtt.call(io).await;
+        serve_here(io, &broker, mqtt).await;
         return;
     };
     let codec = PeekConnect {
@@ -172,9 +177,15 @@ pub async fn serve(io: IoBoxed, broker: Arc<Broker>, mqtt: &Mqtt) {
     };
     if cluster.is_local(&owner) {
         wait_settled(&cluster).await;
-        let _ = mqtt.call(io).await;
+        serve_here(io, &broker, mqtt).await;
         return;
     }
+    // The link to the owner is a second descriptor.
+    let Some(_link_slot) = broker.fds.take(1) else {
+        broker.metrics.reject("fd_limit");
+        io.close();
+        return;
+    };
     let client_ip = crate::protocol::socket_ip(&io);
     if let Err(e) = forward(&io, &cluster, &owner, client_ip).await {
         broker.metrics.reject("cluster_forward");
@@ -262,11 +273,30 @@ pub async fn serve_forwarded(io: IoBoxed, broker: &Broker, client_ip: Option<IpA
         wait_settled(c).await;
     }
     let key = (std::thread::current().id(), io.id());
+    let Some(_slot) = broker.fds.take(1) else {
+        broker.metrics.reject("fd_limit");
+        io.close();
+        return;
+    };
     if let Some(ip) = client_ip {
         broker.forwarded_peers.insert(key, ip);
     }
-    let _ = mqtt.call(io).await;
+    serve_here(io, broker, mqtt).await;
     broker.forwarded_peers.remove(&key);
+}
+
+/// Serves a client on this node; a connection that ends before its CONNECT
+/// was read (garbage, a timeout, a reset) is counted, since no handler saw it.
+async fn serve_here(io: IoBoxed, broker: &Broker, mqtt: &Mqtt) {
+    use ntex_mqtt::{MqttConnectError, MqttError};
+    let label = match mqtt.call(io).await {
+        Err(MqttError::Connect(MqttConnectError::Timeout)) => "connect_timeout",
+        Err(MqttError::Connect(MqttConnectError::Protocol(_))) => "malformed_connect",
+        Err(MqttError::Connect(MqttConnectError::Disconnected(Some(_)))) => "closed_before_connect",
+        _ => return,
+    };
+    broker.metrics.reject(label);
+    tracing::debug!(reason = label, "connection closed before CONNECT");
 }
 
 #[cfg(test)]

@@ -104,29 +104,40 @@ pub fn granted_keep_alive(limits: &crate::config::LimitsConfig, requested: u16) 
     }
 }
 
-/// Authenticates a CONNECT, with the tokens a token-mode password carries;
-/// a refusal is counted and logged ("not authorized").
-pub fn authenticate(
+/// Authenticates a CONNECT from `ip`, with the tokens a token-mode password
+/// carries; a refusal is counted, traced and logged ("not authorized"; the
+/// log cut short and rate-limited, see `login`).
+pub async fn authenticate(
     broker: &Broker,
     client_id: &str,
     username: Option<&str>,
     password: Option<&[u8]>,
+    ip: Option<std::net::IpAddr>,
 ) -> std::result::Result<(Identity, Vec<(TokenType, Claims)>), Refusal> {
-    broker
+    let verdict = broker
         .auth
-        .authenticate(client_id, username, password)
+        .authenticate(client_id, username, password, ip)
+        .await
         .and_then(|identity| {
             let tokens = match &identity {
                 Identity::Token(ak) => connect_tokens(broker, ak, password)?,
                 _ => Vec::new(),
             };
             Ok((identity, tokens))
-        })
-        .inspect_err(|r| {
-            broker.metrics.reject(r.reason());
-            refused(broker, client_id, DeviceReason::NotAuthorized);
-            tracing::info!(client_id, user = username.unwrap_or(""), reason = %r, "CONNECT refused: not authorized");
-        })
+        });
+    if let Err(r) = &verdict {
+        broker.metrics.reject(r.reason());
+        let why = match r {
+            Refusal::Busy => DeviceReason::QuotaExceeded,
+            _ => DeviceReason::NotAuthorized,
+        };
+        refused(broker, client_id, why);
+        if broker.auth.login().may_log() {
+            let user = crate::login::shown_user(username.unwrap_or(""));
+            tracing::info!(client_id, user, ip = ?ip, reason = %r, "CONNECT refused");
+        }
+    }
+    verdict
 }
 
 /// Records a refused CONNECT in the device trace.

@@ -40,12 +40,15 @@ pub async fn connect(broker: &Arc<Broker>, c: v3::Connect) -> Result<v3::Connect
         return Ok(c.identifier_rejected());
     };
     let password = pkt.password.as_deref();
-    let verdict = super::authenticate(broker, &client_id, pkt.username.as_deref(), password);
+    let ip = super::peer_ip(broker, c.io());
+    let verdict =
+        super::authenticate(broker, &client_id, pkt.username.as_deref(), password, ip).await;
     let (identity, tokens) = match verdict {
         Ok(v) => v,
         Err(Refusal::BadCredentials) => return Ok(c.bad_username_or_pwd()),
-        Err(Refusal::NotAuthorized) => return Ok(c.not_authorized()),
+        Err(Refusal::NotAuthorized | Refusal::TooManyFailures) => return Ok(c.not_authorized()),
         Err(Refusal::UnknownGroup) => return Ok(c.identifier_rejected()),
+        Err(Refusal::Busy) => return Ok(c.service_unavailable()),
     };
     if !super::admit(broker, &client_id) {
         return Ok(c.service_unavailable());
@@ -82,7 +85,7 @@ pub async fn connect(broker: &Arc<Broker>, c: v3::Connect) -> Result<v3::Connect
         identity,
         !clean,
         will,
-        super::peer_ip(broker, c.io()),
+        ip,
         Origin {
             protocol: "MQTT 3.1.1",
             clean,
@@ -185,7 +188,7 @@ pub async fn protocol(
                     Ok(r) => {
                         conn.trace_subscribe(item.topic(), None);
                         item.confirm(qos.into());
-                        replay.extend(r.retained.into_iter().map(|m| (m, qos)));
+                        replay.extend(r.retained.map(|cursor| (cursor, opts)));
                     }
                     Err(e) => {
                         broker.metrics.reject("subscribe_refused");
@@ -195,13 +198,8 @@ pub async fn protocol(
                     }
                 }
             }
-            for (m, qos) in replay {
-                let qos = qos.min(m.qos);
-                let d = Delivery {
-                    retain: true,
-                    ..Delivery::new(m, qos)
-                };
-                broker.offer(&conn.session, d);
+            for (cursor, opts) in replay {
+                conn.session.replay_retained(cursor, opts);
             }
             Ok(sub.ack())
         }

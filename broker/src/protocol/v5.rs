@@ -59,7 +59,9 @@ pub async fn connect(broker: &Arc<Broker>, c: v5::Connect) -> Result<v5::Connect
         }
     };
     let password = pkt.password.as_deref();
-    let verdict = super::authenticate(broker, &client_id, pkt.username.as_deref(), password);
+    let ip = super::peer_ip(broker, c.io());
+    let verdict =
+        super::authenticate(broker, &client_id, pkt.username.as_deref(), password, ip).await;
     let (identity, tokens) = match verdict {
         Ok(v) => v,
         Err(r) => {
@@ -67,6 +69,8 @@ pub async fn connect(broker: &Arc<Broker>, c: v5::Connect) -> Result<v5::Connect
                 Refusal::BadCredentials => ConnectAckReason::BadUserNameOrPassword,
                 Refusal::NotAuthorized => ConnectAckReason::NotAuthorized,
                 Refusal::UnknownGroup => ConnectAckReason::ClientIdentifierNotValid,
+                Refusal::TooManyFailures => ConnectAckReason::ConnectionRateExceeded,
+                Refusal::Busy => ConnectAckReason::ServerBusy,
             }));
         }
     };
@@ -130,7 +134,7 @@ pub async fn connect(broker: &Arc<Broker>, c: v5::Connect) -> Result<v5::Connect
         identity,
         expiry_secs > 0,
         will,
-        super::peer_ip(broker, c.io()),
+        ip,
         Origin {
             protocol: "MQTT 5",
             clean,
@@ -266,7 +270,7 @@ pub async fn protocol(
                             RetainHandling::NoAtSubscribe => false,
                         };
                         if send {
-                            replay.extend(r.retained.into_iter().map(|m| (m, opts)));
+                            replay.extend(r.retained.map(|cursor| (cursor, opts)));
                         }
                     }
                     Err(e) => {
@@ -282,14 +286,8 @@ pub async fn protocol(
                     }
                 }
             }
-            for (m, opts) in replay {
-                let qos = opts.qos.min(m.qos);
-                let d = Delivery {
-                    retain: true,
-                    sub_ids: opts.id.into_iter().collect(),
-                    ..Delivery::new(m, qos)
-                };
-                broker.offer(&conn.session, d);
+            for (cursor, opts) in replay {
+                conn.session.replay_retained(cursor, opts);
             }
             Ok(sub.ack())
         }

@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+pub mod netns;
+pub mod raw;
+
 /// Nodes of one cluster on loopback, started one after the other; each is
 /// given the addresses of the nodes before it and the older ones dial back.
 pub struct Cluster {
@@ -153,6 +156,13 @@ pub const WAIT: Duration = Duration::from_secs(5);
 /// How long a test waits to be sure that something does not happen.
 pub const QUIET: Duration = Duration::from_millis(700);
 
+/// What the broker binary is started under.
+enum Wrap<'a> {
+    None,
+    Netns(&'a str),
+    Nofile(u32),
+}
+
 /// A broker process; killed with SIGKILL when dropped.
 pub struct Broker {
     child: Child,
@@ -191,13 +201,18 @@ impl Broker {
     }
 
     fn start_with(extra: &str, tls: Option<(PathBuf, PathBuf)>, tcp_host: &str) -> Broker {
-        Self::spawn(extra, tls, tcp_host, "127.0.0.1", None)
+        Self::spawn(extra, tls, tcp_host, "127.0.0.1", Wrap::None)
     }
 
     /// Starts a broker inside a network namespace, its MQTT/TCP and admin
     /// ports on `host` (an address of the namespace the test can reach).
     pub fn start_in_netns(extra: &str, netns: &str, host: &str) -> Broker {
-        Self::spawn(extra, None, host, host, Some(netns))
+        Self::spawn(extra, None, host, host, Wrap::Netns(netns))
+    }
+
+    /// Starts a broker whose open-file limit is `nofile` (`prlimit`).
+    pub fn start_with_nofile(extra: &str, nofile: u32) -> Broker {
+        Self::spawn(extra, None, "127.0.0.1", "127.0.0.1", Wrap::Nofile(nofile))
     }
 
     fn spawn(
@@ -205,7 +220,7 @@ impl Broker {
         tls: Option<(PathBuf, PathBuf)>,
         tcp_host: &str,
         admin_host: &str,
-        netns: Option<&str>,
+        wrap: Wrap<'_>,
     ) -> Broker {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let tls_files = match &tls {
@@ -226,14 +241,20 @@ impl Broker {
         let log = std::fs::File::create(dir.path().join("broker.log"))
             .unwrap_or_else(|e| panic!("log file: {e}"));
         let binary = env!("CARGO_BIN_EXE_ringmq-broker");
-        let mut command = match netns {
-            // `ip netns exec` execs the broker: the child's pid is the broker's.
-            Some(ns) => {
+        // `ip netns exec` and `prlimit` exec the broker: the child's pid is
+        // the broker's.
+        let mut command = match wrap {
+            Wrap::Netns(ns) => {
                 let mut c = Command::new("ip");
                 c.args(["netns", "exec", ns, binary]);
                 c
             }
-            None => Command::new(binary),
+            Wrap::Nofile(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg("--").arg(binary);
+                c
+            }
+            Wrap::None => Command::new(binary),
         };
         let child = command
             .arg("--config")
@@ -356,6 +377,21 @@ impl Broker {
             ("Content-Length", len.as_str()),
         ];
         self.try_send(method, path, &headers, body)
+            .unwrap_or_else(|| panic!("{method} {path} failed"))
+    }
+
+    /// A request with extra headers and a body: (status, body).
+    pub fn send_with(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (u16, String) {
+        let len = body.len().to_string();
+        let mut all = vec![("Content-Length", len.as_str())];
+        all.extend_from_slice(headers);
+        self.try_send(method, path, &all, body)
             .unwrap_or_else(|| panic!("{method} {path} failed"))
     }
 

@@ -6,5 +6,6 @@
 pub mod payload;
 pub mod report;
 pub mod run;
+pub mod storm;
 
 pub use run::{Scenario, Settings};

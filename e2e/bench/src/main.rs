@@ -10,6 +10,7 @@ const USAGE: &str =
        [--clients N] [--qos 0|1|2[,0|1|2...]] [--payload BYTES]
        [--rate MSGS_PER_SEC_PER_PUBLISHER] [--ramp CONNECTIONS_PER_SEC]
        [--duration SECS] [--drain SECS] [--broker-pid PID] [--tag PREFIX]
+       [--user NAME --password PW] [--storm N --storm-user NAME]
 
 --clients is the number of pairs (one-to-one, p2p), publishers (fan-in),
 subscribers (fan-out) or connections (idle). p2p sends each message to one
@@ -17,6 +18,9 @@ receiver by its Client ID (<parent>/p2p/<clientId>) without subscriptions.
 A --qos list mixes levels: publisher i uses the i-th, in turn. --ramp paces
 the connections (default 0: back to back). With a --rate, packets are sent
 at once (TCP_NODELAY); at full speed the kernel may coalesce them.
+--user/--password log every client in. --storm runs N connections that
+log in as --storm-user with a wrong password, again and again, while the
+scenario runs (a login storm beside it: what it costs connected clients).
 Prints one JSON line.";
 
 fn main() -> anyhow::Result<()> {
@@ -43,7 +47,11 @@ fn parse(mut args: impl Iterator<Item = String>) -> anyhow::Result<Settings> {
         drain: Duration::from_secs(2),
         broker_pid: None,
         tag: format!("bench{}", std::process::id()),
+        credentials: None,
+        storm: 0,
+        storm_user: String::new(),
     };
+    let (mut user, mut password) = (None, None);
     let mut scenario = String::from("one-to-one");
     let mut clients = 1usize;
     while let Some(arg) = args.next() {
@@ -71,6 +79,10 @@ fn parse(mut args: impl Iterator<Item = String>) -> anyhow::Result<Settings> {
             "--drain" => s.drain = Duration::from_secs_f64(value()?.parse()?),
             "--broker-pid" => s.broker_pid = Some(value()?.parse()?),
             "--tag" => s.tag = value()?,
+            "--user" => user = Some(value()?),
+            "--password" => password = Some(value()?),
+            "--storm" => s.storm = value()?.parse()?,
+            "--storm-user" => s.storm_user = value()?,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -80,6 +92,14 @@ fn parse(mut args: impl Iterator<Item = String>) -> anyhow::Result<Settings> {
     }
     if s.port == 0 {
         bail!("--port is required\n{USAGE}");
+    }
+    s.credentials = match (user, password) {
+        (Some(u), Some(p)) => Some((u, p)),
+        (None, None) => None,
+        _ => bail!("--user and --password go together"),
+    };
+    if s.storm > 0 && s.storm_user.is_empty() {
+        bail!("--storm needs --storm-user");
     }
     s.scenario = match scenario.as_str() {
         "one-to-one" => Scenario::OneToOne { pairs: clients },
@@ -127,5 +147,17 @@ mod tests {
         assert_eq!(s.ramp, 50);
         assert!(parse(args("--port 1 --qos 0,3")).is_err());
         assert!(parse(args("--port 1 --qos 1,")).is_err());
+    }
+
+    #[test]
+    fn credentials_and_a_storm_parse_together_or_not_at_all() {
+        let s = parse(args(
+            "--port 1 --user alice --password pw --storm 200 --storm-user alice",
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.credentials, Some(("alice".into(), "pw".into())));
+        assert_eq!((s.storm, s.storm_user.as_str()), (200, "alice"));
+        assert!(parse(args("--port 1 --user alice")).is_err());
+        assert!(parse(args("--port 1 --storm 5")).is_err());
     }
 }

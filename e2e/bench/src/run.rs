@@ -59,6 +59,12 @@ pub struct Settings {
     pub broker_pid: Option<u32>,
     /// Prefix of client ids and topics, so runs do not meet.
     pub tag: String,
+    /// User name and password of every client of the scenario.
+    pub credentials: Option<(String, String)>,
+    /// Connections that log in as `storm_user` with a wrong password, again
+    /// and again, while the scenario runs (`storm`).
+    pub storm: usize,
+    pub storm_user: String,
 }
 
 /// The outcome of a run.
@@ -76,6 +82,8 @@ pub struct Outcome {
     pub run_secs: f64,
     pub rss_before_kib: Option<u64>,
     pub rss_after_kib: Option<u64>,
+    /// What the storm's logins were answered (`storm::Answers`).
+    pub storm: Arc<crate::storm::Answers>,
 }
 
 impl Outcome {
@@ -93,7 +101,8 @@ impl Outcome {
                 "{{\"sent\":{},\"expected\":{},\"received\":{},\"lost\":{},\"duplicates\":{},",
                 "\"reordered\":{},\"msgs_per_sec\":{:.0},\"p50_us\":{:.0},\"p99_us\":{:.0},",
                 "\"p999_us\":{:.0},\"connections\":{},\"connects_per_sec\":{:.0},\"errors\":{},",
-                "\"rss_before_kib\":{},\"rss_after_kib\":{}}}"
+                "\"rss_before_kib\":{},\"rss_after_kib\":{},",
+                "\"storm_logins\":{},\"storm_refused\":{},\"storm_busy\":{}}}"
             ),
             self.sent,
             self.expected,
@@ -110,6 +119,9 @@ impl Outcome {
             self.errors,
             opt(self.rss_before_kib),
             opt(self.rss_after_kib),
+            self.storm.total(),
+            self.storm.get(4) + self.storm.get(5),
+            self.storm.get(3),
         )
     }
 }
@@ -129,6 +141,9 @@ fn options(s: &Settings, id: &str) -> MqttOptions {
     o.set_keep_alive(Duration::from_secs(60));
     o.set_max_packet_size(1 << 20, 1 << 20);
     o.set_inflight(64);
+    if let Some((user, password)) = &s.credentials {
+        o.set_credentials(user, password);
+    }
     o
 }
 
@@ -379,6 +394,16 @@ pub async fn run(s: Settings) -> Result<Outcome> {
     // Let SUBACKs land before traffic starts.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
+    let stop_storm = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let storm = crate::storm::start(
+        &s.host,
+        s.port,
+        &tag,
+        s.storm,
+        &s.storm_user,
+        stop_storm.clone(),
+        out.storm.clone(),
+    );
     let run_start = Instant::now();
     let run_start_ns = payload::since(start);
     let until = run_start + s.duration;
@@ -403,6 +428,10 @@ pub async fn run(s: Settings) -> Result<Outcome> {
     let mut per_publisher = Vec::with_capacity(loops.len());
     for l in loops {
         per_publisher.push(l.await.unwrap_or(0));
+    }
+    stop_storm.store(true, Ordering::Relaxed);
+    for t in storm {
+        let _ = t.await;
     }
     out.sent = per_publisher.iter().sum();
     out.expected = out.sent * fan;
