@@ -9,6 +9,7 @@ pub mod brokers;
 pub mod crd;
 pub mod credentials;
 pub mod lease;
+pub mod metrics;
 pub mod names;
 pub mod profile;
 pub mod reconcile;

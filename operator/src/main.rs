@@ -10,10 +10,11 @@ use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::runtime::events::Recorder;
 use kube::runtime::{Controller, Predicate, WatchStreamExt, predicates, reflector, watcher};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use ringmq_operator::brokers::{Http, PodDns};
 use ringmq_operator::crd::MqttInstance;
 use ringmq_operator::lease::{self, Elector};
+use ringmq_operator::metrics::ReconcileMetrics;
 use ringmq_operator::reconcile::{Context, error_policy, reconcile};
 use ringmq_operator::resources::DEFAULT_IMAGE;
 use ringmq_operator::topics::Rdkafka;
@@ -44,6 +45,33 @@ async fn main() -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
         .context("no Kubernetes API (in-cluster service account or kubeconfig)")?;
+    // The metrics endpoint answers from the start (also while this replica
+    // waits for the lease) and is stopped and joined at every way out.
+    let metrics = ReconcileMetrics::new()?;
+    let addr: std::net::SocketAddr = std::env::var("METRICS_ADDR")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "0.0.0.0:8080".to_owned())
+        .parse()
+        .context("METRICS_ADDR is not an address")?;
+    let listener = ringmq_operator::metrics::bind(addr).await?;
+    tracing::info!(%addr, "metrics on /metrics, health on /healthz");
+    let (stop_endpoint, endpoint_stopped) = tokio::sync::oneshot::channel::<()>();
+    let endpoint = tokio::spawn(ringmq_operator::metrics::serve(
+        listener,
+        metrics.clone(),
+        async move {
+            let _ = endpoint_stopped.await;
+        },
+    ));
+    let result = control(client, metrics).await;
+    let _ = stop_endpoint.send(());
+    let _ = endpoint.await;
+    result
+}
+
+/// Waits for the lease, then runs the controller until shutdown.
+async fn control(client: Client, metrics: ReconcileMetrics) -> anyhow::Result<()> {
     // The namespace to watch: all when unset (the Helm chart sets it for a
     // namespaced install, whose Role covers that namespace only).
     let namespace = std::env::var("WATCH_NAMESPACE")
@@ -131,7 +159,17 @@ async fn main() -> anyhow::Result<()> {
         .graceful_shutdown_on(async move {
             let _ = stopped.await;
         })
-        .run(reconcile, error_policy, ctx)
+        .run(
+            move |obj, ctx| {
+                let metrics = metrics.clone();
+                async move {
+                    let instance = obj.name_any();
+                    metrics.count(&instance, reconcile(obj, ctx)).await
+                }
+            },
+            error_policy,
+            ctx,
+        )
         .for_each(|result| async move {
             match result {
                 Ok((obj, _)) => tracing::debug!(instance = %obj.name, "reconciled"),
