@@ -126,6 +126,11 @@ pub async fn authenticate(
             Ok((identity, tokens))
         });
     if let Err(r) = &verdict {
+        if *r == Refusal::TooManyFailures {
+            // Held, not answered at once: see `LoginConfig::limited_delay_ms`.
+            let delay = broker.config.auth.login.limited_delay_ms;
+            ntex::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
         broker.metrics.reject(r.reason());
         let why = match r {
             Refusal::Busy => DeviceReason::QuotaExceeded,
