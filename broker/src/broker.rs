@@ -90,6 +90,9 @@ pub struct Broker {
     /// owner: while their routes linger here, messages for them follow them.
     moved: std::sync::Mutex<std::collections::HashMap<ClientId, Arc<str>>>,
     pub usage: Usage,
+    /// Signalled when a connection ends or a session leaves for another
+    /// node: what a shutdown or a drain waits on.
+    drained: tokio::sync::Notify,
 }
 
 /// What the node measures and remembers for the operations API, and the
@@ -187,6 +190,7 @@ impl Broker {
             fds,
             moved: std::sync::Mutex::default(),
             usage,
+            drained: tokio::sync::Notify::new(),
         })
     }
 
@@ -597,6 +601,7 @@ impl Broker {
         if let Some(ws) = snapshot {
             self.sessions.remove(&client);
             self.metrics.sessions.set(gauge(self.sessions.len()));
+            self.drained_some();
             let wait = Duration::from_secs(5);
             if c.send(&owner, Frame::Session(ws.clone()), wait).await {
                 self.metrics.sessions_moved.inc();
@@ -624,6 +629,7 @@ impl Broker {
         if let Ok(mut moved) = self.moved.lock() {
             moved.remove(&client);
         }
+        self.drained_some();
         // Unless the client came back here meanwhile (the ring moved back)
         // and holds these routes again.
         if self.sessions.get(&client).is_none() {
@@ -637,6 +643,28 @@ impl Broker {
         if let Some(c) = &self.cluster {
             c.leave();
             self.rebalance();
+        }
+    }
+
+    /// A connection ended or a session left: wakes `wait_until`.
+    pub fn drained_some(&self) {
+        self.drained.notify_waiters();
+    }
+
+    /// Waits until `done` holds or `deadline` passes; `done` is checked
+    /// whenever a connection ends or a session leaves (and once a second,
+    /// for changes nothing signals).
+    pub async fn wait_until(&self, deadline: Instant, done: impl Fn(&Self) -> bool) {
+        loop {
+            let woken = self.drained.notified();
+            let mut woken = std::pin::pin!(woken);
+            woken.as_mut().enable();
+            let now = Instant::now();
+            if done(self) || now >= deadline {
+                return;
+            }
+            let nap = (deadline - now).min(Duration::from_secs(1));
+            let _ = ntex::util::select(woken, ntex::time::sleep(nap)).await;
         }
     }
 

@@ -323,6 +323,8 @@ impl Drop for Connection {
         self.broker.detach(&self.session, self.conn.generation);
         // Ends the pump if it is waiting.
         self.conn.wake.notify_one();
+        // A shutdown or a drain may be waiting for the last connection.
+        self.broker.drained_some();
     }
 }
 

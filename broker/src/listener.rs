@@ -189,10 +189,9 @@ pub async fn serve(
             .map_err(server_err)?;
     }
     let server = builder.run();
-    let housekeeping = ntex::rt::spawn(crate::housekeeping(broker.clone())).cancel_on_drop();
     let stopper = server.clone();
     let mut server = std::pin::pin!(server);
-    let result = match ntex::util::select(server.as_mut(), std::pin::pin!(shutdown)).await {
+    match ntex::util::select(server.as_mut(), std::pin::pin!(shutdown)).await {
         ntex::util::Either::Left(r) => r.map_err(ListenerError::Server),
         ntex::util::Either::Right(()) => {
             let deadline = std::time::Instant::now()
@@ -207,25 +206,21 @@ pub async fn serve(
                 // stays until the handover and its grace period are over.
                 tracing::info!("leaving the cluster: handing sessions over");
                 broker.leave_cluster();
-                while (!broker.sessions.is_empty() || broker.moving() > 0)
-                    && std::time::Instant::now() < deadline
-                {
-                    ntex::time::sleep(std::time::Duration::from_millis(20)).await;
-                }
+                broker
+                    .wait_until(deadline, |b| b.sessions.is_empty() && b.moving() == 0)
+                    .await;
             }
             tracing::info!("shutting down: closing connections");
             broker.close_all();
             // Each connection's pump sends its DISCONNECT and closes; the
             // server stops once they are gone or the timeout passed.
-            while broker.metrics.connections.get() > 0 && std::time::Instant::now() < deadline {
-                ntex::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
+            broker
+                .wait_until(deadline, |b| b.metrics.connections.get() == 0)
+                .await;
             stopper.stop(true).await;
             server.await.map_err(ListenerError::Server)
         }
-    };
-    drop(housekeeping);
-    result
+    }
 }
 
 /// MQTT 3.1.1 and 5 on one port.

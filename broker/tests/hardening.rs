@@ -657,3 +657,26 @@ async fn the_admin_port_answers_at_the_open_file_limit() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn sigterm_ends_every_background_task_and_exits_cleanly() {
+    // Two nodes: links, dialers, the ring watch and the ticker all run.
+    let mut c = common::Cluster::start(2, "");
+    let code = c.nodes[0].terminate();
+    assert_eq!(code, Some(0), "{}", c.nodes[0].log());
+    let log = c.nodes[0].log();
+    // The ticker, housekeeping, the ring watch and a link dialer at least.
+    let ended = log
+        .lines()
+        .find(|l| l.contains("background tasks ended"))
+        .and_then(|l| l.split("tasks=").nth(1))
+        .and_then(|n| n.split_whitespace().next())
+        .and_then(|n| n.parse::<usize>().ok());
+    assert!(ended.is_some_and(|n| n >= 4), "{log}");
+    // The other node goes on serving, alone.
+    let mut sub = v4::connect(v4::options("after-sub", c.nodes[1].tcp)).await;
+    sub.subscribe("t/#", v4::QoS::AtLeastOnce).await;
+    let p = v4::connect(v4::options("after-pub", c.nodes[1].tcp)).await;
+    p.publish("t/1", v4::QoS::AtLeastOnce, false, "after").await;
+    assert_eq!(&sub.next_publish().await.payload[..], b"after");
+}

@@ -201,13 +201,23 @@ pub async fn outbound(cluster: Arc<Cluster>, broker: Arc<Broker>, addr: String) 
     if !cluster.start_dialing(&addr) {
         return;
     }
+    let shutdown = cluster.shutdown().clone();
+    let _guard = shutdown.guard();
     let (tx, mut rx) = super::DataQueue::new();
     // Control frames are few and must not be lost: their queue is unbounded.
     let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<Frame>();
     let heartbeat = Duration::from_millis(cluster.config.heartbeat_ms);
     let mut backoff = Duration::from_millis(100);
-    loop {
-        match dial(&cluster, &addr).await {
+    while !shutdown.is_set() {
+        let dialled = ntex::util::select(
+            std::pin::pin!(dial(&cluster, &addr)),
+            std::pin::pin!(shutdown.wait()),
+        )
+        .await;
+        let ntex::util::Either::Left(dialled) = dialled else {
+            break;
+        };
+        match dialled {
             Ok((io, peer)) if cluster.is_local(&peer) => {
                 tracing::debug!(%addr, "cluster peer address is this node");
                 io.close();
@@ -224,7 +234,17 @@ pub async fn outbound(cluster: Arc<Cluster>, broker: Arc<Broker>, addr: String) 
                     continue;
                 }
                 cluster.link_up(&peer, &addr, tx.clone(), ctl_tx.clone());
-                let result = pump(&io, &cluster, &mut ctl_rx, &mut rx, heartbeat).await;
+                // The link carries the handover of a leaving node: it ends
+                // with the node, after the listeners stopped.
+                let result = match ntex::util::select(
+                    std::pin::pin!(pump(&io, &cluster, &mut ctl_rx, &mut rx, heartbeat)),
+                    std::pin::pin!(shutdown.wait()),
+                )
+                .await
+                {
+                    ntex::util::Either::Left(r) => r,
+                    ntex::util::Either::Right(()) => Ok(()),
+                };
                 if cluster.link_down(&peer, &addr) {
                     broker.peer_gone(&peer);
                 }
@@ -235,9 +255,12 @@ pub async fn outbound(cluster: Arc<Cluster>, broker: Arc<Broker>, addr: String) 
             }
             Err(e) => tracing::debug!(%addr, error = %e, "cluster peer not reached"),
         }
-        ntex::time::sleep(backoff).await;
+        if !shutdown.sleep(backoff).await {
+            break;
+        }
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
+    cluster.stop_dialing(&addr);
 }
 
 /// Connects and authenticates.

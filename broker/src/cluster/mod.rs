@@ -31,6 +31,7 @@ use crate::config::ClusterConfig;
 use crate::message::{Message, MessageId, Properties, QoS};
 use crate::ring::Ring;
 use crate::secret_file::SecretFile;
+use crate::shutdown::Shutdown;
 use wire::{Frame, WireMessage};
 
 /// Errors while starting the cluster.
@@ -169,6 +170,8 @@ pub struct Cluster {
     /// Operations API questions asked of peers, waiting for their replies.
     queries: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<String>>>,
     next_query: std::sync::atomic::AtomicU64,
+    /// The node's shutdown: link dialers started from anywhere watch it.
+    shutdown: Shutdown,
 }
 
 impl Cluster {
@@ -178,6 +181,7 @@ impl Cluster {
         config: &ClusterConfig,
         node: &str,
         bound: Option<std::net::SocketAddr>,
+        shutdown: Shutdown,
     ) -> Result<Arc<Self>> {
         let secret =
             SecretFile::load(&config.secret_file).map_err(|error| ClusterError::Secret {
@@ -200,7 +204,13 @@ impl Cluster {
             advertise: advertise(config, node, bound),
             queries: Mutex::new(HashMap::new()),
             next_query: std::sync::atomic::AtomicU64::new(0),
+            shutdown,
         }))
+    }
+
+    /// The node's shutdown signal.
+    pub fn shutdown(&self) -> &Shutdown {
+        &self.shutdown
     }
 
     /// Where other nodes reach this node.
@@ -720,11 +730,11 @@ pub const MARKER_QOS: QoS = QoS::ExactlyOnce;
 
 /// Keeps the ring current: a peer that stops sending heartbeats leaves it
 /// after `failure_timeout_ms` even while its TCP connection looks open.
-pub async fn watch(cluster: Arc<Cluster>, broker: Arc<crate::broker::Broker>) {
+pub async fn watch(cluster: Arc<Cluster>, broker: Arc<crate::broker::Broker>, shutdown: Shutdown) {
+    let _guard = shutdown.guard();
     let every = Duration::from_millis(cluster.config.heartbeat_ms);
     let mut seen = 0;
-    loop {
-        ntex::time::sleep(every).await;
+    while shutdown.sleep(every).await {
         cluster.update_ring();
         let now = cluster
             .generation

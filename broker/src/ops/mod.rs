@@ -404,12 +404,12 @@ fn log_change(change: &Change) {
 /// Runs the node's periodic accounting until the node stops: the TPS
 /// bucket ten times a second; rates, load reports and alarms every second;
 /// Group ID samples every minute.
-pub async fn tick(broker: Arc<Broker>) {
+pub async fn tick(broker: Arc<Broker>, shutdown: crate::shutdown::Shutdown) {
+    let _guard = shutdown.guard();
     let mut n: u64 = 0;
     let mut evaluating = false;
     let mut exported = Exported::default();
-    loop {
-        ntex::time::sleep(REFILL).await;
+    while shutdown.sleep(REFILL).await {
         n += 1;
         let members = broker
             .cluster

@@ -1,0 +1,214 @@
+//! Starts a node and owns its shutdown: binds the listeners, builds the
+//! broker from its parts, starts every background task with the one
+//! shutdown signal, serves until asked to stop, then stops the tasks and
+//! waits for them (`shutdown`), stops the Kafka consumer and flushes the
+//! producer.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::shutdown::{Shutdown, Trigger};
+use crate::{
+    Config, Error, Result, admin, alarm, auth, broker, capacity, cluster, journal, kafka, listener,
+    message, meter, metrics, ops, secret_file, storage, token, trace,
+};
+
+/// Runs one broker node until `stop` resolves. Must be called inside an
+/// ntex runtime (`ntex::rt::System`).
+pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<()> {
+    let (trigger, shutdown) = Trigger::new();
+    let bound = listener::Bound::bind(&config)?;
+    for (name, addr) in bound.addrs() {
+        tracing::info!(listener = name, %addr, "listening");
+    }
+    let metrics = metrics::Metrics::new()?;
+    let login = &config.auth.login;
+    let auth = match &config.auth.credentials_file {
+        Some(path) => auth::Auth::from_file(path, login, metrics.registry())?,
+        None => auth::Auth::open(login, metrics.registry())?,
+    };
+    let secret = |path: &std::path::PathBuf, what: &'static str| {
+        secret_file::SecretFile::load(path).map_err(|error| Error::SecretFile {
+            what,
+            path: path.clone(),
+            error,
+        })
+    };
+    let tokens = match &config.auth.token_signing_key_file {
+        Some(path) => Some(token::TokenService::new(secret(path, "token signing key")?)),
+        None => None,
+    };
+    let admin_tokens = admin::AdminTokens::new(
+        match &config.auth.admin_token_file {
+            Some(path) => Some(secret(path, "admin token")?),
+            None => None,
+        },
+        match &config.auth.admin_read_token_file {
+            Some(path) => Some(secret(path, "read-only admin token")?),
+            None => None,
+        },
+    );
+    let kafka = match &config.kafka {
+        Some(k) => Some(kafka::Kafka::new(
+            k,
+            &config.node_name(),
+            metrics.registry(),
+        )?),
+        None => None,
+    };
+    let storage: Arc<dyn storage::Storage> = match &kafka {
+        Some(k) => k.clone(),
+        None => Arc::new(storage::NoStorage),
+    };
+    let flush_timeout = Duration::from_secs(config.shutdown_timeout_secs);
+    let cluster = match &config.cluster {
+        Some(c) => Some(cluster::Cluster::new(
+            c,
+            &config.node_name(),
+            bound.cluster.as_ref().and_then(|l| l.local_addr().ok()),
+            shutdown.clone(),
+        )?),
+        None => None,
+    };
+    let usage = usage(&config, &metrics)?;
+    let broker = broker::Broker::new(
+        config,
+        broker::Parts {
+            metrics,
+            auth,
+            tokens,
+            admin_tokens,
+            storage,
+            kafka: kafka.clone(),
+            cluster: cluster.clone(),
+            usage,
+        },
+    );
+    ntex::rt::spawn(ops::tick(broker.clone(), shutdown.clone()));
+    ntex::rt::spawn(housekeeping(broker.clone(), shutdown.clone()));
+    if let Some(c) = &cluster {
+        for addr in &c.config.peers {
+            ntex::rt::spawn(cluster::link::outbound(
+                c.clone(),
+                broker.clone(),
+                addr.clone(),
+            ));
+        }
+        ntex::rt::spawn(cluster::watch(c.clone(), broker.clone(), shutdown.clone()));
+    }
+    let downlink = match &kafka {
+        Some(k) => {
+            let topics_ready = Arc::new(AtomicBool::new(!k.creates_topics()));
+            if k.creates_topics() {
+                let (k, ready, shutdown) = (k.clone(), topics_ready.clone(), shutdown.clone());
+                ntex::rt::spawn(async move {
+                    let _guard = shutdown.guard();
+                    let made = ntex::util::select(
+                        std::pin::pin!(k.ensure_topics()),
+                        std::pin::pin!(shutdown.wait()),
+                    )
+                    .await;
+                    if let ntex::util::Either::Left(()) = made {
+                        ready.store(true, Ordering::Release);
+                    }
+                });
+            }
+            Some(kafka::Downlink::start(k, broker.clone(), topics_ready)?)
+        }
+        None => None,
+    };
+    let served = listener::serve(broker, bound, stop).await;
+    trigger.fire();
+    let left = trigger.join(Duration::from_secs(5)).await;
+    if left > 0 {
+        tracing::warn!(
+            tasks = left,
+            "background tasks still running after 5 s; exiting without them"
+        );
+    } else {
+        tracing::info!(tasks = trigger.started(), "background tasks ended");
+    }
+    served?;
+    if let Some(d) = downlink {
+        d.stop();
+    }
+    if let Some(k) = kafka {
+        k.flush(flush_timeout);
+    }
+    Ok(())
+}
+
+/// Metering, traces, capacity and alarms, with what the journal kept from
+/// before a restart.
+fn usage(config: &Config, metrics: &metrics::Metrics) -> Result<broker::Usage> {
+    let trace = &config.trace;
+    let (journal, replayed) = match &trace.dir {
+        Some(dir) => {
+            let (j, r) = journal::open(
+                dir,
+                trace.retention_secs.saturating_mul(1000),
+                trace.disk_bytes,
+                metrics.registry(),
+            )?;
+            tracing::info!(
+                dir = %dir.display(),
+                device_events = r.devices.len(),
+                message_events = r.messages.len(),
+                minutes = r.minutes.len(),
+                alarms = r.alarms.len(),
+                "journal read back"
+            );
+            (Some(j), r)
+        }
+        None => (None, journal::Replayed::default()),
+    };
+    let usage = broker::Usage {
+        meter: meter::Meter::new(trace, config.alarms.tps_window_secs, journal.clone()),
+        traces: trace::Traces::new(trace, journal.clone()),
+        capacity: capacity::Capacity::new(&config.capacity, metrics.registry())?,
+        alarms: alarm::Alarms::new(
+            &config.alarms,
+            &config.capacity,
+            &config.node_name(),
+            metrics.registry(),
+            journal,
+        )?,
+    };
+    usage.traces.restore(replayed.devices, replayed.messages);
+    usage.meter.restore(replayed.minutes, replayed.groups);
+    usage.alarms.restore(replayed.alarms, message::now_ms());
+    Ok(usage)
+}
+
+/// Periodic work: session expiry, credentials reload.
+async fn housekeeping(broker: Arc<broker::Broker>, shutdown: Shutdown) {
+    let _guard = shutdown.guard();
+    while shutdown.sleep(Duration::from_secs(1)).await {
+        broker.expire_sessions(Instant::now());
+        let secrets = broker
+            .tokens
+            .as_ref()
+            .map(|t| t.key_file())
+            .into_iter()
+            .chain(broker.admin_tokens.files());
+        for file in secrets {
+            match file.reload_if_changed() {
+                Ok(true) => tracing::info!(path = %file.path().display(), "secret reloaded"),
+                Ok(false) => {}
+                Err(e) => {
+                    broker.metrics.reject("secret_reload");
+                    tracing::warn!(path = %file.path().display(), error = %e, "secret not reloaded; the previous one stays in force");
+                }
+            }
+        }
+        match broker.auth.reload_if_changed() {
+            Ok(true) => tracing::info!("credentials reloaded"),
+            Ok(false) => {}
+            Err(e) => {
+                broker.metrics.reject("credentials_reload");
+                tracing::warn!(error = %e, "credentials file not reloaded; the previous one stays in force");
+            }
+        }
+    }
+}
