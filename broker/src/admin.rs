@@ -4,8 +4,8 @@
 //! under `/token`.
 //!
 //! Who may do what (README "Security"): the probes, the OpenAPI document,
-//! the token service (its requests are signed) and, unless
-//! `protect_metrics` is set, `/metrics` answer everyone. The rest reads
+//! the token service (its requests are signed) and, with `protect_metrics:
+//! false`, `/metrics` answer everyone. The rest reads
 //! client data or changes the instance: with `auth.admin_token_file` it
 //! needs `Authorization: Bearer <token>` (a token of
 //! `auth.admin_read_token_file` is enough for GET); with no admin token it is

@@ -69,7 +69,9 @@ pub fn render(spec: &MqttInstanceSpec, names: &Names, inputs: &Inputs) -> String
         });
     }
     let s = &spec.session;
-    let mut auth = json!({ "admin_token_file": paths::ADMIN_TOKEN });
+    // The ServiceMonitor scrapes /metrics without a token: the pod network
+    // is the instance's own; the API stays behind the token.
+    let mut auth = json!({ "admin_token_file": paths::ADMIN_TOKEN, "protect_metrics": false });
     if inputs.credentials {
         auth["credentials_file"] = json!(paths::CREDENTIALS);
     }

@@ -27,7 +27,11 @@ pub struct AuthConfig {
     /// File holding a read-only token: GET requests of the operations API
     /// and a protected `/metrics`, for dashboards; no change.
     pub admin_read_token_file: Option<PathBuf>,
-    /// Require the admin token for `/metrics` too.
+    /// `/metrics` answers only callers the operations API answers (a
+    /// token, or loopback without one), as everything but the MQTT ports
+    /// and the health probes is closed by default (S1). `false` opens it to
+    /// everyone, for a Prometheus that scrapes without a token (the
+    /// operator renders that, on the instance's pod network).
     pub protect_metrics: bool,
     /// File holding the key that signs tokens (token mode, A3); the same key
     /// on every node lets any node verify any token. Without it the token
@@ -94,7 +98,7 @@ impl Default for AuthConfig {
             v3_subscribe_refusal: V3SubscribeRefusal::Close,
             admin_token_file: None,
             admin_read_token_file: None,
-            protect_metrics: false,
+            protect_metrics: true,
             token_signing_key_file: None,
             token_min_lifetime_secs: 60,
             login: LoginConfig::default(),

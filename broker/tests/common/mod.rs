@@ -84,7 +84,12 @@ impl Cluster {
         cluster_ip: &str,
         client_ip: &str,
     ) -> &Broker {
-        let config = self.node_config(name, &self.secret, cluster_ip);
+        // The test reads this node's metrics from its own namespace, as a
+        // Prometheus without a token would.
+        let config = format!(
+            "{}\nauth:\n  protect_metrics: false\n",
+            self.node_config(name, &self.secret, cluster_ip)
+        );
         let b = Broker::start_in_netns(&config, netns, client_ip);
         self.nodes.push(b);
         self.names.push(name.to_owned());
@@ -422,7 +427,17 @@ impl Broker {
 
     /// The value of one metric line (name with labels, as exposed).
     pub fn metric(&self, series: &str) -> f64 {
-        let (_, body) = self.http("/metrics");
+        self.metric_with(series, &[])
+    }
+
+    /// The same from a broker whose `/metrics` needs the bearer `token`.
+    pub fn metric_as(&self, series: &str, token: &str) -> f64 {
+        let bearer = format!("Bearer {token}");
+        self.metric_with(series, &[("Authorization", bearer.as_str())])
+    }
+
+    fn metric_with(&self, series: &str, headers: &[(&str, &str)]) -> f64 {
+        let (_, body) = self.http_with("/metrics", headers);
         body.lines()
             .find_map(|l| {
                 let (name, value) = l.rsplit_once(' ')?;
