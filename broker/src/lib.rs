@@ -11,6 +11,8 @@ pub mod capacity;
 pub mod cluster;
 pub mod config;
 pub mod connection;
+#[cfg(test)]
+mod core_tests;
 pub mod descriptors;
 pub mod journal;
 pub mod kafka;

@@ -141,7 +141,7 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<()> {
 
 /// Metering, traces, capacity and alarms, with what the journal kept from
 /// before a restart.
-fn usage(config: &Config, metrics: &metrics::Metrics) -> Result<broker::Usage> {
+pub(crate) fn usage(config: &Config, metrics: &metrics::Metrics) -> Result<broker::Usage> {
     let trace = &config.trace;
     let (journal, replayed) = match &trace.dir {
         Some(dir) => {

@@ -45,35 +45,35 @@ fn start(creds: &Path, extra: &str) -> Broker {
     ))
 }
 
-fn v5_user(id: &str, port: u16, user: &str, password: &str) -> v5::MqttOptions {
-    let mut o = v5::options(id, port);
-    o.set_credentials(user, password);
-    o
-}
-
-fn v4_user(id: &str, port: u16, user: &str, password: &str) -> v4::MqttOptions {
-    let mut o = v4::options(id, port);
-    o.set_credentials(user, password);
-    o
-}
-
 #[tokio::test]
 async fn users_passwords_and_connect_refusals() {
     let creds = credentials(&users_yaml("pub"));
     let b = start(&creds.path, "");
-    v5::connect(v5_user("GID_AAA@@@a1", b.tcp, "alice", "alice-pw")).await;
-    let wrong = v5::try_connect(v5_user("GID_AAA@@@a2", b.tcp, "alice", "wrong-pw-5731")).await;
+    v5::connect(v5::options_as("GID_AAA@@@a1", b.tcp, "alice", "alice-pw")).await;
+    let wrong = v5::try_connect(v5::options_as(
+        "GID_AAA@@@a2",
+        b.tcp,
+        "alice",
+        "wrong-pw-5731",
+    ))
+    .await;
     assert_eq!(wrong.err().as_deref(), Some("BadUserNamePassword"));
-    let unknown = v5::try_connect(v5_user("GID_AAA@@@a3", b.tcp, "mallory", "x")).await;
+    let unknown = v5::try_connect(v5::options_as("GID_AAA@@@a3", b.tcp, "mallory", "x")).await;
     assert_eq!(unknown.err().as_deref(), Some("BadUserNamePassword"));
     // Credentials are configured, so anonymous access is off.
     let anon = v5::try_connect(v5::options("GID_AAA@@@a4", b.tcp)).await;
     assert_eq!(anon.err().as_deref(), Some("NotAuthorized"));
     // An undeclared Group ID is refused at CONNECT (A5).
-    let group = v5::try_connect(v5_user("GID_nope@@@a5", b.tcp, "alice", "alice-pw")).await;
+    let group = v5::try_connect(v5::options_as("GID_nope@@@a5", b.tcp, "alice", "alice-pw")).await;
     assert_eq!(group.err().as_deref(), Some("ClientIdentifierNotValid"));
     // MQTT 3.1.1 gets return codes.
-    let v3 = v4::try_connect(v4_user("GID_AAA@@@a6", b.tcp, "alice", "wrong-pw-5731")).await;
+    let v3 = v4::try_connect(v4::options_as(
+        "GID_AAA@@@a6",
+        b.tcp,
+        "alice",
+        "wrong-pw-5731",
+    ))
+    .await;
     assert_eq!(
         v3.err().as_deref(),
         Some(format!("{:?}", ConnectReturnCode::BadUserNamePassword).as_str())
@@ -101,12 +101,18 @@ async fn users_passwords_and_connect_refusals() {
 async fn grants_decide_publish_and_subscribe() {
     let creds = credentials(&users_yaml("pub"));
     let b = start(&creds.path, "");
-    let mut alice = v5::connect(v5_user("GID_AAA@@@alice", b.tcp, "alice", "alice-pw")).await;
+    let mut alice = v5::connect(v5::options_as(
+        "GID_AAA@@@alice",
+        b.tcp,
+        "alice",
+        "alice-pw",
+    ))
+    .await;
     assert_eq!(
         alice.subscribe("a/+", QoS::AtLeastOnce).await,
         [SubscribeReasonCode::Success(QoS::AtLeastOnce)]
     );
-    let mut bob = v5::connect(v5_user("GID_AAA@@@bob", b.tcp, "bob", "bob-pw")).await;
+    let mut bob = v5::connect(v5::options_as("GID_AAA@@@bob", b.tcp, "bob", "bob-pw")).await;
     assert_eq!(
         bob.subscribe("a/b", QoS::AtLeastOnce).await,
         [SubscribeReasonCode::NotAuthorized],
@@ -121,7 +127,7 @@ async fn grants_decide_publish_and_subscribe() {
     assert!(b.metric("ringmq_packets_rejected_total{reason=\"topic_auth_failed\"}") >= 2.0);
 
     // MQTT 3.1.1: the seeds close the connection on an unauthorised publish.
-    let mut bob3 = v4::connect(v4_user("GID_AAA@@@bob3", b.tcp, "bob", "bob-pw")).await;
+    let mut bob3 = v4::connect(v4::options_as("GID_AAA@@@bob3", b.tcp, "bob", "bob-pw")).await;
     bob3.publish("a/c", v4::QoS::AtLeastOnce, false, "refused")
         .await;
     bob3.closed().await;
@@ -161,7 +167,7 @@ async fn grants_decide_publish_and_subscribe() {
 async fn v3_subscribe_refusal_closes_or_answers_0x80() {
     let creds = credentials(&users_yaml("pub"));
     let closing = start(&creds.path, "");
-    let mut c = v4::connect(v4_user("GID_AAA@@@s1", closing.tcp, "bob", "bob-pw")).await;
+    let mut c = v4::connect(v4::options_as("GID_AAA@@@s1", closing.tcp, "bob", "bob-pw")).await;
     c.client
         .subscribe("a/b", v4::QoS::AtLeastOnce)
         .await
@@ -169,7 +175,13 @@ async fn v3_subscribe_refusal_closes_or_answers_0x80() {
     c.closed().await;
 
     let answering = start(&creds.path, "  v3_subscribe_refusal: suback\n");
-    let mut c = v4::connect(v4_user("GID_AAA@@@s2", answering.tcp, "bob", "bob-pw")).await;
+    let mut c = v4::connect(v4::options_as(
+        "GID_AAA@@@s2",
+        answering.tcp,
+        "bob",
+        "bob-pw",
+    ))
+    .await;
     assert_eq!(
         c.subscribe("a/b", v4::QoS::AtLeastOnce).await,
         [rumqttc::SubscribeReasonCode::Failure]
@@ -181,14 +193,14 @@ async fn signature_mode_signs_the_group_id() {
     let creds = credentials(&users_yaml("pub"));
     let b = start(&creds.path, "");
     // Bare AccessKey as the seeds use it, and the newer Signature|AK|instance form.
-    v4::connect(v4_user(
+    v4::connect(v4::options_as(
         "GID_AAA@@@dev1",
         b.tcp,
         "AKTEST",
         SIGNATURE_GID_AAA,
     ))
     .await;
-    v5::connect(v5_user(
+    v5::connect(v5::options_as(
         "GID_AAA@@@dev2",
         b.tcp,
         "Signature|AKTEST|inst-1",
@@ -201,7 +213,7 @@ async fn signature_mode_signs_the_group_id() {
         ("AKTEST", ""),
         ("AKOTHER", SIGNATURE_GID_AAA),
     ] {
-        let r = v5::try_connect(v5_user("GID_AAA@@@dev3", b.tcp, user, password)).await;
+        let r = v5::try_connect(v5::options_as("GID_AAA@@@dev3", b.tcp, user, password)).await;
         assert_eq!(
             r.err().as_deref(),
             Some("BadUserNamePassword"),
@@ -209,7 +221,7 @@ async fn signature_mode_signs_the_group_id() {
         );
     }
     // The signature of one Group ID does not open another.
-    let r = v5::try_connect(v5_user(
+    let r = v5::try_connect(v5::options_as(
         "GID_other@@@dev4",
         b.tcp,
         "AKTEST",
@@ -225,20 +237,20 @@ async fn hostile_credentials_are_refused_without_harm() {
     let b = start(&creds.path, "");
     let huge = "u".repeat(60_000);
     for (user, password) in [(huge.as_str(), "x"), ("alice", huge.as_str()), ("", "")] {
-        let r = v5::try_connect(v5_user("GID_AAA@@@h", b.tcp, user, password)).await;
+        let r = v5::try_connect(v5::options_as("GID_AAA@@@h", b.tcp, user, password)).await;
         assert!(r.is_err(), "refused: {}", &user[..user.len().min(10)]);
     }
     for _ in 0..20 {
-        let _ = v5::try_connect(v5_user("GID_AAA@@@brute", b.tcp, "alice", "guess")).await;
+        let _ = v5::try_connect(v5::options_as("GID_AAA@@@brute", b.tcp, "alice", "guess")).await;
     }
-    v5::connect(v5_user("GID_AAA@@@ok", b.tcp, "alice", "alice-pw")).await;
+    v5::connect(v5::options_as("GID_AAA@@@ok", b.tcp, "alice", "alice-pw")).await;
 }
 
 #[tokio::test]
 async fn reloaded_grants_apply_to_connected_clients() {
     let creds = credentials(&users_yaml("pub"));
     let b = start(&creds.path, "");
-    let mut bob = v5::connect(v5_user("GID_AAA@@@bob", b.tcp, "bob", "bob-pw")).await;
+    let mut bob = v5::connect(v5::options_as("GID_AAA@@@bob", b.tcp, "bob", "bob-pw")).await;
     bob.publish("a/b", QoS::AtLeastOnce, false, "before").await;
     assert_eq!(bob.next_puback().await.reason, PubAckReason::Success);
     // Replaced the way a Secret volume is updated: a new file renamed over it.
@@ -261,7 +273,13 @@ async fn reloaded_grants_apply_to_connected_clients() {
     // A broken file keeps the last good credentials.
     std::fs::write(&creds.path, "users: [").unwrap_or_else(|e| panic!("{e}"));
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    v5::connect(v5_user("GID_AAA@@@alice", b.tcp, "alice", "alice-pw")).await;
+    v5::connect(v5::options_as(
+        "GID_AAA@@@alice",
+        b.tcp,
+        "alice",
+        "alice-pw",
+    ))
+    .await;
     assert!(b.metric("ringmq_packets_rejected_total{reason=\"credentials_reload\"}") >= 1.0);
 }
 

@@ -60,18 +60,6 @@ fn verifications(b: &Broker) -> f64 {
     b.metric("ringmq_password_verifications_total")
 }
 
-fn v5_user(id: &str, port: u16, user: &str, password: &str) -> v5::MqttOptions {
-    let mut o = v5::options(id, port);
-    o.set_credentials(user, password);
-    o
-}
-
-fn v4_user(id: &str, port: u16, user: &str, password: &str) -> v4::MqttOptions {
-    let mut o = v4::options(id, port);
-    o.set_credentials(user, password);
-    o
-}
-
 #[tokio::test]
 async fn the_admin_api_answers_other_hosts_only_with_a_token() {
     let Some(ns) = Netns::create() else {
@@ -211,9 +199,9 @@ async fn a_login_storm_neither_stalls_connected_clients_nor_keeps_a_valid_login_
         "auth:\n  credentials_file: {}\n  login:\n    verify_threads: 1\n    verify_queue: 8\n    failures_per_user: 0\n    failures_per_ip: 0\n",
         creds.display()
     ));
-    let mut sub = v4::connect(v4_user("pair-sub", b.tcp, "alice", "alice-real-pw")).await;
+    let mut sub = v4::connect(v4::options_as("pair-sub", b.tcp, "alice", "alice-real-pw")).await;
     sub.subscribe("pair/#", v4::QoS::AtLeastOnce).await;
-    let publisher = v4::connect(v4_user("pair-pub", b.tcp, "alice", "alice-real-pw")).await;
+    let publisher = v4::connect(v4::options_as("pair-pub", b.tcp, "alice", "alice-real-pw")).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let (busy, refused) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -242,7 +230,7 @@ async fn a_login_storm_neither_stalls_connected_clients_nor_keeps_a_valid_login_
     let deadline = Instant::now() + WAIT * 4;
     let mut busy_answers = 0;
     let valid = loop {
-        match v5::try_connect(v5_user("bob-1", b.tcp, "bob", "bob-real-pw")).await {
+        match v5::try_connect(v5::options_as("bob-1", b.tcp, "bob", "bob-real-pw")).await {
             Ok(c) => break c,
             Err(e) if e == "ServerBusy" && Instant::now() < deadline => busy_answers += 1,
             Err(e) => panic!("valid login refused during the storm: {e}"),
@@ -294,14 +282,14 @@ async fn unknown_and_known_user_names_take_the_same_path_and_failures_are_limite
     ));
     // Every refusal of a named login costs exactly one verification.
     let before = verifications(&b);
-    let unknown = v5::try_connect(v5_user("u1", b.tcp, "mallory", "x")).await;
+    let unknown = v5::try_connect(v5::options_as("u1", b.tcp, "mallory", "x")).await;
     assert_eq!(unknown.err().as_deref(), Some("BadUserNamePassword"));
     assert_eq!(
         verifications(&b),
         before + 1.0,
         "a decoy check for an unknown name"
     );
-    let known = v5::try_connect(v5_user("u2", b.tcp, "alice", "wrong")).await;
+    let known = v5::try_connect(v5::options_as("u2", b.tcp, "alice", "wrong")).await;
     assert_eq!(known.err().as_deref(), Some("BadUserNamePassword"));
     assert_eq!(
         verifications(&b),
@@ -312,13 +300,13 @@ async fn unknown_and_known_user_names_take_the_same_path_and_failures_are_limite
     // alice's third failure reaches her limit: then even her right
     // password is refused, without a check, until the window ends.
     for id in ["u3", "u4"] {
-        let r = v5::try_connect(v5_user(id, b.tcp, "alice", "wrong")).await;
+        let r = v5::try_connect(v5::options_as(id, b.tcp, "alice", "wrong")).await;
         assert_eq!(r.err().as_deref(), Some("BadUserNamePassword"));
     }
     let checks = verifications(&b);
-    let limited = v5::try_connect(v5_user("u5", b.tcp, "alice", "alice-pw")).await;
+    let limited = v5::try_connect(v5::options_as("u5", b.tcp, "alice", "alice-pw")).await;
     assert_eq!(limited.err().as_deref(), Some("ConnectionRateExceeded"));
-    let v3 = v4::try_connect(v4_user("u6", b.tcp, "alice", "alice-pw")).await;
+    let v3 = v4::try_connect(v4::options_as("u6", b.tcp, "alice", "alice-pw")).await;
     assert_eq!(v3.err().as_deref(), Some("NotAuthorized"));
     assert_eq!(
         verifications(&b),
@@ -329,10 +317,10 @@ async fn unknown_and_known_user_names_take_the_same_path_and_failures_are_limite
 
     // The address has 4 failures; 4 more under other names reach its limit.
     for i in 0..4 {
-        let r = v5::try_connect(v5_user("u7", b.tcp, &format!("nobody{i}"), "x")).await;
+        let r = v5::try_connect(v5::options_as("u7", b.tcp, &format!("nobody{i}"), "x")).await;
         assert_eq!(r.err().as_deref(), Some("BadUserNamePassword"));
     }
-    let by_ip = v5::try_connect(v5_user("u8", b.tcp, "carol", "x")).await;
+    let by_ip = v5::try_connect(v5::options_as("u8", b.tcp, "carol", "x")).await;
     assert_eq!(by_ip.err().as_deref(), Some("ConnectionRateExceeded"));
 }
 
@@ -373,14 +361,14 @@ async fn successful_checks_are_remembered_until_the_credentials_change() {
     let b = Broker::start(&format!("auth:\n  credentials_file: {}", creds.display()));
     let before = verifications(&b);
     for id in ["c1", "c2", "c3"] {
-        v4::connect(v4_user(id, b.tcp, "alice", "alice-pw"))
+        v4::connect(v4::options_as(id, b.tcp, "alice", "alice-pw"))
             .await
             .disconnect()
             .await;
     }
     assert_eq!(verifications(&b), before + 1.0, "one check, then the cache");
     // A wrong password is never answered from the cache.
-    let wrong = v4::try_connect(v4_user("c4", b.tcp, "alice", "alice-pw-not")).await;
+    let wrong = v4::try_connect(v4::options_as("c4", b.tcp, "alice", "alice-pw-not")).await;
     assert!(wrong.is_err());
     assert_eq!(verifications(&b), before + 2.0);
     // A changed credentials file empties the cache.
@@ -394,7 +382,7 @@ async fn successful_checks_are_remembered_until_the_credentials_change() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(b.log().contains("credentials reloaded"));
-    v4::connect(v4_user("c5", b.tcp, "alice", "alice-pw"))
+    v4::connect(v4::options_as("c5", b.tcp, "alice", "alice-pw"))
         .await
         .disconnect()
         .await;
@@ -413,25 +401,25 @@ async fn a_device_that_logged_in_lately_is_not_locked_out_by_another_ones_failur
         "auth:\n  credentials_file: {}\n  login:\n    failures_per_user: 2\n",
         creds.display()
     ));
-    v4::connect(v4_user("dev-ok", b.tcp, "fleet", "alice-pw"))
+    v4::connect(v4::options_as("dev-ok", b.tcp, "fleet", "alice-pw"))
         .await
         .disconnect()
         .await;
     // A misconfigured device of the same fleet puts the name over its limit.
     for id in ["dev-bad", "dev-bad", "dev-bad"] {
         assert!(
-            v4::try_connect(v4_user(id, b.tcp, "fleet", "old-pw"))
+            v4::try_connect(v4::options_as(id, b.tcp, "fleet", "old-pw"))
                 .await
                 .is_err()
         );
     }
     assert!(rejected(&b, "login_rate_limited") >= 1.0);
     // The device with the right password still gets in; a guess does not.
-    v4::connect(v4_user("dev-ok", b.tcp, "fleet", "alice-pw"))
+    v4::connect(v4::options_as("dev-ok", b.tcp, "fleet", "alice-pw"))
         .await
         .disconnect()
         .await;
-    let guess = v5::try_connect(v5_user("dev-x", b.tcp, "fleet", "guess")).await;
+    let guess = v5::try_connect(v5::options_as("dev-x", b.tcp, "fleet", "guess")).await;
     assert_eq!(guess.err().as_deref(), Some("ConnectionRateExceeded"));
 }
 
@@ -480,8 +468,8 @@ async fn refused_user_names_are_logged_short_and_rate_limited() {
 #[tokio::test]
 async fn without_credentials_any_user_name_may_connect() {
     let b = Broker::start("");
-    let mut c5 = v5::connect(v5_user("named5", b.tcp, "someone", "anything")).await;
-    let c3 = v4::connect(v4_user("named3", b.tcp, "someone-else", "")).await;
+    let mut c5 = v5::connect(v5::options_as("named5", b.tcp, "someone", "anything")).await;
+    let c3 = v4::connect(v4::options_as("named3", b.tcp, "someone-else", "")).await;
     c5.subscribe("open/#", v5::QoS::AtLeastOnce).await;
     c3.publish("open/1", v4::QoS::AtLeastOnce, false, "hi")
         .await;

@@ -541,6 +541,13 @@ pub mod v4 {
         o
     }
 
+    /// Options that log in as `user` with `password`.
+    pub fn options_as(id: &str, port: u16, user: &str, password: &str) -> MqttOptions {
+        let mut o = options(id, port);
+        o.set_credentials(user, password);
+        o
+    }
+
     /// Connects and waits for a successful CONNACK.
     pub async fn connect(opts: MqttOptions) -> Client {
         match try_connect(opts).await {
@@ -698,6 +705,13 @@ pub mod v5 {
     pub fn options_at(id: &str, host: &str, port: u16) -> MqttOptions {
         let mut o = MqttOptions::new(id, host, port);
         o.set_keep_alive(Duration::from_secs(30));
+        o
+    }
+
+    /// Options that log in as `user` with `password`.
+    pub fn options_as(id: &str, port: u16, user: &str, password: &str) -> MqttOptions {
+        let mut o = options(id, port);
+        o.set_credentials(user, password);
         o
     }
 

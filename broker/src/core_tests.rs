@@ -1,0 +1,395 @@
+//! The broker core without sockets: sessions, routing, takeover, expiry,
+//! retained messages and the outbound pump, driven through `Broker`'s
+//! operations and a fake `OutSink` in place of an ntex-mqtt connection.
+
+use std::cell::RefCell;
+use std::num::NonZeroU16;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ntex::util::Bytes;
+
+use crate::auth::{Auth, Identity};
+use crate::broker::{Broker, Parts};
+use crate::config::Config;
+use crate::connection::{CloseReason, Connection, Origin, OutSink};
+use crate::message::{Message, QoS};
+use crate::router::SubOptions;
+use crate::session::{Attached, Delivery};
+use crate::storage::NoStorage;
+
+fn broker(config: Config) -> Arc<Broker> {
+    let metrics = crate::metrics::Metrics::new().unwrap_or_else(|e| panic!("{e}"));
+    let auth = Auth::open(&config.auth.login, metrics.registry()).unwrap_or_else(|e| panic!("{e}"));
+    let usage = crate::node::usage(&config, &metrics).unwrap_or_else(|e| panic!("{e}"));
+    Broker::new(
+        config,
+        Parts {
+            metrics,
+            auth,
+            tokens: None,
+            admin_tokens: Default::default(),
+            storage: Arc::new(NoStorage),
+            kafka: None,
+            cluster: None,
+            usage,
+        },
+    )
+}
+
+fn opts(qos: QoS) -> SubOptions {
+    SubOptions {
+        qos,
+        no_local: false,
+        retain_as_published: false,
+        id: None,
+    }
+}
+
+fn msg(b: &Broker, topic: &str, qos: QoS, retain: bool, body: &str) -> Arc<Message> {
+    Arc::new(b.message(
+        topic.into(),
+        Bytes::from(body.to_owned()),
+        qos,
+        retain,
+        Arc::from("publisher"),
+    ))
+}
+
+fn queued(a: &Attached) -> Vec<String> {
+    let st = a.session.lock();
+    st.queue.iter().map(|d| d.msg.topic.to_string()).collect()
+}
+
+fn subscribe(b: &Broker, a: &Attached, filter: &str, qos: QoS) {
+    b.subscribe(&a.session, filter, opts(qos))
+        .unwrap_or_else(|e| panic!("subscribe {filter}: {e}"));
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+#[test]
+fn a_publish_reaches_each_matching_session_once() {
+    let b = broker(Config::default());
+    let a = b.attach("a", true, Duration::ZERO);
+    let c = b.attach("c", true, Duration::ZERO);
+    // Overlapping filters of one client give one copy.
+    subscribe(&b, &a, "t/#", QoS::AtLeastOnce);
+    subscribe(&b, &a, "t/+", QoS::AtMostOnce);
+    subscribe(&b, &c, "t/x", QoS::AtLeastOnce);
+    subscribe(&b, &c, "other", QoS::AtLeastOnce);
+    let n = b.publish(&msg(&b, "t/x", QoS::AtLeastOnce, false, "1"), false);
+    assert_eq!(n, 2);
+    assert_eq!(queued(&a), ["t/x"]);
+    assert_eq!(queued(&c), ["t/x"]);
+    let st = a.session.lock();
+    assert_eq!(st.queue[0].qos, QoS::AtLeastOnce, "the highest granted QoS");
+}
+
+#[test]
+fn an_offline_persistent_session_keeps_qos1_and_not_qos0() {
+    let b = broker(Config::default());
+    let p = b.attach("p", false, HOUR);
+    subscribe(&b, &p, "s/#", QoS::ExactlyOnce);
+    b.detach(&p.session, p.conn.generation);
+    b.publish(&msg(&b, "s/1", QoS::AtLeastOnce, false, "kept"), false);
+    b.publish(&msg(&b, "s/2", QoS::AtMostOnce, false, "dropped"), false);
+    let again = b.attach("p", false, HOUR);
+    assert!(again.present, "the session is resumed");
+    let st = again.session.lock();
+    let offline: Vec<_> = st.offline.iter().map(|d| d.msg.topic.to_string()).collect();
+    assert_eq!(offline, ["s/1"]);
+}
+
+#[test]
+fn a_second_connection_takes_the_session_over_and_the_first_detach_changes_nothing() {
+    let b = broker(Config::default());
+    let first = b.attach("dup", false, HOUR);
+    subscribe(&b, &first, "d/#", QoS::AtLeastOnce);
+    let second = b.attach("dup", false, HOUR);
+    assert!(second.took_over && second.present);
+    // The old connection goes away afterwards: the session stays attached
+    // to the new one and keeps receiving.
+    b.detach(&first.session, first.conn.generation);
+    assert!(second.session.is_online());
+    assert_eq!(
+        b.publish(&msg(&b, "d/1", QoS::AtLeastOnce, false, "x"), false),
+        1
+    );
+    assert_eq!(queued(&second), ["d/1"]);
+}
+
+#[test]
+fn a_clean_connection_discards_the_old_session_and_its_routes() {
+    let b = broker(Config::default());
+    let old = b.attach("c1", false, HOUR);
+    subscribe(&b, &old, "gone/#", QoS::AtLeastOnce);
+    b.detach(&old.session, old.conn.generation);
+    let fresh = b.attach("c1", true, Duration::ZERO);
+    assert!(!fresh.present);
+    assert_eq!(
+        b.publish(&msg(&b, "gone/1", QoS::AtLeastOnce, false, "x"), false),
+        0
+    );
+}
+
+#[test]
+fn expired_sessions_leave_with_their_routes() {
+    let b = broker(Config::default());
+    let p = b.attach("e", false, Duration::from_secs(1));
+    subscribe(&b, &p, "exp/#", QoS::AtLeastOnce);
+    b.detach(&p.session, p.conn.generation);
+    b.expire_sessions(Instant::now());
+    assert!(b.sessions.get("e").is_some(), "not expired yet");
+    b.expire_sessions(Instant::now() + Duration::from_secs(2));
+    assert!(b.sessions.get("e").is_none());
+    assert_eq!(
+        b.publish(&msg(&b, "exp/1", QoS::AtLeastOnce, false, "x"), false),
+        0
+    );
+}
+
+#[test]
+fn retained_messages_are_kept_replaced_and_cleared() {
+    let b = broker(Config::default());
+    b.publish(&msg(&b, "r/1", QoS::AtLeastOnce, true, "old"), false);
+    b.publish(&msg(&b, "r/1", QoS::AtLeastOnce, true, "new"), false);
+    b.publish(&msg(&b, "r/2", QoS::AtLeastOnce, true, "two"), false);
+    let got: Vec<_> = b
+        .retained
+        .matching("r/#")
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+        .collect();
+    assert_eq!(got, ["new", "two"]);
+    b.publish(&msg(&b, "r/1", QoS::AtLeastOnce, true, ""), false);
+    assert_eq!(
+        b.retained.len(),
+        1,
+        "an empty retained message clears the topic"
+    );
+}
+
+/// What the fake connection was asked to write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Written {
+    topic: String,
+    qos: QoS,
+    id: Option<u16>,
+    dup: bool,
+    retain: bool,
+}
+
+/// The acknowledgement callback the pump registers.
+type AckFn = Box<dyn Fn(u16)>;
+
+/// An `OutSink` that records, with a settable credit.
+#[derive(Clone, Default)]
+struct FakeSink {
+    written: Rc<RefCell<Vec<Written>>>,
+    credit: Rc<RefCell<usize>>,
+    acks: Rc<RefCell<Option<AckFn>>>,
+    closed: Rc<RefCell<Option<CloseReason>>>,
+}
+
+impl FakeSink {
+    fn with_credit(n: usize) -> Self {
+        let s = Self::default();
+        *s.credit.borrow_mut() = n;
+        s
+    }
+
+    fn record(&self, d: &Delivery, id: Option<NonZeroU16>) {
+        self.written.borrow_mut().push(Written {
+            topic: d.msg.topic.to_string(),
+            qos: d.qos,
+            id: id.map(NonZeroU16::get),
+            dup: d.dup,
+            retain: d.retain,
+        });
+    }
+
+    fn ack(&self, id: u16) {
+        if let Some(f) = self.acks.borrow().as_ref() {
+            f(id);
+        }
+    }
+
+    fn topics(&self) -> Vec<String> {
+        self.written
+            .borrow()
+            .iter()
+            .map(|w| w.topic.clone())
+            .collect()
+    }
+}
+
+impl OutSink for FakeSink {
+    /// Waits for credit, as ntex-mqtt's sink does (this fake's credit only
+    /// grows with a new sink, so without credit it waits for ever).
+    async fn ready(&self) -> bool {
+        if self.credit() == 0 {
+            std::future::pending::<()>().await;
+        }
+        self.closed.borrow().is_none()
+    }
+
+    fn credit(&self) -> usize {
+        let inflight = self
+            .written
+            .borrow()
+            .iter()
+            .filter(|w| w.qos != QoS::AtMostOnce)
+            .count();
+        self.credit.borrow().saturating_sub(inflight)
+    }
+
+    async fn send_qos0(&self, d: &Delivery, _now: Instant) -> bool {
+        self.record(d, None);
+        true
+    }
+
+    fn send_qos1(&self, d: &Delivery, id: NonZeroU16, _now: Instant) -> bool {
+        self.record(d, Some(id));
+        true
+    }
+
+    async fn send_qos2(&self, d: &Delivery, id: NonZeroU16, _now: Instant) -> bool {
+        self.record(d, Some(id));
+        true
+    }
+
+    fn on_ack(&self, f: Box<dyn Fn(u16)>) {
+        *self.acks.borrow_mut() = Some(f);
+    }
+
+    fn close(&self, reason: CloseReason) {
+        *self.closed.borrow_mut() = Some(reason);
+    }
+
+    fn max_packet_size(&self) -> Option<u32> {
+        None
+    }
+}
+
+fn connect(b: &Arc<Broker>, id: &str, persistent: bool, sink: &FakeSink) -> Rc<Connection> {
+    let expiry = if persistent { HOUR } else { Duration::ZERO };
+    let attached = b.attach(id, !persistent, expiry);
+    let conn = Rc::new(Connection::new(
+        b.clone(),
+        attached,
+        Identity::Anonymous,
+        persistent,
+        None,
+        None,
+        Origin {
+            protocol: "test",
+            clean: !persistent,
+        },
+    ));
+    conn.start_pump(sink.clone());
+    conn
+}
+
+/// Lets the pump task run.
+async fn settle() {
+    ntex::time::sleep(Duration::from_millis(30)).await;
+}
+
+#[ntex::test]
+async fn the_pump_numbers_qos1_deliveries_and_resends_the_unacknowledged_first_with_dup() {
+    let b = broker(Config::default());
+    let sink = FakeSink::with_credit(10);
+    let conn = connect(&b, "pumped", true, &sink);
+    b.subscribe(&conn.session, "p/#", opts(QoS::AtLeastOnce))
+        .unwrap_or_else(|e| panic!("{e}"));
+    for i in 1..=3 {
+        b.publish(
+            &msg(&b, &format!("p/{i}"), QoS::AtLeastOnce, false, "x"),
+            false,
+        );
+    }
+    settle().await;
+    let ids: Vec<_> = sink.written.borrow().iter().map(|w| w.id).collect();
+    assert_eq!(ids, [Some(1), Some(2), Some(3)]);
+    sink.ack(1);
+    drop(conn);
+    // The next connection gets the two unacknowledged ones again, in the
+    // order sent, marked DUP, before anything new.
+    let again = FakeSink::with_credit(10);
+    let conn = connect(&b, "pumped", true, &again);
+    b.publish(&msg(&b, "p/4", QoS::AtLeastOnce, false, "x"), false);
+    settle().await;
+    let w = again.written.borrow().clone();
+    assert_eq!(again.topics(), ["p/2", "p/3", "p/4"]);
+    assert!(w[0].dup && w[1].dup && !w[2].dup, "{w:?}");
+    drop(conn);
+}
+
+#[ntex::test]
+async fn the_pump_sends_no_more_qos1_than_the_client_has_credit_for() {
+    let b = broker(Config::default());
+    let sink = FakeSink::with_credit(2);
+    let conn = connect(&b, "slow", false, &sink);
+    b.subscribe(&conn.session, "c/#", opts(QoS::AtLeastOnce))
+        .unwrap_or_else(|e| panic!("{e}"));
+    for i in 0..5 {
+        b.publish(
+            &msg(&b, &format!("c/{i}"), QoS::AtLeastOnce, false, "x"),
+            false,
+        );
+    }
+    settle().await;
+    assert_eq!(sink.topics(), ["c/0", "c/1"], "two in flight at most");
+    assert_eq!(
+        conn.session.lock().queue.len(),
+        3,
+        "the rest waits in the queue"
+    );
+    drop(conn);
+}
+
+#[ntex::test]
+async fn a_new_subscription_gets_its_retained_messages_before_live_ones() {
+    let b = broker(Config::default());
+    for i in 0..100 {
+        b.publish(
+            &msg(&b, &format!("ret/{i:03}"), QoS::AtLeastOnce, true, "r"),
+            false,
+        );
+    }
+    let sink = FakeSink::with_credit(1000);
+    let conn = connect(&b, "late", false, &sink);
+    let sub = b
+        .subscribe(&conn.session, "ret/#", opts(QoS::AtLeastOnce))
+        .unwrap_or_else(|e| panic!("{e}"));
+    if let Some(cursor) = sub.retained {
+        conn.session.replay_retained(cursor, opts(QoS::AtLeastOnce));
+    }
+    b.publish(&msg(&b, "ret/live", QoS::AtLeastOnce, false, "l"), false);
+    settle().await;
+    let w = sink.written.borrow().clone();
+    assert_eq!(w.len(), 101);
+    assert!(w[..100].iter().all(|w| w.retain), "retained first");
+    assert_eq!(w[100].topic, "ret/live");
+    assert!(!w[100].retain);
+    drop(conn);
+}
+
+#[ntex::test]
+async fn a_takeover_closes_the_old_connection() {
+    let b = broker(Config::default());
+    let first = FakeSink::with_credit(10);
+    let old = connect(&b, "twice", true, &first);
+    let second = FakeSink::with_credit(10);
+    let new = connect(&b, "twice", true, &second);
+    settle().await;
+    assert_eq!(*first.closed.borrow(), Some(CloseReason::Takeover));
+    assert!(second.closed.borrow().is_none());
+    drop(old);
+    assert!(
+        new.session.is_online(),
+        "the old connection's end leaves the new one attached"
+    );
+}
