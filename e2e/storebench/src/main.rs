@@ -15,10 +15,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 const USAGE: &str = "usage: ringmq-storebench --engine fjall|redb --dir DIR
-       [--writers 16] [--messages 20000] [--value 200] [--window 32] [--sync batch|off]
+       [--writers 16] [--messages 20000] [--value 200] [--window 32] [--inflight 1]
+       [--sync batch|off]
 
---messages per writer; --sync off skips the fsync (fjall: flushed to the OS
-at each commit; redb: Durability::None).";
+--messages per writer; --inflight: stores a writer has waiting at once (an
+MQTT client's in-flight window: its PUBACKs may wait while it sends on);
+--sync off skips the fsync (fjall: flushed to the OS at each commit; redb:
+Durability::None).";
 
 struct Settings {
     engine: String,
@@ -27,6 +30,7 @@ struct Settings {
     messages: u64,
     value: usize,
     window: u64,
+    inflight: u64,
     sync: bool,
 }
 
@@ -169,9 +173,17 @@ fn run(s: &Settings) -> anyhow::Result<String> {
     let writers: Vec<_> = (0..s.writers)
         .map(|w| {
             let (tx, messages, window) = (tx.clone(), s.messages, s.window);
+            let inflight = s.inflight.max(1);
             std::thread::spawn(move || -> anyhow::Result<()> {
-                let (done_tx, done_rx) = mpsc::sync_channel(1);
+                // The committer answers a writer's requests in order, so
+                // counting answers tells which stores are durable.
+                let (done_tx, done_rx) = mpsc::sync_channel(usize::try_from(inflight)?);
+                let mut waiting = 0;
                 for seq in 0..messages {
+                    if waiting == inflight {
+                        done_rx.recv().context("committer gone")?;
+                        waiting -= 1;
+                    }
                     let mut ops = vec![Op::Put(key(w, seq))];
                     if seq >= window {
                         ops.push(Op::Delete(key(w, seq - window)));
@@ -181,6 +193,9 @@ fn run(s: &Settings) -> anyhow::Result<String> {
                         done: done_tx.clone(),
                     })
                     .context("committer gone")?;
+                    waiting += 1;
+                }
+                for _ in 0..waiting {
                     done_rx.recv().context("committer gone")?;
                 }
                 Ok(())
@@ -203,9 +218,10 @@ fn run(s: &Settings) -> anyhow::Result<String> {
     };
     let total = s.messages * s.writers as u64;
     Ok(format!(
-        "{{\"engine\":\"{}\",\"sync\":{},\"writers\":{},\"messages\":{},\"msgs_per_sec\":{:.0},\"commits\":{},\"msgs_per_commit\":{:.1},\"commit_p50_us\":{:.0},\"commit_p99_us\":{:.0},\"disk_bytes\":{}}}",
+        "{{\"engine\":\"{}\",\"sync\":{},\"inflight\":{},\"writers\":{},\"messages\":{},\"msgs_per_sec\":{:.0},\"commits\":{},\"msgs_per_commit\":{:.1},\"commit_p50_us\":{:.0},\"commit_p99_us\":{:.0},\"disk_bytes\":{}}}",
         s.engine,
         s.sync,
+        s.inflight,
         s.writers,
         total,
         total as f64 / elapsed,
@@ -225,6 +241,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> anyhow::Result<Settings> {
         messages: 20_000,
         value: 200,
         window: 32,
+        inflight: 1,
         sync: true,
     };
     while let Some(arg) = args.next() {
@@ -236,6 +253,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> anyhow::Result<Settings> {
             "--messages" => s.messages = value()?.parse()?,
             "--value" => s.value = value()?.parse()?,
             "--window" => s.window = value()?.parse()?,
+            "--inflight" => s.inflight = value()?.parse()?,
             "--sync" => {
                 s.sync = match value()?.as_str() {
                     "batch" => true,
