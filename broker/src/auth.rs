@@ -240,8 +240,9 @@ pub struct Auth {
     login: Login,
     /// What an unknown user name's password is checked against, so that its
     /// refusal costs what a wrong password of a real user costs: the first
-    /// user's hash (same parameters), or one made at start-up.
-    decoy: Arc<str>,
+    /// user's hash (same parameters), or one made at start-up; none without
+    /// a credentials file, where every CONNECT is accepted unchecked.
+    decoy: Option<Arc<str>>,
 }
 
 /// A connection's view of the credentials: the grants checks of the
@@ -267,7 +268,7 @@ impl Auth {
             generation: AtomicU64::new(0),
             modified: Mutex::new(None),
             login: Login::new(login, registry)?,
-            decoy: decoy()?,
+            decoy: None,
         })
     }
 
@@ -284,7 +285,7 @@ impl Auth {
             generation: AtomicU64::new(0),
             modified: Mutex::new(modified),
             login: Login::new(login, registry)?,
-            decoy: decoy()?,
+            decoy: Some(decoy()?),
         })
     }
 
@@ -375,10 +376,9 @@ impl Auth {
             // Not a new proof: the name's failure count stays.
             return Ok(Identity::User(Arc::from(username)));
         }
-        if self.login.limited(username, ip) {
+        let Some(priority) = self.login.admit(username, ip) else {
             return Err(Refusal::TooManyFailures);
-        }
-        let priority = self.login.priority(username, ip);
+        };
         let verdict = self
             .check(
                 &snap, generation, client_id, group_id, username, password, priority,
@@ -445,18 +445,20 @@ impl Auth {
         } else {
             Refusal::BadCredentials
         };
-        self.login
-            .decoy(self.decoy_hash(snap), password, priority)
-            .await
-            .map_err(busy)?;
+        if let Some(hash) = self.decoy_hash(snap) {
+            self.login
+                .decoy(hash, password, priority)
+                .await
+                .map_err(busy)?;
+        }
         Err(refusal)
     }
 
-    fn decoy_hash(&self, snap: &Snapshot) -> Arc<str> {
-        if let Some(u) = snap.users.values().next() {
-            return u.password_hash.0.clone();
+    fn decoy_hash(&self, snap: &Snapshot) -> Option<Arc<str>> {
+        match snap.users.values().next() {
+            Some(u) => Some(u.password_hash.0.clone()),
+            None => self.decoy.clone(),
         }
-        self.decoy.clone()
     }
 
     /// Whether `signature` is Base64(HmacSHA1(SecretKey of `ak`, `data`)):

@@ -39,12 +39,7 @@ fn broker(config: Config) -> Arc<Broker> {
 }
 
 fn opts(qos: QoS) -> SubOptions {
-    SubOptions {
-        qos,
-        no_local: false,
-        retain_as_published: false,
-        id: None,
-    }
+    SubOptions::at(qos)
 }
 
 fn msg(b: &Broker, topic: &str, qos: QoS, retain: bool, body: &str) -> Arc<Message> {

@@ -170,11 +170,6 @@ impl Verifier {
         self.shared.work.notify_one();
         answer.await.map_err(|_| Busy)
     }
-
-    /// Verifications run so far.
-    pub fn count(&self) -> u64 {
-        self.verifications.get()
-    }
 }
 
 impl Drop for Verifier {
@@ -257,8 +252,14 @@ impl Failures {
             .map_or(0, |(_, n)| *n)
     }
 
+    /// Whether `count` failures reach the limit.
+    fn over(&self, count: u32) -> bool {
+        self.limit > 0 && count >= self.limit
+    }
+
+    #[cfg(test)]
     fn limited(&self, k: &[u8], now: Instant) -> bool {
-        self.limit > 0 && self.count(k, now) >= self.limit
+        self.over(self.count(k, now))
     }
 
     /// Counts a failure; kept with the limit off too, for the priority.
@@ -434,11 +435,19 @@ impl Login {
         })
     }
 
-    /// Whether the user name or the IP failed too often lately.
-    pub fn limited(&self, user: &str, ip: Option<IpAddr>) -> bool {
+    /// The queue a login from `ip` as `user` waits in, or `None` when the
+    /// name or the address failed too often lately: one look at each count.
+    pub fn admit(&self, user: &str, ip: Option<IpAddr>) -> Option<Priority> {
         let now = Instant::now();
-        self.by_user.limited(user.as_bytes(), now)
-            || ip.is_some_and(|ip| self.by_ip.limited(ip_key(ip).as_slice(), now))
+        let by_user = self.by_user.count(user.as_bytes(), now);
+        let by_ip = ip.map_or(0, |ip| self.by_ip.count(ip_key(ip).as_slice(), now));
+        if self.by_user.over(by_user) || self.by_ip.over(by_ip) {
+            None
+        } else if by_user > 0 || by_ip > 0 {
+            Some(Priority::Suspect)
+        } else {
+            Some(Priority::Clean)
+        }
     }
 
     /// Counts a failed login.
@@ -459,18 +468,6 @@ impl Login {
     /// the credentials of `generation`).
     pub fn remembered(&self, generation: u64, user: &str, password: &[u8]) -> bool {
         self.cache.hit(generation, user, password, Instant::now())
-    }
-
-    /// The queue a login from `ip` as `user` waits in.
-    pub fn priority(&self, user: &str, ip: Option<IpAddr>) -> Priority {
-        let now = Instant::now();
-        let failed = self.by_user.count(user.as_bytes(), now) > 0
-            || ip.is_some_and(|ip| self.by_ip.count(ip_key(ip).as_slice(), now) > 0);
-        if failed {
-            Priority::Suspect
-        } else {
-            Priority::Clean
-        }
     }
 
     /// Verifies a password on the pool; a match is remembered.
@@ -507,11 +504,6 @@ impl Login {
     /// Whether a refusal may be logged now.
     pub fn may_log(&self) -> bool {
         self.log.take(self.started.elapsed().as_secs())
-    }
-
-    /// Password verifications run so far (real and decoy).
-    pub fn verifications(&self) -> u64 {
-        self.verifier.count()
     }
 }
 

@@ -35,6 +35,18 @@ pub struct SubOptions {
     pub id: Option<NonZeroU32>,
 }
 
+impl SubOptions {
+    /// Plain options at `qos`: what MQTT 3.1.1 can ask for.
+    pub fn at(qos: QoS) -> Self {
+        Self {
+            qos,
+            no_local: false,
+            retain_as_published: false,
+            id: None,
+        }
+    }
+}
+
 /// One delivery the table asks for.
 #[derive(Debug, Clone)]
 pub struct Route {
@@ -351,12 +363,7 @@ mod tests {
     use crate::topic::parse_filter;
 
     fn opts(qos: QoS) -> SubOptions {
-        SubOptions {
-            qos,
-            no_local: false,
-            retain_as_published: false,
-            id: None,
-        }
+        SubOptions::at(qos)
     }
 
     fn clients(r: &Router, topic: &str) -> Vec<String> {

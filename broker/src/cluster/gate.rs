@@ -135,9 +135,7 @@ impl ForwardedPeers {
 
 /// Serves one client connection of a front-door listener.
 pub async fn serve(io: IoBoxed, broker: Arc<Broker>, mqtt: &Mqtt) {
-    let Some(_slot) = broker.fds.take(1) else {
-        broker.metrics.reject("fd_limit");
-        io.close();
+    let Some(_slot) = slot(&io, &broker) else {
         return;
     };
     let Some(cluster) = broker.cluster.clone() else {
@@ -181,9 +179,7 @@ pub async fn serve(io: IoBoxed, broker: Arc<Broker>, mqtt: &Mqtt) {
         return;
     }
     // The link to the owner is a second descriptor.
-    let Some(_link_slot) = broker.fds.take(1) else {
-        broker.metrics.reject("fd_limit");
-        io.close();
+    let Some(_link_slot) = slot(&io, &broker) else {
         return;
     };
     let client_ip = crate::protocol::socket_ip(&io);
@@ -273,9 +269,7 @@ pub async fn serve_forwarded(io: IoBoxed, broker: &Broker, client_ip: Option<IpA
         wait_settled(c).await;
     }
     let key = (std::thread::current().id(), io.id());
-    let Some(_slot) = broker.fds.take(1) else {
-        broker.metrics.reject("fd_limit");
-        io.close();
+    let Some(_slot) = slot(&io, broker) else {
         return;
     };
     if let Some(ip) = client_ip {
@@ -283,6 +277,17 @@ pub async fn serve_forwarded(io: IoBoxed, broker: &Broker, client_ip: Option<IpA
     }
     serve_here(io, broker, mqtt).await;
     broker.forwarded_peers.remove(&key);
+}
+
+/// A descriptor slot for a connection (`descriptors`); past the budget the
+/// connection is closed and counted.
+fn slot(io: &IoBoxed, broker: &Broker) -> Option<crate::descriptors::Slot> {
+    let slot = broker.fds.take(1);
+    if slot.is_none() {
+        broker.metrics.reject("fd_limit");
+        io.close();
+    }
+    slot
 }
 
 /// Serves a client on this node; a connection that ends before its CONNECT

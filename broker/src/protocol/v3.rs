@@ -164,12 +164,7 @@ pub async fn protocol(
             let mut replay = Vec::new();
             for mut item in sub.iter_mut() {
                 let qos = QoS::from(item.qos());
-                let opts = SubOptions {
-                    qos,
-                    no_local: false,
-                    retain_as_published: false,
-                    id: None,
-                };
+                let opts = SubOptions::at(qos);
                 if let Err(e) = super::may_subscribe(conn, item.topic()) {
                     if let Some(notice) = super::token_notice(&e) {
                         send_notice(s.sink(), notice).await;
