@@ -43,7 +43,8 @@ def start_broker(extra="", admin=None):
             "workers: 2\n" + extra
         )
         log = open(Path(d) / "broker.log", "w")
-        proc = subprocess.Popen([str(binary), "--config", str(cfg)], stderr=log)
+        # Its working directory is the test's: the default store (`data`) too.
+        proc = subprocess.Popen([str(binary), "--config", str(cfg)], stderr=log, cwd=d)
         deadline = time.time() + 20
         while True:
             try:

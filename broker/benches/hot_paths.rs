@@ -91,7 +91,7 @@ fn queue(c: &mut Criterion) {
     c.bench_function("session enqueue + dequeue (shared payload)", |b| {
         b.iter(|| {
             let d = Delivery::new(msg.clone(), QoS::AtLeastOnce);
-            black_box(session.enqueue(d, limits));
+            black_box(session.enqueue(d, limits, None));
             black_box(session.lock().queue.pop_front())
         })
     });

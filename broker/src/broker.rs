@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::message::{Message, MessageIds, QoS};
 use crate::meter::{Meter, weight};
 use crate::metrics::Metrics;
+use crate::persist::{Pending, Persist, Recovered};
 use crate::protocol::order::Gate;
 use crate::retain::RetainStore;
 use crate::router::{ClientId, Route, Router, Scope, SubOptions, node_route, route_node};
@@ -39,6 +40,9 @@ pub enum PublishError {
     Storage(#[from] StorageError),
     #[error("a node with subscribers is unreachable")]
     Cluster,
+    /// The node's store could not write (disk full, read-only).
+    #[error("the message could not be stored for the persistent sessions it reached: {0}")]
+    Persist(#[from] crate::persist::PersistError),
 }
 
 /// Why one filter of a SUBSCRIBE was refused.
@@ -50,6 +54,8 @@ pub enum SubscribeError {
     Quota(usize),
     #[error("the instance's subscription capacity is used up")]
     Capacity,
+    #[error("the subscription could not be stored (disk full or read-only?)")]
+    Store,
 }
 
 pub type Result<T, E = PublishError> = std::result::Result<T, E>;
@@ -93,6 +99,8 @@ pub struct Broker {
     /// Signalled when a connection ends or a session leaves for another
     /// node: what a shutdown or a drain waits on.
     drained: tokio::sync::Notify,
+    /// Where persistent sessions and retained messages are kept on disk.
+    persist: Persist,
 }
 
 /// What the node measures and remembers for the operations API, and the
@@ -120,6 +128,9 @@ pub struct Publisher<'a> {
     /// The message's place in its client's arrival order (`None`: nothing
     /// to keep in order with).
     pub ticket: Option<&'a crate::protocol::order::Ticket<'a>>,
+    /// The packet id of a QoS 2 PUBLISH: until its PUBREL, a resend of it
+    /// (after a reconnect or a restart) is acknowledged, not delivered again.
+    pub qos2_id: Option<u16>,
 }
 
 /// Which offline sessions keep a message.
@@ -153,6 +164,8 @@ pub struct Parts {
     pub kafka: Option<Arc<crate::kafka::Kafka>>,
     pub cluster: Option<Arc<Cluster>>,
     pub usage: Usage,
+    /// The durable store (`Persist::memory()` for none).
+    pub persist: Persist,
 }
 
 impl Broker {
@@ -166,14 +179,15 @@ impl Broker {
             kafka,
             cluster,
             usage,
+            persist,
         } = parts;
         let config_node = config.node_name();
         let fds = crate::descriptors::Budget::new(config.limits.reserved_file_descriptors);
         Arc::new(Self {
             config,
-            sessions: SessionStore::default(),
+            sessions: SessionStore::new(persist.clone()),
             router: Router::default(),
-            retained: RetainStore::default(),
+            retained: RetainStore::new(persist.clone()),
             metrics,
             ids: MessageIds::new(&config_node),
             auth,
@@ -191,6 +205,7 @@ impl Broker {
             moved: std::sync::Mutex::default(),
             usage,
             drained: tokio::sync::Notify::new(),
+            persist,
         })
     }
 
@@ -302,10 +317,22 @@ impl Broker {
     /// then route, both in the client's arrival order (`protocol::order`).
     /// Resolves when the PUBLISH may be acknowledged.
     pub async fn accept(&self, msg: Arc<Message>, publisher: Publisher<'_>) -> Result<usize> {
+        let ticket = publisher.ticket;
+        if let Some(id) = publisher.qos2_id
+            && publisher.session.holds_qos2(id)
+        {
+            // Delivered already: its PUBREC went missing.
+            self.metrics.drop_message("qos2_duplicate");
+            ticket.inspect(|t| t.pass(Gate::Store));
+            if let Some(t) = ticket {
+                t.wait(Gate::Route).await;
+            }
+            ticket.inspect(|t| t.pass(Gate::Route));
+            return Ok(0);
+        }
         self.metrics.received(msg.qos, msg.payload.len());
         self.count_produced(&msg, &publisher.session.client_id, MessageAction::Published);
         publisher.session.received.fetch_add(1, Ordering::Relaxed);
-        let ticket = publisher.ticket;
         if self.storage.stores(topic::parent_topic(&msg.topic)) {
             let ordered = publisher.session.lock().ordered;
             let durability = if msg.qos == QoS::AtMostOnce {
@@ -326,10 +353,23 @@ impl Broker {
         }
         let mut over = Vec::new();
         let mut forwards = Vec::new();
+        let mut pending = Pending::default();
+        if let Some(id) = publisher.qos2_id {
+            // In the same commit as the deliveries: on disk before PUBREC.
+            let max = usize::from(self.config.limits.receive_maximum);
+            publisher.session.hold_qos2(id, max, &mut pending);
+        }
         let keep = KeepOffline::Publisher {
             persistent: publisher.persistent,
         };
-        let reached = self.route(&msg, keep, Scope::All, &mut over, &mut forwards);
+        let reached = self.route(
+            &msg,
+            keep,
+            Scope::All,
+            &mut over,
+            &mut forwards,
+            &mut pending,
+        );
         // Boxed waits, here and below: they are rare, and the publish
         // handler's future is allocated per message at its full size.
         if !forwards.is_empty()
@@ -340,6 +380,13 @@ impl Broker {
         }
         // Queued here and on the links: the client's next message may route.
         ticket.inspect(|t| t.pass(Gate::Route));
+        // In the store for every persistent session it reached (the next
+        // messages join the same group commit meanwhile). QoS 0 has no
+        // acknowledgement to hold back: its retained copy is written in
+        // order with the rest, and nobody waits for it.
+        if msg.qos != QoS::AtMostOnce {
+            pending.wait().await?;
+        }
         for session in over {
             if !self.has_room(&session) {
                 Box::pin(self.wait_for_room(&session)).await;
@@ -428,7 +475,8 @@ impl Broker {
                 .is_none_or(|c| c.is_local(&c.owner(group)))
         };
         let scope = Scope::Designated { owns: &owns };
-        let reached = self.route(msg, keep, scope, &mut over, &mut forwards);
+        let mut pending = Pending::default();
+        let reached = self.route(msg, keep, scope, &mut over, &mut forwards, &mut pending);
         self.forward_now(forwards);
         (reached, over)
     }
@@ -460,6 +508,7 @@ impl Broker {
             Scope::Local { groups },
             &mut over,
             &mut forwards,
+            &mut Pending::default(),
         );
         // Only sessions that just moved produce forwards here.
         self.forward_now(forwards);
@@ -487,7 +536,13 @@ impl Broker {
         }
         let msg = Arc::new(cluster::from_wire(w));
         let mut over = Vec::new();
-        self.publish_p2p(&msg, client_id, persistent, &mut over);
+        self.publish_p2p(
+            &msg,
+            client_id,
+            persistent,
+            &mut over,
+            &mut Pending::default(),
+        );
         over
     }
 
@@ -697,7 +752,7 @@ impl Broker {
             st.ordered |= ws.ordered;
             let resend = ws.resend.into_iter().map(cluster::delivery_from_wire);
             let offline = ws.offline.into_iter().map(cluster::delivery_from_wire);
-            match &st.attached {
+            let wake = match &st.attached {
                 // The client came back first: the messages join its live queue.
                 Some(conn) => {
                     let wake = conn.wake.clone();
@@ -709,7 +764,10 @@ impl Broker {
                     st.offline.extend(offline);
                     None
                 }
-            }
+            };
+            // This node keeps it now.
+            session.save_all(&mut st);
+            wake
         };
         if let Some(w) = wake {
             w.notify_one();
@@ -735,6 +793,43 @@ impl Broker {
         {
             self.rebalance();
         }
+    }
+
+    /// Installs what the store read back at start-up: persistent sessions
+    /// (offline, with their queued messages and routes) and retained
+    /// messages.
+    pub fn restore(&self, recovered: Recovered) {
+        let (now, now_ms) = (Instant::now(), crate::message::now_ms());
+        for rs in recovered.sessions {
+            let session = self.sessions.restore(rs, now, now_ms);
+            let filters: Vec<(String, SubOptions)> = session
+                .lock()
+                .subscriptions
+                .iter()
+                .map(|(f, o)| (f.clone(), *o))
+                .collect();
+            for (raw, opts) in filters {
+                if let Ok(f) = topic::parse_filter(&raw, usize::MAX, false)
+                    && self.router.subscribe(&session.client_id, &f, opts)
+                {
+                    self.metrics.subscriptions.inc();
+                }
+                if let Some(c) = &self.cluster {
+                    c.filter_added(&raw);
+                }
+            }
+        }
+        let mut n = 0;
+        for m in recovered.retained {
+            n = self.retained.restore(&Arc::new(m));
+        }
+        self.metrics.retained.set(gauge(n));
+        self.metrics.sessions.set(gauge(self.sessions.len()));
+    }
+
+    /// Updates the store's size metric.
+    pub fn persist_size(&self, dir: &std::path::Path) {
+        self.persist.measure(dir);
     }
 
     /// A peer left: its routes go.
@@ -826,7 +921,16 @@ impl Broker {
             persistent: publisher_persistent,
         };
         let mut forwards = Vec::new();
-        let reached = self.route(msg, keep, Scope::All, &mut Vec::new(), &mut forwards);
+        // Nothing waits for these: the store writes them in order with the rest.
+        let mut pending = Pending::default();
+        let reached = self.route(
+            msg,
+            keep,
+            Scope::All,
+            &mut Vec::new(),
+            &mut forwards,
+            &mut pending,
+        );
         self.forward_now(forwards);
         reached
     }
@@ -840,12 +944,13 @@ impl Broker {
         scope: Scope<'_>,
         over: &mut Vec<Arc<Session>>,
         forwards: &mut Forwards,
+        pending: &mut Pending,
     ) -> usize {
         let origin = matches!(scope, Scope::All);
         // Read only when the message goes on a cluster link.
         let now = std::cell::LazyCell::new(Instant::now);
         if msg.retain && origin {
-            let n = self.retained.set(msg);
+            let n = self.retained.set(msg, Some(&mut *pending));
             self.metrics.retained.set(gauge(n));
             if let Some(c) = &self.cluster {
                 c.broadcast(&Frame::Retain {
@@ -881,7 +986,7 @@ impl Broker {
                     return 0;
                 }
             }
-            return self.publish_p2p(msg, target, persistent, over);
+            return self.publish_p2p(msg, target, persistent, over, pending);
         }
         let mut routes: Vec<Route> = Vec::new();
         let is_online = |c: &ClientId| {
@@ -964,8 +1069,9 @@ impl Broker {
                 retain: rap && msg.retain,
                 dup: false,
                 sub_ids,
+                seq: 0,
             };
-            if self.deliver(session, d, over) {
+            if self.deliver(session, d, over, pending) {
                 reached += 1;
             }
         }
@@ -978,6 +1084,7 @@ impl Broker {
         target: &str,
         publisher_persistent: bool,
         over: &mut Vec<Arc<Session>>,
+        pending: &mut Pending,
     ) -> usize {
         let Some(session) = self.sessions.get(target) else {
             self.metrics.drop_message("p2p_no_session");
@@ -989,13 +1096,19 @@ impl Broker {
         } else {
             msg.qos
         };
-        usize::from(self.deliver(session, Delivery::new(msg.clone(), qos), over))
+        usize::from(self.deliver(session, Delivery::new(msg.clone(), qos), over, pending))
     }
 
     /// Queues one delivery and counts it; a session that went over its queue
     /// limit joins `over`, for the publisher to wait on. True if kept.
-    fn deliver(&self, session: Arc<Session>, d: Delivery, over: &mut Vec<Arc<Session>>) -> bool {
-        let outcome = session.enqueue(d, self.queue_limits());
+    fn deliver(
+        &self,
+        session: Arc<Session>,
+        d: Delivery,
+        over: &mut Vec<Arc<Session>>,
+        pending: &mut Pending,
+    ) -> bool {
+        let outcome = session.enqueue(d, self.queue_limits(), Some(pending));
         let outcome = self.follow_move(&session, outcome);
         let is_over = matches!(outcome, Enqueued::OverLimit);
         let kept = self.count(&session, outcome);
@@ -1008,7 +1121,7 @@ impl Broker {
     /// Offers one delivery to a session without waiting for room (retained
     /// replay, broker notices) and counts the outcome.
     pub fn offer(&self, session: &Session, d: Delivery) -> bool {
-        let outcome = session.enqueue(d, self.queue_limits());
+        let outcome = session.enqueue(d, self.queue_limits(), None);
         let outcome = self.follow_move(session, outcome);
         self.count(session, outcome)
     }
@@ -1059,12 +1172,34 @@ impl Broker {
         }
     }
 
-    /// Adds one subscription of a session.
-    pub fn subscribe(
+    /// Adds one subscription of a session; for a persistent session it
+    /// resolves once the subscription is in the store (refused, and undone,
+    /// when the store cannot write).
+    pub async fn subscribe(
         &self,
         session: &Session,
         raw: &str,
         opts: SubOptions,
+    ) -> Result<Subscribed, SubscribeError> {
+        let mut pending = Pending::default();
+        let sub = self.subscribe_now(session, raw, opts, &mut pending)?;
+        if let Err(e) = pending.wait().await {
+            tracing::warn!(client_id = %session.client_id, filter = raw, error = %e, "subscription not stored; refused");
+            if !sub.existed {
+                self.unsubscribe(session, raw);
+            }
+            return Err(SubscribeError::Store);
+        }
+        Ok(sub)
+    }
+
+    /// Adds one subscription of a session; its record joins `pending`.
+    pub fn subscribe_now(
+        &self,
+        session: &Session,
+        raw: &str,
+        opts: SubOptions,
+        pending: &mut Pending,
     ) -> Result<Subscribed, SubscribeError> {
         let limits = &self.config.limits;
         let filter = topic::parse_filter(
@@ -1083,6 +1218,7 @@ impl Broker {
             return Err(SubscribeError::Capacity);
         }
         st.subscriptions.insert(raw.to_owned(), opts);
+        session.save(&st, Some(pending));
         drop(st);
         if self.router.subscribe(&session.client_id, &filter, opts) {
             self.metrics.subscriptions.inc();
@@ -1105,7 +1241,11 @@ impl Broker {
         let existed = {
             let mut st = session.lock();
             st.replays.retain(|r| r.cursor.filter() != raw);
-            st.subscriptions.remove(raw).is_some()
+            let existed = st.subscriptions.remove(raw).is_some();
+            if existed {
+                session.save(&st, None);
+            }
+            existed
         };
         if let Some(c) = &self.cluster
             && existed

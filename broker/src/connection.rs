@@ -171,7 +171,7 @@ impl Connection {
         let reason = match refused {
             None => DeviceReason::Accepted,
             Some(SubscribeError::Filter(_)) => DeviceReason::Invalid,
-            Some(SubscribeError::Quota(_) | SubscribeError::Capacity) => {
+            Some(SubscribeError::Quota(_) | SubscribeError::Capacity | SubscribeError::Store) => {
                 DeviceReason::QuotaExceeded
             }
         };
@@ -532,6 +532,7 @@ impl Pump {
         for (i, d) in batch.into_iter().enumerate() {
             if d.msg.is_expired(now, ttl) {
                 expired += 1;
+                self.session.discard(&d);
                 continue;
             }
             let from_offline = i >= resent && i < resent + offline;
@@ -592,8 +593,9 @@ impl Pump {
             {
                 // MQTT 5 3.1.2.11.4: a message the client cannot take is dropped.
                 self.broker.metrics.drop_message("client_max_packet_size");
-                if let Some(id) = id {
-                    self.session.acked(self.conn.generation, id.get());
+                match id {
+                    Some(id) => self.session.acked(self.conn.generation, id.get()),
+                    None => self.session.discard(&d),
                 }
                 continue;
             }

@@ -34,6 +34,7 @@ fn broker(config: Config) -> Arc<Broker> {
             kafka: None,
             cluster: None,
             usage,
+            persist: crate::persist::Persist::memory(),
         },
     )
 }
@@ -58,7 +59,7 @@ fn queued(a: &Attached) -> Vec<String> {
 }
 
 fn subscribe(b: &Broker, a: &Attached, filter: &str, qos: QoS) {
-    b.subscribe(&a.session, filter, opts(qos))
+    b.subscribe_now(&a.session, filter, opts(qos), &mut Default::default())
         .unwrap_or_else(|e| panic!("subscribe {filter}: {e}"));
 }
 
@@ -297,8 +298,13 @@ async fn the_pump_numbers_qos1_deliveries_and_resends_the_unacknowledged_first_w
     let b = broker(Config::default());
     let sink = FakeSink::with_credit(10);
     let conn = connect(&b, "pumped", true, &sink);
-    b.subscribe(&conn.session, "p/#", opts(QoS::AtLeastOnce))
-        .unwrap_or_else(|e| panic!("{e}"));
+    b.subscribe_now(
+        &conn.session,
+        "p/#",
+        opts(QoS::AtLeastOnce),
+        &mut Default::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     for i in 1..=3 {
         b.publish(
             &msg(&b, &format!("p/{i}"), QoS::AtLeastOnce, false, "x"),
@@ -327,8 +333,13 @@ async fn the_pump_sends_no_more_qos1_than_the_client_has_credit_for() {
     let b = broker(Config::default());
     let sink = FakeSink::with_credit(2);
     let conn = connect(&b, "slow", false, &sink);
-    b.subscribe(&conn.session, "c/#", opts(QoS::AtLeastOnce))
-        .unwrap_or_else(|e| panic!("{e}"));
+    b.subscribe_now(
+        &conn.session,
+        "c/#",
+        opts(QoS::AtLeastOnce),
+        &mut Default::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     for i in 0..5 {
         b.publish(
             &msg(&b, &format!("c/{i}"), QoS::AtLeastOnce, false, "x"),
@@ -357,7 +368,12 @@ async fn a_new_subscription_gets_its_retained_messages_before_live_ones() {
     let sink = FakeSink::with_credit(1000);
     let conn = connect(&b, "late", false, &sink);
     let sub = b
-        .subscribe(&conn.session, "ret/#", opts(QoS::AtLeastOnce))
+        .subscribe_now(
+            &conn.session,
+            "ret/#",
+            opts(QoS::AtLeastOnce),
+            &mut Default::default(),
+        )
         .unwrap_or_else(|e| panic!("{e}"));
     if let Some(cursor) = sub.retained {
         conn.session.replay_retained(cursor, opts(QoS::AtLeastOnce));

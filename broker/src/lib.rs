@@ -23,6 +23,7 @@ pub mod meter;
 pub mod metrics;
 pub mod node;
 pub mod ops;
+pub mod persist;
 pub mod protocol;
 pub mod retain;
 pub mod ring;
@@ -66,6 +67,8 @@ pub enum Error {
     Alarm(#[from] alarm::AlarmError),
     #[error(transparent)]
     Journal(#[from] journal::JournalError),
+    #[error(transparent)]
+    Persist(#[from] persist::PersistError),
     #[error("cannot read the {what} file {path}: {error}")]
     SecretFile {
         what: &'static str,

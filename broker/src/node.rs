@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crate::shutdown::{Shutdown, Trigger};
 use crate::{
     Config, Error, Result, admin, alarm, auth, broker, capacity, cluster, journal, kafka, listener,
-    message, meter, metrics, ops, secret_file, storage, token, trace,
+    message, meter, metrics, ops, persist, secret_file, storage, token, trace,
 };
 
 /// Runs one broker node until `stop` resolves. Must be called inside an
@@ -72,6 +72,9 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<()> {
         None => None,
     };
     let usage = usage(&config, &metrics)?;
+    // Read back before anything is served: a client that connects finds
+    // its session (the listeners are bound; connections wait in the backlog).
+    let (persist, recovered) = persist::Persist::open(&config.persistence, metrics.registry())?;
     let broker = broker::Broker::new(
         config,
         broker::Parts {
@@ -83,8 +86,10 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<()> {
             kafka: kafka.clone(),
             cluster: cluster.clone(),
             usage,
+            persist: persist.clone(),
         },
     );
+    broker.restore(recovered);
     ntex::rt::spawn(ops::tick(broker.clone(), shutdown.clone()));
     ntex::rt::spawn(housekeeping(broker.clone(), shutdown.clone()));
     if let Some(c) = &cluster {
@@ -129,6 +134,8 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<()> {
     } else {
         tracing::info!(tasks = trigger.started(), "background tasks ended");
     }
+    // Every connection is gone: what they changed is in the writer's queue.
+    persist.close();
     served?;
     if let Some(d) = downlink {
         d.stop();
@@ -184,8 +191,15 @@ pub(crate) fn usage(config: &Config, metrics: &metrics::Metrics) -> Result<broke
 /// Periodic work: session expiry, credentials reload.
 async fn housekeeping(broker: Arc<broker::Broker>, shutdown: Shutdown) {
     let _guard = shutdown.guard();
+    let mut ticks = 0u64;
     while shutdown.sleep(Duration::from_secs(1)).await {
         broker.expire_sessions(Instant::now());
+        ticks += 1;
+        if ticks % 10 == 1
+            && let Some(dir) = &broker.config.persistence.dir
+        {
+            broker.persist_size(dir);
+        }
         let secrets = broker
             .tokens
             .as_ref()

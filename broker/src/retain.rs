@@ -16,6 +16,7 @@ use std::sync::{Arc, RwLock};
 use ntex::util::ByteString;
 
 use crate::message::Message;
+use crate::persist::{Pending, Persist};
 use crate::topic;
 
 /// A topic as a key in topic order.
@@ -52,6 +53,9 @@ struct Inner {
 #[derive(Debug, Default)]
 pub struct RetainStore {
     inner: RwLock<Inner>,
+    /// Each change is written to the store under the write lock, so the
+    /// disk sees a topic's changes in the order memory did.
+    persist: Persist,
 }
 
 /// Where a subscription's replay of retained messages stands.
@@ -89,8 +93,9 @@ pub struct Page {
 impl RetainStore {
     /// Stores a retained message; an empty payload clears the topic. Returns
     /// the number of retained messages held afterwards.
-    pub fn set(&self, msg: &Arc<Message>) -> usize {
+    pub fn set(&self, msg: &Arc<Message>, pending: Option<&mut Pending>) -> usize {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        self.persist.retain(msg, pending);
         inner.apply(msg)
     }
 
@@ -105,6 +110,21 @@ impl RetainStore {
         {
             return inner.messages.len();
         }
+        self.persist.retain(msg, None);
+        inner.apply(msg)
+    }
+
+    /// Retained messages kept through `persist`.
+    pub fn new(persist: Persist) -> Self {
+        Self {
+            inner: RwLock::default(),
+            persist,
+        }
+    }
+
+    /// A message read back from the store at start-up (not written again).
+    pub fn restore(&self, msg: &Arc<Message>) -> usize {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         inner.apply(msg)
     }
 
@@ -222,11 +242,11 @@ mod tests {
     fn a_replay_pages_through_every_match_in_topic_order() {
         let s = RetainStore::default();
         for i in 0..10_000 {
-            s.set(&msg(&format!("rq/{i:05}"), "x"));
+            s.set(&msg(&format!("rq/{i:05}"), "x"), None);
         }
-        s.set(&msg("rq", "parent"));
-        s.set(&msg("rqx/1", "not under rq/"));
-        s.set(&msg("other/1", "x"));
+        s.set(&msg("rq", "parent"), None);
+        s.set(&msg("rqx/1", "not under rq/"), None);
+        s.set(&msg("other/1", "x"), None);
         let mut r = s.replay("rq/#");
         let mut seen = Vec::new();
         loop {
@@ -245,12 +265,12 @@ mod tests {
     #[test]
     fn messages_retained_after_the_subscription_are_not_replayed() {
         let s = RetainStore::default();
-        s.set(&msg("a/1", "old"));
-        s.set(&msg("a/3", "old"));
+        s.set(&msg("a/1", "old"), None);
+        s.set(&msg("a/3", "old"), None);
         let mut r = s.replay("a/+");
-        s.set(&msg("a/2", "new"));
-        s.set(&msg("a/3", "newer"));
-        s.set(&msg("a/1", ""));
+        s.set(&msg("a/2", "new"), None);
+        s.set(&msg("a/3", "newer"), None);
+        s.set(&msg("a/1", ""), None);
         let page = s.page(&mut r, 100);
         assert!(page.done);
         assert!(topics(&page).is_empty(), "{:?}", topics(&page));
@@ -262,9 +282,9 @@ mod tests {
     fn a_sparse_filter_scans_a_bounded_number_of_topics_per_page() {
         let s = RetainStore::default();
         for i in 0..(3 * PAGE_SCAN) {
-            s.set(&msg(&format!("t/{i:06}/x"), "x"));
+            s.set(&msg(&format!("t/{i:06}/x"), "x"), None);
         }
-        s.set(&msg("t/zzzzzz/y", "x"));
+        s.set(&msg("t/zzzzzz/y", "x"), None);
         let mut r = s.replay("t/+/y");
         let mut pages = 0;
         let mut found = Vec::new();
@@ -283,8 +303,8 @@ mod tests {
     #[test]
     fn wildcards_at_the_start_do_not_replay_system_topics() {
         let s = RetainStore::default();
-        s.set(&msg("$SYS/x", "x"));
-        s.set(&msg("a", "x"));
+        s.set(&msg("$SYS/x", "x"), None);
+        s.set(&msg("a", "x"), None);
         assert_eq!(s.matching("#").len(), 1);
         assert_eq!(s.matching("$SYS/#").len(), 1);
         assert_eq!(s.matching("a").len(), 1);

@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 
 use crate::FastMap;
 use crate::message::{Message, QoS};
+use crate::persist::{Pending, Persist, SessionRecord};
 use crate::retain::Replay;
 use crate::router::{ClientId, SubOptions};
 use crate::token::{Claims, TokenType};
@@ -34,6 +35,9 @@ pub struct Delivery {
     pub retain: bool,
     pub dup: bool,
     pub sub_ids: Vec<NonZeroU32>,
+    /// Its number in the session's durable queue; 0 when it is not stored
+    /// (QoS 0, clean sessions, no store).
+    pub seq: u64,
 }
 
 impl Delivery {
@@ -45,6 +49,7 @@ impl Delivery {
             retain: false,
             dup: false,
             sub_ids: Vec::new(),
+            seq: 0,
         }
     }
 }
@@ -103,6 +108,9 @@ pub struct QueueLimits {
 pub struct Session {
     pub client_id: ClientId,
     state: Mutex<State>,
+    /// Where a persistent session's changes are written, in the order
+    /// they happen under `state`'s lock.
+    persist: Persist,
     /// Signalled when the connection takes messages from the live queue.
     pub space: Notify,
     /// Messages the client published, and messages sent to it (O2).
@@ -156,6 +164,31 @@ pub struct State {
     pub moved_to: Option<Arc<str>>,
     /// What the connection query reports (O2).
     pub info: ClientInfo,
+    /// The last number given to a stored delivery.
+    pub last_seq: u64,
+    /// Packet ids of QoS 2 PUBLISHes accepted from the client and not yet
+    /// released (PUBREL), oldest first, at most the receive maximum.
+    pub qos2_received: VecDeque<u16>,
+}
+
+impl State {
+    /// The session as the store keeps it.
+    pub fn record(&self) -> SessionRecord {
+        SessionRecord {
+            expiry_ms: u64::try_from(self.expiry.as_millis()).unwrap_or(u64::MAX),
+            disconnected_ms: match self.attached {
+                Some(_) => 0,
+                None => self.info.disconnected_at.unwrap_or(0),
+            },
+            ordered: self.ordered,
+            qos2_ids: self.qos2_received.iter().copied().collect(),
+            subscriptions: self
+                .subscriptions
+                .iter()
+                .map(|(f, o)| (f.clone(), *o))
+                .collect(),
+        }
+    }
 }
 
 /// The last connection of a session, as the connection query shows it (O2).
@@ -174,9 +207,10 @@ pub struct ClientInfo {
 }
 
 impl Session {
-    fn new(client_id: ClientId) -> Self {
+    fn new(client_id: ClientId, persist: Persist) -> Self {
         Self {
             client_id,
+            persist,
             state: Mutex::new(State {
                 attached: None,
                 kick: None,
@@ -196,6 +230,8 @@ impl Session {
                 pending_will_generation: None,
                 moved_to: None,
                 info: ClientInfo::default(),
+                last_seq: 0,
+                qos2_received: VecDeque::new(),
             }),
             space: Notify::new(),
             received: AtomicU64::new(0),
@@ -214,12 +250,20 @@ impl Session {
     }
 
     /// Offers a message; online sessions queue it for the connection, offline
-    /// persistent ones store QoS 1/2 messages as offline messages.
-    pub fn enqueue(&self, d: Delivery, limits: QueueLimits) -> Enqueued {
+    /// persistent ones store QoS 1/2 messages as offline messages. A QoS 1/2
+    /// message kept by a persistent session is written to the store, and
+    /// `pending` (when given) waits for it.
+    pub fn enqueue(
+        &self,
+        mut d: Delivery,
+        limits: QueueLimits,
+        pending: Option<&mut Pending>,
+    ) -> Enqueued {
         let mut st = self.lock();
         if let Some(owner) = &st.moved_to {
             return Enqueued::Moved(owner.clone(), d);
         }
+        let durable = st.persistent && d.qos != QoS::AtMostOnce && self.persist.is_durable();
         if let Some(conn) = &st.attached {
             let len = st.queue.len();
             // QoS 1/2 may go past the limit by `overflow`, so that waiting
@@ -236,6 +280,11 @@ impl Session {
                 // give (woken for each, it took nothing, and across workers
                 // each wake-up was a cross-thread wake).
                 let wake = (len == 0).then(|| conn.wake.clone());
+                if durable {
+                    st.last_seq += 1;
+                    d.seq = st.last_seq;
+                    self.persist.queue(&self.client_id, d.seq, &d, pending);
+                }
                 st.queue.push_back(d);
                 drop(st);
                 if let Some(wake) = wake {
@@ -251,11 +300,18 @@ impl Session {
             Enqueued::Dropped
         } else {
             let dropped = if st.offline.len() >= limits.offline {
-                st.offline.pop_front();
+                if let Some(old) = st.offline.pop_front() {
+                    self.persist.unqueue(&self.client_id, old.seq);
+                }
                 true
             } else {
                 false
             };
+            if durable {
+                st.last_seq += 1;
+                d.seq = st.last_seq;
+                self.persist.queue(&self.client_id, d.seq, &d, pending);
+            }
             st.offline.push_back(d);
             if dropped {
                 Enqueued::OfflineDroppedOldest
@@ -285,9 +341,95 @@ impl Session {
             .attached
             .as_ref()
             .is_some_and(|c| c.generation == generation)
+            && let Some(d) = st.inflight.remove(packet_id)
         {
-            st.inflight.remove(packet_id);
+            self.persist.unqueue(&self.client_id, d.seq);
         }
+    }
+
+    /// Writes the session's record if it is persistent; `pending` (when
+    /// given) waits for it. Called with the lock held, so that records reach
+    /// the store in the order the session changed.
+    pub fn save(&self, st: &State, pending: Option<&mut Pending>) {
+        if st.persistent {
+            self.persist.session(&self.client_id, &st.record(), pending);
+        }
+    }
+
+    /// Writes the record and every QoS 1/2 message not stored yet (a session
+    /// that arrived from another node). Called with the lock held.
+    pub fn save_all(&self, st: &mut State) {
+        if !st.persistent || !self.persist.is_durable() {
+            return;
+        }
+        let State {
+            resend,
+            offline,
+            queue,
+            last_seq,
+            ..
+        } = st;
+        for d in resend
+            .iter_mut()
+            .chain(offline.iter_mut())
+            .chain(queue.iter_mut())
+        {
+            if d.seq == 0 && d.qos != QoS::AtMostOnce {
+                *last_seq += 1;
+                d.seq = *last_seq;
+                self.persist.queue(&self.client_id, d.seq, d, None);
+            }
+        }
+        self.save(st, None);
+    }
+
+    /// MQTT 5 DISCONNECT changed the session expiry: a session that is no
+    /// longer persistent leaves the store.
+    pub fn set_expiry(&self, expiry: Duration) {
+        let mut st = self.lock();
+        let was = st.persistent;
+        st.expiry = expiry;
+        st.persistent = expiry > Duration::ZERO;
+        if was && !st.persistent {
+            self.persist.forget(&self.client_id);
+        } else {
+            self.save(&st, None);
+        }
+    }
+
+    /// Whether the QoS 2 PUBLISH `id` was accepted and not yet released.
+    pub fn holds_qos2(&self, id: u16) -> bool {
+        self.lock().qos2_received.contains(&id)
+    }
+
+    /// Remembers an accepted QoS 2 PUBLISH of a persistent session until
+    /// its PUBREL (at most `max`, the oldest forgotten first); the record
+    /// joins `pending`.
+    pub fn hold_qos2(&self, id: u16, max: usize, pending: &mut Pending) {
+        let mut st = self.lock();
+        if !st.persistent {
+            return;
+        }
+        st.qos2_received.retain(|&x| x != id);
+        st.qos2_received.push_back(id);
+        while st.qos2_received.len() > max {
+            st.qos2_received.pop_front();
+        }
+        self.save(&st, Some(pending));
+    }
+
+    /// PUBREL: the client will not send `id` again.
+    pub fn release_qos2(&self, id: u16) {
+        let mut st = self.lock();
+        if let Some(i) = st.qos2_received.iter().position(|&x| x == id) {
+            st.qos2_received.remove(i);
+            self.save(&st, None);
+        }
+    }
+
+    /// A message the session will not send (expired, too large): out of the store.
+    pub fn discard(&self, d: &Delivery) {
+        self.persist.unqueue(&self.client_id, d.seq);
     }
 
     /// Asks the attached connection to close.
@@ -383,19 +525,62 @@ pub struct SessionStore {
     shards: Vec<RwLock<FastMap<ClientId, Arc<Session>>>>,
     hasher: foldhash::fast::RandomState,
     generation: std::sync::atomic::AtomicU64,
+    persist: Persist,
 }
 
 impl Default for SessionStore {
+    /// Sessions in memory only.
     fn default() -> Self {
-        Self {
-            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
-            hasher: foldhash::fast::RandomState::default(),
-            generation: std::sync::atomic::AtomicU64::new(1),
-        }
+        Self::new(Persist::memory())
     }
 }
 
 impl SessionStore {
+    /// Sessions whose persistent state is written through `persist`.
+    pub fn new(persist: Persist) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            hasher: foldhash::fast::RandomState::default(),
+            generation: std::sync::atomic::AtomicU64::new(1),
+            persist,
+        }
+    }
+
+    /// A persistent session read back from the store at start-up: offline,
+    /// its messages in the offline queue in the order they were queued.
+    /// Returns it with its subscriptions, for the router.
+    pub fn restore(
+        &self,
+        rs: crate::persist::RecoveredSession,
+        now: Instant,
+        now_ms: u64,
+    ) -> Arc<Session> {
+        let session = Arc::new(Session::new(rs.client.clone(), self.persist.clone()));
+        {
+            let mut st = session.lock();
+            st.persistent = true;
+            st.expiry = Duration::from_millis(rs.record.expiry_ms);
+            st.disconnected_at = Some(crate::persist::disconnected_at(&rs.record, now, now_ms));
+            st.info.disconnected_at = Some(match rs.record.disconnected_ms {
+                0 => now_ms,
+                t => t,
+            });
+            st.ordered = rs.record.ordered;
+            st.qos2_received = rs.record.qos2_ids.into_iter().collect();
+            st.subscriptions = rs.record.subscriptions.into_iter().collect();
+            st.last_seq = rs.messages.last().map_or(0, |d| d.seq);
+            st.offline = rs.messages.into();
+            // A crash while it was connected: the record says "connected";
+            // from now on it is offline.
+            session.save(&st, None);
+        }
+        self.shard(&rs.client)
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(rs.client, session.clone());
+        session
+    }
+
     fn shard(&self, client_id: &str) -> &RwLock<FastMap<ClientId, Arc<Session>>> {
         // The modulo keeps the value below SHARDS, so the cast cannot truncate.
         let i = (self.hasher.hash_one(client_id) % SHARDS as u64) as usize;
@@ -435,7 +620,7 @@ impl SessionStore {
             .unwrap_or_else(|e| e.into_inner());
         let session = map
             .entry(Arc::from(client_id))
-            .or_insert_with_key(|k| Arc::new(Session::new(k.clone())))
+            .or_insert_with_key(|k| Arc::new(Session::new(k.clone(), self.persist.clone())))
             .clone();
         drop(map);
         let conn = Conn {
@@ -448,6 +633,10 @@ impl SessionStore {
         let existed = st.persistent || took_over || !st.subscriptions.is_empty();
         let mut discarded = Vec::new();
         let present = if clean || !st.persistent {
+            if st.persistent {
+                // What the store kept of the old session goes with it.
+                self.persist.forget(&session.client_id);
+            }
             discarded = st.subscriptions.drain().map(|(f, _)| f).collect();
             st.queue.clear();
             st.offline.clear();
@@ -455,6 +644,7 @@ impl SessionStore {
             st.resend.clear();
             st.replays.clear();
             st.ordered = false;
+            st.qos2_received.clear();
             false
         } else {
             // Unacknowledged messages of the previous connection go out again first.
@@ -475,6 +665,7 @@ impl SessionStore {
         st.tokens.clear();
         st.pending_will_generation = None;
         st.kick = None;
+        session.save(&st, None);
         drop(st);
         if let Some(old) = previous {
             // The old connection sees another generation attached and closes.
@@ -517,6 +708,7 @@ impl SessionStore {
             front.extend(st.resend.drain(..));
             front.extend(st.queue.drain(..).filter(|d| d.qos != QoS::AtMostOnce));
             st.resend = front;
+            session.save(&st, None);
             drop(st);
             // Publishers waiting for room in the live queue need not wait
             // for a client that is gone.
@@ -559,6 +751,7 @@ impl SessionStore {
                         .disconnected_at
                         .is_some_and(|t| now.saturating_duration_since(t) >= st.expiry);
                 if expired {
+                    self.persist.forget(id);
                     gone.push((
                         id.clone(),
                         st.subscriptions.drain().map(|(f, _)| f).collect(),
@@ -570,12 +763,18 @@ impl SessionStore {
         gone
     }
 
-    /// Takes a session out of this node's store (it moved to another node).
+    /// Takes a session out of this node's store and the durable store (it
+    /// moved to another node, which keeps it now).
     pub fn remove(&self, client_id: &str) -> Option<Arc<Session>> {
-        self.shard(client_id)
+        let removed = self
+            .shard(client_id)
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(client_id)
+            .remove(client_id);
+        if let Some(s) = &removed {
+            self.persist.forget(&s.client_id);
+        }
+        removed
     }
 
     /// The session another node hands over: the one that exists already (its
@@ -587,7 +786,7 @@ impl SessionStore {
             .unwrap_or_else(|e| e.into_inner());
         map.entry(Arc::from(client_id))
             .or_insert_with_key(|k| {
-                let s = Session::new(k.clone());
+                let s = Session::new(k.clone(), self.persist.clone());
                 {
                     let mut st = s.lock();
                     st.persistent = true;
@@ -666,17 +865,17 @@ mod tests {
         assert!(store.detach(&a.session, a.conn.generation).is_none());
         let s = &a.session;
         assert!(matches!(
-            s.enqueue(delivery(QoS::AtMostOnce, 0), LIMITS),
+            s.enqueue(delivery(QoS::AtMostOnce, 0), LIMITS, None),
             Enqueued::Dropped
         ));
         for n in 1..=3 {
             assert!(matches!(
-                s.enqueue(delivery(QoS::AtLeastOnce, n), LIMITS),
+                s.enqueue(delivery(QoS::AtLeastOnce, n), LIMITS, None),
                 Enqueued::Offline
             ));
         }
         assert!(matches!(
-            s.enqueue(delivery(QoS::AtLeastOnce, 4), LIMITS),
+            s.enqueue(delivery(QoS::AtLeastOnce, 4), LIMITS, None),
             Enqueued::OfflineDroppedOldest
         ));
         let payloads: Vec<u8> = s.lock().offline.iter().map(|d| d.msg.payload[0]).collect();
@@ -697,19 +896,19 @@ mod tests {
         };
         let s = &a.session;
         assert!(matches!(
-            s.enqueue(delivery(QoS::AtLeastOnce, 1), tight),
+            s.enqueue(delivery(QoS::AtLeastOnce, 1), tight, None),
             Enqueued::Online
         ));
         assert!(matches!(
-            s.enqueue(delivery(QoS::AtMostOnce, 2), tight),
+            s.enqueue(delivery(QoS::AtMostOnce, 2), tight, None),
             Enqueued::Dropped
         ));
         assert!(matches!(
-            s.enqueue(delivery(QoS::AtLeastOnce, 3), tight),
+            s.enqueue(delivery(QoS::AtLeastOnce, 3), tight, None),
             Enqueued::OverLimit
         ));
         assert!(matches!(
-            s.enqueue(delivery(QoS::AtLeastOnce, 4), tight),
+            s.enqueue(delivery(QoS::AtLeastOnce, 4), tight, None),
             Enqueued::Dropped
         ));
     }

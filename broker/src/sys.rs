@@ -83,7 +83,9 @@ pub fn handle(conn: &Connection, topic: &str, payload: &[u8]) -> Result<()> {
                     )));
                 }
             };
-            conn.session.lock().ordered = on;
+            let mut st = conn.session.lock();
+            st.ordered = on;
+            conn.session.save(&st, None);
             Ok(())
         }
         other => Err(SysError::Malformed(format!("unknown system topic {other}"))),

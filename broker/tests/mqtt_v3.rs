@@ -63,10 +63,12 @@ async fn wildcards_and_dollar_topics() {
 #[tokio::test]
 async fn retained_message_is_replayed_and_cleared() {
     let b = Broker::start("");
-    let publisher = v4::connect(v4::options("pub", b.tcp)).await;
+    let mut publisher = v4::connect(v4::options("pub", b.tcp)).await;
     publisher
         .publish("r/t", QoS::AtLeastOnce, true, "kept")
         .await;
+    // Retained once acknowledged: a subscription before that may see it live.
+    publisher.acked(1).await;
     let mut late = v4::connect(v4::options("late", b.tcp)).await;
     late.subscribe("r/#", QoS::AtLeastOnce).await;
     let p = late.next_publish().await;

@@ -26,7 +26,8 @@ port=21900
 start_broker() { # name -> sets pid; port in $port
     case "$1" in
     ringmq)
-        printf 'listeners:\n  tcp: "127.0.0.1:%s"\n  ws: null\n  admin: null\nlimits:\n  max_subscriptions_per_client: 0\n' "$port" >"$work/ringmq.yaml"
+        rm -rf "$work/ringmq-data"
+        printf 'listeners:\n  tcp: "127.0.0.1:%s"\n  ws: null\n  admin: null\nlimits:\n  max_subscriptions_per_client: 0\npersistence:\n  dir: %s/ringmq-data\n' "$port" "$work" >"$work/ringmq.yaml"
         RUST_LOG=error "$bin/ringmq-broker" --config "$work/ringmq.yaml" >"$work/ringmq.log" 2>&1 &
         ;;
     mosquitto)

@@ -292,7 +292,8 @@ class Broker:
         )
         self.log_path = tmp / "broker.log"
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([str(binary), "--config", str(cfg)], stderr=self.log)
+        # In its own directory: the default store (`data`) is per broker.
+        self.proc = subprocess.Popen([str(binary), "--config", str(cfg)], stderr=self.log, cwd=tmp)
         try:
             self.port = wait_for("MQTT listener", lambda: self._port("mqtt-tcp"), timeout=20)
             self.admin = wait_for("admin listener", lambda: self._port("admin"), timeout=20)

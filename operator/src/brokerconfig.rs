@@ -21,7 +21,12 @@ pub mod paths {
     pub const ADMIN_TOKEN: &str = "/etc/ringmq/admin/token";
     pub const TLS_DIR: &str = "/etc/ringmq/tls";
     pub const KAFKA_DIR: &str = "/etc/ringmq/kafka";
-    pub const TRACE_DIR: &str = "/var/lib/ringmq/trace";
+    /// The pod's data volume (a PersistentVolumeClaim).
+    pub const DATA_DIR: &str = "/var/lib/ringmq";
+    /// The store of persistent sessions, queued and retained messages.
+    pub const STORE_DIR: &str = "/var/lib/ringmq/store";
+    /// The trace, metering and alarm journal, on the same volume.
+    pub const TRACE_DIR: &str = "/var/lib/ringmq/journal";
 }
 
 /// Container ports of the broker.
@@ -111,6 +116,7 @@ pub fn render(spec: &MqttInstanceSpec, names: &Names, inputs: &Inputs) -> String
             "tps": rule(&spec.alarms.tps),
         },
         "trace": { "dir": paths::TRACE_DIR },
+        "persistence": { "dir": paths::STORE_DIR },
         "shutdown_timeout_secs": 30,
     });
     if let Some(k) = &spec.kafka {

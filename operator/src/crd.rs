@@ -94,6 +94,38 @@ pub struct MqttInstanceSpec {
     /// Overrides of the broker pods.
     #[serde(default)]
     pub pod: PodOverrides,
+    /// Each broker pod's data volume: its store of persistent sessions,
+    /// queued and retained messages, and the trace/metering journal.
+    #[serde(default)]
+    pub storage: Storage,
+}
+
+/// A PersistentVolumeClaim per broker pod (`volumeClaimTemplates`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Storage {
+    /// Size of each pod's volume, a Kubernetes quantity (`10Gi`); unset,
+    /// derived from the capacity (see `profile::storage_size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"))]
+    pub size: Option<String>,
+    /// StorageClass of the volumes; unset, the cluster's default class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+    /// Keep the volumes when the instance is deleted (`Retain`), or delete
+    /// them with it (`Delete`, the default). Volumes of pods removed by a
+    /// scale-down are always deleted: a pod hands its sessions to the rest
+    /// of the ring before it goes, so its store is empty.
+    #[serde(default)]
+    pub when_deleted: VolumePolicy,
+}
+
+/// What happens to the volumes when the instance is deleted.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum VolumePolicy {
+    #[default]
+    Delete,
+    Retain,
 }
 
 /// Declared capacity: any value within the seed tiers' range.

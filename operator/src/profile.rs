@@ -87,6 +87,27 @@ pub fn resources(spec: &MqttInstanceSpec) -> ResourceRequirements {
     }
 }
 
+/// Bytes a stored queued message takes on disk, with the engine's overhead
+/// (a typical device payload of a few hundred bytes, its topic and key).
+const BYTES_PER_QUEUED_MESSAGE: i64 = 2 * 1024;
+/// Room for the store's journal (64 MiB at most), compaction and the
+/// trace/metering journal (1 GiB at most).
+const BASE_STORAGE_MIB: i64 = 2 * 1024;
+
+/// Each pod's data volume: the override, or room for every connection a
+/// pod is sized for holding a full offline queue, plus the journals;
+/// rounded up to whole GiB. Independent of the replica count, like
+/// `resources`.
+pub fn storage_size(spec: &MqttInstanceSpec) -> Quantity {
+    if let Some(size) = &spec.storage.size {
+        return Quantity(size.clone());
+    }
+    let connections = spec.capacity.connections.min(CONNECTIONS_PER_POD);
+    let queue = i64::from(spec.session.offline_queue_len);
+    let mib = BASE_STORAGE_MIB + ceil_div(connections * queue * BYTES_PER_QUEUED_MESSAGE, 1 << 20);
+    Quantity(format!("{}Gi", ceil_div(mib, 1024)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,5 +159,23 @@ mod tests {
         // 1 000 x 24 KiB = 24 MiB, plus 256; the CPU floor.
         assert_eq!(req["memory"].0, "280Mi");
         assert_eq!(req["cpu"].0, "250m");
+    }
+    fn yaml_spec(yaml: &str) -> MqttInstanceSpec {
+        serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn storage_follows_the_capacity_unless_set() {
+        let small = yaml_spec("capacity: { connections: 100, tps: 100, subscriptions: 100 }");
+        assert_eq!(storage_size(&small).0, "3Gi");
+        // 50 000 connections a pod, 1 000 offline messages each: ~95 GiB.
+        let big = yaml_spec(
+            "capacity: { connections: 2000000, tps: 100, subscriptions: 100 }\nsession: { offlineQueueLen: 1000 }",
+        );
+        assert_eq!(storage_size(&big).0, "98Gi");
+        let set = yaml_spec(
+            "capacity: { connections: 100, tps: 100, subscriptions: 100 }\nstorage: { size: 500Mi }",
+        );
+        assert_eq!(storage_size(&set).0, "500Mi");
     }
 }

@@ -5,11 +5,14 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::apps::v1::{
+    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
+};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, Secret, SecretVolumeSource,
-    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec,
+    Probe, Secret, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume,
+    VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -18,7 +21,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::brokerconfig::{paths, ports};
-use crate::crd::{MqttInstanceSpec, ServiceType};
+use crate::crd::{MqttInstanceSpec, ServiceType, VolumePolicy};
 use crate::credentials::Rendered;
 use crate::names::Names;
 
@@ -202,11 +205,6 @@ pub fn stateful_set(ctx: &Context<'_>, spec: &MqttInstanceSpec, credentials: boo
         },
         secret_volume("cluster", ctx.names.cluster_secret()),
         secret_volume("admin", ctx.names.admin_secret()),
-        Volume {
-            name: "trace".to_owned(),
-            empty_dir: Some(EmptyDirVolumeSource::default()),
-            ..Volume::default()
-        },
     ];
     let mut mounts = vec![
         mount("config", paths::CONFIG_DIR),
@@ -214,7 +212,7 @@ pub fn stateful_set(ctx: &Context<'_>, spec: &MqttInstanceSpec, credentials: boo
         mount("admin", paths::ADMIN_DIR),
         VolumeMount {
             read_only: Some(false),
-            ..mount("trace", paths::TRACE_DIR)
+            ..mount("data", paths::DATA_DIR)
         },
     ];
     if credentials {
@@ -308,9 +306,46 @@ pub fn stateful_set(ctx: &Context<'_>, spec: &MqttInstanceSpec, credentials: boo
                     ..PodSpec::default()
                 }),
             },
+            volume_claim_templates: Some(vec![data_claim(spec)]),
+            persistent_volume_claim_retention_policy: Some(
+                StatefulSetPersistentVolumeClaimRetentionPolicy {
+                    when_deleted: Some(
+                        match spec.storage.when_deleted {
+                            VolumePolicy::Delete => "Delete",
+                            VolumePolicy::Retain => "Retain",
+                        }
+                        .to_owned(),
+                    ),
+                    when_scaled: Some("Delete".to_owned()),
+                },
+            ),
             ..StatefulSetSpec::default()
         },
         ..StatefulSet::default()
+    }
+}
+
+/// Each pod's data volume: the store and the journal survive the pod
+/// (restart, rescheduling, rolling upgrade); the pod's `fsGroup` owns it.
+fn data_claim(spec: &MqttInstanceSpec) -> PersistentVolumeClaim {
+    PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some("data".to_owned()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".to_owned()]),
+            storage_class_name: spec.storage.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([(
+                    "storage".to_owned(),
+                    crate::profile::storage_size(spec),
+                )])),
+                ..VolumeResourceRequirements::default()
+            }),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        ..PersistentVolumeClaim::default()
     }
 }
 

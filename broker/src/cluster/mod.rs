@@ -721,6 +721,8 @@ pub fn delivery_from_wire(d: wire::WireDelivery) -> crate::session::Delivery {
             .into_iter()
             .filter_map(std::num::NonZeroU32::new)
             .collect(),
+        // The receiving node numbers it when it stores it.
+        seq: 0,
     }
 }
 

@@ -19,6 +19,7 @@ mod instance;
 mod kafka;
 mod limits;
 mod listeners;
+mod persistence;
 mod trace;
 
 pub use alarms::{AlarmRule, AlarmsConfig};
@@ -33,6 +34,7 @@ pub use kafka::{
 };
 pub use limits::LimitsConfig;
 pub use listeners::{ListenerConfig, TlsFiles};
+pub use persistence::{Fsync, PersistenceConfig};
 pub use trace::TraceConfig;
 
 /// Errors while reading or checking the configuration.
@@ -95,6 +97,8 @@ pub struct Config {
     pub alarms: AlarmsConfig,
     /// Device and message traces (O4, O5) and metering history (O3, O6).
     pub trace: TraceConfig,
+    /// The durable store of sessions, queued and retained messages.
+    pub persistence: PersistenceConfig,
 }
 
 impl Default for Config {
@@ -114,6 +118,7 @@ impl Default for Config {
             capacity: CapacityConfig::default(),
             alarms: AlarmsConfig::default(),
             trace: TraceConfig::default(),
+            persistence: PersistenceConfig::default(),
         }
     }
 }
@@ -172,6 +177,7 @@ impl Config {
         self.limits.check(&mut problems);
         self.auth.check(&mut problems);
         self.trace.check(&mut problems);
+        self.persistence.check(&mut problems);
         self.alarms.check(&mut problems);
         if let Some(k) = &self.kafka {
             k.check(&mut problems);

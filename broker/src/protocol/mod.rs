@@ -60,9 +60,9 @@ impl Error {
         match self {
             Error::NotAuthorized => DeviceReason::TopicAuthFailed,
             Error::Token(..) | Error::Sys(SysError::Token(..)) => DeviceReason::NotAuthorized,
-            Error::Publish(PublishError::Storage(StorageError::BufferFull)) => {
-                DeviceReason::QuotaExceeded
-            }
+            Error::Publish(
+                PublishError::Storage(StorageError::BufferFull) | PublishError::Persist(_),
+            ) => DeviceReason::QuotaExceeded,
             Error::Transport(_) => DeviceReason::ClosedByClient,
             _ => DeviceReason::Invalid,
         }
@@ -77,6 +77,7 @@ impl Error {
             }
             Error::Publish(PublishError::Storage(_)) => "storage_unavailable",
             Error::Publish(PublishError::Cluster) => "cluster_unavailable",
+            Error::Publish(PublishError::Persist(_)) => "store_unavailable",
             Error::Sys(SysError::RateLimited(_)) => "offline_pull_rate",
             Error::Sys(SysError::Malformed(_)) => "sys_request_malformed",
             Error::Payload(_) => "payload",
@@ -261,6 +262,7 @@ pub async fn publish(
     msg: Arc<Message>,
     on_full: OnFull,
     ticket: &order::Ticket<'_>,
+    packet_id: Option<std::num::NonZeroU16>,
 ) -> Result<()> {
     let broker = &conn.broker;
     // In arrival order from here: the throttle below may hold a message.
@@ -291,6 +293,9 @@ pub async fn publish(
             persistent: conn.persistent,
             on_full,
             ticket: Some(ticket),
+            qos2_id: packet_id
+                .filter(|_| msg.qos == crate::message::QoS::ExactlyOnce)
+                .map(|id| id.get()),
         };
         broker.accept(msg.clone(), publisher).await?;
         Ok(())

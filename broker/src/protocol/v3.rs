@@ -132,7 +132,14 @@ async fn accept_publish(s: &v3::Session<St>, p: v3::Publish) -> Result<()> {
     );
     // Shared from here: the handler's future holds a pointer, not the
     // message.
-    let result = super::publish(s, Arc::new(msg), crate::storage::OnFull::Wait, &ticket).await;
+    let result = super::publish(
+        s,
+        Arc::new(msg),
+        crate::storage::OnFull::Wait,
+        &ticket,
+        p.id(),
+    )
+    .await;
     if let Err(e) = &result
         && let Some(notice) = super::token_notice(e)
     {
@@ -179,7 +186,7 @@ pub async fn protocol(
                         V3SubscribeRefusal::Close => return Err(e),
                     }
                 }
-                match broker.subscribe(&conn.session, item.topic(), opts) {
+                match broker.subscribe(&conn.session, item.topic(), opts).await {
                     Ok(r) => {
                         conn.trace_subscribe(item.topic(), None);
                         item.confirm(qos.into());
@@ -210,7 +217,10 @@ pub async fn protocol(
             Ok(d.ack())
         }
         v3::ProtocolMessage::Ping(p) => Ok(p.ack()),
-        v3::ProtocolMessage::PublishRelease(r) => Ok(r.ack()),
+        v3::ProtocolMessage::PublishRelease(r) => {
+            conn.session.release_qos2(r.id().get());
+            Ok(r.ack())
+        }
     }
 }
 

@@ -197,7 +197,16 @@ async fn accept_publish(s: &v5::Session<St>, p: v5::Publish) -> Result<v5::Publi
     });
     let qos = msg.qos;
     // Shared from here (see `v3::publish`).
-    match super::publish(s, Arc::new(msg), crate::storage::OnFull::Refuse, &ticket).await {
+    let id = p.id();
+    match super::publish(
+        s,
+        Arc::new(msg),
+        crate::storage::OnFull::Refuse,
+        &ticket,
+        id,
+    )
+    .await
+    {
         Ok(()) => Ok(p.ack()),
         // Token refusals: the notice, then the connection closes (A3).
         Err(e) if super::token_notice(&e).is_some() => {
@@ -212,9 +221,9 @@ async fn accept_publish(s: &v5::Session<St>, p: v5::Publish) -> Result<v5::Publi
             let code = match &e {
                 Error::Publish(PublishError::Topic(_)) => PublishAckReason::TopicNameInvalid,
                 Error::NotAuthorized => PublishAckReason::NotAuthorized,
-                Error::Publish(PublishError::Storage(StorageError::BufferFull)) => {
-                    PublishAckReason::QuotaExceeded
-                }
+                Error::Publish(
+                    PublishError::Storage(StorageError::BufferFull) | PublishError::Persist(_),
+                ) => PublishAckReason::QuotaExceeded,
                 Error::Sys(crate::sys::SysError::RateLimited(_)) => PublishAckReason::QuotaExceeded,
                 Error::Sys(_) => PublishAckReason::PayloadFormatInvalid,
                 _ => PublishAckReason::UnspecifiedError,
@@ -260,7 +269,7 @@ pub async fn protocol(
                     item.fail(SubscribeAckReason::NotAuthorized);
                     continue;
                 }
-                match broker.subscribe(&conn.session, item.topic(), opts) {
+                match broker.subscribe(&conn.session, item.topic(), opts).await {
                     Ok(r) => {
                         conn.trace_subscribe(item.topic(), None);
                         item.confirm(o.qos);
@@ -279,9 +288,9 @@ pub async fn protocol(
                         conn.trace_subscribe(item.topic(), Some(&e));
                         item.fail(match e {
                             SubscribeError::Filter(_) => SubscribeAckReason::TopicFilterInvalid,
-                            SubscribeError::Quota(_) | SubscribeError::Capacity => {
-                                SubscribeAckReason::QuotaExceeded
-                            }
+                            SubscribeError::Quota(_)
+                            | SubscribeError::Capacity
+                            | SubscribeError::Store => SubscribeAckReason::QuotaExceeded,
                         });
                     }
                 }
@@ -310,14 +319,16 @@ pub async fn protocol(
             }
             if let Some(secs) = d.packet().session_expiry_interval_secs {
                 let capped = secs.min(broker.config.limits.session_expiry_secs);
-                let mut st = conn.session.lock();
-                st.expiry = Duration::from_secs(u64::from(capped));
-                st.persistent = capped > 0;
+                conn.session
+                    .set_expiry(Duration::from_secs(u64::from(capped)));
             }
             Ok(d.ack())
         }
         v5::ProtocolMessage::Ping(p) => Ok(p.ack()),
-        v5::ProtocolMessage::PublishRelease(r) => Ok(r.ack()),
+        v5::ProtocolMessage::PublishRelease(r) => {
+            conn.session.release_qos2(r.packet().packet_id.get());
+            Ok(r.ack())
+        }
         v5::ProtocolMessage::Auth(a) => {
             // Enhanced authentication is not offered: CONNACK advertises none.
             broker.metrics.reject("auth_unsupported");

@@ -162,6 +162,7 @@ pub const WAIT: Duration = Duration::from_secs(5);
 pub const QUIET: Duration = Duration::from_millis(700);
 
 /// What the broker binary is started under.
+#[derive(Clone, Copy)]
 enum Wrap<'a> {
     None,
     Netns(&'a str),
@@ -181,6 +182,8 @@ pub struct Broker {
     /// The address the test reaches the MQTT/TCP and admin ports at.
     pub host: String,
     pub dir: tempfile::TempDir,
+    /// How many times the process was started (`restart` starts it again).
+    starts: u32,
 }
 
 impl Broker {
@@ -243,7 +246,30 @@ impl Broker {
         );
         let path = dir.path().join("broker.yaml");
         std::fs::write(&path, config).unwrap_or_else(|e| panic!("write config: {e}"));
-        let log = std::fs::File::create(dir.path().join("broker.log"))
+        let child = Self::launch(dir.path(), wrap);
+        let mut broker = Broker {
+            child,
+            tcp: 0,
+            ws: 0,
+            tls: 0,
+            wss: 0,
+            admin: 0,
+            cluster: 0,
+            host: admin_host.to_owned(),
+            dir,
+            starts: 1,
+        };
+        broker.read_ports(tls.is_some());
+        broker.wait_ready();
+        broker
+    }
+
+    /// Starts the binary on `dir/broker.yaml`, in `dir` as its working
+    /// directory: the embedded default store (`data`, relative) is the
+    /// test's own, as a user's would be where they run the broker.
+    fn launch(dir: &Path, wrap: Wrap<'_>) -> Child {
+        let path = dir.join("broker.yaml");
+        let log = std::fs::File::create(dir.join("broker.log"))
             .unwrap_or_else(|e| panic!("log file: {e}"));
         let binary = env!("CARGO_BIN_EXE_ringmq-broker");
         // `ip netns exec` and `prlimit` exec the broker: the child's pid is
@@ -261,28 +287,36 @@ impl Broker {
             }
             Wrap::None => Command::new(binary),
         };
-        let child = command
+        command
             .arg("--config")
             .arg(&path)
+            .current_dir(dir)
             .env("RUST_LOG", "warn,ringmq_broker=debug")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("spawn broker: {e}"));
-        let mut broker = Broker {
-            child,
-            tcp: 0,
-            ws: 0,
-            tls: 0,
-            wss: 0,
-            admin: 0,
-            cluster: 0,
-            host: admin_host.to_owned(),
-            dir,
-        };
-        broker.read_ports(tls.is_some());
-        broker.wait_ready();
-        broker
+            .unwrap_or_else(|e| panic!("spawn broker: {e}"))
+    }
+
+    /// Starts the process again after it ended (`kill`, `terminate`), with
+    /// the same configuration and directory (new ports); the previous log
+    /// is kept as `broker.log.<n>`.
+    pub fn restart(&mut self) {
+        assert!(!self.alive(), "restart of a running broker");
+        let dir = self.dir.path().to_owned();
+        let _ = std::fs::rename(
+            dir.join("broker.log"),
+            dir.join(format!("broker.log.{}", self.starts)),
+        );
+        self.starts += 1;
+        self.child = Self::launch(&dir, Wrap::None);
+        self.read_ports(self.tls != 0);
+        self.wait_ready();
+    }
+
+    /// The store's directory under the embedded defaults.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
     }
 
     /// Reads the bound ports from the broker's "listening" log lines.
@@ -654,6 +688,18 @@ pub mod v4 {
             while let Ok(Some(p)) = tokio::time::timeout_at(deadline, self.rx.recv()).await {
                 if let Packet::Publish(p) = p {
                     panic!("unexpected PUBLISH {p:?}");
+                }
+            }
+        }
+
+        /// Waits until the broker completed `n` QoS 1/2 publishes (PUBACK or PUBCOMP).
+        pub async fn acked(&mut self, n: usize) {
+            let mut seen = 0;
+            while seen < n {
+                match recv(&mut self.rx, "PUBACK or PUBCOMP").await {
+                    Packet::PubAck(_) | Packet::PubComp(_) => seen += 1,
+                    Packet::Disconnect => panic!("disconnected while waiting for acknowledgements"),
+                    _ => {}
                 }
             }
         }

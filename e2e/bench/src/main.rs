@@ -10,7 +10,7 @@ const USAGE: &str =
        [--clients N] [--qos 0|1|2[,0|1|2...]] [--payload BYTES]
        [--rate MSGS_PER_SEC_PER_PUBLISHER] [--ramp CONNECTIONS_PER_SEC]
        [--duration SECS] [--drain SECS] [--broker-pid PID] [--tag PREFIX]
-       [--user NAME --password PW] [--storm N --storm-user NAME]
+       [--user NAME --password PW] [--storm N --storm-user NAME] [--persistent]
 
 --clients is the number of pairs (one-to-one, p2p), publishers (fan-in),
 subscribers (fan-out) or connections (idle). p2p sends each message to one
@@ -21,6 +21,9 @@ at once (TCP_NODELAY); at full speed the kernel may coalesce them.
 --user/--password log every client in. --storm runs N connections that
 log in as --storm-user with a wrong password, again and again, while the
 scenario runs (a login storm beside it: what it costs connected clients).
+--persistent connects every client with cleanSession=false: the broker
+keeps the subscribers' sessions and, durable, writes their QoS 1/2
+messages to disk before acknowledging them.
 Prints one JSON line.";
 
 fn main() -> anyhow::Result<()> {
@@ -50,6 +53,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> anyhow::Result<Settings> {
         credentials: None,
         storm: 0,
         storm_user: String::new(),
+        persistent: false,
     };
     let (mut user, mut password) = (None, None);
     let mut scenario = String::from("one-to-one");
@@ -83,6 +87,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> anyhow::Result<Settings> {
             "--password" => password = Some(value()?),
             "--storm" => s.storm = value()?.parse()?,
             "--storm-user" => s.storm_user = value()?,
+            "--persistent" => s.persistent = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);

@@ -65,6 +65,8 @@ pub struct Settings {
     /// and again, while the scenario runs (`storm`).
     pub storm: usize,
     pub storm_user: String,
+    /// Clients connect with cleanSession=false (persistent sessions).
+    pub persistent: bool,
 }
 
 /// The outcome of a run.
@@ -141,6 +143,7 @@ fn options(s: &Settings, id: &str) -> MqttOptions {
     o.set_keep_alive(Duration::from_secs(60));
     o.set_max_packet_size(1 << 20, 1 << 20);
     o.set_inflight(64);
+    o.set_clean_session(!s.persistent);
     if let Some((user, password)) = &s.credentials {
         o.set_credentials(user, password);
     }

@@ -1,0 +1,497 @@
+//! The node's durable store: persistent sessions, the QoS 1/2 messages
+//! queued for them (offline, queued for the connection, in flight) and
+//! retained messages survive a restart and a crash (SPEC B4, B5, K3).
+//!
+//! The in-memory state (`session`, `retain`) stays the truth the node
+//! works from; this module keeps a copy on disk and reads it back at
+//! start-up (`recover`). Every change is an `Op` sent, in the order the
+//! state changed (under the session's lock), to one writer thread
+//! (`writer`), which applies whatever is waiting as one batch of an
+//! embedded LSM store (fjall) and forces it to disk by the `fsync` policy:
+//! a group commit, one write and at most one fsync for many messages. A
+//! QoS 1/2 PUBLISH and a SUBSCRIBE wait for their batch (`Commit`) before
+//! they are acknowledged; acknowledgements from clients and expiries only
+//! delete, and nobody waits for them (lost, they cost a duplicate after a
+//! crash, never a loss). `record` is the format of keys and values.
+//!
+//! Without a directory (`persistence.dir: null`) every method is a no-op
+//! and the node keeps everything in memory only.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use ntex::util::Bytes;
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use tokio::sync::Notify;
+
+use crate::config::PersistenceConfig;
+use crate::message::{Message, now_ms};
+use crate::session::Delivery;
+
+pub mod record;
+mod recover;
+mod writer;
+
+pub use record::SessionRecord;
+pub use recover::{Recovered, RecoveredSession, disconnected_at};
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    #[error(
+        "cannot open the store in {dir}: {source}. Check that the directory is writable by the broker's user (on Kubernetes: the volume is mounted read-write and the pod's fsGroup owns it) and that the disk has room; if the store is damaged beyond repair, move the directory aside (the node then starts empty) and keep it for analysis"
+    )]
+    Open {
+        dir: PathBuf,
+        #[source]
+        source: fjall::Error,
+    },
+    #[error("cannot read the store in {dir}: {source}")]
+    Read {
+        dir: PathBuf,
+        #[source]
+        source: fjall::Error,
+    },
+    #[error("cannot start the store writer thread: {0}")]
+    Thread(#[source] std::io::Error),
+    #[error("store metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// A write did not reach the disk (disk full, read-only, I/O error):
+    /// what waited for it is refused.
+    #[error("the store could not write (disk full or read-only?)")]
+    Write,
+}
+
+pub type Result<T> = std::result::Result<T, PersistError>;
+
+/// One change to the store.
+#[derive(Debug)]
+enum Change {
+    /// A session's record (its subscriptions, expiry, flags).
+    Session {
+        client: Arc<str>,
+        value: Bytes,
+    },
+    /// A session ends: its record and every queued message go.
+    Forget {
+        client: Arc<str>,
+    },
+    Queue {
+        key: Vec<u8>,
+        value: Bytes,
+    },
+    Unqueue {
+        key: Vec<u8>,
+    },
+    Retain {
+        topic: Bytes,
+        value: Option<Bytes>,
+    },
+}
+
+/// A change and who waits for it.
+#[derive(Debug)]
+struct Op {
+    change: Change,
+    commit: Option<Arc<Commit>>,
+}
+
+/// What one acknowledgement waits for: every change it made, across the
+/// sessions it reached, written by the store.
+#[derive(Debug)]
+pub struct Commit {
+    /// Changes not yet written, plus one while the caller still adds.
+    pending: AtomicUsize,
+    failed: AtomicBool,
+    done: Notify,
+}
+
+impl Commit {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            pending: AtomicUsize::new(1),
+            failed: AtomicBool::new(false),
+            done: Notify::new(),
+        })
+    }
+
+    fn finish(&self, ok: bool) {
+        if !ok {
+            self.failed.store(true, Ordering::Release);
+        }
+        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // A stored permit: the waiter may not have started waiting.
+            self.done.notify_one();
+        }
+    }
+
+    /// Resolves once every change is written; an error if one was not.
+    pub async fn wait(&self) -> Result<()> {
+        self.finish(true);
+        while self.pending.load(Ordering::Acquire) > 0 {
+            self.done.notified().await;
+        }
+        if self.failed.load(Ordering::Acquire) {
+            Err(PersistError::Write)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Collects the changes of one publish or subscribe that its
+/// acknowledgement must wait for; made only when there is one.
+#[derive(Debug, Default)]
+pub struct Pending(Option<Arc<Commit>>);
+
+impl Pending {
+    /// Waits for the store; at once when nothing was changed.
+    pub async fn wait(self) -> Result<()> {
+        match self.0 {
+            Some(c) => c.wait().await,
+            None => Ok(()),
+        }
+    }
+
+    fn join(&mut self) -> Arc<Commit> {
+        let c = self.0.get_or_insert_with(Commit::new);
+        c.pending.fetch_add(1, Ordering::AcqRel);
+        c.clone()
+    }
+}
+
+/// The store's metrics.
+#[derive(Debug, Clone)]
+struct StoreMetrics {
+    batches: IntCounter,
+    changes: IntCounter,
+    syncs: IntCounter,
+    failures: IntCounterVec,
+    healthy: IntGauge,
+    disk_bytes: IntGauge,
+    batch_seconds: Histogram,
+}
+
+impl StoreMetrics {
+    fn new(registry: &Registry) -> Result<Self> {
+        let counter = |name: &str, help: &str| -> Result<IntCounter> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let gauge = |name: &str, help: &str| -> Result<IntGauge> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let failures = IntCounterVec::new(
+            Opts::new(
+                "store_failures_total",
+                "Store batches that failed, by step (write, sync, reopen)",
+            ),
+            &["step"],
+        )?;
+        registry.register(Box::new(failures.clone()))?;
+        let batch_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "store_batch_seconds",
+                "Time to write (and sync) one batch of the store",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5,
+            ]),
+        )?;
+        registry.register(Box::new(batch_seconds.clone()))?;
+        Ok(Self {
+            batches: counter("store_batches_total", "Batches the store wrote")?,
+            changes: counter("store_changes_total", "Changes the store wrote")?,
+            syncs: counter("store_syncs_total", "fsyncs of the store's journal")?,
+            failures,
+            healthy: gauge(
+                "store_healthy",
+                "1 while the store writes, 0 while it fails (disk full, read-only)",
+            )?,
+            disk_bytes: gauge("store_disk_bytes", "Bytes the store takes on disk")?,
+            batch_seconds,
+        })
+    }
+}
+
+/// The handle every part of the node writes through. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Persist(Option<Arc<Inner>>);
+
+#[derive(Debug)]
+struct Inner {
+    /// `None` asks the writer to end (after what was sent before it).
+    tx: std::sync::mpsc::Sender<Option<Op>>,
+    metrics: StoreMetrics,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Persist {
+    /// No store: everything stays in memory.
+    pub fn memory() -> Self {
+        Self(None)
+    }
+
+    /// Opens (or creates) the store in `config.dir` and reads it back.
+    pub fn open(config: &PersistenceConfig, registry: &Registry) -> Result<(Self, Recovered)> {
+        let Some(dir) = &config.dir else {
+            return Ok((Self::memory(), Recovered::default()));
+        };
+        let metrics = StoreMetrics::new(registry)?;
+        let started = Instant::now();
+        let store = writer::Store::open(dir)?;
+        let recovered = recover::read(&store, dir, started, Instant::now(), now_ms(), registry)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let w = writer::Writer::new(store, dir.clone(), config, metrics.clone());
+        let handle = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || w.run(rx))
+            .map_err(PersistError::Thread)?;
+        metrics.healthy.set(1);
+        let inner = Inner {
+            tx,
+            metrics,
+            writer: Mutex::new(Some(handle)),
+        };
+        Ok((Self(Some(Arc::new(inner))), recovered))
+    }
+
+    /// Whether changes are kept on disk.
+    pub fn is_durable(&self) -> bool {
+        self.0.is_some()
+    }
+
+    fn send(&self, change: Change, commit: Option<Arc<Commit>>) {
+        let Some(inner) = &self.0 else {
+            return;
+        };
+        // The writer is gone (shutting down): whoever waits is refused.
+        if let Err(std::sync::mpsc::SendError(Some(op))) =
+            inner.tx.send(Some(Op { change, commit }))
+            && let Some(c) = op.commit
+        {
+            c.finish(false);
+        }
+    }
+
+    /// Stores a session's record; `pending` (if any) waits for it.
+    pub fn session(&self, client: &Arc<str>, rec: &SessionRecord, pending: Option<&mut Pending>) {
+        if self.is_durable() {
+            let change = Change::Session {
+                client: client.clone(),
+                value: rec.encode(),
+            };
+            self.send(change, pending.map(Pending::join));
+        }
+    }
+
+    /// Drops a session and every message queued for it.
+    pub fn forget(&self, client: &Arc<str>) {
+        self.send(
+            Change::Forget {
+                client: client.clone(),
+            },
+            None,
+        );
+    }
+
+    /// Stores message `seq` of a session's queue.
+    pub fn queue(&self, client: &str, seq: u64, d: &Delivery, pending: Option<&mut Pending>) {
+        if self.is_durable() {
+            let change = Change::Queue {
+                key: record::queue_key(client, seq),
+                value: record::encode_delivery(d, Instant::now(), now_ms()),
+            };
+            self.send(change, pending.map(Pending::join));
+        }
+    }
+
+    /// Deletes message `seq` of a session's queue: acknowledged, dropped or expired.
+    pub fn unqueue(&self, client: &str, seq: u64) {
+        if self.is_durable() && seq != 0 {
+            let key = record::queue_key(client, seq);
+            self.send(Change::Unqueue { key }, None);
+        }
+    }
+
+    /// Stores (or, for an empty payload, deletes) the retained message of a topic.
+    pub fn retain(&self, msg: &Message, pending: Option<&mut Pending>) {
+        if self.is_durable() {
+            let topic = Bytes::copy_from_slice(msg.topic.as_bytes());
+            let value = (!msg.payload.is_empty())
+                .then(|| record::encode_retained(msg, Instant::now(), now_ms()));
+            self.send(Change::Retain { topic, value }, pending.map(Pending::join));
+        }
+    }
+
+    /// Updates the size metric; called by housekeeping.
+    pub fn measure(&self, dir: &std::path::Path) {
+        if let Some(inner) = &self.0 {
+            let bytes = writer::dir_size(dir);
+            inner
+                .metrics
+                .disk_bytes
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Ends the writer after it wrote what was sent (shutdown): later
+    /// changes are refused.
+    pub fn close(&self) {
+        let Some(inner) = &self.0 else {
+            return;
+        };
+        let _ = inner.tx.send(None);
+        let handle = inner.writer.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = handle
+            && h.join().is_err()
+        {
+            tracing::error!("store writer panicked");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashMap};
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::message::{MessageId, QoS};
+    use crate::router::SubOptions;
+
+    /// One step of a client's life as the store sees it.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Subscribe(usize),
+        Queue(usize, u8),
+        /// The nth oldest message of the client is acknowledged.
+        Ack(usize, usize),
+        Forget(usize),
+        Retain(u8, bool),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (0..3usize).prop_map(Step::Subscribe),
+            (0..3usize, any::<u8>()).prop_map(|(c, b)| Step::Queue(c, b)),
+            (0..3usize, 0..4usize).prop_map(|(c, n)| Step::Ack(c, n)),
+            (0..3usize).prop_map(Step::Forget),
+            (0..4u8, any::<bool>()).prop_map(|(t, keep)| Step::Retain(t, keep)),
+        ]
+    }
+
+    fn message(topic: String, body: u8) -> Message {
+        Message::new(
+            MessageId(u64::from(body)),
+            topic.into(),
+            vec![body].into(),
+            QoS::AtLeastOnce,
+            true,
+            Arc::from("p"),
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// Whatever sequence of changes was acknowledged, reopening the
+        /// store reads back exactly the sessions, queues and retained
+        /// messages a model of them holds.
+        #[test]
+        fn what_was_written_is_read_back(steps in proptest::collection::vec(step(), 1..60)) {
+            let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+            let config = PersistenceConfig {
+                dir: Some(dir.path().join("store")),
+                ..PersistenceConfig::default()
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap_or_else(|e| panic!("{e}"));
+            let (persist, _) = Persist::open(&config, &Registry::new()).unwrap_or_else(|e| panic!("{e}"));
+            let mut sessions: HashMap<usize, Vec<String>> = HashMap::new();
+            let mut queues: HashMap<usize, BTreeMap<u64, u8>> = HashMap::new();
+            let mut retained: BTreeMap<String, u8> = BTreeMap::new();
+            let mut seq = 0u64;
+            let name = |c: usize| -> Arc<str> { Arc::from(format!("client-{c}")) };
+            for s in steps {
+                let mut pending = Pending::default();
+                match s {
+                    Step::Subscribe(c) => {
+                        let subs = sessions.entry(c).or_default();
+                        subs.push(format!("t/{}", subs.len()));
+                        let rec = SessionRecord {
+                            expiry_ms: 3_600_000,
+                            disconnected_ms: now_ms(),
+                            ordered: false,
+                            qos2_ids: vec![7],
+                            subscriptions: subs.iter().map(|f| (f.clone(), SubOptions::at(QoS::AtLeastOnce))).collect(),
+                        };
+                        persist.session(&name(c), &rec, Some(&mut pending));
+                    }
+                    Step::Queue(c, body) => {
+                        seq += 1;
+                        let d = Delivery::new(Arc::new(message("q".into(), body)), QoS::AtLeastOnce);
+                        persist.queue(&name(c), seq, &d, Some(&mut pending));
+                        queues.entry(c).or_default().insert(seq, body);
+                    }
+                    Step::Ack(c, n) => {
+                        let q = queues.entry(c).or_default();
+                        if let Some(&k) = q.keys().nth(n) {
+                            q.remove(&k);
+                            persist.unqueue(&name(c), k);
+                        }
+                    }
+                    Step::Forget(c) => {
+                        sessions.remove(&c);
+                        queues.remove(&c);
+                        persist.forget(&name(c));
+                    }
+                    Step::Retain(t, keep) => {
+                        let topic = format!("r/{t}");
+                        let mut m = message(topic.clone(), t);
+                        if keep {
+                            retained.insert(topic, t);
+                        } else {
+                            m.payload = ntex::util::Bytes::new();
+                            retained.remove(&topic);
+                        }
+                        persist.retain(&m, Some(&mut pending));
+                    }
+                }
+                prop_assert!(rt.block_on(pending.wait()).is_ok());
+            }
+            persist.close();
+            let (again, back) = Persist::open(&config, &Registry::new()).unwrap_or_else(|e| panic!("{e}"));
+            again.close();
+            let mut got: HashMap<String, (Vec<String>, Vec<(u64, u8)>)> = HashMap::new();
+            for s in back.sessions {
+                let mut subs: Vec<String> = s.record.subscriptions.into_iter().map(|(f, _)| f).collect();
+                subs.sort();
+                let msgs = s.messages.iter().map(|d| (d.seq, d.msg.payload[0])).collect();
+                got.insert(s.client.to_string(), (subs, msgs));
+            }
+            let mut want: HashMap<String, (Vec<String>, Vec<(u64, u8)>)> = HashMap::new();
+            for (c, subs) in &sessions {
+                let mut subs = subs.clone();
+                subs.sort();
+                // Messages of a client without a record are dropped at start-up.
+                let msgs = queues.get(c).map(|q| q.iter().map(|(k, v)| (*k, *v)).collect()).unwrap_or_default();
+                want.insert(name(*c).to_string(), (subs, msgs));
+            }
+            prop_assert_eq!(got, want);
+            let back_retained: BTreeMap<String, u8> = back
+                .retained
+                .iter()
+                .map(|m| (m.topic.to_string(), m.payload[0]))
+                .collect();
+            prop_assert_eq!(back_retained, retained);
+        }
+    }
+}

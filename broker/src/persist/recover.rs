@@ -1,0 +1,189 @@
+//! Start-up: what the store holds, read back before the node serves.
+//!
+//! Sessions whose expiry passed while the node was down, messages whose
+//! session is gone and damaged records are deleted here (a damaged record is
+//! counted and logged with its key, never a reason not to start); the rest
+//! becomes the node's sessions, their queues and the retained messages.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus::{Gauge, IntCounter, IntGauge, Registry};
+
+use super::record::{self, SessionRecord};
+use super::writer::Store;
+use super::{PersistError, Result};
+use crate::message::Message;
+use crate::session::Delivery;
+
+/// A persistent session as the store kept it.
+#[derive(Debug)]
+pub struct RecoveredSession {
+    pub client: Arc<str>,
+    pub record: SessionRecord,
+    /// Its queued messages in the order they were queued, `seq` set.
+    pub messages: Vec<Delivery>,
+}
+
+/// Everything read back.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    pub sessions: Vec<RecoveredSession>,
+    pub retained: Vec<Message>,
+}
+
+pub(super) fn read(
+    store: &Store,
+    dir: &Path,
+    started: Instant,
+    now: Instant,
+    now_ms: u64,
+    registry: &Registry,
+) -> Result<Recovered> {
+    let read_err = |source| PersistError::Read {
+        dir: dir.to_owned(),
+        source,
+    };
+    let discarded = IntCounter::new(
+        "store_discarded_records_total",
+        "Damaged records the store dropped at start-up",
+    )?;
+    registry.register(Box::new(discarded.clone()))?;
+    let mut drop_keys: Vec<(&fjall::Keyspace, Vec<u8>)> = Vec::new();
+    let damaged = |drop_keys: &mut Vec<_>,
+                   ks,
+                   key: &[u8],
+                   what: &str,
+                   e: &dyn std::fmt::Display| {
+        discarded.inc();
+        tracing::warn!(key = %String::from_utf8_lossy(key), what, error = %e, "damaged store record dropped");
+        drop_keys.push((ks, key.to_vec()));
+    };
+    let mut sessions: HashMap<String, RecoveredSession> = HashMap::new();
+    let mut expired = 0u64;
+    for kv in store.sessions.iter() {
+        let (key, value) = kv.into_inner().map_err(read_err)?;
+        let client = match std::str::from_utf8(&key) {
+            Ok(c) => c.to_owned(),
+            Err(e) => {
+                damaged(&mut drop_keys, &store.sessions, &key, "session", &e);
+                continue;
+            }
+        };
+        match SessionRecord::decode(&value) {
+            Ok(rec) => {
+                // Connected when the node stopped: the expiry counts from now.
+                let gone = rec.disconnected_ms != 0
+                    && now_ms.saturating_sub(rec.disconnected_ms) >= rec.expiry_ms;
+                if gone {
+                    expired += 1;
+                    drop_keys.push((&store.sessions, key.to_vec()));
+                    continue;
+                }
+                let client_arc: Arc<str> = Arc::from(client.as_str());
+                sessions.insert(
+                    client,
+                    RecoveredSession {
+                        client: client_arc,
+                        record: rec,
+                        messages: Vec::new(),
+                    },
+                );
+            }
+            Err(e) => damaged(&mut drop_keys, &store.sessions, &key, "session", &e),
+        }
+    }
+    let mut messages = 0u64;
+    for kv in store.queue.iter() {
+        let (key, value) = kv.into_inner().map_err(read_err)?;
+        let (client, seq) = match record::parse_queue_key(&key) {
+            Ok(k) => k,
+            Err(e) => {
+                damaged(&mut drop_keys, &store.queue, &key, "queued message", &e);
+                continue;
+            }
+        };
+        let Some(s) = sessions.get_mut(&client) else {
+            // Its session expired or was never written: nobody will ask.
+            drop_keys.push((&store.queue, key.to_vec()));
+            continue;
+        };
+        match record::decode_delivery(&value, now, now_ms) {
+            Ok(mut d) => {
+                d.seq = seq;
+                s.messages.push(d);
+                messages += 1;
+            }
+            Err(e) => damaged(&mut drop_keys, &store.queue, &key, "queued message", &e),
+        }
+    }
+    let mut retained = Vec::new();
+    for kv in store.retained.iter() {
+        let (key, value) = kv.into_inner().map_err(read_err)?;
+        match record::decode_retained(&value, now, now_ms) {
+            Ok(m) => retained.push(m),
+            Err(e) => damaged(
+                &mut drop_keys,
+                &store.retained,
+                &key,
+                "retained message",
+                &e,
+            ),
+        }
+    }
+    if !drop_keys.is_empty() {
+        let mut batch = store.db().batch();
+        for (ks, key) in drop_keys {
+            batch.remove(ks, key);
+        }
+        batch.commit().map_err(read_err)?;
+    }
+    let took = started.elapsed();
+    let gauge = |name: &str, help: &str, v: u64| -> Result<()> {
+        let g = IntGauge::new(name, help)?;
+        g.set(i64::try_from(v).unwrap_or(i64::MAX));
+        registry.register(Box::new(g))?;
+        Ok(())
+    };
+    let secs = Gauge::new(
+        "store_recovery_seconds",
+        "How long reading the store back took at start-up",
+    )?;
+    secs.set(took.as_secs_f64());
+    registry.register(Box::new(secs))?;
+    gauge(
+        "store_recovered_sessions",
+        "Persistent sessions read back at start-up",
+        sessions.len() as u64,
+    )?;
+    gauge(
+        "store_recovered_messages",
+        "Queued messages read back at start-up",
+        messages,
+    )?;
+    tracing::info!(
+        dir = %dir.display(),
+        sessions = sessions.len(),
+        messages,
+        retained = retained.len(),
+        expired,
+        damaged = discarded.get(),
+        took_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+        "store read back"
+    );
+    Ok(Recovered {
+        sessions: sessions.into_values().collect(),
+        retained,
+    })
+}
+
+/// When a recovered session disconnected, as an `Instant` of this process.
+pub fn disconnected_at(rec: &SessionRecord, now: Instant, now_ms: u64) -> Instant {
+    if rec.disconnected_ms == 0 {
+        return now;
+    }
+    let ago = Duration::from_millis(now_ms.saturating_sub(rec.disconnected_ms));
+    now.checked_sub(ago).unwrap_or(now)
+}

@@ -1,0 +1,293 @@
+//! The store's writer thread: group commit over fjall.
+//!
+//! It takes whatever changes are waiting (up to `max_batch`), folds them
+//! into one fjall batch (the last change of a key wins; a `Forget` also
+//! removes what the batch had queued for the session), commits it, syncs by
+//! the policy, and only then tells the waiting acknowledgements. A failed
+//! write poisons a fjall database: the writer drops it, refuses what comes
+//! meanwhile, and opens the directory again (at most once a second), which
+//! replays the journal up to the last whole batch — so the node recovers by
+//! itself when the disk has room again.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use ntex::util::Bytes;
+
+use super::{Change, Op, PersistError, Result, StoreMetrics, record};
+use crate::config::{Fsync, PersistenceConfig};
+
+/// fjall's smallest journal bound: the journal is what a restart replays,
+/// and what the disk holds besides the tables (the default is 512 MiB).
+const MAX_JOURNAL: u64 = 64 * 1024 * 1024;
+
+/// The open database and its keyspaces.
+pub(super) struct Store {
+    db: Database,
+    pub(super) sessions: Keyspace,
+    pub(super) queue: Keyspace,
+    pub(super) retained: Keyspace,
+}
+
+impl Store {
+    pub(super) fn db(&self) -> &Database {
+        &self.db
+    }
+
+    pub(super) fn open(dir: &Path) -> Result<Self> {
+        let err = |source| PersistError::Open {
+            dir: dir.to_owned(),
+            source,
+        };
+        let db = Database::builder(dir)
+            .max_journaling_size(MAX_JOURNAL)
+            .open()
+            .map_err(err)?;
+        let ks = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
+        Ok(Self {
+            sessions: ks("sessions").map_err(err)?,
+            queue: ks("queue").map_err(err)?,
+            retained: ks("retained").map_err(err)?,
+            db,
+        })
+    }
+}
+
+/// Which keyspace a change goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Space {
+    Sessions,
+    Queue,
+    Retained,
+}
+
+pub(super) struct Writer {
+    store: Option<Store>,
+    dir: PathBuf,
+    fsync: Fsync,
+    interval: Duration,
+    max_batch: usize,
+    metrics: StoreMetrics,
+    /// Written to the OS but not synced (`fsync: interval`).
+    unsynced: bool,
+    last_sync: Instant,
+    last_open: Instant,
+}
+
+impl Writer {
+    pub(super) fn new(
+        store: Store,
+        dir: PathBuf,
+        config: &PersistenceConfig,
+        metrics: StoreMetrics,
+    ) -> Self {
+        Self {
+            store: Some(store),
+            dir,
+            fsync: config.fsync,
+            interval: Duration::from_millis(config.fsync_interval_ms),
+            max_batch: config.max_batch,
+            metrics,
+            unsynced: false,
+            last_sync: Instant::now(),
+            last_open: Instant::now(),
+        }
+    }
+
+    /// Writes batches until told to end (or every sender is gone).
+    pub(super) fn run(mut self, rx: Receiver<Option<Op>>) {
+        let mut ops = Vec::with_capacity(self.max_batch);
+        loop {
+            let first = if self.unsynced {
+                let left = self.interval.saturating_sub(self.last_sync.elapsed());
+                match rx.recv_timeout(left) {
+                    Ok(op) => op,
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.sync();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => None,
+                }
+            } else {
+                rx.recv().ok().flatten()
+            };
+            let Some(first) = first else {
+                break;
+            };
+            ops.push(first);
+            let mut closing = false;
+            while ops.len() < self.max_batch {
+                match rx.try_recv() {
+                    Ok(Some(op)) => ops.push(op),
+                    Ok(None) => {
+                        closing = true;
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            let ok = self.write(&ops);
+            for op in ops.drain(..) {
+                if let Some(c) = op.commit {
+                    c.finish(ok);
+                }
+            }
+            if closing {
+                break;
+            }
+        }
+        if self.unsynced {
+            self.sync();
+        }
+    }
+
+    /// Applies one batch; false if it did not reach the disk as the policy says.
+    fn write(&mut self, ops: &[Op]) -> bool {
+        let started = Instant::now();
+        if self.store.is_none() && !self.reopen() {
+            return false;
+        }
+        let Some(store) = &self.store else {
+            return false;
+        };
+        let changes = fold(store, ops);
+        let mode = if self.fsync == Fsync::Batch {
+            PersistMode::SyncData
+        } else {
+            PersistMode::Buffer
+        };
+        let mut batch = store.db.batch().durability(Some(mode));
+        for ((space, key), value) in changes {
+            let ks = match space {
+                Space::Sessions => &store.sessions,
+                Space::Queue => &store.queue,
+                Space::Retained => &store.retained,
+            };
+            match value {
+                Some(v) => batch.insert(ks, key, v.to_vec()),
+                None => batch.remove(ks, key),
+            }
+        }
+        if let Err(e) = batch.commit() {
+            self.fail("write", &e);
+            return false;
+        }
+        self.metrics.batches.inc();
+        self.metrics.changes.inc_by(ops.len() as u64);
+        match self.fsync {
+            Fsync::Batch => self.metrics.syncs.inc(),
+            Fsync::Interval => {
+                self.unsynced = true;
+                if self.last_sync.elapsed() >= self.interval {
+                    self.sync();
+                }
+            }
+            Fsync::Off => {}
+        }
+        self.metrics
+            .batch_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.store.is_some()
+    }
+
+    fn sync(&mut self) {
+        self.unsynced = false;
+        self.last_sync = Instant::now();
+        if let Some(store) = &self.store {
+            match store.db.persist(PersistMode::SyncData) {
+                Ok(()) => self.metrics.syncs.inc(),
+                Err(e) => self.fail("sync", &e),
+            }
+        }
+    }
+
+    /// A failed write poisoned the database: drop it, reopen later.
+    fn fail(&mut self, step: &str, e: &fjall::Error) {
+        self.metrics.failures.with_label_values(&[step]).inc();
+        self.metrics.healthy.set(0);
+        tracing::error!(dir = %self.dir.display(), step, error = %e, "store write failed; QoS 1/2 work for persistent sessions is refused until the store writes again");
+        self.store = None;
+        self.last_open = Instant::now();
+    }
+
+    /// Opens the store again, at most once a second.
+    fn reopen(&mut self) -> bool {
+        if self.last_open.elapsed() < Duration::from_secs(1) {
+            return false;
+        }
+        self.last_open = Instant::now();
+        match Store::open(&self.dir) {
+            Ok(s) => {
+                self.store = Some(s);
+                self.metrics.healthy.set(1);
+                tracing::info!(dir = %self.dir.display(), "store writes again");
+                true
+            }
+            Err(e) => {
+                self.metrics.failures.with_label_values(&["reopen"]).inc();
+                tracing::warn!(error = %e, "store not reopened yet");
+                false
+            }
+        }
+    }
+}
+
+/// The batch's changes, one per key, in key order. A `Forget` removes the
+/// session's record, what earlier changes of this batch queued for it,
+/// and what the store holds for it.
+fn fold(store: &Store, ops: &[Op]) -> BTreeMap<(Space, Vec<u8>), Option<Bytes>> {
+    let mut out: BTreeMap<(Space, Vec<u8>), Option<Bytes>> = BTreeMap::new();
+    for op in ops {
+        match &op.change {
+            Change::Session { client, value } => {
+                out.insert(
+                    (Space::Sessions, client.as_bytes().to_vec()),
+                    Some(value.clone()),
+                );
+            }
+            Change::Forget { client } => {
+                let prefix = record::queue_prefix(client);
+                let batched: Vec<_> = out
+                    .range((Space::Queue, prefix.clone())..)
+                    .take_while(|((s, k), _)| *s == Space::Queue && k.starts_with(&prefix))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in batched {
+                    out.insert(k, None);
+                }
+                for key in store.queue.prefix(&prefix).filter_map(|g| g.key().ok()) {
+                    out.insert((Space::Queue, key.to_vec()), None);
+                }
+                out.insert((Space::Sessions, client.as_bytes().to_vec()), None);
+            }
+            Change::Queue { key, value } => {
+                out.insert((Space::Queue, key.clone()), Some(value.clone()));
+            }
+            Change::Unqueue { key } => {
+                out.insert((Space::Queue, key.clone()), None);
+            }
+            Change::Retain { topic, value } => {
+                out.insert((Space::Retained, topic.to_vec()), value.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Bytes the files under `dir` take.
+pub(super) fn dir_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}

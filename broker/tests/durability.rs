@@ -1,0 +1,603 @@
+//! The durable node: persistent sessions, their acknowledged messages and
+//! retained messages survive SIGTERM and SIGKILL of the real binary, a torn
+//! write, a full disk and a read-only one (issue 18).
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Broker, v4, v5};
+
+/// MQTT 3.1.1 options of a persistent session (cleanSession=false).
+fn keep4(id: &str, b: &Broker) -> v4::MqttOptions {
+    let mut o = v4::options(id, b.tcp);
+    o.set_clean_session(false);
+    o
+}
+
+/// MQTT 5 options of a session that outlives its connection by `expiry` s.
+fn keep5(id: &str, b: &Broker, expiry: u32) -> v5::MqttOptions {
+    let mut o = v5::options(id, b.tcp);
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(Some(expiry));
+    o
+}
+
+/// A persistent MQTT 3.1.1 session and an MQTT 5 one, subscribed to `d/#`
+/// at QoS 2, offline.
+async fn offline_sessions(b: &Broker) {
+    let mut c = v4::connect(keep4("keep-v4", b)).await;
+    c.subscribe("d/#", v4::QoS::ExactlyOnce).await;
+    c.disconnect().await;
+    let mut c = v5::connect(keep5("keep-v5", b, 3600)).await;
+    c.subscribe("d/#", v5::QoS::ExactlyOnce).await;
+    c.disconnect().await;
+}
+
+/// QoS 1, QoS 2, QoS 1 messages for the sessions and one retained message,
+/// each acknowledged by the broker.
+async fn publish_acknowledged(b: &Broker) {
+    let mut p = v4::connect(v4::options("pub", b.tcp)).await;
+    p.publish("d/1", v4::QoS::AtLeastOnce, false, "one").await;
+    p.publish("d/2", v4::QoS::ExactlyOnce, false, "two").await;
+    p.publish("d/3", v4::QoS::AtLeastOnce, false, "three").await;
+    p.publish("r/1", v4::QoS::AtLeastOnce, true, "kept").await;
+    p.acked(4).await;
+    p.disconnect().await;
+}
+
+async fn sessions_are_back(b: &Broker) {
+    let mut c = v4::connect(keep4("keep-v4", b)).await;
+    assert!(
+        c.connack.session_present,
+        "3.1.1 session lost:\n{}",
+        b.log()
+    );
+    for (topic, body) in [("d/1", "one"), ("d/2", "two"), ("d/3", "three")] {
+        let p = c.next_publish().await;
+        assert_eq!((&*p.topic, &p.payload[..]), (topic, body.as_bytes()));
+    }
+    // QoS 2 exactly once; nothing else queued.
+    c.no_publish().await;
+    let mut c = v5::connect(keep5("keep-v5", b, 3600)).await;
+    assert!(c.connack.session_present, "MQTT 5 session lost");
+    for body in ["one", "two", "three"] {
+        let p = c.next_publish().await;
+        assert_eq!(&p.payload[..], body.as_bytes());
+    }
+    c.no_publish().await;
+    let mut late = v4::connect(v4::options("late", b.tcp)).await;
+    late.subscribe("r/#", v4::QoS::AtLeastOnce).await;
+    let r = late.next_publish().await;
+    assert!(
+        r.retain && &r.payload[..] == b"kept",
+        "retained lost: {r:?}"
+    );
+}
+
+#[tokio::test]
+async fn sessions_queued_and_retained_messages_survive_sigterm() {
+    let mut b = Broker::start("");
+    offline_sessions(&b).await;
+    publish_acknowledged(&b).await;
+    assert_eq!(b.terminate(), Some(0));
+    b.restart();
+    sessions_are_back(&b).await;
+    assert!(b.log().contains("store read back"), "{}", b.log());
+}
+
+#[tokio::test]
+async fn sessions_queued_and_retained_messages_survive_sigkill() {
+    let mut b = Broker::start("");
+    offline_sessions(&b).await;
+    publish_acknowledged(&b).await;
+    b.kill();
+    b.restart();
+    sessions_are_back(&b).await;
+    assert_eq!(b.metric("ringmq_store_recovered_sessions"), 2.0);
+    assert_eq!(b.metric("ringmq_store_recovered_messages"), 6.0);
+}
+
+#[tokio::test]
+async fn acknowledged_messages_are_not_sent_again_after_a_restart() {
+    let mut b = Broker::start("");
+    let mut c = v4::connect(keep4("acker", &b)).await;
+    c.subscribe("a/#", v4::QoS::AtLeastOnce).await;
+    let mut p = v4::connect(v4::options("pub", b.tcp)).await;
+    p.publish("a/1", v4::QoS::AtLeastOnce, false, "got it")
+        .await;
+    p.acked(1).await;
+    // Received (and PUBACKed by rumqttc) online.
+    assert_eq!(&c.next_publish().await.payload[..], b"got it");
+    c.disconnect().await;
+    p.publish("a/2", v4::QoS::AtLeastOnce, false, "offline")
+        .await;
+    p.acked(1).await;
+    b.kill();
+    b.restart();
+    let mut c = v4::connect(keep4("acker", &b)).await;
+    assert!(c.connack.session_present);
+    assert_eq!(&c.next_publish().await.payload[..], b"offline");
+    c.no_publish().await;
+}
+
+#[tokio::test]
+async fn a_session_that_expired_while_the_node_was_down_is_gone() {
+    let mut b = Broker::start("");
+    let mut c = v5::connect(keep5("short", &b, 1)).await;
+    c.subscribe("x/#", v5::QoS::AtLeastOnce).await;
+    c.disconnect().await;
+    b.kill();
+    std::thread::sleep(Duration::from_millis(1500));
+    b.restart();
+    let c = v5::connect(keep5("short", &b, 1)).await;
+    assert!(!c.connack.session_present);
+}
+
+#[tokio::test]
+async fn a_clean_start_removes_the_stored_session() {
+    let mut b = Broker::start("");
+    let mut c = v4::connect(keep4("cleaned", &b)).await;
+    c.subscribe("c/#", v4::QoS::AtLeastOnce).await;
+    c.disconnect().await;
+    v4::connect(v4::options("cleaned", b.tcp))
+        .await
+        .disconnect()
+        .await;
+    b.terminate();
+    b.restart();
+    let c = v4::connect(keep4("cleaned", &b)).await;
+    assert!(!c.connack.session_present);
+    assert_eq!(b.metric("ringmq_store_recovered_sessions"), 0.0);
+}
+
+/// A QoS 1 stream at full speed towards two persistent subscribers,
+/// SIGKILL in the middle, three times: every message the publisher got a
+/// PUBACK for reaches both subscribers.
+#[tokio::test]
+async fn every_acknowledged_message_of_a_stream_survives_sigkill() {
+    // Offline messages all at once after CONNECT (not 30 every 5 s).
+    let mut b = Broker::start(
+        "limits:\n  offline_queue_len: 100000\n  max_queued_messages: 100000\n  offline_batch: 100000\n",
+    );
+    let ids = ["stream-a", "stream-b"];
+    let mut received: HashMap<&str, HashMap<u32, u32>> = HashMap::new();
+    for id in ids {
+        let mut c = v4::connect(keep4(id, &b)).await;
+        c.subscribe("s/#", v4::QoS::AtLeastOnce).await;
+        c.disconnect().await;
+        received.insert(id, HashMap::new());
+    }
+    let mut acked = Vec::new();
+    let mut next = 0u32;
+    for round in 0..3 {
+        let mut subs = Vec::new();
+        for id in ids {
+            subs.push((id, v4::connect(keep4(id, &b)).await));
+        }
+        let (got, last) = stream_until_killed(&mut b, &mut next, 400).await;
+        acked.extend(got);
+        for (id, mut c) in subs {
+            // What arrived before the kill.
+            while let Ok(p) = c.rx.try_recv() {
+                if let v4::Packet::Publish(p) = p {
+                    *received
+                        .get_mut(id)
+                        .unwrap_or_else(|| panic!("{id}"))
+                        .entry(payload_n(&p))
+                        .or_default() += 1;
+                }
+            }
+            c.kill();
+        }
+        eprintln!(
+            "round {round}: {} acknowledged so far, last sent {last}",
+            acked.len()
+        );
+        b.restart();
+    }
+    for id in ids {
+        let mut c = v4::connect(keep4(id, &b)).await;
+        assert!(c.connack.session_present, "{id}: session lost");
+        let counts = received.get_mut(id).unwrap_or_else(|| panic!("{id}"));
+        loop {
+            match tokio::time::timeout(Duration::from_secs(2), c.rx.recv()).await {
+                Ok(Some(v4::Packet::Publish(p))) => *counts.entry(payload_n(&p)).or_default() += 1,
+                Ok(Some(_)) => {}
+                _ => break,
+            }
+        }
+        let missing: Vec<u32> = acked
+            .iter()
+            .copied()
+            .filter(|n| !counts.contains_key(n))
+            .collect();
+        let dups = counts.values().filter(|&&k| k > 1).count();
+        eprintln!(
+            "{id}: {} received, {} acknowledged, {dups} duplicates",
+            counts.len(),
+            acked.len()
+        );
+        assert!(
+            missing.is_empty(),
+            "{id}: acknowledged but lost: {:?}",
+            &missing[..missing.len().min(20)]
+        );
+    }
+    assert!(
+        acked.len() >= 3 * 400,
+        "too few acknowledged: {}",
+        acked.len()
+    );
+}
+
+fn payload_n(p: &v4::Publish) -> u32 {
+    std::str::from_utf8(&p.payload)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(u32::MAX)
+}
+
+/// Publishes numbered QoS 1 messages as fast as the window allows; once
+/// `min` were acknowledged the broker is killed while the stream goes on.
+/// Returns the acknowledged numbers and the last number sent.
+async fn stream_until_killed(b: &mut Broker, next: &mut u32, min: usize) -> (Vec<u32>, u32) {
+    use rumqttc::{AsyncClient, Event, Outgoing, Packet};
+    let mut o = v4::options(&format!("streamer-{next}"), b.tcp);
+    o.set_inflight(64);
+    let (client, mut el) = AsyncClient::new(o, 256);
+    let (tx, mut acks) = tokio::sync::mpsc::unbounded_channel::<u32>();
+    let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
+    let events = tokio::spawn(async move {
+        // Packet ids in the order the publishes were written, to the numbers.
+        let mut by_pkid: HashMap<u16, u32> = HashMap::new();
+        loop {
+            match el.poll().await {
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                    if let Some(n) = sent_rx.recv().await {
+                        by_pkid.insert(pkid, n);
+                    }
+                }
+                Ok(Event::Incoming(Packet::PubAck(a))) => {
+                    if let Some(n) = by_pkid.remove(&a.pkid) {
+                        let _ = tx.send(n);
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    let start = *next;
+    let publisher = {
+        let client = client.clone();
+        let mut n = start;
+        tokio::spawn(async move {
+            loop {
+                if sent_tx.send(n).is_err() {
+                    return n;
+                }
+                if client
+                    .publish("s/x", rumqttc::QoS::AtLeastOnce, false, n.to_string())
+                    .await
+                    .is_err()
+                {
+                    return n;
+                }
+                n += 1;
+            }
+        })
+    };
+    let mut got = Vec::new();
+    while got.len() < min {
+        match tokio::time::timeout(Duration::from_secs(10), acks.recv()).await {
+            Ok(Some(n)) => got.push(n),
+            _ => panic!(
+                "stream stalled after {} acknowledgements:\n{}",
+                got.len(),
+                b.log()
+            ),
+        }
+    }
+    b.kill();
+    let _ = tokio::time::timeout(Duration::from_secs(5), events).await;
+    while let Ok(n) = acks.try_recv() {
+        got.push(n);
+    }
+    publisher.abort();
+    let last = got.iter().copied().max().unwrap_or(start);
+    *next = last + 1_000_000;
+    (got, last)
+}
+
+/// The last record of the journal torn (its end never written): the node
+/// starts and serves every record before it.
+#[tokio::test]
+async fn a_torn_last_write_is_discarded_and_the_rest_is_served() {
+    let mut b = Broker::start("");
+    let mut c = v4::connect(keep4("torn", &b)).await;
+    c.subscribe("t/#", v4::QoS::AtLeastOnce).await;
+    c.disconnect().await;
+    let mut p = v4::connect(v4::options("pub", b.tcp)).await;
+    for i in 1..=5 {
+        p.publish("t/x", v4::QoS::AtLeastOnce, false, format!("m{i}"))
+            .await;
+        p.acked(1).await;
+    }
+    // The last write: a larger message (that does not compress), its own batch.
+    let noise: Vec<u8> = (0u32..9_000)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    p.publish("t/x", v4::QoS::AtLeastOnce, false, noise).await;
+    p.acked(1).await;
+    b.kill();
+    // The journal is allocated ahead: its data ends at the last non-zero
+    // byte. The last 1 000 bytes of it (inside the large record) never
+    // reached the disk.
+    let journal = newest_journal(&b.data_dir());
+    let mut bytes = std::fs::read(&journal).unwrap_or_else(|e| panic!("{e}"));
+    let end = bytes.iter().rposition(|&x| x != 0).unwrap_or(0);
+    assert!(
+        end > 3_000,
+        "journal {} has {end} bytes of data",
+        journal.display()
+    );
+    bytes[end - 1_000..=end].fill(0);
+    std::fs::write(&journal, &bytes).unwrap_or_else(|e| panic!("{e}"));
+    b.restart();
+    let mut c = v4::connect(keep4("torn", &b)).await;
+    assert!(c.connack.session_present, "{}", b.log());
+    for i in 1..=5 {
+        assert_eq!(c.next_publish().await.payload, format!("m{i}").as_bytes());
+    }
+    c.no_publish().await;
+}
+
+/// The journal file written last in the store's directory tree.
+fn newest_journal(dir: &std::path::Path) -> std::path::PathBuf {
+    fn walk(dir: &std::path::Path, out: &mut Vec<(std::time::SystemTime, std::path::PathBuf)>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|x| x == "jnl")
+                && let Ok(m) = e.metadata().and_then(|m| m.modified())
+            {
+                out.push((m, path));
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(dir, &mut files);
+    files.sort();
+    files
+        .pop()
+        .map(|(_, p)| p)
+        .unwrap_or_else(|| panic!("no journal under {}", dir.display()))
+}
+
+/// Mounts a tmpfs of `mib` MiB on `dir`; false (the test then says why it
+/// skips) where mounting is not allowed.
+fn mount_tmpfs(dir: &std::path::Path, mib: u32) -> bool {
+    let _ = std::fs::create_dir_all(dir);
+    Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+        .arg(dir)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn unmount(dir: &std::path::Path) {
+    let _ = Command::new("umount").arg("-l").arg(dir).status();
+}
+
+/// A payload of `n` bytes that does not compress.
+fn noise(seed: u32, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x.to_le_bytes()[0]
+        })
+        .collect()
+}
+
+/// Publishes numbered QoS 1 messages on `f/x` from an MQTT 5 client until
+/// one is refused with `until` (or, with `until` = Success, accepted);
+/// returns the numbers acknowledged with Success.
+async fn publish_until(
+    p: &mut v5::Client,
+    next: &mut u32,
+    until: v5::PubAckReason,
+    size: usize,
+) -> Vec<u32> {
+    let mut ok = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let n = *next;
+        *next += 1;
+        let mut body = n.to_string().into_bytes();
+        body.push(b' ');
+        body.extend(noise(n, size));
+        p.publish("f/x", v5::QoS::AtLeastOnce, false, body).await;
+        let ack = p.next_puback().await;
+        if ack.reason == v5::PubAckReason::Success {
+            ok.push(n);
+        }
+        if ack.reason == until {
+            return ok;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {until:?} after {n}: last {:?}",
+            ack.reason
+        );
+        if until == v5::PubAckReason::Success {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// After a restart, the subscriber `full-sub` receives every number in `acked`.
+async fn all_delivered(b: &Broker, acked: &[u32]) {
+    let mut c = v5::connect(keep5("full-sub", b, 3600)).await;
+    assert!(c.connack.session_present, "{}", b.log());
+    let mut seen = std::collections::HashSet::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(2), c.rx.recv()).await {
+            Ok(Some(v5::Packet::Publish(p))) => {
+                let n = p.payload.split(|&x| x == b' ').next().and_then(|h| {
+                    std::str::from_utf8(h)
+                        .ok()
+                        .and_then(|s| s.parse::<u32>().ok())
+                });
+                seen.extend(n);
+            }
+            Ok(Some(_)) => {}
+            _ => break,
+        }
+    }
+    let lost: Vec<_> = acked.iter().filter(|n| !seen.contains(n)).collect();
+    assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
+}
+
+const FULL_LIMITS: &str = "limits:\n  offline_queue_len: 100000\n  offline_batch: 100000\n";
+
+/// The store's disk fills up: QoS 1 publishes to a persistent session are
+/// refused with 0x97 (nothing acknowledged that is not stored), the node
+/// stays up, and once space returns it acknowledges again by itself; after
+/// SIGKILL every message acknowledged before, during and after is there.
+#[tokio::test]
+async fn a_full_disk_refuses_durable_work_and_recovers_when_space_returns() {
+    let mnt = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    if !mount_tmpfs(mnt.path(), 16) {
+        eprintln!("SKIP: cannot mount a tmpfs here (needs root); the full-disk test did not run");
+        return;
+    }
+    let data = mnt.path().join("data");
+    let mut b = Broker::start(&format!(
+        "{FULL_LIMITS}persistence:\n  dir: {}\n",
+        data.display()
+    ));
+    let mut c = v5::connect(keep5("full-sub", &b, 3600)).await;
+    c.subscribe("f/#", v5::QoS::AtLeastOnce).await;
+    c.disconnect().await;
+    let mut p = v5::connect(v5::options("full-pub", b.tcp)).await;
+    let mut next = 0;
+    let mut acked = publish_until(&mut p, &mut next, v5::PubAckReason::Success, 1000).await;
+    // Fill what is left of the disk.
+    let filler = mnt.path().join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap_or_else(|e| panic!("{e}"));
+        let chunk = noise(7, 64 * 1024);
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+    acked.extend(publish_until(&mut p, &mut next, v5::PubAckReason::QuotaExceeded, 4000).await);
+    assert_eq!(b.http("/readyz").0, 200, "the node stays up");
+    assert_eq!(b.metric("ringmq_store_healthy"), 0.0);
+    assert!(b.metric("ringmq_packets_rejected_total{reason=\"store_unavailable\"}") >= 1.0);
+    std::fs::remove_file(&filler).unwrap_or_else(|e| panic!("{e}"));
+    acked.extend(publish_until(&mut p, &mut next, v5::PubAckReason::Success, 1000).await);
+    assert_eq!(b.metric("ringmq_store_healthy"), 1.0);
+    b.kill();
+    b.restart();
+    all_delivered(&b, &acked).await;
+    drop(b);
+    unmount(mnt.path());
+}
+
+/// A read-only data directory at start-up: the node does not start
+/// without its store (it would serve persistent sessions it cannot keep);
+/// it exits with an error that names the directory and what to check.
+#[test]
+fn a_read_only_data_directory_stops_the_start_with_a_clear_error() {
+    let mnt = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    if !mount_tmpfs(mnt.path(), 8) {
+        eprintln!("SKIP: cannot mount a tmpfs here (needs root); the read-only test did not run");
+        return;
+    }
+    let ro = Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(mnt.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ro, "remount read-only");
+    let config = mnt.path().with_extension("yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listeners:\n  tcp: \"127.0.0.1:0\"\n  ws: null\n  admin: \"127.0.0.1:0\"\npersistence:\n  dir: {}\n",
+            mnt.path().join("data").display()
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let out = Command::new(env!("CARGO_BIN_EXE_ringmq-broker"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    unmount(mnt.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "started on a read-only directory: {err}"
+    );
+    assert!(
+        err.contains("cannot open the store") && err.contains("writable"),
+        "{err}"
+    );
+}
+
+/// A QoS 2 PUBLISH received and PUBRECed, then SIGKILL before its PUBREL:
+/// the client sends it again (DUP) after the restart, as MQTT 3.1.1 4.3.3
+/// has it when PUBREC did not arrive; the broker acknowledges it and does
+/// not deliver it a second time.
+#[tokio::test]
+async fn a_qos2_publish_received_before_a_crash_is_not_delivered_twice() {
+    use common::raw::{Raw, packet, string};
+    let mut b = Broker::start("");
+    let mut c = v4::connect(keep4("q2-sub", &b)).await;
+    c.subscribe("q2/#", v4::QoS::ExactlyOnce).await;
+    c.disconnect().await;
+    // 3.1.1, cleanSession=false.
+    let connect = {
+        let mut body = string(b"MQTT");
+        body.extend_from_slice(&[4, 0x00, 0, 60]);
+        body.extend(string(b"q2-pub"));
+        packet(0x10, &body)
+    };
+    let publish = |dup: bool| {
+        let mut body = string(b"q2/x");
+        body.extend_from_slice(&[0, 9]);
+        body.extend_from_slice(b"exactly once");
+        packet(0x34 | if dup { 0x08 } else { 0 }, &body)
+    };
+    let mut r = Raw::open(&b);
+    r.send(&connect);
+    assert_eq!(r.read().map(|p| p.0), Some(0x20));
+    r.send(&publish(false));
+    assert_eq!(r.read(), Some((0x50, vec![0, 9])), "PUBREC");
+    b.kill();
+    b.restart();
+    let mut r = Raw::open(&b);
+    r.send(&connect);
+    let (kind, ack) = r.read().unwrap_or_else(|| panic!("no CONNACK"));
+    assert_eq!((kind, ack), (0x20, vec![1, 0]), "session present");
+    r.send(&publish(true));
+    assert_eq!(r.read(), Some((0x50, vec![0, 9])), "PUBREC again");
+    r.send(&packet(0x62, &[0, 9]));
+    assert_eq!(r.read(), Some((0x70, vec![0, 9])), "PUBCOMP");
+    let mut c = v4::connect(keep4("q2-sub", &b)).await;
+    assert_eq!(&c.next_publish().await.payload[..], b"exactly once");
+    c.no_publish().await;
+    assert_eq!(
+        b.metric("ringmq_messages_dropped_total{reason=\"qos2_duplicate\"}"),
+        1.0
+    );
+}

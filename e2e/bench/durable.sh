@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The durable node's cost: QoS 1 to persistent subscribers (cleanSession=false)
+# against ringmq with its store (fsync per batch, the default), the same
+# build with `persistence.dir: null` (memory only) and Mosquitto with
+# `persistence true`, alternating brokers in every round, in one run.
+# Prints a Markdown table (per broker: each round's delivered msg/s, the
+# median) and the ratios of the medians.
+#
+#   e2e/bench/durable.sh [ROUNDS] [SECS]      # defaults: 3 rounds of 10 s
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+. e2e/bench/lib.sh
+rounds="${1:-3}"
+secs="${2:-10}"
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+build_release
+ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+port=23900
+start() { # variant -> sets pid
+    rm -rf "$work/data" "$work/mosq"
+    mkdir -p "$work/data" "$work/mosq"
+    case "$1" in
+    ringmq-durable | ringmq-memory)
+        dir="$work/data/store"
+        [ "$1" = ringmq-memory ] && dir=null
+        printf 'listeners:\n  tcp: "127.0.0.1:%s"\n  ws: null\n  admin: null\nlimits:\n  max_subscriptions_per_client: 0\n  offline_queue_len: 1000\npersistence:\n  dir: %s\n' \
+            "$port" "$dir" >"$work/ringmq.yaml"
+        RUST_LOG=error "$bin/ringmq-broker" --config "$work/ringmq.yaml" >"$work/ringmq.log" 2>&1 &
+        ;;
+    mosquitto-persist)
+        printf 'listener %s 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000\npersistence true\npersistence_location %s/\n' \
+            "$port" "$work/mosq" >"$work/mosquitto.conf"
+        mosquitto -c "$work/mosquitto.conf" >"$work/mosquitto.log" 2>&1 &
+        ;;
+    esac
+    pid=$!
+    wait_port "$port"
+}
+
+scenarios=(
+    "d1:QoS 1 one-to-one, 16 pairs, persistent subscribers, max rate:--scenario one-to-one --clients 16 --qos 1 --payload 64"
+    "d2:fan-in 1000 publishers x 10/s QoS 1 to one persistent subscriber:--scenario fan-in --clients 1000 --qos 1 --payload 64 --rate 10"
+)
+variants=(ringmq-durable ringmq-memory)
+command -v mosquitto >/dev/null && variants+=(mosquitto-persist) || echo "mosquitto not installed: skipped" >&2
+
+declare -A runs
+field() { sed -n "s/.*\"$2\":\([^,}]*\).*/\1/p" <<<"$1"; }
+for r in $(seq "$rounds"); do
+    for sc in "${scenarios[@]}"; do
+        id=${sc%%:*}
+        args=${sc##*:}
+        for v in "${variants[@]}"; do
+            port=$((port + 1))
+            start "$v"
+            line=$("$bin/ringmq-bench" --port "$port" $args --persistent --duration "$secs" --broker-pid "$pid" --tag "$id$v$r" || echo '{"error":true}')
+            kill "$pid" 2>/dev/null || true
+            wait "$pid" 2>/dev/null || true
+            echo "round $r $id $v $line" >&2
+            lost=$(field "$line" lost)
+            runs["$id,$v"]+="$(field "$line" msgs_per_sec)/${lost:-?} "
+        done
+    done
+done
+
+median() { tr ' ' '\n' | sed '/^$/d' | sort -g | awk '{a[NR]=$1} END {print (NR ? a[int((NR+1)/2)] : 0)}'; }
+echo "| scenario | broker | delivered msg/s per round (lost) | median msg/s |"
+echo "|---|---|---|---|"
+declare -A med
+for sc in "${scenarios[@]}"; do
+    id=${sc%%:*}
+    rest=${sc#*:}
+    for v in "${variants[@]}"; do
+        m=$(tr ' ' '\n' <<<"${runs["$id,$v"]}" | cut -d/ -f1 | tr '\n' ' ' | median)
+        med["$id,$v"]=$m
+        shown=$(sed 's#/\([^ ]*\)# (\1)#g' <<<"${runs["$id,$v"]}")
+        echo "| $id ${rest%%:*} | $v | $shown | $m |"
+    done
+done
+echo
+for sc in "${scenarios[@]}"; do
+    id=${sc%%:*}
+    for v in "${variants[@]}"; do
+        [ "$v" = ringmq-durable ] && continue
+        awk -v id="$id" -v v="$v" -v a="${med["$id,ringmq-durable"]}" -v b="${med["$id,$v"]}" \
+            'BEGIN { printf "- %s: ringmq-durable ÷ %s = %.2f\n", id, v, (b > 0 ? a / b : 0) }'
+    done
+done
