@@ -772,16 +772,7 @@ impl Broker {
         if let Some(w) = wake {
             w.notify_one();
         }
-        for (raw, opts) in added {
-            if let Ok(f) = topic::parse_filter(&raw, usize::MAX, false)
-                && self.router.subscribe(&session.client_id, &f, opts)
-            {
-                self.metrics.subscriptions.inc();
-            }
-            if let Some(c) = &self.cluster {
-                c.filter_added(&raw);
-            }
-        }
+        self.add_routes(&session.client_id, added);
         self.metrics.sessions.set(gauge(self.sessions.len()));
         tracing::debug!(client_id = %session.client_id, "session moved in");
         // The ring changed again while the session travelled (or this node
@@ -792,6 +783,21 @@ impl Broker {
             .is_some_and(|c| !c.is_local(&c.owner(&session.client_id)))
         {
             self.rebalance();
+        }
+    }
+
+    /// Routes the subscriptions a session brought (from another node or
+    /// the store): filters that were valid when they were added.
+    fn add_routes(&self, client: &ClientId, filters: Vec<(String, SubOptions)>) {
+        for (raw, opts) in filters {
+            if let Ok(f) = topic::parse_filter(&raw, usize::MAX, false)
+                && self.router.subscribe(client, &f, opts)
+            {
+                self.metrics.subscriptions.inc();
+            }
+            if let Some(c) = &self.cluster {
+                c.filter_added(&raw);
+            }
         }
     }
 
@@ -808,16 +814,7 @@ impl Broker {
                 .iter()
                 .map(|(f, o)| (f.clone(), *o))
                 .collect();
-            for (raw, opts) in filters {
-                if let Ok(f) = topic::parse_filter(&raw, usize::MAX, false)
-                    && self.router.subscribe(&session.client_id, &f, opts)
-                {
-                    self.metrics.subscriptions.inc();
-                }
-                if let Some(c) = &self.cluster {
-                    c.filter_added(&raw);
-                }
-            }
+            self.add_routes(&session.client_id, filters);
         }
         let mut n = 0;
         for m in recovered.retained {

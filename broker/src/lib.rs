@@ -9,6 +9,7 @@ pub mod auth;
 pub mod broker;
 pub mod capacity;
 pub mod cluster;
+mod codec;
 pub mod config;
 pub mod connection;
 #[cfg(test)]

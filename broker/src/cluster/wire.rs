@@ -16,6 +16,7 @@
 
 use ntex::util::{Buf, BufMut, ByteString, Bytes, BytesMut};
 
+use crate::codec::{len16, len32, put_bytes, put_opt_str, put_str};
 use crate::message::QoS;
 
 /// The protocol version this build speaks.
@@ -431,42 +432,11 @@ fn decode_body(b: &mut Bytes) -> Result<Frame> {
     })
 }
 
-fn len16(n: usize) -> u16 {
-    u16::try_from(n).unwrap_or(u16::MAX)
-}
-
-fn len32(n: usize) -> u32 {
-    u32::try_from(n).unwrap_or(u32::MAX)
-}
-
-/// Strings on the wire are MQTT strings (at most 65 535 bytes); longer ones
-/// cannot reach here, as the MQTT decoder refuses them.
-fn put_str(out: &mut BytesMut, s: &str) {
-    let bytes = &s.as_bytes()[..s.len().min(usize::from(u16::MAX))];
-    out.put_u16(len16(bytes.len()));
-    out.put_slice(bytes);
-}
-
 /// A list of at most 65 535 strings.
 fn put_strs(out: &mut BytesMut, list: &[String]) {
     out.put_u16(len16(list.len()));
     for s in list {
         put_str(out, s);
-    }
-}
-
-fn put_bytes(out: &mut BytesMut, b: &[u8]) {
-    out.put_u32(len32(b.len()));
-    out.put_slice(b);
-}
-
-fn put_opt_str(out: &mut BytesMut, s: Option<&ByteString>) {
-    match s {
-        Some(s) => {
-            out.put_u8(1);
-            put_str(out, s);
-        }
-        None => out.put_u8(0),
     }
 }
 

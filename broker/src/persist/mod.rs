@@ -36,6 +36,7 @@ mod writer;
 
 pub use record::SessionRecord;
 pub use recover::{Recovered, RecoveredSession, disconnected_at};
+pub use writer::dir_size;
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -366,6 +367,10 @@ mod tests {
     use crate::message::{MessageId, QoS};
     use crate::router::SubOptions;
 
+    /// A session as compared: its filters, sorted, and its (sequence,
+    /// payload) messages in order.
+    type Kept = (Vec<String>, Vec<(u64, u8)>);
+
     /// One step of a client's life as the store sees it.
     #[derive(Debug, Clone)]
     enum Step {
@@ -470,14 +475,14 @@ mod tests {
             persist.close();
             let (again, back) = Persist::open(&config, &Registry::new()).unwrap_or_else(|e| panic!("{e}"));
             again.close();
-            let mut got: HashMap<String, (Vec<String>, Vec<(u64, u8)>)> = HashMap::new();
+            let mut got: HashMap<String, Kept> = HashMap::new();
             for s in back.sessions {
                 let mut subs: Vec<String> = s.record.subscriptions.into_iter().map(|(f, _)| f).collect();
                 subs.sort();
                 let msgs = s.messages.iter().map(|d| (d.seq, d.msg.payload[0])).collect();
                 got.insert(s.client.to_string(), (subs, msgs));
             }
-            let mut want: HashMap<String, (Vec<String>, Vec<(u64, u8)>)> = HashMap::new();
+            let mut want: HashMap<String, Kept> = HashMap::new();
             for (c, subs) in &sessions {
                 let mut subs = subs.clone();
                 subs.sort();

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use ntex::util::{BufMut, ByteString, Bytes, BytesMut};
 
+use crate::codec::{len16, len32, put_bytes, put_opt_str, put_str};
 use crate::message::{Message, MessageId, Properties, QoS};
 use crate::router::SubOptions;
 use crate::session::Delivery;
@@ -335,40 +336,6 @@ fn qos_of(q: u8) -> Result<QoS> {
         1 => Ok(QoS::AtLeastOnce),
         2 => Ok(QoS::ExactlyOnce),
         q => Err(RecordError::Qos(q)),
-    }
-}
-
-fn len16(n: usize) -> u16 {
-    u16::try_from(n).unwrap_or(u16::MAX)
-}
-
-fn len32(n: usize) -> u32 {
-    u32::try_from(n).unwrap_or(u32::MAX)
-}
-
-/// MQTT strings are at most 65 535 bytes; longer ones cannot reach here,
-/// as the MQTT decoder refuses them.
-fn put_str(out: &mut BytesMut, s: &str) {
-    let mut end = s.len().min(usize::from(u16::MAX));
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    out.put_u16(len16(end));
-    out.put_slice(&s.as_bytes()[..end]);
-}
-
-fn put_bytes(out: &mut BytesMut, b: &[u8]) {
-    out.put_u32(len32(b.len()));
-    out.put_slice(b);
-}
-
-fn put_opt_str(out: &mut BytesMut, s: Option<&ByteString>) {
-    match s {
-        Some(s) => {
-            out.put_u8(1);
-            put_str(out, s);
-        }
-        None => out.put_u8(0),
     }
 }
 

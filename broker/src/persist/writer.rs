@@ -278,7 +278,7 @@ fn fold(store: &Store, ops: &[Op]) -> BTreeMap<(Space, Vec<u8>), Option<Bytes>> 
 }
 
 /// Bytes the files under `dir` take.
-pub(super) fn dir_size(dir: &Path) -> u64 {
+pub fn dir_size(dir: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };

@@ -8,7 +8,7 @@
 //! syncs it to disk once (group commit), then releases its writers. One
 //! JSON line out.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -130,21 +130,6 @@ fn key(writer: usize, seq: u64) -> Vec<u8> {
     k
 }
 
-/// Bytes under `dir`.
-fn disk_bytes(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => disk_bytes(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
-}
-
 fn run(s: &Settings) -> anyhow::Result<String> {
     let mut engine = open(s)?;
     let (tx, rx) = mpsc::channel::<Request>();
@@ -229,7 +214,7 @@ fn run(s: &Settings) -> anyhow::Result<String> {
         total as f64 / commits.max(1) as f64,
         pct(0.5),
         pct(0.99),
-        disk_bytes(&s.dir)
+        ringmq_broker::persist::dir_size(&s.dir)
     ))
 }
 

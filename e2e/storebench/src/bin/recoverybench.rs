@@ -14,7 +14,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use ringmq_broker::config::PersistenceConfig;
 use ringmq_broker::message::{Message, MessageId, QoS, now_ms};
-use ringmq_broker::persist::{Persist, SessionRecord};
+use ringmq_broker::persist::{Persist, SessionRecord, dir_size};
 use ringmq_broker::router::SubOptions;
 use ringmq_broker::session::Delivery;
 
@@ -90,17 +90,4 @@ fn main() -> anyhow::Result<()> {
         recovered.sessions.len()
     );
     Ok(())
-}
-
-fn dir_size(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_size(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
 }
