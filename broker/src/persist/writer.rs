@@ -167,8 +167,8 @@ impl Writer {
                 Space::Retained => &store.retained,
             };
             match value {
-                Some(v) => batch.insert(ks, key, v.to_vec()),
-                None => batch.remove(ks, key),
+                Write::Put { value, .. } => batch.insert(ks, key, value.as_ref()),
+                Write::Delete => batch.remove(ks, key),
             }
         }
         if let Err(e) = batch.commit() {
@@ -235,18 +235,36 @@ impl Writer {
     }
 }
 
-/// The batch's changes, one per key, in key order. A `Forget` removes the
-/// session's record, what earlier changes of this batch queued for it,
-/// and what the store holds for it.
-fn fold(store: &Store, ops: &[Op]) -> BTreeMap<(Space, Vec<u8>), Option<Bytes>> {
-    let mut out: BTreeMap<(Space, Vec<u8>), Option<Bytes>> = BTreeMap::new();
+/// What the batch does to one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Write {
+    /// Stores the value; `over_delete`: an earlier change of this batch
+    /// deleted the key, whose older value may be on disk.
+    Put { value: Bytes, over_delete: bool },
+    Delete,
+}
+
+type Batch = BTreeMap<(Space, Vec<u8>), Write>;
+
+/// The batch's changes, one per key, in key order. A queued message
+/// acknowledged within the same batch is not written at all (its key is
+/// new: sequence numbers only grow while the store holds a session's
+/// messages), which spares the disk most messages to online subscribers.
+/// A `Forget` removes the session's record, what earlier changes of this
+/// batch queued for it, and what the store holds for it.
+fn fold(store: &Store, ops: &[Op]) -> Batch {
+    let mut out = Batch::new();
+    let put = |out: &mut Batch, key: (Space, Vec<u8>), value: Bytes| {
+        let over_delete = matches!(
+            out.get(&key),
+            Some(Write::Delete | Write::Put { over_delete: true, .. })
+        );
+        out.insert(key, Write::Put { value, over_delete });
+    };
     for op in ops {
         match &op.change {
             Change::Session { client, value } => {
-                out.insert(
-                    (Space::Sessions, client.as_bytes().to_vec()),
-                    Some(value.clone()),
-                );
+                put(&mut out, (Space::Sessions, client.as_bytes().to_vec()), value.clone());
             }
             Change::Forget { client } => {
                 let prefix = record::queue_prefix(client);
@@ -256,21 +274,37 @@ fn fold(store: &Store, ops: &[Op]) -> BTreeMap<(Space, Vec<u8>), Option<Bytes>> 
                     .map(|(k, _)| k.clone())
                     .collect();
                 for k in batched {
-                    out.insert(k, None);
+                    out.remove(&k);
                 }
                 for key in store.queue.prefix(&prefix).filter_map(|g| g.key().ok()) {
-                    out.insert((Space::Queue, key.to_vec()), None);
+                    out.insert((Space::Queue, key.to_vec()), Write::Delete);
                 }
-                out.insert((Space::Sessions, client.as_bytes().to_vec()), None);
+                out.insert((Space::Sessions, client.as_bytes().to_vec()), Write::Delete);
             }
             Change::Queue { key, value } => {
-                out.insert((Space::Queue, key.clone()), Some(value.clone()));
+                put(&mut out, (Space::Queue, key.clone()), value.clone());
             }
             Change::Unqueue { key } => {
-                out.insert((Space::Queue, key.clone()), None);
+                let key = (Space::Queue, key.clone());
+                match out.get(&key) {
+                    Some(Write::Put {
+                        over_delete: false, ..
+                    }) => {
+                        out.remove(&key);
+                    }
+                    _ => {
+                        out.insert(key, Write::Delete);
+                    }
+                }
             }
             Change::Retain { topic, value } => {
-                out.insert((Space::Retained, topic.to_vec()), value.clone());
+                let key = (Space::Retained, topic.to_vec());
+                match value {
+                    Some(v) => put(&mut out, key, v.clone()),
+                    None => {
+                        out.insert(key, Write::Delete);
+                    }
+                }
             }
         }
     }
