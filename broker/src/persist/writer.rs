@@ -240,7 +240,10 @@ impl Writer {
 enum Write {
     /// Stores the value; `over_delete`: an earlier change of this batch
     /// deleted the key, whose older value may be on disk.
-    Put { value: Bytes, over_delete: bool },
+    Put {
+        value: Bytes,
+        over_delete: bool,
+    },
     Delete,
 }
 
@@ -257,14 +260,24 @@ fn fold(store: &Store, ops: &[Op]) -> Batch {
     let put = |out: &mut Batch, key: (Space, Vec<u8>), value: Bytes| {
         let over_delete = matches!(
             out.get(&key),
-            Some(Write::Delete | Write::Put { over_delete: true, .. })
+            Some(
+                Write::Delete
+                    | Write::Put {
+                        over_delete: true,
+                        ..
+                    }
+            )
         );
         out.insert(key, Write::Put { value, over_delete });
     };
     for op in ops {
         match &op.change {
             Change::Session { client, value } => {
-                put(&mut out, (Space::Sessions, client.as_bytes().to_vec()), value.clone());
+                put(
+                    &mut out,
+                    (Space::Sessions, client.as_bytes().to_vec()),
+                    value.clone(),
+                );
             }
             Change::Forget { client } => {
                 let prefix = record::queue_prefix(client);
@@ -324,4 +337,63 @@ pub fn dir_size(dir: &Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn op(change: Change) -> Op {
+        Op {
+            change,
+            commit: None,
+        }
+    }
+
+    #[test]
+    fn a_batch_writes_only_what_outlives_it() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = Store::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let client: Arc<str> = Arc::from("c");
+        let old = record::queue_key(&client, 1);
+        store
+            .queue
+            .insert(old.clone(), b"old".as_slice())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let value = Bytes::from_static(b"new");
+        let new = record::queue_key(&client, 2);
+        let batch = fold(
+            &store,
+            &[
+                // Stored and acknowledged in one batch: nothing to write.
+                op(Change::Queue {
+                    key: new.clone(),
+                    value: value.clone(),
+                }),
+                op(Change::Unqueue { key: new.clone() }),
+                // The session ends and starts over, numbering from 1 again:
+                // its message 1, acknowledged at once, still deletes the
+                // old message 1 on disk.
+                op(Change::Forget {
+                    client: client.clone(),
+                }),
+                op(Change::Queue {
+                    key: old.clone(),
+                    value: value.clone(),
+                }),
+                op(Change::Unqueue { key: old.clone() }),
+            ],
+        );
+        let queue: Vec<_> = batch
+            .iter()
+            .filter(|((s, _), _)| *s == Space::Queue)
+            .collect();
+        assert_eq!(queue, [(&(Space::Queue, old), &Write::Delete)]);
+        assert_eq!(
+            batch.get(&(Space::Sessions, b"c".to_vec())),
+            Some(&Write::Delete)
+        );
+    }
 }
