@@ -28,6 +28,7 @@ node() {
     {
         printf 'node_id: n%s\nlisteners:\n  tcp: "127.0.0.1:%s"\n  ws: null\n  tls: null\n  wss: null\n  admin: null\n' "$1" "$2"
         printf 'limits:\n  max_subscriptions_per_client: 0\ntrace:\n  message_events: 500000\n'
+        printf 'persistence:\n  dir: %s\n' "$work/n$1-data"
         if [ -n "$3" ]; then
             printf 'cluster:\n  listen: "127.0.0.1:%s"\n  secret_file: %s\n%s\n' "$3" "$work/secret" "$peers"
         fi

@@ -36,6 +36,8 @@ listeners:
   tcp: "127.0.0.1:$mport"
   ws: null
   admin: null
+persistence:
+  dir: $work/ringmq-data
 kafka:
   bootstrap_servers: "$bootstrap"
   parent_topics:

@@ -945,9 +945,13 @@ async fn status_and_alarms_come_from_real_brokers_under_load() {
         std::fs::write(&path, config).unwrap_or_else(|e| panic!("{e}"));
         let log = std::fs::File::create(dir.path().join(format!("n{i}.log")))
             .unwrap_or_else(|e| panic!("{e}"));
+        // Each node in a directory of its own: the default store (`data`).
+        let home = dir.path().join(format!("n{i}"));
+        std::fs::create_dir_all(&home).unwrap_or_else(|e| panic!("{e}"));
         let child = std::process::Command::new(broker_binary())
             .arg("--config")
             .arg(&path)
+            .current_dir(&home)
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("{e}"));
