@@ -475,7 +475,7 @@ impl Broker {
                 .is_none_or(|c| c.is_local(&c.owner(group)))
         };
         let scope = Scope::Designated { owns: &owns };
-        let mut pending = Pending::default();
+        let mut pending = Pending::detached();
         let reached = self.route(msg, keep, scope, &mut over, &mut forwards, &mut pending);
         self.forward_now(forwards);
         (reached, over)
@@ -508,7 +508,7 @@ impl Broker {
             Scope::Local { groups },
             &mut over,
             &mut forwards,
-            &mut Pending::default(),
+            &mut Pending::detached(),
         );
         // Only sessions that just moved produce forwards here.
         self.forward_now(forwards);
@@ -541,7 +541,7 @@ impl Broker {
             client_id,
             persistent,
             &mut over,
-            &mut Pending::default(),
+            &mut Pending::detached(),
         );
         over
     }
@@ -825,8 +825,8 @@ impl Broker {
     }
 
     /// Updates the store's size metric.
-    pub fn persist_size(&self, dir: &std::path::Path) {
-        self.persist.measure(dir);
+    pub fn measure_store(&self) {
+        self.persist.measure();
     }
 
     /// A peer left: its routes go.
@@ -919,7 +919,7 @@ impl Broker {
         };
         let mut forwards = Vec::new();
         // Nothing waits for these: the store writes them in order with the rest.
-        let mut pending = Pending::default();
+        let mut pending = Pending::detached();
         let reached = self.route(
             msg,
             keep,

@@ -195,10 +195,8 @@ async fn housekeeping(broker: Arc<broker::Broker>, shutdown: Shutdown) {
     while shutdown.sleep(Duration::from_secs(1)).await {
         broker.expire_sessions(Instant::now());
         ticks += 1;
-        if ticks % 10 == 1
-            && let Some(dir) = &broker.config.persistence.dir
-        {
-            broker.persist_size(dir);
+        if ticks % 10 == 1 {
+            broker.measure_store();
         }
         let secrets = broker
             .tokens

@@ -281,9 +281,7 @@ impl Session {
                 // each wake-up was a cross-thread wake).
                 let wake = (len == 0).then(|| conn.wake.clone());
                 if durable {
-                    st.last_seq += 1;
-                    d.seq = st.last_seq;
-                    self.persist.queue(&self.client_id, d.seq, &d, pending);
+                    self.number_and_store(&mut st.last_seq, &mut d, pending);
                 }
                 st.queue.push_back(d);
                 drop(st);
@@ -308,9 +306,7 @@ impl Session {
                 false
             };
             if durable {
-                st.last_seq += 1;
-                d.seq = st.last_seq;
-                self.persist.queue(&self.client_id, d.seq, &d, pending);
+                self.number_and_store(&mut st.last_seq, &mut d, pending);
             }
             st.offline.push_back(d);
             if dropped {
@@ -347,6 +343,19 @@ impl Session {
         }
     }
 
+    /// Gives a delivery the session's next sequence number and writes it
+    /// to the store. Called with the lock held (`last_seq` is the state's).
+    fn number_and_store(
+        &self,
+        last_seq: &mut u64,
+        d: &mut Delivery,
+        pending: Option<&mut Pending>,
+    ) {
+        *last_seq += 1;
+        d.seq = *last_seq;
+        self.persist.queue(&self.client_id, d.seq, d, pending);
+    }
+
     /// Writes the session's record if it is persistent; `pending` (when
     /// given) waits for it. Called with the lock held, so that records reach
     /// the store in the order the session changed.
@@ -375,9 +384,7 @@ impl Session {
             .chain(queue.iter_mut())
         {
             if d.seq == 0 && d.qos != QoS::AtMostOnce {
-                *last_seq += 1;
-                d.seq = *last_seq;
-                self.persist.queue(&self.client_id, d.seq, d, None);
+                self.number_and_store(last_seq, d, None);
             }
         }
         self.save(st, None);
@@ -571,8 +578,10 @@ impl SessionStore {
             st.last_seq = rs.messages.last().map_or(0, |d| d.seq);
             st.offline = rs.messages.into();
             // A crash while it was connected: the record says "connected";
-            // from now on it is offline.
-            session.save(&st, None);
+            // from now on it is offline (the others are stored as they are).
+            if rs.record.disconnected_ms == 0 {
+                session.save(&st, None);
+            }
         }
         self.shard(&rs.client)
             .write()

@@ -17,6 +17,13 @@ fn keep4(id: &str, b: &Broker) -> v4::MqttOptions {
     o
 }
 
+/// A persistent MQTT 3.1.1 session subscribed to `filter`, left offline.
+async fn subscribe_offline(id: &str, b: &Broker, filter: &str, qos: v4::QoS) {
+    let mut c = v4::connect(keep4(id, b)).await;
+    c.subscribe(filter, qos).await;
+    c.disconnect().await;
+}
+
 /// MQTT 5 options of a session that outlives its connection by `expiry` s.
 fn keep5(id: &str, b: &Broker, expiry: u32) -> v5::MqttOptions {
     let mut o = v5::options(id, b.tcp);
@@ -28,9 +35,7 @@ fn keep5(id: &str, b: &Broker, expiry: u32) -> v5::MqttOptions {
 /// A persistent MQTT 3.1.1 session and an MQTT 5 one, subscribed to `d/#`
 /// at QoS 2, offline.
 async fn offline_sessions(b: &Broker) {
-    let mut c = v4::connect(keep4("keep-v4", b)).await;
-    c.subscribe("d/#", v4::QoS::ExactlyOnce).await;
-    c.disconnect().await;
+    subscribe_offline("keep-v4", b, "d/#", v4::QoS::ExactlyOnce).await;
     let mut c = v5::connect(keep5("keep-v5", b, 3600)).await;
     c.subscribe("d/#", v5::QoS::ExactlyOnce).await;
     c.disconnect().await;
@@ -141,9 +146,7 @@ async fn a_session_that_expired_while_the_node_was_down_is_gone() {
 #[tokio::test]
 async fn a_clean_start_removes_the_stored_session() {
     let mut b = Broker::start("");
-    let mut c = v4::connect(keep4("cleaned", &b)).await;
-    c.subscribe("c/#", v4::QoS::AtLeastOnce).await;
-    c.disconnect().await;
+    subscribe_offline("cleaned", &b, "c/#", v4::QoS::AtLeastOnce).await;
     v4::connect(v4::options("cleaned", b.tcp))
         .await
         .disconnect()
@@ -167,9 +170,7 @@ async fn every_acknowledged_message_of_a_stream_survives_sigkill() {
     let ids = ["stream-a", "stream-b"];
     let mut received: HashMap<&str, HashMap<u32, u32>> = HashMap::new();
     for id in ids {
-        let mut c = v4::connect(keep4(id, &b)).await;
-        c.subscribe("s/#", v4::QoS::AtLeastOnce).await;
-        c.disconnect().await;
+        subscribe_offline(id, &b, "s/#", v4::QoS::AtLeastOnce).await;
         received.insert(id, HashMap::new());
     }
     let mut acked = Vec::new();
@@ -319,9 +320,7 @@ async fn stream_until_killed(b: &mut Broker, next: &mut u32, min: usize) -> (Vec
 #[tokio::test]
 async fn a_torn_last_write_is_discarded_and_the_rest_is_served() {
     let mut b = Broker::start("");
-    let mut c = v4::connect(keep4("torn", &b)).await;
-    c.subscribe("t/#", v4::QoS::AtLeastOnce).await;
-    c.disconnect().await;
+    subscribe_offline("torn", &b, "t/#", v4::QoS::AtLeastOnce).await;
     let mut p = v4::connect(v4::options("pub", b.tcp)).await;
     for i in 1..=5 {
         p.publish("t/x", v4::QoS::AtLeastOnce, false, format!("m{i}"))
@@ -564,9 +563,7 @@ fn a_read_only_data_directory_stops_the_start_with_a_clear_error() {
 async fn a_qos2_publish_received_before_a_crash_is_not_delivered_twice() {
     use common::raw::{Raw, packet, string};
     let mut b = Broker::start("");
-    let mut c = v4::connect(keep4("q2-sub", &b)).await;
-    c.subscribe("q2/#", v4::QoS::ExactlyOnce).await;
-    c.disconnect().await;
+    subscribe_offline("q2-sub", &b, "q2/#", v4::QoS::ExactlyOnce).await;
     // 3.1.1, cleanSession=false.
     let connect = {
         let mut body = string(b"MQTT");

@@ -144,22 +144,39 @@ impl Commit {
 
 /// Collects the changes of one publish or subscribe that its
 /// acknowledgement must wait for; made only when there is one.
+/// `Pending::detached()` collects nothing: the changes of work nobody
+/// acknowledges (wills, downlink records, forwarded messages) are written
+/// in order with the rest, without a `Commit` to allocate and count.
 #[derive(Debug, Default)]
-pub struct Pending(Option<Arc<Commit>>);
+pub struct Pending {
+    commit: Option<Arc<Commit>>,
+    detached: bool,
+}
 
 impl Pending {
+    /// For work whose acknowledgement nobody waits for.
+    pub fn detached() -> Self {
+        Self {
+            commit: None,
+            detached: true,
+        }
+    }
+
     /// Waits for the store; at once when nothing was changed.
     pub async fn wait(self) -> Result<()> {
-        match self.0 {
+        match self.commit {
             Some(c) => c.wait().await,
             None => Ok(()),
         }
     }
 
-    fn join(&mut self) -> Arc<Commit> {
-        let c = self.0.get_or_insert_with(Commit::new);
+    fn join(&mut self) -> Option<Arc<Commit>> {
+        if self.detached {
+            return None;
+        }
+        let c = self.commit.get_or_insert_with(Commit::new);
         c.pending.fetch_add(1, Ordering::AcqRel);
-        c.clone()
+        Some(c.clone())
     }
 }
 
@@ -230,6 +247,7 @@ struct Inner {
     tx: std::sync::mpsc::Sender<Option<Op>>,
     metrics: StoreMetrics,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    dir: PathBuf,
 }
 
 impl Persist {
@@ -258,6 +276,7 @@ impl Persist {
             tx,
             metrics,
             writer: Mutex::new(Some(handle)),
+            dir: dir.clone(),
         };
         Ok((Self(Some(Arc::new(inner))), recovered))
     }
@@ -287,7 +306,7 @@ impl Persist {
                 client: client.clone(),
                 value: rec.encode(),
             };
-            self.send(change, pending.map(Pending::join));
+            self.send(change, pending.and_then(Pending::join));
         }
     }
 
@@ -308,7 +327,7 @@ impl Persist {
                 key: record::queue_key(client, seq),
                 value: record::encode_delivery(d, Instant::now(), now_ms()),
             };
-            self.send(change, pending.map(Pending::join));
+            self.send(change, pending.and_then(Pending::join));
         }
     }
 
@@ -326,14 +345,17 @@ impl Persist {
             let topic = Bytes::copy_from_slice(msg.topic.as_bytes());
             let value = (!msg.payload.is_empty())
                 .then(|| record::encode_retained(msg, Instant::now(), now_ms()));
-            self.send(Change::Retain { topic, value }, pending.map(Pending::join));
+            self.send(
+                Change::Retain { topic, value },
+                pending.and_then(Pending::join),
+            );
         }
     }
 
     /// Updates the size metric; called by housekeeping.
-    pub fn measure(&self, dir: &std::path::Path) {
+    pub fn measure(&self) {
         if let Some(inner) = &self.0 {
-            let bytes = writer::dir_size(dir);
+            let bytes = writer::dir_size(&inner.dir);
             inner
                 .metrics
                 .disk_bytes
