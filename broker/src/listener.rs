@@ -230,6 +230,8 @@ fn mqtt_service<Req>(
 where
     Req: ntex::service::RequestState<IoBoxed, State = ()> + 'static,
 {
+    // Built on each worker thread: its acknowledgements wake through it.
+    crate::persist::attach_worker();
     let b3 = broker.clone();
     let b5 = broker;
     MqttServer::new()

@@ -32,10 +32,12 @@ use crate::session::Delivery;
 
 pub mod record;
 mod recover;
+mod wake;
 mod writer;
 
 pub use record::SessionRecord;
 pub use recover::{Recovered, RecoveredSession, disconnected_at};
+pub use wake::attach_worker;
 pub use writer::dir_size;
 
 /// Errors of the store.
@@ -107,6 +109,8 @@ pub struct Commit {
     pending: AtomicUsize,
     failed: AtomicBool,
     done: Notify,
+    /// The waiter's worker, which wakes it (`wake`); `None`: woken directly.
+    mailbox: Option<Arc<wake::Mailbox>>,
 }
 
 impl Commit {
@@ -115,16 +119,39 @@ impl Commit {
             pending: AtomicUsize::new(1),
             failed: AtomicBool::new(false),
             done: Notify::new(),
+            mailbox: wake::current(),
         })
     }
 
-    fn finish(&self, ok: bool) {
+    /// One change is through (`ok`: written); true once it was the last.
+    fn finish(&self, ok: bool) -> bool {
         if !ok {
             self.failed.store(true, Ordering::Release);
         }
-        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
-            // A stored permit: the waiter may not have started waiting.
-            self.done.notify_one();
+        self.pending.fetch_sub(1, Ordering::AcqRel) == 1
+    }
+
+    /// Wakes the waiter, which may not have started waiting (a stored permit).
+    fn wake(&self) {
+        self.done.notify_one();
+    }
+
+    /// The writer is through with one change: the last one wakes the
+    /// waiter, through its worker's mailbox (returned, to be rung once for
+    /// the whole batch) when it has one.
+    fn written(self: Arc<Self>, ok: bool) -> Option<Arc<wake::Mailbox>> {
+        if !self.finish(ok) {
+            return None;
+        }
+        match self.mailbox.clone() {
+            Some(m) => {
+                m.put(self);
+                Some(m)
+            }
+            None => {
+                self.wake();
+                None
+            }
         }
     }
 
@@ -294,8 +321,9 @@ impl Persist {
         if let Err(std::sync::mpsc::SendError(Some(op))) =
             inner.tx.send(Some(Op { change, commit }))
             && let Some(c) = op.commit
+            && let Some(m) = c.written(false)
         {
-            c.finish(false);
+            m.ring();
         }
     }
 

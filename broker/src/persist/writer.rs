@@ -11,12 +11,14 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use ntex::util::Bytes;
 
+use super::wake::Mailbox;
 use super::{Change, Op, PersistError, Result, StoreMetrics, record};
 use crate::config::{Fsync, PersistenceConfig};
 
@@ -130,10 +132,17 @@ impl Writer {
                 }
             }
             let ok = self.write(&ops);
+            // Each worker is woken once for the batch (see `wake`).
+            let mut ring: Vec<Arc<Mailbox>> = Vec::new();
             for op in ops.drain(..) {
-                if let Some(c) = op.commit {
-                    c.finish(ok);
+                if let Some(m) = op.commit.and_then(|c| c.written(ok))
+                    && !ring.iter().any(|r| Arc::ptr_eq(r, &m))
+                {
+                    ring.push(m);
                 }
+            }
+            for m in ring {
+                m.ring();
             }
             if closing {
                 break;
@@ -341,8 +350,6 @@ pub fn dir_size(dir: &Path) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
 
     fn op(change: Change) -> Op {
