@@ -424,9 +424,9 @@ impl Broker {
 
     /// A will message: stored like a QoS 0 message (nobody waits for it),
     /// then routed.
-    pub fn publish_will(&self, msg: &Arc<Message>, session: &Session, persistent: bool) {
+    /// `ordered`: its session asked for ordered storage.
+    pub fn publish_will(&self, msg: &Arc<Message>, ordered: bool, persistent: bool) {
         if self.storage.stores(topic::parent_topic(&msg.topic)) {
-            let ordered = session.lock().ordered;
             // BestEffort resolves at once: the future has nothing left to do.
             drop(
                 self.storage
@@ -434,6 +434,46 @@ impl Broker {
             );
         }
         self.publish(msg, persistent);
+    }
+
+    /// Publishes a session's delayed will after `delay`, unless a connection
+    /// attached meanwhile (the will is no longer the one of `generation`).
+    pub fn schedule_will(
+        self: &Arc<Self>,
+        session: Arc<Session>,
+        generation: u64,
+        delay: Duration,
+    ) {
+        let broker = self.clone();
+        ntex::rt::spawn(async move {
+            ntex::time::sleep(delay).await;
+            broker.will_due(&session, generation);
+        });
+    }
+
+    fn will_due(&self, session: &Session, generation: u64) {
+        let due = |st: &crate::session::State| {
+            st.pending_will
+                .as_ref()
+                .filter(|w| w.generation == generation)
+                .map(|w| w.msg.clone())
+        };
+        let Some(msg) = due(&session.lock()) else {
+            return;
+        };
+        // Published before the record forgets it, and outside the lock
+        // (the session may subscribe to its own will): a crash in between
+        // publishes it again after the restart, never not at all.
+        let (ordered, persistent) = {
+            let st = session.lock();
+            (st.ordered, st.persistent)
+        };
+        self.publish_will(&msg, ordered, persistent);
+        let mut st = session.lock();
+        if due(&st).is_some() {
+            st.pending_will = None;
+            session.save(&st, None);
+        }
     }
 
     /// A test message sent through the operations API (O8): stored when its
@@ -804,10 +844,18 @@ impl Broker {
     /// Installs what the store read back at start-up: persistent sessions
     /// (offline, with their queued messages and routes) and retained
     /// messages.
-    pub fn restore(&self, recovered: Recovered) {
+    pub fn restore(self: &Arc<Self>, recovered: Recovered) {
         let (now, now_ms) = (Instant::now(), crate::message::now_ms());
         for rs in recovered.sessions {
             let session = self.sessions.restore(rs, now, now_ms);
+            let will_in = session
+                .lock()
+                .pending_will
+                .as_ref()
+                .map(|w| Duration::from_millis(w.due_ms.saturating_sub(now_ms)));
+            if let Some(delay) = will_in {
+                self.schedule_will(session.clone(), 0, delay);
+            }
             let filters: Vec<(String, SubOptions)> = session
                 .lock()
                 .subscriptions
@@ -822,6 +870,9 @@ impl Broker {
         }
         self.metrics.retained.set(gauge(n));
         self.metrics.sessions.set(gauge(self.sessions.len()));
+        for (msg, ordered) in recovered.wills {
+            self.publish_will(&msg, ordered, true);
+        }
     }
 
     /// Updates the store's size metric.

@@ -19,7 +19,7 @@ use crate::auth::{Grants, Identity};
 use crate::broker::{Broker, SubscribeError};
 use crate::message::{Message, QoS};
 use crate::router::ClientId;
-use crate::session::{ClientInfo, Conn, Delivery, KickReason, Session};
+use crate::session::{ClientInfo, Conn, Delivery, KickReason, PendingWill, Session};
 use crate::storage::EventKind;
 use crate::token::{TokenError, TokenType};
 use crate::trace::{DeviceAction, DeviceReason, MessageAction};
@@ -258,23 +258,24 @@ impl Connection {
         let msg = Arc::new(will.msg);
         let persistent = self.persistent;
         if will.delay.is_zero() || !persistent {
-            broker.publish_will(&msg, &self.session, persistent);
+            let ordered = self.session.lock().ordered;
+            broker.publish_will(&msg, ordered, persistent);
             return;
         }
         // MQTT 5 will delay: published when the delay or the session ends,
-        // whichever is first, unless the client reconnects before.
+        // whichever is first, unless the client reconnects before. The
+        // session's record keeps it, so a restart in between keeps it too.
         let session = self.session.clone();
         let generation = self.conn.generation;
-        session.lock().pending_will_generation = Some(generation);
         let delay = will.delay.min(session.lock().expiry);
-        ntex::rt::spawn(async move {
-            ntex::time::sleep(delay).await;
-            let due = session.lock().pending_will_generation == Some(generation);
-            if due {
-                session.lock().pending_will_generation = None;
-                broker.publish_will(&msg, &session, persistent);
-            }
+        let due_ms = crate::message::now_ms()
+            .saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+        session.lock().pending_will = Some(PendingWill {
+            generation,
+            msg,
+            due_ms,
         });
+        broker.schedule_will(session, generation, delay);
     }
 }
 

@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 
 use crate::FastMap;
 use crate::message::{Message, QoS};
-use crate::persist::{Pending, Persist, SessionRecord};
+use crate::persist::{Pending, Persist, SessionRecord, StoredWill};
 use crate::retain::Replay;
 use crate::router::{ClientId, SubOptions};
 use crate::token::{Claims, TokenType};
@@ -157,8 +157,9 @@ pub struct State {
     pub offline_hold: bool,
     /// Token mode: the tokens the current connection uploaded, one per type.
     pub tokens: HashMap<TokenType, Claims>,
-    /// A will message waiting for its delay (MQTT 5), cancelled on reconnect.
-    pub pending_will_generation: Option<u64>,
+    /// A will message waiting for its delay (MQTT 5), cancelled on reconnect;
+    /// a persistent session's record keeps it across a restart.
+    pub pending_will: Option<PendingWill>,
     /// Set when the session's state left for another node: what still
     /// arrives here follows it.
     pub moved_to: Option<Arc<str>>,
@@ -187,8 +188,21 @@ impl State {
                 .iter()
                 .map(|(f, o)| (f.clone(), *o))
                 .collect(),
+            will: self.pending_will.as_ref().map(|w| StoredWill {
+                due_ms: w.due_ms,
+                msg: w.msg.clone(),
+            }),
         }
     }
+}
+
+/// A will waiting for its delay: published at `due_ms` (wall clock) unless
+/// a connection after `generation` attached first.
+#[derive(Debug, Clone)]
+pub struct PendingWill {
+    pub generation: u64,
+    pub msg: Arc<Message>,
+    pub due_ms: u64,
 }
 
 /// The last connection of a session, as the connection query shows it (O2).
@@ -227,7 +241,7 @@ impl Session {
                 ordered: false,
                 offline_hold: false,
                 tokens: HashMap::new(),
-                pending_will_generation: None,
+                pending_will: None,
                 moved_to: None,
                 info: ClientInfo::default(),
                 last_seq: 0,
@@ -574,6 +588,12 @@ impl SessionStore {
             });
             st.ordered = rs.record.ordered;
             st.qos2_received = rs.record.qos2_ids.into_iter().collect();
+            // Generation 0 is no connection's: any reconnect cancels it.
+            st.pending_will = rs.record.will.map(|w| PendingWill {
+                generation: 0,
+                msg: w.msg,
+                due_ms: w.due_ms,
+            });
             st.subscriptions = rs.record.subscriptions.into_iter().collect();
             st.last_seq = rs.messages.last().map_or(0, |d| d.seq);
             st.offline = rs.messages.into();
@@ -672,7 +692,7 @@ impl SessionStore {
         st.pull_mode = false;
         st.offline_hold = false;
         st.tokens.clear();
-        st.pending_will_generation = None;
+        st.pending_will = None;
         st.kick = None;
         session.save(&st, None);
         drop(st);

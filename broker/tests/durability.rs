@@ -600,3 +600,56 @@ async fn a_qos2_publish_received_before_a_crash_is_not_delivered_twice() {
         1.0
     );
 }
+
+/// A v5 session that outlives its connection by `expiry` s, with a will
+/// delayed by `delay` s.
+fn with_will(id: &str, b: &Broker, expiry: u32, delay: u32) -> v5::MqttOptions {
+    let mut o = keep5(id, b, expiry);
+    let props = v5::LastWillProperties {
+        delay_interval: Some(delay),
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        content_type: None,
+        response_topic: None,
+        correlation_data: None,
+        user_properties: Vec::new(),
+    };
+    o.set_last_will(v5::LastWill::new(
+        format!("will/{id}"),
+        id.to_owned(),
+        v5::QoS::AtLeastOnce,
+        false,
+        Some(props),
+    ));
+    o
+}
+
+#[tokio::test]
+async fn delayed_wills_survive_sigkill() {
+    let mut b = Broker::start("");
+    subscribe_offline("watcher", &b, "will/#", v4::QoS::AtLeastOnce).await;
+    // Due 3 s after its client went; due when its session ends, 1 s after;
+    // due in 4 s, but its client comes back after the restart.
+    v5::connect(with_will("due", &b, 60, 3)).await.kill();
+    v5::connect(with_will("expired", &b, 1, 30)).await.kill();
+    v5::connect(with_will("back", &b, 60, 4)).await.kill();
+    // The records are written without anyone waiting: let them land.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    b.kill();
+    // "expired" ends while the node is down.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    b.restart();
+    let back = v5::connect(with_will("back", &b, 60, 4)).await;
+    let mut w = v4::connect(keep4("watcher", &b)).await;
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let p = w.next_publish().await;
+        got.push(String::from_utf8_lossy(&p.payload).into_owned());
+    }
+    got.sort();
+    assert_eq!(got, ["due", "expired"], "{}", b.log());
+    // "back" would be due by now: its reconnect cancelled it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    w.no_publish().await;
+    drop(back);
+}

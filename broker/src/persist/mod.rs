@@ -35,7 +35,7 @@ mod recover;
 mod wake;
 mod writer;
 
-pub use record::SessionRecord;
+pub use record::{SessionRecord, StoredWill};
 pub use recover::{Recovered, RecoveredSession, disconnected_at};
 pub use wake::attach_worker;
 pub use writer::dir_size;
@@ -332,7 +332,7 @@ impl Persist {
         if self.is_durable() {
             let change = Change::Session {
                 client: client.clone(),
-                value: rec.encode(),
+                value: rec.encode(Instant::now(), now_ms()),
             };
             self.send(change, pending.and_then(Pending::join));
         }
@@ -489,6 +489,7 @@ mod tests {
                             ordered: false,
                             qos2_ids: vec![7],
                             subscriptions: subs.iter().map(|f| (f.clone(), SubOptions::at(QoS::AtLeastOnce))).collect(),
+                            will: None,
                         };
                         persist.session(&name(c), &rec, Some(&mut pending));
                     }

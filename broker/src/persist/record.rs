@@ -4,7 +4,8 @@
 //! ```text
 //! value    = version:u8 kind:u8 body check:u32be   check = xxh3 of the bytes before it (low 32 bits)
 //! session  = expiry_ms:u64 disconnected_ms:u64 flags:u8 count:u32 sub*
-//!            count:u16 qos2_id:u16*                                        (kind 'S')
+//!            count:u16 qos2_id:u16* [will]                                 (kind 'S')
+//! will     = 1:u8 due_ms:u64 message        (absent: no will waits; older records end before it)
 //! sub      = filter:str flags:u8 id:u32
 //! delivery = flags:u8 count:u16 sub_id:u32* message                         (kind 'D')
 //! retained = message                                                        (kind 'R')
@@ -56,13 +57,15 @@ pub enum RecordError {
     Trailing(usize),
     #[error("key is not a queued message's key")]
     Key,
+    #[error("unknown optional field {0}")]
+    Tag(u8),
 }
 
 pub type Result<T> = std::result::Result<T, RecordError>;
 
 /// A persistent session as stored: what a reconnect needs besides its
 /// messages.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SessionRecord {
     pub expiry_ms: u64,
     /// When the client disconnected; 0 while it was connected (a crash:
@@ -73,6 +76,33 @@ pub struct SessionRecord {
     /// QoS 2 packet ids accepted and not yet released.
     pub qos2_ids: Vec<u16>,
     pub subscriptions: Vec<(String, SubOptions)>,
+    /// An MQTT 5 will waiting for its delay (or the session's end).
+    pub will: Option<StoredWill>,
+}
+
+/// A will whose client went away without DISCONNECT, published at `due_ms`
+/// (wall clock) unless the client is back before (MQTT 5 3.1.3.2.2).
+#[derive(Debug, Clone)]
+pub struct StoredWill {
+    pub due_ms: u64,
+    pub msg: Arc<Message>,
+}
+
+impl PartialEq for StoredWill {
+    /// The same will: due at the same time, the same message as a
+    /// subscriber would see it (its clock fields are read back relative to
+    /// the restart, so they are not compared).
+    fn eq(&self, other: &Self) -> bool {
+        let (a, b) = (&self.msg, &other.msg);
+        self.due_ms == other.due_ms
+            && a.id == b.id
+            && a.topic == b.topic
+            && a.payload == b.payload
+            && a.qos == b.qos
+            && a.retain == b.retain
+            && a.publisher == b.publisher
+            && a.properties == b.properties
+    }
 }
 
 /// The key of message `seq` of `client`'s queue.
@@ -105,7 +135,7 @@ pub fn parse_queue_key(key: &[u8]) -> Result<(String, u64)> {
 }
 
 impl SessionRecord {
-    pub fn encode(&self) -> Bytes {
+    pub fn encode(&self, now: Instant, now_ms: u64) -> Bytes {
         let mut out = start(SESSION);
         out.put_u64(self.expiry_ms);
         out.put_u64(self.disconnected_ms);
@@ -124,10 +154,15 @@ impl SessionRecord {
         for id in &self.qos2_ids {
             out.put_u16(*id);
         }
+        if let Some(w) = &self.will {
+            out.put_u8(1);
+            out.put_u64(w.due_ms);
+            put_msg(&mut out, &w.msg, now, now_ms);
+        }
         finish(out)
     }
 
-    pub fn decode(value: &[u8]) -> Result<Self> {
+    pub fn decode(value: &[u8], now: Instant, now_ms: u64) -> Result<Self> {
         let mut b = open(value, SESSION)?;
         let expiry_ms = b.u64()?;
         let disconnected_ms = b.u64()?;
@@ -150,6 +185,18 @@ impl SessionRecord {
         for _ in 0..n {
             qos2_ids.push(b.u16()?);
         }
+        let will = if b.is_empty() {
+            None
+        } else {
+            match b.u8()? {
+                1 => {
+                    let due_ms = b.u64()?;
+                    let msg = Arc::new(get_msg(&mut b, now, now_ms)?);
+                    Some(StoredWill { due_ms, msg })
+                }
+                t => return Err(RecordError::Tag(t)),
+            }
+        };
         b.end()?;
         Ok(Self {
             expiry_ms,
@@ -157,6 +204,7 @@ impl SessionRecord {
             ordered,
             qos2_ids,
             subscriptions,
+            will,
         })
     }
 }
@@ -390,6 +438,10 @@ impl<'a> Reader<'a> {
         self.take(n)
     }
 
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     fn end(&self) -> Result<()> {
         if self.0.is_empty() {
             Ok(())
@@ -472,8 +524,26 @@ mod tests {
             ordered: true,
             qos2_ids: vec![1, 65_535],
             subscriptions: vec![("a/#".into(), SubOptions::at(QoS::ExactlyOnce))],
+            will: Some(StoredWill {
+                due_ms: now_ms + 30_000,
+                msg: msg.clone(),
+            }),
         };
-        assert_eq!(SessionRecord::decode(&s.encode()), Ok(s));
+        let back = SessionRecord::decode(&s.encode(now, now_ms), later, now_ms + 10_000);
+        assert_eq!(back.as_ref(), Ok(&s));
+        // The will's own expiry kept counting too.
+        let will = back.ok().and_then(|b| b.will);
+        assert_eq!(
+            will.and_then(|w| w.msg.remaining_expiry_secs(later)),
+            Some(50)
+        );
+        // A record without a will (as the first durable build wrote them)
+        // reads as one.
+        let plain = SessionRecord { will: None, ..s };
+        assert_eq!(
+            SessionRecord::decode(&plain.encode(now, now_ms), now, now_ms),
+            Ok(plain)
+        );
     }
 
     #[test]
@@ -489,7 +559,7 @@ mod tests {
             assert!(decode_retained(&v, now, 1).is_err(), "bit {i}");
         }
         assert_eq!(
-            SessionRecord::decode(&bytes).err(),
+            SessionRecord::decode(&bytes, now, 1).err(),
             Some(RecordError::Kind(RETAINED, SESSION))
         );
     }

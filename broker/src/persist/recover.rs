@@ -32,6 +32,9 @@ pub struct RecoveredSession {
 pub struct Recovered {
     pub sessions: Vec<RecoveredSession>,
     pub retained: Vec<Message>,
+    /// Delayed wills of sessions that ended while the node was down: due
+    /// now (with whether their session asked for ordered storage).
+    pub wills: Vec<(Arc<Message>, bool)>,
 }
 
 pub(super) fn read(
@@ -63,6 +66,7 @@ pub(super) fn read(
     };
     let mut sessions: HashMap<String, RecoveredSession> = HashMap::new();
     let mut expired = 0u64;
+    let mut wills = Vec::new();
     for kv in store.sessions.iter() {
         let (key, value) = kv.into_inner().map_err(read_err)?;
         let client = match std::str::from_utf8(&key) {
@@ -72,13 +76,14 @@ pub(super) fn read(
                 continue;
             }
         };
-        match SessionRecord::decode(&value) {
+        match SessionRecord::decode(&value, now, now_ms) {
             Ok(rec) => {
                 // Connected when the node stopped: the expiry counts from now.
                 let gone = rec.disconnected_ms != 0
                     && now_ms.saturating_sub(rec.disconnected_ms) >= rec.expiry_ms;
                 if gone {
                     expired += 1;
+                    wills.extend(rec.will.map(|w| (w.msg, rec.ordered)));
                     drop_keys.push((&store.sessions, key.to_vec()));
                     continue;
                 }
@@ -176,6 +181,7 @@ pub(super) fn read(
     Ok(Recovered {
         sessions: sessions.into_values().collect(),
         retained,
+        wills,
     })
 }
 

@@ -131,7 +131,12 @@ mod tests {
         // hears of it rather than sleeping on.
         persist.close();
         let mut p = Pending::default();
-        persist.queue("c", 9999, &Delivery::new(msg, QoS::AtLeastOnce), Some(&mut p));
+        persist.queue(
+            "c",
+            9999,
+            &Delivery::new(msg, QoS::AtLeastOnce),
+            Some(&mut p),
+        );
         let r = ntex::time::timeout(Duration::from_secs(10), p.wait()).await;
         assert!(matches!(r, Ok(Err(_))), "{r:?}");
     }

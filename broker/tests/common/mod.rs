@@ -732,8 +732,8 @@ pub mod v5 {
     pub use rumqttc::v5::mqttbytes::QoS;
     #[allow(unused_imports)]
     pub use rumqttc::v5::mqttbytes::v5::{
-        ConnAck, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill, Packet, PubAck,
-        PubAckReason, Publish, PublishProperties, SubscribeReasonCode,
+        ConnAck, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill, LastWillProperties,
+        Packet, PubAck, PubAckReason, Publish, PublishProperties, SubscribeReasonCode,
     };
     pub use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 

@@ -62,6 +62,7 @@ fn main() -> anyhow::Result<()> {
                     ..SubOptions::at(QoS::AtLeastOnce)
                 },
             )],
+            will: None,
         };
         persist.session(&client, &rec, None);
         for m in 1..=messages {
