@@ -499,7 +499,7 @@ impl Broker {
         &self,
         msg: &Arc<Message>,
         clean_session: bool,
-    ) -> (usize, Vec<Arc<Session>>) {
+    ) -> (usize, Vec<Arc<Session>>, Pending) {
         self.metrics.received(msg.qos, msg.payload.len());
         self.count_produced(msg, &msg.publisher, MessageAction::FromKafka);
         let mut over = Vec::new();
@@ -515,10 +515,12 @@ impl Broker {
                 .is_none_or(|c| c.is_local(&c.owner(group)))
         };
         let scope = Scope::Designated { owns: &owns };
-        let mut pending = Pending::detached();
+        // The consumer stores the record's offset only once the persistent
+        // sessions it reached have it on disk.
+        let mut pending = Pending::default();
         let reached = self.route(msg, keep, scope, &mut over, &mut forwards, &mut pending);
         self.forward_now(forwards);
-        (reached, over)
+        (reached, over, pending)
     }
 
     /// Sends forwards without waiting; what finds a full link is counted.
@@ -873,6 +875,11 @@ impl Broker {
         for (msg, ordered) in recovered.wills {
             self.publish_will(&msg, ordered, true);
         }
+    }
+
+    /// False while the node's store cannot write.
+    pub fn store_writes(&self) -> bool {
+        self.persist.is_healthy()
     }
 
     /// Updates the store's size metric.

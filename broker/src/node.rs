@@ -134,12 +134,15 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<()> {
     } else {
         tracing::info!(tasks = trigger.started(), "background tasks ended");
     }
-    // Every connection is gone: what they changed is in the writer's queue.
-    persist.close();
-    served?;
+    // The downlink stops first: the offsets of what it delivered are
+    // stored once the store has written it.
     if let Some(d) = downlink {
         d.stop();
     }
+    // Every connection and the downlink are gone: what they changed is in
+    // the writer's queue.
+    persist.close();
+    served?;
     if let Some(k) = kafka {
         k.flush(flush_timeout);
     }

@@ -4,6 +4,8 @@ independent Kafka client (confluent-kafka) on the other side."""
 
 import base64
 import json
+import os
+import queue
 import re
 import signal
 import subprocess
@@ -539,3 +541,78 @@ def test_parent_topic_state_and_a_groups_backlog_from_the_api(broker, kafka):
     ).stdout
     assert f"backlog:       {10 - len(committed)}" in out, out
     assert len([line for line in out.splitlines() if line.split()[:1] in (["0"], ["1"], ["2"])]) == 3, out
+
+
+def test_downlink_records_the_store_refused_are_read_again_after_a_crash(tmp_path, kafka):
+    """Downlink records for an offline persistent session while the node's
+    disk is full: the store refuses them, so their offsets are not
+    committed; the node is killed, the disk gets room, and after the restart
+    the records are read again from Kafka and reach the session."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root): the full-disk downlink test did not run")
+    store = (
+        f"persistence:\n  dir: {mnt / 'data'}\n"
+        "limits:\n  offline_queue_len: 100000\n  offline_batch: 100000\n"
+    )
+    broker = None
+    try:
+        broker = Broker(tmp_path, kafka_yaml(kafka), top=store)
+        wait_for("kafka topics", lambda: "mq2mqtt" in set(kafka.topics()), timeout=20)
+        probe = Client(broker.port, V3)
+        downlink_ready(kafka, broker, probe)
+        probe.close()
+        cid = "GID_dtest@@@offline"
+        dev = Client(broker.port, V3, client_id=cid, clean=False)
+        dev.subscribe("cmd/offline", 1)
+        dev.close()
+        with open(mnt / "filler", "wb") as f:
+            try:
+                while True:
+                    f.write(os.urandom(64 * 1024))
+                    f.flush()
+            except OSError:
+                pass
+        # Records until the store refuses one (fjall's journal has some
+        # room of its own), then a few more.
+        sent = set()
+        refused = lambda: broker.metric("ringmq_kafka_downlink_records_total", result="store_unavailable")
+        deadline = time.monotonic() + 30
+        extra = None
+        while extra is None or extra > 0:
+            body = f"r{len(sent)} ".encode() + os.urandom(4096)
+            kafka.send("mq2mqtt", body, headers=[("mqttTopic", "cmd/offline"), ("cleanSession", "false")])
+            sent.add(body)
+            if extra is not None:
+                extra -= 1
+            elif len(sent) % 20 == 0 and refused() >= 1:
+                extra = 10
+            assert time.monotonic() < deadline, f"the store refused nothing after {len(sent)} records"
+        # Longer than the consumer's commit interval (1 s): an offset it
+        # should not have stored would be committed by now.
+        time.sleep(2.5)
+        broker.stop()
+        first = broker.logs()
+        (mnt / "filler").unlink()
+        broker = Broker(tmp_path, kafka_yaml(kafka), top=store)
+        # The killed node's consumer must leave the group before this one
+        # gets the partitions.
+        probe = Client(broker.port, V3)
+        downlink_ready(kafka, broker, probe)
+        probe.close()
+        dev = Client(broker.port, V3, client_id=cid, clean=False)
+        got = set()
+        deadline = time.monotonic() + 60
+        while not sent <= got and time.monotonic() < deadline:
+            try:
+                got.add(dev.messages.get(timeout=10).payload)
+            except queue.Empty:
+                break
+        lost = sorted(b.split(b" ")[0].decode() for b in sent - got)
+        assert not lost, f"{len(lost)} of {len(sent)} lost: {lost[:20]}\n{first[-3000:]}\n{broker.logs()[-3000:]}"
+        dev.close()
+    finally:
+        if broker is not None:
+            broker.stop()
+        subprocess.run(["umount", "-l", str(mnt)])

@@ -4,10 +4,15 @@
 //! Each node consumes with its own consumer group, so every node sees every
 //! record and delivers it to the sessions it holds; a subscriber is held by
 //! exactly one node, so it gets the record once. A record's offset is stored
-//! after the record is in the sessions' queues and committed every second:
-//! a node that restarts resumes after the last committed record (a record
-//! read in the last second before a crash may be delivered again).
+//! after the record is in the sessions' queues and, for persistent sessions,
+//! in the node's store (the consumer goes on meanwhile, at most `WINDOW`
+//! records ahead), and committed every second: a node that restarts resumes
+//! after the last committed record (a record read in the last second before
+//! a crash may be delivered again). A record the store refused (disk full)
+//! is read again from Kafka once the store writes again, so a crash never
+//! loses a record whose offset was committed.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -16,11 +21,12 @@ use std::time::{Duration, Instant};
 use ntex::util::{ByteString, Bytes};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{BorrowedMessage, Headers, Message as _};
-use rdkafka::{ClientContext, Offset};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::metrics::KafkaMetrics;
 use super::{Kafka, Result, record};
 use crate::broker::Broker;
+use crate::persist::Pending;
 
 /// The running consumer thread.
 #[derive(Debug)]
@@ -60,6 +66,18 @@ impl ConsumerContext for ConsumerCtx {
 
 /// How often the consumer lag gauge is refreshed.
 const LAG_EVERY: Duration = Duration::from_secs(5);
+
+/// Records delivered and not yet on disk, at most: past it the consumer
+/// waits for the store.
+const WINDOW: usize = 4096;
+
+/// A delivered record whose offset waits for the store.
+struct Unsettled {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    pending: Pending,
+}
 
 impl Downlink {
     /// Starts the consumer. It subscribes once `topics_ready` is set (the
@@ -122,30 +140,107 @@ fn run(
     stop: &AtomicBool,
 ) {
     let mut lag_at = Instant::now();
+    let mut unsettled = VecDeque::new();
     while !stop.load(Ordering::Acquire) {
-        match consumer.poll(Duration::from_millis(200)) {
+        // Short polls while offsets wait for the store, so they are stored soon.
+        let wait = if unsettled.is_empty() { 200 } else { 2 };
+        match consumer.poll(Duration::from_millis(wait)) {
             None => {}
             Some(Err(e)) => {
                 metrics.client_errors.inc();
                 tracing::warn!(error = %e, "downlink consumer");
             }
             Some(Ok(m)) => {
-                deliver(broker, &m, metrics);
-                if let Err(e) = consumer.store_offset_from_message(&m) {
-                    tracing::warn!(error = %e, "downlink offset not stored");
-                }
+                let pending = deliver(broker, &m, metrics);
+                unsettled.push_back(Unsettled {
+                    topic: m.topic().to_owned(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    pending,
+                });
             }
+        }
+        settle(consumer, broker, &mut unsettled, metrics, stop);
+        while unsettled.len() >= WINDOW && !stop.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(1));
+            settle(consumer, broker, &mut unsettled, metrics, stop);
         }
         if lag_at.elapsed() >= LAG_EVERY {
             lag_at = Instant::now();
             metrics.consumer_lag.set(lag(consumer));
         }
     }
+    // Stopping: what is on its way to the disk still gets its offset stored
+    // (the store writes until after the consumer stops).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !unsettled.is_empty() && Instant::now() < deadline {
+        settle(consumer, broker, &mut unsettled, metrics, stop);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Stores the offsets of the oldest records the store is through with, in
+/// order. A record the store refused is read again once the store writes
+/// again: its partition goes back to it (the records after it come again
+/// too, at least once).
+fn settle(
+    consumer: &BaseConsumer<ConsumerCtx>,
+    broker: &Broker,
+    unsettled: &mut VecDeque<Unsettled>,
+    metrics: &KafkaMetrics,
+    stop: &AtomicBool,
+) {
+    while let Some(front) = unsettled.front() {
+        let Some(result) = front.pending.settled() else {
+            return;
+        };
+        let Some(u) = unsettled.pop_front() else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                if let Err(e) = consumer.store_offset(&u.topic, u.partition, u.offset) {
+                    tracing::warn!(error = %e, "downlink offset not stored");
+                }
+            }
+            Err(e) => {
+                metrics
+                    .downlink
+                    .with_label_values(&["store_unavailable"])
+                    .inc();
+                tracing::warn!(partition = u.partition, offset = u.offset, error = %e, "downlink record not on disk: read again once the store writes");
+                unsettled.retain(|o| o.topic != u.topic || o.partition != u.partition);
+                // The store tries the disk again every second by itself.
+                while !broker.store_writes() && !stop.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                if let Err(e) = consumer.seek(
+                    &u.topic,
+                    u.partition,
+                    Offset::Offset(u.offset),
+                    Duration::from_secs(5),
+                ) {
+                    tracing::warn!(partition = u.partition, error = %e, "downlink consumer could not go back");
+                }
+                // And the next commit says so: a crash before the record is
+                // stored resumes at it (a partition with no commit yet would
+                // otherwise resume at its end).
+                let mut at = TopicPartitionList::new();
+                let stored = at
+                    .add_partition_offset(&u.topic, u.partition, Offset::Offset(u.offset))
+                    .and_then(|()| consumer.store_offsets(&at));
+                if let Err(e) = stored {
+                    tracing::warn!(partition = u.partition, error = %e, "downlink offset not stored");
+                }
+            }
+        }
+    }
 }
 
 /// Routes one record; a record that cannot be delivered is counted, logged
-/// and skipped, so that one bad record never stops the downlink.
-fn deliver(broker: &Broker, m: &BorrowedMessage<'_>, metrics: &KafkaMetrics) {
+/// and skipped, so that one bad record never stops the downlink. Returns
+/// what the store has still to write of it.
+fn deliver(broker: &Broker, m: &BorrowedMessage<'_>, metrics: &KafkaMetrics) -> Pending {
     let headers = m
         .headers()
         .map(|h| h.iter().map(|h| (h.key, h.value)).collect::<Vec<_>>())
@@ -155,13 +250,13 @@ fn deliver(broker: &Broker, m: &BorrowedMessage<'_>, metrics: &KafkaMetrics) {
         Err(e) => {
             metrics.downlink.with_label_values(&["invalid"]).inc();
             tracing::warn!(partition = m.partition(), offset = m.offset(), error = %e, "downlink record skipped");
-            return;
+            return Pending::default();
         }
     };
     if down.topic.starts_with('$') || broker.check_topic(&down.topic).is_err() {
         metrics.downlink.with_label_values(&["invalid"]).inc();
         tracing::warn!(partition = m.partition(), offset = m.offset(), topic = %down.topic, "downlink record skipped: invalid mqttTopic");
-        return;
+        return Pending::default();
     }
     let payload = Bytes::copy_from_slice(m.payload().unwrap_or_default());
     let msg = Arc::new(broker.message(
@@ -171,7 +266,7 @@ fn deliver(broker: &Broker, m: &BorrowedMessage<'_>, metrics: &KafkaMetrics) {
         false,
         Arc::from(""),
     ));
-    let (reached, over) = broker.publish_downlink(&msg, down.clean_session);
+    let (reached, over, pending) = broker.publish_downlink(&msg, down.clean_session);
     let result = if reached > 0 {
         "delivered"
     } else {
@@ -186,6 +281,7 @@ fn deliver(broker: &Broker, m: &BorrowedMessage<'_>, metrics: &KafkaMetrics) {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
+    pending
 }
 
 /// Records written to the assigned partitions and not yet read.

@@ -244,6 +244,13 @@ impl Kafka {
             .unwrap_or_else(|| format!("ringmq-{}", self.node));
         let mut c = base_config(cfg, &self.node)?;
         c.set("group.id", group)
+            // Static membership: a node restarted after a crash takes its
+            // partitions back at once, instead of waiting for the killed
+            // consumer's session to time out (45 s) with its commands.
+            .set(
+                "group.instance.id",
+                format!("ringmq-{}-downlink", self.node),
+            )
             .set("enable.auto.commit", "true")
             .set("auto.commit.interval.ms", "1000")
             // Offsets are stored only once a record is in the sessions' queues.

@@ -197,6 +197,24 @@ impl Pending {
         }
     }
 
+    /// Without waiting: `Some` once every change is written (or one was
+    /// refused), `None` while the store is still at it. For a thread that
+    /// is not a task (the Kafka downlink consumer).
+    pub fn settled(&self) -> Option<Result<()>> {
+        let Some(c) = &self.commit else {
+            return Some(Ok(()));
+        };
+        // Only the caller's own count left: the writer is through.
+        if c.pending.load(Ordering::Acquire) > 1 {
+            return None;
+        }
+        Some(if c.failed.load(Ordering::Acquire) {
+            Err(PersistError::Write)
+        } else {
+            Ok(())
+        })
+    }
+
     fn join(&mut self) -> Option<Arc<Commit>> {
         if self.detached {
             return None;
@@ -311,6 +329,11 @@ impl Persist {
     /// Whether changes are kept on disk.
     pub fn is_durable(&self) -> bool {
         self.0.is_some()
+    }
+
+    /// False while the store cannot write (disk full, read-only).
+    pub fn is_healthy(&self) -> bool {
+        self.0.as_ref().is_none_or(|i| i.metrics.healthy.get() == 1)
     }
 
     fn send(&self, change: Change, commit: Option<Arc<Commit>>) {

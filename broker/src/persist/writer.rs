@@ -113,6 +113,17 @@ impl Writer {
                     }
                     Err(RecvTimeoutError::Disconnected) => None,
                 }
+            } else if self.store.is_none() {
+                // Failed: try the disk again every second by itself, so
+                // the node reports healthy once there is room, traffic or not.
+                match rx.recv_timeout(Duration::from_secs(1)) {
+                    Ok(op) => op,
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.reopen();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => None,
+                }
             } else {
                 rx.recv().ok().flatten()
             };
