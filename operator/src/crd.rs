@@ -105,11 +105,14 @@ pub struct MqttInstanceSpec {
 #[serde(rename_all = "camelCase")]
 pub struct Storage {
     /// Size of each pod's volume, a Kubernetes quantity (`10Gi`); unset,
-    /// derived from the capacity (see `profile::storage_size`).
+    /// derived from the capacity (see `profile::storage_size`). A larger
+    /// size later grows the existing volumes (their StorageClass must allow
+    /// volume expansion); a volume never shrinks (an event says so).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"))]
     pub size: Option<String>,
     /// StorageClass of the volumes; unset, the cluster's default class.
+    /// Fixed once the instance exists (an event says so when it changes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_class_name: Option<String>,
     /// Keep the volumes when the instance is deleted (`Retain`), or delete

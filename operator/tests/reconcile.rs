@@ -171,6 +171,7 @@ const SECRETS: &str = "/api/v1/namespaces/mqtt/secrets";
 const CMS: &str = "/api/v1/namespaces/mqtt/configmaps";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/mqtt/events";
 const PODS: &str = "/api/v1/namespaces/mqtt/pods";
+const PVCS: &str = "/api/v1/namespaces/mqtt/persistentvolumeclaims";
 
 fn harness() -> Harness {
     let brokers = Arc::new(FakeBrokers::default());
@@ -1126,4 +1127,57 @@ async fn a_fixed_spec_gets_a_stuck_rollout_going_again() {
         h.events()
             .contains(&("Normal".into(), "RestartedStuckPod".into()))
     );
+}
+
+/// The size of the claim of pod 0, as the fake API server holds it.
+fn claim_size(h: &Harness) -> Value {
+    h.object(&format!("{PVCS}/data-demo-0"))["spec"]["resources"]["requests"]["storage"].clone()
+}
+
+#[tokio::test]
+async fn a_new_data_size_grows_the_claims_and_leaves_the_statefulset_templates_alone() {
+    let h = harness();
+    h.put(small());
+    h.pass().await;
+    let templates = h.object(&format!("{STS}/demo"))["spec"]["volumeClaimTemplates"].clone();
+    assert_eq!(
+        templates[0]["spec"]["resources"]["requests"]["storage"],
+        "3Gi"
+    );
+    // The StatefulSet controller made pod 0's claim from the template.
+    h.insert(
+        &format!("{PVCS}/data-demo-0"),
+        json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+               "metadata": {"name": "data-demo-0", "namespace": "mqtt"},
+               "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "standard",
+                        "resources": {"requests": {"storage": "3Gi"}}}}),
+    );
+
+    // Larger: the claim is asked for it; the StatefulSet is still applied
+    // (a template change would be refused by the API server and stop every
+    // later change of the instance).
+    let mut spec = small();
+    spec["storage"] = json!({"size": "10Gi"});
+    h.put(spec.clone());
+    h.pass().await;
+    assert_eq!(claim_size(&h), "10Gi");
+    assert_eq!(
+        h.object(&format!("{STS}/demo"))["spec"]["volumeClaimTemplates"],
+        templates
+    );
+    assert_eq!(h.count_events("StorageResizing"), 1);
+    // A config change still reaches the StatefulSet.
+    spec["session"] = json!({"offlineQueueLen": 500});
+    h.put(spec.clone());
+    h.pass().await;
+    assert_eq!(h.count_events("StorageResizing"), 1, "asked once");
+
+    // Smaller, or another class: what a volume with data cannot do is
+    // reported, and the claim stays as it is.
+    spec["storage"] = json!({"size": "1Gi", "storageClassName": "fast"});
+    h.put(spec);
+    h.pass().await;
+    assert_eq!(claim_size(&h), "10Gi");
+    assert_eq!(h.count_events("StorageNotShrunk"), 1);
+    assert_eq!(h.count_events("StorageClassKept"), 1);
 }

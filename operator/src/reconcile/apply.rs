@@ -1,6 +1,6 @@
 //! One pass over an instance that is not being deleted, as a sequence of
-//! steps: inputs, rendering, the scale step, the objects, the Kafka topics,
-//! the status.
+//! steps: inputs, rendering, the scale step, the objects, the data volumes,
+//! the Kafka topics, the status.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +11,7 @@ use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 
-use super::{Context, Error, Result, inputs, kafka, objects, scale, status};
+use super::{Context, Error, Result, inputs, kafka, objects, scale, status, storage};
 use crate::crd::{MqttInstance, MqttInstanceStatus};
 use crate::names::Names;
 use crate::resources::{self, Context as Build};
@@ -73,8 +73,22 @@ pub(super) async fn apply(obj: Arc<MqttInstance>, ctx: Arc<Context>) -> Result<A
     .await?;
     build.replicas = scaling.replicas;
 
-    for object in resources::objects(&build, spec, broker_yaml, credentials, ctx.monitoring) {
+    let mut objects = resources::objects(&build, spec, broker_yaml, credentials, ctx.monitoring);
+    storage::keep_claim_templates(&mut objects, existing.as_ref());
+    for object in objects {
         objects::apply_object(&ctx.client, &ns, object).await?;
+    }
+    if existing.is_some() {
+        storage::resize(
+            &ctx,
+            &obj,
+            &ns,
+            &names.main(),
+            build.replicas,
+            &profile::storage_size(spec),
+            spec.storage.storage_class_name.as_deref(),
+        )
+        .await?;
     }
 
     let mut new_status = MqttInstanceStatus {

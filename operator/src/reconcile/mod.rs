@@ -8,7 +8,9 @@
 //! only once that pod holds no session, one pod at a time); apply the
 //! ConfigMap, Secrets, Services, StatefulSet and PodDisruptionBudget (and
 //! the Prometheus Operator objects where that API exists) by server-side
-//! apply (`objects`); create or grow the Kafka topics (`kafka`); read the
+//! apply (`objects`), the StatefulSet keeping the volume claim templates it
+//! was created with while a larger data size is asked of each pod's claim
+//! (`storage`); create or grow the Kafka topics (`kafka`); read the
 //! brokers' operations API and write the status (`status`). Deleting an
 //! instance whose delete policy says so removes its Kafka topics first
 //! (`cleanup`, behind a finalizer). Every pass runs in a span named after
@@ -37,6 +39,7 @@ mod kafka;
 mod objects;
 mod scale;
 mod status;
+mod storage;
 
 pub use status::set_condition;
 

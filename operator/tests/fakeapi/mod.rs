@@ -192,6 +192,18 @@ fn answer(
                 doc["status"] = body["status"].clone();
                 doc
             } else if content_type.contains("apply-patch") {
+                // A StatefulSet's claim templates cannot change once it
+                // exists: the API server refuses the whole update.
+                if key.contains("/statefulsets/")
+                    && let Some(e) = &existing
+                    && e["spec"]["volumeClaimTemplates"] != body["spec"]["volumeClaimTemplates"]
+                {
+                    return (
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid", "code": 422,
+                               "message": "StatefulSet.apps is invalid: spec: Forbidden: updates to statefulset spec for fields other than 'replicas', 'ordinals', 'template', 'updateStrategy', 'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden"}),
+                    );
+                }
                 // Server-side apply as the single manager: the applied
                 // object replaces what it names, status kept.
                 let mut doc = body.clone();
