@@ -605,22 +605,7 @@ async fn a_qos2_publish_received_before_a_crash_is_not_delivered_twice() {
 /// delayed by `delay` s.
 fn with_will(id: &str, b: &Broker, expiry: u32, delay: u32) -> v5::MqttOptions {
     let mut o = keep5(id, b, expiry);
-    let props = v5::LastWillProperties {
-        delay_interval: Some(delay),
-        payload_format_indicator: None,
-        message_expiry_interval: None,
-        content_type: None,
-        response_topic: None,
-        correlation_data: None,
-        user_properties: Vec::new(),
-    };
-    o.set_last_will(v5::LastWill::new(
-        format!("will/{id}"),
-        id.to_owned(),
-        v5::QoS::AtLeastOnce,
-        false,
-        Some(props),
-    ));
+    o.set_last_will(v5::delayed_will(&format!("will/{id}"), id, delay));
     o
 }
 

@@ -6,11 +6,9 @@ use std::time::Duration;
 
 use common::Broker;
 use common::v5::{
-    self, DisconnectReasonCode, LastWill, PubAckReason, PublishProperties, QoS, SubscribeReasonCode,
+    self, DisconnectReasonCode, PubAckReason, PublishProperties, QoS, SubscribeReasonCode,
 };
-use rumqttc::v5::mqttbytes::v5::{
-    Filter, LastWillProperties, RetainForwardRule, SubscribeProperties,
-};
+use rumqttc::v5::mqttbytes::v5::{Filter, RetainForwardRule, SubscribeProperties};
 
 #[tokio::test]
 async fn session_expiry_is_capped_and_enforced() {
@@ -43,22 +41,7 @@ async fn will_delay_is_cancelled_by_reconnect() {
     let mut opts = v5::options("delayed", b.tcp);
     opts.set_clean_start(false);
     opts.set_session_expiry_interval(Some(60));
-    let props = LastWillProperties {
-        delay_interval: Some(1),
-        payload_format_indicator: None,
-        message_expiry_interval: None,
-        content_type: None,
-        response_topic: None,
-        correlation_data: None,
-        user_properties: Vec::new(),
-    };
-    opts.set_last_will(LastWill::new(
-        "will/delayed",
-        "late",
-        QoS::AtLeastOnce,
-        false,
-        Some(props),
-    ));
+    opts.set_last_will(v5::delayed_will("will/delayed", "late", 1));
 
     // Reconnecting within the delay cancels the will.
     v5::connect(opts.clone()).await.kill();

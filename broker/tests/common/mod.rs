@@ -737,6 +737,27 @@ pub mod v5 {
     };
     pub use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 
+    /// A QoS 1 will on `topic`, published `delay` s after its client went
+    /// without DISCONNECT (MQTT 5 will delay).
+    pub fn delayed_will(topic: &str, payload: &str, delay: u32) -> LastWill {
+        let props = LastWillProperties {
+            delay_interval: Some(delay),
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            content_type: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: Vec::new(),
+        };
+        LastWill::new(
+            topic.to_owned(),
+            payload.to_owned(),
+            QoS::AtLeastOnce,
+            false,
+            Some(props),
+        )
+    }
+
     pub struct Client {
         pub client: AsyncClient,
         pub rx: mpsc::UnboundedReceiver<Packet>,
