@@ -230,6 +230,9 @@ fn respond(broker: &Arc<Broker>, req: &Request) -> Response {
         "/readyz" => {
             if !broker.is_ready() {
                 Response::ServiceUnavailable().body("shutting down")
+            } else if !broker.is_restored() {
+                Response::ServiceUnavailable()
+                    .body("the store cannot be opened yet (read-only or full disk?): see the log; retried every second")
             } else if broker.cluster.as_ref().is_some_and(|c| c.is_leaving()) {
                 // Out of the Service's endpoints: new clients go to the
                 // pods that stay.

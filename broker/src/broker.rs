@@ -80,6 +80,9 @@ pub struct Broker {
     pub kafka: Option<Arc<crate::kafka::Kafka>>,
     /// Cleared when the node starts shutting down (`/readyz` answers 503).
     ready: AtomicBool,
+    /// Set once what the store held is restored (`restore`): until then
+    /// CONNECTs are refused, as a session on disk would look absent.
+    restored: AtomicBool,
     /// This node's name (`Config::node_name`).
     pub node: Arc<str>,
     /// Sequence of channel IDs (one per TCP connection).
@@ -196,6 +199,7 @@ impl Broker {
             storage,
             kafka,
             ready: AtomicBool::new(true),
+            restored: AtomicBool::new(false),
             node: Arc::from(config_node.as_str()),
             channels: AtomicU64::new(0),
             event_clock: AtomicU64::new(0),
@@ -212,6 +216,12 @@ impl Broker {
     /// Whether the node accepts new work.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Whether what the store held is restored (always, once started,
+    /// unless the store could not be opened at start-up).
+    pub fn is_restored(&self) -> bool {
+        self.restored.load(Ordering::Acquire)
     }
 
     /// Starts a shutdown: not ready any more, every connection told to close
@@ -849,6 +859,12 @@ impl Broker {
     pub fn restore(self: &Arc<Self>, recovered: Recovered) {
         let (now, now_ms) = (Instant::now(), crate::message::now_ms());
         for rs in recovered.sessions {
+            // Handed over by a peer while a late store was being opened:
+            // that copy is the newer one.
+            if self.sessions.get(&rs.client).is_some() {
+                tracing::info!(client_id = %rs.client, "stored session not restored: a newer one arrived meanwhile");
+                continue;
+            }
             let session = self.sessions.restore(rs, now, now_ms);
             let will_in = session
                 .lock()
@@ -875,6 +891,7 @@ impl Broker {
         for (msg, ordered) in recovered.wills {
             self.publish_will(&msg, ordered, true);
         }
+        self.restored.store(true, Ordering::Release);
     }
 
     /// False while the node's store cannot write.

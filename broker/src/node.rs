@@ -74,7 +74,7 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<()> {
     let usage = usage(&config, &metrics)?;
     // Read back before anything is served: a client that connects finds
     // its session (the listeners are bound; connections wait in the backlog).
-    let (persist, recovered) = persist::Persist::open(&config.persistence, metrics.registry())?;
+    let (persist, recovery) = persist::Persist::start(&config.persistence, metrics.registry())?;
     let broker = broker::Broker::new(
         config,
         broker::Parts {
@@ -89,7 +89,23 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<()> {
             persist: persist.clone(),
         },
     );
-    broker.restore(recovered);
+    match recovery {
+        persist::Recovery::Done(recovered) => broker.restore(recovered),
+        // The store could not be opened: the node serves the admin port and
+        // refuses CONNECTs until it opens (see `Broker::is_restored`).
+        persist::Recovery::Later(rx) => {
+            let (broker, shutdown) = (broker.clone(), shutdown.clone());
+            ntex::rt::spawn(async move {
+                let _guard = shutdown.guard();
+                let read =
+                    ntex::util::select(std::pin::pin!(rx), std::pin::pin!(shutdown.wait())).await;
+                if let ntex::util::Either::Left(Ok(recovered)) = read {
+                    broker.restore(recovered);
+                    tracing::info!("stored sessions restored; MQTT connections are accepted");
+                }
+            });
+        }
+    }
     ntex::rt::spawn(ops::tick(broker.clone(), shutdown.clone()));
     ntex::rt::spawn(housekeeping(broker.clone(), shutdown.clone()));
     if let Some(c) = &cluster {

@@ -122,9 +122,17 @@ impl RetainStore {
         }
     }
 
-    /// A message read back from the store at start-up (not written again).
+    /// A message read back from the store (not written again). One that
+    /// arrived meanwhile (a store opened late, a peer's copy) is newer and stays.
     pub fn restore(&self, msg: &Arc<Message>) -> usize {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        if inner
+            .messages
+            .get(msg.topic.as_ref() as &str)
+            .is_some_and(|(_, m)| m.ts_ms >= msg.ts_ms)
+        {
+            return inner.messages.len();
+        }
         inner.apply(msg)
     }
 

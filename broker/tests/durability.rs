@@ -513,46 +513,72 @@ async fn a_full_disk_refuses_durable_work_and_recovers_when_space_returns() {
     unmount(mnt.path());
 }
 
-/// A read-only data directory at start-up: the node does not start
-/// without its store (it would serve persistent sessions it cannot keep);
-/// it exits with an error that names the directory and what to check.
-#[test]
-fn a_read_only_data_directory_stops_the_start_with_a_clear_error() {
+/// A data directory that is read-only at start-up (a volume mounted
+/// read-only, a remount after disk errors): the node stays up, serves its
+/// admin port, is not ready, refuses CONNECTs with "server unavailable"
+/// (a stored session would look absent) and the API's publish with 503;
+/// once the directory is writable it reads the store back by itself and
+/// serves every session, queued message and retained message it held.
+#[tokio::test]
+async fn a_read_only_data_directory_at_start_up_is_waited_for() {
     let mnt = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    if !mount_tmpfs(mnt.path(), 8) {
+    if !mount_tmpfs(mnt.path(), 16) {
         eprintln!("SKIP: cannot mount a tmpfs here (needs root); the read-only test did not run");
         return;
     }
-    let ro = Command::new("mount")
-        .args(["-o", "remount,ro"])
-        .arg(mnt.path())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ro, "remount read-only");
-    let config = mnt.path().with_extension("yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "listeners:\n  tcp: \"127.0.0.1:0\"\n  ws: null\n  admin: \"127.0.0.1:0\"\npersistence:\n  dir: {}\n",
-            mnt.path().join("data").display()
-        ),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let out = Command::new(env!("CARGO_BIN_EXE_ringmq-broker"))
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let remount = |how: &str| {
+        let ok = Command::new("mount")
+            .args(["-o", &format!("remount,{how}")])
+            .arg(mnt.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "remount {how}");
+    };
+    let mut b = Broker::start(&format!(
+        "persistence:\n  dir: {}\n",
+        mnt.path().join("data").display()
+    ));
+    offline_sessions(&b).await;
+    publish_acknowledged(&b).await;
+    b.kill();
+    remount("ro");
+    b.restart_unready();
+    assert_eq!(b.http("/healthz").0, 200, "the node is up:\n{}", b.log());
+    let (code, why) = b.http("/readyz");
+    assert_eq!(code, 503, "ready without its store: {why}");
+    assert!(why.contains("store"), "{why}");
+    let v5 = v5::try_connect(keep5("keep-v5", &b, 3600)).await;
+    assert_eq!(v5.err().as_deref(), Some("ServerUnavailable"));
+    let v4 = v4::try_connect(keep4("keep-v4", &b)).await;
+    assert_eq!(v4.err().as_deref(), Some("ServiceUnavailable"));
+    let (code, _) = b.api_send(
+        "POST",
+        "/api/v1/messages",
+        r#"{"topic":"r/1","payload":"newer","qos":1,"retain":true}"#,
+    );
+    assert_eq!(code, 503, "API publish without the store");
+    assert_eq!(b.metric("ringmq_store_healthy"), 0.0);
+    assert!(b.metric("ringmq_packets_rejected_total{reason=\"store_not_open\"}") >= 2.0);
+    assert!(b.log().contains("cannot open the store"), "{}", b.log());
+    remount("rw");
+    b.wait_ready();
+    assert_eq!(b.metric("ringmq_store_healthy"), 1.0);
+    sessions_are_back(&b).await;
+    // It writes again: what it acknowledges now survives another crash.
+    let mut c = v5::connect(keep5("keep-v5", &b, 3600)).await;
+    c.subscribe("after/#", v5::QoS::AtLeastOnce).await;
+    c.disconnect().await;
+    b.kill();
+    b.restart();
+    let mut p = v4::connect(v4::options("pub-after", b.tcp)).await;
+    p.publish("after/1", v4::QoS::AtLeastOnce, false, "later")
+        .await;
+    p.acked(1).await;
+    let mut c = v5::connect(keep5("keep-v5", &b, 3600)).await;
+    assert!(c.connack.session_present);
+    assert_eq!(&c.next_publish().await.payload[..], b"later");
+    drop(b);
     unmount(mnt.path());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "started on a read-only directory: {err}"
-    );
-    assert!(
-        err.contains("cannot open the store") && err.contains("writable"),
-        "{err}"
-    );
 }
 
 /// A QoS 2 PUBLISH received and PUBRECed, then SIGKILL before its PUBREL:

@@ -656,6 +656,13 @@ enum PayloadEncoding {
 
 fn send_message(broker: &Arc<Broker>, body: &[u8]) -> Answer {
     let b: SendBody = parse_body(body)?;
+    if !broker.is_restored() {
+        // Its retained message or its persistent receivers are not read back yet.
+        return Err(Refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the node's store is not open yet; try again when /readyz answers".into(),
+        ));
+    }
     broker
         .check_topic(&b.topic)
         .map_err(|e| bad(format!("topic: {e}")))?;

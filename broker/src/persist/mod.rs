@@ -36,6 +36,7 @@ mod wake;
 mod writer;
 
 pub use record::{SessionRecord, StoredWill};
+use recover::RecoveryMetrics;
 pub use recover::{Recovered, RecoveredSession, disconnected_at};
 pub use wake::attach_worker;
 pub use writer::dir_size;
@@ -68,6 +69,16 @@ pub enum PersistError {
 }
 
 pub type Result<T> = std::result::Result<T, PersistError>;
+
+/// What the store held at start-up, for the node to restore before it serves.
+#[derive(Debug)]
+pub enum Recovery {
+    /// Read back at once.
+    Done(Recovered),
+    /// The store could not be opened at start-up: what it holds arrives
+    /// when it first opens (the sender is dropped if the node stops first).
+    Later(tokio::sync::oneshot::Receiver<Recovered>),
+}
 
 /// One change to the store.
 #[derive(Debug)]
@@ -252,7 +263,7 @@ impl StoreMetrics {
         let failures = IntCounterVec::new(
             Opts::new(
                 "store_failures_total",
-                "Store batches that failed, by step (write, sync, reopen)",
+                "Store failures, by step (open at start-up, write, sync, reopen)",
             ),
             &["step"],
         )?;
@@ -301,29 +312,70 @@ impl Persist {
         Self(None)
     }
 
-    /// Opens (or creates) the store in `config.dir` and reads it back.
+    /// Opens (or creates) the store in `config.dir` and reads it back; an
+    /// error if it cannot.
     pub fn open(config: &PersistenceConfig, registry: &Registry) -> Result<(Self, Recovered)> {
         let Some(dir) = &config.dir else {
             return Ok((Self::memory(), Recovered::default()));
         };
         let metrics = StoreMetrics::new(registry)?;
-        let started = Instant::now();
-        let store = writer::Store::open(dir)?;
-        let recovered = recover::read(&store, dir, started, Instant::now(), now_ms(), registry)?;
+        let (store, recovered) = recover::open(dir, &RecoveryMetrics::new(registry)?)?;
+        Ok((
+            Self::launch(dir, config, metrics, Some(store), None)?,
+            recovered,
+        ))
+    }
+
+    /// As `open`, for a node: a store that cannot be opened or read now
+    /// (read-only directory, full disk, I/O error) is not a reason to stop.
+    /// The error is logged, the writer tries again every second, and what
+    /// the store holds arrives through `Recovery::Later` once it opens.
+    pub fn start(config: &PersistenceConfig, registry: &Registry) -> Result<(Self, Recovery)> {
+        let Some(dir) = &config.dir else {
+            return Ok((Self::memory(), Recovery::Done(Recovered::default())));
+        };
+        let metrics = StoreMetrics::new(registry)?;
+        let recovery_metrics = RecoveryMetrics::new(registry)?;
+        match recover::open(dir, &recovery_metrics) {
+            Ok((store, recovered)) => Ok((
+                Self::launch(dir, config, metrics, Some(store), None)?,
+                Recovery::Done(recovered),
+            )),
+            Err(e @ (PersistError::Open { .. } | PersistError::Read { .. })) => {
+                tracing::error!(error = %e, "MQTT connections are refused and the node is not ready until the store opens; trying again every second");
+                metrics.failures.with_label_values(&["open"]).inc();
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let late = writer::Late {
+                    tx,
+                    metrics: recovery_metrics,
+                };
+                let persist = Self::launch(dir, config, metrics, None, Some(late))?;
+                Ok((persist, Recovery::Later(rx)))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn launch(
+        dir: &std::path::Path,
+        config: &PersistenceConfig,
+        metrics: StoreMetrics,
+        store: Option<writer::Store>,
+        late: Option<writer::Late>,
+    ) -> Result<Self> {
+        metrics.healthy.set(i64::from(store.is_some()));
         let (tx, rx) = std::sync::mpsc::channel();
-        let w = writer::Writer::new(store, dir.clone(), config, metrics.clone());
+        let w = writer::Writer::new(store, late, dir.to_owned(), config, metrics.clone());
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || w.run(rx))
             .map_err(PersistError::Thread)?;
-        metrics.healthy.set(1);
-        let inner = Inner {
+        Ok(Self(Some(Arc::new(Inner {
             tx,
             metrics,
             writer: Mutex::new(Some(handle)),
-            dir: dir.clone(),
-        };
-        Ok((Self(Some(Arc::new(inner))), recovered))
+            dir: dir.to_owned(),
+        }))))
     }
 
     /// Whether changes are kept on disk.

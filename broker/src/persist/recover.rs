@@ -15,8 +15,58 @@ use prometheus::{Gauge, IntCounter, IntGauge, Registry};
 use super::record::{self, SessionRecord};
 use super::writer::Store;
 use super::{PersistError, Result};
-use crate::message::Message;
+use crate::message::{Message, now_ms};
 use crate::session::Delivery;
+
+/// What the read-back reports, registered once: a store that could not be
+/// opened at start-up is read back later, by the writer.
+#[derive(Debug, Clone)]
+pub(super) struct RecoveryMetrics {
+    discarded: IntCounter,
+    seconds: Gauge,
+    sessions: IntGauge,
+    messages: IntGauge,
+}
+
+impl RecoveryMetrics {
+    pub(super) fn new(registry: &Registry) -> Result<Self> {
+        let discarded = IntCounter::new(
+            "store_discarded_records_total",
+            "Damaged records the store dropped at start-up",
+        )?;
+        registry.register(Box::new(discarded.clone()))?;
+        let seconds = Gauge::new(
+            "store_recovery_seconds",
+            "How long opening the store and reading it back took",
+        )?;
+        registry.register(Box::new(seconds.clone()))?;
+        let gauge = |name: &str, help: &str| -> Result<IntGauge> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        Ok(Self {
+            discarded,
+            seconds,
+            sessions: gauge(
+                "store_recovered_sessions",
+                "Persistent sessions read back at start-up",
+            )?,
+            messages: gauge(
+                "store_recovered_messages",
+                "Queued messages read back at start-up",
+            )?,
+        })
+    }
+}
+
+/// Opens the store in `dir` and reads it back.
+pub(super) fn open(dir: &Path, metrics: &RecoveryMetrics) -> Result<(Store, Recovered)> {
+    let started = Instant::now();
+    let store = Store::open(dir)?;
+    let recovered = read(&store, dir, metrics, started, Instant::now(), now_ms())?;
+    Ok((store, recovered))
+}
 
 /// A persistent session as the store kept it.
 #[derive(Debug)]
@@ -37,23 +87,20 @@ pub struct Recovered {
     pub wills: Vec<(Arc<Message>, bool)>,
 }
 
-pub(super) fn read(
+fn read(
     store: &Store,
     dir: &Path,
+    metrics: &RecoveryMetrics,
     started: Instant,
     now: Instant,
     now_ms: u64,
-    registry: &Registry,
 ) -> Result<Recovered> {
     let read_err = |source| PersistError::Read {
         dir: dir.to_owned(),
         source,
     };
-    let discarded = IntCounter::new(
-        "store_discarded_records_total",
-        "Damaged records the store dropped at start-up",
-    )?;
-    registry.register(Box::new(discarded.clone()))?;
+    let discarded = &metrics.discarded;
+    let damaged_before = discarded.get();
     let mut drop_keys: Vec<(&fjall::Keyspace, Vec<u8>)> = Vec::new();
     let damaged = |drop_keys: &mut Vec<_>,
                    ks,
@@ -146,35 +193,20 @@ pub(super) fn read(
         batch.commit().map_err(read_err)?;
     }
     let took = started.elapsed();
-    let gauge = |name: &str, help: &str, v: u64| -> Result<()> {
-        let g = IntGauge::new(name, help)?;
-        g.set(i64::try_from(v).unwrap_or(i64::MAX));
-        registry.register(Box::new(g))?;
-        Ok(())
-    };
-    let secs = Gauge::new(
-        "store_recovery_seconds",
-        "How long reading the store back took at start-up",
-    )?;
-    secs.set(took.as_secs_f64());
-    registry.register(Box::new(secs))?;
-    gauge(
-        "store_recovered_sessions",
-        "Persistent sessions read back at start-up",
-        sessions.len() as u64,
-    )?;
-    gauge(
-        "store_recovered_messages",
-        "Queued messages read back at start-up",
-        messages,
-    )?;
+    metrics.seconds.set(took.as_secs_f64());
+    metrics
+        .sessions
+        .set(i64::try_from(sessions.len()).unwrap_or(i64::MAX));
+    metrics
+        .messages
+        .set(i64::try_from(messages).unwrap_or(i64::MAX));
     tracing::info!(
         dir = %dir.display(),
         sessions = sessions.len(),
         messages,
         retained = retained.len(),
         expired,
-        damaged = discarded.get(),
+        damaged = discarded.get() - damaged_before,
         took_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
         "store read back"
     );

@@ -7,7 +7,10 @@
 //! write poisons a fjall database: the writer drops it, refuses what comes
 //! meanwhile, and opens the directory again (at most once a second), which
 //! replays the journal up to the last whole batch — so the node recovers by
-//! itself when the disk has room again.
+//! itself when the disk has room again. A store that could not be opened at
+//! start-up (read-only directory, full disk) is opened the same way; its
+//! first successful opening also reads it back (`Late`) and hands what it
+//! holds to the node, and every batch before that is refused.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,6 +21,7 @@ use std::time::{Duration, Instant};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use ntex::util::Bytes;
 
+use super::recover::{self, Recovered, RecoveryMetrics};
 use super::wake::Mailbox;
 use super::{Change, Op, PersistError, Result, StoreMetrics, record};
 use crate::config::{Fsync, PersistenceConfig};
@@ -66,8 +70,15 @@ enum Space {
     Retained,
 }
 
+/// The read-back still owed to the node: the store was not open at start-up.
+pub(super) struct Late {
+    pub(super) tx: tokio::sync::oneshot::Sender<Recovered>,
+    pub(super) metrics: RecoveryMetrics,
+}
+
 pub(super) struct Writer {
     store: Option<Store>,
+    late: Option<Late>,
     dir: PathBuf,
     fsync: Fsync,
     interval: Duration,
@@ -80,14 +91,18 @@ pub(super) struct Writer {
 }
 
 impl Writer {
+    /// `store` is `None` when it could not be opened at start-up; `late`
+    /// then says where its read-back goes.
     pub(super) fn new(
-        store: Store,
+        store: Option<Store>,
+        late: Option<Late>,
         dir: PathBuf,
         config: &PersistenceConfig,
         metrics: StoreMetrics,
     ) -> Self {
         Self {
-            store: Some(store),
+            store,
+            late,
             dir,
             fsync: config.fsync,
             interval: Duration::from_millis(config.fsync_interval_ms),
@@ -167,6 +182,13 @@ impl Writer {
     /// Applies one batch; false if it did not reach the disk as the policy says.
     fn write(&mut self, ops: &[Op]) -> bool {
         let started = Instant::now();
+        // Not read back yet: these changes were made by a node that has
+        // not seen what the store holds, so they are refused even when this
+        // opening (at most once a second) succeeds.
+        if self.late.is_some() {
+            self.reopen();
+            return false;
+        }
         if self.store.is_none() && !self.reopen() {
             return false;
         }
@@ -239,6 +261,9 @@ impl Writer {
             return false;
         }
         self.last_open = Instant::now();
+        if let Some(late) = self.late.take() {
+            return self.open_late(late);
+        }
         match Store::open(&self.dir) {
             Ok(s) => {
                 self.store = Some(s);
@@ -249,6 +274,29 @@ impl Writer {
             Err(e) => {
                 self.metrics.failures.with_label_values(&["reopen"]).inc();
                 tracing::warn!(error = %e, "store not reopened yet");
+                false
+            }
+        }
+    }
+}
+
+impl Writer {
+    /// The first opening of a store that was not open at start-up: reads
+    /// it back for the node (which serves only then).
+    fn open_late(&mut self, late: Late) -> bool {
+        match recover::open(&self.dir, &late.metrics) {
+            Ok((store, recovered)) => {
+                self.store = Some(store);
+                self.metrics.healthy.set(1);
+                tracing::info!(dir = %self.dir.display(), "store opened; the node serves once it has restored what the store holds");
+                // The node is gone (shutting down) when nobody takes it.
+                let _ = late.tx.send(recovered);
+                true
+            }
+            Err(e) => {
+                self.metrics.failures.with_label_values(&["reopen"]).inc();
+                tracing::warn!(error = %e, "store still cannot be opened; MQTT connections are refused");
+                self.late = Some(late);
                 false
             }
         }

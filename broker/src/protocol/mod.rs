@@ -158,6 +158,17 @@ pub fn refused(broker: &Broker, client_id: &str, reason: DeviceReason) {
     );
 }
 
+/// Whether the node has restored what its store holds: until then (a
+/// store that could not be opened at start-up) every CONNECT is refused
+/// with "server unavailable", since a stored session would look absent.
+pub fn store_open(broker: &Broker) -> bool {
+    if broker.is_restored() {
+        return true;
+    }
+    broker.metrics.reject("store_not_open");
+    false
+}
+
 /// Whether the instance's connection capacity admits this client (L3); a
 /// client that takes over its own live connection adds none. A refusal is
 /// counted, logged and traced.

@@ -31,6 +31,9 @@ pub async fn connect(broker: &Arc<Broker>, c: v3::Connect) -> Result<v3::Connect
     let limits = &broker.config.limits;
     let clean = pkt.clean_session;
     let keep_alive = pkt.keep_alive;
+    if !super::store_open(broker) {
+        return Ok(c.service_unavailable());
+    }
     if pkt.client_id.is_empty() && !clean {
         // MQTT-3.1.3-8: an empty Client ID needs a clean session.
         return Ok(refuse(broker, c, "client_id_empty"));

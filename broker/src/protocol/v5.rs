@@ -44,6 +44,9 @@ impl TryFrom<Error> for v5::PublishAck {
 pub async fn connect(broker: &Arc<Broker>, c: v5::Connect) -> Result<v5::ConnectAck<St>> {
     let pkt = c.packet();
     let limits = &broker.config.limits;
+    if !super::store_open(broker) {
+        return Ok(c.failed(ConnectAckReason::ServerUnavailable));
+    }
     let assigned = pkt.client_id.is_empty();
     let client_id = match broker.client_id(&pkt.client_id) {
         Ok(id) => id,

@@ -302,6 +302,13 @@ impl Broker {
     /// the same configuration and directory (new ports); the previous log
     /// is kept as `broker.log.<n>`.
     pub fn restart(&mut self) {
+        self.restart_unready();
+        self.wait_ready();
+    }
+
+    /// As `restart`, without waiting for `/readyz`: for a node that is
+    /// expected to stay unready for a while.
+    pub fn restart_unready(&mut self) {
         assert!(!self.alive(), "restart of a running broker");
         let dir = self.dir.path().to_owned();
         let _ = std::fs::rename(
@@ -311,7 +318,6 @@ impl Broker {
         self.starts += 1;
         self.child = Self::launch(&dir, Wrap::None);
         self.read_ports(self.tls != 0);
-        self.wait_ready();
     }
 
     /// The store's directory under the embedded defaults.
@@ -348,7 +354,8 @@ impl Broker {
         }
     }
 
-    fn wait_ready(&self) {
+    /// Waits (20 s at most) until `/readyz` answers 200.
+    pub fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Some((200, _)) = self.try_http("/readyz", &[]) {
