@@ -41,8 +41,17 @@ pub trait OutSink {
     fn send_qos0(&self, d: &Delivery, now: Instant) -> impl Future<Output = bool>;
     /// Writes a QoS 1 PUBLISH without waiting; the ack arrives through `on_ack`.
     fn send_qos1(&self, d: &Delivery, id: NonZeroU16, now: Instant) -> bool;
-    /// Writes a QoS 2 PUBLISH and waits for PUBREC; PUBREL follows by itself.
-    fn send_qos2(&self, d: &Delivery, id: NonZeroU16, now: Instant) -> impl Future<Output = bool>;
+    /// Writes a QoS 2 PUBLISH and waits for PUBREC (false: the connection
+    /// is gone); the PUBREL follows by itself, and `completed` is called
+    /// when its PUBCOMP arrives (or at once for a refusing PUBREC, which
+    /// ends the exchange).
+    fn send_qos2(
+        &self,
+        d: &Delivery,
+        id: NonZeroU16,
+        now: Instant,
+        completed: Box<dyn FnOnce()>,
+    ) -> impl Future<Output = bool>;
     /// Registers the QoS 1 acknowledgement callback.
     fn on_ack(&self, f: Box<dyn Fn(u16)>);
     fn close(&self, reason: CloseReason);
@@ -540,7 +549,7 @@ impl Pump {
             let id = if d.qos == QoS::AtMostOnce {
                 None
             } else {
-                let id = self.packet_id(|id| st.inflight.contains(id));
+                let id = self.packet_id(|id| st.inflight.contains(id) || st.released.contains(&id));
                 st.inflight.insert(id.get(), d.clone());
                 Some(id)
             };
@@ -608,10 +617,12 @@ impl Pump {
                     } else if d.qos == QoS::AtLeastOnce {
                         sink.send_qos1(&d, id, now)
                     } else {
-                        let ok = sink.send_qos2(&d, id, now).await;
+                        let session = self.session.clone();
+                        let completed = Box::new(move || session.completed(id.get()));
+                        let ok = sink.send_qos2(&d, id, now, completed).await;
                         // PUBREC received: the client has the message.
                         if ok {
-                            self.session.acked(self.conn.generation, id.get());
+                            self.session.pubrec(self.conn.generation, id.get());
                         }
                         ok
                     }

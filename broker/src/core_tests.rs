@@ -180,6 +180,9 @@ struct Written {
 /// The acknowledgement callback the pump registers.
 type AckFn = Box<dyn Fn(u16)>;
 
+/// A QoS 2 message's PUBCOMP callback, by packet id.
+type Completions = Rc<RefCell<Vec<(u16, Box<dyn FnOnce()>)>>>;
+
 /// An `OutSink` that records, with a settable credit.
 #[derive(Clone, Default)]
 struct FakeSink {
@@ -187,6 +190,8 @@ struct FakeSink {
     credit: Rc<RefCell<usize>>,
     acks: Rc<RefCell<Option<AckFn>>>,
     closed: Rc<RefCell<Option<CloseReason>>>,
+    /// QoS 2 messages PUBRECed (the fake says yes at once), PUBCOMP pending.
+    completions: Completions,
 }
 
 impl FakeSink {
@@ -251,8 +256,15 @@ impl OutSink for FakeSink {
         true
     }
 
-    async fn send_qos2(&self, d: &Delivery, id: NonZeroU16, _now: Instant) -> bool {
+    async fn send_qos2(
+        &self,
+        d: &Delivery,
+        id: NonZeroU16,
+        _now: Instant,
+        completed: Box<dyn FnOnce()>,
+    ) -> bool {
         self.record(d, Some(id));
+        self.completions.borrow_mut().push((id.get(), completed));
         true
     }
 

@@ -26,6 +26,7 @@ pub mod node;
 pub mod ops;
 pub mod persist;
 pub mod protocol;
+pub mod pubrel;
 pub mod retain;
 pub mod ring;
 pub mod router;

@@ -170,6 +170,10 @@ pub struct State {
     /// Packet ids of QoS 2 PUBLISHes accepted from the client and not yet
     /// released (PUBREL), oldest first, at most the receive maximum.
     pub qos2_received: VecDeque<u16>,
+    /// Packet ids of QoS 2 messages to the client whose PUBREC arrived and
+    /// whose PUBCOMP has not: the next connection sends their PUBREL again
+    /// (`pubrel`), and no new message takes them before.
+    pub released: Vec<u16>,
 }
 
 impl State {
@@ -183,6 +187,7 @@ impl State {
             },
             ordered: self.ordered,
             qos2_ids: self.qos2_received.iter().copied().collect(),
+            released: self.released.clone(),
             subscriptions: self
                 .subscriptions
                 .iter()
@@ -246,6 +251,7 @@ impl Session {
                 info: ClientInfo::default(),
                 last_seq: 0,
                 qos2_received: VecDeque::new(),
+                released: Vec::new(),
             }),
             space: Notify::new(),
             received: AtomicU64::new(0),
@@ -354,6 +360,38 @@ impl Session {
             && let Some(d) = st.inflight.remove(packet_id)
         {
             self.persist.unqueue(&self.client_id, d.seq);
+        }
+    }
+
+    /// PUBREC of a QoS 2 message: the client has it; its packet id stays
+    /// taken until the PUBCOMP (`completed`).
+    pub fn pubrec(&self, generation: u64, packet_id: u16) {
+        let mut st = self.lock();
+        if !st
+            .attached
+            .as_ref()
+            .is_some_and(|c| c.generation == generation)
+        {
+            return;
+        }
+        let Some(d) = st.inflight.remove(packet_id) else {
+            return;
+        };
+        if !st.released.contains(&packet_id) {
+            st.released.push(packet_id);
+        }
+        // The record before the delete: a crash between the two sends the
+        // PUBREL and the message again (a duplicate), never neither.
+        self.save(&st, None);
+        self.persist.unqueue(&self.client_id, d.seq);
+    }
+
+    /// PUBCOMP: the QoS 2 exchange of `packet_id` is over.
+    pub fn completed(&self, packet_id: u16) {
+        let mut st = self.lock();
+        if let Some(i) = st.released.iter().position(|&x| x == packet_id) {
+            st.released.swap_remove(i);
+            self.save(&st, None);
         }
     }
 
@@ -588,6 +626,7 @@ impl SessionStore {
             });
             st.ordered = rs.record.ordered;
             st.qos2_received = rs.record.qos2_ids.into_iter().collect();
+            st.released = rs.record.released;
             // Generation 0 is no connection's: any reconnect cancels it.
             st.pending_will = rs.record.will.map(|w| PendingWill {
                 generation: 0,
@@ -674,6 +713,7 @@ impl SessionStore {
             st.replays.clear();
             st.ordered = false;
             st.qos2_received.clear();
+            st.released.clear();
             false
         } else {
             // Unacknowledged messages of the previous connection go out again first.

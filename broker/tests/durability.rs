@@ -664,3 +664,89 @@ async fn delayed_wills_survive_sigkill() {
     w.no_publish().await;
     drop(back);
 }
+
+/// A QoS 2 message to a client whose connection ends between the broker's
+/// PUBREL and the client's PUBCOMP: the client may still hold it (one that
+/// delivers on PUBREL has not delivered it yet), so the next connection of
+/// the session gets the PUBREL again (MQTT 3.1.1 and 5, 4.4) — after a
+/// reconnect, and after SIGKILL and a restart. Its PUBCOMP ends the
+/// exchange without closing the connection, the message itself is not sent
+/// again, and no PUBREL follows once it is complete.
+#[tokio::test]
+async fn an_unfinished_pubrel_is_sent_again_on_the_next_connection() {
+    use common::raw::{Raw, packet, string};
+    let mut b = Broker::start("");
+    for level in [4u8, 5] {
+        let id = format!("rel-{level}");
+        let topic = format!("rel{level}/x");
+        let connect = {
+            let mut body = string(b"MQTT");
+            // cleanSession / clean start 0; MQTT 5: session expiry 3600 s.
+            body.extend_from_slice(&[level, 0x00, 0, 60]);
+            if level == 5 {
+                body.extend_from_slice(&[5, 0x11, 0, 0, 0x0e, 0x10]);
+            }
+            body.extend(string(id.as_bytes()));
+            packet(0x10, &body)
+        };
+        let open = |b: &Broker, present: u8| {
+            let mut r = Raw::open(b);
+            r.send(&connect);
+            let (kind, ack) = r.read().unwrap_or_else(|| panic!("no CONNACK"));
+            assert_eq!((kind, ack[0], ack[1]), (0x20, present, 0), "CONNACK");
+            r
+        };
+        // Reads the next QoS 2 PUBLISH, answers PUBREC, reads the PUBREL,
+        // and leaves without PUBCOMP.
+        let receive_and_leave = |mut r: Raw, payload: &[u8]| {
+            let (kind, body) = r.read().unwrap_or_else(|| panic!("no PUBLISH"));
+            assert_eq!(kind & 0xf6, 0x34, "a QoS 2 PUBLISH: {kind:#x}");
+            let at = 2 + topic.len();
+            let pid = [body[at], body[at + 1]];
+            assert!(body.ends_with(payload));
+            r.send(&packet(0x50, &pid));
+            let (kind, rel) = r.read().unwrap_or_else(|| panic!("no PUBREL"));
+            assert_eq!((kind, &rel[..2]), (0x62, &pid[..]), "PUBREL");
+            drop(r);
+            pid
+        };
+        // The PUBREL of `pid` comes right after the CONNACK; after our
+        // PUBCOMP the connection still answers, and nothing else is sent.
+        let completes = |mut r: Raw, pid: [u8; 2]| {
+            assert_eq!(r.read(), Some((0x62, pid.to_vec())), "PUBREL sent again");
+            r.send(&packet(0x70, &pid));
+            r.send(&[0xc0, 0]);
+            assert_eq!(r.read(), Some((0xd0, vec![])), "PINGRESP: still connected");
+        };
+        let no_pubrel = |mut r: Raw| {
+            r.send(&[0xc0, 0]);
+            assert_eq!(r.read(), Some((0xd0, vec![])), "nothing before PINGRESP");
+        };
+        let mut r = open(&b, 0);
+        let mut sub = vec![0, 1];
+        if level == 5 {
+            sub.push(0);
+        }
+        sub.extend(string(format!("rel{level}/#").as_bytes()));
+        sub.push(2);
+        r.send(&packet(0x82, &sub));
+        assert_eq!(r.read().map(|p| p.0), Some(0x90), "SUBACK");
+        let mut p = v4::connect(v4::options(&format!("rel-pub-{level}"), b.tcp)).await;
+        p.publish(&topic, v4::QoS::ExactlyOnce, false, "one").await;
+        p.acked(1).await;
+        let pid = receive_and_leave(r, b"one");
+        completes(open(&b, 1), pid);
+        no_pubrel(open(&b, 1));
+        p.publish(&topic, v4::QoS::ExactlyOnce, false, "two").await;
+        p.acked(1).await;
+        p.disconnect().await;
+        let pid = receive_and_leave(open(&b, 1), b"two");
+        // A persistent SUBSCRIBE is acknowledged once the store has it,
+        // and the store writes in order: the session's record is there too.
+        subscribe_offline(&format!("fence-{level}"), &b, "fence", v4::QoS::AtLeastOnce).await;
+        b.kill();
+        b.restart();
+        completes(open(&b, 1), pid);
+        no_pubrel(open(&b, 1));
+    }
+}

@@ -294,6 +294,10 @@ fn slot(io: &IoBoxed, broker: &Broker) -> Option<crate::descriptors::Slot> {
 /// was read (garbage, a timeout, a reset) is counted, since no handler saw it.
 async fn serve_here(io: IoBoxed, broker: &Broker, mqtt: &Mqtt) {
     use ntex_mqtt::{MqttConnectError, MqttError};
+    // Under ntex-mqtt: the PUBRELs a resumed session owes its client.
+    let io = ntex::io::Io::<ntex::io::Sealed>::from(io)
+        .add_filter(crate::pubrel::ReleaseLayer::default())
+        .boxed();
     let label = match mqtt.call(io).await {
         Err(MqttError::Connect(MqttConnectError::Timeout)) => "connect_timeout",
         Err(MqttError::Connect(MqttConnectError::Protocol(_))) => "malformed_connect",

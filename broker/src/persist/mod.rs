@@ -565,6 +565,7 @@ mod tests {
                             qos2_ids: vec![7],
                             subscriptions: subs.iter().map(|f| (f.clone(), SubOptions::at(QoS::AtLeastOnce))).collect(),
                             will: None,
+                            released: Vec::new(),
                         };
                         persist.session(&name(c), &rec, Some(&mut pending));
                     }

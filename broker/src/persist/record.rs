@@ -37,6 +37,9 @@ const VERSION: u8 = 1;
 const SESSION: u8 = b'S';
 const DELIVERY: u8 = b'D';
 const RETAINED: u8 = b'R';
+/// Tags of a session record's optional trailing fields, in this order.
+const TAG_WILL: u8 = 1;
+const TAG_RELEASED: u8 = 2;
 
 /// Why stored bytes are not a record.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -78,6 +81,8 @@ pub struct SessionRecord {
     pub subscriptions: Vec<(String, SubOptions)>,
     /// An MQTT 5 will waiting for its delay (or the session's end).
     pub will: Option<StoredWill>,
+    /// Outbound QoS 2 packet ids PUBRECed and not yet PUBCOMPed.
+    pub released: Vec<u16>,
 }
 
 /// A will whose client went away without DISCONNECT, published at `due_ms`
@@ -154,10 +159,19 @@ impl SessionRecord {
         for id in &self.qos2_ids {
             out.put_u16(*id);
         }
+        // Optional trailing fields, each behind its tag: records written
+        // before a field existed still read.
         if let Some(w) = &self.will {
-            out.put_u8(1);
+            out.put_u8(TAG_WILL);
             out.put_u64(w.due_ms);
             put_msg(&mut out, &w.msg, now, now_ms);
+        }
+        if !self.released.is_empty() {
+            out.put_u8(TAG_RELEASED);
+            out.put_u16(len16(self.released.len()));
+            for id in &self.released {
+                out.put_u16(*id);
+            }
         }
         finish(out)
     }
@@ -185,18 +199,33 @@ impl SessionRecord {
         for _ in 0..n {
             qos2_ids.push(b.u16()?);
         }
-        let will = if b.is_empty() {
-            None
-        } else {
-            match b.u8()? {
-                1 => {
+        let (mut will, mut released) = (None, Vec::new());
+        let mut last = 0;
+        while !b.is_empty() {
+            let tag = b.u8()?;
+            // In order, each at most once: one encoding per record.
+            if tag <= last {
+                return Err(RecordError::Tag(tag));
+            }
+            last = tag;
+            match tag {
+                TAG_WILL => {
                     let due_ms = b.u64()?;
                     let msg = Arc::new(get_msg(&mut b, now, now_ms)?);
-                    Some(StoredWill { due_ms, msg })
+                    will = Some(StoredWill { due_ms, msg });
+                }
+                TAG_RELEASED => {
+                    let n = usize::from(b.u16()?);
+                    if n == 0 {
+                        return Err(RecordError::Tag(tag));
+                    }
+                    for _ in 0..n {
+                        released.push(b.u16()?);
+                    }
                 }
                 t => return Err(RecordError::Tag(t)),
             }
-        };
+        }
         b.end()?;
         Ok(Self {
             expiry_ms,
@@ -205,6 +234,7 @@ impl SessionRecord {
             qos2_ids,
             subscriptions,
             will,
+            released,
         })
     }
 }
@@ -528,6 +558,7 @@ mod tests {
                 due_ms: now_ms + 30_000,
                 msg: msg.clone(),
             }),
+            released: vec![9, 3],
         };
         let back = SessionRecord::decode(&s.encode(now, now_ms), later, now_ms + 10_000);
         assert_eq!(back.as_ref(), Ok(&s));
@@ -537,13 +568,25 @@ mod tests {
             will.and_then(|w| w.msg.remaining_expiry_secs(later)),
             Some(50)
         );
-        // A record without a will (as the first durable build wrote them)
-        // reads as one.
-        let plain = SessionRecord { will: None, ..s };
+        // Each trailing field may be missing (records of earlier builds).
+        let no_will = SessionRecord { will: None, ..s };
         assert_eq!(
-            SessionRecord::decode(&plain.encode(now, now_ms), now, now_ms),
-            Ok(plain)
+            SessionRecord::decode(&no_will.encode(now, now_ms), now, now_ms).as_ref(),
+            Ok(&no_will)
         );
+        let plain = SessionRecord {
+            released: Vec::new(),
+            ..no_will
+        };
+        assert_eq!(
+            SessionRecord::decode(&plain.encode(now, now_ms), now, now_ms).as_ref(),
+            Ok(&plain)
+        );
+        // Out of order or twice: not an encoding of ours.
+        let mut twice = plain.encode(now, now_ms).to_vec();
+        let _ = twice.split_off(twice.len() - 4);
+        twice.extend_from_slice(&[TAG_RELEASED, 0, 1, 0, 5, TAG_RELEASED, 0, 1, 0, 6]);
+        assert!(SessionRecord::decode(&finish(BytesMut::from(&twice[..])), now, now_ms).is_err());
     }
 
     #[test]

@@ -11,6 +11,7 @@ use crate::auth::{Identity, Refusal};
 use crate::broker::{Broker, PublishError, Publisher};
 use crate::connection::Connection;
 use crate::message::Message;
+use crate::session::Session;
 use crate::storage::{OnFull, StorageError};
 use crate::sys::{self, SysError};
 use crate::token::{Claims, TokenError, TokenType};
@@ -156,6 +157,21 @@ pub fn refused(broker: &Broker, client_id: &str, reason: DeviceReason) {
         reason,
         None,
     );
+}
+
+/// Arms the connection's `pubrel` layer with the PUBRELs its session owes
+/// the client from an earlier connection (sent after the CONNACK); with
+/// none, the layer stops looking at the stream.
+pub fn resend_releases(io: &ntex::io::IoBoxed, session: &Arc<Session>) {
+    let Some(releases) = io.query::<crate::pubrel::Releases>().into_inner() else {
+        return;
+    };
+    let ids = session.lock().released.clone();
+    if !ids.is_empty() {
+        tracing::debug!(client_id = %session.client_id, ids = ?ids, "PUBREL sent again for QoS 2 messages of an earlier connection");
+    }
+    let session = session.clone();
+    releases.resend(ids, move |id| session.completed(id));
 }
 
 /// Whether the node has restored what its store holds: until then (a

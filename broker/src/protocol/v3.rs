@@ -95,6 +95,7 @@ pub async fn connect(broker: &Arc<Broker>, c: v3::Connect) -> Result<v3::Connect
         },
     ));
     super::install_tokens(&conn, tokens);
+    super::resend_releases(c.io(), &conn.session);
     conn.start_pump(c.sink());
     let ack = c.ack(conn, present).max_send(Some(limits.max_inflight));
     let granted = super::granted_keep_alive(limits, keep_alive);
@@ -258,12 +259,29 @@ impl OutSink for v3::MqttSink {
             .is_ok()
     }
 
-    async fn send_qos2(&self, d: &Delivery, id: NonZeroU16, _now: Instant) -> bool {
-        builder(self, d)
+    async fn send_qos2(
+        &self,
+        d: &Delivery,
+        id: NonZeroU16,
+        _now: Instant,
+        completed: Box<dyn FnOnce()>,
+    ) -> bool {
+        match builder(self, d)
             .packet_id(id.get())
             .send_exactly_once(d.msg.payload.clone())
             .await
-            .is_ok()
+        {
+            Ok(received) => {
+                // PUBREL now; PUBCOMP one round trip later, without holding the pump.
+                ntex::rt::spawn(async move {
+                    if received.release().await.is_ok() {
+                        completed();
+                    }
+                });
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     fn on_ack(&self, f: Box<dyn Fn(u16)>) {

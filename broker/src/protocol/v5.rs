@@ -144,6 +144,7 @@ pub async fn connect(broker: &Arc<Broker>, c: v5::Connect) -> Result<v5::Connect
         },
     ));
     super::install_tokens(&conn, tokens);
+    super::resend_releases(c.io(), &conn.session);
     conn.start_pump(V5Sink {
         sink: c.sink(),
         max_packet: client_max_packet.map(|m| m.get()),
@@ -463,12 +464,35 @@ impl OutSink for V5Sink {
             .is_ok()
     }
 
-    async fn send_qos2(&self, d: &Delivery, id: NonZeroU16, now: Instant) -> bool {
-        self.builder(d, now)
+    async fn send_qos2(
+        &self,
+        d: &Delivery,
+        id: NonZeroU16,
+        now: Instant,
+        completed: Box<dyn FnOnce()>,
+    ) -> bool {
+        match self
+            .builder(d, now)
             .packet_id(id.get())
             .send_exactly_once(d.msg.payload.clone())
             .await
-            .is_ok()
+        {
+            Ok(received) => {
+                if u8::from(received.packet().reason_code) >= 0x80 {
+                    // A refusing PUBREC ends the exchange: no PUBREL, the id is free.
+                    completed();
+                } else {
+                    // PUBREL now; PUBCOMP one round trip later, without holding the pump.
+                    ntex::rt::spawn(async move {
+                        if received.release().await.is_ok() {
+                            completed();
+                        }
+                    });
+                }
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     fn on_ack(&self, f: Box<dyn Fn(u16)>) {

@@ -63,6 +63,7 @@ fn main() -> anyhow::Result<()> {
                 },
             )],
             will: None,
+            released: Vec::new(),
         };
         persist.session(&client, &rec, None);
         for m in 1..=messages {
