@@ -865,7 +865,16 @@ impl Broker {
                 tracing::info!(client_id = %rs.client, "stored session not restored: a newer one arrived meanwhile");
                 continue;
             }
+            // Connected at the crash: its oldest messages may have been in
+            // flight, and MQTT's DUP means "may have been sent before".
+            let crashed = rs.record.disconnected_ms == 0;
             let session = self.sessions.restore(rs, now, now_ms);
+            if crashed {
+                let window = self.config.limits.max_inflight;
+                for d in session.lock().offline.iter_mut().take(window.into()) {
+                    d.dup = true;
+                }
+            }
             let will_in = session
                 .lock()
                 .pending_will

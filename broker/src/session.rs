@@ -771,6 +771,11 @@ impl SessionStore {
                 .into_iter()
                 .map(|mut d| {
                     d.dup = true;
+                    // Stored again with its DUP flag, so that it keeps it
+                    // across a restart (at most the in-flight window).
+                    if d.seq != 0 {
+                        session.persist.queue(&session.client_id, d.seq, &d, None);
+                    }
                     d
                 })
                 .collect();

@@ -750,3 +750,76 @@ async fn an_unfinished_pubrel_is_sent_again_on_the_next_connection() {
         no_pubrel(open(&b, 1));
     }
 }
+
+/// QoS 1 messages sent to a persistent session and not acknowledged come
+/// back after a restart with DUP set (MQTT 3.1.1 3.3.1.1): whether the
+/// client went away before the crash or was still connected at it. A
+/// message queued while the client was away, never sent, comes with DUP 0.
+#[tokio::test]
+async fn messages_in_flight_at_a_crash_come_back_with_dup() {
+    use common::raw::{Raw, packet, string};
+    let mut b = Broker::start("");
+    let connect = |id: &str| {
+        let mut body = string(b"MQTT");
+        body.extend_from_slice(&[4, 0x00, 0, 60]);
+        body.extend(string(id.as_bytes()));
+        packet(0x10, &body)
+    };
+    let open = |b: &Broker, id: &str| {
+        let mut r = Raw::open(b);
+        r.send(&connect(id));
+        assert_eq!(r.read().map(|p| p.0), Some(0x20), "CONNACK");
+        r
+    };
+    // (payload, DUP) of the next `n` QoS 1 PUBLISHes, not acknowledged.
+    let take = |r: &mut Raw, n: usize| -> Vec<(String, bool)> {
+        (0..n)
+            .map(|_| {
+                let (kind, body) = r.read().unwrap_or_else(|| panic!("no PUBLISH"));
+                assert_eq!(kind & 0xf6, 0x32, "a QoS 1 PUBLISH: {kind:#x}");
+                let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+                let payload = String::from_utf8_lossy(&body[topic_len + 4..]).into_owned();
+                (payload, kind & 0x08 != 0)
+            })
+            .collect()
+    };
+    // The connection of "dup-stayed" is still open at the crash.
+    let mut still_open = Vec::new();
+    for id in ["dup-left", "dup-stayed"] {
+        let mut r = open(&b, id);
+        let mut sub = vec![0, 1];
+        sub.extend(string(format!("{id}/#").as_bytes()));
+        sub.push(1);
+        r.send(&packet(0x82, &sub));
+        assert_eq!(r.read().map(|p| p.0), Some(0x90), "SUBACK");
+        let mut p = v4::connect(v4::options(&format!("{id}-pub"), b.tcp)).await;
+        for body in ["a", "b"] {
+            p.publish(&format!("{id}/x"), v4::QoS::AtLeastOnce, false, body)
+                .await;
+        }
+        p.acked(2).await;
+        let first = take(&mut r, 2);
+        assert_eq!(first, [("a".into(), false), ("b".into(), false)]);
+        if id == "dup-left" {
+            drop(r);
+            p.publish(&format!("{id}/x"), v4::QoS::AtLeastOnce, false, "c")
+                .await;
+            p.acked(1).await;
+        } else {
+            still_open.push(r);
+        }
+        p.disconnect().await;
+    }
+    // The store writes in order; a persistent SUBSCRIBE waits for it.
+    subscribe_offline("dup-fence", &b, "fence", v4::QoS::AtLeastOnce).await;
+    b.kill();
+    drop(still_open);
+    b.restart();
+    let mut r = open(&b, "dup-left");
+    assert_eq!(
+        take(&mut r, 3),
+        [("a".into(), true), ("b".into(), true), ("c".into(), false)]
+    );
+    let mut r = open(&b, "dup-stayed");
+    assert_eq!(take(&mut r, 2), [("a".into(), true), ("b".into(), true)]);
+}
