@@ -24,7 +24,7 @@ use crate::protocol::order::Gate;
 use crate::retain::RetainStore;
 use crate::router::{ClientId, Route, Router, Scope, SubOptions, node_route, route_node};
 use crate::session::{
-    Attached, Delivery, Enqueued, KickReason, QueueLimits, Session, SessionStore,
+    Attached, Delivery, Enqueued, KickReason, QueueLimits, RetainedReplay, Session, SessionStore,
 };
 use crate::storage::{DeviceEvent, Durability, EventKind, OnFull, Storage, StorageError};
 use crate::token::TokenService;
@@ -151,9 +151,18 @@ enum KeepOffline {
 pub struct Subscribed {
     /// The subscription replaced an existing one with the same filter.
     pub existed: bool,
-    /// The retained messages to send, as a replay for the session's pump
-    /// (`None` for a shared subscription).
-    pub retained: Option<crate::retain::Replay>,
+    /// Its retained messages are being sent (never for a shared one).
+    pub replaying: bool,
+}
+
+/// Which subscriptions get the retained messages that match them when
+/// they are made (MQTT 5 retain handling; MQTT 3.1.1: always).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendRetained {
+    Always,
+    /// Only a subscription that did not exist before.
+    IfNew,
+    Never,
 }
 
 /// What a node is built from, besides its configuration.
@@ -858,7 +867,8 @@ impl Broker {
     /// messages.
     pub fn restore(self: &Arc<Self>, recovered: Recovered) {
         let (now, now_ms) = (Instant::now(), crate::message::now_ms());
-        for rs in recovered.sessions {
+        let mut replays = Vec::new();
+        for mut rs in recovered.sessions {
             // Handed over by a peer while a late store was being opened:
             // that copy is the newer one.
             if self.sessions.get(&rs.client).is_some() {
@@ -868,7 +878,11 @@ impl Broker {
             // Connected at the crash: its oldest messages may have been in
             // flight, and MQTT's DUP means "may have been sent before".
             let crashed = rs.record.disconnected_ms == 0;
+            let owed = std::mem::take(&mut rs.record.replays);
             let session = self.sessions.restore(rs, now, now_ms);
+            if !owed.is_empty() {
+                replays.push((session.clone(), owed));
+            }
             if crashed {
                 let window = self.config.limits.max_inflight;
                 for d in session.lock().offline.iter_mut().take(window.into()) {
@@ -894,6 +908,16 @@ impl Broker {
         let mut n = 0;
         for m in recovered.retained {
             n = self.retained.restore(&Arc::new(m));
+        }
+        // Replays under way go on where they were, through what is retained now.
+        for (session, owed) in replays {
+            let mut st = session.lock();
+            for (filter, after) in owed {
+                if let Some(&opts) = st.subscriptions.get(&filter) {
+                    let cursor = self.retained.resume(&filter, after);
+                    st.replays.push_back(RetainedReplay { cursor, opts });
+                }
+            }
         }
         self.metrics.retained.set(gauge(n));
         self.metrics.sessions.set(gauge(self.sessions.len()));
@@ -1261,9 +1285,10 @@ impl Broker {
         session: &Session,
         raw: &str,
         opts: SubOptions,
+        retained: SendRetained,
     ) -> Result<Subscribed, SubscribeError> {
         let mut pending = Pending::default();
-        let sub = self.subscribe_now(session, raw, opts, &mut pending)?;
+        let sub = self.subscribe_now(session, raw, opts, retained, &mut pending)?;
         if let Err(e) = pending.wait().await {
             tracing::warn!(client_id = %session.client_id, filter = raw, error = %e, "subscription not stored; refused");
             if !sub.existed {
@@ -1274,12 +1299,15 @@ impl Broker {
         Ok(sub)
     }
 
-    /// Adds one subscription of a session; its record joins `pending`.
+    /// Adds one subscription of a session, with the replay of its retained
+    /// messages (`retained`) in the same record, which joins `pending`: a
+    /// crash after the SUBACK resumes the replay, never forgets it.
     pub fn subscribe_now(
         &self,
         session: &Session,
         raw: &str,
         opts: SubOptions,
+        retained: SendRetained,
         pending: &mut Pending,
     ) -> Result<Subscribed, SubscribeError> {
         let limits = &self.config.limits;
@@ -1299,8 +1327,26 @@ impl Broker {
             return Err(SubscribeError::Capacity);
         }
         st.subscriptions.insert(raw.to_owned(), opts);
+        // Retained messages are not sent for shared subscriptions (MQTT 5 4.8.2).
+        let replaying = filter.share_group.is_none()
+            && match retained {
+                SendRetained::Always => true,
+                SendRetained::IfNew => !existed,
+                SendRetained::Never => false,
+            };
+        if replaying {
+            // One of the same filter still going starts over.
+            st.replays.retain(|r| r.cursor.filter() != raw);
+            st.replays.push_back(RetainedReplay {
+                cursor: self.retained.replay(filter.filter),
+                opts,
+            });
+        }
         session.save(&st, Some(pending));
         drop(st);
+        if replaying {
+            session.wake();
+        }
         if self.router.subscribe(&session.client_id, &filter, opts) {
             self.metrics.subscriptions.inc();
         }
@@ -1309,12 +1355,7 @@ impl Broker {
         {
             c.filter_added(raw);
         }
-        let retained = match filter.share_group {
-            // Retained messages are not sent for shared subscriptions (MQTT 5 4.8.2).
-            Some(_) => None,
-            None => Some(self.retained.replay(filter.filter)),
-        };
-        Ok(Subscribed { existed, retained })
+        Ok(Subscribed { existed, replaying })
     }
 
     /// Removes one subscription of a session; returns whether it existed.

@@ -481,6 +481,7 @@ impl Pump {
         // wait in the queue (and hold their publishers back) meanwhile: a
         // live message on a topic follows its retained one.
         let mut replaying = false;
+        let mut paged = false;
         while batch.len() < BATCH
             && let Some(r) = st.replays.front_mut()
         {
@@ -501,22 +502,34 @@ impl Pump {
                 replaying = true;
             }
             let found = !page.messages.is_empty();
+            paged = true;
             for m in page.messages {
                 let qos = opts.qos.min(m.qos);
-                if qos != QoS::AtMostOnce {
-                    credit = credit.saturating_sub(1);
-                }
-                batch.push(Delivery {
+                let mut d = Delivery {
                     retain: true,
                     sub_ids: opts.id.into_iter().collect(),
                     ..Delivery::new(m, qos)
-                });
+                };
+                if qos != QoS::AtMostOnce {
+                    credit = credit.saturating_sub(1);
+                    // In flight, it is a queued message like any other: a
+                    // crash brings it back, as the cursor moved past it.
+                    if st.persistent {
+                        self.session
+                            .number_and_store(&mut st.last_seq, &mut d, None);
+                    }
+                }
+                batch.push(d);
             }
             if replaying && !found {
                 // A page of non-matching topics: the rest in another step,
                 // so the session lock is not held for a whole scan.
                 break;
             }
+        }
+        if paged {
+            // Where the replays are now, after the messages they stored.
+            self.session.save(&st, None);
         }
         while batch.len() < BATCH && !replaying {
             let Some(front) = st.queue.front() else { break };

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use ntex::util::Bytes;
 
 use crate::auth::{Auth, Identity};
-use crate::broker::{Broker, Parts};
+use crate::broker::{Broker, Parts, SendRetained};
 use crate::config::Config;
 use crate::connection::{CloseReason, Connection, Origin, OutSink};
 use crate::message::{Message, QoS};
@@ -59,8 +59,14 @@ fn queued(a: &Attached) -> Vec<String> {
 }
 
 fn subscribe(b: &Broker, a: &Attached, filter: &str, qos: QoS) {
-    b.subscribe_now(&a.session, filter, opts(qos), &mut Default::default())
-        .unwrap_or_else(|e| panic!("subscribe {filter}: {e}"));
+    b.subscribe_now(
+        &a.session,
+        filter,
+        opts(qos),
+        SendRetained::Never,
+        &mut Default::default(),
+    )
+    .unwrap_or_else(|e| panic!("subscribe {filter}: {e}"));
 }
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -314,6 +320,7 @@ async fn the_pump_numbers_qos1_deliveries_and_resends_the_unacknowledged_first_w
         &conn.session,
         "p/#",
         opts(QoS::AtLeastOnce),
+        SendRetained::Never,
         &mut Default::default(),
     )
     .unwrap_or_else(|e| panic!("{e}"));
@@ -349,6 +356,7 @@ async fn the_pump_sends_no_more_qos1_than_the_client_has_credit_for() {
         &conn.session,
         "c/#",
         opts(QoS::AtLeastOnce),
+        SendRetained::Never,
         &mut Default::default(),
     )
     .unwrap_or_else(|e| panic!("{e}"));
@@ -384,12 +392,11 @@ async fn a_new_subscription_gets_its_retained_messages_before_live_ones() {
             &conn.session,
             "ret/#",
             opts(QoS::AtLeastOnce),
+            SendRetained::Always,
             &mut Default::default(),
         )
         .unwrap_or_else(|e| panic!("{e}"));
-    if let Some(cursor) = sub.retained {
-        conn.session.replay_retained(cursor, opts(QoS::AtLeastOnce));
-    }
+    assert!(sub.replaying);
     b.publish(&msg(&b, "ret/live", QoS::AtLeastOnce, false, "l"), false);
     settle().await;
     let w = sink.written.borrow().clone();

@@ -80,6 +80,11 @@ impl Replay {
     pub fn filter(&self) -> &str {
         &self.filter
     }
+
+    /// The last topic paged (the replay goes on after it).
+    pub fn after(&self) -> Option<&str> {
+        self.after.as_deref()
+    }
 }
 
 /// What a page of a replay found.
@@ -150,6 +155,15 @@ impl RetainStore {
             prefix,
             upto,
             after: None,
+        }
+    }
+
+    /// A replay read back from the store: it goes on after topic `after`,
+    /// through the retained messages as they are now.
+    pub fn resume(&self, filter: &str, after: Option<String>) -> Replay {
+        Replay {
+            after,
+            ..self.replay(filter)
         }
     }
 

@@ -188,6 +188,14 @@ impl State {
             ordered: self.ordered,
             qos2_ids: self.qos2_received.iter().copied().collect(),
             released: self.released.clone(),
+            replays: self
+                .replays
+                .iter()
+                .map(|r| {
+                    let c = &r.cursor;
+                    (c.filter().to_owned(), c.after().map(str::to_owned))
+                })
+                .collect(),
             subscriptions: self
                 .subscriptions
                 .iter()
@@ -337,14 +345,9 @@ impl Session {
         }
     }
 
-    /// Queues the replay of retained messages for a new subscription (one
-    /// of the same filter still going starts over) and wakes the pump.
-    pub fn replay_retained(&self, cursor: Replay, opts: SubOptions) {
-        let mut st = self.lock();
-        st.replays.retain(|r| r.cursor.filter() != cursor.filter());
-        st.replays.push_back(RetainedReplay { cursor, opts });
-        let wake = st.attached.as_ref().map(|c| c.wake.clone());
-        drop(st);
+    /// Wakes the attached connection's pump (new work it cannot see coming).
+    pub fn wake(&self) {
+        let wake = self.lock().attached.as_ref().map(|c| c.wake.clone());
         if let Some(wake) = wake {
             wake.notify_one();
         }
@@ -397,7 +400,7 @@ impl Session {
 
     /// Gives a delivery the session's next sequence number and writes it
     /// to the store. Called with the lock held (`last_seq` is the state's).
-    fn number_and_store(
+    pub fn number_and_store(
         &self,
         last_seq: &mut u64,
         d: &mut Delivery,

@@ -566,6 +566,7 @@ mod tests {
                             subscriptions: subs.iter().map(|f| (f.clone(), SubOptions::at(QoS::AtLeastOnce))).collect(),
                             will: None,
                             released: Vec::new(),
+                            replays: Vec::new(),
                         };
                         persist.session(&name(c), &rec, Some(&mut pending));
                     }

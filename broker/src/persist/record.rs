@@ -40,6 +40,7 @@ const RETAINED: u8 = b'R';
 /// Tags of a session record's optional trailing fields, in this order.
 const TAG_WILL: u8 = 1;
 const TAG_RELEASED: u8 = 2;
+const TAG_REPLAYS: u8 = 3;
 
 /// Why stored bytes are not a record.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -83,6 +84,9 @@ pub struct SessionRecord {
     pub will: Option<StoredWill>,
     /// Outbound QoS 2 packet ids PUBRECed and not yet PUBCOMPed.
     pub released: Vec<u16>,
+    /// Retained replays of new subscriptions still under way: the filter
+    /// and the last topic paged.
+    pub replays: Vec<(String, Option<String>)>,
 }
 
 /// A will whose client went away without DISCONNECT, published at `due_ms`
@@ -173,6 +177,20 @@ impl SessionRecord {
                 out.put_u16(*id);
             }
         }
+        if !self.replays.is_empty() {
+            out.put_u8(TAG_REPLAYS);
+            out.put_u16(len16(self.replays.len()));
+            for (filter, after) in &self.replays {
+                put_str(&mut out, filter);
+                match after {
+                    Some(a) => {
+                        out.put_u8(1);
+                        put_str(&mut out, a);
+                    }
+                    None => out.put_u8(0),
+                }
+            }
+        }
         finish(out)
     }
 
@@ -199,7 +217,7 @@ impl SessionRecord {
         for _ in 0..n {
             qos2_ids.push(b.u16()?);
         }
-        let (mut will, mut released) = (None, Vec::new());
+        let (mut will, mut released, mut replays) = (None, Vec::new(), Vec::new());
         let mut last = 0;
         while !b.is_empty() {
             let tag = b.u8()?;
@@ -223,6 +241,17 @@ impl SessionRecord {
                         released.push(b.u16()?);
                     }
                 }
+                TAG_REPLAYS => {
+                    let n = usize::from(b.u16()?);
+                    if n == 0 {
+                        return Err(RecordError::Tag(tag));
+                    }
+                    for _ in 0..n {
+                        let filter = b.str()?.to_string();
+                        let after = b.opt_str()?.map(|s| s.to_string());
+                        replays.push((filter, after));
+                    }
+                }
                 t => return Err(RecordError::Tag(t)),
             }
         }
@@ -235,6 +264,7 @@ impl SessionRecord {
             subscriptions,
             will,
             released,
+            replays,
         })
     }
 }
@@ -559,6 +589,7 @@ mod tests {
                 msg: msg.clone(),
             }),
             released: vec![9, 3],
+            replays: vec![("r/#".into(), Some("r/5".into())), ("q/+".into(), None)],
         };
         let back = SessionRecord::decode(&s.encode(now, now_ms), later, now_ms + 10_000);
         assert_eq!(back.as_ref(), Ok(&s));
@@ -576,6 +607,7 @@ mod tests {
         );
         let plain = SessionRecord {
             released: Vec::new(),
+            replays: Vec::new(),
             ..no_will
         };
         assert_eq!(

@@ -14,7 +14,7 @@ use super::{Error, Result};
 use ntex::util::{ByteString, Bytes};
 
 use crate::auth::Refusal;
-use crate::broker::Broker;
+use crate::broker::{Broker, SendRetained};
 use crate::config::V3SubscribeRefusal;
 use crate::connection::{CloseReason, Connection, Origin, OutSink, Will};
 use crate::message::QoS;
@@ -172,7 +172,6 @@ pub async fn protocol(
     let broker = &conn.broker;
     match msg {
         v3::ProtocolMessage::Subscribe(mut sub) => {
-            let mut replay = Vec::new();
             for mut item in sub.iter_mut() {
                 let qos = QoS::from(item.qos());
                 let opts = SubOptions::at(qos);
@@ -190,11 +189,13 @@ pub async fn protocol(
                         V3SubscribeRefusal::Close => return Err(e),
                     }
                 }
-                match broker.subscribe(&conn.session, item.topic(), opts).await {
-                    Ok(r) => {
+                match broker
+                    .subscribe(&conn.session, item.topic(), opts, SendRetained::Always)
+                    .await
+                {
+                    Ok(_) => {
                         conn.trace_subscribe(item.topic(), None);
                         item.confirm(qos.into());
-                        replay.extend(r.retained.map(|cursor| (cursor, opts)));
                     }
                     Err(e) => {
                         broker.metrics.reject("subscribe_refused");
@@ -203,9 +204,6 @@ pub async fn protocol(
                         item.fail();
                     }
                 }
-            }
-            for (cursor, opts) in replay {
-                conn.session.replay_retained(cursor, opts);
             }
             Ok(sub.ack())
         }

@@ -18,7 +18,7 @@ use ntex_mqtt::{Control, Reason, v5};
 
 use super::{Error, Result};
 use crate::auth::Refusal;
-use crate::broker::{Broker, PublishError, SubscribeError};
+use crate::broker::{Broker, PublishError, SendRetained, SubscribeError};
 use crate::connection::{CloseReason, Connection, Origin, OutSink, Will};
 use crate::message::{Message, Properties, QoS};
 use crate::router::SubOptions;
@@ -249,7 +249,6 @@ pub async fn protocol(
     match msg {
         v5::ProtocolMessage::Subscribe(mut sub) => {
             let id = sub.packet().id;
-            let mut replay = Vec::new();
             for mut item in sub.iter_mut() {
                 let o = *item.options();
                 let opts = SubOptions {
@@ -273,18 +272,18 @@ pub async fn protocol(
                     item.fail(SubscribeAckReason::NotAuthorized);
                     continue;
                 }
-                match broker.subscribe(&conn.session, item.topic(), opts).await {
-                    Ok(r) => {
+                let retained = match o.retain_handling {
+                    RetainHandling::AtSubscribe => SendRetained::Always,
+                    RetainHandling::AtSubscribeNew => SendRetained::IfNew,
+                    RetainHandling::NoAtSubscribe => SendRetained::Never,
+                };
+                match broker
+                    .subscribe(&conn.session, item.topic(), opts, retained)
+                    .await
+                {
+                    Ok(_) => {
                         conn.trace_subscribe(item.topic(), None);
                         item.confirm(o.qos);
-                        let send = match o.retain_handling {
-                            RetainHandling::AtSubscribe => true,
-                            RetainHandling::AtSubscribeNew => !r.existed,
-                            RetainHandling::NoAtSubscribe => false,
-                        };
-                        if send {
-                            replay.extend(r.retained.map(|cursor| (cursor, opts)));
-                        }
                     }
                     Err(e) => {
                         broker.metrics.reject("subscribe_refused");
@@ -298,9 +297,6 @@ pub async fn protocol(
                         });
                     }
                 }
-            }
-            for (cursor, opts) in replay {
-                conn.session.replay_retained(cursor, opts);
             }
             Ok(sub.ack())
         }

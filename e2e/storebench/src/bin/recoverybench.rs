@@ -64,6 +64,7 @@ fn main() -> anyhow::Result<()> {
             )],
             will: None,
             released: Vec::new(),
+            replays: Vec::new(),
         };
         persist.session(&client, &rec, None);
         for m in 1..=messages {
