@@ -927,6 +927,14 @@ impl Broker {
         self.restored.store(true, Ordering::Release);
     }
 
+    /// Whether the session of `client_id` has QoS 2 messages whose PUBREL
+    /// its next connection sends again (`pubrel`).
+    pub fn owes_pubrel(&self, client_id: &str) -> bool {
+        self.sessions
+            .get(client_id)
+            .is_some_and(|s| !s.lock().released.is_empty())
+    }
+
     /// False while the node's store cannot write.
     pub fn store_writes(&self) -> bool {
         self.persist.is_healthy()

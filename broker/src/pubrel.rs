@@ -11,13 +11,16 @@
 //! for an id it does not know.
 //!
 //! So this I/O layer sits between the transport (TCP, TLS, WebSocket) and
-//! ntex-mqtt on every client connection. Once the CONNECT handler arms it
-//! with the session's released ids (`Releases::resend`), it writes their
-//! PUBRELs right after the CONNACK and takes the client's PUBCOMPs for those
-//! ids out of the stream before ntex-mqtt sees them, telling the session.
-//! It finds packet boundaries by reading each fixed header (`Scanner`); once
-//! nothing is awaited, or a connection has nothing to release, it passes
-//! bytes through without looking at them.
+//! ntex-mqtt on a connection whose session owes such PUBRELs (the gate
+//! looks at the CONNECT's Client ID first; other connections go without
+//! it, since it costs each read and write a pass). Once the CONNECT handler
+//! arms it with the session's released ids (`Releases::resend`), it writes
+//! their PUBRELs right after the CONNACK and takes the client's PUBCOMPs
+//! for those ids out of the stream before ntex-mqtt sees them, telling the
+//! session. It finds packet boundaries by reading each fixed header
+//! (`Scanner`); once nothing is awaited, it passes bytes through without
+//! looking at them. Ids released on another connection of the session
+//! after the gate looked (a takeover race) wait for the next connection.
 
 use std::any::{Any, TypeId};
 use std::cell::{Cell, RefCell};

@@ -7,6 +7,10 @@
 # median) and the ratios of the medians.
 #
 #   e2e/bench/durable.sh [ROUNDS] [SECS]      # defaults: 3 rounds of 10 s
+#
+# RINGMQ_BASE_BIN=<path to another ringmq-broker> adds that build as
+# base-durable and base-memory to every round (a before/after comparison of
+# two commits on the same machine, alternating).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . e2e/bench/lib.sh
@@ -22,12 +26,14 @@ start() { # variant -> sets pid
     rm -rf "$work/data" "$work/mosq"
     mkdir -p "$work/data" "$work/mosq"
     case "$1" in
-    ringmq-durable | ringmq-memory)
+    ringmq-durable | ringmq-memory | base-durable | base-memory)
         dir="$work/data/store"
-        [ "$1" = ringmq-memory ] && dir=null
+        [ "${1#*-}" = memory ] && dir=null
+        broker="$bin/ringmq-broker"
+        [ "${1%-*}" = base ] && broker="$RINGMQ_BASE_BIN"
         printf 'listeners:\n  tcp: "127.0.0.1:%s"\n  ws: null\n  admin: null\nlimits:\n  max_subscriptions_per_client: 0\n  offline_queue_len: 1000\npersistence:\n  dir: %s\n' \
             "$port" "$dir" >"$work/ringmq.yaml"
-        RUST_LOG=error "$bin/ringmq-broker" --config "$work/ringmq.yaml" >"$work/ringmq.log" 2>&1 &
+        RUST_LOG=error "$broker" --config "$work/ringmq.yaml" >"$work/ringmq.log" 2>&1 &
         ;;
     mosquitto-persist)
         printf 'listener %s 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000\npersistence true\npersistence_location %s/\n' \
@@ -44,6 +50,7 @@ scenarios=(
     "d2:fan-in 1000 publishers x 10/s QoS 1 to one persistent subscriber:--scenario fan-in --clients 1000 --qos 1 --payload 64 --rate 10"
 )
 variants=(ringmq-durable ringmq-memory)
+[ -n "${RINGMQ_BASE_BIN:-}" ] && variants+=(base-durable base-memory)
 command -v mosquitto >/dev/null && variants+=(mosquitto-persist) || echo "mosquitto not installed: skipped" >&2
 
 declare -A runs

@@ -142,32 +142,8 @@ pub async fn serve(io: IoBoxed, broker: Arc<Broker>, mqtt: &Mqtt) {
         serve_here(io, &broker, mqtt).await;
         return;
     };
-    let codec = PeekConnect {
-        max_size: broker.config.limits.max_packet_size as usize,
-    };
-    let read = async {
-        loop {
-            match io.decode(&codec) {
-                Ok(Some(p)) => return Some(p),
-                Ok(None) => match io.read_more().await {
-                    Ok(Some(())) => {}
-                    // Closed before a CONNECT arrived.
-                    _ => return None,
-                },
-                Err(e) => match e {},
-            }
-        }
-    };
-    // The same deadline ntex-mqtt gives a CONNECT.
-    let timeout = std::time::Duration::from_secs(broker.config.limits.connect_timeout_secs.into());
-    let peek = match ntex::util::select(std::pin::pin!(read), ntex::time::sleep(timeout)).await {
-        Either::Left(Some(p)) => p,
-        Either::Left(None) => return,
-        Either::Right(()) => {
-            broker.metrics.reject("connect_timeout");
-            io.close();
-            return;
-        }
+    let Some(peek) = peek(&io, &broker).await else {
+        return;
     };
     let owner = match &peek {
         Peek::ClientId(id) if !id.is_empty() => cluster.owner(id),
@@ -253,6 +229,40 @@ async fn pipe(from: &IoBoxed, to: &IoBoxed) -> PipeEnd {
     }
 }
 
+/// Reads the CONNECT's Client ID without taking it (ntex-mqtt reads the
+/// CONNECT itself), within the deadline ntex-mqtt gives a CONNECT; `None`:
+/// the connection closed or timed out first (counted).
+async fn peek(io: &IoBoxed, broker: &Broker) -> Option<Peek> {
+    let codec = PeekConnect {
+        max_size: broker.config.limits.max_packet_size as usize,
+    };
+    let read = async {
+        loop {
+            match io.decode(&codec) {
+                Ok(Some(p)) => return Some(p),
+                Ok(None) => match io.read_more().await {
+                    Ok(Some(())) => {}
+                    Ok(None) => return None,
+                    Err(_) => {
+                        broker.metrics.reject("closed_before_connect");
+                        return None;
+                    }
+                },
+                Err(e) => match e {},
+            }
+        }
+    };
+    let timeout = std::time::Duration::from_secs(broker.config.limits.connect_timeout_secs.into());
+    match ntex::util::select(std::pin::pin!(read), ntex::time::sleep(timeout)).await {
+        Either::Left(p) => p,
+        Either::Right(()) => {
+            broker.metrics.reject("connect_timeout");
+            io.close();
+            None
+        }
+    }
+}
+
 /// A node that just joined serves its sessions once the others have handed
 /// them over (bounded by the failure timeout).
 async fn wait_settled(cluster: &super::Cluster) {
@@ -294,10 +304,18 @@ fn slot(io: &IoBoxed, broker: &Broker) -> Option<crate::descriptors::Slot> {
 /// was read (garbage, a timeout, a reset) is counted, since no handler saw it.
 async fn serve_here(io: IoBoxed, broker: &Broker, mqtt: &Mqtt) {
     use ntex_mqtt::{MqttConnectError, MqttError};
-    // Under ntex-mqtt: the PUBRELs a resumed session owes its client.
-    let io = ntex::io::Io::<ntex::io::Sealed>::from(io)
-        .add_filter(crate::pubrel::ReleaseLayer::default())
-        .boxed();
+    // A session that owes its client PUBRELs of an earlier connection gets
+    // the layer that sends them, under ntex-mqtt; the others go without
+    // (the layer costs every read and write a pass through it).
+    let Some(peek) = peek(&io, broker).await else {
+        return;
+    };
+    let io = match peek {
+        Peek::ClientId(id) if broker.owes_pubrel(&id) => ntex::io::Io::<ntex::io::Sealed>::from(io)
+            .add_filter(crate::pubrel::ReleaseLayer::default())
+            .boxed(),
+        _ => io,
+    };
     let label = match mqtt.call(io).await {
         Err(MqttError::Connect(MqttConnectError::Timeout)) => "connect_timeout",
         Err(MqttError::Connect(MqttConnectError::Protocol(_))) => "malformed_connect",
