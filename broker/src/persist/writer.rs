@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
+use fjall::config::FilterPolicy;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use ntex::util::Bytes;
 
@@ -52,7 +53,11 @@ impl Store {
             .max_journaling_size(MAX_JOURNAL)
             .open()
             .map_err(err)?;
-        let ks = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
+        // Nothing reads a key by itself (start-up iterates, a session's end
+        // scans its prefix), so bloom filters would only be built at every
+        // flush and compaction, never asked. Applies to keyspaces this creates.
+        let options = || KeyspaceCreateOptions::default().filter_policy(FilterPolicy::disabled());
+        let ks = |name: &str| db.keyspace(name, options);
         Ok(Self {
             sessions: ks("sessions").map_err(err)?,
             queue: ks("queue").map_err(err)?,
@@ -157,7 +162,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let ok = self.write(&ops);
+            let ok = self.write(&mut ops);
             // Each worker is woken once for the batch (see `wake`).
             let mut ring: Vec<Arc<Mailbox>> = Vec::new();
             for op in ops.drain(..) {
@@ -180,7 +185,7 @@ impl Writer {
     }
 
     /// Applies one batch; false if it did not reach the disk as the policy says.
-    fn write(&mut self, ops: &[Op]) -> bool {
+    fn write(&mut self, ops: &mut [Op]) -> bool {
         let started = Instant::now();
         // Not read back yet: these changes were made by a node that has
         // not seen what the store holds, so they are refused even when this
@@ -322,8 +327,9 @@ type Batch = BTreeMap<(Space, Vec<u8>), Write>;
 /// new: sequence numbers only grow while the store holds a session's
 /// messages), which spares the disk most messages to online subscribers.
 /// A `Forget` removes the session's record, what earlier changes of this
-/// batch queued for it, and what the store holds for it.
-fn fold(store: &Store, ops: &[Op]) -> Batch {
+/// batch queued for it, and what the store holds for it. The changes' keys
+/// and values move into the batch (the ops keep only who waits for them).
+fn fold(store: &Store, ops: &mut [Op]) -> Batch {
     let mut out = Batch::new();
     let put = |out: &mut Batch, key: (Space, Vec<u8>), value: Bytes| {
         let over_delete = matches!(
@@ -339,12 +345,12 @@ fn fold(store: &Store, ops: &[Op]) -> Batch {
         out.insert(key, Write::Put { value, over_delete });
     };
     for op in ops {
-        match &op.change {
+        match &mut op.change {
             Change::Session { client, value } => {
                 put(
                     &mut out,
                     (Space::Sessions, client.as_bytes().to_vec()),
-                    value.clone(),
+                    std::mem::take(value),
                 );
             }
             Change::Forget { client } => {
@@ -363,10 +369,14 @@ fn fold(store: &Store, ops: &[Op]) -> Batch {
                 out.insert((Space::Sessions, client.as_bytes().to_vec()), Write::Delete);
             }
             Change::Queue { key, value } => {
-                put(&mut out, (Space::Queue, key.clone()), value.clone());
+                put(
+                    &mut out,
+                    (Space::Queue, std::mem::take(key)),
+                    std::mem::take(value),
+                );
             }
             Change::Unqueue { key } => {
-                let key = (Space::Queue, key.clone());
+                let key = (Space::Queue, std::mem::take(key));
                 match out.get(&key) {
                     Some(Write::Put {
                         over_delete: false, ..
@@ -380,8 +390,8 @@ fn fold(store: &Store, ops: &[Op]) -> Batch {
             }
             Change::Retain { topic, value } => {
                 let key = (Space::Retained, topic.to_vec());
-                match value {
-                    Some(v) => put(&mut out, key, v.clone()),
+                match value.take() {
+                    Some(v) => put(&mut out, key, v),
                     None => {
                         out.insert(key, Write::Delete);
                     }
@@ -432,7 +442,7 @@ mod tests {
         let new = record::queue_key(&client, 2);
         let batch = fold(
             &store,
-            &[
+            &mut [
                 // Stored and acknowledged in one batch: nothing to write.
                 op(Change::Queue {
                     key: new.clone(),
