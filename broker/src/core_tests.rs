@@ -223,6 +223,16 @@ impl FakeSink {
         }
     }
 
+    /// The client's PUBCOMP for `id`.
+    fn complete(&self, id: u16) {
+        let mut all = self.completions.borrow_mut();
+        if let Some(i) = all.iter().position(|(x, _)| *x == id) {
+            let (_, f) = all.remove(i);
+            drop(all);
+            f();
+        }
+    }
+
     fn topics(&self) -> Vec<String> {
         self.written
             .borrow()
@@ -422,4 +432,42 @@ async fn a_takeover_closes_the_old_connection() {
         new.session.is_online(),
         "the old connection's end leaves the new one attached"
     );
+}
+
+#[ntex::test]
+async fn a_qos2_packet_id_stays_taken_from_pubrec_to_pubcomp() {
+    let b = broker(Config::default());
+    let sink = FakeSink::with_credit(10);
+    let conn = connect(&b, "exactly", true, &sink);
+    b.subscribe_now(
+        &conn.session,
+        "q2/#",
+        opts(QoS::ExactlyOnce),
+        SendRetained::Never,
+        &mut Default::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    for i in 1..=2 {
+        b.publish(
+            &msg(&b, &format!("q2/{i}"), QoS::ExactlyOnce, false, "x"),
+            false,
+        );
+    }
+    settle().await;
+    // The fake answers PUBREC at once: out of flight, owed a PUBCOMP.
+    assert_eq!(conn.session.lock().released, [1, 2]);
+    assert!(!conn.session.lock().inflight.contains(1));
+    sink.complete(1);
+    assert_eq!(conn.session.lock().released, [2]);
+    b.publish(&msg(&b, "q2/3", QoS::ExactlyOnce, false, "x"), false);
+    settle().await;
+    let ids: Vec<_> = sink.written.borrow().iter().map(|w| w.id).collect();
+    assert_eq!(ids, [Some(1), Some(2), Some(3)]);
+    // A new connection of the session owes the client the PUBREL of 2
+    // and 3, and gives no new message those ids.
+    b.detach(&conn.session, conn.conn.generation);
+    let again = b.attach("exactly", false, HOUR);
+    assert!(again.present);
+    assert_eq!(again.session.lock().released, [2, 3]);
+    assert!(b.owes_pubrel("exactly"));
 }
