@@ -210,6 +210,18 @@ fn settle(
                     .inc();
                 tracing::warn!(partition = u.partition, offset = u.offset, error = %e, "downlink record not on disk: read again once the store writes");
                 unsettled.retain(|o| o.topic != u.topic || o.partition != u.partition);
+                // Committed at once, not at the next auto-commit: a crash
+                // meanwhile resumes at this record (a partition with no
+                // commit yet would otherwise resume at its end). Everything
+                // before it in the partition is on disk (settled in order).
+                let mut at = TopicPartitionList::new();
+                let committed = at
+                    .add_partition_offset(&u.topic, u.partition, Offset::Offset(u.offset))
+                    .and_then(|()| consumer.store_offsets(&at))
+                    .and_then(|()| consumer.commit(&at, CommitMode::Sync));
+                if let Err(e) = committed {
+                    tracing::warn!(partition = u.partition, error = %e, "downlink offset not committed");
+                }
                 // The store tries the disk again every second by itself.
                 while !broker.store_writes() && !stop.load(Ordering::Acquire) {
                     std::thread::sleep(Duration::from_millis(100));
@@ -221,16 +233,6 @@ fn settle(
                     Duration::from_secs(5),
                 ) {
                     tracing::warn!(partition = u.partition, error = %e, "downlink consumer could not go back");
-                }
-                // And the next commit says so: a crash before the record is
-                // stored resumes at it (a partition with no commit yet would
-                // otherwise resume at its end).
-                let mut at = TopicPartitionList::new();
-                let stored = at
-                    .add_partition_offset(&u.topic, u.partition, Offset::Offset(u.offset))
-                    .and_then(|()| consumer.store_offsets(&at));
-                if let Err(e) = stored {
-                    tracing::warn!(partition = u.partition, error = %e, "downlink offset not stored");
                 }
             }
         }
