@@ -12,7 +12,7 @@
 //! is read again from Kafka once the store writes again, so a crash never
 //! loses a record whose offset was committed.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -70,6 +70,10 @@ const LAG_EVERY: Duration = Duration::from_secs(5);
 /// Records delivered and not yet on disk, at most: past it the consumer
 /// waits for the store.
 const WINDOW: usize = 4096;
+
+/// Partitions to read again from an offset (a record there the store
+/// refused), once the store writes again.
+type Rewinds = HashMap<(String, i32), i64>;
 
 /// A delivered record whose offset waits for the store.
 struct Unsettled {
@@ -141,6 +145,7 @@ fn run(
 ) {
     let mut lag_at = Instant::now();
     let mut unsettled = VecDeque::new();
+    let mut rewinds = Rewinds::new();
     while !stop.load(Ordering::Acquire) {
         // Short polls while offsets wait for the store, so they are stored soon.
         let wait = if unsettled.is_empty() { 200 } else { 2 };
@@ -150,6 +155,9 @@ fn run(
                 metrics.client_errors.inc();
                 tracing::warn!(error = %e, "downlink consumer");
             }
+            // Read again from the refused record once the store writes;
+            // what comes meanwhile comes again then.
+            Some(Ok(m)) if rewinds.contains_key(&(m.topic().to_owned(), m.partition())) => {}
             Some(Ok(m)) => {
                 let pending = deliver(broker, &m, metrics);
                 unsettled.push_back(Unsettled {
@@ -160,10 +168,14 @@ fn run(
                 });
             }
         }
-        settle(consumer, broker, &mut unsettled, metrics, stop);
+        settle(consumer, &mut unsettled, &mut rewinds, metrics);
         while unsettled.len() >= WINDOW && !stop.load(Ordering::Acquire) {
             std::thread::sleep(Duration::from_millis(1));
-            settle(consumer, broker, &mut unsettled, metrics, stop);
+            settle(consumer, &mut unsettled, &mut rewinds, metrics);
+        }
+        // The store tries the disk again every second by itself.
+        if !rewinds.is_empty() && broker.store_writes() {
+            rewind(consumer, &mut rewinds);
         }
         if lag_at.elapsed() >= LAG_EVERY {
             lag_at = Instant::now();
@@ -174,21 +186,34 @@ fn run(
     // (the store writes until after the consumer stops).
     let deadline = Instant::now() + Duration::from_secs(2);
     while !unsettled.is_empty() && Instant::now() < deadline {
-        settle(consumer, broker, &mut unsettled, metrics, stop);
+        settle(consumer, &mut unsettled, &mut rewinds, metrics);
         std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Sends each partition with a refused record back to it.
+fn rewind(consumer: &BaseConsumer<ConsumerCtx>, rewinds: &mut Rewinds) {
+    for ((topic, partition), offset) in rewinds.drain() {
+        if let Err(e) = consumer.seek(
+            &topic,
+            partition,
+            Offset::Offset(offset),
+            Duration::from_secs(5),
+        ) {
+            tracing::warn!(partition, error = %e, "downlink consumer could not go back");
+        }
     }
 }
 
 /// Stores the offsets of the oldest records the store is through with, in
 /// order. A record the store refused is read again once the store writes
-/// again: its partition goes back to it (the records after it come again
-/// too, at least once).
+/// again (`rewinds`): its partition goes back to it (the records after it
+/// come again too, at least once); the other partitions go on meanwhile.
 fn settle(
     consumer: &BaseConsumer<ConsumerCtx>,
-    broker: &Broker,
     unsettled: &mut VecDeque<Unsettled>,
+    rewinds: &mut Rewinds,
     metrics: &KafkaMetrics,
-    stop: &AtomicBool,
 ) {
     while let Some(front) = unsettled.front() {
         let Some(result) = front.pending.settled() else {
@@ -222,18 +247,7 @@ fn settle(
                 if let Err(e) = committed {
                     tracing::warn!(partition = u.partition, error = %e, "downlink offset not committed");
                 }
-                // The store tries the disk again every second by itself.
-                while !broker.store_writes() && !stop.load(Ordering::Acquire) {
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                if let Err(e) = consumer.seek(
-                    &u.topic,
-                    u.partition,
-                    Offset::Offset(u.offset),
-                    Duration::from_secs(5),
-                ) {
-                    tracing::warn!(partition = u.partition, error = %e, "downlink consumer could not go back");
-                }
+                rewinds.insert((u.topic, u.partition), u.offset);
             }
         }
     }
