@@ -177,6 +177,15 @@ pub struct State {
 }
 
 impl State {
+    /// Takes message `packet_id` out of flight, when the connection of
+    /// `generation` (the one that sent it) is still the attached one.
+    fn take_inflight(&mut self, generation: u64, packet_id: u16) -> Option<Delivery> {
+        if self.attached.as_ref()?.generation != generation {
+            return None;
+        }
+        self.inflight.remove(packet_id)
+    }
+
     /// The session as the store keeps it.
     pub fn record(&self) -> SessionRecord {
         SessionRecord {
@@ -356,12 +365,7 @@ impl Session {
     /// Marks a packet id acknowledged by the connection of `generation`.
     pub fn acked(&self, generation: u64, packet_id: u16) {
         let mut st = self.lock();
-        if st
-            .attached
-            .as_ref()
-            .is_some_and(|c| c.generation == generation)
-            && let Some(d) = st.inflight.remove(packet_id)
-        {
+        if let Some(d) = st.take_inflight(generation, packet_id) {
             self.persist.unqueue(&self.client_id, d.seq);
         }
     }
@@ -370,14 +374,7 @@ impl Session {
     /// taken until the PUBCOMP (`completed`).
     pub fn pubrec(&self, generation: u64, packet_id: u16) {
         let mut st = self.lock();
-        if !st
-            .attached
-            .as_ref()
-            .is_some_and(|c| c.generation == generation)
-        {
-            return;
-        }
-        let Some(d) = st.inflight.remove(packet_id) else {
+        let Some(d) = st.take_inflight(generation, packet_id) else {
             return;
         };
         if !st.released.contains(&packet_id) {

@@ -587,16 +587,11 @@ async fn a_read_only_data_directory_at_start_up_is_waited_for() {
 /// not deliver it a second time.
 #[tokio::test]
 async fn a_qos2_publish_received_before_a_crash_is_not_delivered_twice() {
-    use common::raw::{Raw, packet, string};
+    use common::raw::{Raw, connect_keep, packet, string};
     let mut b = Broker::start("");
     subscribe_offline("q2-sub", &b, "q2/#", v4::QoS::ExactlyOnce).await;
     // 3.1.1, cleanSession=false.
-    let connect = {
-        let mut body = string(b"MQTT");
-        body.extend_from_slice(&[4, 0x00, 0, 60]);
-        body.extend(string(b"q2-pub"));
-        packet(0x10, &body)
-    };
+    let connect = connect_keep(4, "q2-pub");
     let publish = |dup: bool| {
         let mut body = string(b"q2/x");
         body.extend_from_slice(&[0, 9]);
@@ -674,21 +669,12 @@ async fn delayed_wills_survive_sigkill() {
 /// again, and no PUBREL follows once it is complete.
 #[tokio::test]
 async fn an_unfinished_pubrel_is_sent_again_on_the_next_connection() {
-    use common::raw::{Raw, packet, string};
+    use common::raw::{Raw, connect_keep, packet, subscribe_qos};
     let mut b = Broker::start("");
     for level in [4u8, 5] {
         let id = format!("rel-{level}");
         let topic = format!("rel{level}/x");
-        let connect = {
-            let mut body = string(b"MQTT");
-            // cleanSession / clean start 0; MQTT 5: session expiry 3600 s.
-            body.extend_from_slice(&[level, 0x00, 0, 60]);
-            if level == 5 {
-                body.extend_from_slice(&[5, 0x11, 0, 0, 0x0e, 0x10]);
-            }
-            body.extend(string(id.as_bytes()));
-            packet(0x10, &body)
-        };
+        let connect = connect_keep(level, &id);
         let open = |b: &Broker, present: u8| {
             let mut r = Raw::open(b);
             r.send(&connect);
@@ -723,13 +709,7 @@ async fn an_unfinished_pubrel_is_sent_again_on_the_next_connection() {
             assert_eq!(r.read(), Some((0xd0, vec![])), "nothing before PINGRESP");
         };
         let mut r = open(&b, 0);
-        let mut sub = vec![0, 1];
-        if level == 5 {
-            sub.push(0);
-        }
-        sub.extend(string(format!("rel{level}/#").as_bytes()));
-        sub.push(2);
-        r.send(&packet(0x82, &sub));
+        r.send(&subscribe_qos(level, format!("rel{level}/#").as_bytes(), 2));
         assert_eq!(r.read().map(|p| p.0), Some(0x90), "SUBACK");
         let mut p = v4::connect(v4::options(&format!("rel-pub-{level}"), b.tcp)).await;
         p.publish(&topic, v4::QoS::ExactlyOnce, false, "one").await;
@@ -757,17 +737,11 @@ async fn an_unfinished_pubrel_is_sent_again_on_the_next_connection() {
 /// message queued while the client was away, never sent, comes with DUP 0.
 #[tokio::test]
 async fn messages_in_flight_at_a_crash_come_back_with_dup() {
-    use common::raw::{Raw, packet, string};
+    use common::raw::{Raw, connect_keep, subscribe_qos};
     let mut b = Broker::start("");
-    let connect = |id: &str| {
-        let mut body = string(b"MQTT");
-        body.extend_from_slice(&[4, 0x00, 0, 60]);
-        body.extend(string(id.as_bytes()));
-        packet(0x10, &body)
-    };
     let open = |b: &Broker, id: &str| {
         let mut r = Raw::open(b);
-        r.send(&connect(id));
+        r.send(&connect_keep(4, id));
         assert_eq!(r.read().map(|p| p.0), Some(0x20), "CONNACK");
         r
     };
@@ -787,10 +761,7 @@ async fn messages_in_flight_at_a_crash_come_back_with_dup() {
     let mut still_open = Vec::new();
     for id in ["dup-left", "dup-stayed"] {
         let mut r = open(&b, id);
-        let mut sub = vec![0, 1];
-        sub.extend(string(format!("{id}/#").as_bytes()));
-        sub.push(1);
-        r.send(&packet(0x82, &sub));
+        r.send(&subscribe_qos(4, format!("{id}/#").as_bytes(), 1));
         assert_eq!(r.read().map(|p| p.0), Some(0x90), "SUBACK");
         let mut p = v4::connect(v4::options(&format!("{id}-pub"), b.tcp)).await;
         for body in ["a", "b"] {
@@ -830,7 +801,7 @@ async fn messages_in_flight_at_a_crash_come_back_with_dup() {
 /// crash may come twice).
 #[tokio::test]
 async fn a_retained_replay_cut_by_a_crash_goes_on_after_the_restart() {
-    use common::raw::{Raw, packet, string};
+    use common::raw::{Raw, connect_keep, packet, subscribe_qos};
     const N: usize = 600;
     let mut b = Broker::start("limits:\n  max_inflight: 20\n");
     let mut p = v4::connect(v4::options("rr-pub", b.tcp)).await;
@@ -840,12 +811,7 @@ async fn a_retained_replay_cut_by_a_crash_goes_on_after_the_restart() {
     }
     p.acked(N).await;
     p.disconnect().await;
-    let connect = {
-        let mut body = string(b"MQTT");
-        body.extend_from_slice(&[4, 0x00, 0, 60]);
-        body.extend(string(b"rr-sub"));
-        packet(0x10, &body)
-    };
+    let connect = connect_keep(4, "rr-sub");
     // Reads `n` retained PUBLISHes (or until SUBACK/CONNACK noise ends),
     // acknowledges each, and returns their topics.
     let take = |r: &mut Raw, n: usize| -> Vec<String> {
@@ -868,10 +834,7 @@ async fn a_retained_replay_cut_by_a_crash_goes_on_after_the_restart() {
     let mut r = Raw::open(&b);
     r.send(&connect);
     assert_eq!(r.read().map(|p| p.0), Some(0x20), "CONNACK");
-    let mut sub = vec![0, 1];
-    sub.extend(string(b"rr/#"));
-    sub.push(1);
-    r.send(&packet(0x82, &sub));
+    r.send(&subscribe_qos(4, b"rr/#", 1));
     let mut seen: std::collections::BTreeSet<String> = take(&mut r, 100).into_iter().collect();
     // The cursor is written after each page, without anyone waiting for
     // it; the store writes in order, and a persistent SUBSCRIBE waits.

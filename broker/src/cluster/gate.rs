@@ -138,11 +138,11 @@ pub async fn serve(io: IoBoxed, broker: Arc<Broker>, mqtt: &Mqtt) {
     let Some(_slot) = slot(&io, &broker) else {
         return;
     };
-    let Some(cluster) = broker.cluster.clone() else {
-        serve_here(io, &broker, mqtt).await;
+    let Some(peek) = peek(&io, &broker).await else {
         return;
     };
-    let Some(peek) = peek(&io, &broker).await else {
+    let Some(cluster) = broker.cluster.clone() else {
+        serve_here(io, &broker, mqtt, &peek).await;
         return;
     };
     let owner = match &peek {
@@ -151,7 +151,7 @@ pub async fn serve(io: IoBoxed, broker: Arc<Broker>, mqtt: &Mqtt) {
     };
     if cluster.is_local(&owner) {
         wait_settled(&cluster).await;
-        serve_here(io, &broker, mqtt).await;
+        serve_here(io, &broker, mqtt, &peek).await;
         return;
     }
     // The link to the owner is a second descriptor.
@@ -285,7 +285,9 @@ pub async fn serve_forwarded(io: IoBoxed, broker: &Broker, client_ip: Option<IpA
     if let Some(ip) = client_ip {
         broker.forwarded_peers.insert(key, ip);
     }
-    serve_here(io, broker, mqtt).await;
+    if let Some(peek) = peek(&io, broker).await {
+        serve_here(io, broker, mqtt, &peek).await;
+    }
     broker.forwarded_peers.remove(&key);
 }
 
@@ -302,16 +304,13 @@ fn slot(io: &IoBoxed, broker: &Broker) -> Option<crate::descriptors::Slot> {
 
 /// Serves a client on this node; a connection that ends before its CONNECT
 /// was read (garbage, a timeout, a reset) is counted, since no handler saw it.
-async fn serve_here(io: IoBoxed, broker: &Broker, mqtt: &Mqtt) {
+async fn serve_here(io: IoBoxed, broker: &Broker, mqtt: &Mqtt, peek: &Peek) {
     use ntex_mqtt::{MqttConnectError, MqttError};
     // A session that owes its client PUBRELs of an earlier connection gets
     // the layer that sends them, under ntex-mqtt; the others go without
     // (the layer costs every read and write a pass through it).
-    let Some(peek) = peek(&io, broker).await else {
-        return;
-    };
     let io = match peek {
-        Peek::ClientId(id) if broker.owes_pubrel(&id) => ntex::io::Io::<ntex::io::Sealed>::from(io)
+        Peek::ClientId(id) if broker.owes_pubrel(id) => ntex::io::Io::<ntex::io::Sealed>::from(io)
             .add_filter(crate::pubrel::ReleaseLayer::default())
             .boxed(),
         _ => io,

@@ -157,7 +157,9 @@ fn run(
             }
             // Read again from the refused record once the store writes;
             // what comes meanwhile comes again then.
-            Some(Ok(m)) if rewinds.contains_key(&(m.topic().to_owned(), m.partition())) => {}
+            Some(Ok(m))
+                if !rewinds.is_empty()
+                    && rewinds.contains_key(&(m.topic().to_owned(), m.partition())) => {}
             Some(Ok(m)) => {
                 let pending = deliver(broker, &m, metrics);
                 unsettled.push_back(Unsettled {

@@ -54,13 +54,30 @@ pub fn connect_with(client_id: &str, user: &[u8], password: &[u8]) -> Vec<u8> {
     packet(0x10, &body)
 }
 
+/// CONNECT of a persistent session: 3.1.1 cleanSession=0, MQTT 5 clean
+/// start 0 with a session expiry of 3600 s; keep-alive 60.
+pub fn connect_keep(level: u8, client_id: &str) -> Vec<u8> {
+    let mut body = string(b"MQTT");
+    body.extend_from_slice(&[level, 0x00, 0, 60]);
+    if level == 5 {
+        body.extend_from_slice(&[5, 0x11, 0, 0, 0x0e, 0x10]);
+    }
+    body.extend(string(client_id.as_bytes()));
+    packet(0x10, &body)
+}
+
 pub fn subscribe(level: u8, filter: &[u8]) -> Vec<u8> {
+    subscribe_qos(level, filter, 1)
+}
+
+/// SUBSCRIBE (packet id 1) to one filter at `qos`.
+pub fn subscribe_qos(level: u8, filter: &[u8], qos: u8) -> Vec<u8> {
     let mut body = vec![0, 1];
     if level == 5 {
         body.push(0);
     }
     body.extend(string(filter));
-    body.push(1);
+    body.push(qos);
     packet(0x82, &body)
 }
 
