@@ -638,9 +638,22 @@ async fn every_node_answers_for_the_whole_cluster() {
     s.closed().await;
 }
 
+/// The `ringmqctl` binary (its own crate): next to the broker's, built by
+/// `cargo build --workspace` or `cargo test --workspace`.
+fn ringmqctl() -> std::path::PathBuf {
+    let path =
+        std::path::Path::new(env!("CARGO_BIN_EXE_ringmq-broker")).with_file_name("ringmqctl");
+    assert!(
+        path.exists(),
+        "{} is not built: cargo build -p ringmqctl",
+        path.display()
+    );
+    path
+}
+
 /// Runs `ringmqctl` against a broker: (success, stdout, stderr).
 fn ctl(b: &Broker, args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringmqctl"))
+    let out = std::process::Command::new(ringmqctl())
         .arg("--server")
         .arg(format!("http://127.0.0.1:{}", b.admin))
         .args(args)

@@ -44,7 +44,7 @@ def golden():
 def images():
     subprocess.run(
         ["cargo", f"+{os.environ.get('RINGMQ_TOOLCHAIN', 'nightly')}", "build", "--release",
-         "--locked", "-p", "ringmq-broker", "-p", "ringmq-operator"],
+         "--locked", "-p", "ringmq-broker", "-p", "ringmqctl", "-p", "ringmq-operator"],
         cwd=ROOT, check=True,
     )
     out = subprocess.run([str(ROOT / "scripts/images")], cwd=ROOT, env=ENV, check=True,

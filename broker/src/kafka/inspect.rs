@@ -9,7 +9,6 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Offset, TopicPartitionList};
-use serde::Serialize;
 use tokio::sync::oneshot;
 
 use super::{Kafka, base_config, with_properties};
@@ -27,44 +26,8 @@ pub enum InspectError {
     Timeout,
 }
 
-/// One Kafka broker.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct BrokerInfo {
-    pub id: i32,
-    pub host: String,
-    pub port: i32,
-}
-
-/// One partition.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PartitionState {
-    pub partition: i32,
-    pub leader: i32,
-    /// First offset still stored.
-    pub low: i64,
-    /// Offset the next record gets.
-    pub high: i64,
-    /// Records stored now: `high - low`.
-    pub messages: i64,
-    /// The group's committed offset, when a group was asked for and it has one.
-    pub committed: Option<i64>,
-    /// `high - committed` (the whole partition when the group has not
-    /// committed yet).
-    pub backlog: Option<i64>,
-}
-
-/// A parent topic as Kafka holds it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct TopicState {
-    pub topic: String,
-    pub group: Option<String>,
-    pub brokers: Vec<BrokerInfo>,
-    pub partitions: Vec<PartitionState>,
-    pub messages: i64,
-    pub backlog: Option<i64>,
-}
+// What it reads is answered as the API's `TopicState` as it is.
+use ringmq_api::{KafkaBroker, PartitionState, TopicState};
 
 impl Kafka {
     /// Reads a topic's state (and `group`'s backlog) within `timeout`.
@@ -104,7 +67,7 @@ fn read(
     let brokers = metadata
         .brokers()
         .iter()
-        .map(|b| BrokerInfo {
+        .map(|b| KafkaBroker {
             id: b.id(),
             host: b.host().to_owned(),
             port: b.port(),

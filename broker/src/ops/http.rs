@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use base64::Engine;
 use ntex::http::{Method, Response, StatusCode, header};
+use ringmq_api as api;
 use serde::Deserialize;
-use serde_json::{Value, json};
 
 use super::{ClientDetail, Groups, NodeInfo, Query, ask_all};
 use crate::alarm::{AlarmRecord, AlarmState, Metric};
@@ -48,7 +48,8 @@ fn allowed(segs: &[&str]) -> Option<&'static str> {
     }
 }
 
-type Answer = Result<Value, Refusal>;
+/// An answer ready to be written: the API type's JSON.
+type Answer = Result<String, Refusal>;
 
 fn bad(msg: impl Into<String>) -> Refusal {
     Refusal(StatusCode::BAD_REQUEST, msg.into())
@@ -58,10 +59,10 @@ fn not_found(msg: impl Into<String>) -> Refusal {
     Refusal(StatusCode::NOT_FOUND, msg.into())
 }
 
-fn json_response(status: StatusCode, body: &Value) -> Response {
+fn json_response(status: StatusCode, body: String) -> Response {
     Response::builder(status)
         .header(header::CONTENT_TYPE, "application/json")
-        .body(body.to_string())
+        .body(body)
 }
 
 /// Serves one `/api/v1/…` request; `body` is the request body already read.
@@ -88,12 +89,13 @@ pub async fn handle(
         Err(e) => Err(e),
     };
     match result {
-        Ok(v) => json_response(StatusCode::OK, &v),
+        Ok(body) => json_response(StatusCode::OK, body),
         Err(Refusal(status, msg)) => {
             if status.is_client_error() {
                 broker.metrics.reject("api_bad_request");
             }
-            let mut response = json_response(status, &json!({ "error": msg }));
+            let body = serde_json::to_string(&api::ApiError { error: msg }).unwrap_or_default();
+            let mut response = json_response(status, body);
             if status == StatusCode::METHOD_NOT_ALLOWED
                 && let Some(allow) = allowed(&segs)
             {
@@ -204,8 +206,18 @@ fn required<'a>(params: &'a HashMap<String, String>, name: &str) -> Result<&'a s
         .ok_or_else(|| bad(format!("parameter {name} is required")))
 }
 
-fn to_value<T: serde::Serialize>(t: T) -> Answer {
-    serde_json::to_value(t).map_err(|e| Refusal(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+/// The name a value of one of the broker's fixed sets (an action, a state)
+/// has in JSON: its serde name, so that there is one spelling of it.
+fn name<T: serde::Serialize>(t: &T) -> String {
+    match serde_json::to_value(t) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => String::new(),
+    }
+}
+
+/// The JSON of an answer of the API (`ringmq_api`).
+fn answer<T: serde::Serialize>(t: &T) -> Answer {
+    serde_json::to_string(t).map_err(|e| Refusal(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
 fn percent(value: f64, capacity: u64) -> Option<f64> {
@@ -229,48 +241,43 @@ async fn instance(broker: &Arc<Broker>) -> Answer {
     let pub_tps: f64 = nodes.iter().map(|n| n.pub_tps).sum();
     let sub_tps: f64 = nodes.iter().map(|n| n.sub_tps).sum();
     let cap = broker.usage.capacity.config();
-    let mut endpoints = json!(broker.config.instance.endpoints);
+    let mut endpoints = broker.config.instance.endpoints.clone();
     if let Some(k) = &broker.config.kafka {
-        endpoints["kafka"] = json!(k.bootstrap_servers);
+        endpoints.insert("kafka".into(), k.bootstrap_servers.clone());
     }
-    let thresholds: serde_json::Map<String, Value> = Metric::ALL
+    let alarm_thresholds = Metric::ALL
         .iter()
-        .map(|m| {
-            (
-                m.label().to_owned(),
-                json!(broker.usage.alarms.threshold(*m)),
-            )
-        })
+        .map(|m| (m.label().to_owned(), broker.usage.alarms.threshold(*m)))
         .collect();
-    Ok(json!({
-        "name": broker.config.instance.name,
-        "capacity": {
-            "connections": cap.connections,
-            "tps": cap.tps,
-            "subscriptions": cap.subscriptions,
-            "topics": cap.topics,
-            "mode": cap.mode,
+    answer(&api::Instance {
+        name: broker.config.instance.name.clone(),
+        capacity: api::Capacity {
+            connections: cap.connections,
+            tps: cap.tps,
+            subscriptions: cap.subscriptions,
+            topics: cap.topics,
+            mode: name(&cap.mode),
         },
-        "endpoints": endpoints,
-        "totals": {
-            "connections": connections,
-            "subscriptions": subscriptions,
-            "topics": topics,
-            "pubTps": pub_tps,
-            "subTps": sub_tps,
-            "tps": pub_tps + sub_tps,
+        endpoints,
+        totals: api::Totals {
+            connections,
+            subscriptions,
+            topics,
+            pub_tps,
+            sub_tps,
+            tps: pub_tps + sub_tps,
         },
-        "utilization": {
-            "connections": percent(connections as f64, cap.connections),
-            "subscriptions": percent(subscriptions as f64, cap.subscriptions),
-            "topics": percent(topics as f64, cap.topics),
-            "tps": percent(pub_tps + sub_tps, cap.tps),
+        utilization: api::Utilization {
+            connections: percent(connections as f64, cap.connections),
+            subscriptions: percent(subscriptions as f64, cap.subscriptions),
+            topics: percent(topics as f64, cap.topics),
+            tps: percent(pub_tps + sub_tps, cap.tps),
         },
-        "alarmThresholds": thresholds,
-        "activeAlarms": active,
-        "nodes": nodes,
-        "missingNodes": answers.missing,
-    }))
+        alarm_thresholds,
+        active_alarms: active,
+        nodes,
+        missing_nodes: answers.missing,
+    })
 }
 
 /// The session of a client: the online one if any node has it online.
@@ -302,10 +309,11 @@ async fn find_client(
 }
 
 async fn client(broker: &Arc<Broker>, id: &str) -> Answer {
-    let (detail, missing) = find_client(broker, id).await?;
-    let mut v = to_value(detail)?;
-    v["missingNodes"] = json!(missing);
-    Ok(v)
+    let (detail, missing_nodes) = find_client(broker, id).await?;
+    answer(&api::Client {
+        detail,
+        missing_nodes,
+    })
 }
 
 async fn kick(broker: &Arc<Broker>, id: &str) -> Answer {
@@ -317,16 +325,13 @@ async fn kick(broker: &Arc<Broker>, id: &str) -> Answer {
     )
     .await;
     if answers.decode::<bool>().into_iter().any(|(_, k)| k) {
-        Ok(json!({ "clientId": id, "kicked": true }))
+        answer(&api::Kicked {
+            client_id: id.to_owned(),
+            kicked: true,
+        })
     } else {
         Err(not_found(format!("Client ID {id} is not online")))
     }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UnsubscribeBody {
-    filter: String,
 }
 
 fn parse_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Refusal> {
@@ -334,7 +339,7 @@ fn parse_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Refusal> {
 }
 
 async fn unsubscribe(broker: &Arc<Broker>, id: &str, body: &[u8]) -> Answer {
-    let UnsubscribeBody { filter } = parse_body(body)?;
+    let api::UnsubscribeRequest { filter } = parse_body(body)?;
     let mut answers = ask_all(
         broker,
         &Query::Unsubscribe {
@@ -345,7 +350,11 @@ async fn unsubscribe(broker: &Arc<Broker>, id: &str, body: &[u8]) -> Answer {
     .await;
     let results: Vec<Option<bool>> = answers.decode().into_iter().map(|(_, r)| r).collect();
     if results.contains(&Some(true)) {
-        Ok(json!({ "clientId": id, "filter": filter, "unsubscribed": true }))
+        answer(&api::Unsubscribed {
+            client_id: id.to_owned(),
+            filter,
+            unsubscribed: true,
+        })
     } else if results.iter().any(Option::is_some) {
         Err(not_found(format!(
             "Client ID {id} has no subscription {filter}"
@@ -355,14 +364,8 @@ async fn unsubscribe(broker: &Arc<Broker>, id: &str, body: &[u8]) -> Answer {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct OnlineBody {
-    client_ids: Vec<String>,
-}
-
 async fn online(broker: &Arc<Broker>, body: &[u8]) -> Answer {
-    let OnlineBody { client_ids } = parse_body(body)?;
+    let api::OnlineRequest { client_ids } = parse_body(body)?;
     if client_ids.len() > MAX_BATCH {
         return Err(bad(format!("at most {MAX_BATCH} Client IDs per query")));
     }
@@ -378,14 +381,17 @@ async fn online(broker: &Arc<Broker>, body: &[u8]) -> Answer {
         .into_iter()
         .flat_map(|(_, ids)| ids)
         .collect();
-    let status: serde_json::Map<String, Value> = client_ids
+    let online = client_ids
         .into_iter()
         .map(|id| {
             let on = online.contains(&id);
-            (id, json!(on))
+            (id, on)
         })
         .collect();
-    Ok(json!({ "online": status, "missingNodes": answers.missing }))
+    answer(&api::Online {
+        online,
+        missing_nodes: answers.missing,
+    })
 }
 
 async fn topic_online(broker: &Arc<Broker>, params: &HashMap<String, String>) -> Answer {
@@ -400,7 +406,11 @@ async fn topic_online(broker: &Arc<Broker>, params: &HashMap<String, String>) ->
     )
     .await;
     let online: u64 = answers.decode::<u64>().into_iter().map(|(_, n)| n).sum();
-    Ok(json!({ "topic": topic, "online": online, "missingNodes": answers.missing }))
+    answer(&api::TopicOnline {
+        topic: topic.to_owned(),
+        online,
+        missing_nodes: answers.missing,
+    })
 }
 
 async fn groups(broker: &Arc<Broker>, params: &HashMap<String, String>) -> Answer {
@@ -427,26 +437,30 @@ async fn groups(broker: &Arc<Broker>, params: &HashMap<String, String>) -> Answe
             None => m,
         }
     };
-    let history: Vec<Value> = buckets
+    let history = buckets
         .into_iter()
-        .map(|(ts, m)| json!({ "ts": ts, "groups": keep(m) }))
+        .map(|(ts, m)| api::GroupSample {
+            ts,
+            groups: keep(m),
+        })
         .collect();
-    Ok(json!({
-        "now": keep(now),
-        "from": from,
-        "to": to,
-        "history": history,
-        "missingNodes": answers.missing,
-    }))
+    answer(&api::Groups {
+        now: keep(now),
+        from,
+        to,
+        history,
+        missing_nodes: answers.missing,
+    })
 }
 
 /// Trace events of every node in time order, at most `limit`, each with
 /// the node that recorded it.
-fn merge_events<T: serde::Serialize + serde::de::DeserializeOwned>(
+fn merge_events<T: serde::de::DeserializeOwned, A>(
     answers: &mut super::Answers,
     limit: usize,
     ts: impl Fn(&T) -> u64,
-) -> Vec<Value> {
+    with_node: impl Fn(T, String) -> A,
+) -> Vec<A> {
     let mut all: Vec<(String, T)> = Vec::new();
     for (node, events) in answers.decode::<Vec<T>>() {
         all.extend(events.into_iter().map(|e| (node.clone(), e)));
@@ -454,11 +468,7 @@ fn merge_events<T: serde::Serialize + serde::de::DeserializeOwned>(
     all.sort_by_key(|(_, e)| ts(e));
     all.truncate(limit);
     all.into_iter()
-        .map(|(node, e)| {
-            let mut v = serde_json::to_value(e).unwrap_or(Value::Null);
-            v["node"] = json!(node);
-            v
-        })
+        .map(|(node, e)| with_node(e, node))
         .collect()
 }
 
@@ -476,10 +486,27 @@ async fn device_trace(broker: &Arc<Broker>, params: &HashMap<String, String>) ->
         },
     )
     .await;
-    let events = merge_events::<DeviceEvent>(&mut answers, limit, |e| e.ts);
-    Ok(
-        json!({ "clientId": client_id, "from": from, "to": to, "events": events, "missingNodes": answers.missing }),
-    )
+    let events = merge_events(
+        &mut answers,
+        limit,
+        |e: &DeviceEvent| e.ts,
+        |e, node| api::DeviceEvent {
+            ts: e.ts,
+            client_id: e.client_id.to_string(),
+            channel_id: e.channel_id.to_string(),
+            action: name(&e.action),
+            reason: name(&e.reason),
+            detail: e.detail,
+            node,
+        },
+    );
+    answer(&api::DeviceTrace {
+        client_id,
+        from,
+        to,
+        events,
+        missing_nodes: answers.missing,
+    })
 }
 
 async fn message_trace(broker: &Arc<Broker>, params: &HashMap<String, String>) -> Answer {
@@ -510,8 +537,26 @@ async fn message_trace(broker: &Arc<Broker>, params: &HashMap<String, String>) -
         },
     )
     .await;
-    let events = merge_events::<MessageEvent>(&mut answers, limit, |e| e.ts);
-    Ok(json!({ "from": from, "to": to, "events": events, "missingNodes": answers.missing }))
+    let events = merge_events(
+        &mut answers,
+        limit,
+        |e: &MessageEvent| e.ts,
+        |e, node| api::MessageEvent {
+            ts: e.ts,
+            message_id: e.message_id,
+            client_id: e.client_id.to_string(),
+            action: name(&e.action),
+            topic: e.topic,
+            qos: e.qos,
+            node,
+        },
+    );
+    answer(&api::MessageTrace {
+        from,
+        to,
+        events,
+        missing_nodes: answers.missing,
+    })
 }
 
 async fn report(broker: &Arc<Broker>, params: &HashMap<String, String>) -> Answer {
@@ -536,7 +581,7 @@ async fn report(broker: &Arc<Broker>, params: &HashMap<String, String>) -> Answe
     let mut answers = ask_all(broker, &Query::Report { from, to }).await;
     let total: Report = super::merge_reports(answers.decode().into_iter().map(|(_, r)| r));
     let secs = ((to - from) as f64 / 1000.0).max(1.0);
-    let mut rows: Vec<Value> = Vec::new();
+    let mut rows = Vec::new();
     let mut sums = Counts::default();
     let mut keys: Vec<&String> = total.topics.keys().collect();
     keys.sort();
@@ -552,33 +597,33 @@ async fn report(broker: &Arc<Broker>, params: &HashMap<String, String>) -> Answe
             }
             sums.produced[q] += c.produced[q];
             sums.consumed[q] += c.consumed[q];
-            rows.push(json!({
-                "parentTopic": p,
-                "subtopic": sub,
-                "qos": q,
-                "produced": c.produced[q],
-                "consumed": c.consumed[q],
-                "producedTps": c.produced[q] as f64 / secs,
-                "consumedTps": c.consumed[q] as f64 / secs,
-            }));
+            rows.push(api::ReportRow {
+                parent_topic: p.to_owned(),
+                subtopic: sub.to_owned(),
+                qos: q as u8,
+                produced: c.produced[q],
+                consumed: c.consumed[q],
+                produced_tps: c.produced[q] as f64 / secs,
+                consumed_tps: c.consumed[q] as f64 / secs,
+            });
         }
     }
     let produced: u64 = sums.produced.iter().sum();
     let consumed: u64 = sums.consumed.iter().sum();
-    Ok(json!({
-        "from": from,
-        "to": to,
-        "rows": rows,
-        "totals": {
-            "produced": produced,
-            "consumed": consumed,
-            "producedTps": produced as f64 / secs,
-            "consumedTps": consumed as f64 / secs,
-            "weightedPubTps": total.pub_weighted as f64 / secs,
-            "weightedSubTps": total.sub_weighted as f64 / secs,
+    answer(&api::Report {
+        from,
+        to,
+        rows,
+        totals: api::ReportTotals {
+            produced,
+            consumed,
+            produced_tps: produced as f64 / secs,
+            consumed_tps: consumed as f64 / secs,
+            weighted_pub_tps: total.pub_weighted as f64 / secs,
+            weighted_sub_tps: total.sub_weighted as f64 / secs,
         },
-        "missingNodes": answers.missing,
-    }))
+        missing_nodes: answers.missing,
+    })
 }
 
 async fn alarms(broker: &Arc<Broker>) -> Answer {
@@ -588,13 +633,35 @@ async fn alarms(broker: &Arc<Broker>) -> Answer {
         .into_iter()
         .flat_map(|(_, a)| a)
         .collect();
-    Ok(json!({ "alarms": super::merge_alarms(all), "missingNodes": answers.missing }))
+    let alarms = super::merge_alarms(all)
+        .into_iter()
+        .map(|a| api::Alarm {
+            id: a.id,
+            metric: a.metric.label().to_owned(),
+            value: a.value,
+            peak: a.peak,
+            threshold: a.threshold,
+            state: name(&a.state),
+            acknowledged: a.acknowledged,
+            start: a.start,
+            end: a.end,
+            duration_secs: a.duration_secs,
+            node: a.node,
+        })
+        .collect();
+    answer(&api::Alarms {
+        alarms,
+        missing_nodes: answers.missing,
+    })
 }
 
 async fn ack(broker: &Arc<Broker>, id: &str) -> Answer {
     let mut answers = ask_all(broker, &Query::AckAlarm { id: id.to_owned() }).await;
     if answers.decode::<bool>().into_iter().any(|(_, a)| a) {
-        Ok(json!({ "id": id, "acknowledged": true }))
+        answer(&api::Acknowledged {
+            id: id.to_owned(),
+            acknowledged: true,
+        })
     } else {
         Err(not_found(format!("no alarm {id}")))
     }
@@ -622,7 +689,7 @@ async fn topic_state(
         g => g.map(String::as_str),
     };
     match kafka.topic_state(parent, group, KAFKA_TIMEOUT).await {
-        Ok(state) => to_value(state),
+        Ok(state) => answer(&state),
         Err(crate::kafka::inspect::InspectError::NoTopic(t)) => {
             Err(not_found(format!("no topic {t} in Kafka")))
         }
@@ -633,29 +700,8 @@ async fn topic_state(
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct SendBody {
-    topic: String,
-    payload: String,
-    #[serde(default)]
-    payload_encoding: PayloadEncoding,
-    #[serde(default)]
-    qos: u8,
-    #[serde(default)]
-    retain: bool,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-enum PayloadEncoding {
-    #[default]
-    Utf8,
-    Base64,
-}
-
 fn send_message(broker: &Arc<Broker>, body: &[u8]) -> Answer {
-    let b: SendBody = parse_body(body)?;
+    let b: api::SendRequest = parse_body(body)?;
     if !broker.is_restored() {
         // Its retained message or its persistent receivers are not read back yet.
         return Err(Refusal(
@@ -678,8 +724,8 @@ fn send_message(broker: &Arc<Broker>, body: &[u8]) -> Answer {
         _ => return Err(bad("qos must be 0, 1 or 2")),
     };
     let payload = match b.payload_encoding {
-        PayloadEncoding::Utf8 => b.payload.into_bytes(),
-        PayloadEncoding::Base64 => base64::engine::general_purpose::STANDARD
+        api::PayloadEncoding::Utf8 => b.payload.into_bytes(),
+        api::PayloadEncoding::Base64 => base64::engine::general_purpose::STANDARD
             .decode(b.payload)
             .map_err(|_| bad("payload is not valid base64"))?,
     };
@@ -694,5 +740,9 @@ fn send_message(broker: &Arc<Broker>, body: &[u8]) -> Answer {
         Arc::from("ringmq-api"),
     ));
     let reached = broker.publish_api(&msg);
-    Ok(json!({ "messageId": msg.id.to_string(), "topic": &*msg.topic, "reached": reached }))
+    answer(&api::Sent {
+        message_id: msg.id.to_string(),
+        topic: msg.topic.to_string(),
+        reached,
+    })
 }

@@ -72,56 +72,8 @@ pub enum Query {
     },
 }
 
-/// One row of the per-node table (O1).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct NodeInfo {
-    pub name: String,
-    /// `running`, `joining` (waiting for its sessions), `leaving`, `stopping`.
-    pub state: String,
-    pub connections: u64,
-    /// The most connections this node held since it started.
-    pub max_connections: u64,
-    pub subscriptions: u64,
-    /// Sessions with at least one subscription.
-    pub subscribers: u64,
-    pub sessions: u64,
-    /// Distinct subscribed filters this node routes (its own and the
-    /// other nodes').
-    pub topics: u64,
-    pub pub_tps: f64,
-    pub sub_tps: f64,
-    /// This node evaluates the instance's alarms.
-    pub alarm_evaluator: bool,
-}
-
-/// One subscription of a client.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Subscription {
-    pub filter: String,
-    pub qos: u8,
-}
-
-/// The connection query's answer (O2).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ClientDetail {
-    pub client_id: String,
-    pub node: String,
-    pub online: bool,
-    pub ip: Option<String>,
-    pub protocol: Option<String>,
-    pub channel_id: Option<String>,
-    pub connected_at: Option<u64>,
-    pub disconnected_at: Option<u64>,
-    pub clean_session: bool,
-    pub user: Option<String>,
-    pub subscription_count: usize,
-    pub subscriptions: Vec<Subscription>,
-    pub messages_sent: u64,
-    pub messages_received: u64,
-    pub offline_messages: usize,
-}
+// The answers a node gives about itself are the API's own shapes.
+pub use ringmq_api::{ClientDetail, NodeInfo, Subscription};
 
 /// Group ID online counts of one node (O3).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -7,7 +7,7 @@ mod render;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use serde_json::{Value, json};
+use ringmq_api as api;
 
 use http::{Api, encode};
 use render::{Table, block, cell, missing, time};
@@ -142,41 +142,43 @@ fn run(cli: &Cli) -> anyhow::Result<String> {
         None => None,
     };
     let api = Api::new(&cli.server, token)?;
-    let (answer, show): (Value, fn(&Value) -> String) = match &cli.command {
-        Command::Instance => (api.get("instance")?, show_instance),
-        Command::Client { client_id } => (
-            api.get(&format!("clients/{}", encode(client_id)))?,
+    let out = Out { json: cli.json };
+    match &cli.command {
+        Command::Instance => out.show(&api.get("instance")?, show_instance),
+        Command::Client { client_id } => out.show(
+            &api.get(&format!("clients/{}", encode(client_id)))?,
             show_client,
         ),
-        Command::Kick { client_id } => (
-            api.post(&format!("clients/{}/kick", encode(client_id)), &json!({}))?,
-            |v| format!("kicked {}\n", cell(&v["clientId"])),
+        Command::Kick { client_id } => out.show(
+            &api.post::<_, api::Kicked>(&format!("clients/{}/kick", encode(client_id)), &Empty {})?,
+            |v| format!("kicked {}\n", v.client_id),
         ),
-        Command::Unsubscribe { client_id, filter } => (
-            api.post(
+        Command::Unsubscribe { client_id, filter } => out.show(
+            &api.post::<_, api::Unsubscribed>(
                 &format!("clients/{}/unsubscribe", encode(client_id)),
-                &json!({ "filter": filter }),
+                &api::UnsubscribeRequest {
+                    filter: filter.clone(),
+                },
             )?,
-            |v| {
-                format!(
-                    "{} unsubscribed from {}\n",
-                    cell(&v["clientId"]),
-                    cell(&v["filter"])
-                )
-            },
+            |v| format!("{} unsubscribed from {}\n", v.client_id, v.filter),
         ),
-        Command::Online { client_ids } => (
-            api.post("online/clients", &json!({ "clientIds": client_ids }))?,
+        Command::Online { client_ids } => out.show(
+            &api.post(
+                "online/clients",
+                &api::OnlineRequest {
+                    client_ids: client_ids.clone(),
+                },
+            )?,
             show_online,
         ),
-        Command::TopicOnline { topic } => (
-            api.get(&format!("online/topic?topic={}", encode(topic)))?,
+        Command::TopicOnline { topic } => out.show(
+            &api.get::<api::TopicOnline>(&format!("online/topic?topic={}", encode(topic)))?,
             |v| {
                 format!(
                     "{}{} subscribers online for {}\n",
-                    missing(v),
-                    cell(&v["online"]),
-                    cell(&v["topic"])
+                    missing(&v.missing_nodes),
+                    v.online,
+                    v.topic
                 )
             },
         ),
@@ -185,13 +187,13 @@ fn run(cli: &Cli) -> anyhow::Result<String> {
                 .as_ref()
                 .map(|g| format!("&groupId={}", encode(g)))
                 .unwrap_or_default();
-            (
-                api.get(&format!("online/groups?{}{g}", range.query()))?,
+            out.show(
+                &api.get(&format!("online/groups?{}{g}", range.query()))?,
                 show_groups,
             )
         }
-        Command::DeviceTrace { client_id, range } => (
-            api.get(&format!(
+        Command::DeviceTrace { client_id, range } => out.show(
+            &api.get(&format!(
                 "trace/device?clientId={}{}",
                 encode(client_id),
                 range.query()
@@ -210,15 +212,15 @@ fn run(cli: &Cli) -> anyhow::Result<String> {
             if let Some(m) = message_id {
                 q.push_str(&format!("&messageId={}", encode(m)));
             }
-            (api.get(&format!("trace/message?{q}"))?, show_message_trace)
+            out.show(&api.get(&format!("trace/message?{q}"))?, show_message_trace)
         }
         Command::Report { last, parent_topic } => {
             let p = parent_topic
                 .as_ref()
                 .map(|p| format!("&parentTopic={}", encode(p)))
                 .unwrap_or_default();
-            (
-                api.get(&format!("report?range={}{p}", encode(last)))?,
+            out.show(
+                &api.get(&format!("report?range={}{p}", encode(last)))?,
                 show_report,
             )
         }
@@ -230,68 +232,95 @@ fn run(cli: &Cli) -> anyhow::Result<String> {
                 .as_ref()
                 .map(|g| format!("?group={}", encode(g)))
                 .unwrap_or_default();
-            (
-                api.get(&format!("topics/{}{g}", encode(parent_topic)))?,
+            out.show(
+                &api.get(&format!("topics/{}{g}", encode(parent_topic)))?,
                 show_topic,
             )
         }
-        Command::Alarms => (api.get("alarms")?, show_alarms),
-        Command::Ack { id } => (
-            api.post(&format!("alarms/{}/ack", encode(id)), &json!({}))?,
-            |v| format!("acknowledged {}\n", cell(&v["id"])),
+        Command::Alarms => out.show(&api.get("alarms")?, show_alarms),
+        Command::Ack { id } => out.show(
+            &api.post::<_, api::Acknowledged>(&format!("alarms/{}/ack", encode(id)), &Empty {})?,
+            |v| format!("acknowledged {}\n", v.id),
         ),
         Command::Send {
             topic,
             payload,
             qos,
             retain,
-        } => (
-            api.post(
+        } => out.show(
+            &api.post::<_, api::Sent>(
                 "messages",
-                &json!({ "topic": topic, "payload": payload, "qos": qos, "retain": retain }),
+                &api::SendRequest {
+                    topic: topic.clone(),
+                    payload: payload.clone(),
+                    payload_encoding: api::PayloadEncoding::Utf8,
+                    qos: *qos,
+                    retain: *retain,
+                },
             )?,
             |v| {
                 format!(
                     "sent {} to {} ({} sessions reached)\n",
-                    cell(&v["messageId"]),
-                    cell(&v["topic"]),
-                    cell(&v["reached"])
+                    v.message_id, v.topic, v.reached
                 )
             },
         ),
-    };
-    if cli.json {
-        return Ok(serde_json::to_string_pretty(&answer)? + "\n");
     }
-    Ok(show(&answer))
 }
 
-fn show_instance(v: &Value) -> String {
-    let cap = &v["capacity"];
-    let tot = &v["totals"];
-    let util = &v["utilization"];
-    let used = |k: &str| match util[k].as_f64() {
-        Some(p) => format!("{} of {} ({p:.1} %)", cell(&tot[k]), cell(&cap[k])),
-        None => format!("{} (no limit)", cell(&tot[k])),
-    };
-    let endpoints: Vec<String> = v["endpoints"]
-        .as_object()
-        .map(|m| m.iter().map(|(k, e)| format!("{k}={}", cell(e))).collect())
-        .unwrap_or_default();
-    let mut out = missing(v);
+/// The empty JSON object the POSTs without parameters send.
+#[derive(serde::Serialize)]
+struct Empty {}
+
+/// How an answer is printed: the API's JSON (`--json`) or text.
+struct Out {
+    json: bool,
+}
+
+impl Out {
+    fn show<T: serde::Serialize>(
+        &self,
+        answer: &T,
+        text: fn(&T) -> String,
+    ) -> anyhow::Result<String> {
+        if self.json {
+            return Ok(serde_json::to_string_pretty(answer)? + "\n");
+        }
+        Ok(text(answer))
+    }
+}
+
+fn show_instance(v: &api::Instance) -> String {
+    let (cap, tot, util) = (&v.capacity, &v.totals, &v.utilization);
+    let endpoints: Vec<String> = v
+        .endpoints
+        .iter()
+        .map(|(k, e)| format!("{k}={e}"))
+        .collect();
+    let mut out = missing(&v.missing_nodes);
     out.push_str(&block(&[
-        ("instance", cell(&v["name"])),
-        ("mode", cell(&cap["mode"])),
+        ("instance", v.name.clone()),
+        ("mode", cap.mode.clone()),
         ("endpoints", endpoints.join(" ")),
-        ("connections", used("connections")),
-        ("subscriptions", used("subscriptions")),
-        ("topics", used("topics")),
-        ("tps", used("tps")),
+        (
+            "connections",
+            used(cell(&tot.connections), cap.connections, util.connections),
+        ),
+        (
+            "subscriptions",
+            used(
+                cell(&tot.subscriptions),
+                cap.subscriptions,
+                util.subscriptions,
+            ),
+        ),
+        ("topics", used(cell(&tot.topics), cap.topics, util.topics)),
+        ("tps", used(cell(&tot.tps), cap.tps, util.tps)),
         (
             "pub / sub tps",
-            format!("{} / {}", cell(&tot["pubTps"]), cell(&tot["subTps"])),
+            format!("{} / {}", cell(&tot.pub_tps), cell(&tot.sub_tps)),
         ),
-        ("active alarms", cell(&v["activeAlarms"])),
+        ("active alarms", cell(&v.active_alarms)),
     ]));
     let mut t = Table::new(&[
         "NODE",
@@ -303,97 +332,100 @@ fn show_instance(v: &Value) -> String {
         "PUB TPS",
         "SUB TPS",
     ]);
-    for n in v["nodes"].as_array().into_iter().flatten() {
-        t.row(
-            [
-                "name",
-                "state",
-                "connections",
-                "maxConnections",
-                "subscriptions",
-                "subscribers",
-                "pubTps",
-                "subTps",
-            ]
-            .iter()
-            .map(|k| cell(&n[*k]))
-            .collect(),
-        );
+    for n in &v.nodes {
+        t.row(vec![
+            cell(&n.name),
+            cell(&n.state),
+            cell(&n.connections),
+            cell(&n.max_connections),
+            cell(&n.subscriptions),
+            cell(&n.subscribers),
+            cell(&n.pub_tps),
+            cell(&n.sub_tps),
+        ]);
     }
     out.push('\n');
     out.push_str(&t.render());
     out
 }
 
-fn show_client(v: &Value) -> String {
-    let mut out = missing(v);
+/// A total against its capacity.
+fn used(total: String, capacity: u64, percent: Option<f64>) -> String {
+    match percent {
+        Some(p) => format!("{total} of {capacity} ({p:.1} %)"),
+        None => format!("{total} (no limit)"),
+    }
+}
+
+fn show_client(v: &api::Client) -> String {
+    let d = &v.detail;
+    let mut out = missing(&v.missing_nodes);
     out.push_str(&block(&[
-        ("client id", cell(&v["clientId"])),
-        ("online", cell(&v["online"])),
-        ("node", cell(&v["node"])),
-        ("client ip", cell(&v["ip"])),
-        ("protocol", cell(&v["protocol"])),
-        ("connected", time(&v["connectedAt"])),
-        ("disconnected", time(&v["disconnectedAt"])),
-        ("clean session", cell(&v["cleanSession"])),
-        ("user", cell(&v["user"])),
-        ("messages sent", cell(&v["messagesSent"])),
-        ("messages received", cell(&v["messagesReceived"])),
-        ("offline messages", cell(&v["offlineMessages"])),
-        ("subscriptions", cell(&v["subscriptionCount"])),
+        ("client id", cell(&d.client_id)),
+        ("online", cell(&d.online)),
+        ("node", cell(&d.node)),
+        ("client ip", cell(&d.ip)),
+        ("protocol", cell(&d.protocol)),
+        ("connected", time(d.connected_at)),
+        ("disconnected", time(d.disconnected_at)),
+        ("clean session", cell(&d.clean_session)),
+        ("user", cell(&d.user)),
+        ("messages sent", cell(&d.messages_sent)),
+        ("messages received", cell(&d.messages_received)),
+        ("offline messages", cell(&d.offline_messages)),
+        ("subscriptions", cell(&d.subscription_count)),
     ]));
     let mut t = Table::new(&["FILTER", "QOS"]);
-    for s in v["subscriptions"].as_array().into_iter().flatten() {
-        t.row(vec![cell(&s["filter"]), cell(&s["qos"])]);
+    for s in &d.subscriptions {
+        t.row(vec![cell(&s.filter), cell(&s.qos)]);
     }
     out.push('\n');
     out.push_str(&t.render());
     out
 }
 
-fn show_online(v: &Value) -> String {
+fn show_online(v: &api::Online) -> String {
     let mut t = Table::new(&["CLIENT ID", "ONLINE"]);
-    for (id, on) in v["online"].as_object().into_iter().flatten() {
+    for (id, on) in &v.online {
         t.row(vec![id.clone(), cell(on)]);
     }
-    missing(v) + &t.render()
+    missing(&v.missing_nodes) + &t.render()
 }
 
-fn show_groups(v: &Value) -> String {
+fn show_groups(v: &api::Groups) -> String {
     let mut now = Table::new(&["GROUP ID", "ONLINE NOW"]);
-    let mut groups: Vec<(&String, &Value)> = v["now"].as_object().into_iter().flatten().collect();
+    let mut groups: Vec<(&String, &u64)> = v.now.iter().collect();
     groups.sort_by(|a, b| a.0.cmp(b.0));
     for (g, n) in groups {
         now.row(vec![g.clone(), cell(n)]);
     }
     let mut history = Table::new(&["TIME", "GROUP ID", "ONLINE"]);
-    for s in v["history"].as_array().into_iter().flatten() {
-        let mut gs: Vec<(&String, &Value)> =
-            s["groups"].as_object().into_iter().flatten().collect();
+    for s in &v.history {
+        let mut gs: Vec<(&String, &u64)> = s.groups.iter().collect();
         gs.sort_by(|a, b| a.0.cmp(b.0));
         for (g, n) in gs {
-            history.row(vec![time(&s["ts"]), g.clone(), cell(n)]);
+            history.row(vec![time(s.ts), g.clone(), cell(n)]);
         }
     }
-    missing(v) + &now.render() + "\n" + &history.render()
+    missing(&v.missing_nodes) + &now.render() + "\n" + &history.render()
 }
 
-fn show_device_trace(v: &Value) -> String {
+fn show_device_trace(v: &api::DeviceTrace) -> String {
     let mut t = Table::new(&["TIME", "NODE", "CONNECTION", "ACTION", "REASON", "DETAIL"]);
-    for e in v["events"].as_array().into_iter().flatten() {
+    for e in &v.events {
         t.row(vec![
-            time(&e["ts"]),
-            cell(&e["node"]),
-            cell(&e["channelId"]),
-            cell(&e["action"]),
-            cell(&e["reason"]),
-            cell(&e["detail"]),
+            time(e.ts),
+            cell(&e.node),
+            cell(&e.channel_id),
+            cell(&e.action),
+            cell(&e.reason),
+            cell(&e.detail),
         ]);
     }
-    missing(v) + &t.render()
+    missing(&v.missing_nodes) + &t.render()
 }
 
-fn show_message_trace(v: &Value) -> String {
+fn show_message_trace(v: &api::MessageTrace) -> String {
     let mut t = Table::new(&[
         "TIME",
         "NODE",
@@ -403,21 +435,21 @@ fn show_message_trace(v: &Value) -> String {
         "TOPIC",
         "QOS",
     ]);
-    for e in v["events"].as_array().into_iter().flatten() {
+    for e in &v.events {
         t.row(vec![
-            time(&e["ts"]),
-            cell(&e["node"]),
-            cell(&e["messageId"]),
-            cell(&e["clientId"]),
-            cell(&e["action"]),
-            cell(&e["topic"]),
-            cell(&e["qos"]),
+            time(e.ts),
+            cell(&e.node),
+            cell(&e.message_id),
+            cell(&e.client_id),
+            cell(&e.action),
+            cell(&e.topic),
+            cell(&e.qos),
         ]);
     }
-    missing(v) + &t.render()
+    missing(&v.missing_nodes) + &t.render()
 }
 
-fn show_report(v: &Value) -> String {
+fn show_report(v: &api::Report) -> String {
     let mut t = Table::new(&[
         "PARENT TOPIC",
         "SUBTOPIC",
@@ -427,37 +459,32 @@ fn show_report(v: &Value) -> String {
         "PRODUCED TPS",
         "CONSUMED TPS",
     ]);
-    for r in v["rows"].as_array().into_iter().flatten() {
-        t.row(
-            [
-                "parentTopic",
-                "subtopic",
-                "qos",
-                "produced",
-                "consumed",
-                "producedTps",
-                "consumedTps",
-            ]
-            .iter()
-            .map(|k| cell(&r[*k]))
-            .collect(),
-        );
+    for r in &v.rows {
+        t.row(vec![
+            cell(&r.parent_topic),
+            cell(&r.subtopic),
+            cell(&r.qos),
+            cell(&r.produced),
+            cell(&r.consumed),
+            cell(&r.produced_tps),
+            cell(&r.consumed_tps),
+        ]);
     }
-    let tot = &v["totals"];
+    let tot = &v.totals;
     format!(
         "{}{} to {}\n{}\ntotal: {} produced, {} consumed; weighted TPS {} pub, {} sub\n",
-        missing(v),
-        time(&v["from"]),
-        time(&v["to"]),
+        missing(&v.missing_nodes),
+        time(v.from),
+        time(v.to),
         t.render(),
-        cell(&tot["produced"]),
-        cell(&tot["consumed"]),
-        cell(&tot["weightedPubTps"]),
-        cell(&tot["weightedSubTps"])
+        tot.produced,
+        tot.consumed,
+        cell(&tot.weighted_pub_tps),
+        cell(&tot.weighted_sub_tps)
     )
 }
 
-fn show_alarms(v: &Value) -> String {
+fn show_alarms(v: &api::Alarms) -> String {
     let mut t = Table::new(&[
         "ID",
         "METRIC",
@@ -469,42 +496,34 @@ fn show_alarms(v: &Value) -> String {
         "END",
         "MINUTES",
     ]);
-    for a in v["alarms"].as_array().into_iter().flatten() {
+    for a in &v.alarms {
         t.row(vec![
-            cell(&a["id"]),
-            cell(&a["metric"]),
-            cell(&a["value"]),
-            cell(&a["peak"]),
-            cell(&a["threshold"]),
-            cell(&a["state"]),
-            time(&a["start"]),
-            time(&a["end"]),
-            (a["durationSecs"].as_u64().unwrap_or(0) / 60).to_string(),
+            cell(&a.id),
+            cell(&a.metric),
+            cell(&a.value),
+            cell(&a.peak),
+            cell(&a.threshold),
+            cell(&a.state),
+            time(a.start),
+            time(a.end),
+            (a.duration_secs / 60).to_string(),
         ]);
     }
-    missing(v) + &t.render()
+    missing(&v.missing_nodes) + &t.render()
 }
 
-fn show_topic(v: &Value) -> String {
-    let brokers: Vec<String> = v["brokers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|b| {
-            format!(
-                "{}:{} (id {})",
-                cell(&b["host"]),
-                cell(&b["port"]),
-                cell(&b["id"])
-            )
-        })
+fn show_topic(v: &api::TopicState) -> String {
+    let brokers: Vec<String> = v
+        .brokers
+        .iter()
+        .map(|b| format!("{}:{} (id {})", b.host, b.port, b.id))
         .collect();
     let mut out = block(&[
-        ("topic", cell(&v["topic"])),
+        ("topic", cell(&v.topic)),
         ("kafka brokers", brokers.join(", ")),
-        ("messages", cell(&v["messages"])),
-        ("group", cell(&v["group"])),
-        ("backlog", cell(&v["backlog"])),
+        ("messages", cell(&v.messages)),
+        ("group", cell(&v.group)),
+        ("backlog", cell(&v.backlog)),
     ]);
     let mut t = Table::new(&[
         "PARTITION",
@@ -515,21 +534,16 @@ fn show_topic(v: &Value) -> String {
         "COMMITTED",
         "BACKLOG",
     ]);
-    for p in v["partitions"].as_array().into_iter().flatten() {
-        t.row(
-            [
-                "partition",
-                "leader",
-                "low",
-                "high",
-                "messages",
-                "committed",
-                "backlog",
-            ]
-            .iter()
-            .map(|k| cell(&p[*k]))
-            .collect(),
-        );
+    for p in &v.partitions {
+        t.row(vec![
+            cell(&p.partition),
+            cell(&p.leader),
+            cell(&p.low),
+            cell(&p.high),
+            cell(&p.messages),
+            cell(&p.committed),
+            cell(&p.backlog),
+        ]);
     }
     out.push('\n');
     out.push_str(&t.render());

@@ -1,8 +1,6 @@
 //! Turns API answers into what an operator reads at a terminal: aligned
 //! tables and `key: value` blocks, times in UTC.
 
-use serde_json::Value;
-
 /// A table with a header row; columns are as wide as their widest cell.
 pub struct Table {
     header: Vec<String>,
@@ -49,20 +47,53 @@ impl Table {
     }
 }
 
-/// A JSON value as a cell: strings bare, `null` as `-`, numbers as they are
-/// (rates with one decimal).
-pub fn cell(v: &Value) -> String {
-    match v {
-        Value::Null => "-".to_owned(),
-        Value::String(s) => s.clone(),
-        Value::Number(n) if n.is_f64() => format!("{:.1}", n.as_f64().unwrap_or(0.0)),
-        other => other.to_string(),
+/// A value as a table cell: strings bare, absent values as `-`, rates
+/// with one decimal.
+pub trait Cell {
+    fn cell(&self) -> String;
+}
+
+impl Cell for str {
+    fn cell(&self) -> String {
+        self.to_owned()
     }
 }
 
+impl Cell for String {
+    fn cell(&self) -> String {
+        self.clone()
+    }
+}
+
+impl Cell for f64 {
+    fn cell(&self) -> String {
+        format!("{self:.1}")
+    }
+}
+
+macro_rules! display_cells {
+    ($($t:ty),*) => { $(impl Cell for $t {
+        fn cell(&self) -> String {
+            self.to_string()
+        }
+    })* };
+}
+display_cells!(u8, i32, i64, u64, usize, bool);
+
+impl<T: Cell> Cell for Option<T> {
+    fn cell(&self) -> String {
+        self.as_ref().map_or_else(|| "-".to_owned(), Cell::cell)
+    }
+}
+
+/// `v` as a table cell.
+pub fn cell(v: &(impl Cell + ?Sized)) -> String {
+    v.cell()
+}
+
 /// Milliseconds since the Unix epoch as `YYYY-MM-DD HH:MM:SS` UTC.
-pub fn time(v: &Value) -> String {
-    let Some(ms) = v.as_u64() else {
+pub fn time(ms: impl Into<Option<u64>>) -> String {
+    let Some(ms) = ms.into() else {
         return "-".to_owned();
     };
     let secs = ms / 1000;
@@ -101,17 +132,14 @@ pub fn block(pairs: &[(&str, String)]) -> String {
 }
 
 /// The "nodes that did not answer" warning of a cluster-wide answer.
-pub fn missing(v: &Value) -> String {
-    match v["missingNodes"].as_array() {
-        Some(m) if !m.is_empty() => {
-            let names: Vec<String> = m.iter().map(cell).collect();
-            format!(
-                "warning: no answer from {}; their part is missing\n",
-                names.join(", ")
-            )
-        }
-        _ => String::new(),
+pub fn missing(nodes: &[String]) -> String {
+    if nodes.is_empty() {
+        return String::new();
     }
+    format!(
+        "warning: no answer from {}; their part is missing\n",
+        nodes.join(", ")
+    )
 }
 
 #[cfg(test)]
@@ -120,16 +148,23 @@ mod tests {
 
     #[test]
     fn times_are_utc_dates() {
-        assert_eq!(time(&Value::from(0)), "1970-01-01 00:00:00");
+        assert_eq!(time(0), "1970-01-01 00:00:00");
+        assert_eq!(time(1_795_305_600_000), "2026-11-22 00:00:00");
+        assert_eq!(time(951_782_400_000), "2000-02-29 00:00:00");
+        assert_eq!(time(None), "-");
+    }
+
+    #[test]
+    fn cells_show_absent_values_as_a_dash_and_rates_with_one_decimal() {
+        assert_eq!(cell(&None::<u64>), "-");
+        assert_eq!(cell(&Some(3_u64)), "3");
+        assert_eq!(cell(&2.25_f64), "2.2");
+        assert_eq!(cell("x"), "x");
+        assert_eq!(missing(&[]), "");
         assert_eq!(
-            time(&Value::from(1_795_305_600_000_u64)),
-            "2026-11-22 00:00:00"
+            missing(&["n1".into(), "n2".into()]),
+            "warning: no answer from n1, n2; their part is missing\n"
         );
-        assert_eq!(
-            time(&Value::from(951_782_400_000_u64)),
-            "2000-02-29 00:00:00"
-        );
-        assert_eq!(time(&Value::Null), "-");
     }
 
     #[test]

@@ -6,6 +6,9 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
 /// Errors talking to the admin port.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -20,7 +23,7 @@ pub enum HttpError {
     Malformed,
     #[error("{status}: {message}")]
     Status { status: u16, message: String },
-    #[error("answer is not JSON: {0}")]
+    #[error("answer is not what this ringmqctl expects (another version?): {0}")]
     Json(#[from] serde_json::Error),
 }
 
@@ -62,17 +65,22 @@ impl Api {
         })
     }
 
-    /// GET `/api/v1/{path}`.
-    pub fn get(&self, path: &str) -> Result<serde_json::Value> {
+    /// GET `/api/v1/{path}`, read as `T`.
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         self.call("GET", path, None)
     }
 
-    /// POST `/api/v1/{path}` with a JSON body.
-    pub fn post(&self, path: &str, body: &serde_json::Value) -> Result<serde_json::Value> {
-        self.call("POST", path, Some(body.to_string()))
+    /// POST `/api/v1/{path}` with `body` as JSON, the answer read as `T`.
+    pub fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        self.call("POST", path, Some(serde_json::to_string(body)?))
     }
 
-    fn call(&self, method: &str, path: &str, body: Option<String>) -> Result<serde_json::Value> {
+    fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<T> {
         let connect = |error| HttpError::Connect {
             server: self.authority.clone(),
             error,
@@ -102,10 +110,9 @@ impl Api {
             .and_then(|s| s.parse().ok())
             .ok_or(HttpError::Malformed)?;
         if status != 200 {
-            let message = serde_json::from_str::<serde_json::Value>(body)
-                .ok()
-                .and_then(|v| v["error"].as_str().map(str::to_owned))
-                .unwrap_or_else(|| body.trim().to_owned());
+            let message = serde_json::from_str::<ringmq_api::ApiError>(body)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| body.trim().to_owned());
             return Err(HttpError::Status { status, message });
         }
         Ok(serde_json::from_str(body)?)
