@@ -21,6 +21,7 @@ use ntex::http::{HttpService, Method, Request, Response, header};
 use ntex::io::Io;
 
 use crate::broker::Broker;
+use crate::kafka::Kafka;
 use crate::secret_file::SecretFile;
 
 /// The bearer tokens of the admin port.
@@ -137,16 +138,42 @@ fn bearer(req: &Request) -> Option<&str> {
         .and_then(|v| v.strip_prefix("Bearer "))
 }
 
+/// What the admin port serves from: the node's broker, the port's bearer
+/// tokens, and the Kafka cluster the instance binds (the operations API's
+/// topic state, O7).
+#[derive(Debug)]
+pub struct Admin {
+    broker: Arc<Broker>,
+    tokens: AdminTokens,
+    kafka: Option<Arc<Kafka>>,
+}
+
+impl Admin {
+    pub fn new(broker: Arc<Broker>, tokens: AdminTokens, kafka: Option<Arc<Kafka>>) -> Self {
+        Self {
+            broker,
+            tokens,
+            kafka,
+        }
+    }
+
+    /// The bearer tokens, for the reload loop.
+    pub fn tokens(&self) -> &AdminTokens {
+        &self.tokens
+    }
+}
+
 /// Largest request body the admin port reads (token service forms).
 const MAX_BODY: usize = 64 * 1024;
 
 /// The admin HTTP service for one connection.
-pub fn service(broker: Arc<Broker>) -> impl Service<(), Io, Res = (), Error = io::Error> {
+pub fn service(admin: Arc<Admin>) -> impl Service<(), Io, Res = (), Error = io::Error> {
     HttpService::new(async move |mut req: Request| {
+        let broker = &admin.broker;
         let need = need(req.method(), req.path(), broker.config.auth.protect_metrics);
         let peer = req.peer_addr().map(|a| a.ip());
-        if let Err(denied) = broker.admin_tokens.decide(need, peer, bearer(&req)) {
-            return Ok::<_, io::Error>(refused(&broker, denied));
+        if let Err(denied) = admin.tokens.decide(need, peer, bearer(&req)) {
+            return Ok::<_, io::Error>(refused(broker, denied));
         }
         if req.path().starts_with("/api/v1/") {
             let Some(body) = read_body(&mut req).await else {
@@ -156,16 +183,24 @@ pub fn service(broker: Arc<Broker>) -> impl Service<(), Io, Res = (), Error = io
             let query = uri.split_once('?').map_or("", |(_, q)| q).to_owned();
             let path = req.path().to_owned();
             let method = req.method().clone();
-            return Ok(crate::ops::http::handle(&broker, &method, &path, &query, &body).await);
+            return Ok(crate::ops::http::handle(
+                broker,
+                admin.kafka.as_deref(),
+                &method,
+                &path,
+                &query,
+                &body,
+            )
+            .await);
         }
         if req.path().starts_with("/token/") {
             let body = read_body(&mut req).await;
             return Ok::<_, io::Error>(match body {
-                Some(body) => token_api(&broker, &req, &body),
+                Some(body) => token_api(broker, &req, &body),
                 None => Response::PayloadTooLarge().body("request body too large or unreadable"),
             });
         }
-        Ok::<_, io::Error>(respond(&broker, &req))
+        Ok::<_, io::Error>(respond(broker, &req))
     })
     .map_err(|e| io::Error::other(format!("{e:?}")))
 }

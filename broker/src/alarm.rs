@@ -8,13 +8,12 @@
 //! still beyond the threshold. The API merges every node's records.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use prometheus::{IntGaugeVec, Opts, Registry};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{AlarmRule, AlarmsConfig, CapacityConfig};
-use crate::journal::{Entry, Journal};
 
 /// Errors while registering the metrics.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +60,12 @@ pub enum AlarmState {
     /// Still beyond the threshold, acknowledged ("ignore").
     Acknowledged,
     Resolved,
+}
+
+/// Where alarm records are kept beyond memory (the journal implements it),
+/// so that a restarted node still lists them. Recording never waits.
+pub trait AlarmJournal: Send + Sync + std::fmt::Debug {
+    fn alarm(&self, record: AlarmRecord);
 }
 
 /// One alarm, from when it fired to when it resolved.
@@ -118,7 +123,7 @@ pub struct Alarms {
     node: String,
     inner: Mutex<Inner>,
     firing: IntGaugeVec,
-    journal: Option<Journal>,
+    journal: Option<Arc<dyn AlarmJournal>>,
 }
 
 impl Alarms {
@@ -127,7 +132,7 @@ impl Alarms {
         capacity: &CapacityConfig,
         node: &str,
         registry: &Registry,
-        journal: Option<Journal>,
+        journal: Option<Arc<dyn AlarmJournal>>,
     ) -> Result<Self> {
         let firing = IntGaugeVec::new(
             Opts::new(
@@ -230,7 +235,7 @@ impl Alarms {
 
     fn journal(&self, r: &AlarmRecord) {
         if let Some(j) = &self.journal {
-            j.record(Entry::Alarm(r.clone()));
+            j.alarm(r.clone());
         }
     }
 

@@ -9,18 +9,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::admin::AdminTokens;
 use crate::alarm::Alarms;
 use crate::auth::Auth;
 use crate::capacity::Capacity;
 use crate::cluster::wire::{Frame, WireMessage};
 use crate::cluster::{self, Cluster};
 use crate::config::Config;
+use crate::durable::{Pending, Recovered, Store, WriteFailed};
 use crate::message::{Message, MessageIds, QoS};
 use crate::meter::{Meter, weight};
 use crate::metrics::Metrics;
-use crate::persist::{Pending, Persist, Recovered};
-use crate::protocol::order::Gate;
+use crate::order::Gate;
 use crate::retain::RetainStore;
 use crate::router::{ClientId, Route, Router, Scope, SubOptions, node_route, route_node};
 use crate::session::{
@@ -42,7 +41,7 @@ pub enum PublishError {
     Cluster,
     /// The node's store could not write (disk full, read-only).
     #[error("the message could not be stored for the persistent sessions it reached: {0}")]
-    Persist(#[from] crate::persist::PersistError),
+    Persist(#[from] WriteFailed),
 }
 
 /// Why one filter of a SUBSCRIBE was refused.
@@ -72,12 +71,7 @@ pub struct Broker {
     pub auth: Auth,
     /// The token service, when a signing key is configured.
     pub tokens: Option<TokenService>,
-    /// The admin port's bearer tokens.
-    pub admin_tokens: AdminTokens,
     storage: Arc<dyn Storage>,
-    /// The Kafka cluster the instance binds, for the operations API's
-    /// topic state (O7); the data flows go through `storage`.
-    pub kafka: Option<Arc<crate::kafka::Kafka>>,
     /// Cleared when the node starts shutting down (`/readyz` answers 503).
     ready: AtomicBool,
     /// Set once what the store held is restored (`restore`): until then
@@ -103,7 +97,7 @@ pub struct Broker {
     /// node: what a shutdown or a drain waits on.
     drained: tokio::sync::Notify,
     /// Where persistent sessions and retained messages are kept on disk.
-    persist: Persist,
+    persist: Arc<dyn Store>,
 }
 
 /// What the node measures and remembers for the operations API, and the
@@ -130,7 +124,7 @@ pub struct Publisher<'a> {
     pub on_full: OnFull,
     /// The message's place in its client's arrival order (`None`: nothing
     /// to keep in order with).
-    pub ticket: Option<&'a crate::protocol::order::Ticket<'a>>,
+    pub ticket: Option<&'a crate::order::Ticket<'a>>,
     /// The packet id of a QoS 2 PUBLISH: until its PUBREL, a resend of it
     /// (after a reconnect or a restart) is acknowledged, not delivered again.
     pub qos2_id: Option<u16>,
@@ -171,13 +165,11 @@ pub struct Parts {
     pub metrics: Metrics,
     pub auth: Auth,
     pub tokens: Option<TokenService>,
-    pub admin_tokens: AdminTokens,
     pub storage: Arc<dyn Storage>,
-    pub kafka: Option<Arc<crate::kafka::Kafka>>,
     pub cluster: Option<Arc<Cluster>>,
     pub usage: Usage,
-    /// The durable store (`Persist::memory()` for none).
-    pub persist: Persist,
+    /// The durable store (`durable::NoStore` for none).
+    pub persist: Arc<dyn Store>,
 }
 
 impl Broker {
@@ -186,9 +178,7 @@ impl Broker {
             metrics,
             auth,
             tokens,
-            admin_tokens,
             storage,
-            kafka,
             cluster,
             usage,
             persist,
@@ -204,9 +194,7 @@ impl Broker {
             ids: MessageIds::new(&config_node),
             auth,
             tokens,
-            admin_tokens,
             storage,
-            kafka,
             ready: AtomicBool::new(true),
             restored: AtomicBool::new(false),
             node: Arc::from(config_node.as_str()),

@@ -93,7 +93,7 @@ pub struct Connection {
     /// takeover, a kick) or by the protocol layer (no heart, an error).
     close_reason: Rc<Cell<Option<DeviceReason>>>,
     /// The client's publishes in arrival order.
-    pub arrivals: crate::protocol::order::Arrivals,
+    pub arrivals: crate::order::Arrivals,
 }
 
 /// How a connection came to its session, for the device trace.
@@ -163,7 +163,7 @@ impl Connection {
             channel_id,
             peer,
             close_reason: Rc::new(Cell::new(None)),
-            arrivals: crate::protocol::order::Arrivals::default(),
+            arrivals: crate::order::Arrivals::default(),
         }
     }
 

@@ -29,12 +29,10 @@ fn broker(config: Config) -> Arc<Broker> {
             metrics,
             auth,
             tokens: None,
-            admin_tokens: Default::default(),
             storage: Arc::new(NoStorage),
-            kafka: None,
             cluster: None,
             usage,
-            persist: crate::persist::Persist::memory(),
+            persist: Arc::new(crate::durable::NoStore),
         },
     )
 }

@@ -18,9 +18,9 @@ use std::time::Duration;
 use prometheus::{IntCounterVec, Opts, Registry};
 use serde::{Deserialize, Serialize};
 
-use crate::alarm::AlarmRecord;
-use crate::meter::{Counts, GroupSample};
-use crate::trace::{DeviceEvent, MessageEvent};
+use crate::alarm::{AlarmJournal, AlarmRecord};
+use crate::meter::{GroupSample, MeterJournal, MinuteRecord};
+use crate::trace::{DeviceEvent, MessageEvent, TraceJournal};
 
 /// Errors while opening the journal.
 #[derive(Debug, thiserror::Error)]
@@ -35,16 +35,6 @@ pub enum JournalError {
 }
 
 pub type Result<T> = std::result::Result<T, JournalError>;
-
-/// One finished minute of metering.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MinuteRecord {
-    pub start: u64,
-    pub topics: HashMap<String, Counts>,
-    pub pub_weighted: u64,
-    pub sub_weighted: u64,
-}
 
 /// What is written.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -101,6 +91,33 @@ impl Journal {
                 self.counted.with_label_values(&["failed"]).inc();
             }
         }
+    }
+}
+
+// The core's journal ports (traces, metering, alarms), all kept here.
+impl TraceJournal for Journal {
+    fn device(&self, event: DeviceEvent) {
+        self.record(Entry::Device(event));
+    }
+
+    fn message(&self, event: MessageEvent) {
+        self.record(Entry::Message(event));
+    }
+}
+
+impl MeterJournal for Journal {
+    fn minute(&self, minute: MinuteRecord) {
+        self.record(Entry::Minute(minute));
+    }
+
+    fn groups(&self, sample: GroupSample) {
+        self.record(Entry::Groups(sample));
+    }
+}
+
+impl AlarmJournal for Journal {
+    fn alarm(&self, record: AlarmRecord) {
+        self.record(Entry::Alarm(record));
     }
 }
 

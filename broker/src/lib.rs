@@ -15,6 +15,7 @@ pub mod connection;
 #[cfg(test)]
 mod core_tests;
 pub mod descriptors;
+pub mod durable;
 pub mod journal;
 pub mod kafka;
 pub mod listener;
@@ -24,6 +25,7 @@ pub mod meter;
 pub mod metrics;
 pub mod node;
 pub mod ops;
+pub mod order;
 pub mod persist;
 pub mod protocol;
 pub mod pubrel;
@@ -40,14 +42,11 @@ pub mod token;
 pub mod token_api;
 pub mod topic;
 pub mod trace;
+pub mod util;
 
 pub use broker::Broker;
 pub use node::run;
 
-/// A map on the message path, keyed by what clients send (topic levels,
-/// Client IDs). SipHash, std's default, showed as 3 % of a QoS 1 profile;
-/// foldhash is several times faster and still randomly seeded per map.
-pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 pub use config::Config;
 
 /// Errors that stop the node.

@@ -87,6 +87,7 @@ fn bind(name: &'static str, addr: Option<SocketAddr>) -> Result<Option<TcpListen
 /// Runs the listeners until `shutdown` resolves, then stops gracefully.
 pub async fn serve(
     broker: Arc<Broker>,
+    admin: Arc<admin::Admin>,
     bound: Bound,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
@@ -181,10 +182,9 @@ pub async fn serve(
             .map_err(server_err)?;
     }
     if let Some(lst) = bound.admin {
-        let b = broker.clone();
         builder = builder
             .listen("admin", lst, SharedCfg::new("ADMIN"), async move |_| {
-                admin::service(b.clone())
+                admin::service(admin.clone())
             })
             .map_err(server_err)?;
     }
@@ -231,7 +231,7 @@ where
     Req: ntex::service::RequestState<IoBoxed, State = ()> + 'static,
 {
     // Built on each worker thread: its acknowledgements wake through it.
-    crate::persist::attach_worker();
+    crate::durable::attach_worker();
     let b3 = broker.clone();
     let b5 = broker;
     MqttServer::new()

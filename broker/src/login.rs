@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 use argon2::password_hash::{PasswordHash, PasswordVerifier};
 use prometheus::{IntCounter, IntGauge, Registry};
 
-use crate::FastMap;
 use crate::config::LoginConfig;
+use crate::util::FastMap;
 
 /// Errors while starting the pool.
 #[derive(Debug, thiserror::Error)]

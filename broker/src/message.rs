@@ -4,6 +4,7 @@
 //! every subscriber, queue and retained slot: fan-out copies a pointer, never
 //! the payload.
 
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -25,26 +26,6 @@ impl QoS {
             QoS::AtMostOnce => "0",
             QoS::AtLeastOnce => "1",
             QoS::ExactlyOnce => "2",
-        }
-    }
-}
-
-impl From<ntex_mqtt::QoS> for QoS {
-    fn from(q: ntex_mqtt::QoS) -> Self {
-        match q {
-            ntex_mqtt::QoS::AtMostOnce => QoS::AtMostOnce,
-            ntex_mqtt::QoS::AtLeastOnce => QoS::AtLeastOnce,
-            ntex_mqtt::QoS::ExactlyOnce => QoS::ExactlyOnce,
-        }
-    }
-}
-
-impl From<QoS> for ntex_mqtt::QoS {
-    fn from(q: QoS) -> Self {
-        match q {
-            QoS::AtMostOnce => ntex_mqtt::QoS::AtMostOnce,
-            QoS::AtLeastOnce => ntex_mqtt::QoS::AtLeastOnce,
-            QoS::ExactlyOnce => ntex_mqtt::QoS::ExactlyOnce,
         }
     }
 }
@@ -195,4 +176,32 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
+}
+
+/// One message on its way to one session.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub msg: Arc<Message>,
+    /// QoS after downgrade to the subscription's maximum.
+    pub qos: QoS,
+    pub retain: bool,
+    pub dup: bool,
+    pub sub_ids: Vec<NonZeroU32>,
+    /// Its number in the session's durable queue; 0 when it is not stored
+    /// (QoS 0, clean sessions, no store).
+    pub seq: u64,
+}
+
+impl Delivery {
+    /// A first delivery at `qos`: not retained, no DUP, no subscription ids.
+    pub fn new(msg: Arc<Message>, qos: QoS) -> Self {
+        Self {
+            msg,
+            qos,
+            retain: false,
+            dup: false,
+            sub_ids: Vec::new(),
+            seq: 0,
+        }
+    }
 }

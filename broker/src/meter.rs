@@ -8,15 +8,14 @@
 //! ticker and API queries touch the history.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::FastMap;
 use crate::config::TraceConfig;
-use crate::journal::{Entry, Journal, MinuteRecord};
 use crate::message::QoS;
+use crate::util::FastMap;
 
 /// L2: what one message counts for in TPS.
 pub fn weight(qos: QoS) -> u64 {
@@ -100,7 +99,25 @@ pub struct Meter {
     group_retention_ms: u64,
     max_groups: usize,
     peak_connections: AtomicU64,
-    journal: Option<Journal>,
+    journal: Option<Arc<dyn MeterJournal>>,
+}
+
+/// One finished minute of metering.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MinuteRecord {
+    pub start: u64,
+    pub topics: HashMap<String, Counts>,
+    pub pub_weighted: u64,
+    pub sub_weighted: u64,
+}
+
+/// Where finished minutes and Group ID samples are kept beyond memory (the
+/// journal implements it), so that a restarted node still reports them.
+/// Recording never waits.
+pub trait MeterJournal: Send + Sync + std::fmt::Debug {
+    fn minute(&self, minute: MinuteRecord);
+    fn groups(&self, sample: GroupSample);
 }
 
 /// `parent/subtopic` of a topic: its first two levels.
@@ -119,7 +136,11 @@ fn shard_of(key: &str) -> usize {
 }
 
 impl Meter {
-    pub fn new(trace: &TraceConfig, tps_window_secs: u64, journal: Option<Journal>) -> Self {
+    pub fn new(
+        trace: &TraceConfig,
+        tps_window_secs: u64,
+        journal: Option<Arc<dyn MeterJournal>>,
+    ) -> Self {
         Self {
             weighted_in: AtomicU64::new(0),
             weighted_out: AtomicU64::new(0),
@@ -218,7 +239,7 @@ impl Meter {
             let done = std::mem::take(&mut h.filling);
             if done.start_ms != 0 {
                 if let Some(j) = &self.journal {
-                    j.record(Entry::Minute(MinuteRecord {
+                    j.minute(MinuteRecord {
                         start: done.start_ms,
                         topics: done
                             .topics
@@ -227,7 +248,7 @@ impl Meter {
                             .collect(),
                         pub_weighted: done.pub_weighted,
                         sub_weighted: done.sub_weighted,
-                    }));
+                    });
                 }
                 h.minutes.push_back(done);
             }
@@ -293,7 +314,7 @@ impl Meter {
         }
         let sample = GroupSample { ts: now_ms, groups };
         if let Some(j) = &self.journal {
-            j.record(Entry::Groups(sample.clone()));
+            j.groups(sample.clone());
         }
         let mut h = self.history();
         h.groups.push_back(sample);

@@ -68,6 +68,7 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<()> {
             &config.node_name(),
             bound.cluster.as_ref().and_then(|l| l.local_addr().ok()),
             shutdown.clone(),
+            crate::ops::answer_json,
         )?),
         None => None,
     };
@@ -81,12 +82,10 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<()> {
             metrics,
             auth,
             tokens,
-            admin_tokens,
             storage,
-            kafka: kafka.clone(),
             cluster: cluster.clone(),
             usage,
-            persist: persist.clone(),
+            persist: Arc::new(persist.clone()),
         },
     );
     match recovery {
@@ -107,7 +106,16 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<()> {
         }
     }
     ntex::rt::spawn(ops::tick(broker.clone(), shutdown.clone()));
-    ntex::rt::spawn(housekeeping(broker.clone(), shutdown.clone()));
+    let admin = Arc::new(admin::Admin::new(
+        broker.clone(),
+        admin_tokens,
+        kafka.clone(),
+    ));
+    ntex::rt::spawn(housekeeping(
+        broker.clone(),
+        admin.clone(),
+        shutdown.clone(),
+    ));
     if let Some(c) = &cluster {
         for addr in &c.config.peers {
             ntex::rt::spawn(cluster::link::outbound(
@@ -139,7 +147,7 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<()> {
         }
         None => None,
     };
-    let served = listener::serve(broker, bound, stop).await;
+    let served = listener::serve(broker, admin, bound, stop).await;
     trigger.fire();
     let left = trigger.join(Duration::from_secs(5)).await;
     if left > 0 {
@@ -185,20 +193,27 @@ pub(crate) fn usage(config: &Config, metrics: &metrics::Metrics) -> Result<broke
                 alarms = r.alarms.len(),
                 "journal read back"
             );
-            (Some(j), r)
+            (Some(Arc::new(j)), r)
         }
         None => (None, journal::Replayed::default()),
     };
     let usage = broker::Usage {
-        meter: meter::Meter::new(trace, config.alarms.tps_window_secs, journal.clone()),
-        traces: trace::Traces::new(trace, journal.clone()),
+        meter: meter::Meter::new(
+            trace,
+            config.alarms.tps_window_secs,
+            journal.clone().map(|j| j as Arc<dyn meter::MeterJournal>),
+        ),
+        traces: trace::Traces::new(
+            trace,
+            journal.clone().map(|j| j as Arc<dyn trace::TraceJournal>),
+        ),
         capacity: capacity::Capacity::new(&config.capacity, metrics.registry())?,
         alarms: alarm::Alarms::new(
             &config.alarms,
             &config.capacity,
             &config.node_name(),
             metrics.registry(),
-            journal,
+            journal.map(|j| j as Arc<dyn alarm::AlarmJournal>),
         )?,
     };
     usage.traces.restore(replayed.devices, replayed.messages);
@@ -208,7 +223,7 @@ pub(crate) fn usage(config: &Config, metrics: &metrics::Metrics) -> Result<broke
 }
 
 /// Periodic work: session expiry, credentials reload.
-async fn housekeeping(broker: Arc<broker::Broker>, shutdown: Shutdown) {
+async fn housekeeping(broker: Arc<broker::Broker>, admin: Arc<admin::Admin>, shutdown: Shutdown) {
     let _guard = shutdown.guard();
     let mut ticks = 0u64;
     while shutdown.sleep(Duration::from_secs(1)).await {
@@ -222,7 +237,7 @@ async fn housekeeping(broker: Arc<broker::Broker>, shutdown: Shutdown) {
             .as_ref()
             .map(|t| t.key_file())
             .into_iter()
-            .chain(broker.admin_tokens.files());
+            .chain(admin.tokens().files());
         for file in secrets {
             match file.reload_if_changed() {
                 Ok(true) => tracing::info!(path = %file.path().display(), "secret reloaded"),

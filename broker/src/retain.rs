@@ -15,8 +15,8 @@ use std::sync::{Arc, RwLock};
 
 use ntex::util::ByteString;
 
+use crate::durable::{NoStore, Pending, Store};
 use crate::message::Message;
-use crate::persist::{Pending, Persist};
 use crate::topic;
 
 /// A topic as a key in topic order.
@@ -50,12 +50,12 @@ struct Inner {
 }
 
 /// Retained messages of this node, by topic.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RetainStore {
     inner: RwLock<Inner>,
     /// Each change is written to the store under the write lock, so the
     /// disk sees a topic's changes in the order memory did.
-    persist: Persist,
+    persist: Arc<dyn Store>,
 }
 
 /// Where a subscription's replay of retained messages stands.
@@ -119,8 +119,13 @@ impl RetainStore {
         inner.apply(msg)
     }
 
+    /// Retained messages kept in memory only.
+    pub fn in_memory() -> Self {
+        Self::new(Arc::new(NoStore))
+    }
+
     /// Retained messages kept through `persist`.
-    pub fn new(persist: Persist) -> Self {
+    pub fn new(persist: Arc<dyn Store>) -> Self {
         Self {
             inner: RwLock::default(),
             persist,
@@ -262,7 +267,7 @@ mod tests {
 
     #[test]
     fn a_replay_pages_through_every_match_in_topic_order() {
-        let s = RetainStore::default();
+        let s = RetainStore::in_memory();
         for i in 0..10_000 {
             s.set(&msg(&format!("rq/{i:05}"), "x"), None);
         }
@@ -286,7 +291,7 @@ mod tests {
 
     #[test]
     fn messages_retained_after_the_subscription_are_not_replayed() {
-        let s = RetainStore::default();
+        let s = RetainStore::in_memory();
         s.set(&msg("a/1", "old"), None);
         s.set(&msg("a/3", "old"), None);
         let mut r = s.replay("a/+");
@@ -302,7 +307,7 @@ mod tests {
 
     #[test]
     fn a_sparse_filter_scans_a_bounded_number_of_topics_per_page() {
-        let s = RetainStore::default();
+        let s = RetainStore::in_memory();
         for i in 0..(3 * PAGE_SCAN) {
             s.set(&msg(&format!("t/{i:06}/x"), "x"), None);
         }
@@ -324,7 +329,7 @@ mod tests {
 
     #[test]
     fn wildcards_at_the_start_do_not_replay_system_topics() {
-        let s = RetainStore::default();
+        let s = RetainStore::in_memory();
         s.set(&msg("$SYS/x", "x"), None);
         s.set(&msg("a", "x"), None);
         assert_eq!(s.matching("#").len(), 1);

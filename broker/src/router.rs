@@ -17,9 +17,9 @@ use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
-use crate::FastMap;
 use crate::message::QoS;
 use crate::topic::{Filter, SEPARATOR};
+use crate::util::FastMap;
 
 /// Sessions are named by their Client ID.
 pub type ClientId = Arc<str>;

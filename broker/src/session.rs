@@ -10,49 +10,21 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
-use std::num::NonZeroU32;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use crate::FastMap;
+use crate::durable::{self, Pending, SessionRecord, Store, StoredWill};
+pub use crate::message::Delivery;
 use crate::message::{Message, QoS};
-use crate::persist::{Pending, Persist, SessionRecord, StoredWill};
 use crate::retain::Replay;
 use crate::router::{ClientId, SubOptions};
 use crate::token::{Claims, TokenType};
+use crate::util::FastMap;
 
 const SHARDS: usize = 16;
-
-/// One message on its way to one session.
-#[derive(Debug, Clone)]
-pub struct Delivery {
-    pub msg: Arc<Message>,
-    /// QoS after downgrade to the subscription's maximum.
-    pub qos: QoS,
-    pub retain: bool,
-    pub dup: bool,
-    pub sub_ids: Vec<NonZeroU32>,
-    /// Its number in the session's durable queue; 0 when it is not stored
-    /// (QoS 0, clean sessions, no store).
-    pub seq: u64,
-}
-
-impl Delivery {
-    /// A first delivery at `qos`: not retained, no DUP, no subscription ids.
-    pub fn new(msg: Arc<Message>, qos: QoS) -> Self {
-        Self {
-            msg,
-            qos,
-            retain: false,
-            dup: false,
-            sub_ids: Vec::new(),
-            seq: 0,
-        }
-    }
-}
 
 /// The retained messages a subscription has still to receive.
 #[derive(Debug, Clone)]
@@ -110,7 +82,7 @@ pub struct Session {
     state: Mutex<State>,
     /// Where a persistent session's changes are written, in the order
     /// they happen under `state`'s lock.
-    persist: Persist,
+    persist: Arc<dyn Store>,
     /// Signalled when the connection takes messages from the live queue.
     pub space: Notify,
     /// Messages the client published, and messages sent to it (O2).
@@ -243,7 +215,7 @@ pub struct ClientInfo {
 }
 
 impl Session {
-    fn new(client_id: ClientId, persist: Persist) -> Self {
+    fn new(client_id: ClientId, persist: Arc<dyn Store>) -> Self {
         Self {
             client_id,
             persist,
@@ -584,19 +556,19 @@ pub struct SessionStore {
     shards: Vec<RwLock<FastMap<ClientId, Arc<Session>>>>,
     hasher: foldhash::fast::RandomState,
     generation: std::sync::atomic::AtomicU64,
-    persist: Persist,
+    persist: Arc<dyn Store>,
 }
 
 impl Default for SessionStore {
     /// Sessions in memory only.
     fn default() -> Self {
-        Self::new(Persist::memory())
+        Self::new(Arc::new(durable::NoStore))
     }
 }
 
 impl SessionStore {
     /// Sessions whose persistent state is written through `persist`.
-    pub fn new(persist: Persist) -> Self {
+    pub fn new(persist: Arc<dyn Store>) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
             hasher: foldhash::fast::RandomState::default(),
@@ -610,7 +582,7 @@ impl SessionStore {
     /// Returns it with its subscriptions, for the router.
     pub fn restore(
         &self,
-        rs: crate::persist::RecoveredSession,
+        rs: durable::RecoveredSession,
         now: Instant,
         now_ms: u64,
     ) -> Arc<Session> {
@@ -619,7 +591,7 @@ impl SessionStore {
             let mut st = session.lock();
             st.persistent = true;
             st.expiry = Duration::from_millis(rs.record.expiry_ms);
-            st.disconnected_at = Some(crate::persist::disconnected_at(&rs.record, now, now_ms));
+            st.disconnected_at = Some(durable::disconnected_at(&rs.record, now, now_ms));
             st.info.disconnected_at = Some(match rs.record.disconnected_ms {
                 0 => now_ms,
                 t => t,

@@ -261,6 +261,11 @@ pub fn canonical(params: &[(&str, &str)]) -> String {
     pairs.join("&")
 }
 
+/// A refused token as the client sees it (the notice on `$SYS/tokenInvalidNotice`).
+pub fn invalid_notice(err: TokenError, ty: TokenType) -> String {
+    serde_json::json!({"code": err.code(), "type": ty.as_str()}).to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use crate::broker::Broker;
 use crate::message::now_ms;
-use crate::token::{self, TokenError, TokenType};
+use crate::token::{self, TokenType};
 use crate::topic;
 
 /// The answer of every token operation.
@@ -207,11 +207,6 @@ fn apply(
         return Answer::err(GENERATION_ERROR, "token generation failed");
     }
     Answer::ok("token issued", Some(token))
-}
-
-/// A refused token as the client sees it.
-pub fn invalid_notice(err: TokenError, ty: TokenType) -> String {
-    serde_json::json!({"code": err.code(), "type": ty.as_str()}).to_string()
 }
 
 #[cfg(test)]

@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use crate::config::TraceConfig;
-use crate::journal::{Entry, Journal};
 use crate::message::QoS;
 
 const SHARDS: usize = 16;
@@ -173,17 +172,25 @@ impl<T> Rings<T> {
     }
 }
 
+/// Where trace events are kept beyond memory (the journal implements it),
+/// so that a restarted node still answers for the retention window.
+/// Recording never waits.
+pub trait TraceJournal: Send + Sync + std::fmt::Debug {
+    fn device(&self, event: DeviceEvent);
+    fn message(&self, event: MessageEvent);
+}
+
 /// The traces of one node.
 #[derive(Debug)]
 pub struct Traces {
     devices: Rings<DeviceEvent>,
     messages: Rings<RawMessageEvent>,
     retention_ms: u64,
-    journal: Option<Journal>,
+    journal: Option<Arc<dyn TraceJournal>>,
 }
 
 impl Traces {
-    pub fn new(config: &TraceConfig, journal: Option<Journal>) -> Self {
+    pub fn new(config: &TraceConfig, journal: Option<Arc<dyn TraceJournal>>) -> Self {
         Self {
             devices: Rings::new(config.device_events),
             messages: Rings::new(config.message_events),
@@ -243,7 +250,7 @@ impl Traces {
             detail: detail.map(str::to_owned),
         };
         if let Some(j) = &self.journal {
-            j.record(Entry::Device(event.clone()));
+            j.device(event.clone());
         }
         self.devices
             .push(client_id, event, |e| e.ts, self.oldest(ts));
@@ -298,7 +305,7 @@ impl Traces {
                 qos,
             };
             if let Some(j) = &self.journal {
-                j.record(Entry::Message(event.render()));
+                j.message(event.render());
             }
             self.messages
                 .push_locked(&mut ring, event, |e| e.ts, oldest);

@@ -6,14 +6,15 @@
 use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
+use ringmq_broker::durable::SessionRecord;
 use ringmq_broker::persist::record;
 
 fuzz_target!(|data: &[u8]| {
     let now = Instant::now();
     let now_ms = 1_800_000_000_000;
     let _ = record::parse_queue_key(data);
-    if let Ok(s) = record::SessionRecord::decode(data, now, now_ms) {
-        assert_eq!(record::SessionRecord::decode(&s.encode(now, now_ms), now, now_ms), Ok(s));
+    if let Ok(s) = SessionRecord::decode(data, now, now_ms) {
+        assert_eq!(SessionRecord::decode(&s.encode(now, now_ms), now, now_ms), Ok(s));
     }
     if let Ok(d) = record::decode_delivery(data, now, now_ms) {
         let again = record::decode_delivery(&record::encode_delivery(&d, now, now_ms), now, now_ms);

@@ -474,7 +474,7 @@ fn apply(
             },
         ),
         Frame::Query { id, body } => {
-            let body = crate::ops::answer_json(broker, &body);
+            let body = cluster.answer_query(broker, &body);
             cluster.control(peer, Frame::Reply { id, body });
         }
         Frame::Reply { id, body } => cluster.answered(id, body),

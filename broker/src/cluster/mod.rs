@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use crate::broker::Broker;
 use crate::config::ClusterConfig;
 use crate::message::{Message, MessageId, Properties, QoS};
 use crate::ring::Ring;
@@ -145,6 +146,10 @@ struct Peer {
 }
 
 /// The cluster state of one node.
+/// How a node answers a peer's operations API question: the question's
+/// JSON in, the answer's JSON out.
+pub type QueryAnswerer = fn(&Broker, &str) -> String;
+
 #[derive(Debug)]
 pub struct Cluster {
     pub node: Arc<str>,
@@ -172,9 +177,17 @@ pub struct Cluster {
     next_query: std::sync::atomic::AtomicU64,
     /// The node's shutdown: link dialers started from anywhere watch it.
     shutdown: Shutdown,
+    /// Answers a peer's operations API question (`ops`, above this layer,
+    /// hands it in).
+    answer_query: QueryAnswerer,
 }
 
 impl Cluster {
+    /// A peer's operations API question, answered as JSON.
+    pub fn answer_query(&self, broker: &Broker, question: &str) -> String {
+        (self.answer_query)(broker, question)
+    }
+
     /// `bound`: the address the cluster port is bound to (its real port
     /// when the configuration asked for port 0).
     pub fn new(
@@ -182,6 +195,7 @@ impl Cluster {
         node: &str,
         bound: Option<std::net::SocketAddr>,
         shutdown: Shutdown,
+        answer_query: QueryAnswerer,
     ) -> Result<Arc<Self>> {
         let secret =
             SecretFile::load(&config.secret_file).map_err(|error| ClusterError::Secret {
@@ -205,6 +219,7 @@ impl Cluster {
             queries: Mutex::new(HashMap::new()),
             next_query: std::sync::atomic::AtomicU64::new(0),
             shutdown,
+            answer_query,
         }))
     }
 

@@ -26,7 +26,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use super::metrics::KafkaMetrics;
 use super::{Kafka, Result, record};
 use crate::broker::Broker;
-use crate::persist::Pending;
+use crate::durable::Pending;
 
 /// The running consumer thread.
 #[derive(Debug)]

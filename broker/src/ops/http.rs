@@ -12,6 +12,7 @@ use serde::Deserialize;
 use super::{ClientDetail, Groups, NodeInfo, Query, ask_all};
 use crate::alarm::{AlarmRecord, AlarmState, Metric};
 use crate::broker::Broker;
+use crate::kafka::Kafka;
 use crate::message::{MessageId, QoS, now_ms};
 use crate::meter::{Counts, GroupSample, Report};
 use crate::trace::{DeviceEvent, MessageEvent};
@@ -68,6 +69,7 @@ fn json_response(status: StatusCode, body: String) -> Response {
 /// Serves one `/api/v1/…` request; `body` is the request body already read.
 pub async fn handle(
     broker: &Arc<Broker>,
+    kafka: Option<&Kafka>,
     method: &Method,
     path: &str,
     query: &str,
@@ -85,7 +87,7 @@ pub async fn handle(
         .collect();
     let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
     let result = match params(query) {
-        Ok(params) => route(broker, method, &segs, &params, body).await,
+        Ok(params) => route(broker, kafka, method, &segs, &params, body).await,
         Err(e) => Err(e),
     };
     match result {
@@ -123,6 +125,7 @@ fn params(query: &str) -> Result<HashMap<String, String>, Refusal> {
 
 async fn route(
     broker: &Arc<Broker>,
+    kafka: Option<&Kafka>,
     method: &Method,
     segs: &[&str],
     params: &HashMap<String, String>,
@@ -144,7 +147,7 @@ async fn route(
         ["alarms"] if get => alarms(broker).await,
         ["alarms", id, "ack"] if post => ack(broker, id).await,
         ["messages"] if post => send_message(broker, body),
-        ["topics", parent] if get => topic_state(broker, parent, params).await,
+        ["topics", parent] if get => topic_state(kafka, parent, params).await,
         _ => match allowed(segs) {
             Some(allow) => Err(Refusal(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -674,11 +677,11 @@ const KAFKA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// O7: a parent topic as Kafka holds it. Every node binds the same Kafka, so
 /// the node asked answers alone.
 async fn topic_state(
-    broker: &Arc<Broker>,
+    kafka: Option<&Kafka>,
     parent: &str,
     params: &HashMap<String, String>,
 ) -> Answer {
-    let Some(kafka) = &broker.kafka else {
+    let Some(kafka) = kafka else {
         return Err(not_found("this instance has no Kafka cluster"));
     };
     if !crate::config::is_kafka_topic_name(parent) {

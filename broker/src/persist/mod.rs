@@ -18,27 +18,21 @@
 //! and the node keeps everything in memory only.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ntex::util::Bytes;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
-use tokio::sync::Notify;
 
 use crate::config::PersistenceConfig;
-use crate::message::{Message, now_ms};
-use crate::session::Delivery;
+use crate::durable::{Commit, Pending, Recovered, SessionRecord, Store};
+use crate::message::{Delivery, Message, now_ms};
 
 pub mod record;
 mod recover;
-mod wake;
 mod writer;
 
-pub use record::{SessionRecord, StoredWill};
 use recover::RecoveryMetrics;
-pub use recover::{Recovered, RecoveredSession, disconnected_at};
-pub use wake::attach_worker;
 pub use writer::dir_size;
 
 /// Errors of the store.
@@ -62,10 +56,6 @@ pub enum PersistError {
     Thread(#[source] std::io::Error),
     #[error("store metrics: {0}")]
     Metrics(#[from] prometheus::Error),
-    /// A write did not reach the disk (disk full, read-only, I/O error):
-    /// what waited for it is refused.
-    #[error("the store could not write (disk full or read-only?)")]
-    Write,
 }
 
 pub type Result<T> = std::result::Result<T, PersistError>;
@@ -110,130 +100,6 @@ enum Change {
 struct Op {
     change: Change,
     commit: Option<Arc<Commit>>,
-}
-
-/// What one acknowledgement waits for: every change it made, across the
-/// sessions it reached, written by the store.
-#[derive(Debug)]
-pub struct Commit {
-    /// Changes not yet written, plus one while the caller still adds.
-    pending: AtomicUsize,
-    failed: AtomicBool,
-    done: Notify,
-    /// The waiter's worker, which wakes it (`wake`); `None`: woken directly.
-    mailbox: Option<Arc<wake::Mailbox>>,
-}
-
-impl Commit {
-    fn new() -> Arc<Self> {
-        Arc::new(Self {
-            pending: AtomicUsize::new(1),
-            failed: AtomicBool::new(false),
-            done: Notify::new(),
-            mailbox: wake::current(),
-        })
-    }
-
-    /// One change is through (`ok`: written); true once it was the last.
-    fn finish(&self, ok: bool) -> bool {
-        if !ok {
-            self.failed.store(true, Ordering::Release);
-        }
-        self.pending.fetch_sub(1, Ordering::AcqRel) == 1
-    }
-
-    /// Wakes the waiter, which may not have started waiting (a stored permit).
-    fn wake(&self) {
-        self.done.notify_one();
-    }
-
-    /// The writer is through with one change: the last one wakes the
-    /// waiter, through its worker's mailbox (returned, to be rung once for
-    /// the whole batch) when it has one.
-    fn written(self: Arc<Self>, ok: bool) -> Option<Arc<wake::Mailbox>> {
-        if !self.finish(ok) {
-            return None;
-        }
-        match self.mailbox.clone() {
-            Some(m) => {
-                m.put(self);
-                Some(m)
-            }
-            None => {
-                self.wake();
-                None
-            }
-        }
-    }
-
-    /// Resolves once every change is written; an error if one was not.
-    pub async fn wait(&self) -> Result<()> {
-        self.finish(true);
-        while self.pending.load(Ordering::Acquire) > 0 {
-            self.done.notified().await;
-        }
-        if self.failed.load(Ordering::Acquire) {
-            Err(PersistError::Write)
-        } else {
-            Ok(())
-        }
-    }
-}
-
-/// Collects the changes of one publish or subscribe that its
-/// acknowledgement must wait for; made only when there is one.
-/// `Pending::detached()` collects nothing: the changes of work nobody
-/// acknowledges (wills, downlink records, forwarded messages) are written
-/// in order with the rest, without a `Commit` to allocate and count.
-#[derive(Debug, Default)]
-pub struct Pending {
-    commit: Option<Arc<Commit>>,
-    detached: bool,
-}
-
-impl Pending {
-    /// For work whose acknowledgement nobody waits for.
-    pub fn detached() -> Self {
-        Self {
-            commit: None,
-            detached: true,
-        }
-    }
-
-    /// Waits for the store; at once when nothing was changed.
-    pub async fn wait(self) -> Result<()> {
-        match self.commit {
-            Some(c) => c.wait().await,
-            None => Ok(()),
-        }
-    }
-
-    /// Without waiting: `Some` once every change is written (or one was
-    /// refused), `None` while the store is still at it. For a thread that
-    /// is not a task (the Kafka downlink consumer).
-    pub fn settled(&self) -> Option<Result<()>> {
-        let Some(c) = &self.commit else {
-            return Some(Ok(()));
-        };
-        // Only the caller's own count left: the writer is through.
-        if c.pending.load(Ordering::Acquire) > 1 {
-            return None;
-        }
-        Some(if c.failed.load(Ordering::Acquire) {
-            Err(PersistError::Write)
-        } else {
-            Ok(())
-        })
-    }
-
-    fn join(&mut self) -> Option<Arc<Commit>> {
-        if self.detached {
-            return None;
-        }
-        let c = self.commit.get_or_insert_with(Commit::new);
-        c.pending.fetch_add(1, Ordering::AcqRel);
-        Some(c.clone())
-    }
 }
 
 /// The store's metrics.
@@ -378,16 +244,6 @@ impl Persist {
         }))))
     }
 
-    /// Whether changes are kept on disk.
-    pub fn is_durable(&self) -> bool {
-        self.0.is_some()
-    }
-
-    /// False while the store cannot write (disk full, read-only).
-    pub fn is_healthy(&self) -> bool {
-        self.0.as_ref().is_none_or(|i| i.metrics.healthy.get() == 1)
-    }
-
     fn send(&self, change: Change, commit: Option<Arc<Commit>>) {
         let Some(inner) = &self.0 else {
             return;
@@ -399,70 +255,6 @@ impl Persist {
             && let Some(m) = c.written(false)
         {
             m.ring();
-        }
-    }
-
-    /// Stores a session's record; `pending` (if any) waits for it.
-    pub fn session(&self, client: &Arc<str>, rec: &SessionRecord, pending: Option<&mut Pending>) {
-        if self.is_durable() {
-            let change = Change::Session {
-                client: client.clone(),
-                value: rec.encode(Instant::now(), now_ms()),
-            };
-            self.send(change, pending.and_then(Pending::join));
-        }
-    }
-
-    /// Drops a session and every message queued for it.
-    pub fn forget(&self, client: &Arc<str>) {
-        self.send(
-            Change::Forget {
-                client: client.clone(),
-            },
-            None,
-        );
-    }
-
-    /// Stores message `seq` of a session's queue.
-    pub fn queue(&self, client: &str, seq: u64, d: &Delivery, pending: Option<&mut Pending>) {
-        if self.is_durable() {
-            let change = Change::Queue {
-                key: record::queue_key(client, seq),
-                value: record::encode_delivery(d, Instant::now(), now_ms()),
-            };
-            self.send(change, pending.and_then(Pending::join));
-        }
-    }
-
-    /// Deletes message `seq` of a session's queue: acknowledged, dropped or expired.
-    pub fn unqueue(&self, client: &str, seq: u64) {
-        if self.is_durable() && seq != 0 {
-            let key = record::queue_key(client, seq);
-            self.send(Change::Unqueue { key }, None);
-        }
-    }
-
-    /// Stores (or, for an empty payload, deletes) the retained message of a topic.
-    pub fn retain(&self, msg: &Message, pending: Option<&mut Pending>) {
-        if self.is_durable() {
-            let topic = Bytes::copy_from_slice(msg.topic.as_bytes());
-            let value = (!msg.payload.is_empty())
-                .then(|| record::encode_retained(msg, Instant::now(), now_ms()));
-            self.send(
-                Change::Retain { topic, value },
-                pending.and_then(Pending::join),
-            );
-        }
-    }
-
-    /// Updates the size metric; called by housekeeping.
-    pub fn measure(&self) {
-        if let Some(inner) = &self.0 {
-            let bytes = writer::dir_size(&inner.dir);
-            inner
-                .metrics
-                .disk_bytes
-                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
         }
     }
 
@@ -478,6 +270,81 @@ impl Persist {
             && h.join().is_err()
         {
             tracing::error!("store writer panicked");
+        }
+    }
+}
+
+impl Store for Persist {
+    /// Whether changes are kept on disk.
+    fn is_durable(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// False while the store cannot write (disk full, read-only).
+    fn is_healthy(&self) -> bool {
+        self.0.as_ref().is_none_or(|i| i.metrics.healthy.get() == 1)
+    }
+
+    /// Stores a session's record; `pending` (if any) waits for it.
+    fn session(&self, client: &Arc<str>, rec: &SessionRecord, pending: Option<&mut Pending>) {
+        if self.is_durable() {
+            let change = Change::Session {
+                client: client.clone(),
+                value: rec.encode(Instant::now(), now_ms()),
+            };
+            self.send(change, pending.and_then(Pending::join));
+        }
+    }
+
+    /// Drops a session and every message queued for it.
+    fn forget(&self, client: &Arc<str>) {
+        self.send(
+            Change::Forget {
+                client: client.clone(),
+            },
+            None,
+        );
+    }
+
+    /// Stores message `seq` of a session's queue.
+    fn queue(&self, client: &str, seq: u64, d: &Delivery, pending: Option<&mut Pending>) {
+        if self.is_durable() {
+            let change = Change::Queue {
+                key: record::queue_key(client, seq),
+                value: record::encode_delivery(d, Instant::now(), now_ms()),
+            };
+            self.send(change, pending.and_then(Pending::join));
+        }
+    }
+
+    /// Deletes message `seq` of a session's queue: acknowledged, dropped or expired.
+    fn unqueue(&self, client: &str, seq: u64) {
+        if self.is_durable() && seq != 0 {
+            let key = record::queue_key(client, seq);
+            self.send(Change::Unqueue { key }, None);
+        }
+    }
+
+    /// Stores (or, for an empty payload, deletes) the retained message of a topic.
+    fn retain(&self, msg: &Message, pending: Option<&mut Pending>) {
+        if self.is_durable() {
+            let topic = Bytes::copy_from_slice(msg.topic.as_bytes());
+            let value = (!msg.payload.is_empty())
+                .then(|| record::encode_retained(msg, Instant::now(), now_ms()));
+            self.send(
+                Change::Retain { topic, value },
+                pending.and_then(Pending::join),
+            );
+        }
+    }
+
+    fn measure(&self) {
+        if let Some(inner) = &self.0 {
+            let bytes = writer::dir_size(&inner.dir);
+            inner
+                .metrics
+                .disk_bytes
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
         }
     }
 }

@@ -29,9 +29,10 @@ use std::time::{Duration, Instant};
 use ntex::util::{BufMut, ByteString, Bytes, BytesMut};
 
 use crate::codec::{len16, len32, put_bytes, put_opt_str, put_str};
+use crate::durable::{SessionRecord, StoredWill};
+use crate::message::Delivery;
 use crate::message::{Message, MessageId, Properties, QoS};
 use crate::router::SubOptions;
-use crate::session::Delivery;
 
 const VERSION: u8 = 1;
 const SESSION: u8 = b'S';
@@ -66,53 +67,6 @@ pub enum RecordError {
 }
 
 pub type Result<T> = std::result::Result<T, RecordError>;
-
-/// A persistent session as stored: what a reconnect needs besides its
-/// messages.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SessionRecord {
-    pub expiry_ms: u64,
-    /// When the client disconnected; 0 while it was connected (a crash:
-    /// the expiry counts from the restart).
-    pub disconnected_ms: u64,
-    /// The client asked for ordered storage (B11).
-    pub ordered: bool,
-    /// QoS 2 packet ids accepted and not yet released.
-    pub qos2_ids: Vec<u16>,
-    pub subscriptions: Vec<(String, SubOptions)>,
-    /// An MQTT 5 will waiting for its delay (or the session's end).
-    pub will: Option<StoredWill>,
-    /// Outbound QoS 2 packet ids PUBRECed and not yet PUBCOMPed.
-    pub released: Vec<u16>,
-    /// Retained replays of new subscriptions still under way: the filter
-    /// and the last topic paged.
-    pub replays: Vec<(String, Option<String>)>,
-}
-
-/// A will whose client went away without DISCONNECT, published at `due_ms`
-/// (wall clock) unless the client is back before (MQTT 5 3.1.3.2.2).
-#[derive(Debug, Clone)]
-pub struct StoredWill {
-    pub due_ms: u64,
-    pub msg: Arc<Message>,
-}
-
-impl PartialEq for StoredWill {
-    /// The same will: due at the same time, the same message as a
-    /// subscriber would see it (its clock fields are read back relative to
-    /// the restart, so they are not compared).
-    fn eq(&self, other: &Self) -> bool {
-        let (a, b) = (&self.msg, &other.msg);
-        self.due_ms == other.due_ms
-            && a.id == b.id
-            && a.topic == b.topic
-            && a.payload == b.payload
-            && a.qos == b.qos
-            && a.retain == b.retain
-            && a.publisher == b.publisher
-            && a.properties == b.properties
-    }
-}
 
 /// The key of message `seq` of `client`'s queue.
 pub fn queue_key(client: &str, seq: u64) -> Vec<u8> {

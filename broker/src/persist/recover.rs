@@ -8,15 +8,15 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use prometheus::{Gauge, IntCounter, IntGauge, Registry};
 
-use super::record::{self, SessionRecord};
+use super::record;
 use super::writer::Store;
 use super::{PersistError, Result};
-use crate::message::{Message, now_ms};
-use crate::session::Delivery;
+use crate::durable::{Recovered, RecoveredSession, SessionRecord};
+use crate::message::now_ms;
 
 /// What the read-back reports, registered once: a store that could not be
 /// opened at start-up is read back later, by the writer.
@@ -66,25 +66,6 @@ pub(super) fn open(dir: &Path, metrics: &RecoveryMetrics) -> Result<(Store, Reco
     let store = Store::open(dir)?;
     let recovered = read(&store, dir, metrics, started, Instant::now(), now_ms())?;
     Ok((store, recovered))
-}
-
-/// A persistent session as the store kept it.
-#[derive(Debug)]
-pub struct RecoveredSession {
-    pub client: Arc<str>,
-    pub record: SessionRecord,
-    /// Its queued messages in the order they were queued, `seq` set.
-    pub messages: Vec<Delivery>,
-}
-
-/// Everything read back.
-#[derive(Debug, Default)]
-pub struct Recovered {
-    pub sessions: Vec<RecoveredSession>,
-    pub retained: Vec<Message>,
-    /// Delayed wills of sessions that ended while the node was down: due
-    /// now (with whether their session asked for ordered storage).
-    pub wills: Vec<(Arc<Message>, bool)>,
 }
 
 fn read(
@@ -215,13 +196,4 @@ fn read(
         retained,
         wills,
     })
-}
-
-/// When a recovered session disconnected, as an `Instant` of this process.
-pub fn disconnected_at(rec: &SessionRecord, now: Instant, now_ms: u64) -> Instant {
-    if rec.disconnected_ms == 0 {
-        return now;
-    }
-    let ago = Duration::from_millis(now_ms.saturating_sub(rec.disconnected_ms));
-    now.checked_sub(ago).unwrap_or(now)
 }

@@ -22,10 +22,10 @@ use fjall::config::FilterPolicy;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use ntex::util::Bytes;
 
-use super::recover::{self, Recovered, RecoveryMetrics};
-use super::wake::Mailbox;
+use super::recover::{self, RecoveryMetrics};
 use super::{Change, Op, PersistError, Result, StoreMetrics, record};
 use crate::config::{Fsync, PersistenceConfig};
+use crate::durable::{Mailbox, Recovered};
 
 /// fjall's smallest journal bound: the journal is what a restart replays,
 /// and what the disk holds besides the tables (the default is 512 MiB).

@@ -11,6 +11,7 @@ use crate::auth::{Identity, Refusal};
 use crate::broker::{Broker, PublishError, Publisher};
 use crate::connection::Connection;
 use crate::message::Message;
+use crate::order;
 use crate::session::Session;
 use crate::storage::{OnFull, StorageError};
 use crate::sys::{self, SysError};
@@ -18,7 +19,6 @@ use crate::token::{Claims, TokenError, TokenType};
 use crate::topic::TopicError;
 use crate::trace::{DeviceAction, DeviceReason};
 
-pub mod order;
 pub mod v3;
 pub mod v5;
 
@@ -232,7 +232,7 @@ pub fn may_subscribe(conn: &Connection, filter: &str) -> Result<()> {
 pub fn token_notice(e: &Error) -> Option<String> {
     match e {
         Error::Token(err, ty) | Error::Sys(SysError::Token(err, ty)) => {
-            Some(crate::token_api::invalid_notice(*err, *ty))
+            Some(crate::token::invalid_notice(*err, *ty))
         }
         _ => None,
     }
@@ -372,6 +372,28 @@ pub fn trace_stop(conn: &Connection, reason: &Reason<Error>) {
         Reason::Error(e) => {
             conn.closing(e.get_ref().device_reason());
             tracing::info!(client_id, error = %e.get_ref(), "connection closed by the broker");
+        }
+    }
+}
+
+// The core's QoS and ntex-mqtt's, converted here at the transport so that
+// the core names no MQTT library.
+impl From<ntex_mqtt::QoS> for crate::message::QoS {
+    fn from(q: ntex_mqtt::QoS) -> Self {
+        match q {
+            ntex_mqtt::QoS::AtMostOnce => crate::message::QoS::AtMostOnce,
+            ntex_mqtt::QoS::AtLeastOnce => crate::message::QoS::AtLeastOnce,
+            ntex_mqtt::QoS::ExactlyOnce => crate::message::QoS::ExactlyOnce,
+        }
+    }
+}
+
+impl From<crate::message::QoS> for ntex_mqtt::QoS {
+    fn from(q: crate::message::QoS) -> Self {
+        match q {
+            crate::message::QoS::AtMostOnce => ntex_mqtt::QoS::AtMostOnce,
+            crate::message::QoS::AtLeastOnce => ntex_mqtt::QoS::AtLeastOnce,
+            crate::message::QoS::ExactlyOnce => ntex_mqtt::QoS::ExactlyOnce,
         }
     }
 }

@@ -13,8 +13,9 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use ringmq_broker::config::PersistenceConfig;
+use ringmq_broker::durable::{SessionRecord, Store};
 use ringmq_broker::message::{Message, MessageId, QoS, now_ms};
-use ringmq_broker::persist::{Persist, SessionRecord, dir_size};
+use ringmq_broker::persist::{Persist, dir_size};
 use ringmq_broker::router::SubOptions;
 use ringmq_broker::session::Delivery;
 

@@ -27,7 +27,7 @@ thread_local! {
 
 /// A worker's finished commits, and the wake-up of the task that resolves them.
 #[derive(Debug, Default)]
-pub(super) struct Mailbox {
+pub struct Mailbox {
     ready: Mutex<Vec<Arc<Commit>>>,
     wake: Notify,
 }
@@ -45,7 +45,7 @@ impl Mailbox {
     }
 
     /// Wakes the worker's resolving task, once for everything put since.
-    pub(super) fn ring(&self) {
+    pub fn ring(&self) {
         self.wake.notify_one();
     }
 
@@ -89,9 +89,10 @@ mod tests {
 
     use super::*;
     use crate::config::PersistenceConfig;
+    use crate::durable::{Pending, Store};
+    use crate::message::Delivery;
     use crate::message::{Message, MessageId, QoS};
-    use crate::persist::{Pending, Persist};
-    use crate::session::Delivery;
+    use crate::persist::Persist;
 
     /// Acknowledgements waiting on a worker with a mailbox are woken by it,
     /// batch after batch, and a failed write still reaches them.
