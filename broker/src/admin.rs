@@ -268,11 +268,11 @@ fn respond(broker: &Arc<Broker>, req: &Request) -> Response {
             } else if !broker.is_restored() {
                 Response::ServiceUnavailable()
                     .body("the store cannot be opened yet (read-only or full disk?): see the log; retried every second")
-            } else if broker.cluster.as_ref().is_some_and(|c| c.is_leaving()) {
+            } else if broker.peers().is_some_and(|c| c.is_leaving()) {
                 // Out of the Service's endpoints: new clients go to the
                 // pods that stay.
                 Response::ServiceUnavailable().body("leaving: handing sessions to the other nodes")
-            } else if broker.cluster.as_ref().is_some_and(|c| !c.is_settled()) {
+            } else if broker.peers().is_some_and(|c| !c.is_settled()) {
                 Response::ServiceUnavailable()
                     .body("joining: waiting for sessions from the other nodes")
             } else {
@@ -282,7 +282,7 @@ fn respond(broker: &Arc<Broker>, req: &Request) -> Response {
         // The operator calls this before it lowers the replica count: the
         // node hands its sessions to the rest of the ring and tells its
         // clients to reconnect; it keeps running until it is stopped.
-        "/cluster/drain" if req.method() == ntex::http::Method::POST => match &broker.cluster {
+        "/cluster/drain" if req.method() == ntex::http::Method::POST => match broker.peers() {
             Some(c) => {
                 c.leave();
                 broker.rebalance();

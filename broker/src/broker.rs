@@ -12,14 +12,13 @@ use std::time::{Duration, Instant};
 use crate::alarm::Alarms;
 use crate::auth::Auth;
 use crate::capacity::Capacity;
-use crate::cluster::wire::{Frame, WireMessage};
-use crate::cluster::{self, Cluster};
 use crate::config::Config;
 use crate::durable::{Pending, Recovered, Store, WriteFailed};
 use crate::message::{Message, MessageIds, QoS};
 use crate::meter::{Meter, weight};
 use crate::metrics::Metrics;
 use crate::order::Gate;
+use crate::peers::{Handover, PeerMsg, Peers};
 use crate::retain::RetainStore;
 use crate::router::{ClientId, Route, Router, Scope, SubOptions, node_route, route_node};
 use crate::session::{
@@ -84,9 +83,7 @@ pub struct Broker {
     /// Last device event index handed out.
     event_clock: AtomicU64,
     /// The other nodes, when this node is part of a cluster.
-    pub cluster: Option<Arc<Cluster>>,
-    /// Client IP addresses of connections another node forwarded here.
-    pub forwarded_peers: cluster::gate::ForwardedPeers,
+    cluster: Option<Arc<dyn Peers>>,
     /// Descriptors MQTT connections may take (the admin port keeps a reserve).
     pub fds: Arc<crate::descriptors::Budget>,
     /// Sessions that moved to another node, by Client ID, with their new
@@ -110,8 +107,12 @@ pub struct Usage {
     pub alarms: Alarms,
 }
 
-/// Frames for other nodes that a publish produced.
-type Forwards = Vec<(Arc<str>, Frame)>;
+/// The QoS with which a remote node's marker subscribes: the highest, so
+/// that downgrades happen at the subscriber's node.
+const MARKER_QOS: QoS = QoS::ExactlyOnce;
+
+/// Messages for other nodes that a publish produced.
+type Forwards = Vec<(Arc<str>, PeerMsg)>;
 
 /// Who publishes a message, as the storage and routing rules need it.
 #[derive(Debug, Clone, Copy)]
@@ -166,13 +167,18 @@ pub struct Parts {
     pub auth: Auth,
     pub tokens: Option<TokenService>,
     pub storage: Arc<dyn Storage>,
-    pub cluster: Option<Arc<Cluster>>,
+    pub cluster: Option<Arc<dyn Peers>>,
     pub usage: Usage,
     /// The durable store (`durable::NoStore` for none).
     pub persist: Arc<dyn Store>,
 }
 
 impl Broker {
+    /// The other nodes, when this node is part of a cluster.
+    pub fn peers(&self) -> Option<&Arc<dyn Peers>> {
+        self.cluster.as_ref()
+    }
+
     pub fn new(config: Config, parts: Parts) -> Arc<Self> {
         let Parts {
             metrics,
@@ -201,7 +207,6 @@ impl Broker {
             channels: AtomicU64::new(0),
             event_clock: AtomicU64::new(0),
             cluster,
-            forwarded_peers: cluster::gate::ForwardedPeers::default(),
             fds,
             moved: std::sync::Mutex::default(),
             usage,
@@ -412,8 +417,8 @@ impl Broker {
         };
         let wait = Duration::from_millis(self.config.limits.queue_full_wait_ms);
         let mut delivered = true;
-        for (node, frame) in forwards {
-            if !c.send(&node, frame, wait).await {
+        for (node, forward) in forwards {
+            if !c.send(&node, forward, wait).await {
                 self.metrics.drop_message("cluster_link");
                 delivered = false;
             }
@@ -533,8 +538,8 @@ impl Broker {
     /// Sends forwards without waiting; what finds a full link is counted.
     fn forward_now(&self, forwards: Forwards) {
         if let Some(c) = &self.cluster {
-            for (node, frame) in forwards {
-                if !c.try_send(&node, frame) {
+            for (node, forward) in forwards {
+                if !c.try_send(&node, forward) {
                     self.metrics.drop_message("cluster_link");
                 }
             }
@@ -546,8 +551,7 @@ impl Broker {
     /// the sessions that went over their queue limit: the link waits for
     /// them before it reads on, which holds the sender (and, through its
     /// link queue, the publisher's PUBACK) — backpressure across nodes.
-    pub fn publish_forwarded(&self, w: WireMessage, groups: &[String]) -> Vec<Arc<Session>> {
-        let msg = Arc::new(cluster::from_wire(w));
+    pub fn publish_forwarded(&self, msg: Arc<Message>, groups: &[String]) -> Vec<Arc<Session>> {
         let keep = KeepOffline::Publisher { persistent: true };
         let mut forwards = Vec::new();
         let mut over = Vec::new();
@@ -569,21 +573,22 @@ impl Broker {
         &self,
         client_id: &str,
         persistent: bool,
-        w: WireMessage,
+        msg: Arc<Message>,
     ) -> Vec<Arc<Session>> {
         if self.sessions.get(client_id).is_none()
             && let Some(owner) = self.moved_to(client_id)
         {
             // It moved on while the message travelled.
-            let frame = Frame::Direct {
+            let qos = msg.qos;
+            let forward = PeerMsg::Direct {
                 client_id: client_id.to_owned(),
                 persistent,
-                msg: w,
+                msg,
+                qos,
             };
-            self.forward_now(vec![(owner, frame)]);
+            self.forward_now(vec![(owner, forward)]);
             return Vec::new();
         }
-        let msg = Arc::new(cluster::from_wire(w));
         let mut over = Vec::new();
         self.publish_p2p(
             &msg,
@@ -596,8 +601,7 @@ impl Broker {
     }
 
     /// A retained message another node stored.
-    pub fn retain_replica(&self, w: WireMessage) {
-        let msg = Arc::new(cluster::from_wire(w));
+    pub fn retain_replica(&self, msg: Arc<Message>) {
         let n = self.retained.set_if_newer(&msg);
         self.metrics.retained.set(gauge(n));
     }
@@ -606,7 +610,7 @@ impl Broker {
     pub fn remote_routes(&self, node: &str, add: &[String], del: &[String]) {
         let marker = node_route(node);
         let opts = SubOptions {
-            qos: cluster::MARKER_QOS,
+            qos: MARKER_QOS,
             no_local: false,
             retain_as_published: true,
             id: None,
@@ -695,19 +699,19 @@ impl Broker {
                 // From here on, deliveries that still find this object
                 // follow the session instead of landing in it.
                 st.moved_to = Some(owner.clone());
-                Some(cluster::session_to_wire(&client, &mut st, Instant::now()))
+                Some(st.take_handover(&client, Instant::now()))
             }
         };
         let subs: Vec<String> = match &snapshot {
-            Some(ws) => ws.subscriptions.iter().map(|s| s.filter.clone()).collect(),
+            Some(h) => h.subscriptions.iter().map(|(f, _)| f.clone()).collect(),
             None => Vec::new(),
         };
-        if let Some(ws) = snapshot {
+        if let Some(h) = snapshot {
             self.sessions.remove(&client);
             self.metrics.sessions.set(gauge(self.sessions.len()));
             self.drained_some();
             let wait = Duration::from_secs(5);
-            if c.send(&owner, Frame::Session(ws.clone()), wait).await {
+            if c.send(&owner, PeerMsg::Session(h.clone()), wait).await {
                 self.metrics.sessions_moved.inc();
                 tracing::debug!(client_id = %client, owner = %owner, "session moved");
             } else {
@@ -718,7 +722,7 @@ impl Broker {
                 if let Ok(mut moved) = self.moved.lock() {
                     moved.remove(&client);
                 }
-                self.install_session(ws);
+                self.install_session(h);
                 if left.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
                     c.announce_settled();
                 }
@@ -729,7 +733,7 @@ impl Broker {
             c.announce_settled();
         }
         // Grace: long enough for the owner's routes to reach every node.
-        ntex::time::sleep(Duration::from_millis(4 * c.config.heartbeat_ms)).await;
+        ntex::time::sleep(4 * c.heartbeat()).await;
         if let Ok(mut moved) = self.moved.lock() {
             moved.remove(&client);
         }
@@ -779,8 +783,8 @@ impl Broker {
 
     /// A persistent session another node handed over: installed here, or
     /// merged into the session its client already opened here.
-    pub fn install_session(self: &Arc<Self>, ws: cluster::wire::WireSession) {
-        let session = self.sessions.adopt(&ws.client_id);
+    pub fn install_session(self: &Arc<Self>, h: Handover) {
+        let session = self.sessions.adopt(&h.client_id);
         let mut added = Vec::new();
         let wake = {
             let mut st = session.lock();
@@ -789,23 +793,21 @@ impl Broker {
                 // state is discarded, as it would be on one node.
                 return;
             }
-            for sub in &ws.subscriptions {
-                if !st.subscriptions.contains_key(&sub.filter) {
-                    let opts = cluster::sub_options(sub);
-                    st.subscriptions.insert(sub.filter.clone(), opts);
-                    added.push((sub.filter.clone(), opts));
+            for (filter, opts) in h.subscriptions {
+                if !st.subscriptions.contains_key(&filter) {
+                    st.subscriptions.insert(filter.clone(), opts);
+                    added.push((filter, opts));
                 }
             }
             st.persistent = true;
-            st.expiry = st.expiry.max(Duration::from_millis(ws.expiry_ms));
-            st.ordered |= ws.ordered;
-            let resend = ws.resend.into_iter().map(cluster::delivery_from_wire);
-            let offline = ws.offline.into_iter().map(cluster::delivery_from_wire);
+            st.expiry = st.expiry.max(h.expiry);
+            st.ordered |= h.ordered;
+            let (resend, offline) = (h.resend, h.offline);
             let wake = match &st.attached {
                 // The client came back first: the messages join its live queue.
                 Some(conn) => {
                     let wake = conn.wake.clone();
-                    st.queue.extend(resend.chain(offline));
+                    st.queue.extend(resend.into_iter().chain(offline));
                     Some(wake)
                 }
                 None => {
@@ -1048,15 +1050,11 @@ impl Broker {
         pending: &mut Pending,
     ) -> usize {
         let origin = matches!(scope, Scope::All);
-        // Read only when the message goes on a cluster link.
-        let now = std::cell::LazyCell::new(Instant::now);
         if msg.retain && origin {
             let n = self.retained.set(msg, Some(&mut *pending));
             self.metrics.retained.set(gauge(n));
             if let Some(c) = &self.cluster {
-                c.broadcast(&Frame::Retain {
-                    msg: cluster::to_wire(msg, *now),
-                });
+                c.broadcast(PeerMsg::Retain { msg: msg.clone() });
             }
         }
         if let Some(target) = topic::p2p_target(&msg.topic) {
@@ -1078,12 +1076,13 @@ impl Broker {
             {
                 let owner = c.owner(target);
                 if !c.is_local(&owner) {
-                    let frame = Frame::Direct {
+                    let forward = PeerMsg::Direct {
                         client_id: target.to_owned(),
                         persistent,
-                        msg: cluster::to_wire(msg, *now),
+                        msg: msg.clone(),
+                        qos: msg.qos,
                     };
-                    forwards.push((owner, frame));
+                    forwards.push((owner, forward));
                     return 0;
                 }
             }
@@ -1117,11 +1116,11 @@ impl Broker {
                     groups.extend(routes[i].group.as_deref().map(str::to_owned));
                     i += 1;
                 }
-                let frame = Frame::Publish {
-                    msg: cluster::to_wire(msg, *now),
+                let forward = PeerMsg::Publish {
+                    msg: msg.clone(),
                     groups,
                 };
-                forwards.push((Arc::from(node), frame));
+                forwards.push((Arc::from(node), forward));
                 continue;
             }
             let mut j = i;
@@ -1147,14 +1146,13 @@ impl Broker {
             let Some(session) = self.sessions.get(&client) else {
                 // A session that just moved: the message follows it.
                 if let Some(owner) = self.moved_to(&client) {
-                    let mut d = cluster::to_wire(msg, *now);
-                    d.qos = qos.min(msg.qos);
-                    let frame = Frame::Direct {
+                    let forward = PeerMsg::Direct {
                         client_id: client.to_string(),
                         persistent: true,
-                        msg: d,
+                        msg: msg.clone(),
+                        qos: qos.min(msg.qos),
                     };
-                    forwards.push((owner, frame));
+                    forwards.push((owner, forward));
                     reached += 1;
                 }
                 continue;
@@ -1232,17 +1230,14 @@ impl Broker {
         let Enqueued::Moved(owner, d) = outcome else {
             return outcome;
         };
-        let frame = Frame::Direct {
+        let forward = PeerMsg::Direct {
             client_id: session.client_id.to_string(),
             persistent: true,
-            msg: {
-                let mut w = cluster::to_wire(&d.msg, Instant::now());
-                w.qos = d.qos;
-                w
-            },
+            msg: d.msg,
+            qos: d.qos,
         };
         match &self.cluster {
-            Some(c) if c.try_send(&owner, frame) => Enqueued::Online,
+            Some(c) if c.try_send(&owner, forward) => Enqueued::Online,
             _ => Enqueued::Dropped,
         }
     }

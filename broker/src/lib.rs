@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod node;
 pub mod ops;
 pub mod order;
+pub mod peers;
 pub mod persist;
 pub mod protocol;
 pub mod pubrel;

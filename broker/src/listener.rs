@@ -14,6 +14,7 @@ use ntex_mqtt::{MqttError, MqttServer, MqttServiceConfig, v3, v5};
 
 use crate::admin;
 use crate::broker::Broker;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::protocol;
 use crate::tls::TlsError;
@@ -87,6 +88,7 @@ fn bind(name: &'static str, addr: Option<SocketAddr>) -> Result<Option<TcpListen
 /// Runs the listeners until `shutdown` resolves, then stops gracefully.
 pub async fn serve(
     broker: Arc<Broker>,
+    cluster: Option<Arc<Cluster>>,
     admin: Arc<admin::Admin>,
     bound: Bound,
     shutdown: impl Future<Output = ()>,
@@ -127,45 +129,49 @@ pub async fn serve(
     }
     let server_err = ListenerError::Server;
     if let Some(lst) = bound.tcp {
-        let b = broker.clone();
+        let (b, c) = (broker.clone(), cluster.clone());
         builder = builder
             .listen("mqtt-tcp", lst, mqtt_cfg.clone(), async move |_| {
-                front_service(b.clone())
+                front_service(b.clone(), c.clone())
             })
             .map_err(server_err)?;
     }
     if let Some(lst) = bound.ws {
-        let b = broker.clone();
+        let (b, c) = (broker.clone(), cluster.clone());
         builder = builder
             .listen("mqtt-ws", lst, mqtt_cfg.clone(), async move |_| {
-                ws_service(b.clone(), Pipeline::new((), mqtt_service(b.clone())))
+                ws_service(
+                    b.clone(),
+                    c.clone(),
+                    Pipeline::new((), mqtt_service(b.clone())),
+                )
             })
             .map_err(server_err)?;
     }
     if let (Some(lst), Some(tls)) = (bound.tls, tls.clone()) {
-        let b = broker.clone();
+        let (b, c) = (broker.clone(), cluster.clone());
         builder = builder
             .listen("mqtt-tls", lst, mqtt_cfg.clone(), async move |_| {
                 ntex::tls::rustls::TlsAcceptor::new(tls.clone())
                     .map_err(|e| {
                         MqttError::Service(protocol::Error::Transport(format!("TLS: {e}")))
                     })
-                    .and_then(front_service(b.clone()))
+                    .and_then(front_service(b.clone(), c.clone()))
             })
             .map_err(server_err)?;
     }
     if let (Some(lst), Some(tls)) = (bound.wss, tls) {
-        let b = broker.clone();
+        let (b, c) = (broker.clone(), cluster.clone());
         builder = builder
             .listen("mqtt-wss", lst, mqtt_cfg.clone(), async move |_| {
                 let mqtt = Pipeline::new((), mqtt_service(b.clone()));
                 ntex::tls::rustls::TlsAcceptor::new(tls.clone())
                     .map_err(io::Error::other)
-                    .and_then(ws_service(b.clone(), mqtt))
+                    .and_then(ws_service(b.clone(), c.clone(), mqtt))
             })
             .map_err(server_err)?;
     }
-    if let (Some(lst), Some(cluster)) = (bound.cluster, broker.cluster.clone()) {
+    if let (Some(lst), Some(cluster)) = (bound.cluster, cluster.clone()) {
         let b = broker.clone();
         builder = builder
             .listen("cluster", lst, mqtt_cfg.clone(), async move |_| {
@@ -196,11 +202,7 @@ pub async fn serve(
         ntex::util::Either::Right(()) => {
             let deadline = std::time::Instant::now()
                 + std::time::Duration::from_secs(config.shutdown_timeout_secs);
-            if broker
-                .cluster
-                .as_ref()
-                .is_some_and(|c| !c.members().is_empty())
-            {
+            if broker.peers().is_some_and(|c| !c.members().is_empty()) {
                 // A planned leave (C4): the sessions go to the rest of the
                 // ring, their clients are told to reconnect, and the node
                 // stays until the handover and its grace period are over.
@@ -249,12 +251,13 @@ where
 /// that serves the client here or forwards it to its session's owner.
 fn front_service<F: Filter>(
     broker: Arc<Broker>,
+    cluster: Option<Arc<Cluster>>,
 ) -> impl Service<(), Io<F>, Res = (), Error = MqttError<protocol::Error>> {
     let mqtt = Pipeline::new((), mqtt_service(broker.clone())).bind();
     ntex::service::fn_service(move |io: Io<F>| {
-        let (broker, mqtt) = (broker.clone(), mqtt.clone());
+        let (broker, cluster, mqtt) = (broker.clone(), cluster.clone(), mqtt.clone());
         async move {
-            crate::cluster::gate::serve(io.boxed(), broker, &mqtt).await;
+            crate::cluster::gate::serve(io.boxed(), broker, cluster, &mqtt).await;
             Ok(())
         }
     })
@@ -264,6 +267,7 @@ fn front_service<F: Filter>(
 /// MQTT (through the gate, as `front_service`).
 fn ws_service<F: Filter>(
     broker: Arc<Broker>,
+    cluster: Option<Arc<Cluster>>,
     mqtt: Pipeline<IoBoxed, (), MqttError<protocol::Error>>,
 ) -> impl Service<(), Io<F>, Res = (), Error = io::Error> {
     let mqtt = mqtt.bind();
@@ -275,7 +279,15 @@ fn ws_service<F: Filter>(
             h1::Control::Upgrade(ctl) => {
                 let (ack, io, req, codec) = ctl.handle();
                 match upgrade(io, req, codec).await {
-                    Ok(io) => crate::cluster::gate::serve(io.boxed(), broker.clone(), &mqtt).await,
+                    Ok(io) => {
+                        crate::cluster::gate::serve(
+                            io.boxed(),
+                            broker.clone(),
+                            cluster.clone(),
+                            &mqtt,
+                        )
+                        .await
+                    }
                     Err(e) => tracing::info!(error = %e, "WebSocket upgrade refused"),
                 }
                 ack

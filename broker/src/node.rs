@@ -83,7 +83,7 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<()> {
             auth,
             tokens,
             storage,
-            cluster: cluster.clone(),
+            cluster: cluster.clone().map(|c| c as Arc<dyn crate::peers::Peers>),
             usage,
             persist: Arc::new(persist.clone()),
         },
@@ -147,7 +147,7 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<()> {
         }
         None => None,
     };
-    let served = listener::serve(broker, admin, bound, stop).await;
+    let served = listener::serve(broker, cluster, admin, bound, stop).await;
     trigger.fire();
     let left = trigger.join(Duration::from_secs(5)).await;
     if left > 0 {

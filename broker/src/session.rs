@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 use crate::durable::{self, Pending, SessionRecord, Store, StoredWill};
 pub use crate::message::Delivery;
 use crate::message::{Message, QoS};
+use crate::peers::Handover;
 use crate::retain::Replay;
 use crate::router::{ClientId, SubOptions};
 use crate::token::{Claims, TokenType};
@@ -149,6 +150,33 @@ pub struct State {
 }
 
 impl State {
+    /// Takes a detached persistent session's state for its new owner on
+    /// another node; the session is left empty. What was in flight goes
+    /// first, with DUP (it may have been sent), then what waited.
+    pub fn take_handover(&mut self, client_id: &str, now: Instant) -> Handover {
+        let left = self.disconnected_at.map_or(self.expiry, |t| {
+            self.expiry.saturating_sub(now.saturating_duration_since(t))
+        });
+        let mut resend: Vec<Delivery> = self
+            .inflight
+            .take_in_order()
+            .map(|mut d| {
+                d.dup = true;
+                d
+            })
+            .collect();
+        resend.extend(self.resend.drain(..));
+        resend.extend(self.queue.drain(..));
+        Handover {
+            client_id: client_id.to_owned(),
+            expiry: left,
+            ordered: self.ordered,
+            subscriptions: self.subscriptions.drain().collect(),
+            resend,
+            offline: self.offline.drain(..).collect(),
+        }
+    }
+
     /// Takes message `packet_id` out of flight, when the connection of
     /// `generation` (the one that sent it) is still the attached one.
     fn take_inflight(&mut self, generation: u64, packet_id: u16) -> Option<Delivery> {

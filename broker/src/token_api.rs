@@ -136,8 +136,8 @@ pub fn handle(broker: &Broker, op: &str, params: &[(String, String)]) -> Answer 
         "revoke" => match tokens.revoke(get("token")) {
             Ok(claims) => {
                 // Every node verifies tokens: every node learns the revocation.
-                if let Some(c) = &broker.cluster {
-                    c.broadcast(&crate::cluster::wire::Frame::Revoked {
+                if let Some(c) = broker.peers() {
+                    c.broadcast(crate::peers::PeerMsg::Revoked {
                         id: claims.id.clone(),
                         exp_ms: claims.exp,
                     });

@@ -773,6 +773,13 @@ async fn messages_in_flight_at_a_crash_come_back_with_dup() {
         assert_eq!(first, [("a".into(), false), ("b".into(), false)]);
         if id == "dup-left" {
             drop(r);
+            // Published once the broker saw the client go: queued, never sent.
+            for _ in 0..100 {
+                if b.api(&format!("/api/v1/clients/{id}"))["online"] == false {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             p.publish(&format!("{id}/x"), v4::QoS::AtLeastOnce, false, "c")
                 .await;
             p.acked(1).await;

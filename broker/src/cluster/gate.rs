@@ -6,17 +6,15 @@
 //! sees plain MQTT, preceded on the link by the handshake and a `Proxy` frame
 //! that carries the client's IP address (for device events).
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
-use std::thread::ThreadId;
+use std::sync::Arc;
 
 use ntex::codec::{BytesCodec, Decoder};
 use ntex::io::IoBoxed;
 use ntex::util::{BytesMut, Either};
 
-use super::link;
 use super::wire::Frame;
+use super::{Cluster, link};
 use crate::broker::Broker;
 
 /// The MQTT service of a worker thread.
@@ -108,40 +106,15 @@ fn client_id(p: &[u8]) -> Option<String> {
     String::from_utf8(id.to_vec()).ok()
 }
 
-/// Client IP addresses of forwarded connections, by I/O stream (an ntex
-/// stream id is unique on its worker thread), for device events.
-#[derive(Debug, Default)]
-pub struct ForwardedPeers(Mutex<HashMap<(ThreadId, ntex::io::Id), IpAddr>>);
-
-impl ForwardedPeers {
-    fn insert(&self, key: (ThreadId, ntex::io::Id), ip: IpAddr) {
-        if let Ok(mut m) = self.0.lock() {
-            m.insert(key, ip);
-        }
-    }
-
-    fn remove(&self, key: &(ThreadId, ntex::io::Id)) {
-        if let Ok(mut m) = self.0.lock() {
-            m.remove(key);
-        }
-    }
-
-    /// The forwarded client IP of a stream of this thread, if it is one.
-    pub fn get(&self, io: &ntex::io::IoRef) -> Option<IpAddr> {
-        let key = (std::thread::current().id(), io.id());
-        self.0.lock().ok()?.get(&key).copied()
-    }
-}
-
 /// Serves one client connection of a front-door listener.
-pub async fn serve(io: IoBoxed, broker: Arc<Broker>, mqtt: &Mqtt) {
+pub async fn serve(io: IoBoxed, broker: Arc<Broker>, cluster: Option<Arc<Cluster>>, mqtt: &Mqtt) {
     let Some(_slot) = slot(&io, &broker) else {
         return;
     };
     let Some(peek) = peek(&io, &broker).await else {
         return;
     };
-    let Some(cluster) = broker.cluster.clone() else {
+    let Some(cluster) = cluster else {
         serve_here(io, &broker, mqtt, &peek).await;
         return;
     };
@@ -274,21 +247,21 @@ async fn wait_settled(cluster: &super::Cluster) {
 }
 
 /// The owner's side: a client another node forwarded, served like a local one.
-pub async fn serve_forwarded(io: IoBoxed, broker: &Broker, client_ip: Option<IpAddr>, mqtt: &Mqtt) {
-    if let Some(c) = &broker.cluster {
-        wait_settled(c).await;
-    }
-    let key = (std::thread::current().id(), io.id());
+pub async fn serve_forwarded(
+    io: IoBoxed,
+    broker: &Broker,
+    cluster: &Cluster,
+    client_ip: Option<IpAddr>,
+    mqtt: &Mqtt,
+) {
+    wait_settled(cluster).await;
     let Some(_slot) = slot(&io, broker) else {
         return;
     };
-    if let Some(ip) = client_ip {
-        broker.forwarded_peers.insert(key, ip);
-    }
+    let _forwarded = client_ip.map(|ip| crate::protocol::ForwardedFrom::new(&io, ip));
     if let Some(peek) = peek(&io, broker).await {
         serve_here(io, broker, mqtt, &peek).await;
     }
-    broker.forwarded_peers.remove(&key);
 }
 
 /// A descriptor slot for a connection (`descriptors`); past the budget the

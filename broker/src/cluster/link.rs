@@ -404,7 +404,7 @@ pub async fn inbound(
     };
     if let Frame::Proxy { client_ip } = &first {
         let ip = client_ip.parse().ok();
-        super::gate::serve_forwarded(io, &broker, ip, mqtt).await;
+        super::gate::serve_forwarded(io, &broker, &cluster, ip, mqtt).await;
         return;
     }
     let mut frame = first;
@@ -451,14 +451,16 @@ fn apply(
             let (add, del) = cluster.remote_routes(peer, &f);
             broker.remote_routes(peer, &add, &del);
         }
-        Frame::Publish { msg, groups } => return broker.publish_forwarded(msg, &groups),
+        Frame::Publish { msg, groups } => {
+            return broker.publish_forwarded(Arc::new(super::from_wire(msg)), &groups);
+        }
         Frame::Direct {
             client_id,
             persistent,
             msg,
-        } => return broker.deliver_direct(&client_id, persistent, msg),
-        Frame::Retain { msg } => broker.retain_replica(msg),
-        Frame::Session(ws) => broker.install_session(ws),
+        } => return broker.deliver_direct(&client_id, persistent, Arc::new(super::from_wire(msg))),
+        Frame::Retain { msg } => broker.retain_replica(Arc::new(super::from_wire(msg))),
+        Frame::Session(ws) => broker.install_session(super::handover_from_wire(ws)),
         Frame::Load {
             connections,
             subscriptions,

@@ -29,8 +29,11 @@ use tokio::sync::mpsc;
 
 use crate::broker::Broker;
 use crate::config::ClusterConfig;
-use crate::message::{Message, MessageId, Properties, QoS};
+use crate::message::Delivery;
+use crate::message::{Message, MessageId, Properties};
+use crate::peers::{Answered, Handover, PeerMsg, Peers, Sent};
 use crate::ring::Ring;
+use crate::router::SubOptions;
 use crate::secret_file::SecretFile;
 use crate::shutdown::Shutdown;
 use wire::{Frame, WireMessage};
@@ -667,40 +670,26 @@ pub fn from_wire(w: WireMessage) -> Message {
     msg
 }
 
-/// Takes a detached persistent session's state for its new owner; the
-/// session is left empty.
-pub fn session_to_wire(
-    client_id: &str,
-    st: &mut crate::session::State,
-    now: Instant,
-) -> wire::WireSession {
-    let delivery = |d: crate::session::Delivery| wire::WireDelivery {
+/// A waiting message as it travels.
+fn delivery_to_wire(d: Delivery, now: Instant) -> wire::WireDelivery {
+    wire::WireDelivery {
         msg: to_wire(&d.msg, now),
         qos: d.qos,
         retain: d.retain,
         dup: d.dup,
         sub_ids: d.sub_ids.iter().map(|i| i.get()).collect(),
-    };
-    let left = st.disconnected_at.map_or(st.expiry, |t| {
-        st.expiry.saturating_sub(now.saturating_duration_since(t))
-    });
-    let mut resend: Vec<wire::WireDelivery> = st
-        .inflight
-        .take_in_order()
-        .map(|mut d| {
-            d.dup = true;
-            delivery(d)
-        })
-        .collect();
-    resend.extend(st.resend.drain(..).map(delivery));
-    resend.extend(st.queue.drain(..).map(delivery));
+    }
+}
+
+/// A session handed over, as it travels.
+pub fn handover_to_wire(h: Handover, now: Instant) -> wire::WireSession {
     wire::WireSession {
-        client_id: client_id.to_owned(),
-        expiry_ms: u64::try_from(left.as_millis()).unwrap_or(u64::MAX),
-        ordered: st.ordered,
-        subscriptions: st
+        client_id: h.client_id,
+        expiry_ms: u64::try_from(h.expiry.as_millis()).unwrap_or(u64::MAX),
+        ordered: h.ordered,
+        subscriptions: h
             .subscriptions
-            .drain()
+            .into_iter()
             .map(|(filter, o)| wire::WireSub {
                 filter,
                 qos: o.qos,
@@ -709,14 +698,38 @@ pub fn session_to_wire(
                 id: o.id.map_or(0, |i| i.get()),
             })
             .collect(),
-        resend,
-        offline: st.offline.drain(..).map(delivery).collect(),
+        resend: h
+            .resend
+            .into_iter()
+            .map(|d| delivery_to_wire(d, now))
+            .collect(),
+        offline: h
+            .offline
+            .into_iter()
+            .map(|d| delivery_to_wire(d, now))
+            .collect(),
+    }
+}
+
+/// A session handed over, as it arrived.
+pub fn handover_from_wire(ws: wire::WireSession) -> Handover {
+    Handover {
+        client_id: ws.client_id,
+        expiry: Duration::from_millis(ws.expiry_ms),
+        ordered: ws.ordered,
+        subscriptions: ws
+            .subscriptions
+            .iter()
+            .map(|s| (s.filter.clone(), sub_options(s)))
+            .collect(),
+        resend: ws.resend.into_iter().map(delivery_from_wire).collect(),
+        offline: ws.offline.into_iter().map(delivery_from_wire).collect(),
     }
 }
 
 /// A subscription's options as they arrived.
-pub fn sub_options(s: &wire::WireSub) -> crate::router::SubOptions {
-    crate::router::SubOptions {
+fn sub_options(s: &wire::WireSub) -> SubOptions {
+    SubOptions {
         qos: s.qos,
         no_local: s.no_local,
         retain_as_published: s.retain_as_published,
@@ -725,8 +738,8 @@ pub fn sub_options(s: &wire::WireSub) -> crate::router::SubOptions {
 }
 
 /// A waiting message as it arrived.
-pub fn delivery_from_wire(d: wire::WireDelivery) -> crate::session::Delivery {
-    crate::session::Delivery {
+fn delivery_from_wire(d: wire::WireDelivery) -> Delivery {
+    Delivery {
         msg: Arc::new(from_wire(d.msg)),
         qos: d.qos,
         retain: d.retain,
@@ -741,9 +754,113 @@ pub fn delivery_from_wire(d: wire::WireDelivery) -> crate::session::Delivery {
     }
 }
 
-/// The QoS with which a remote node's marker subscribes: the highest, so
-/// that downgrades happen at the subscriber's node.
-pub const MARKER_QOS: QoS = QoS::ExactlyOnce;
+/// The frame that carries a message of the core.
+fn frame(msg: PeerMsg) -> Frame {
+    let now = Instant::now();
+    match msg {
+        PeerMsg::Publish { msg, groups } => Frame::Publish {
+            msg: to_wire(&msg, now),
+            groups,
+        },
+        PeerMsg::Direct {
+            client_id,
+            persistent,
+            msg,
+            qos,
+        } => {
+            let mut w = to_wire(&msg, now);
+            w.qos = qos;
+            Frame::Direct {
+                client_id,
+                persistent,
+                msg: w,
+            }
+        }
+        PeerMsg::Retain { msg } => Frame::Retain {
+            msg: to_wire(&msg, now),
+        },
+        PeerMsg::Session(h) => Frame::Session(handover_to_wire(h, now)),
+        PeerMsg::Load {
+            connections,
+            subscriptions,
+            pub_tps,
+            sub_tps,
+        } => Frame::Load {
+            connections,
+            subscriptions,
+            pub_tps,
+            sub_tps,
+        },
+        PeerMsg::Revoked { id, exp_ms } => Frame::Revoked { id, exp_ms },
+    }
+}
+
+// The core's view of the cluster: its messages become frames here.
+impl Peers for Cluster {
+    fn ring(&self) -> Arc<Ring> {
+        Cluster::ring(self)
+    }
+
+    fn owner(&self, client_id: &str) -> Arc<str> {
+        Cluster::owner(self, client_id)
+    }
+
+    fn is_local(&self, node: &str) -> bool {
+        Cluster::is_local(self, node)
+    }
+
+    fn members(&self) -> Vec<Arc<str>> {
+        Cluster::members(self)
+    }
+
+    fn is_settled(&self) -> bool {
+        Cluster::is_settled(self)
+    }
+
+    fn is_leaving(&self) -> bool {
+        Cluster::is_leaving(self)
+    }
+
+    fn leave(&self) {
+        Cluster::leave(self);
+    }
+
+    fn announce_settled(&self) {
+        Cluster::announce_settled(self);
+    }
+
+    fn forget(&self, node: &str) -> Vec<String> {
+        Cluster::forget(self, node)
+    }
+
+    fn filter_added(&self, raw: &str) {
+        Cluster::filter_added(self, raw);
+    }
+
+    fn filter_removed(&self, raw: &str) {
+        Cluster::filter_removed(self, raw);
+    }
+
+    fn try_send(&self, node: &str, msg: PeerMsg) -> bool {
+        Cluster::try_send(self, node, frame(msg))
+    }
+
+    fn send<'a>(&'a self, node: &'a str, msg: PeerMsg, wait: Duration) -> Sent<'a> {
+        Box::pin(Cluster::send(self, node, frame(msg), wait))
+    }
+
+    fn broadcast(&self, msg: PeerMsg) {
+        Cluster::broadcast(self, &frame(msg));
+    }
+
+    fn ask<'a>(&'a self, node: &'a str, question: String, timeout: Duration) -> Answered<'a> {
+        Box::pin(Cluster::ask(self, node, question, timeout))
+    }
+
+    fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.config.heartbeat_ms)
+    }
+}
 
 /// Keeps the ring current: a peer that stops sending heartbeats leaves it
 /// after `failure_timeout_ms` even while its TCP connection looks open.

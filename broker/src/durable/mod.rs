@@ -20,6 +20,8 @@ mod commit;
 mod wake;
 
 pub use commit::{Commit, Pending};
+#[cfg(test)]
+pub(crate) use wake::current as current_mailbox;
 pub use wake::{Mailbox, attach_worker};
 
 /// A change did not reach the disk (disk full, read-only, I/O error): what

@@ -61,7 +61,7 @@ impl Mailbox {
 }
 
 /// This thread's mailbox, if it registered one.
-pub(super) fn current() -> Option<Arc<Mailbox>> {
+pub(crate) fn current() -> Option<Arc<Mailbox>> {
     MAILBOX.with(|m| m.borrow().clone())
 }
 
@@ -79,66 +79,4 @@ pub fn attach_worker() {
             *m = Some(mailbox);
         }
     });
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use prometheus::Registry;
-
-    use super::*;
-    use crate::config::PersistenceConfig;
-    use crate::durable::{Pending, Store};
-    use crate::message::Delivery;
-    use crate::message::{Message, MessageId, QoS};
-    use crate::persist::Persist;
-
-    /// Acknowledgements waiting on a worker with a mailbox are woken by it,
-    /// batch after batch, and a failed write still reaches them.
-    #[ntex::test]
-    async fn a_worker_with_a_mailbox_gets_every_acknowledgement() {
-        attach_worker();
-        assert!(current().is_some());
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let config = PersistenceConfig {
-            dir: Some(dir.path().join("store")),
-            ..PersistenceConfig::default()
-        };
-        let (persist, _) =
-            Persist::open(&config, &Registry::new()).unwrap_or_else(|e| panic!("{e}"));
-        let msg = Arc::new(Message::new(
-            MessageId(1),
-            "t".into(),
-            vec![1].into(),
-            QoS::AtLeastOnce,
-            false,
-            Arc::from("p"),
-        ));
-        for round in 0..3u64 {
-            let mut waits = Vec::new();
-            for i in 0..200 {
-                let mut p = Pending::default();
-                let d = Delivery::new(msg.clone(), QoS::AtLeastOnce);
-                persist.queue("c", round * 1000 + i + 1, &d, Some(&mut p));
-                waits.push(p.wait());
-            }
-            for w in waits {
-                let r = ntex::time::timeout(Duration::from_secs(10), w).await;
-                assert!(matches!(r, Ok(Ok(()))), "round {round}: {r:?}");
-            }
-        }
-        // The writer is gone: what is sent now is refused, and the waiter
-        // hears of it rather than sleeping on.
-        persist.close();
-        let mut p = Pending::default();
-        persist.queue(
-            "c",
-            9999,
-            &Delivery::new(msg, QoS::AtLeastOnce),
-            Some(&mut p),
-        );
-        let r = ntex::time::timeout(Duration::from_secs(10), p.wait()).await;
-        assert!(matches!(r, Ok(Err(_))), "{r:?}");
-    }
 }

@@ -19,9 +19,9 @@ use serde::{Deserialize, Serialize};
 use crate::alarm::{AlarmRecord, Change, Metric};
 use crate::broker::Broker;
 use crate::capacity::{Load, REFILL};
-use crate::cluster::wire::Frame;
 use crate::message::now_ms;
 use crate::meter::{GroupSample, Report};
+use crate::peers::PeerMsg;
 use crate::session::KickReason;
 
 /// A question one node answers about itself.
@@ -103,7 +103,7 @@ fn groups_now(broker: &Broker) -> HashMap<String, u64> {
 fn node_state(broker: &Broker) -> &'static str {
     if !broker.is_ready() {
         "stopping"
-    } else if let Some(c) = &broker.cluster {
+    } else if let Some(c) = broker.peers() {
         if c.is_leaving() {
             "leaving"
         } else if !c.is_settled() {
@@ -124,8 +124,7 @@ fn gauge(v: i64) -> u64 {
 /// the smallest name.
 pub fn is_evaluator(broker: &Broker) -> bool {
     broker
-        .cluster
-        .as_ref()
+        .peers()
         .is_none_or(|c| c.members().iter().all(|m| **m > *broker.node))
 }
 
@@ -305,7 +304,7 @@ impl Answers {
 pub async fn ask_all(broker: &Arc<Broker>, q: &Query) -> Answers {
     let mut answers = vec![(broker.node.to_string(), answer(broker, q))];
     let mut missing = Vec::new();
-    if let Some(c) = &broker.cluster {
+    if let Some(c) = broker.peers() {
         let body = serde_json::to_string(q).unwrap_or_default();
         let members = c.members();
         let asks = members.iter().map(|m| c.ask(m, body.clone(), ASK_TIMEOUT));
@@ -363,11 +362,7 @@ pub async fn tick(broker: Arc<Broker>, shutdown: crate::shutdown::Shutdown) {
     let mut exported = Exported::default();
     while shutdown.sleep(REFILL).await {
         n += 1;
-        let members = broker
-            .cluster
-            .as_ref()
-            .map(|c| c.members())
-            .unwrap_or_default();
+        let members = broker.peers().map(|c| c.members()).unwrap_or_default();
         broker.usage.capacity.refill(members.len() + 1);
         if !n.is_multiple_of(10) {
             continue;
@@ -378,8 +373,8 @@ pub async fn tick(broker: Arc<Broker>, shutdown: crate::shutdown::Shutdown) {
         usage.capacity.retain_peers(&members);
         let (pub_tps, sub_tps) = usage.meter.tps();
         export(&broker, &mut exported, by_parent);
-        if let Some(c) = &broker.cluster {
-            c.broadcast(&Frame::Load {
+        if let Some(c) = broker.peers() {
+            c.broadcast(PeerMsg::Load {
                 connections: gauge(broker.metrics.connections.get()),
                 subscriptions: gauge(broker.metrics.subscriptions.get()),
                 pub_tps: pub_tps.round() as u64,

@@ -504,3 +504,64 @@ mod tests {
         }
     }
 }
+
+/// The store waking acknowledgements through a worker's mailbox
+/// (`durable::wake`), with a real writer thread.
+#[cfg(test)]
+mod mailbox_tests {
+    use std::time::Duration;
+
+    use prometheus::Registry;
+
+    use super::*;
+    use crate::durable::{attach_worker, current_mailbox};
+    use crate::message::{MessageId, QoS};
+
+    /// Acknowledgements waiting on a worker with a mailbox are woken by it,
+    /// batch after batch, and a failed write still reaches them.
+    #[ntex::test]
+    async fn a_worker_with_a_mailbox_gets_every_acknowledgement() {
+        attach_worker();
+        assert!(current_mailbox().is_some());
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let config = PersistenceConfig {
+            dir: Some(dir.path().join("store")),
+            ..PersistenceConfig::default()
+        };
+        let (persist, _) =
+            Persist::open(&config, &Registry::new()).unwrap_or_else(|e| panic!("{e}"));
+        let msg = Arc::new(Message::new(
+            MessageId(1),
+            "t".into(),
+            vec![1].into(),
+            QoS::AtLeastOnce,
+            false,
+            Arc::from("p"),
+        ));
+        for round in 0..3u64 {
+            let mut waits = Vec::new();
+            for i in 0..200 {
+                let mut p = Pending::default();
+                let d = Delivery::new(msg.clone(), QoS::AtLeastOnce);
+                persist.queue("c", round * 1000 + i + 1, &d, Some(&mut p));
+                waits.push(p.wait());
+            }
+            for w in waits {
+                let r = ntex::time::timeout(Duration::from_secs(10), w).await;
+                assert!(matches!(r, Ok(Ok(()))), "round {round}: {r:?}");
+            }
+        }
+        // The writer is gone: what is sent now is refused, and the waiter
+        // hears of it rather than sleeping on.
+        persist.close();
+        let mut p = Pending::default();
+        persist.queue(
+            "c",
+            9999,
+            &Delivery::new(msg, QoS::AtLeastOnce),
+            Some(&mut p),
+        );
+        let r = ntex::time::timeout(Duration::from_secs(10), p.wait()).await;
+        assert!(matches!(r, Ok(Err(_))), "{r:?}");
+    }
+}

@@ -3,6 +3,9 @@
 //! `v3` and `v5` hold the handlers of each version; the inbound publish path
 //! and the error type they share live here.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use ntex_mqtt::Reason;
@@ -336,10 +339,37 @@ pub async fn publish(
     result
 }
 
+thread_local! {
+    /// Client IP addresses of the connections another node forwarded to
+    /// this worker thread, by stream (an ntex stream id is unique on its
+    /// thread, and a connection never leaves its worker).
+    static FORWARDED: RefCell<HashMap<ntex::io::Id, IpAddr>> = RefCell::new(HashMap::new());
+}
+
+/// While it lives, device events of a forwarded stream name the client
+/// behind the node that forwarded it (the socket's peer is that node).
+#[derive(Debug)]
+pub struct ForwardedFrom(ntex::io::Id);
+
+impl ForwardedFrom {
+    pub fn new(io: &ntex::io::IoBoxed, ip: IpAddr) -> Self {
+        FORWARDED.with(|m| m.borrow_mut().insert(io.id(), ip));
+        Self(io.id())
+    }
+}
+
+impl Drop for ForwardedFrom {
+    fn drop(&mut self) {
+        FORWARDED.with(|m| m.borrow_mut().remove(&self.0));
+    }
+}
+
 /// The client's IP address, as device events report it: the socket's peer,
 /// or for a connection another node forwarded, the client behind it.
-fn peer_ip(broker: &Broker, io: &ntex::io::IoBoxed) -> Option<std::net::IpAddr> {
-    broker.forwarded_peers.get(io).or_else(|| socket_ip(io))
+fn peer_ip(io: &ntex::io::IoBoxed) -> Option<IpAddr> {
+    FORWARDED
+        .with(|m| m.borrow().get(&io.id()).copied())
+        .or_else(|| socket_ip(io))
 }
 
 /// The peer address of the socket itself.

@@ -43,7 +43,7 @@ pub async fn connect(broker: &Arc<Broker>, c: v3::Connect) -> Result<v3::Connect
         return Ok(c.identifier_rejected());
     };
     let password = pkt.password.as_deref();
-    let ip = super::peer_ip(broker, c.io());
+    let ip = super::peer_ip(c.io());
     let verdict =
         super::authenticate(broker, &client_id, pkt.username.as_deref(), password, ip).await;
     let (identity, tokens) = match verdict {

@@ -62,7 +62,7 @@ pub async fn connect(broker: &Arc<Broker>, c: v5::Connect) -> Result<v5::Connect
         }
     };
     let password = pkt.password.as_deref();
-    let ip = super::peer_ip(broker, c.io());
+    let ip = super::peer_ip(c.io());
     let verdict =
         super::authenticate(broker, &client_id, pkt.username.as_deref(), password, ip).await;
     let (identity, tokens) = match verdict {

@@ -1,6 +1,9 @@
 //! The broker core without sockets: sessions, routing, takeover, expiry,
 //! retained messages and the outbound pump, driven through `Broker`'s
-//! operations and a fake `OutSink` in place of an ntex-mqtt connection.
+//! operations and a fake `OutSink` in place of an ntex-mqtt connection;
+//! `peers`: the same core in a cluster, through a fake `Peers` port.
+
+mod peers;
 
 use std::cell::RefCell;
 use std::num::NonZeroU16;
@@ -20,6 +23,11 @@ use crate::session::{Attached, Delivery};
 use crate::storage::NoStorage;
 
 fn broker(config: Config) -> Arc<Broker> {
+    broker_with(config, None)
+}
+
+/// A broker whose other nodes are `peers`.
+fn broker_with(config: Config, peers: Option<Arc<dyn crate::peers::Peers>>) -> Arc<Broker> {
     let metrics = crate::metrics::Metrics::new().unwrap_or_else(|e| panic!("{e}"));
     let auth = Auth::open(&config.auth.login, metrics.registry()).unwrap_or_else(|e| panic!("{e}"));
     let usage = crate::node::usage(&config, &metrics).unwrap_or_else(|e| panic!("{e}"));
@@ -30,7 +38,7 @@ fn broker(config: Config) -> Arc<Broker> {
             auth,
             tokens: None,
             storage: Arc::new(NoStorage),
-            cluster: None,
+            cluster: peers,
             usage,
             persist: Arc::new(crate::durable::NoStore),
         },

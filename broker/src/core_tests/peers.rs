@@ -1,0 +1,350 @@
+//! The core in a cluster, without a socket or a frame: a fake `Peers` owns
+//! the ring and records what the core sends, so routing to other nodes,
+//! P2P to a remote owner, retained copies, route announcements, session
+//! handover in both directions and backpressure from a full link are
+//! checked on the core alone.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use super::{broker_with, msg, queued, subscribe};
+use crate::broker::{Broker, PublishError, Publisher};
+use crate::config::Config;
+use crate::message::{Delivery, QoS};
+use crate::peers::{Answered, Handover, PeerMsg, Peers, Sent};
+use crate::ring::Ring;
+use crate::router::SubOptions;
+use crate::storage::OnFull;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// Two nodes, `n0` (the broker under test) and `n1`; what `n0` sends is
+/// recorded; `full` makes every link refuse.
+#[derive(Debug)]
+struct FakePeers {
+    ring: Arc<Ring>,
+    sent: Mutex<Vec<(String, PeerMsg)>>,
+    announced: Mutex<Vec<String>>,
+    full: bool,
+}
+
+impl FakePeers {
+    fn new(full: bool) -> Arc<Self> {
+        Arc::new(Self {
+            ring: Arc::new(Ring::new(["n0", "n1"])),
+            sent: Mutex::default(),
+            announced: Mutex::default(),
+            full,
+        })
+    }
+
+    fn sent(&self) -> Vec<(String, PeerMsg)> {
+        self.sent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn record(&self, node: &str, msg: PeerMsg) -> bool {
+        if self.full {
+            return false;
+        }
+        self.sent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((node.to_owned(), msg));
+        true
+    }
+
+    fn announce(&self, what: String) {
+        self.announced
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(what);
+    }
+
+    /// A Client ID whose session the ring gives to `node`.
+    fn client_of(&self, node: &str, prefix: &str) -> String {
+        (0..1000)
+            .map(|i| format!("{prefix}{i}"))
+            .find(|c| self.ring.owner(c).is_some_and(|o| **o == *node))
+            .unwrap_or_else(|| panic!("no Client ID of {node}"))
+    }
+}
+
+impl Peers for FakePeers {
+    fn ring(&self) -> Arc<Ring> {
+        self.ring.clone()
+    }
+    fn owner(&self, client_id: &str) -> Arc<str> {
+        self.ring
+            .owner(client_id)
+            .cloned()
+            .unwrap_or_else(|| Arc::from("n0"))
+    }
+    fn is_local(&self, node: &str) -> bool {
+        node == "n0"
+    }
+    fn members(&self) -> Vec<Arc<str>> {
+        vec![Arc::from("n1")]
+    }
+    fn is_settled(&self) -> bool {
+        true
+    }
+    fn is_leaving(&self) -> bool {
+        false
+    }
+    fn leave(&self) {}
+    fn announce_settled(&self) {
+        self.announce("settled".into());
+    }
+    fn forget(&self, _: &str) -> Vec<String> {
+        Vec::new()
+    }
+    fn filter_added(&self, raw: &str) {
+        self.announce(format!("+{raw}"));
+    }
+    fn filter_removed(&self, raw: &str) {
+        self.announce(format!("-{raw}"));
+    }
+    fn try_send(&self, node: &str, msg: PeerMsg) -> bool {
+        self.record(node, msg)
+    }
+    fn send<'a>(&'a self, node: &'a str, msg: PeerMsg, _: Duration) -> Sent<'a> {
+        let ok = self.record(node, msg);
+        Box::pin(async move { ok })
+    }
+    fn broadcast(&self, msg: PeerMsg) {
+        self.record("*", msg);
+    }
+    fn ask<'a>(&'a self, _: &'a str, _: String, _: Duration) -> Answered<'a> {
+        Box::pin(async { None })
+    }
+    fn heartbeat(&self) -> Duration {
+        // The moved session's routes linger 4 heartbeats; short for tests.
+        Duration::from_millis(5)
+    }
+}
+
+fn node0(peers: &Arc<FakePeers>) -> Arc<Broker> {
+    let config = Config {
+        node_id: Some("n0".into()),
+        ..Config::default()
+    };
+    broker_with(config, Some(peers.clone() as Arc<dyn Peers>))
+}
+
+#[test]
+fn a_publish_matching_another_nodes_subscriptions_is_sent_there_once() {
+    let peers = FakePeers::new(false);
+    let b = node0(&peers);
+    let local = b.attach(&peers.client_of("n0", "l"), true, Duration::ZERO);
+    subscribe(&b, &local, "t/#", QoS::AtLeastOnce);
+    // n1 announced two overlapping filters and a shared group.
+    b.remote_routes(
+        "n1",
+        &["t/+".into(), "t/#".into(), "$share/g/t/x".into()],
+        &[],
+    );
+    let m = msg(&b, "t/x", QoS::AtLeastOnce, false, "hello");
+    b.publish(&m, false);
+    assert_eq!(queued(&local), ["t/x"], "the local subscriber has it");
+    let sent = peers.sent();
+    assert_eq!(sent.len(), 1, "one message for the node: {sent:?}");
+    match &sent[0] {
+        (node, PeerMsg::Publish { msg, groups }) => {
+            assert_eq!(node, "n1");
+            assert!(Arc::ptr_eq(msg, &m), "the message itself, not a copy");
+            assert_eq!(
+                groups,
+                &["$share/g/t/x"],
+                "the shared subscription it serves"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Messages that came from a peer are not sent back out.
+    b.publish_forwarded(msg(&b, "t/y", QoS::AtLeastOnce, false, "x"), &[]);
+    assert_eq!(peers.sent().len(), 1);
+}
+
+#[test]
+fn p2p_to_a_client_another_node_owns_goes_to_the_owner() {
+    let peers = FakePeers::new(false);
+    let b = node0(&peers);
+    let target = peers.client_of("n1", "dev");
+    let m = msg(
+        &b,
+        &format!("app/p2p/{target}"),
+        QoS::AtLeastOnce,
+        false,
+        "x",
+    );
+    assert_eq!(b.publish(&m, true), 0, "nothing delivered here");
+    match &peers.sent()[..] {
+        [
+            (
+                node,
+                PeerMsg::Direct {
+                    client_id,
+                    persistent,
+                    qos,
+                    ..
+                },
+            ),
+        ] => {
+            assert_eq!(node, "n1");
+            assert_eq!(client_id, &target);
+            assert!(*persistent);
+            assert_eq!(*qos, QoS::AtLeastOnce);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_retained_message_is_copied_to_every_node_and_announced_routes_follow_subscriptions() {
+    let peers = FakePeers::new(false);
+    let b = node0(&peers);
+    b.publish(&msg(&b, "r/1", QoS::AtMostOnce, true, "kept"), false);
+    assert!(
+        matches!(&peers.sent()[..], [(to, PeerMsg::Retain { msg })] if to == "*" && &*msg.topic == "r/1"),
+        "{:?}",
+        peers.sent()
+    );
+    let a = b.attach(&peers.client_of("n0", "s"), false, HOUR);
+    subscribe(&b, &a, "x/#", QoS::AtLeastOnce);
+    subscribe(&b, &a, "x/#", QoS::AtMostOnce);
+    assert!(b.unsubscribe(&a.session, "x/#"));
+    let announced = peers
+        .announced
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    assert_eq!(announced, ["+x/#", "-x/#"], "once each, in order");
+}
+
+#[ntex::test]
+async fn a_session_the_ring_gives_another_node_is_handed_over_with_its_messages_in_order() {
+    let peers = FakePeers::new(false);
+    let b = node0(&peers);
+    let id = peers.client_of("n1", "moving");
+    let s = b.attach(&id, false, HOUR);
+    subscribe(&b, &s, "m/#", QoS::AtLeastOnce);
+    b.detach(&s.session, s.conn.generation);
+    for i in 0..3 {
+        b.publish(
+            &msg(&b, &format!("m/{i}"), QoS::AtLeastOnce, false, "q"),
+            false,
+        );
+    }
+    b.rebalance();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while peers.sent().is_empty() && Instant::now() < deadline {
+        ntex::time::sleep(Duration::from_millis(5)).await;
+    }
+    let sent = peers.sent();
+    let handover = match &sent[..] {
+        [(node, PeerMsg::Session(h))] if node == "n1" => h.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(handover.client_id, id);
+    assert_eq!(
+        handover.subscriptions,
+        [("m/#".to_owned(), SubOptions::at(QoS::AtLeastOnce))]
+    );
+    let topics: Vec<String> = handover
+        .offline
+        .iter()
+        .map(|d| d.msg.topic.to_string())
+        .collect();
+    assert_eq!(topics, ["m/0", "m/1", "m/2"], "queued order kept");
+    assert!(b.sessions.get(&id).is_none(), "it left this node");
+    assert!(
+        peers
+            .announced
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&"settled".to_owned()),
+        "the handover is announced as done"
+    );
+}
+
+#[test]
+fn a_session_handed_to_this_node_is_served_here_with_what_it_brought() {
+    let peers = FakePeers::new(false);
+    let b = node0(&peers);
+    let id = peers.client_of("n0", "arriving");
+    let queued_msg = |topic: &str, dup| {
+        let mut d = Delivery::new(
+            msg(&b, topic, QoS::AtLeastOnce, false, "x"),
+            QoS::AtLeastOnce,
+        );
+        d.dup = dup;
+        d
+    };
+    b.install_session(Handover {
+        client_id: id.clone(),
+        expiry: HOUR,
+        ordered: false,
+        subscriptions: vec![("h/#".into(), SubOptions::at(QoS::AtLeastOnce))],
+        resend: vec![queued_msg("h/inflight", true)],
+        offline: vec![queued_msg("h/offline", false)],
+    });
+    let a = b.attach(&id, false, HOUR);
+    assert!(a.present, "session present for its client");
+    {
+        let st = a.session.lock();
+        let resend: Vec<_> = st
+            .resend
+            .iter()
+            .map(|d| (d.msg.topic.to_string(), d.dup))
+            .collect();
+        let offline: Vec<_> = st.offline.iter().map(|d| d.msg.topic.to_string()).collect();
+        assert_eq!(resend, [("h/inflight".to_owned(), true)]);
+        assert_eq!(offline, ["h/offline"]);
+    }
+    // Its subscription routes here now.
+    assert_eq!(
+        b.publish(&msg(&b, "h/live", QoS::AtLeastOnce, false, "x"), false),
+        1
+    );
+}
+
+#[ntex::test]
+async fn a_qos1_publish_is_refused_while_the_link_to_its_subscribers_is_full() {
+    let peers = FakePeers::new(true);
+    let b = node0(&peers);
+    b.remote_routes("n1", &["f/#".into()], &[]);
+    let publisher = b.attach(&peers.client_of("n0", "pub"), true, Duration::ZERO);
+    let result = b
+        .accept(
+            msg(&b, "f/1", QoS::AtLeastOnce, false, "x"),
+            Publisher {
+                session: &publisher.session,
+                persistent: false,
+                on_full: OnFull::Refuse,
+                ticket: None,
+                qos2_id: None,
+            },
+        )
+        .await;
+    assert!(
+        matches!(result, Err(PublishError::Cluster)),
+        "no PUBACK for a message the other node may not get: {result:?}"
+    );
+    // QoS 0 promises nothing: it goes on.
+    let qos0 = b
+        .accept(
+            msg(&b, "f/2", QoS::AtMostOnce, false, "x"),
+            Publisher {
+                session: &publisher.session,
+                persistent: false,
+                on_full: OnFull::Refuse,
+                ticket: None,
+                qos2_id: None,
+            },
+        )
+        .await;
+    assert!(qos0.is_ok(), "{qos0:?}");
+}

@@ -1,0 +1,107 @@
+//! The other nodes of a cluster as the core sees them (a port): who owns a
+//! Client ID, and the messages the core sends them. `cluster` implements it
+//! with the ring, the links and their wire format; the core never sees a
+//! frame or a socket, and a single node has no `Peers` at all.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::message::{Delivery, Message, QoS};
+use crate::ring::Ring;
+use crate::router::SubOptions;
+
+/// What the core sends another node.
+#[derive(Debug, Clone)]
+pub enum PeerMsg {
+    /// A publish for the peer's subscribers, and the shared groups this
+    /// node chose the peer to serve.
+    Publish {
+        msg: Arc<Message>,
+        groups: Vec<String>,
+    },
+    /// A message for one session the peer owns, at `qos` (the subscription's
+    /// downgrade applied).
+    Direct {
+        client_id: String,
+        persistent: bool,
+        msg: Arc<Message>,
+        qos: QoS,
+    },
+    /// A retained message, for every node's copy of the retained store.
+    Retain { msg: Arc<Message> },
+    /// A persistent session handed to its new owner.
+    Session(Handover),
+    /// This node's load, for the instance-wide capacity and the per-node table.
+    Load {
+        connections: u64,
+        subscriptions: u64,
+        pub_tps: u64,
+        sub_tps: u64,
+    },
+    /// A token revoked here: every node that verifies tokens must refuse it.
+    Revoked { id: String, exp_ms: u64 },
+}
+
+/// A persistent session as it moves between nodes: what its new owner
+/// needs to serve it (`session::State::take_handover` takes it).
+#[derive(Debug, Clone)]
+pub struct Handover {
+    pub client_id: String,
+    /// Session expiry left.
+    pub expiry: Duration,
+    pub ordered: bool,
+    pub subscriptions: Vec<(String, SubOptions)>,
+    /// Sent before and not acknowledged, or queued for the connection:
+    /// sent first when the client is back.
+    pub resend: Vec<Delivery>,
+    /// Offline messages (B5).
+    pub offline: Vec<Delivery>,
+}
+
+/// Resolves once a message is queued for a peer and its link is below its
+/// limit (true), or the peer has no link (false).
+pub type Sent<'a> = Pin<Box<dyn Future<Output = bool> + 'a>>;
+
+/// Resolves to a peer's answer, or `None` when it has no link or did not
+/// answer in time.
+pub type Answered<'a> = Pin<Box<dyn Future<Output = Option<String>> + 'a>>;
+
+/// The cluster this node is part of.
+pub trait Peers: Send + Sync + std::fmt::Debug {
+    /// The current ring.
+    fn ring(&self) -> Arc<Ring>;
+    /// The node that owns `client_id`'s session.
+    fn owner(&self, client_id: &str) -> Arc<str>;
+    /// Whether `node` is this node.
+    fn is_local(&self, node: &str) -> bool;
+    /// The ring's other members.
+    fn members(&self) -> Vec<Arc<str>>;
+    /// Whether every other member has handed this node its sessions.
+    fn is_settled(&self) -> bool;
+    /// Whether this node is leaving the ring.
+    fn is_leaving(&self) -> bool;
+    /// Starts leaving: off the ring, and every peer told.
+    fn leave(&self);
+    /// Tells every peer that this node handed over the sessions of its ring.
+    fn announce_settled(&self);
+    /// A peer left: the filters its sessions had announced.
+    fn forget(&self, node: &str) -> Vec<String>;
+    /// A session of this node subscribed to `raw`.
+    fn filter_added(&self, raw: &str);
+    /// A session of this node dropped its subscription to `raw`.
+    fn filter_removed(&self, raw: &str);
+    /// Queues `msg` for `node` unless its link is full; false if dropped.
+    fn try_send(&self, node: &str, msg: PeerMsg) -> bool;
+    /// Queues `msg` for `node` at once (messages keep the order of the
+    /// calls), then waits up to `wait` while the link is over its limit.
+    fn send<'a>(&'a self, node: &'a str, msg: PeerMsg, wait: Duration) -> Sent<'a>;
+    /// Sends `msg` to every peer with a link.
+    fn broadcast(&self, msg: PeerMsg);
+    /// Asks `node` an operations API question (JSON).
+    fn ask<'a>(&'a self, node: &'a str, question: String, timeout: Duration) -> Answered<'a>;
+    /// How often peers hear from each other: the time a change takes to
+    /// reach them is a few of these.
+    fn heartbeat(&self) -> Duration;
+}
