@@ -170,7 +170,11 @@ const MAX_BODY: usize = 64 * 1024;
 pub fn service(admin: Arc<Admin>) -> impl Service<(), Io, Res = (), Error = io::Error> {
     HttpService::new(async move |mut req: Request| {
         let broker = &admin.broker;
-        let need = need(req.method(), req.path(), broker.config.auth.protect_metrics);
+        let need = need(
+            req.method(),
+            req.path(),
+            broker.config().auth.protect_metrics,
+        );
         let peer = req.peer_addr().map(|a| a.ip());
         if let Err(denied) = admin.tokens.decide(need, peer, bearer(&req)) {
             return Ok::<_, io::Error>(refused(broker, denied));
@@ -228,7 +232,7 @@ fn token_api(broker: &Broker, req: &Request, body: &[u8]) -> Response {
     let op = req.path().trim_start_matches("/token/");
     let answer = crate::token_api::handle(broker, op, &params);
     if !answer.success {
-        broker.metrics.reject("token_api");
+        broker.metrics().reject("token_api");
     }
     Response::Ok()
         .header(header::CONTENT_TYPE, "application/json")
@@ -238,17 +242,17 @@ fn token_api(broker: &Broker, req: &Request, body: &[u8]) -> Response {
 fn refused(broker: &Broker, denied: Denied) -> Response {
     match denied {
         Denied::TokenRequired => {
-            broker.metrics.reject("admin_unauthorized");
+            broker.metrics().reject("admin_unauthorized");
             Response::Unauthorized()
                 .header(header::WWW_AUTHENTICATE, "Bearer")
                 .body("admin token required")
         }
         Denied::ReadOnly => {
-            broker.metrics.reject("admin_read_only");
+            broker.metrics().reject("admin_read_only");
             Response::Forbidden().body("the read-only admin token allows GET requests only")
         }
         Denied::LoopbackOnly => {
-            broker.metrics.reject("admin_not_loopback");
+            broker.metrics().reject("admin_not_loopback");
             Response::Forbidden().body(
                 "this node has no admin token (auth.admin_token_file): its operations API answers requests from loopback only",
             )
@@ -260,7 +264,7 @@ fn respond(broker: &Arc<Broker>, req: &Request) -> Response {
     match req.path() {
         "/metrics" => Response::Ok()
             .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
-            .body(broker.metrics.render()),
+            .body(broker.metrics().render()),
         "/healthz" => Response::Ok().body("ok"),
         "/readyz" => {
             if !broker.is_ready() {
@@ -288,7 +292,7 @@ fn respond(broker: &Arc<Broker>, req: &Request) -> Response {
                 broker.rebalance();
                 Response::Accepted().body(format!(
                     "draining: {} sessions to hand over",
-                    broker.sessions.len()
+                    broker.sessions().len()
                 ))
             }
             None => Response::Conflict().body("this node is not part of a cluster"),

@@ -61,15 +61,15 @@ pub type Result<T, E = PublishError> = std::result::Result<T, E>;
 /// One node's broker state, shared by every connection and worker thread.
 #[derive(Debug)]
 pub struct Broker {
-    pub config: Config,
-    pub sessions: SessionStore,
-    pub router: Router,
-    pub retained: RetainStore,
-    pub metrics: Metrics,
-    pub ids: MessageIds,
-    pub auth: Auth,
+    config: Config,
+    sessions: SessionStore,
+    router: Router,
+    retained: RetainStore,
+    metrics: Metrics,
+    ids: MessageIds,
+    auth: Auth,
     /// The token service, when a signing key is configured.
-    pub tokens: Option<TokenService>,
+    tokens: Option<TokenService>,
     storage: Arc<dyn Storage>,
     /// Cleared when the node starts shutting down (`/readyz` answers 503).
     ready: AtomicBool,
@@ -77,7 +77,7 @@ pub struct Broker {
     /// CONNECTs are refused, as a session on disk would look absent.
     restored: AtomicBool,
     /// This node's name (`Config::node_name`).
-    pub node: Arc<str>,
+    node: Arc<str>,
     /// Sequence of channel IDs (one per TCP connection).
     channels: AtomicU64,
     /// Last device event index handed out.
@@ -85,11 +85,11 @@ pub struct Broker {
     /// The other nodes, when this node is part of a cluster.
     cluster: Option<Arc<dyn Peers>>,
     /// Descriptors MQTT connections may take (the admin port keeps a reserve).
-    pub fds: Arc<crate::descriptors::Budget>,
+    fds: Arc<crate::descriptors::Budget>,
     /// Sessions that moved to another node, by Client ID, with their new
     /// owner: while their routes linger here, messages for them follow them.
     moved: std::sync::Mutex<std::collections::HashMap<ClientId, Arc<str>>>,
-    pub usage: Usage,
+    usage: Usage,
     /// Signalled when a connection ends or a session leaves for another
     /// node: what a shutdown or a drain waits on.
     drained: tokio::sync::Notify,
@@ -174,6 +174,56 @@ pub struct Parts {
 }
 
 impl Broker {
+    /// The node's configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// This node's name (`Config::node_name`).
+    pub fn node(&self) -> &Arc<str> {
+        &self.node
+    }
+
+    /// The sessions of this node.
+    pub fn sessions(&self) -> &SessionStore {
+        &self.sessions
+    }
+
+    /// Which sessions (and which other nodes) each topic reaches.
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// The retained messages.
+    pub fn retained(&self) -> &RetainStore {
+        &self.retained
+    }
+
+    /// The node's Prometheus metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Authentication and authorisation of clients.
+    pub fn auth(&self) -> &Auth {
+        &self.auth
+    }
+
+    /// The token service, when a signing key is configured.
+    pub fn tokens(&self) -> Option<&TokenService> {
+        self.tokens.as_ref()
+    }
+
+    /// Descriptors MQTT connections may take (the admin port keeps a reserve).
+    pub fn descriptors(&self) -> &Arc<crate::descriptors::Budget> {
+        &self.fds
+    }
+
+    /// Metering, traces, capacity and alarms.
+    pub fn usage(&self) -> &Usage {
+        &self.usage
+    }
+
     /// The other nodes, when this node is part of a cluster.
     pub fn peers(&self) -> Option<&Arc<dyn Peers>> {
         self.cluster.as_ref()

@@ -114,16 +114,16 @@ impl Connection {
         peer: Option<IpAddr>,
         origin: Origin,
     ) -> Self {
-        broker.metrics.connections.inc();
-        broker.metrics.connections_total.inc();
+        broker.metrics().connections.inc();
+        broker.metrics().connections_total.inc();
         broker
-            .usage
+            .usage()
             .meter
-            .connections_now(u64::try_from(broker.metrics.connections.get()).unwrap_or(0));
+            .connections_now(u64::try_from(broker.metrics().connections.get()).unwrap_or(0));
         let channel_id = broker.next_channel_id();
         let client_id = &attached.session.client_id;
         broker.device_event(client_id, EventKind::Connect, &channel_id, peer);
-        let traces = &broker.usage.traces;
+        let traces = &broker.usage().traces;
         let trace =
             |action| traces.device(client_id, &channel_id, action, DeviceReason::Accepted, None);
         trace(DeviceAction::Connect);
@@ -154,7 +154,7 @@ impl Connection {
             session: attached.session,
             conn: attached.conn,
             identity,
-            grants: RefCell::new(broker.auth.grants()),
+            grants: RefCell::new(broker.auth().grants()),
             broker,
             persistent,
             will: RefCell::new(will),
@@ -169,10 +169,13 @@ impl Connection {
 
     /// Records a device trace event of this connection.
     pub fn trace(&self, action: DeviceAction, reason: DeviceReason, detail: Option<&str>) {
-        self.broker
-            .usage
-            .traces
-            .device(&self.client_id, &self.channel_id, action, reason, detail);
+        self.broker.usage().traces.device(
+            &self.client_id,
+            &self.channel_id,
+            action,
+            reason,
+            detail,
+        );
     }
 
     /// Records the outcome of one SUBSCRIBE filter.
@@ -209,8 +212,8 @@ impl Connection {
     /// The current grants: an atomic read per packet, a lock only after a
     /// credentials reload.
     pub fn grants(&self) -> std::cell::Ref<'_, Grants> {
-        if !self.broker.auth.is_current(&self.grants.borrow()) {
-            *self.grants.borrow_mut() = self.broker.auth.grants();
+        if !self.broker.auth().is_current(&self.grants.borrow()) {
+            *self.grants.borrow_mut() = self.broker.auth().grants();
         }
         self.grants.borrow()
     }
@@ -219,7 +222,7 @@ impl Connection {
     /// (or reading `filter`), and if not, the seed's reason.
     pub fn token_check(&self, write: bool, target: &str) -> Result<(), (TokenError, TokenType)> {
         let wanted = if write { TokenType::W } else { TokenType::R };
-        let Some(service) = &self.broker.tokens else {
+        let Some(service) = &self.broker.tokens() else {
             return Err((TokenError::Account, wanted));
         };
         let st = self.session.lock();
@@ -297,7 +300,7 @@ impl Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        self.broker.metrics.connections.dec();
+        self.broker.metrics().connections.dec();
         let superseded = self
             .session
             .lock()
@@ -393,7 +396,7 @@ impl Pump {
         let session = self.session.clone();
         let generation = self.conn.generation;
         sink.on_ack(Box::new(move |id| session.acked(generation, id)));
-        let limits = &self.broker.config.limits;
+        let limits = &self.broker.config().limits;
         let batch_interval = Duration::from_secs(limits.offline_batch_interval_secs);
         let mut next_offline = Instant::now();
         loop {
@@ -439,7 +442,7 @@ impl Pump {
     /// in the live queue until the client has credit for them, so a slow
     /// client's backlog is visible to the publishers' backpressure.
     fn take(&self, next_offline: &mut Instant, interval: Duration, credit: usize) -> Step {
-        let limits = &self.broker.config.limits;
+        let limits = &self.broker.config().limits;
         let now = Instant::now();
         let ttl = Duration::from_secs(limits.offline_message_ttl_secs);
         let mut st = self.session.lock();
@@ -495,7 +498,7 @@ impl Pump {
                 break;
             }
             let opts = r.opts;
-            let page = self.broker.retained.page(&mut r.cursor, room);
+            let page = self.broker.retained().page(&mut r.cursor, room);
             if page.done {
                 st.replays.pop_front();
             } else {
@@ -574,9 +577,9 @@ impl Pump {
         }
         drop(st);
         if expired > 0 {
-            self.broker.metrics.offline_dropped.inc_by(expired);
+            self.broker.metrics().offline_dropped.inc_by(expired);
             self.broker
-                .metrics
+                .metrics()
                 .messages_dropped
                 .with_label_values(&["expired"])
                 .inc_by(expired);
@@ -615,7 +618,7 @@ impl Pump {
                 .is_some_and(|max| d.msg.payload.len() + d.msg.topic.len() + 16 > max as usize)
             {
                 // MQTT 5 3.1.2.11.4: a message the client cannot take is dropped.
-                self.broker.metrics.drop_message("client_max_packet_size");
+                self.broker.metrics().drop_message("client_max_packet_size");
                 match id {
                     Some(id) => self.session.acked(self.conn.generation, id.get()),
                     None => self.session.discard(&d),
@@ -662,7 +665,7 @@ impl Pump {
         if sent.is_empty() {
             return;
         }
-        let usage = &self.broker.usage;
+        let usage = &self.broker.usage();
         let mut per_qos = [(0u64, 0u64); 3];
         let mut weight = 0;
         for (msg, qos, _) in sent {
@@ -676,7 +679,7 @@ impl Pump {
             .zip(per_qos)
         {
             if n > 0 {
-                self.broker.metrics.sent_many(qos, n, bytes);
+                self.broker.metrics().sent_many(qos, n, bytes);
             }
         }
         let mut i = 0;

@@ -93,7 +93,7 @@ pub async fn serve(
     bound: Bound,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    let config = &broker.config;
+    let config = &broker.config();
     let limits = &config.limits;
     let mqtt_cfg = SharedCfg::new("MQTT")
         .add(
@@ -209,7 +209,7 @@ pub async fn serve(
                 tracing::info!("leaving the cluster: handing sessions over");
                 broker.leave_cluster();
                 broker
-                    .wait_until(deadline, |b| b.sessions.is_empty() && b.moving() == 0)
+                    .wait_until(deadline, |b| b.sessions().is_empty() && b.moving() == 0)
                     .await;
             }
             tracing::info!("shutting down: closing connections");
@@ -217,7 +217,7 @@ pub async fn serve(
             // Each connection's pump sends its DISCONNECT and closes; the
             // server stops once they are gone or the timeout passed.
             broker
-                .wait_until(deadline, |b| b.metrics.connections.get() == 0)
+                .wait_until(deadline, |b| b.metrics().connections.get() == 0)
                 .await;
             stopper.stop(true).await;
             server.await.map_err(ListenerError::Server)

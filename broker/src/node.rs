@@ -233,7 +233,7 @@ async fn housekeeping(broker: Arc<broker::Broker>, admin: Arc<admin::Admin>, shu
             broker.measure_store();
         }
         let secrets = broker
-            .tokens
+            .tokens()
             .as_ref()
             .map(|t| t.key_file())
             .into_iter()
@@ -243,16 +243,16 @@ async fn housekeeping(broker: Arc<broker::Broker>, admin: Arc<admin::Admin>, shu
                 Ok(true) => tracing::info!(path = %file.path().display(), "secret reloaded"),
                 Ok(false) => {}
                 Err(e) => {
-                    broker.metrics.reject("secret_reload");
+                    broker.metrics().reject("secret_reload");
                     tracing::warn!(path = %file.path().display(), error = %e, "secret not reloaded; the previous one stays in force");
                 }
             }
         }
-        match broker.auth.reload_if_changed() {
+        match broker.auth().reload_if_changed() {
             Ok(true) => tracing::info!("credentials reloaded"),
             Ok(false) => {}
             Err(e) => {
-                broker.metrics.reject("credentials_reload");
+                broker.metrics().reject("credentials_reload");
                 tracing::warn!(error = %e, "credentials file not reloaded; the previous one stays in force");
             }
         }

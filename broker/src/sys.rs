@@ -113,8 +113,7 @@ fn upload_token(conn: &Connection, payload: &[u8]) -> Result<()> {
     };
     let service = conn
         .broker
-        .tokens
-        .as_ref()
+        .tokens()
         .ok_or(SysError::Token(TokenError::Account, ty))?;
     let claims = service
         .verify(&req.token)
@@ -181,7 +180,7 @@ fn pull(conn: &Connection, payload: &[u8]) -> Result<()> {
     if !(1..=30).contains(&req.max_push_num) {
         return Err(SysError::Malformed("maxPushNum must be 1..30".into()));
     }
-    let limit = conn.broker.config.limits.offline_pulls_per_sec;
+    let limit = conn.broker.config().limits.offline_pulls_per_sec;
     let now = Instant::now();
     let (start, count) = conn.pulls.get();
     let (start, count) = if now.duration_since(start) >= Duration::from_secs(1) {
@@ -190,7 +189,7 @@ fn pull(conn: &Connection, payload: &[u8]) -> Result<()> {
         (start, count)
     };
     if count >= limit {
-        conn.broker.metrics.reject("offline_pull_rate");
+        conn.broker.metrics().reject("offline_pull_rate");
         return Err(SysError::RateLimited(limit));
     }
     conn.pulls.set((start, count + 1));

@@ -97,7 +97,7 @@ fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
 
 /// Runs one operation.
 pub fn handle(broker: &Broker, op: &str, params: &[(String, String)]) -> Answer {
-    let Some(tokens) = broker.tokens.as_ref() else {
+    let Some(tokens) = broker.tokens() else {
         return Answer::err(PARAMETER_ERROR, "token service not configured");
     };
     let (Some(ak), Some(signature)) = (param(params, "accessKey"), param(params, "signature"))
@@ -117,7 +117,7 @@ pub fn handle(broker: &Broker, op: &str, params: &[(String, String)]) -> Answer 
         }
     }
     if !broker
-        .auth
+        .auth()
         .verify_request(ak, &token::canonical(&values), signature)
     {
         return Answer::err(SIGNATURE_ERROR, "signature does not match");
@@ -182,7 +182,7 @@ fn apply(
     }
     let res: Vec<String> = resources.split(',').map(|r| r.trim().to_owned()).collect();
     for r in &res {
-        if topic::parse_filter(r, broker.config.limits.max_topic_length, false).is_err() {
+        if topic::parse_filter(r, broker.config().limits.max_topic_length, false).is_err() {
             return Answer::err(PARAMETER_ERROR, format!("invalid resource {r:?}"));
         }
     }
@@ -191,7 +191,7 @@ fn apply(
     };
     let now = now_ms();
     let min_ms = broker
-        .config
+        .config()
         .auth
         .token_min_lifetime_secs
         .saturating_mul(1000);

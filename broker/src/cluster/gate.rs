@@ -133,7 +133,7 @@ pub async fn serve(io: IoBoxed, broker: Arc<Broker>, cluster: Option<Arc<Cluster
     };
     let client_ip = crate::protocol::socket_ip(&io);
     if let Err(e) = forward(&io, &cluster, &owner, client_ip).await {
-        broker.metrics.reject("cluster_forward");
+        broker.metrics().reject("cluster_forward");
         tracing::info!(owner = %owner, error = %e, "client not forwarded to its session's owner");
     }
     io.close();
@@ -207,7 +207,7 @@ async fn pipe(from: &IoBoxed, to: &IoBoxed) -> PipeEnd {
 /// the connection closed or timed out first (counted).
 async fn peek(io: &IoBoxed, broker: &Broker) -> Option<Peek> {
     let codec = PeekConnect {
-        max_size: broker.config.limits.max_packet_size as usize,
+        max_size: broker.config().limits.max_packet_size as usize,
     };
     let read = async {
         loop {
@@ -217,7 +217,7 @@ async fn peek(io: &IoBoxed, broker: &Broker) -> Option<Peek> {
                     Ok(Some(())) => {}
                     Ok(None) => return None,
                     Err(_) => {
-                        broker.metrics.reject("closed_before_connect");
+                        broker.metrics().reject("closed_before_connect");
                         return None;
                     }
                 },
@@ -225,11 +225,12 @@ async fn peek(io: &IoBoxed, broker: &Broker) -> Option<Peek> {
             }
         }
     };
-    let timeout = std::time::Duration::from_secs(broker.config.limits.connect_timeout_secs.into());
+    let timeout =
+        std::time::Duration::from_secs(broker.config().limits.connect_timeout_secs.into());
     match ntex::util::select(std::pin::pin!(read), ntex::time::sleep(timeout)).await {
         Either::Left(p) => p,
         Either::Right(()) => {
-            broker.metrics.reject("connect_timeout");
+            broker.metrics().reject("connect_timeout");
             io.close();
             None
         }
@@ -267,9 +268,9 @@ pub async fn serve_forwarded(
 /// A descriptor slot for a connection (`descriptors`); past the budget the
 /// connection is closed and counted.
 fn slot(io: &IoBoxed, broker: &Broker) -> Option<crate::descriptors::Slot> {
-    let slot = broker.fds.take(1);
+    let slot = broker.descriptors().take(1);
     if slot.is_none() {
-        broker.metrics.reject("fd_limit");
+        broker.metrics().reject("fd_limit");
         io.close();
     }
     slot
@@ -294,7 +295,7 @@ async fn serve_here(io: IoBoxed, broker: &Broker, mqtt: &Mqtt, peek: &Peek) {
         Err(MqttError::Connect(MqttConnectError::Disconnected(Some(_)))) => "closed_before_connect",
         _ => return,
     };
-    broker.metrics.reject(label);
+    broker.metrics().reject(label);
     tracing::debug!(reason = label, "connection closed before CONNECT");
 }
 

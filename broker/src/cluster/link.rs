@@ -297,13 +297,13 @@ async fn greet(io: &IoBoxed, cluster: &Cluster, broker: &Broker) -> Result<()> {
         },
     )
     .await?;
-    if let Some(t) = &broker.tokens {
+    if let Some(t) = &broker.tokens() {
         for (id, exp_ms) in t.revocations() {
             send(io, Frame::Revoked { id, exp_ms }).await?;
         }
     }
     let now = std::time::Instant::now();
-    for msg in broker.retained.matching("#") {
+    for msg in broker.retained().matching("#") {
         send(
             io,
             Frame::Retain {
@@ -392,7 +392,7 @@ pub async fn inbound(
             peer
         }
         Err(e) => {
-            broker.metrics.reject("cluster_handshake");
+            broker.metrics().reject("cluster_handshake");
             tracing::warn!(error = %e, "cluster connection refused");
             io.close();
             return;
@@ -434,7 +434,7 @@ fn apply(
         Frame::Heartbeat { leaving } => cluster.heard(peer, leaving),
         Frame::Settled { members } => cluster.settled_from(peer, members),
         Frame::Revoked { id, exp_ms } => {
-            if let Some(t) = &broker.tokens {
+            if let Some(t) = &broker.tokens() {
                 t.revoke_id(&id, exp_ms);
             }
         }
@@ -466,7 +466,7 @@ fn apply(
             subscriptions,
             pub_tps,
             sub_tps,
-        } => broker.usage.capacity.peer_load(
+        } => broker.usage().capacity.peer_load(
             peer,
             crate::capacity::Load {
                 connections,

@@ -878,7 +878,7 @@ pub async fn watch(cluster: Arc<Cluster>, broker: Arc<crate::broker::Broker>, sh
             broker.rebalance();
         }
         broker
-            .metrics
+            .metrics()
             .cluster_nodes
             .set(i64::try_from(cluster.ring().nodes().len()).unwrap_or(i64::MAX));
     }

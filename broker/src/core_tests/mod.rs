@@ -149,9 +149,9 @@ fn expired_sessions_leave_with_their_routes() {
     subscribe(&b, &p, "exp/#", QoS::AtLeastOnce);
     b.detach(&p.session, p.conn.generation);
     b.expire_sessions(Instant::now());
-    assert!(b.sessions.get("e").is_some(), "not expired yet");
+    assert!(b.sessions().get("e").is_some(), "not expired yet");
     b.expire_sessions(Instant::now() + Duration::from_secs(2));
-    assert!(b.sessions.get("e").is_none());
+    assert!(b.sessions().get("e").is_none());
     assert_eq!(
         b.publish(&msg(&b, "exp/1", QoS::AtLeastOnce, false, "x"), false),
         0
@@ -165,7 +165,7 @@ fn retained_messages_are_kept_replaced_and_cleared() {
     b.publish(&msg(&b, "r/1", QoS::AtLeastOnce, true, "new"), false);
     b.publish(&msg(&b, "r/2", QoS::AtLeastOnce, true, "two"), false);
     let got: Vec<_> = b
-        .retained
+        .retained()
         .matching("r/#")
         .iter()
         .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
@@ -173,7 +173,7 @@ fn retained_messages_are_kept_replaced_and_cleared() {
     assert_eq!(got, ["new", "two"]);
     b.publish(&msg(&b, "r/1", QoS::AtLeastOnce, true, ""), false);
     assert_eq!(
-        b.retained.len(),
+        b.retained().len(),
         1,
         "an empty retained message clears the topic"
     );

@@ -259,7 +259,7 @@ async fn a_session_the_ring_gives_another_node_is_handed_over_with_its_messages_
         .map(|d| d.msg.topic.to_string())
         .collect();
     assert_eq!(topics, ["m/0", "m/1", "m/2"], "queued order kept");
-    assert!(b.sessions.get(&id).is_none(), "it left this node");
+    assert!(b.sessions().get(&id).is_none(), "it left this node");
     assert!(
         peers
             .announced

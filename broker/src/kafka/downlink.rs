@@ -293,7 +293,8 @@ fn deliver(broker: &Broker, m: &BorrowedMessage<'_>, metrics: &KafkaMetrics) -> 
     metrics.downlink.with_label_values(&[result]).inc();
     // Backpressure: a subscriber's full queue holds the consumer, as it holds
     // an MQTT publisher, up to the same limit.
-    let deadline = Instant::now() + Duration::from_millis(broker.config.limits.queue_full_wait_ms);
+    let deadline =
+        Instant::now() + Duration::from_millis(broker.config().limits.queue_full_wait_ms);
     for session in over {
         while !broker.has_room(&session) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));

@@ -94,7 +94,7 @@ pub async fn handle(
         Ok(body) => json_response(StatusCode::OK, body),
         Err(Refusal(status, msg)) => {
             if status.is_client_error() {
-                broker.metrics.reject("api_bad_request");
+                broker.metrics().reject("api_bad_request");
             }
             let body = serde_json::to_string(&api::ApiError { error: msg }).unwrap_or_default();
             let mut response = json_response(status, body);
@@ -243,17 +243,17 @@ async fn instance(broker: &Arc<Broker>) -> Answer {
     let topics = nodes.iter().map(|n| n.topics).max().unwrap_or(0);
     let pub_tps: f64 = nodes.iter().map(|n| n.pub_tps).sum();
     let sub_tps: f64 = nodes.iter().map(|n| n.sub_tps).sum();
-    let cap = broker.usage.capacity.config();
-    let mut endpoints = broker.config.instance.endpoints.clone();
-    if let Some(k) = &broker.config.kafka {
+    let cap = broker.usage().capacity.config();
+    let mut endpoints = broker.config().instance.endpoints.clone();
+    if let Some(k) = &broker.config().kafka {
         endpoints.insert("kafka".into(), k.bootstrap_servers.clone());
     }
     let alarm_thresholds = Metric::ALL
         .iter()
-        .map(|m| (m.label().to_owned(), broker.usage.alarms.threshold(*m)))
+        .map(|m| (m.label().to_owned(), broker.usage().alarms.threshold(*m)))
         .collect();
     answer(&api::Instance {
-        name: broker.config.instance.name.clone(),
+        name: broker.config().instance.name.clone(),
         capacity: api::Capacity {
             connections: cap.connections,
             tps: cap.tps,
@@ -420,7 +420,7 @@ async fn groups(broker: &Arc<Broker>, params: &HashMap<String, String>) -> Answe
     let (from, to) = range(params, 2 * HOUR_MS, 2 * DAY_MS)?;
     let group = params.get("groupId").filter(|g| !g.is_empty());
     let mut answers = ask_all(broker, &Query::Groups { from, to }).await;
-    let step = broker.config.trace.group_sample_secs * 1000;
+    let step = broker.config().trace.group_sample_secs * 1000;
     let mut now: HashMap<String, u64> = HashMap::new();
     let mut buckets: std::collections::BTreeMap<u64, HashMap<String, u64>> = Default::default();
     for (_, g) in answers.decode::<Groups>() {
@@ -732,7 +732,7 @@ fn send_message(broker: &Arc<Broker>, body: &[u8]) -> Answer {
             .decode(b.payload)
             .map_err(|_| bad("payload is not valid base64"))?,
     };
-    if payload.len() > broker.config.limits.max_packet_size as usize {
+    if payload.len() > broker.config().limits.max_packet_size as usize {
         return Err(bad("payload larger than limits.max_packet_size"));
     }
     let msg = Arc::new(broker.message(

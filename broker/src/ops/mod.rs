@@ -90,7 +90,7 @@ fn group_of(client_id: &str) -> Option<&str> {
 /// Online connections of this node by Group ID.
 fn groups_now(broker: &Broker) -> HashMap<String, u64> {
     let mut now = HashMap::new();
-    for s in broker.sessions.all() {
+    for s in broker.sessions().all() {
         if let Some(g) = group_of(&s.client_id)
             && s.is_online()
         {
@@ -125,25 +125,25 @@ fn gauge(v: i64) -> u64 {
 pub fn is_evaluator(broker: &Broker) -> bool {
     broker
         .peers()
-        .is_none_or(|c| c.members().iter().all(|m| **m > *broker.node))
+        .is_none_or(|c| c.members().iter().all(|m| **m > **broker.node()))
 }
 
 fn node_info(broker: &Broker) -> NodeInfo {
-    let sessions = broker.sessions.all();
+    let sessions = broker.sessions().all();
     let subscribers = sessions
         .iter()
         .filter(|s| !s.lock().subscriptions.is_empty())
         .count();
-    let (pub_tps, sub_tps) = broker.usage.meter.tps();
+    let (pub_tps, sub_tps) = broker.usage().meter.tps();
     NodeInfo {
-        name: broker.node.to_string(),
+        name: broker.node().to_string(),
         state: node_state(broker).to_owned(),
-        connections: gauge(broker.metrics.connections.get()),
-        max_connections: broker.usage.meter.peak_connections(),
-        subscriptions: gauge(broker.metrics.subscriptions.get()),
+        connections: gauge(broker.metrics().connections.get()),
+        max_connections: broker.usage().meter.peak_connections(),
+        subscriptions: gauge(broker.metrics().subscriptions.get()),
         subscribers: subscribers as u64,
         sessions: sessions.len() as u64,
-        topics: broker.router.distinct_filters() as u64,
+        topics: broker.router().distinct_filters() as u64,
         pub_tps,
         sub_tps,
         alarm_evaluator: is_evaluator(broker),
@@ -151,7 +151,7 @@ fn node_info(broker: &Broker) -> NodeInfo {
 }
 
 fn client_detail(broker: &Broker, client_id: &str) -> Option<ClientDetail> {
-    let session = broker.sessions.get(client_id)?;
+    let session = broker.sessions().get(client_id)?;
     let st = session.lock();
     let mut subscriptions: Vec<Subscription> = st
         .subscriptions
@@ -166,7 +166,7 @@ fn client_detail(broker: &Broker, client_id: &str) -> Option<ClientDetail> {
     let known = info.connected_at > 0;
     Some(ClientDetail {
         client_id: client_id.to_owned(),
-        node: broker.node.to_string(),
+        node: broker.node().to_string(),
         online: st.attached.is_some(),
         ip: info.ip.map(|ip| ip.to_string()),
         protocol: known.then(|| info.protocol.to_owned()),
@@ -192,7 +192,7 @@ fn topic_online(broker: &Broker, topic: &str) -> u64 {
         crate::topic::matches(filter, topic)
     };
     broker
-        .sessions
+        .sessions()
         .all()
         .iter()
         .filter(|s| {
@@ -211,11 +211,11 @@ pub fn answer(broker: &Broker, q: &Query) -> serde_json::Value {
         Query::Online { client_ids } => to_value(
             client_ids
                 .iter()
-                .filter(|c| broker.sessions.get(c).is_some_and(|s| s.is_online()))
+                .filter(|c| broker.sessions().get(c).is_some_and(|s| s.is_online()))
                 .collect::<Vec<_>>(),
         ),
         Query::Kick { client_id } => {
-            let session = broker.sessions.get(client_id).filter(|s| s.is_online());
+            let session = broker.sessions().get(client_id).filter(|s| s.is_online());
             if let Some(s) = &session {
                 tracing::info!(client_id, "client kicked through the operations API");
                 s.kick(KickReason::Administrative);
@@ -224,14 +224,14 @@ pub fn answer(broker: &Broker, q: &Query) -> serde_json::Value {
         }
         Query::Unsubscribe { client_id, filter } => to_value(
             broker
-                .sessions
+                .sessions()
                 .get(client_id)
                 .map(|s| broker.unsubscribe(&s, filter)),
         ),
         Query::TopicOnline { topic } => to_value(topic_online(broker, topic)),
         Query::Groups { from, to } => to_value(Groups {
             now: groups_now(broker),
-            history: broker.usage.meter.groups(*from, *to),
+            history: broker.usage().meter.groups(*from, *to),
         }),
         Query::DeviceTrace {
             client_id,
@@ -240,7 +240,7 @@ pub fn answer(broker: &Broker, q: &Query) -> serde_json::Value {
             limit,
         } => to_value(
             broker
-                .usage
+                .usage()
                 .traces
                 .device_events(client_id, *from, *to, *limit),
         ),
@@ -250,16 +250,16 @@ pub fn answer(broker: &Broker, q: &Query) -> serde_json::Value {
             from,
             to,
             limit,
-        } => to_value(broker.usage.traces.message_events(
+        } => to_value(broker.usage().traces.message_events(
             client_id.as_deref(),
             *message_id,
             *from,
             *to,
             *limit,
         )),
-        Query::Report { from, to } => to_value(broker.usage.meter.report(*from, *to)),
-        Query::Alarms => to_value(broker.usage.alarms.records(now_ms())),
-        Query::AckAlarm { id } => to_value(broker.usage.alarms.acknowledge(id)),
+        Query::Report { from, to } => to_value(broker.usage().meter.report(*from, *to)),
+        Query::Alarms => to_value(broker.usage().alarms.records(now_ms())),
+        Query::AckAlarm { id } => to_value(broker.usage().alarms.acknowledge(id)),
     };
     value.unwrap_or(serde_json::Value::Null)
 }
@@ -302,7 +302,7 @@ impl Answers {
 
 /// Asks every ring member (this node included) and collects the answers.
 pub async fn ask_all(broker: &Arc<Broker>, q: &Query) -> Answers {
-    let mut answers = vec![(broker.node.to_string(), answer(broker, q))];
+    let mut answers = vec![(broker.node().to_string(), answer(broker, q))];
     let mut missing = Vec::new();
     if let Some(c) = broker.peers() {
         let body = serde_json::to_string(q).unwrap_or_default();
@@ -321,20 +321,20 @@ pub async fn ask_all(broker: &Arc<Broker>, q: &Query) -> Answers {
 /// The instance's current values for the alarms, from this node's counts
 /// and the load reports of the others.
 fn instance_values(broker: &Broker) -> Vec<(Metric, u64)> {
-    let peers = broker.usage.capacity.peer_loads();
+    let peers = broker.usage().capacity.peer_loads();
     let sum = |f: fn(&Load) -> u64| peers.iter().map(|(_, l)| f(l)).sum::<u64>();
-    let (pub_tps, sub_tps) = broker.usage.meter.tps();
+    let (pub_tps, sub_tps) = broker.usage().meter.tps();
     let tps = (pub_tps + sub_tps).round() as u64 + sum(|l| l.pub_tps + l.sub_tps);
     vec![
         (
             Metric::Connections,
-            gauge(broker.metrics.connections.get()) + sum(|l| l.connections),
+            gauge(broker.metrics().connections.get()) + sum(|l| l.connections),
         ),
         (
             Metric::Subscriptions,
-            gauge(broker.metrics.subscriptions.get()) + sum(|l| l.subscriptions),
+            gauge(broker.metrics().subscriptions.get()) + sum(|l| l.subscriptions),
         ),
-        (Metric::Topics, broker.router.distinct_filters() as u64),
+        (Metric::Topics, broker.router().distinct_filters() as u64),
         (Metric::Tps, tps),
     ]
 }
@@ -363,20 +363,20 @@ pub async fn tick(broker: Arc<Broker>, shutdown: crate::shutdown::Shutdown) {
     while shutdown.sleep(REFILL).await {
         n += 1;
         let members = broker.peers().map(|c| c.members()).unwrap_or_default();
-        broker.usage.capacity.refill(members.len() + 1);
+        broker.usage().capacity.refill(members.len() + 1);
         if !n.is_multiple_of(10) {
             continue;
         }
         let now = now_ms();
-        let usage = &broker.usage;
+        let usage = &broker.usage();
         let by_parent = usage.meter.tick(now);
         usage.capacity.retain_peers(&members);
         let (pub_tps, sub_tps) = usage.meter.tps();
         export(&broker, &mut exported, by_parent);
         if let Some(c) = broker.peers() {
             c.broadcast(PeerMsg::Load {
-                connections: gauge(broker.metrics.connections.get()),
-                subscriptions: gauge(broker.metrics.subscriptions.get()),
+                connections: gauge(broker.metrics().connections.get()),
+                subscriptions: gauge(broker.metrics().subscriptions.get()),
                 pub_tps: pub_tps.round() as u64,
                 sub_tps: sub_tps.round() as u64,
             });
@@ -395,7 +395,7 @@ pub async fn tick(broker: Arc<Broker>, shutdown: crate::shutdown::Shutdown) {
             Vec::new()
         };
         changes.iter().for_each(log_change);
-        if n.is_multiple_of(broker.config.trace.group_sample_secs * 10) {
+        if n.is_multiple_of(broker.config().trace.group_sample_secs * 10) {
             usage.meter.record_groups(now, groups_now(&broker));
         }
     }
@@ -415,8 +415,8 @@ const LABELLED_PARENTS: usize = 100;
 
 /// Once a second: the meter's numbers into the Prometheus metrics (O9).
 fn export(broker: &Broker, last: &mut Exported, by_parent: HashMap<String, crate::meter::Counts>) {
-    let m = &broker.metrics;
-    let meter = &broker.usage.meter;
+    let m = &broker.metrics();
+    let meter = &broker.usage().meter;
     let (pub_tps, sub_tps) = meter.tps();
     m.tps.with_label_values(&["pub"]).set(pub_tps);
     m.tps.with_label_values(&["sub"]).set(sub_tps);
@@ -431,10 +431,10 @@ fn export(broker: &Broker, last: &mut Exported, by_parent: HashMap<String, crate
     m.connections_peak
         .set(i64::try_from(meter.peak_connections()).unwrap_or(i64::MAX));
     m.topics
-        .set(i64::try_from(broker.router.distinct_filters()).unwrap_or(i64::MAX));
+        .set(i64::try_from(broker.router().distinct_filters()).unwrap_or(i64::MAX));
     let declared = |p: &str| {
         broker
-            .config
+            .config()
             .kafka
             .as_ref()
             .is_some_and(|k| k.parent_topics.iter().any(|t| t.name == p))

@@ -120,7 +120,7 @@ pub async fn authenticate(
     ip: Option<std::net::IpAddr>,
 ) -> std::result::Result<(Identity, Vec<(TokenType, Claims)>), Refusal> {
     let verdict = broker
-        .auth
+        .auth()
         .authenticate(client_id, username, password, ip)
         .await
         .and_then(|identity| {
@@ -133,16 +133,16 @@ pub async fn authenticate(
     if let Err(r) = &verdict {
         if *r == Refusal::TooManyFailures {
             // Held, not answered at once: see `LoginConfig::limited_delay_ms`.
-            let delay = broker.config.auth.login.limited_delay_ms;
+            let delay = broker.config().auth.login.limited_delay_ms;
             ntex::time::sleep(std::time::Duration::from_millis(delay)).await;
         }
-        broker.metrics.reject(r.reason());
+        broker.metrics().reject(r.reason());
         let why = match r {
             Refusal::Busy => DeviceReason::QuotaExceeded,
             _ => DeviceReason::NotAuthorized,
         };
         refused(broker, client_id, why);
-        if broker.auth.login().may_log() {
+        if broker.auth().login().may_log() {
             let user = crate::login::shown_user(username.unwrap_or(""));
             tracing::info!(client_id, user, ip = ?ip, reason = %r, "CONNECT refused");
         }
@@ -153,7 +153,7 @@ pub async fn authenticate(
 /// Records a refused CONNECT in the device trace.
 pub fn refused(broker: &Broker, client_id: &str, reason: DeviceReason) {
     let channel = broker.next_channel_id();
-    broker.usage.traces.device(
+    broker.usage().traces.device(
         &Arc::from(client_id),
         &channel,
         DeviceAction::Connect,
@@ -184,7 +184,7 @@ pub fn store_open(broker: &Broker) -> bool {
     if broker.is_restored() {
         return true;
     }
-    broker.metrics.reject("store_not_open");
+    broker.metrics().reject("store_not_open");
     false
 }
 
@@ -193,17 +193,17 @@ pub fn store_open(broker: &Broker) -> bool {
 /// counted, logged and traced.
 pub fn admit(broker: &Broker, client_id: &str) -> bool {
     if broker
-        .sessions
+        .sessions()
         .get(client_id)
         .is_some_and(|s| s.is_online())
     {
         return true;
     }
-    let local = u64::try_from(broker.metrics.connections.get()).unwrap_or(0);
-    if broker.usage.capacity.admit_connection(local) {
+    let local = u64::try_from(broker.metrics().connections.get()).unwrap_or(0);
+    if broker.usage().capacity.admit_connection(local) {
         return true;
     }
-    broker.metrics.reject("capacity_connections");
+    broker.metrics().reject("capacity_connections");
     refused(broker, client_id, DeviceReason::QuotaExceeded);
     tracing::info!(
         client_id,
@@ -224,7 +224,7 @@ pub fn may_subscribe(conn: &Connection, filter: &str) -> Result<()> {
         Err(Error::NotAuthorized)
     };
     if let Err(e) = &verdict {
-        conn.broker.metrics.reject(e.reason());
+        conn.broker.metrics().reject(e.reason());
         conn.trace(DeviceAction::Subscribed, e.device_reason(), Some(filter));
         tracing::info!(client_id = %conn.client_id, filter, error = %e, "SUBSCRIBE refused: topic auth failed");
     }
@@ -265,7 +265,7 @@ fn connect_tokens(
     let Some(password) = password.filter(|p| !p.is_empty()) else {
         return Ok(Vec::new());
     };
-    let service = broker.tokens.as_ref().ok_or(Refusal::NotAuthorized)?;
+    let service = broker.tokens().ok_or(Refusal::NotAuthorized)?;
     let text = std::str::from_utf8(password).map_err(|_| Refusal::BadCredentials)?;
     let parts: Vec<&str> = text.split('|').collect();
     if !parts.len().is_multiple_of(2) || parts.len() > 6 {
@@ -301,14 +301,14 @@ pub async fn publish(
     // is boxed, like every rare wait on this path: the handler's future is
     // allocated per message at its full size, which rare waits would
     // multiply (see `v3::publish`).
-    if broker.usage.capacity.over_share() {
+    if broker.usage().capacity.over_share() {
         tracing::debug!(client_id = %conn.client_id, "publisher throttled: TPS capacity");
-        Box::pin(broker.usage.capacity.throttle()).await;
+        Box::pin(broker.usage().capacity.throttle()).await;
     }
     let result: Result<()> = async {
         broker.check_topic(&msg.topic)?;
         if sys::is_sys_request(&msg.topic) {
-            broker.metrics.received(msg.qos, msg.payload.len());
+            broker.metrics().received(msg.qos, msg.payload.len());
             sys::handle(conn, &msg.topic, &msg.payload)?;
             return Ok(());
         }
@@ -332,7 +332,7 @@ pub async fn publish(
     }
     .await;
     if let Err(e) = &result {
-        broker.metrics.reject(e.reason());
+        broker.metrics().reject(e.reason());
         conn.trace(DeviceAction::Publish, e.device_reason(), Some(&msg.topic));
         tracing::info!(client_id = %conn.client_id, error = %e, "publish refused");
     }
@@ -395,7 +395,7 @@ pub fn trace_stop(conn: &Connection, reason: &Reason<Error>) {
                 }
                 _ => ("protocol_error", DeviceReason::ProtocolError),
             };
-            conn.broker.metrics.reject(label);
+            conn.broker.metrics().reject(label);
             conn.closing(why);
             tracing::info!(client_id, reason = label, error = %p.get_ref(), "connection closed");
         }

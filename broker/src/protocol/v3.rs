@@ -28,7 +28,7 @@ pub type St = Rc<Connection>;
 /// CONNECT: validate the Client ID and will, attach the session.
 pub async fn connect(broker: &Arc<Broker>, c: v3::Connect) -> Result<v3::ConnectAck<St>> {
     let pkt = c.packet();
-    let limits = &broker.config.limits;
+    let limits = &broker.config().limits;
     let clean = pkt.clean_session;
     let keep_alive = pkt.keep_alive;
     if !super::store_open(broker) {
@@ -109,7 +109,7 @@ pub async fn connect(broker: &Arc<Broker>, c: v3::Connect) -> Result<v3::Connect
 }
 
 fn refuse(broker: &Broker, c: v3::Connect, reason: &str) -> v3::ConnectAck<St> {
-    broker.metrics.reject(reason);
+    broker.metrics().reject(reason);
     c.identifier_rejected()
 }
 
@@ -180,7 +180,7 @@ pub async fn protocol(
                         send_notice(s.sink(), notice).await;
                         return Err(e);
                     }
-                    match broker.config.auth.v3_subscribe_refusal {
+                    match broker.config().auth.v3_subscribe_refusal {
                         V3SubscribeRefusal::Suback => {
                             item.fail();
                             continue;
@@ -198,7 +198,7 @@ pub async fn protocol(
                         item.confirm(qos.into());
                     }
                     Err(e) => {
-                        broker.metrics.reject("subscribe_refused");
+                        broker.metrics().reject("subscribe_refused");
                         tracing::info!(client_id = %conn.client_id, filter = %item.topic(), error = %e, "subscription refused");
                         conn.trace_subscribe(item.topic(), Some(&e));
                         item.fail();

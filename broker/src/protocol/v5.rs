@@ -43,7 +43,7 @@ impl TryFrom<Error> for v5::PublishAck {
 /// CONNECT: validate, attach the session with its expiry interval.
 pub async fn connect(broker: &Arc<Broker>, c: v5::Connect) -> Result<v5::ConnectAck<St>> {
     let pkt = c.packet();
-    let limits = &broker.config.limits;
+    let limits = &broker.config().limits;
     if !super::store_open(broker) {
         return Ok(c.failed(ConnectAckReason::ServerUnavailable));
     }
@@ -86,7 +86,7 @@ pub async fn connect(broker: &Arc<Broker>, c: v5::Connect) -> Result<v5::Connect
     let will = match &pkt.last_will {
         Some(w) => {
             if broker.check_topic(&w.topic).is_err() {
-                broker.metrics.reject("will_topic_invalid");
+                broker.metrics().reject("will_topic_invalid");
                 return Ok(c.failed(ConnectAckReason::TopicNameInvalid));
             }
             let mut msg = broker.message(
@@ -260,7 +260,7 @@ pub async fn protocol(
                 let shared = item.topic().starts_with("$share/");
                 if shared && o.no_local {
                     // MQTT-3.8.3-4: No Local on a shared subscription is a protocol error.
-                    broker.metrics.reject("subscribe_refused");
+                    broker.metrics().reject("subscribe_refused");
                     item.fail(SubscribeAckReason::ImplementationSpecificError);
                     continue;
                 }
@@ -286,7 +286,7 @@ pub async fn protocol(
                         item.confirm(o.qos);
                     }
                     Err(e) => {
-                        broker.metrics.reject("subscribe_refused");
+                        broker.metrics().reject("subscribe_refused");
                         tracing::info!(client_id = %conn.client_id, filter = %item.topic(), error = %e, "subscription refused");
                         conn.trace_subscribe(item.topic(), Some(&e));
                         item.fail(match e {
@@ -318,7 +318,7 @@ pub async fn protocol(
                 conn.will.borrow_mut().take();
             }
             if let Some(secs) = d.packet().session_expiry_interval_secs {
-                let capped = secs.min(broker.config.limits.session_expiry_secs);
+                let capped = secs.min(broker.config().limits.session_expiry_secs);
                 conn.session
                     .set_expiry(Duration::from_secs(u64::from(capped)));
             }
@@ -331,7 +331,7 @@ pub async fn protocol(
         }
         v5::ProtocolMessage::Auth(a) => {
             // Enhanced authentication is not offered: CONNACK advertises none.
-            broker.metrics.reject("auth_unsupported");
+            broker.metrics().reject("auth_unsupported");
             Ok(a.ack(codec::Auth {
                 reason_code: codec::AuthReasonCode::ContinueAuth,
                 ..Default::default()
