@@ -1,7 +1,7 @@
 //! The admin HTTP port: `/metrics` (Prometheus text), `/healthz` (the process
 //! answers), `/readyz` (the node accepts MQTT connections), the operations
-//! API under `/api/v1` (`ops::http`), `/cluster/drain` and the token service
-//! under `/token`.
+//! API under `/api/v1` (`ops::http`), the web console under `/console/`
+//! (`console`), `/cluster/drain` and the token service under `/token`.
 //!
 //! Who may do what (README "Security"): the probes, the OpenAPI document,
 //! the token service (its requests are signed) and, with `protect_metrics:
@@ -126,6 +126,11 @@ pub fn need(method: &Method, path: &str, protect_metrics: bool) -> Need {
         "/metrics" if protect_metrics => Need::Read,
         "/metrics" => Need::Nothing,
         p if p.starts_with("/token/") => Need::Nothing,
+        // The console's assets hold no data; what they show is asked of the
+        // API, which checks the token itself.
+        p if crate::console::is_console(p) && matches!(*method, Method::GET | Method::HEAD) => {
+            Need::Nothing
+        }
         _ if matches!(*method, Method::GET | Method::HEAD) => Need::Read,
         _ => Need::Change,
     }
@@ -196,6 +201,17 @@ pub fn service(admin: Arc<Admin>) -> impl Service<(), Io, Res = (), Error = io::
                 &body,
             )
             .await);
+        }
+        if crate::console::is_console(req.path()) && need == Need::Nothing {
+            let host = req
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok());
+            return Ok(crate::console::respond(
+                req.path(),
+                host,
+                &broker.config().listeners,
+            ));
         }
         if req.path().starts_with("/token/") {
             let body = read_body(&mut req).await;
@@ -390,5 +406,7 @@ mod tests {
             Need::Change
         );
         assert_eq!(need(&Method::POST, "/cluster/drain", false), Need::Change);
+        assert_eq!(need(&Method::GET, "/console/app.js", true), Need::Nothing);
+        assert_eq!(need(&Method::POST, "/console/", true), Need::Change);
     }
 }

@@ -12,6 +12,7 @@ pub mod cluster;
 mod codec;
 pub mod config;
 pub mod connection;
+pub mod console;
 #[cfg(test)]
 mod core_tests;
 pub mod descriptors;
