@@ -27,6 +27,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(admin_url: str, proc: subprocess.Popen, timeout: float) -> bool:
+    """Waits until the broker at `admin_url` answers /readyz with 200; False
+    if it exits or `timeout` seconds pass first."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{admin_url}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            return False
+        time.sleep(0.05)
+
+
 def start_broker(extra="", admin=None):
     """Starts a broker process on free loopback ports; yields its MQTT port."""
     binary = broker_binary()
@@ -45,18 +61,9 @@ def start_broker(extra="", admin=None):
         log = open(Path(d) / "broker.log", "w")
         # Its working directory is the test's: the default store (`data`) too.
         proc = subprocess.Popen([str(binary), "--config", str(cfg)], stderr=log, cwd=d)
-        deadline = time.time() + 20
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                proc.kill()
-                pytest.fail("broker did not become ready")
-            time.sleep(0.05)
+        if not wait_ready(f"http://127.0.0.1:{admin}", proc, 20):
+            proc.kill()
+            pytest.fail("broker did not become ready")
         yield tcp
         proc.kill()
         proc.wait()

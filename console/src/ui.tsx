@@ -180,6 +180,13 @@ export function Field({ label, value, onValue, hint, ...rest }: InputProps) {
   );
 }
 
+/** The choices of a QoS select. */
+export const QOS_OPTIONS: ["0" | "1" | "2", string][] = [
+  ["0", "0"],
+  ["1", "1"],
+  ["2", "2"],
+];
+
 export function Select<V extends string>(props: {
   label: string;
   value: V;

@@ -73,26 +73,4 @@ for r in $(seq "$rounds"); do
     done
 done
 
-median() { tr ' ' '\n' | sed '/^$/d' | sort -g | awk '{a[NR]=$1} END {print (NR ? a[int((NR+1)/2)] : 0)}'; }
-echo "| scenario | broker | delivered msg/s per round (lost) | median msg/s |"
-echo "|---|---|---|---|"
-declare -A med
-for sc in "${scenarios[@]}"; do
-    id=${sc%%:*}
-    rest=${sc#*:}
-    for v in "${variants[@]}"; do
-        m=$(tr ' ' '\n' <<<"${runs["$id,$v"]}" | cut -d/ -f1 | tr '\n' ' ' | median)
-        med["$id,$v"]=$m
-        shown=$(sed 's#/\([^ ]*\)# (\1)#g' <<<"${runs["$id,$v"]}")
-        echo "| $id ${rest%%:*} | $v | $shown | $m |"
-    done
-done
-echo
-for sc in "${scenarios[@]}"; do
-    id=${sc%%:*}
-    for v in "${variants[@]}"; do
-        [ "$v" = ringmq ] && continue
-        awk -v id="$id" -v v="$v" -v a="${med["$id,ringmq"]}" -v b="${med["$id,$v"]}" \
-            'BEGIN { printf "- scenario %s: ringmq ÷ %s = %.2f\n", id, v, (b > 0 ? a / b : 0) }'
-    done
-done
+print_medians ringmq

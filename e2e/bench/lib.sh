@@ -17,3 +17,35 @@ build_release() {
     cargo "+${RINGMQ_TOOLCHAIN:-nightly}" build --release --locked -p ringmq-broker -p ringmq-bench >&2
     bin="${CARGO_TARGET_DIR:-$PWD/target}/release"
 }
+
+# print_medians <reference>: the table of the alternating scripts (every
+# round and the median per scenario and variant) and the ratio of the
+# reference's median to each other variant's. Reads the caller's
+# `scenarios` ("id:name:args"), `variants` and `runs` ("id,variant" ->
+# "msgs/lost " per round).
+print_medians() {
+    local ref=$1 sc id rest v m shown
+    local -A med
+    echo "| scenario | broker | delivered msg/s per round (lost) | median msg/s |"
+    echo "|---|---|---|---|"
+    for sc in "${scenarios[@]}"; do
+        id=${sc%%:*}
+        rest=${sc#*:}
+        for v in "${variants[@]}"; do
+            m=$(tr ' ' '\n' <<<"${runs["$id,$v"]}" | cut -d/ -f1 | sed '/^$/d' | sort -g |
+                awk '{a[NR]=$1} END {print (NR ? a[int((NR+1)/2)] : 0)}')
+            med["$id,$v"]=$m
+            shown=$(sed 's#/\([^ ]*\)# (\1)#g' <<<"${runs["$id,$v"]}")
+            echo "| $id ${rest%%:*} | $v | $shown | $m |"
+        done
+    done
+    echo
+    for sc in "${scenarios[@]}"; do
+        id=${sc%%:*}
+        for v in "${variants[@]}"; do
+            [ "$v" = "$ref" ] && continue
+            awk -v id="$id" -v r="$ref" -v v="$v" -v a="${med["$id,$ref"]}" -v b="${med["$id,$v"]}" \
+                'BEGIN { printf "- %s: %s ÷ %s = %.2f\n", id, r, v, (b > 0 ? a / b : 0) }'
+        done
+    done
+}

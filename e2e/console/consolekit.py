@@ -7,7 +7,6 @@ import json
 import os
 import re
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from procs import ROOT, broker_binary, free_port
+from procs import ROOT, broker_binary, free_port, wait_ready
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 AXE = ROOT / "console" / "node_modules" / "axe-core" / "axe.min.js"
@@ -111,18 +110,9 @@ def _write_config(node: Node, extra: str, peers: list[Node], secret: Path | None
 
 
 def _wait_ready(node: Node):
-    deadline = time.time() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"{node.url}/readyz", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        if node.proc.poll() is not None or time.time() > deadline:
-            node.kill()
-            pytest.fail(f"broker {node.name} did not become ready:\n{node.log()[-3000:]}")
-        time.sleep(0.05)
+    if not wait_ready(node.url, node.proc, 30):
+        node.kill()
+        pytest.fail(f"broker {node.name} did not become ready:\n{node.log()[-3000:]}")
 
 
 def start(base: Path, name: str, extra: str = "", peers=(), secret=None, token=TOKEN) -> Node:

@@ -317,17 +317,15 @@ async fn a_qos1_publish_is_refused_while_the_link_to_its_subscribers_is_full() {
     let b = node0(&peers);
     b.remote_routes("n1", &["f/#".into()], &[]);
     let publisher = b.attach(&peers.client_of("n0", "pub"), true, Duration::ZERO);
+    let from = Publisher {
+        session: &publisher.session,
+        persistent: false,
+        on_full: OnFull::Refuse,
+        ticket: None,
+        qos2_id: None,
+    };
     let result = b
-        .accept(
-            msg(&b, "f/1", QoS::AtLeastOnce, false, "x"),
-            Publisher {
-                session: &publisher.session,
-                persistent: false,
-                on_full: OnFull::Refuse,
-                ticket: None,
-                qos2_id: None,
-            },
-        )
+        .accept(msg(&b, "f/1", QoS::AtLeastOnce, false, "x"), from)
         .await;
     assert!(
         matches!(result, Err(PublishError::Cluster)),
@@ -335,16 +333,7 @@ async fn a_qos1_publish_is_refused_while_the_link_to_its_subscribers_is_full() {
     );
     // QoS 0 promises nothing: it goes on.
     let qos0 = b
-        .accept(
-            msg(&b, "f/2", QoS::AtMostOnce, false, "x"),
-            Publisher {
-                session: &publisher.session,
-                persistent: false,
-                on_full: OnFull::Refuse,
-                ticket: None,
-                qos2_id: None,
-            },
-        )
+        .accept(msg(&b, "f/2", QoS::AtMostOnce, false, "x"), from)
         .await;
     assert!(qos0.is_ok(), "{qos0:?}");
 }

@@ -8,7 +8,7 @@ import { useEffect, useRef, useState } from "preact/hooks";
 import { type ConsoleConfig, consoleConfig } from "../api";
 import { int, time } from "../format";
 import { useQuery } from "../hooks";
-import { Field, Notice, Paged, Section, Select, Table, describe } from "../ui";
+import { Field, Notice, Paged, QOS_OPTIONS, Section, Select, Table, describe } from "../ui";
 
 /** Received messages kept on the page (oldest dropped first). */
 const KEEP = 500;
@@ -212,11 +212,7 @@ export function MqttPage() {
               label="QoS"
               narrow
               value={subQos}
-              options={[
-                ["0", "0"],
-                ["1", "1"],
-                ["2", "2"],
-              ]}
+              options={QOS_OPTIONS}
               onValue={setSubQos}
             />
             <button type="submit" disabled={!connected} data-testid="ws-subscribe">
@@ -250,17 +246,7 @@ export function MqttPage() {
               <textarea id="ws-payload" rows={2} value={payload} onInput={(e) => setPayload(e.currentTarget.value)} data-testid="ws-payload" />
             </div>
             <div class="row">
-              <Select
-                label="QoS"
-              narrow
-                value={pubQos}
-                options={[
-                  ["0", "0"],
-                  ["1", "1"],
-                  ["2", "2"],
-                ]}
-                onValue={setPubQos}
-              />
+              <Select label="QoS" narrow value={pubQos} options={QOS_OPTIONS} onValue={setPubQos} />
               <label class="check">
                 <input type="checkbox" checked={retain} onChange={(e) => setRetain(e.currentTarget.checked)} /> Retain
               </label>

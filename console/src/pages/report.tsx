@@ -6,7 +6,7 @@ import { type QoS, type ReportRow, api } from "../api";
 import { type ChartData, TimeChart } from "../charts";
 import { DAY, HOUR, int, time, tps } from "../format";
 import { useAction, useQuery } from "../hooks";
-import { ErrorNotice, Field, KeyValues, MissingNodes, Paged, type Range, RangePicker, Section, Select, Table, resolve } from "../ui";
+import { ErrorNotice, Field, KeyValues, MissingNodes, Paged, type Range, QOS_OPTIONS, RangePicker, Section, Select, Table, resolve } from "../ui";
 
 /** The API's own shortcuts, by span. */
 const SHORTCUTS: [string, number, string][] = [
@@ -175,12 +175,7 @@ export function Report() {
             label="QoS"
             narrow
             value={filter.qos}
-            options={[
-              ["all", "all"],
-              ["0", "0"],
-              ["1", "1"],
-              ["2", "2"],
-            ]}
+            options={[["all", "all"], ...QOS_OPTIONS]}
             onValue={(qos) => setFilter({ ...filter, qos })}
           />
           <button type="submit">Query</button>
