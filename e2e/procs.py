@@ -64,7 +64,11 @@ def start_broker(extra="", admin=None):
         if not wait_ready(f"http://127.0.0.1:{admin}", proc, 20):
             proc.kill()
             pytest.fail("broker did not become ready")
-        yield tcp
-        proc.kill()
-        proc.wait()
-        log.close()
+        # Ended on `close()` of the generator too (GeneratorExit at the
+        # yield): a broker must never outlive its test.
+        try:
+            yield tcp
+        finally:
+            proc.kill()
+            proc.wait()
+            log.close()

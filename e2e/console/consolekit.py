@@ -77,7 +77,9 @@ class Node:
             self.proc.wait()
 
 
-def _write_config(node: Node, extra: str, peers: list[Node], secret: Path | None) -> Path:
+def _write_config(
+    node: Node, extra: str, peers: list[Node], secret: Path | None, failure_timeout_ms: int
+) -> Path:
     cfg = node.dir / "broker.yaml"
     text = (
         f"node_id: {node.name}\n"
@@ -103,7 +105,7 @@ def _write_config(node: Node, extra: str, peers: list[Node], secret: Path | None
             f"  peers: [{known}]\n"
             f"  secret_file: {secret}\n"
             "  heartbeat_ms: 100\n"
-            "  failure_timeout_ms: 1000\n"
+            f"  failure_timeout_ms: {failure_timeout_ms}\n"
         )
     cfg.write_text(text + extra)
     return cfg
@@ -115,15 +117,18 @@ def _wait_ready(node: Node):
         pytest.fail(f"broker {node.name} did not become ready:\n{node.log()[-3000:]}")
 
 
-def start(base: Path, name: str, extra: str = "", peers=(), secret=None, token=TOKEN) -> Node:
-    """A broker process in its own working directory (its store is ./data)."""
+def start(
+    base: Path, name: str, extra: str = "", peers=(), secret=None, token=TOKEN, failure_timeout_ms=1000
+) -> Node:
+    """A broker process in its own working directory (its store is ./data);
+    with `secret`, a member of the cluster of `peers`."""
     binary = broker_binary()
     if not binary.exists():
         pytest.fail(f"broker binary not built: {binary} (run cargo build first)")
     d = base / name
     d.mkdir()
     node = Node(name, free_port(), free_port(), free_port(), free_port(), d, token=token)
-    cfg = _write_config(node, extra, list(peers), secret)
+    cfg = _write_config(node, extra, list(peers), secret, failure_timeout_ms)
     log = open(d / "broker.log", "w")
     node.proc = subprocess.Popen([str(binary), "--config", str(cfg)], stderr=log, stdout=log, cwd=d)
     _wait_ready(node)

@@ -6,14 +6,16 @@ unsubscribe, acknowledge, send, publish from the page) happens.
 Every test also checks, through the `browse` fixture, that the page logged
 no error and sent no request anywhere but the node (consolekit.py)."""
 
+import os
 import re
+import signal
 import threading
 import time
 
 import paho.mqtt.client as mqtt
 from playwright.sync_api import expect
 
-from consolekit import READ_TOKEN, TOKEN, axe, screenshot
+from consolekit import READ_TOKEN, SINGLE, TOKEN, Node, axe, screenshot, start
 from mqttclient import Client
 
 V3, V5 = mqtt.MQTTv311, mqtt.MQTTv5
@@ -136,7 +138,35 @@ def test_cluster_overview_lookup_and_kick_from_any_node(cluster, browse):
     n3.kill()
     page.goto(n1.console("overview"))
     expect(rows).to_have_count(2, timeout=20_000)
-    page.hygiene.allow(r"ERR_CONNECTION_REFUSED")
+    page.hygiene.allow(r"ERR_CONNECTION_(REFUSED|RESET)")
+
+
+def test_a_member_that_does_not_answer_is_named_missing(workdir, browse):
+    # A node frozen (SIGSTOP) stays in the ring until the others miss its
+    # heartbeats for failure_timeout_ms: meanwhile every answer of the
+    # instance lacks its part, and the overview says whose.
+    secret = workdir / "cluster-secret"
+    secret.write_text("console-test-cluster-secret")
+    nodes: list[Node] = []
+    try:
+        for name in ("n1", "n2"):
+            nodes.append(start(workdir, name, SINGLE, peers=list(nodes), secret=secret, failure_timeout_ms=20_000))
+        n1, n2 = nodes
+        page = browse.page(n1)
+        expect(page.get_by_test_id("nodes").locator("tbody tr")).to_have_count(2, timeout=20_000)
+        expect(page.get_by_test_id("missing-nodes")).to_have_count(0)
+        os.kill(n2.proc.pid, signal.SIGSTOP)
+        expect(page.get_by_test_id("missing-nodes")).to_contain_text("n2", timeout=15_000)
+        expect(page.get_by_test_id("missing-list")).to_have_text("Missing: n2")
+        _, inst = n1.api("/instance")
+        assert inst["missingNodes"] == ["n2"], inst
+        # The nodes stop below while the page still polls.
+        page.hygiene.allow(r"ERR_CONNECTION_(REFUSED|RESET)")
+    finally:
+        for n in nodes:
+            if n.proc and n.proc.poll() is None:
+                os.kill(n.proc.pid, signal.SIGCONT)
+            n.kill()
 
 
 def test_client_lookup_shows_subscriptions_and_unsubscribe_and_kick_act(node, browse):
@@ -392,7 +422,7 @@ def test_a_node_that_stops_answering_shows_a_clear_message(node, browse):
     page = browse.page(node)
     expect(page.get_by_test_id("instance-name")).to_have_text("console-test")
     node.kill()
-    page.hygiene.allow(r"ERR_CONNECTION_REFUSED|Failed to fetch")
+    page.hygiene.allow(r"ERR_CONNECTION_(REFUSED|RESET)|Failed to fetch")
     banner = page.get_by_test_id("api-down")
     expect(banner).to_contain_text("The operations API did not answer")
     expect(banner).to_have_attribute("role", "alert")
