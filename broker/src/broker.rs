@@ -101,10 +101,41 @@ pub struct Broker {
 /// capacity it enforces.
 #[derive(Debug)]
 pub struct Usage {
-    pub meter: Meter,
-    pub traces: Traces,
-    pub capacity: Capacity,
-    pub alarms: Alarms,
+    meter: Meter,
+    traces: Traces,
+    capacity: Capacity,
+    alarms: Alarms,
+}
+
+impl Usage {
+    pub fn new(meter: Meter, traces: Traces, capacity: Capacity, alarms: Alarms) -> Self {
+        Self {
+            meter,
+            traces,
+            capacity,
+            alarms,
+        }
+    }
+
+    /// Weighted TPS, counts per parent topic, the resource report's history.
+    pub fn meter(&self) -> &Meter {
+        &self.meter
+    }
+
+    /// Device and message traces.
+    pub fn traces(&self) -> &Traces {
+        &self.traces
+    }
+
+    /// The declared capacity and its enforcement.
+    pub fn capacity(&self) -> &Capacity {
+        &self.capacity
+    }
+
+    /// Alarm rules and records.
+    pub fn alarms(&self) -> &Alarms {
+        &self.alarms
+    }
 }
 
 /// The QoS with which a remote node's marker subscribes: the highest, so

@@ -118,12 +118,12 @@ impl Connection {
         broker.metrics().connections_total.inc();
         broker
             .usage()
-            .meter
+            .meter()
             .connections_now(u64::try_from(broker.metrics().connections.get()).unwrap_or(0));
         let channel_id = broker.next_channel_id();
         let client_id = &attached.session.client_id;
         broker.device_event(client_id, EventKind::Connect, &channel_id, peer);
-        let traces = &broker.usage().traces;
+        let traces = &broker.usage().traces();
         let trace =
             |action| traces.device(client_id, &channel_id, action, DeviceReason::Accepted, None);
         trace(DeviceAction::Connect);
@@ -169,7 +169,7 @@ impl Connection {
 
     /// Records a device trace event of this connection.
     pub fn trace(&self, action: DeviceAction, reason: DeviceReason, detail: Option<&str>) {
-        self.broker.usage().traces.device(
+        self.broker.usage().traces().device(
             &self.client_id,
             &self.channel_id,
             action,
@@ -689,11 +689,11 @@ impl Pump {
                 .iter()
                 .take_while(|(m, q, _)| q == qos && m.topic == msg.topic)
                 .count();
-            usage.meter.consumed(&msg.topic, *qos, run as u64);
+            usage.meter().consumed(&msg.topic, *qos, run as u64);
             i += run;
         }
-        usage.capacity.charge(weight);
-        usage.traces.messages(
+        usage.capacity().charge(weight);
+        usage.traces().messages(
             &self.session.client_id,
             sent.iter().map(|(m, q, a)| (&**m, *a, *q)),
         );

@@ -197,28 +197,28 @@ pub(crate) fn usage(config: &Config, metrics: &metrics::Metrics) -> Result<broke
         }
         None => (None, journal::Replayed::default()),
     };
-    let usage = broker::Usage {
-        meter: meter::Meter::new(
+    let usage = broker::Usage::new(
+        meter::Meter::new(
             trace,
             config.alarms.tps_window_secs,
             journal.clone().map(|j| j as Arc<dyn meter::MeterJournal>),
         ),
-        traces: trace::Traces::new(
+        trace::Traces::new(
             trace,
             journal.clone().map(|j| j as Arc<dyn trace::TraceJournal>),
         ),
-        capacity: capacity::Capacity::new(&config.capacity, metrics.registry())?,
-        alarms: alarm::Alarms::new(
+        capacity::Capacity::new(&config.capacity, metrics.registry())?,
+        alarm::Alarms::new(
             &config.alarms,
             &config.capacity,
             &config.node_name(),
             metrics.registry(),
             journal.map(|j| j as Arc<dyn alarm::AlarmJournal>),
         )?,
-    };
-    usage.traces.restore(replayed.devices, replayed.messages);
-    usage.meter.restore(replayed.minutes, replayed.groups);
-    usage.alarms.restore(replayed.alarms, message::now_ms());
+    );
+    usage.traces().restore(replayed.devices, replayed.messages);
+    usage.meter().restore(replayed.minutes, replayed.groups);
+    usage.alarms().restore(replayed.alarms, message::now_ms());
     Ok(usage)
 }
 

@@ -466,7 +466,7 @@ fn apply(
             subscriptions,
             pub_tps,
             sub_tps,
-        } => broker.usage().capacity.peer_load(
+        } => broker.usage().capacity().peer_load(
             peer,
             crate::capacity::Load {
                 connections,

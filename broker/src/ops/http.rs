@@ -243,14 +243,14 @@ async fn instance(broker: &Arc<Broker>) -> Answer {
     let topics = nodes.iter().map(|n| n.topics).max().unwrap_or(0);
     let pub_tps: f64 = nodes.iter().map(|n| n.pub_tps).sum();
     let sub_tps: f64 = nodes.iter().map(|n| n.sub_tps).sum();
-    let cap = broker.usage().capacity.config();
+    let cap = broker.usage().capacity().config();
     let mut endpoints = broker.config().instance.endpoints.clone();
     if let Some(k) = &broker.config().kafka {
         endpoints.insert("kafka".into(), k.bootstrap_servers.clone());
     }
     let alarm_thresholds = Metric::ALL
         .iter()
-        .map(|m| (m.label().to_owned(), broker.usage().alarms.threshold(*m)))
+        .map(|m| (m.label().to_owned(), broker.usage().alarms().threshold(*m)))
         .collect();
     answer(&api::Instance {
         name: broker.config().instance.name.clone(),

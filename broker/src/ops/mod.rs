@@ -134,12 +134,12 @@ fn node_info(broker: &Broker) -> NodeInfo {
         .iter()
         .filter(|s| !s.lock().subscriptions.is_empty())
         .count();
-    let (pub_tps, sub_tps) = broker.usage().meter.tps();
+    let (pub_tps, sub_tps) = broker.usage().meter().tps();
     NodeInfo {
         name: broker.node().to_string(),
         state: node_state(broker).to_owned(),
         connections: gauge(broker.metrics().connections.get()),
-        max_connections: broker.usage().meter.peak_connections(),
+        max_connections: broker.usage().meter().peak_connections(),
         subscriptions: gauge(broker.metrics().subscriptions.get()),
         subscribers: subscribers as u64,
         sessions: sessions.len() as u64,
@@ -231,7 +231,7 @@ pub fn answer(broker: &Broker, q: &Query) -> serde_json::Value {
         Query::TopicOnline { topic } => to_value(topic_online(broker, topic)),
         Query::Groups { from, to } => to_value(Groups {
             now: groups_now(broker),
-            history: broker.usage().meter.groups(*from, *to),
+            history: broker.usage().meter().groups(*from, *to),
         }),
         Query::DeviceTrace {
             client_id,
@@ -241,7 +241,7 @@ pub fn answer(broker: &Broker, q: &Query) -> serde_json::Value {
         } => to_value(
             broker
                 .usage()
-                .traces
+                .traces()
                 .device_events(client_id, *from, *to, *limit),
         ),
         Query::MessageTrace {
@@ -250,16 +250,16 @@ pub fn answer(broker: &Broker, q: &Query) -> serde_json::Value {
             from,
             to,
             limit,
-        } => to_value(broker.usage().traces.message_events(
+        } => to_value(broker.usage().traces().message_events(
             client_id.as_deref(),
             *message_id,
             *from,
             *to,
             *limit,
         )),
-        Query::Report { from, to } => to_value(broker.usage().meter.report(*from, *to)),
-        Query::Alarms => to_value(broker.usage().alarms.records(now_ms())),
-        Query::AckAlarm { id } => to_value(broker.usage().alarms.acknowledge(id)),
+        Query::Report { from, to } => to_value(broker.usage().meter().report(*from, *to)),
+        Query::Alarms => to_value(broker.usage().alarms().records(now_ms())),
+        Query::AckAlarm { id } => to_value(broker.usage().alarms().acknowledge(id)),
     };
     value.unwrap_or(serde_json::Value::Null)
 }
@@ -321,9 +321,9 @@ pub async fn ask_all(broker: &Arc<Broker>, q: &Query) -> Answers {
 /// The instance's current values for the alarms, from this node's counts
 /// and the load reports of the others.
 fn instance_values(broker: &Broker) -> Vec<(Metric, u64)> {
-    let peers = broker.usage().capacity.peer_loads();
+    let peers = broker.usage().capacity().peer_loads();
     let sum = |f: fn(&Load) -> u64| peers.iter().map(|(_, l)| f(l)).sum::<u64>();
-    let (pub_tps, sub_tps) = broker.usage().meter.tps();
+    let (pub_tps, sub_tps) = broker.usage().meter().tps();
     let tps = (pub_tps + sub_tps).round() as u64 + sum(|l| l.pub_tps + l.sub_tps);
     vec![
         (
@@ -363,15 +363,15 @@ pub async fn tick(broker: Arc<Broker>, shutdown: crate::shutdown::Shutdown) {
     while shutdown.sleep(REFILL).await {
         n += 1;
         let members = broker.peers().map(|c| c.members()).unwrap_or_default();
-        broker.usage().capacity.refill(members.len() + 1);
+        broker.usage().capacity().refill(members.len() + 1);
         if !n.is_multiple_of(10) {
             continue;
         }
         let now = now_ms();
         let usage = &broker.usage();
-        let by_parent = usage.meter.tick(now);
-        usage.capacity.retain_peers(&members);
-        let (pub_tps, sub_tps) = usage.meter.tps();
+        let by_parent = usage.meter().tick(now);
+        usage.capacity().retain_peers(&members);
+        let (pub_tps, sub_tps) = usage.meter().tps();
         export(&broker, &mut exported, by_parent);
         if let Some(c) = broker.peers() {
             c.broadcast(PeerMsg::Load {
@@ -383,20 +383,20 @@ pub async fn tick(broker: Arc<Broker>, shutdown: crate::shutdown::Shutdown) {
         }
         let values = instance_values(&broker);
         if let Some((_, tps)) = values.iter().find(|(m, _)| *m == Metric::Tps) {
-            usage.capacity.note_tps(*tps);
+            usage.capacity().note_tps(*tps);
         }
         let changes = if is_evaluator(&broker) {
             evaluating = true;
-            usage.alarms.evaluate(now, &values)
+            usage.alarms().evaluate(now, &values)
         } else if evaluating {
             evaluating = false;
-            usage.alarms.stand_down(now)
+            usage.alarms().stand_down(now)
         } else {
             Vec::new()
         };
         changes.iter().for_each(log_change);
         if n.is_multiple_of(broker.config().trace.group_sample_secs * 10) {
-            usage.meter.record_groups(now, groups_now(&broker));
+            usage.meter().record_groups(now, groups_now(&broker));
         }
     }
 }
@@ -416,7 +416,7 @@ const LABELLED_PARENTS: usize = 100;
 /// Once a second: the meter's numbers into the Prometheus metrics (O9).
 fn export(broker: &Broker, last: &mut Exported, by_parent: HashMap<String, crate::meter::Counts>) {
     let m = &broker.metrics();
-    let meter = &broker.usage().meter;
+    let meter = &broker.usage().meter();
     let (pub_tps, sub_tps) = meter.tps();
     m.tps.with_label_values(&["pub"]).set(pub_tps);
     m.tps.with_label_values(&["sub"]).set(sub_tps);

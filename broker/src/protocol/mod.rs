@@ -153,7 +153,7 @@ pub async fn authenticate(
 /// Records a refused CONNECT in the device trace.
 pub fn refused(broker: &Broker, client_id: &str, reason: DeviceReason) {
     let channel = broker.next_channel_id();
-    broker.usage().traces.device(
+    broker.usage().traces().device(
         &Arc::from(client_id),
         &channel,
         DeviceAction::Connect,
@@ -200,7 +200,7 @@ pub fn admit(broker: &Broker, client_id: &str) -> bool {
         return true;
     }
     let local = u64::try_from(broker.metrics().connections.get()).unwrap_or(0);
-    if broker.usage().capacity.admit_connection(local) {
+    if broker.usage().capacity().admit_connection(local) {
         return true;
     }
     broker.metrics().reject("capacity_connections");
@@ -301,9 +301,9 @@ pub async fn publish(
     // is boxed, like every rare wait on this path: the handler's future is
     // allocated per message at its full size, which rare waits would
     // multiply (see `v3::publish`).
-    if broker.usage().capacity.over_share() {
+    if broker.usage().capacity().over_share() {
         tracing::debug!(client_id = %conn.client_id, "publisher throttled: TPS capacity");
-        Box::pin(broker.usage().capacity.throttle()).await;
+        Box::pin(broker.usage().capacity().throttle()).await;
     }
     let result: Result<()> = async {
         broker.check_topic(&msg.topic)?;
