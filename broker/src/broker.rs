@@ -83,7 +83,7 @@ pub struct Broker {
     /// Last device event index handed out.
     event_clock: AtomicU64,
     /// The other nodes, when this node is part of a cluster.
-    cluster: Option<Arc<dyn Peers>>,
+    peers: Option<Arc<dyn Peers>>,
     /// Descriptors MQTT connections may take (the admin port keeps a reserve).
     fds: Arc<crate::descriptors::Budget>,
     /// Sessions that moved to another node, by Client ID, with their new
@@ -198,7 +198,7 @@ pub struct Parts {
     pub auth: Auth,
     pub tokens: Option<TokenService>,
     pub storage: Arc<dyn Storage>,
-    pub cluster: Option<Arc<dyn Peers>>,
+    pub peers: Option<Arc<dyn Peers>>,
     pub usage: Usage,
     /// The durable store (`durable::NoStore` for none).
     pub persist: Arc<dyn Store>,
@@ -257,7 +257,7 @@ impl Broker {
 
     /// The other nodes, when this node is part of a cluster.
     pub fn peers(&self) -> Option<&Arc<dyn Peers>> {
-        self.cluster.as_ref()
+        self.peers.as_ref()
     }
 
     pub fn new(config: Config, parts: Parts) -> Arc<Self> {
@@ -266,7 +266,7 @@ impl Broker {
             auth,
             tokens,
             storage,
-            cluster,
+            peers,
             usage,
             persist,
         } = parts;
@@ -287,7 +287,7 @@ impl Broker {
             node: Arc::from(config_node.as_str()),
             channels: AtomicU64::new(0),
             event_clock: AtomicU64::new(0),
-            cluster,
+            peers,
             fds,
             moved: std::sync::Mutex::default(),
             usage,
@@ -351,7 +351,7 @@ impl Broker {
 
     fn drop_routes(&self, client: &ClientId, filters: &[String]) {
         for raw in filters {
-            if let Some(c) = &self.cluster {
+            if let Some(c) = &self.peers {
                 c.filter_removed(raw);
             }
             // Filters in a session were validated when they were added.
@@ -493,7 +493,7 @@ impl Broker {
     /// a link stayed full or is gone: the publish is refused, so that the
     /// client sends it again rather than believe it arrived.
     async fn forward_waiting(&self, forwards: Forwards) -> bool {
-        let Some(c) = &self.cluster else {
+        let Some(c) = &self.peers else {
             return false;
         };
         let wait = Duration::from_millis(self.config.limits.queue_full_wait_ms);
@@ -603,7 +603,7 @@ impl Broker {
         // Every node reads every record: each delivers to its own sessions,
         // and a shared group is served by the one node the ring designates.
         let owns = |group: &str| {
-            self.cluster
+            self.peers
                 .as_ref()
                 .is_none_or(|c| c.is_local(&c.owner(group)))
         };
@@ -618,7 +618,7 @@ impl Broker {
 
     /// Sends forwards without waiting; what finds a full link is counted.
     fn forward_now(&self, forwards: Forwards) {
-        if let Some(c) = &self.cluster {
+        if let Some(c) = &self.peers {
             for (node, forward) in forwards {
                 if !c.try_send(&node, forward) {
                     self.metrics.drop_message("cluster_link");
@@ -715,7 +715,7 @@ impl Broker {
     /// Moves every session this node no longer owns to its owner on the
     /// current ring (C4). Called when the ring changes.
     pub fn rebalance(self: &Arc<Self>) {
-        let Some(c) = &self.cluster else {
+        let Some(c) = &self.peers else {
             return;
         };
         let ring = c.ring();
@@ -763,7 +763,7 @@ impl Broker {
         owner: Arc<str>,
         left: &std::sync::atomic::AtomicUsize,
     ) {
-        let Some(c) = self.cluster.clone() else {
+        let Some(c) = self.peers.clone() else {
             return;
         };
         let client = session.client_id.clone();
@@ -829,7 +829,7 @@ impl Broker {
     /// A planned leave (SIGTERM, or the drain API): off the ring, and every
     /// session handed to its new owner.
     pub fn leave_cluster(self: &Arc<Self>) {
-        if let Some(c) = &self.cluster {
+        if let Some(c) = &self.peers {
             c.leave();
             self.rebalance();
         }
@@ -910,7 +910,7 @@ impl Broker {
         // The ring changed again while the session travelled (or this node
         // is leaving): it goes on to its owner.
         if self
-            .cluster
+            .peers
             .as_ref()
             .is_some_and(|c| !c.is_local(&c.owner(&session.client_id)))
         {
@@ -927,7 +927,7 @@ impl Broker {
             {
                 self.metrics.subscriptions.inc();
             }
-            if let Some(c) = &self.cluster {
+            if let Some(c) = &self.peers {
                 c.filter_added(&raw);
             }
         }
@@ -1018,7 +1018,7 @@ impl Broker {
 
     /// A peer left: its routes go.
     pub fn peer_gone(&self, node: &str) {
-        if let Some(c) = &self.cluster {
+        if let Some(c) = &self.peers {
             let filters = c.forget(node);
             self.remote_routes(node, &[], &filters);
         }
@@ -1134,7 +1134,7 @@ impl Broker {
         if msg.retain && origin {
             let n = self.retained.set(msg, Some(&mut *pending));
             self.metrics.retained.set(gauge(n));
-            if let Some(c) = &self.cluster {
+            if let Some(c) = &self.peers {
                 c.broadcast(PeerMsg::Retain { msg: msg.clone() });
             }
         }
@@ -1146,13 +1146,13 @@ impl Broker {
             };
             // The target's session lives on its ring owner. A downlink record
             // is read by every node: the owner's delivers it.
-            if let Some(c) = &self.cluster
+            if let Some(c) = &self.peers
                 && matches!(scope, Scope::Designated { .. })
                 && !c.is_local(&c.owner(target))
             {
                 return 0;
             }
-            if let Some(c) = &self.cluster
+            if let Some(c) = &self.peers
                 && origin
             {
                 let owner = c.owner(target);
@@ -1317,7 +1317,7 @@ impl Broker {
             msg: d.msg,
             qos: d.qos,
         };
-        match &self.cluster {
+        match &self.peers {
             Some(c) if c.try_send(&owner, forward) => Enqueued::Online,
             _ => Enqueued::Dropped,
         }
@@ -1422,7 +1422,7 @@ impl Broker {
         if self.router.subscribe(&session.client_id, &filter, opts) {
             self.metrics.subscriptions.inc();
         }
-        if let Some(c) = &self.cluster
+        if let Some(c) = &self.peers
             && !existed
         {
             c.filter_added(raw);
@@ -1441,7 +1441,7 @@ impl Broker {
             }
             existed
         };
-        if let Some(c) = &self.cluster
+        if let Some(c) = &self.peers
             && existed
         {
             c.filter_removed(raw);

@@ -83,7 +83,7 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<()> {
             auth,
             tokens,
             storage,
-            cluster: cluster.clone().map(|c| c as Arc<dyn crate::peers::Peers>),
+            peers: cluster.clone().map(|c| c as Arc<dyn crate::peers::Peers>),
             usage,
             persist: Arc::new(persist.clone()),
         },

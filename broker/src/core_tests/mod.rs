@@ -38,7 +38,7 @@ fn broker_with(config: Config, peers: Option<Arc<dyn crate::peers::Peers>>) -> A
             auth,
             tokens: None,
             storage: Arc::new(NoStorage),
-            cluster: peers,
+            peers,
             usage,
             persist: Arc::new(crate::durable::NoStore),
         },
