@@ -315,8 +315,8 @@ async fn stream_until_killed(b: &mut Broker, next: &mut u32, min: usize) -> (Vec
     (got, last)
 }
 
-/// The last record of the journal torn (its end never written): the node
-/// starts and serves every record before it.
+/// The last record of the queue log torn (its end never written): the node
+/// starts, says what it dropped, and serves every message before it.
 #[tokio::test]
 async fn a_torn_last_write_is_discarded_and_the_rest_is_served() {
     let mut b = Broker::start("");
@@ -334,20 +334,23 @@ async fn a_torn_last_write_is_discarded_and_the_rest_is_served() {
     p.publish("t/x", v4::QoS::AtLeastOnce, false, noise).await;
     p.acked(1).await;
     b.kill();
-    // The journal is allocated ahead: its data ends at the last non-zero
-    // byte. The last 1 000 bytes of it (inside the large record) never
-    // reached the disk.
-    let journal = newest_journal(&b.data_dir());
-    let mut bytes = std::fs::read(&journal).unwrap_or_else(|e| panic!("{e}"));
-    let end = bytes.iter().rposition(|&x| x != 0).unwrap_or(0);
+    // Queued messages are in the queue log, whose newest segment ends with
+    // the large record: its last 1 000 bytes never reached the disk.
+    let segment = newest_segment(&b.data_dir());
+    let bytes = std::fs::read(&segment).unwrap_or_else(|e| panic!("{e}"));
     assert!(
-        end > 3_000,
-        "journal {} has {end} bytes of data",
-        journal.display()
+        bytes.len() > 9_000,
+        "segment {} has {} bytes",
+        segment.display(),
+        bytes.len()
     );
-    bytes[end - 1_000..=end].fill(0);
-    std::fs::write(&journal, &bytes).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&segment, &bytes[..bytes.len() - 1_000]).unwrap_or_else(|e| panic!("{e}"));
     b.restart();
+    assert!(
+        b.log().contains("queue log: the rest of a segment dropped"),
+        "{}",
+        b.log()
+    );
     let mut c = v4::connect(keep4("torn", &b)).await;
     assert!(c.connack.session_present, "{}", b.log());
     for i in 1..=5 {
@@ -356,27 +359,29 @@ async fn a_torn_last_write_is_discarded_and_the_rest_is_served() {
     c.no_publish().await;
 }
 
-/// The journal file written last in the store's directory tree.
-fn newest_journal(dir: &std::path::Path) -> std::path::PathBuf {
-    fn walk(dir: &std::path::Path, out: &mut Vec<(std::time::SystemTime, std::path::PathBuf)>) {
+/// The queue log's newest segment in the store's directory tree (segment
+/// files are named by their number, in hexadecimal of a fixed width).
+fn newest_segment(dir: &std::path::Path) -> std::path::PathBuf {
+    fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
         for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             let path = e.path();
             if path.is_dir() {
                 walk(&path, out);
-            } else if path.extension().is_some_and(|x| x == "jnl")
-                && let Ok(m) = e.metadata().and_then(|m| m.modified())
+            } else if path.extension().is_some_and(|x| x == "log")
+                && path
+                    .parent()
+                    .is_some_and(|p| p.file_name().is_some_and(|n| n == "queue-log"))
             {
-                out.push((m, path));
+                out.push(path);
             }
         }
     }
     let mut files = Vec::new();
     walk(dir, &mut files);
-    files.sort();
+    files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
     files
         .pop()
-        .map(|(_, p)| p)
-        .unwrap_or_else(|| panic!("no journal under {}", dir.display()))
+        .unwrap_or_else(|| panic!("no queue log segment under {}", dir.display()))
 }
 
 /// Mounts a tmpfs of `mib` MiB on `dir`; false (the test then says why it

@@ -28,6 +28,7 @@ use crate::config::PersistenceConfig;
 use crate::durable::{Commit, Pending, Recovered, SessionRecord, Store};
 use crate::message::{Delivery, Message, now_ms};
 
+pub mod qlog;
 pub mod record;
 mod recover;
 mod writer;
@@ -51,6 +52,14 @@ pub enum PersistError {
         dir: PathBuf,
         #[source]
         source: fjall::Error,
+    },
+    #[error(
+        "cannot open the queue log in {dir}: {source}. Check that the directory is writable by the broker's user and that the disk has room"
+    )]
+    Log {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
     },
     #[error("cannot start the store writer thread: {0}")]
     Thread(#[source] std::io::Error),
@@ -207,7 +216,11 @@ impl Persist {
                 Self::launch(dir, config, metrics, Some(store), None)?,
                 Recovery::Done(recovered),
             )),
-            Err(e @ (PersistError::Open { .. } | PersistError::Read { .. })) => {
+            Err(
+                e @ (PersistError::Open { .. }
+                | PersistError::Read { .. }
+                | PersistError::Log { .. }),
+            ) => {
                 tracing::error!(error = %e, "MQTT connections are refused and the node is not ready until the store opens; trying again every second");
                 metrics.failures.with_label_values(&["open"]).inc();
                 let (tx, rx) = tokio::sync::oneshot::channel();
@@ -502,6 +515,85 @@ mod tests {
                 .collect();
             prop_assert_eq!(back_retained, retained);
         }
+    }
+}
+
+/// A store written before the queue log kept queued messages in the tree:
+/// they are read back and moved into the log, once.
+#[cfg(test)]
+mod migration_tests {
+    use prometheus::Registry;
+
+    use super::*;
+    use crate::message::{MessageId, QoS};
+    use crate::router::SubOptions;
+
+    #[test]
+    fn messages_queued_in_the_tree_move_into_the_log() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("store");
+        let now = Instant::now();
+        let rec = SessionRecord {
+            expiry_ms: 3_600_000,
+            disconnected_ms: now_ms(),
+            ordered: false,
+            qos2_ids: Vec::new(),
+            subscriptions: vec![("t".into(), SubOptions::at(QoS::AtLeastOnce))],
+            will: None,
+            released: Vec::new(),
+            replays: Vec::new(),
+        };
+        {
+            // What an earlier version wrote: the session and its messages
+            // in the tree.
+            let (store, _, _) = writer::Store::open(&path).unwrap_or_else(|e| panic!("{e}"));
+            let mut batch = store.db().batch();
+            batch.insert(&store.sessions, "old", rec.encode(now, now_ms()).as_ref());
+            for seq in 1..=3u64 {
+                let msg = Arc::new(Message::new(
+                    MessageId(seq),
+                    "t".into(),
+                    vec![seq as u8].into(),
+                    QoS::AtLeastOnce,
+                    false,
+                    Arc::from("p"),
+                ));
+                let d = Delivery::new(msg, QoS::AtLeastOnce);
+                batch.insert(
+                    &store.queue,
+                    record::queue_key("old", seq),
+                    record::encode_delivery(&d, now, now_ms()).as_ref(),
+                );
+            }
+            batch.commit().unwrap_or_else(|e| panic!("{e}"));
+            store
+                .db()
+                .persist(fjall::PersistMode::SyncAll)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let config = PersistenceConfig {
+            dir: Some(path.clone()),
+            ..PersistenceConfig::default()
+        };
+        let payloads = |r: &Recovered| -> Vec<u8> {
+            r.sessions
+                .iter()
+                .flat_map(|s| s.messages.iter().map(|d| d.msg.payload[0]))
+                .collect()
+        };
+        for opening in 0..2 {
+            let (persist, back) =
+                Persist::open(&config, &Registry::new()).unwrap_or_else(|e| panic!("{e}"));
+            persist.close();
+            assert_eq!(payloads(&back), [1, 2, 3], "opening {opening}");
+        }
+        let (store, logged, _) = writer::Store::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            store.queue.iter().count(),
+            0,
+            "the tree keeps no queued message"
+        );
+        assert_eq!(logged.len(), 3);
     }
 }
 

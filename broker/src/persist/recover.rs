@@ -5,13 +5,15 @@
 //! counted and logged with its key, never a reason not to start); the rest
 //! becomes the node's sessions, their queues and the retained messages.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+use ntex::util::Bytes;
 use prometheus::{Gauge, IntCounter, IntGauge, Registry};
 
+use super::qlog::Messages;
 use super::record;
 use super::writer::Store;
 use super::{PersistError, Result};
@@ -63,13 +65,31 @@ impl RecoveryMetrics {
 /// Opens the store in `dir` and reads it back.
 pub(super) fn open(dir: &Path, metrics: &RecoveryMetrics) -> Result<(Store, Recovered)> {
     let started = Instant::now();
-    let store = Store::open(dir)?;
-    let recovered = read(&store, dir, metrics, started, Instant::now(), now_ms())?;
+    let (mut store, logged, torn) = Store::open(dir)?;
+    metrics.discarded.inc_by(torn);
+    let recovered = read(
+        &mut store,
+        logged,
+        dir,
+        metrics,
+        started,
+        Instant::now(),
+        now_ms(),
+    )?;
     Ok((store, recovered))
 }
 
+/// Where a queued message was read from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Log,
+    /// The tree, where stores written before the queue log kept them.
+    Tree,
+}
+
 fn read(
-    store: &Store,
+    store: &mut Store,
+    logged: Messages,
     dir: &Path,
     metrics: &RecoveryMetrics,
     started: Instant,
@@ -82,16 +102,12 @@ fn read(
     };
     let discarded = &metrics.discarded;
     let damaged_before = discarded.get();
-    let mut drop_keys: Vec<(&fjall::Keyspace, Vec<u8>)> = Vec::new();
-    let damaged = |drop_keys: &mut Vec<_>,
-                   ks,
-                   key: &[u8],
-                   what: &str,
-                   e: &dyn std::fmt::Display| {
+    let damaged = |key: &[u8], what: &str, e: &dyn std::fmt::Display| {
         discarded.inc();
         tracing::warn!(key = %String::from_utf8_lossy(key), what, error = %e, "damaged store record dropped");
-        drop_keys.push((ks, key.to_vec()));
     };
+    // Deleted from the tree at the end: (keyspace is sessions, key).
+    let mut drop_keys: Vec<(bool, Vec<u8>)> = Vec::new();
     let mut sessions: HashMap<String, RecoveredSession> = HashMap::new();
     let mut expired = 0u64;
     let mut wills = Vec::new();
@@ -100,7 +116,8 @@ fn read(
         let client = match std::str::from_utf8(&key) {
             Ok(c) => c.to_owned(),
             Err(e) => {
-                damaged(&mut drop_keys, &store.sessions, &key, "session", &e);
+                damaged(&key, "session", &e);
+                drop_keys.push((true, key.to_vec()));
                 continue;
             }
         };
@@ -112,7 +129,7 @@ fn read(
                 if gone {
                     expired += 1;
                     wills.extend(rec.will.map(|w| (w.msg, rec.ordered)));
-                    drop_keys.push((&store.sessions, key.to_vec()));
+                    drop_keys.push((true, key.to_vec()));
                     continue;
                 }
                 let client_arc: Arc<str> = Arc::from(client.as_str());
@@ -125,22 +142,42 @@ fn read(
                     },
                 );
             }
-            Err(e) => damaged(&mut drop_keys, &store.sessions, &key, "session", &e),
+            Err(e) => {
+                damaged(&key, "session", &e);
+                drop_keys.push((true, key.to_vec()));
+            }
         }
     }
-    let mut messages = 0u64;
+    // The log's messages, then those a store of an earlier version kept in
+    // the tree (a crash in the middle of moving them may have left one in
+    // both: the log's copy is the same message).
+    let mut queued: BTreeMap<Vec<u8>, (Bytes, Source)> = logged
+        .into_iter()
+        .map(|(k, v)| (k, (v, Source::Log)))
+        .collect();
+    let mut legacy = Vec::new();
     for kv in store.queue.iter() {
         let (key, value) = kv.into_inner().map_err(read_err)?;
+        legacy.push(key.to_vec());
+        queued
+            .entry(key.to_vec())
+            .or_insert_with(|| (Bytes::copy_from_slice(&value), Source::Tree));
+    }
+    let mut log_puts = Vec::new();
+    let mut log_dels = Vec::new();
+    let mut messages = 0u64;
+    for (key, (value, from)) in queued {
         let (client, seq) = match record::parse_queue_key(&key) {
             Ok(k) => k,
             Err(e) => {
-                damaged(&mut drop_keys, &store.queue, &key, "queued message", &e);
+                damaged(&key, "queued message", &e);
+                log_dels.push((key, None));
                 continue;
             }
         };
         let Some(s) = sessions.get_mut(&client) else {
             // Its session expired or was never written: nobody will ask.
-            drop_keys.push((&store.queue, key.to_vec()));
+            log_dels.push((key, None));
             continue;
         };
         match record::decode_delivery(&value, now, now_ms) {
@@ -148,8 +185,14 @@ fn read(
                 d.seq = seq;
                 s.messages.push(d);
                 messages += 1;
+                if from == Source::Tree {
+                    log_puts.push((key, Some(value)));
+                }
             }
-            Err(e) => damaged(&mut drop_keys, &store.queue, &key, "queued message", &e),
+            Err(e) => {
+                damaged(&key, "queued message", &e);
+                log_dels.push((key, None));
+            }
         }
     }
     let mut retained = Vec::new();
@@ -157,19 +200,34 @@ fn read(
         let (key, value) = kv.into_inner().map_err(read_err)?;
         match record::decode_retained(&value, now, now_ms) {
             Ok(m) => retained.push(m),
-            Err(e) => damaged(
-                &mut drop_keys,
-                &store.retained,
-                &key,
-                "retained message",
-                &e,
-            ),
+            Err(e) => {
+                damaged(&key, "retained message", &e);
+                drop_keys.push((false, key.to_vec()));
+            }
         }
     }
-    if !drop_keys.is_empty() {
+    // Into the log first, out of the tree after: a crash in between reads
+    // them from both.
+    log_puts.extend(log_dels);
+    store
+        .log
+        .append(&[], &log_puts, true)
+        .map_err(|source| PersistError::Log {
+            dir: dir.to_owned(),
+            source,
+        })?;
+    if !drop_keys.is_empty() || !legacy.is_empty() {
         let mut batch = store.db().batch();
-        for (ks, key) in drop_keys {
+        for (is_session, key) in drop_keys {
+            let ks = if is_session {
+                &store.sessions
+            } else {
+                &store.retained
+            };
             batch.remove(ks, key);
+        }
+        for key in legacy {
+            batch.remove(&store.queue, key);
         }
         batch.commit().map_err(read_err)?;
     }

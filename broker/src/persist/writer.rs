@@ -12,7 +12,6 @@
 //! first successful opening also reads it back (`Late`) and hands what it
 //! holds to the node, and every batch before that is refused.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -22,29 +21,49 @@ use fjall::config::FilterPolicy;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use ntex::util::Bytes;
 
+use super::qlog::{Messages, QueueLog};
 use super::recover::{self, RecoveryMetrics};
 use super::{Change, Op, PersistError, Result, StoreMetrics, record};
 use crate::config::{Fsync, PersistenceConfig};
 use crate::durable::{Mailbox, Recovered};
+use crate::util::FastMap;
+
+/// How long the writer lets a busy batch gather more changes: while the
+/// previous batch held at least `BUSY_BATCH` changes, the next one waits
+/// this long after its first change. Fewer, larger batches wake the writer
+/// and every worker less often (QoS 1 to persistent sessions at full speed:
+/// +5 % msg/s at 300 µs, -5 % at 1 ms, where the wait outlasts what it
+/// saves); a quiet node never waits.
+const GATHER: Duration = Duration::from_micros(300);
+const BUSY_BATCH: usize = 256;
 
 /// fjall's smallest journal bound: the journal is what a restart replays,
 /// and what the disk holds besides the tables (the default is 512 MiB).
 const MAX_JOURNAL: u64 = 64 * 1024 * 1024;
 
-/// The open database and its keyspaces.
+/// The open database and its keyspaces, and the queue log.
 pub(super) struct Store {
     db: Database,
     pub(super) sessions: Keyspace,
+    /// Queued messages of stores written before the queue log: read back
+    /// once at start-up, moved into the log, then empty.
     pub(super) queue: Keyspace,
     pub(super) retained: Keyspace,
+    pub(super) log: QueueLog,
 }
+
+/// The directory of the queue log inside the store's (fjall reads only its
+/// own folders).
+const QUEUE_LOG: &str = "queue-log";
 
 impl Store {
     pub(super) fn db(&self) -> &Database {
         &self.db
     }
 
-    pub(super) fn open(dir: &Path) -> Result<Self> {
+    /// Opens the database and the queue log; also returns what the log holds
+    /// (the queued messages) and how many records it dropped as damaged.
+    pub(super) fn open(dir: &Path) -> Result<(Self, Messages, u64)> {
         let err = |source| PersistError::Open {
             dir: dir.to_owned(),
             source,
@@ -58,17 +77,29 @@ impl Store {
         // flush and compaction, never asked. Applies to keyspaces this creates.
         let options = || KeyspaceCreateOptions::default().filter_policy(FilterPolicy::disabled());
         let ks = |name: &str| db.keyspace(name, options);
-        Ok(Self {
-            sessions: ks("sessions").map_err(err)?,
-            queue: ks("queue").map_err(err)?,
-            retained: ks("retained").map_err(err)?,
-            db,
-        })
+        let sessions = ks("sessions").map_err(err)?;
+        let queue = ks("queue").map_err(err)?;
+        let retained = ks("retained").map_err(err)?;
+        let opened = QueueLog::open(&dir.join(QUEUE_LOG)).map_err(|source| PersistError::Log {
+            dir: dir.join(QUEUE_LOG),
+            source,
+        })?;
+        Ok((
+            Self {
+                db,
+                sessions,
+                queue,
+                retained,
+                log: opened.log,
+            },
+            opened.messages,
+            opened.discarded,
+        ))
     }
 }
 
 /// Which keyspace a change goes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Space {
     Sessions,
     Queue,
@@ -122,6 +153,7 @@ impl Writer {
     /// Writes batches until told to end (or every sender is gone).
     pub(super) fn run(mut self, rx: Receiver<Option<Op>>) {
         let mut ops = Vec::with_capacity(self.max_batch);
+        let mut busy = false;
         loop {
             let first = if self.unsynced {
                 let left = self.interval.saturating_sub(self.last_sync.elapsed());
@@ -151,6 +183,9 @@ impl Writer {
                 break;
             };
             ops.push(first);
+            if busy {
+                std::thread::sleep(GATHER);
+            }
             let mut closing = false;
             while ops.len() < self.max_batch {
                 match rx.try_recv() {
@@ -162,6 +197,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            busy = ops.len() >= BUSY_BATCH;
             let ok = self.write(&mut ops);
             // Each worker is woken once for the batch (see `wake`).
             let mut ring: Vec<Arc<Mailbox>> = Vec::new();
@@ -197,20 +233,28 @@ impl Writer {
         if self.store.is_none() && !self.reopen() {
             return false;
         }
-        let Some(store) = &self.store else {
+        let Some(store) = &mut self.store else {
             return false;
         };
-        let changes = fold(store, ops);
-        let mode = if self.fsync == Fsync::Batch {
+        let (changes, forgets) = fold(ops);
+        let sync = self.fsync == Fsync::Batch;
+        let mode = if sync {
             PersistMode::SyncData
         } else {
             PersistMode::Buffer
         };
+        // Sessions and retained messages first: a record that says a QoS 2
+        // message was released reaches the disk before the message's delete
+        // in the log (a crash in between sends both again, never neither).
         let mut batch = store.db.batch().durability(Some(mode));
+        let mut queue = Vec::new();
         for ((space, key), value) in changes {
             let ks = match space {
                 Space::Sessions => &store.sessions,
-                Space::Queue => &store.queue,
+                Space::Queue => {
+                    queue.push((key, value.into_value()));
+                    continue;
+                }
                 Space::Retained => &store.retained,
             };
             match value {
@@ -218,8 +262,17 @@ impl Writer {
                 Write::Delete => batch.remove(ks, key),
             }
         }
-        if let Err(e) = batch.commit() {
-            self.fail("write", &e);
+        let written = if batch.is_empty() {
+            Ok(())
+        } else {
+            batch.commit()
+        };
+        if let Err(e) = written {
+            self.fail("write", &e.to_string());
+            return false;
+        }
+        if let Err(e) = store.log.append(&forgets, &queue, sync) {
+            self.fail("write", &e.to_string());
             return false;
         }
         self.metrics.batches.inc();
@@ -243,8 +296,13 @@ impl Writer {
     fn sync(&mut self) {
         self.unsynced = false;
         self.last_sync = Instant::now();
-        if let Some(store) = &self.store {
-            match store.db.persist(PersistMode::SyncData) {
+        if let Some(store) = &mut self.store {
+            let synced = store
+                .db
+                .persist(PersistMode::SyncData)
+                .map_err(|e| e.to_string())
+                .and_then(|()| store.log.sync().map_err(|e| e.to_string()));
+            match synced {
                 Ok(()) => self.metrics.syncs.inc(),
                 Err(e) => self.fail("sync", &e),
             }
@@ -252,7 +310,7 @@ impl Writer {
     }
 
     /// A failed write poisoned the database: drop it, reopen later.
-    fn fail(&mut self, step: &str, e: &fjall::Error) {
+    fn fail(&mut self, step: &str, e: &str) {
         self.metrics.failures.with_label_values(&[step]).inc();
         self.metrics.healthy.set(0);
         tracing::error!(dir = %self.dir.display(), step, error = %e, "store write failed; QoS 1/2 work for persistent sessions is refused until the store writes again");
@@ -270,7 +328,7 @@ impl Writer {
             return self.open_late(late);
         }
         match Store::open(&self.dir) {
-            Ok(s) => {
+            Ok((s, _, _)) => {
                 self.store = Some(s);
                 self.metrics.healthy.set(1);
                 tracing::info!(dir = %self.dir.display(), "store writes again");
@@ -320,17 +378,33 @@ enum Write {
     Delete,
 }
 
-type Batch = BTreeMap<(Space, Vec<u8>), Write>;
+/// One change per key. A hash map: the batch's order does not matter (the
+/// tree sorts, the log applies each key's last change), and a sorted map's
+/// key comparisons were a tenth of the writer's time.
+type Batch = FastMap<(Space, Vec<u8>), Write>;
 
-/// The batch's changes, one per key, in key order. A queued message
-/// acknowledged within the same batch is not written at all (its key is
-/// new: sequence numbers only grow while the store holds a session's
-/// messages), which spares the disk most messages to online subscribers.
-/// A `Forget` removes the session's record, what earlier changes of this
-/// batch queued for it, and what the store holds for it. The changes' keys
-/// and values move into the batch (the ops keep only who waits for them).
-fn fold(store: &Store, ops: &mut [Op]) -> Batch {
-    let mut out = Batch::new();
+impl Write {
+    /// The value to store, `None` for a delete.
+    fn into_value(self) -> Option<Bytes> {
+        match self {
+            Write::Put { value, .. } => Some(value),
+            Write::Delete => None,
+        }
+    }
+}
+
+/// The batch's changes, one per key, and the queue prefixes
+/// of the sessions it forgets (applied before its queue changes). A queued
+/// message acknowledged within the same batch is not written at all (its
+/// key is new: sequence numbers only grow while the store holds a
+/// session's messages), which spares the disk most messages to online
+/// subscribers. A `Forget` removes the session's record, what earlier
+/// changes of this batch queued for it, and (in the log) what the store
+/// holds for it. The changes' keys and values move into the batch (the ops
+/// keep only who waits for them).
+fn fold(ops: &mut [Op]) -> (Batch, Vec<Vec<u8>>) {
+    let mut out = Batch::default();
+    let mut forgets = Vec::new();
     let put = |out: &mut Batch, key: (Space, Vec<u8>), value: Bytes| {
         let over_delete = matches!(
             out.get(&key),
@@ -355,17 +429,8 @@ fn fold(store: &Store, ops: &mut [Op]) -> Batch {
             }
             Change::Forget { client } => {
                 let prefix = record::queue_prefix(client);
-                let batched: Vec<_> = out
-                    .range((Space::Queue, prefix.clone())..)
-                    .take_while(|((s, k), _)| *s == Space::Queue && k.starts_with(&prefix))
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                for k in batched {
-                    out.remove(&k);
-                }
-                for key in store.queue.prefix(&prefix).filter_map(|g| g.key().ok()) {
-                    out.insert((Space::Queue, key.to_vec()), Write::Delete);
-                }
+                out.retain(|(s, k), _| !(*s == Space::Queue && k.starts_with(&prefix)));
+                forgets.push(prefix);
                 out.insert((Space::Sessions, client.as_bytes().to_vec()), Write::Delete);
             }
             Change::Queue { key, value } => {
@@ -399,7 +464,7 @@ fn fold(store: &Store, ops: &mut [Op]) -> Batch {
             }
         }
     }
-    out
+    (out, forgets)
 }
 
 /// Bytes the files under `dir` take.
@@ -430,43 +495,50 @@ mod tests {
 
     #[test]
     fn a_batch_writes_only_what_outlives_it() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let store = Store::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
         let client: Arc<str> = Arc::from("c");
         let old = record::queue_key(&client, 1);
-        store
-            .queue
-            .insert(old.clone(), b"old".as_slice())
-            .unwrap_or_else(|e| panic!("{e}"));
         let value = Bytes::from_static(b"new");
         let new = record::queue_key(&client, 2);
-        let batch = fold(
-            &store,
-            &mut [
-                // Stored and acknowledged in one batch: nothing to write.
-                op(Change::Queue {
-                    key: new.clone(),
-                    value: value.clone(),
-                }),
-                op(Change::Unqueue { key: new.clone() }),
-                // The session ends and starts over, numbering from 1 again:
-                // its message 1, acknowledged at once, still deletes the
-                // old message 1 on disk.
-                op(Change::Forget {
-                    client: client.clone(),
-                }),
-                op(Change::Queue {
-                    key: old.clone(),
-                    value: value.clone(),
-                }),
-                op(Change::Unqueue { key: old.clone() }),
-            ],
-        );
+        let (batch, forgets) = fold(&mut [
+            // Stored and acknowledged in one batch: nothing to write.
+            op(Change::Queue {
+                key: new.clone(),
+                value: value.clone(),
+            }),
+            op(Change::Unqueue { key: new.clone() }),
+            // The session ends and starts over, numbering from 1 again: its
+            // message 1, acknowledged at once, is not written; the old
+            // message 1 on disk goes with the forgotten session.
+            op(Change::Forget {
+                client: client.clone(),
+            }),
+            op(Change::Queue {
+                key: old.clone(),
+                value: value.clone(),
+            }),
+            op(Change::Unqueue { key: old.clone() }),
+            // Queued after the end: written, after the log forgets the old.
+            op(Change::Queue {
+                key: record::queue_key(&client, 3),
+                value: value.clone(),
+            }),
+        ]);
         let queue: Vec<_> = batch
             .iter()
             .filter(|((s, _), _)| *s == Space::Queue)
+            .map(|((_, k), w)| (k.clone(), w.clone()))
             .collect();
-        assert_eq!(queue, [(&(Space::Queue, old), &Write::Delete)]);
+        assert_eq!(
+            queue,
+            [(
+                record::queue_key(&client, 3),
+                Write::Put {
+                    value,
+                    over_delete: false
+                }
+            )]
+        );
+        assert_eq!(forgets, [record::queue_prefix(&client)]);
         assert_eq!(
             batch.get(&(Space::Sessions, b"c".to_vec())),
             Some(&Write::Delete)
