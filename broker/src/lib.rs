@@ -31,6 +31,7 @@ pub mod peers;
 pub mod persist;
 pub mod protocol;
 pub mod pubrel;
+pub mod replica;
 pub mod retain;
 pub mod ring;
 pub mod router;

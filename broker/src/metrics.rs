@@ -46,6 +46,14 @@ pub struct Metrics {
     pub takeovers: IntCounter,
     pub cluster_nodes: IntGauge,
     pub sessions_moved: IntCounter,
+    /// Replicated sessions (D2): the copies kept for other nodes, sessions
+    /// taken over from them, sessions with fewer replicas than the factor,
+    /// acknowledgements given without a replica's.
+    pub replica_sessions: IntGauge,
+    pub replica_messages: IntGauge,
+    pub sessions_failed_over: IntCounter,
+    pub sessions_under_replicated: IntGauge,
+    pub replication_released: IntCounter,
     /// Weighted messages per second (L2), averaged over the TPS window.
     pub tps: GaugeVec,
     pub messages_weighted: IntCounterVec,
@@ -126,6 +134,26 @@ impl Metrics {
             sessions_moved: counter(
                 "sessions_moved_total",
                 "Persistent sessions handed to their new owner after a ring change",
+            )?,
+            replica_sessions: gauge(
+                "replica_sessions",
+                "Copies of other nodes' persistent sessions this node keeps",
+            )?,
+            replica_messages: gauge(
+                "replica_messages",
+                "Queued messages in the copies this node keeps for other nodes",
+            )?,
+            sessions_failed_over: counter(
+                "sessions_failed_over_total",
+                "Sessions of a node lost without warning, served here from their replica",
+            )?,
+            sessions_under_replicated: gauge(
+                "sessions_under_replicated",
+                "Persistent sessions owned here with fewer replicas than cluster.replication_factor asks",
+            )?,
+            replication_released: counter(
+                "replication_released_total",
+                "Changes acknowledged to a client without a replica's confirmation: the replica left the ring first",
             )?,
             tps: {
                 let g = GaugeVec::new(

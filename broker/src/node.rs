@@ -76,6 +76,20 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<()> {
     // Read back before anything is served: a client that connects finds
     // its session (the listeners are bound; connections wait in the backlog).
     let (persist, recovery) = persist::Persist::start(&config.persistence, metrics.registry())?;
+    // With replicated sessions, what the store is given goes to each
+    // session's replicas too (`replica`).
+    let replication = cluster
+        .as_ref()
+        .filter(|c| c.config.replication_factor > 1)
+        .map(|c| {
+            let peers: Arc<dyn crate::peers::Peers> = c.clone();
+            crate::replica::Replication::new(peers, c.config.replication_factor)
+        });
+    let local: Arc<dyn crate::durable::Store> = Arc::new(persist.clone());
+    let store: Arc<dyn crate::durable::Store> = match &replication {
+        Some(r) => Arc::new(crate::replica::Replicated::new(local, r.clone())),
+        None => local,
+    };
     let broker = broker::Broker::new(
         config,
         broker::Parts {
@@ -85,7 +99,8 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<()> {
             storage,
             peers: cluster.clone().map(|c| c as Arc<dyn crate::peers::Peers>),
             usage,
-            persist: Arc::new(persist.clone()),
+            persist: store,
+            replication,
         },
     );
     match recovery {

@@ -8,6 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::durable::{Change, Pending};
 use crate::message::{Delivery, Message, QoS};
 use crate::ring::Ring;
 use crate::router::SubOptions;
@@ -42,6 +43,10 @@ pub enum PeerMsg {
     },
     /// A token revoked here: every node that verifies tokens must refuse it.
     Revoked { id: String, exp_ms: u64 },
+    /// Every session this node owns and the peer keeps a replica of has
+    /// been sent whole on the link's replication stream `stream`: the peer
+    /// drops the replicas of this node that the stream did not refresh.
+    Synced { stream: u64 },
 }
 
 /// A persistent session as it moves between nodes: what its new owner
@@ -97,6 +102,8 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
     /// Queues `msg` for `node` at once (messages keep the order of the
     /// calls), then waits up to `wait` while the link is over its limit.
     fn send<'a>(&'a self, node: &'a str, msg: PeerMsg, wait: Duration) -> Sent<'a>;
+    /// Waits up to `wait` while the link to `node` is over its limit.
+    fn room<'a>(&'a self, node: &'a str, wait: Duration) -> Sent<'a>;
     /// Sends `msg` to every peer with a link.
     fn broadcast(&self, msg: PeerMsg);
     /// Asks `node` an operations API question (JSON).
@@ -104,4 +111,21 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
     /// How often peers hear from each other: the time a change takes to
     /// reach them is a few of these.
     fn heartbeat(&self) -> Duration;
+    /// Queues a change of `client`'s session for `node`, which keeps a
+    /// replica of it, in order with the other frames for `node`; `pending`
+    /// (if any) then also waits until `node` has it. False (and nothing
+    /// waits) if `node` has no link.
+    fn replicate(
+        &self,
+        node: &str,
+        client: &str,
+        change: Change,
+        pending: Option<&mut Pending>,
+    ) -> bool;
+    /// The replication stream of the link to each peer: a new number each
+    /// time a link comes up, whose replica must then be sent whole.
+    fn streams(&self) -> Vec<(Arc<str>, u64)>;
+    /// Whether `node` announced a planned leave and is still heard from: it
+    /// hands its sessions over itself, its replicas are not promoted.
+    fn is_handing_over(&self, node: &str) -> bool;
 }

@@ -147,9 +147,38 @@ pub struct State {
     /// whose PUBCOMP has not: the next connection sends their PUBREL again
     /// (`pubrel`), and no new message takes them before.
     pub released: Vec<u16>,
+    /// Read back from this node's store at start-up and not attached
+    /// since: while this node was down another node may have served it
+    /// (from its replica), so a session handed over from there replaces
+    /// this copy rather than merging with it.
+    pub stale: bool,
 }
 
 impl State {
+    /// Forgets every message of the session and the QoS 2 exchanges under
+    /// way (its subscriptions stay).
+    pub fn clear_messages(&mut self) {
+        self.queue.clear();
+        self.offline.clear();
+        self.inflight.clear();
+        self.resend.clear();
+        self.replays.clear();
+        self.qos2_received.clear();
+        self.released.clear();
+        self.pending_will = None;
+    }
+
+    /// The messages the store holds for this session (in flight, to
+    /// resend, offline, queued), each with its number.
+    pub fn stored(&self) -> impl Iterator<Item = &Delivery> {
+        self.inflight
+            .iter()
+            .chain(self.resend.iter())
+            .chain(self.offline.iter())
+            .chain(self.queue.iter())
+            .filter(|d| d.seq != 0)
+    }
+
     /// Takes a detached persistent session's state for its new owner on
     /// another node; the session is left empty. What was in flight goes
     /// first, with DUP (it may have been sent), then what waited.
@@ -269,6 +298,7 @@ impl Session {
                 last_seq: 0,
                 qos2_received: VecDeque::new(),
                 released: Vec::new(),
+                stale: false,
             }),
             space: Notify::new(),
             received: AtomicU64::new(0),
@@ -417,29 +447,38 @@ impl Session {
         }
     }
 
-    /// Writes the record and every QoS 1/2 message not stored yet (a session
-    /// that arrived from another node). Called with the lock held.
+    /// Writes the session whole (it arrived from another node, or from a
+    /// replica taking over): the store's copy is replaced by its record and
+    /// every QoS 1/2 message it holds, numbered if it was not yet. Called
+    /// with the lock held.
     pub fn save_all(&self, st: &mut State) {
         if !st.persistent || !self.persist.is_durable() {
             return;
         }
+        self.persist.reset(&self.client_id, &st.record());
         let State {
             resend,
             offline,
             queue,
+            inflight,
             last_seq,
             ..
         } = st;
-        for d in resend
+        for d in inflight
             .iter_mut()
+            .chain(resend.iter_mut())
             .chain(offline.iter_mut())
             .chain(queue.iter_mut())
         {
-            if d.seq == 0 && d.qos != QoS::AtMostOnce {
+            if d.qos == QoS::AtMostOnce {
+                continue;
+            }
+            if d.seq == 0 {
                 self.number_and_store(last_seq, d, None);
+            } else {
+                self.persist.queue(&self.client_id, d.seq, d, None);
             }
         }
-        self.save(st, None);
     }
 
     /// MQTT 5 DISCONNECT changed the session expiry: a session that is no
@@ -562,6 +601,16 @@ impl Inflight {
             self.came_round = false;
         }
         removed
+    }
+
+    /// The messages in flight, in the order they were sent.
+    pub fn iter(&self) -> impl Iterator<Item = &Delivery> {
+        self.entries.iter().map(|(_, d)| d)
+    }
+
+    /// The messages in flight, to number them (`Session::save_all`).
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut Delivery> {
+        self.entries.iter_mut().map(|(_, d)| d)
     }
 
     pub fn clear(&mut self) {

@@ -195,6 +195,18 @@ async fn recv_small(io: &IoBoxed) -> Result<Frame> {
 /// Largest frame read before authentication.
 const HANDSHAKE_FRAME: usize = 4096;
 
+/// What the cluster writes to a peer through the link this node dialled.
+#[derive(Debug)]
+pub struct Outbound {
+    pub data: super::DataQueue,
+    pub control: mpsc::UnboundedSender<Frame>,
+    /// Outlives a connection, like the data queue: changes queued while
+    /// the link is down keep their numbers.
+    pub acks: Arc<super::replication::Awaiting>,
+    /// This connection's replication stream.
+    pub stream: u64,
+}
+
 /// Dials a peer address, runs the link while it is up, and dials again
 /// when it drops, until this node stops or finds the address is its own.
 pub async fn outbound(cluster: Arc<Cluster>, broker: Arc<Broker>, addr: String) {
@@ -204,6 +216,7 @@ pub async fn outbound(cluster: Arc<Cluster>, broker: Arc<Broker>, addr: String) 
     let shutdown = cluster.shutdown().clone();
     let _guard = shutdown.guard();
     let (tx, mut rx) = super::DataQueue::new();
+    let acks = Arc::new(super::replication::Awaiting::default());
     // Control frames are few and must not be lost: their queue is unbounded.
     let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<Frame>();
     let heartbeat = Duration::from_millis(cluster.config.heartbeat_ms);
@@ -229,11 +242,25 @@ pub async fn outbound(cluster: Arc<Cluster>, broker: Arc<Broker>, addr: String) 
                 // What queued up while the link was down is in the snapshot
                 // that `greet` sends.
                 while ctl_rx.try_recv().is_ok() {}
-                if let Err(e) = greet(&io, &cluster, &broker).await {
+                let stream = match super::replication::random_id() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cluster link not started");
+                        io.close();
+                        continue;
+                    }
+                };
+                if let Err(e) = greet(&io, &cluster, &broker, stream).await {
                     tracing::info!(peer = %peer, error = %e, "cluster link lost");
                     continue;
                 }
-                cluster.link_up(&peer, &addr, tx.clone(), ctl_tx.clone());
+                let link = Outbound {
+                    data: tx.clone(),
+                    control: ctl_tx.clone(),
+                    acks: acks.clone(),
+                    stream,
+                };
+                cluster.link_up(&peer, &addr, link);
                 // The link carries the handover of a leaving node: it ends
                 // with the node, after the listeners stopped.
                 let result = match ntex::util::select(
@@ -248,6 +275,9 @@ pub async fn outbound(cluster: Arc<Cluster>, broker: Arc<Broker>, addr: String) 
                 if cluster.link_down(&peer, &addr) {
                     broker.peer_gone(&peer);
                 }
+                // Whatever the next link brings, the peer is off the ring
+                // now: nothing waits for it.
+                cluster.release(&acks);
                 io.close();
                 if let Err(e) = result {
                     tracing::info!(peer = %peer, error = %e, "cluster link lost");
@@ -280,9 +310,18 @@ pub async fn dial(cluster: &Cluster, addr: &str) -> Result<(IoBoxed, Arc<str>)> 
     Ok((io, peer))
 }
 
-/// What a new link carries first: the members this node knows, its routes,
-/// the token revocations in force and its retained messages.
-async fn greet(io: &IoBoxed, cluster: &Cluster, broker: &Broker) -> Result<()> {
+/// What a new link carries first: its replication stream, the members
+/// this node knows, its routes, the token revocations in force and its
+/// retained messages.
+async fn greet(io: &IoBoxed, cluster: &Cluster, broker: &Broker, stream: u64) -> Result<()> {
+    send(
+        io,
+        Frame::ReplicaStream {
+            run: cluster.run(),
+            link: stream,
+        },
+    )
+    .await?;
     send(
         io,
         Frame::Members {
@@ -408,17 +447,57 @@ pub async fn inbound(
         return;
     }
     let mut frame = first;
+    let mut stream = Stream::default();
     loop {
-        for session in apply(&cluster, &broker, &peer, frame) {
+        for session in apply(&cluster, &broker, &peer, frame, &mut stream) {
             broker.wait_for_room(&session).await;
         }
-        frame = match recv(&io).await {
+        // Changes are acknowledged once everything read is applied: one
+        // acknowledgement for a burst.
+        let buffered = ntex::util::select(std::pin::pin!(recv(&io)), std::future::ready(())).await;
+        let next = match buffered {
+            Either::Left(next) => next,
+            Either::Right(()) => {
+                stream.acknowledge(&cluster, &peer, false);
+                recv(&io).await
+            }
+        };
+        frame = match next {
             Ok(f) => f,
             Err(e) => {
                 tracing::debug!(peer = %peer, error = %e, "cluster inbound link closed");
                 return;
             }
         };
+    }
+}
+
+/// The replication stream a peer sends on its link to this node.
+#[derive(Debug, Default)]
+struct Stream {
+    /// The peer's run and this link's stream (`ReplicaStream`).
+    run: u64,
+    link: u64,
+    /// The number of the last change applied, and of the last acknowledged.
+    applied: u64,
+    acked: u64,
+}
+
+impl Stream {
+    /// Tells the peer what is applied: when something new is, or always
+    /// (`again`: a heartbeat, in case an acknowledgement was lost with a
+    /// link of this node's).
+    fn acknowledge(&mut self, cluster: &Cluster, peer: &str, again: bool) {
+        if self.applied == 0 || (self.applied == self.acked && !again) {
+            return;
+        }
+        let ack = Frame::ReplicaAck {
+            run: self.run,
+            n: self.applied,
+        };
+        if cluster.control(peer, ack) {
+            self.acked = self.applied;
+        }
     }
 }
 
@@ -429,9 +508,40 @@ fn apply(
     broker: &Arc<Broker>,
     peer: &Arc<str>,
     frame: Frame,
+    stream: &mut Stream,
 ) -> Vec<Arc<crate::session::Session>> {
     match frame {
-        Frame::Heartbeat { leaving } => cluster.heard(peer, leaving),
+        Frame::Heartbeat { leaving } => {
+            cluster.heard(peer, leaving);
+            stream.acknowledge(cluster, peer, true);
+        }
+        Frame::ReplicaStream { run, link } => {
+            *stream = Stream {
+                run,
+                link,
+                ..Stream::default()
+            };
+        }
+        Frame::Replicate {
+            n,
+            client,
+            change,
+            seq,
+            value,
+        } => {
+            match super::replication::from_wire(change, seq, &value) {
+                Ok(change) => broker.replica_change(peer, stream.link, &client, change),
+                Err(e) => {
+                    // The copy misses this change; the owner still has it,
+                    // and sends the session whole on its next link.
+                    broker.metrics().reject("replica_change");
+                    tracing::warn!(peer = %peer, client_id = %client, error = %e, "replica change not readable");
+                }
+            }
+            stream.applied = n;
+        }
+        Frame::ReplicaAck { run, n } => cluster.replica_acked(peer, run, n),
+        Frame::ReplicaSynced { link } => broker.replicas_synced(peer, link),
         Frame::Settled { members } => cluster.settled_from(peer, members),
         Frame::Revoked { id, exp_ms } => {
             if let Some(t) = &broker.tokens() {

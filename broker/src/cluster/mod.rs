@@ -19,6 +19,7 @@
 
 pub mod gate;
 pub mod link;
+pub mod replication;
 pub mod wire;
 
 use std::collections::{HashMap, HashSet};
@@ -29,6 +30,7 @@ use tokio::sync::mpsc;
 
 use crate::broker::Broker;
 use crate::config::ClusterConfig;
+use crate::durable::{Change, Pending};
 use crate::message::Delivery;
 use crate::message::{Message, MessageId, Properties};
 use crate::peers::{Answered, Handover, PeerMsg, Peers, Sent};
@@ -144,6 +146,12 @@ struct Peer {
     tx: DataQueue,
     /// Control frames for the peer (never dropped).
     ctl: mpsc::UnboundedSender<Frame>,
+    /// Replication changes queued for the peer that an acknowledgement
+    /// waits for (`replication`).
+    acks: Arc<replication::Awaiting>,
+    /// This connection's replication stream: a new one each time the link
+    /// comes up, on which the peer's replicas are sent whole again.
+    link: u64,
     last_seen: Instant,
     leaving: bool,
 }
@@ -183,6 +191,12 @@ pub struct Cluster {
     /// Answers a peer's operations API question (`ops`, above this layer,
     /// hands it in).
     answer_query: QueryAnswerer,
+    /// This process's run: acknowledgements of another run's replication
+    /// changes (a peer that has not noticed the restart) are ignored.
+    run: u64,
+    /// Replication changes acknowledged without the replica's word since
+    /// the metric last took them (`take_released`).
+    released: std::sync::atomic::AtomicU64,
 }
 
 impl Cluster {
@@ -223,6 +237,8 @@ impl Cluster {
             next_query: std::sync::atomic::AtomicU64::new(0),
             shutdown,
             answer_query,
+            run: replication::random_id()?,
+            released: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
@@ -285,20 +301,16 @@ impl Cluster {
     }
 
     /// A link to `node` came up (called by its link task).
-    fn link_up(
-        &self,
-        node: &Arc<str>,
-        addr: &str,
-        tx: DataQueue,
-        ctl: mpsc::UnboundedSender<Frame>,
-    ) {
+    fn link_up(&self, node: &Arc<str>, addr: &str, link: link::Outbound) {
         if let Ok(mut peers) = self.peers.write() {
             peers.insert(
                 node.clone(),
                 Peer {
                     addr: addr.to_owned(),
-                    tx,
-                    ctl,
+                    tx: link.data,
+                    ctl: link.control,
+                    acks: link.acks,
+                    link: link.stream,
                     last_seen: Instant::now(),
                     leaving: false,
                 },
@@ -341,6 +353,100 @@ impl Cluster {
         out
     }
 
+    /// Releases what waits for a replica that left (counted).
+    fn release(&self, acks: &replication::Awaiting) {
+        let n = acks.release();
+        if n > 0 {
+            self.released
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Replication changes acknowledged without their replica since the
+    /// last call.
+    pub fn take_released(&self) -> u64 {
+        self.released.swap(0, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Queues a change of `client`'s session for `node`; `pending` (if
+    /// any) waits for its acknowledgement. False if `node` has no link.
+    pub fn replicate(
+        &self,
+        node: &str,
+        client: &str,
+        change: Change,
+        pending: Option<&mut Pending>,
+    ) -> bool {
+        let link = self
+            .peers
+            .read()
+            .ok()
+            .and_then(|p| p.get(node).map(|p| (p.tx.clone(), p.acks.clone())));
+        let Some((q, acks)) = link else {
+            return false;
+        };
+        let (change, seq, value) = replication::to_wire(&change);
+        let client = client.to_owned();
+        acks.push(
+            &q,
+            |n| Frame::Replicate {
+                n,
+                client,
+                change,
+                seq,
+                value,
+            },
+            pending.and_then(Pending::join),
+        );
+        true
+    }
+
+    /// `node` keeps every change of this run's stream to it up to `n`.
+    pub fn replica_acked(&self, node: &str, run: u64, n: u64) {
+        if run != self.run {
+            return;
+        }
+        let acks = self
+            .peers
+            .read()
+            .ok()
+            .and_then(|p| p.get(node).map(|p| p.acks.clone()));
+        if let Some(a) = acks {
+            a.acked(n);
+        }
+    }
+
+    /// This process's run (`ReplicaStream`).
+    pub fn run(&self) -> u64 {
+        self.run
+    }
+
+    /// The replication stream of each peer's link.
+    pub fn streams(&self) -> Vec<(Arc<str>, u64)> {
+        self.peers
+            .read()
+            .map(|p| p.iter().map(|(n, p)| (n.clone(), p.link)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether `node` announced a planned leave and is still heard from.
+    pub fn is_handing_over(&self, node: &str) -> bool {
+        let timeout = Duration::from_millis(self.config.failure_timeout_ms);
+        self.peers.read().is_ok_and(|p| {
+            p.get(node)
+                .is_some_and(|p| p.leaving && p.last_seen.elapsed() < timeout)
+        })
+    }
+
+    /// Waits up to `wait` while the data queue for `node` is over its limit.
+    pub async fn room(&self, node: &str, wait: Duration) -> bool {
+        let Some(q) = self.queue(node) else {
+            return false;
+        };
+        q.wait_below(self.config.link_queue, wait).await;
+        true
+    }
+
     /// A heartbeat arrived from `node`.
     fn heard(&self, node: &str, leaving: bool) {
         let changed = match self.peers.write() {
@@ -359,14 +465,20 @@ impl Cluster {
     }
 
     /// Recomputes the ring from the live members; true if it changed.
+    /// A peer off the ring keeps no replica: what waits for its
+    /// acknowledgement is released (counted).
     pub fn update_ring(&self) -> bool {
         let timeout = Duration::from_millis(self.config.failure_timeout_ms);
         let mut members: Vec<Arc<str>> = match self.peers.read() {
-            Ok(peers) => peers
-                .iter()
-                .filter(|(_, p)| !p.leaving && p.last_seen.elapsed() < timeout)
-                .map(|(n, _)| n.clone())
-                .collect(),
+            Ok(peers) => {
+                let (live, off): (Vec<_>, Vec<_>) = peers
+                    .iter()
+                    .partition(|(_, p)| !p.leaving && p.last_seen.elapsed() < timeout);
+                for (_, p) in off {
+                    self.release(&p.acks);
+                }
+                live.into_iter().map(|(n, _)| n.clone()).collect()
+            }
             Err(_) => Vec::new(),
         };
         if !self.leaving.load(std::sync::atomic::Ordering::Relaxed) {
@@ -792,6 +904,7 @@ fn frame(msg: PeerMsg) -> Frame {
             sub_tps,
         },
         PeerMsg::Revoked { id, exp_ms } => Frame::Revoked { id, exp_ms },
+        PeerMsg::Synced { stream } => Frame::ReplicaSynced { link: stream },
     }
 }
 
@@ -860,6 +973,28 @@ impl Peers for Cluster {
     fn heartbeat(&self) -> Duration {
         Duration::from_millis(self.config.heartbeat_ms)
     }
+
+    fn replicate(
+        &self,
+        node: &str,
+        client: &str,
+        change: Change,
+        pending: Option<&mut Pending>,
+    ) -> bool {
+        Cluster::replicate(self, node, client, change, pending)
+    }
+
+    fn streams(&self) -> Vec<(Arc<str>, u64)> {
+        Cluster::streams(self)
+    }
+
+    fn is_handing_over(&self, node: &str) -> bool {
+        Cluster::is_handing_over(self, node)
+    }
+
+    fn room<'a>(&'a self, node: &'a str, wait: Duration) -> Sent<'a> {
+        Box::pin(Cluster::room(self, node, wait))
+    }
 }
 
 /// Keeps the ring current: a peer that stops sending heartbeats leaves it
@@ -877,10 +1012,11 @@ pub async fn watch(cluster: Arc<Cluster>, broker: Arc<crate::broker::Broker>, sh
             seen = now;
             broker.rebalance();
         }
-        broker
-            .metrics()
-            .cluster_nodes
+        let m = broker.metrics();
+        m.cluster_nodes
             .set(i64::try_from(cluster.ring().nodes().len()).unwrap_or(i64::MAX));
+        m.replication_released.inc_by(cluster.take_released());
+        broker.count_replicas();
     }
 }
 

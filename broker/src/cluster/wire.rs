@@ -20,7 +20,10 @@ use crate::codec::{len16, len32, put_bytes, put_opt_str, put_str};
 use crate::message::QoS;
 
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 1;
+/// 2: replicated sessions (`Replicate`, `ReplicaStream`, `ReplicaAck`,
+/// `ReplicaSynced`); a node of version 1 would not know them, so the two
+/// do not link.
+pub const VERSION: u16 = 2;
 
 /// Largest frame accepted: an MQTT packet of the largest configurable size
 /// plus the frame's own fields.
@@ -41,6 +44,8 @@ pub enum WireError {
     Qos(u8),
     #[error("{0} bytes left after the frame's fields")]
     Trailing(usize),
+    #[error("unknown replica change {0}")]
+    Change(u8),
 }
 
 pub type Result<T> = std::result::Result<T, WireError>;
@@ -186,6 +191,61 @@ pub enum Frame {
         id: u64,
         body: String,
     },
+    /// Change `n` of the sender's replication stream to this peer: a
+    /// change of `client`'s session, which the receiver keeps a replica of.
+    /// `value` is the record or the message in the store's format
+    /// (`persist::record`).
+    Replicate {
+        n: u64,
+        client: String,
+        change: ChangeKind,
+        seq: u64,
+        value: Bytes,
+    },
+    /// First on every link: the replication changes that follow are the
+    /// sender's run `run` (a process), link `link` (this connection).
+    ReplicaStream {
+        run: u64,
+        link: u64,
+    },
+    /// The sender keeps every change of run `run`'s stream up to `n`.
+    ReplicaAck {
+        run: u64,
+        n: u64,
+    },
+    /// Every session the sender owns and the receiver keeps went out whole
+    /// on link `link`: the receiver's older copies of the sender's are stale.
+    ReplicaSynced {
+        link: u64,
+    },
+}
+
+/// What a `Replicate` frame changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// `value` is the session's new record.
+    Record = 1,
+    /// `value` is the session's record; what was kept of it is replaced.
+    Reset = 2,
+    /// `value` is message `seq` of its queue.
+    Queue = 3,
+    /// Message `seq` left its queue (`value` empty).
+    Unqueue = 4,
+    /// The session ended here (`value` empty).
+    Forget = 5,
+}
+
+impl ChangeKind {
+    fn from_u8(k: u8) -> Result<Self> {
+        Ok(match k {
+            1 => Self::Record,
+            2 => Self::Reset,
+            3 => Self::Queue,
+            4 => Self::Unqueue,
+            5 => Self::Forget,
+            other => return Err(WireError::Change(other)),
+        })
+    }
 }
 
 const HELLO: u8 = 1;
@@ -205,6 +265,10 @@ const REVOKED: u8 = 14;
 const LOAD: u8 = 15;
 const QUERY: u8 = 16;
 const REPLY: u8 = 17;
+const REPLICATE: u8 = 18;
+const REPLICA_STREAM: u8 = 19;
+const REPLICA_ACK: u8 = 20;
+const REPLICA_SYNCED: u8 = 21;
 
 impl Frame {
     /// Appends the encoded frame to `out`.
@@ -307,6 +371,34 @@ impl Frame {
                 out.put_u8(REPLY);
                 out.put_u64(*id);
                 put_bytes(out, body.as_bytes());
+            }
+            Frame::Replicate {
+                n,
+                client,
+                change,
+                seq,
+                value,
+            } => {
+                out.put_u8(REPLICATE);
+                out.put_u64(*n);
+                put_str(out, client);
+                out.put_u8(*change as u8);
+                out.put_u64(*seq);
+                put_bytes(out, value);
+            }
+            Frame::ReplicaStream { run, link } => {
+                out.put_u8(REPLICA_STREAM);
+                out.put_u64(*run);
+                out.put_u64(*link);
+            }
+            Frame::ReplicaAck { run, n } => {
+                out.put_u8(REPLICA_ACK);
+                out.put_u64(*run);
+                out.put_u64(*n);
+            }
+            Frame::ReplicaSynced { link } => {
+                out.put_u8(REPLICA_SYNCED);
+                out.put_u64(*link);
             }
         }
         let len = len32(out.len() - start - 4);
@@ -428,6 +520,22 @@ fn decode_body(b: &mut Bytes) -> Result<Frame> {
                 Frame::Reply { id, body }
             }
         }
+        REPLICATE => Frame::Replicate {
+            n: get_u64(b)?,
+            client: get_str(b)?.to_string(),
+            change: ChangeKind::from_u8(get_u8(b)?)?,
+            seq: get_u64(b)?,
+            value: get_bytes(b)?,
+        },
+        REPLICA_STREAM => Frame::ReplicaStream {
+            run: get_u64(b)?,
+            link: get_u64(b)?,
+        },
+        REPLICA_ACK => Frame::ReplicaAck {
+            run: get_u64(b)?,
+            n: get_u64(b)?,
+        },
+        REPLICA_SYNCED => Frame::ReplicaSynced { link: get_u64(b)? },
         other => return Err(WireError::Kind(other)),
     })
 }
@@ -730,6 +838,23 @@ mod tests {
                 id: 9,
                 body: String::new(),
             },
+            Frame::Replicate {
+                n: 1,
+                client: "GID_test@@@d".into(),
+                change: ChangeKind::Queue,
+                seq: 42,
+                value: Bytes::from_static(b"\x01stored"),
+            },
+            Frame::Replicate {
+                n: u64::MAX,
+                client: "c".into(),
+                change: ChangeKind::Forget,
+                seq: 0,
+                value: Bytes::new(),
+            },
+            Frame::ReplicaStream { run: 7, link: 8 },
+            Frame::ReplicaAck { run: 7, n: 3 },
+            Frame::ReplicaSynced { link: 8 },
             Frame::Session(WireSession {
                 client_id: "GID_test@@@d".into(),
                 expiry_ms: 7_200_000,
@@ -784,5 +909,18 @@ mod tests {
         assert_eq!(Frame::decode(&mut b), Err(WireError::Trailing(1)));
         let mut b = BytesMut::from(&[0, 0, 0, 5, ROUTE_ADD, 0, 2, 0xff, 0xfe][..]);
         assert_eq!(Frame::decode(&mut b), Err(WireError::Utf8));
+        // A replica change of a kind this build does not know.
+        let mut out = BytesMut::new();
+        Frame::Replicate {
+            n: 1,
+            client: "c".into(),
+            change: ChangeKind::Forget,
+            seq: 0,
+            value: Bytes::new(),
+        }
+        .encode(&mut out);
+        // kind:u8 n:u64 then client "c" (2 + 1 bytes): the change follows.
+        out[4 + 1 + 8 + 3] = 9;
+        assert_eq!(Frame::decode(&mut out), Err(WireError::Change(9)));
     }
 }

@@ -37,6 +37,13 @@ pub struct ClusterConfig {
     /// Frames waiting for one peer, at most; beyond it forwarded QoS 0
     /// messages are dropped (counted) and QoS 1/2 publishes wait.
     pub link_queue: usize,
+    /// How many nodes keep each persistent session, its owner included
+    /// (1 to 3): its owner and the next `replication_factor - 1` nodes of
+    /// the ring. A QoS 1/2 message for a persistent session, a SUBSCRIBE
+    /// and an UNSUBSCRIBE are acknowledged once every replica with a link
+    /// holds them, so a node lost without warning loses no session and no
+    /// acknowledged message; 1: sessions live on their owner only.
+    pub replication_factor: usize,
 }
 
 impl Default for ClusterConfig {
@@ -50,6 +57,7 @@ impl Default for ClusterConfig {
             heartbeat_ms: 500,
             failure_timeout_ms: 3000,
             link_queue: 10_000,
+            replication_factor: 2,
         }
     }
 }
@@ -61,5 +69,9 @@ impl ClusterConfig {
             "cluster.failure_timeout_ms must be at least twice cluster.heartbeat_ms (> 0)",
         );
         p.unless(self.link_queue > 0, "cluster.link_queue must be at least 1");
+        p.unless(
+            (1..=3).contains(&self.replication_factor),
+            "cluster.replication_factor must be 1, 2 or 3",
+        );
     }
 }

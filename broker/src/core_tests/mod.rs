@@ -41,6 +41,7 @@ fn broker_with(config: Config, peers: Option<Arc<dyn crate::peers::Peers>>) -> A
             peers,
             usage,
             persist: Arc::new(crate::durable::NoStore),
+            replication: None,
         },
     )
 }

@@ -124,6 +124,24 @@ impl Peers for FakePeers {
         // The moved session's routes linger 4 heartbeats; short for tests.
         Duration::from_millis(5)
     }
+    fn replicate(
+        &self,
+        _: &str,
+        _: &str,
+        _: crate::durable::Change,
+        _: Option<&mut crate::durable::Pending>,
+    ) -> bool {
+        !self.full
+    }
+    fn streams(&self) -> Vec<(Arc<str>, u64)> {
+        Vec::new()
+    }
+    fn is_handing_over(&self, _: &str) -> bool {
+        false
+    }
+    fn room<'a>(&'a self, _: &'a str, _: Duration) -> Sent<'a> {
+        Box::pin(async { true })
+    }
 }
 
 fn node0(peers: &Arc<FakePeers>) -> Arc<Broker> {

@@ -42,6 +42,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn session(&self, client: &Arc<str>, record: &SessionRecord, pending: Option<&mut Pending>);
     /// Drops a session and every message queued for it.
     fn forget(&self, client: &Arc<str>);
+    /// The session arrives whole (from another node, or a replica taking
+    /// over): what was kept of it is replaced by `record`, and its messages
+    /// follow as `queue` calls.
+    fn reset(&self, client: &Arc<str>, record: &SessionRecord) {
+        self.forget(client);
+        self.session(client, record, None);
+    }
     /// Stores message `seq` of a session's queue.
     fn queue(&self, client: &str, seq: u64, delivery: &Delivery, pending: Option<&mut Pending>);
     /// Deletes message `seq` of a session's queue: acknowledged, dropped or expired.
@@ -69,6 +76,24 @@ impl Store for NoStore {
     fn unqueue(&self, _: &str, _: u64) {}
     fn retain(&self, _: &Message, _: Option<&mut Pending>) {}
     fn measure(&self) {}
+}
+
+/// A change of one persistent session's durable state, as its owner sends
+/// it to the nodes that keep a replica (`replica`), in the order the
+/// session changed.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// The session's record changed.
+    Record(SessionRecord),
+    /// The session arrives whole: what was held of it is replaced by this
+    /// record; its queued messages follow.
+    Reset(SessionRecord),
+    /// A message joined its queue (`Delivery::seq` set).
+    Queue(Delivery),
+    /// Message `seq` left its queue (acknowledged, dropped, expired).
+    Unqueue(u64),
+    /// The session ended, or left the sender for another node.
+    Forget,
 }
 
 /// A persistent session as stored: what a reconnect needs besides its

@@ -4,6 +4,8 @@
 //! Nothing here knows about MQTT versions or sockets; `protocol` translates
 //! ntex-mqtt's v3 and v5 packets into these calls.
 
+mod failover;
+
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,7 +15,7 @@ use crate::alarm::Alarms;
 use crate::auth::Auth;
 use crate::capacity::Capacity;
 use crate::config::Config;
-use crate::durable::{Pending, Recovered, Store, WriteFailed};
+use crate::durable::{Pending, Recovered, RecoveredSession, Store, WriteFailed};
 use crate::message::{Message, MessageIds, QoS};
 use crate::meter::{Meter, weight};
 use crate::metrics::Metrics;
@@ -95,6 +97,13 @@ pub struct Broker {
     drained: tokio::sync::Notify,
     /// Where persistent sessions and retained messages are kept on disk.
     persist: Arc<dyn Store>,
+    /// Which nodes keep a replica of each session, when sessions are
+    /// replicated (a cluster with `replication_factor` above 1).
+    replication: Option<Arc<crate::replica::Replication>>,
+    /// The copies of other nodes' sessions this node keeps.
+    replicas: crate::replica::Replicas,
+    /// What this node sent whole to its replicas.
+    resync: failover::Resync,
 }
 
 /// What the node measures and remembers for the operations API, and the
@@ -200,8 +209,11 @@ pub struct Parts {
     pub storage: Arc<dyn Storage>,
     pub peers: Option<Arc<dyn Peers>>,
     pub usage: Usage,
-    /// The durable store (`durable::NoStore` for none).
+    /// The durable store (`durable::NoStore` for none), with replication
+    /// in front when sessions are replicated (`replica::Replicated`).
     pub persist: Arc<dyn Store>,
+    /// Who keeps a replica of each session (`None`: nobody).
+    pub replication: Option<Arc<crate::replica::Replication>>,
 }
 
 impl Broker {
@@ -269,6 +281,7 @@ impl Broker {
             peers,
             usage,
             persist,
+            replication,
         } = parts;
         let config_node = config.node_name();
         let fds = crate::descriptors::Budget::new(config.limits.reserved_file_descriptors);
@@ -293,6 +306,9 @@ impl Broker {
             usage,
             drained: tokio::sync::Notify::new(),
             persist,
+            replication,
+            replicas: crate::replica::Replicas::default(),
+            resync: failover::Resync::default(),
         })
     }
 
@@ -328,8 +344,10 @@ impl Broker {
 
     /// Attaches a connection to its session and drops a discarded session's
     /// subscriptions from the routing table.
-    pub fn attach(&self, client_id: &str, clean: bool, expiry: Duration) -> Attached {
+    pub fn attach(self: &Arc<Self>, client_id: &str, clean: bool, expiry: Duration) -> Attached {
+        self.claim_copy(client_id);
         let attached = self.sessions.attach(client_id, clean, expiry);
+        attached.session.lock().stale = false;
         self.drop_routes(
             &attached.session.client_id,
             &attached.discarded_subscriptions,
@@ -718,6 +736,7 @@ impl Broker {
         let Some(c) = &self.peers else {
             return;
         };
+        self.replicate_ring();
         let ring = c.ring();
         let mut moves = Vec::new();
         for session in self.sessions.all() {
@@ -865,14 +884,31 @@ impl Broker {
     /// A persistent session another node handed over: installed here, or
     /// merged into the session its client already opened here.
     pub fn install_session(self: &Arc<Self>, h: Handover) {
+        // The session itself is newer than any copy of it kept here.
+        self.replicas.drop_copy(&h.client_id);
         let session = self.sessions.adopt(&h.client_id);
         let mut added = Vec::new();
+        let mut dropped = Vec::new();
         let wake = {
             let mut st = session.lock();
             if st.attached.is_some() && !st.persistent {
                 // The client came back first with a clean start: the old
                 // state is discarded, as it would be on one node.
                 return;
+            }
+            if std::mem::take(&mut st.stale) {
+                // This node's copy from before its restart: the session was
+                // served elsewhere since, and what it held then is older
+                // than what arrives (messages delivered and acknowledged
+                // there would come again).
+                dropped = st
+                    .subscriptions
+                    .drain()
+                    .map(|(f, _)| f)
+                    .filter(|f| !h.subscriptions.iter().any(|(g, _)| g == f))
+                    .collect();
+                st.subscriptions.clear();
+                st.clear_messages();
             }
             for (filter, opts) in h.subscriptions {
                 if !st.subscriptions.contains_key(&filter) {
@@ -904,6 +940,7 @@ impl Broker {
         if let Some(w) = wake {
             w.notify_one();
         }
+        self.drop_routes(&session.client_id, &dropped);
         self.add_routes(&session.client_id, added);
         self.metrics.sessions.set(gauge(self.sessions.len()));
         tracing::debug!(client_id = %session.client_id, "session moved in");
@@ -937,9 +974,29 @@ impl Broker {
     /// (offline, with their queued messages and routes) and retained
     /// messages.
     pub fn restore(self: &Arc<Self>, recovered: Recovered) {
+        let mut n = 0;
+        for m in recovered.retained {
+            n = self.retained.restore(&Arc::new(m));
+        }
+        for session in self.restore_sessions(recovered.sessions) {
+            session.lock().stale = true;
+        }
+        self.metrics.retained.set(gauge(n));
+        self.metrics.sessions.set(gauge(self.sessions.len()));
+        for (msg, ordered) in recovered.wills {
+            self.publish_will(&msg, ordered, true);
+        }
+        self.restored.store(true, Ordering::Release);
+    }
+
+    /// Serves sessions read back from a store (or a lost node's replica):
+    /// offline, their routes added, their delayed wills scheduled, their
+    /// retained replays resumed. Returns them.
+    fn restore_sessions(self: &Arc<Self>, stored: Vec<RecoveredSession>) -> Vec<Arc<Session>> {
         let (now, now_ms) = (Instant::now(), crate::message::now_ms());
         let mut replays = Vec::new();
-        for mut rs in recovered.sessions {
+        let mut restored = Vec::with_capacity(stored.len());
+        for mut rs in stored {
             // Handed over by a peer while a late store was being opened:
             // that copy is the newer one.
             if self.sessions.get(&rs.client).is_some() {
@@ -975,10 +1032,7 @@ impl Broker {
                 .map(|(f, o)| (f.clone(), *o))
                 .collect();
             self.add_routes(&session.client_id, filters);
-        }
-        let mut n = 0;
-        for m in recovered.retained {
-            n = self.retained.restore(&Arc::new(m));
+            restored.push(session);
         }
         // Replays under way go on where they were, through what is retained now.
         for (session, owed) in replays {
@@ -990,12 +1044,7 @@ impl Broker {
                 }
             }
         }
-        self.metrics.retained.set(gauge(n));
-        self.metrics.sessions.set(gauge(self.sessions.len()));
-        for (msg, ordered) in recovered.wills {
-            self.publish_will(&msg, ordered, true);
-        }
-        self.restored.store(true, Ordering::Release);
+        restored
     }
 
     /// Whether the session of `client_id` has QoS 2 messages whose PUBREL

@@ -1,0 +1,243 @@
+//! Replicated sessions, the broker's part (D2): the copies this node keeps
+//! for other nodes (`replica::Replicas`), serving them when their owner is
+//! lost, and sending the sessions this node owns whole to replicas that
+//! are new or may have missed changes (a link that came up again).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use super::{Broker, gauge};
+use crate::durable::{self, Change, RecoveredSession};
+use crate::peers::{Handover, Peers};
+use crate::ring::Ring;
+
+/// What this node has sent whole to its replicas.
+#[derive(Debug, Default)]
+pub(super) struct Resync {
+    /// Per peer, the link stream on which every session this node owns and
+    /// the peer keeps went out whole.
+    synced: Mutex<HashMap<Arc<str>, u64>>,
+    /// The ring the last pass sent for.
+    ring: Mutex<Arc<Ring>>,
+    running: AtomicBool,
+    again: AtomicBool,
+}
+
+/// Sessions sent whole between two looks at the link's queue.
+const RESYNC_STEP: usize = 64;
+
+impl Broker {
+    /// A change of a session `from` owns, for the copy kept here.
+    pub fn replica_change(&self, from: &Arc<str>, stream: u64, client: &str, change: Change) {
+        self.replicas.apply(from, stream, client, change);
+    }
+
+    /// `from` sent every session this node keeps for it whole on `stream`.
+    pub fn replicas_synced(&self, from: &str, stream: u64) {
+        self.replicas.synced(from, stream);
+    }
+
+    /// The ring changed or a link came up: serves the copies whose owner
+    /// is lost and that this node owns now, drops the copies it no longer
+    /// keeps, and sends the sessions it owns to replicas that lack them.
+    pub(super) fn replicate_ring(self: &Arc<Self>) {
+        let (Some(c), Some(r)) = (&self.peers, &self.replication) else {
+            return;
+        };
+        let ring = c.ring();
+        let taken = self
+            .replicas
+            .promotable(|client, from| self.owner_lost(c, &ring, client, from));
+        self.take_over(taken);
+        self.replicas.retain(|client, from| {
+            c.is_handing_over(from)
+                || ring
+                    .successors(client, r.factor())
+                    .iter()
+                    .any(|n| c.is_local(n))
+        });
+        self.count_replicas();
+        self.start_resync();
+    }
+
+    /// Whether this node serves `client`'s copy now: it owns the Client
+    /// ID and the copy's owner left the ring without handing it over.
+    fn owner_lost(&self, c: &Arc<dyn Peers>, ring: &Ring, client: &str, from: &str) -> bool {
+        ring.owner(client).is_some_and(|o| c.is_local(o))
+            && !ring.nodes().iter().any(|n| **n == *from)
+            && !c.is_handing_over(from)
+    }
+
+    /// A client connects to a session this node owns: if a lost owner's
+    /// copy of it is here and not served yet, it is served now, so that
+    /// the client finds it (`session_present`) even before the next ring
+    /// pass.
+    pub(super) fn claim_copy(self: &Arc<Self>, client: &str) {
+        let Some(c) = &self.peers else {
+            return;
+        };
+        if self.replication.is_none() || self.sessions.get(client).is_some() {
+            return;
+        }
+        let ring = c.ring();
+        let taken = self
+            .replicas
+            .promotable(|id, from| id == client && self.owner_lost(c, &ring, id, from));
+        self.take_over(taken);
+    }
+
+    /// Serves copies as sessions of this node: as sessions read back from
+    /// a store, or merged into the session the client opened here first.
+    /// Each is then written whole to this node's store and its replicas.
+    fn take_over(self: &Arc<Self>, taken: Vec<RecoveredSession>) {
+        if taken.is_empty() {
+            return;
+        }
+        tracing::info!(
+            sessions = taken.len(),
+            "sessions of a lost node served from their replicas"
+        );
+        self.metrics
+            .sessions_failed_over
+            .inc_by(u64::try_from(taken.len()).unwrap_or(u64::MAX));
+        let (fresh, opened): (Vec<_>, Vec<_>) = taken
+            .into_iter()
+            .partition(|rs| self.sessions.get(&rs.client).is_none());
+        for session in self.restore_sessions(fresh) {
+            let mut st = session.lock();
+            session.save_all(&mut st);
+        }
+        for rs in opened {
+            self.install_session(handover_of(rs));
+        }
+        self.metrics.sessions.set(gauge(self.sessions.len()));
+    }
+
+    /// Starts sending sessions whole to the replicas that lack them, or
+    /// asks the pass under way to run again.
+    fn start_resync(self: &Arc<Self>) {
+        self.resync.again.store(true, Ordering::Release);
+        if self.resync.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let broker = self.clone();
+        ntex::rt::spawn(async move {
+            while broker.resync.again.swap(false, Ordering::AcqRel) {
+                broker.resync_pass().await;
+            }
+            broker.resync.running.store(false, Ordering::Release);
+            // A request that came in after the last pass and before the flag
+            // was cleared.
+            if broker.resync.again.load(Ordering::Acquire) {
+                broker.start_resync();
+            }
+        });
+    }
+
+    /// One pass: every persistent session this node owns goes whole to
+    /// each of its replicas that was not one on the last pass's ring, or
+    /// whose link came up since; then each such link is told it has all.
+    async fn resync_pass(self: &Arc<Self>) {
+        let (Some(c), Some(r)) = (self.peers.clone(), self.replication.clone()) else {
+            return;
+        };
+        let ring = c.ring();
+        let before = self
+            .resync
+            .ring
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let streams: HashMap<Arc<str>, u64> = c.streams().into_iter().collect();
+        let fresh: Vec<(Arc<str>, u64)> = {
+            let synced = self
+                .resync
+                .synced
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            streams
+                .iter()
+                .filter(|(n, s)| synced.get(*n) != Some(*s))
+                .map(|(n, s)| (n.clone(), *s))
+                .collect()
+        };
+        let mut under = 0_usize;
+        for (i, session) in self.sessions.all().into_iter().enumerate() {
+            let client = &session.client_id;
+            if !ring.owner(client).is_some_and(|o| c.is_local(o)) {
+                continue;
+            }
+            let now = r.replicas_of(&ring, client);
+            let had = r.replicas_of(&before, client);
+            {
+                let st = session.lock();
+                if !st.persistent || st.moved_to.is_some() {
+                    continue;
+                }
+                for node in &now {
+                    let new_link = fresh.iter().any(|(n, _)| n == node);
+                    if new_link || !had.contains(node) {
+                        r.send_whole(node, client, st.record(), st.stored());
+                    }
+                }
+            }
+            if now.len() + 1 < r.factor() {
+                under += 1;
+            }
+            if i % RESYNC_STEP == RESYNC_STEP - 1 {
+                // Let the links drain what went out before sending more.
+                for node in &now {
+                    c.room(node, Duration::from_secs(5)).await;
+                }
+            }
+        }
+        for (node, stream) in fresh {
+            r.synced(&node, stream).await;
+            self.resync
+                .synced
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(node, stream);
+        }
+        *self
+            .resync
+            .ring
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = ring;
+        self.metrics.sessions_under_replicated.set(gauge(under));
+    }
+
+    /// Updates the gauges of the copies kept here.
+    pub fn count_replicas(&self) {
+        let k = self.replicas.count();
+        self.metrics.replica_sessions.set(gauge(k.sessions));
+        self.metrics.replica_messages.set(gauge(k.messages));
+    }
+}
+
+/// A copy merged into the session its client opened before the copy was
+/// served: its subscriptions and messages join it.
+fn handover_of(rs: RecoveredSession) -> Handover {
+    let now = Instant::now();
+    let disconnected = durable::disconnected_at(&rs.record, now, crate::message::now_ms());
+    let expiry = Duration::from_millis(rs.record.expiry_ms)
+        .saturating_sub(now.saturating_duration_since(disconnected));
+    Handover {
+        client_id: rs.client.to_string(),
+        expiry,
+        ordered: rs.record.ordered,
+        subscriptions: rs.record.subscriptions,
+        resend: Vec::new(),
+        offline: rs
+            .messages
+            .into_iter()
+            .map(|mut d| {
+                // Numbered again by the session it joins.
+                d.seq = 0;
+                d
+            })
+            .collect(),
+    }
+}
