@@ -102,6 +102,17 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
     /// Queues `msg` for `node` at once (messages keep the order of the
     /// calls), then waits up to `wait` while the link is over its limit.
     fn send<'a>(&'a self, node: &'a str, msg: PeerMsg, wait: Duration) -> Sent<'a>;
+    /// Like `send`, and `pending` then also waits until `node` is through
+    /// with the message (a publish or a P2P message: kept by the
+    /// persistent sessions it reached there); if `node` leaves the ring
+    /// before it answers, `pending` fails (the client sends it again).
+    fn send_acked<'a>(
+        &'a self,
+        node: &'a str,
+        msg: PeerMsg,
+        pending: &mut Pending,
+        wait: Duration,
+    ) -> Sent<'a>;
     /// Waits up to `wait` while the link to `node` is over its limit.
     fn room<'a>(&'a self, node: &'a str, wait: Duration) -> Sent<'a>;
     /// Sends `msg` to every peer with a link.

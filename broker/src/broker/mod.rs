@@ -154,6 +154,16 @@ const MARKER_QOS: QoS = QoS::ExactlyOnce;
 /// Messages for other nodes that a publish produced.
 type Forwards = Vec<(Arc<str>, PeerMsg)>;
 
+/// What a change waits with: a commit when someone waits for it (`acked`),
+/// otherwise nothing to allocate or count.
+fn waited(acked: bool) -> Pending {
+    if acked {
+        Pending::default()
+    } else {
+        Pending::detached()
+    }
+}
+
 /// Who publishes a message, as the storage and routing rules need it.
 #[derive(Debug, Clone, Copy)]
 pub struct Publisher<'a> {
@@ -483,8 +493,9 @@ impl Broker {
         );
         // Boxed waits, here and below: they are rare, and the publish
         // handler's future is allocated per message at its full size.
+        let acked = (msg.qos != QoS::AtMostOnce).then_some(&mut pending);
         if !forwards.is_empty()
-            && !Box::pin(self.forward_waiting(forwards)).await
+            && !Box::pin(self.forward_waiting(forwards, acked)).await
             && msg.qos != QoS::AtMostOnce
         {
             return Err(PublishError::Cluster);
@@ -509,15 +520,21 @@ impl Broker {
     /// Queues frames for other nodes, waiting while a link queue is full
     /// (backpressure across nodes: a full link holds the PUBACK). False if
     /// a link stayed full or is gone: the publish is refused, so that the
-    /// client sends it again rather than believe it arrived.
-    async fn forward_waiting(&self, forwards: Forwards) -> bool {
+    /// client sends it again rather than believe it arrived. `pending`
+    /// (a QoS 1/2 publish) then also waits until each node is through
+    /// with it: kept by the persistent sessions it reached there.
+    async fn forward_waiting(&self, forwards: Forwards, mut pending: Option<&mut Pending>) -> bool {
         let Some(c) = &self.peers else {
             return false;
         };
         let wait = Duration::from_millis(self.config.limits.queue_full_wait_ms);
         let mut delivered = true;
         for (node, forward) in forwards {
-            if !c.send(&node, forward, wait).await {
+            let sent = match pending.as_deref_mut() {
+                Some(p) => c.send_acked(&node, forward, p, wait).await,
+                None => c.send(&node, forward, wait).await,
+            };
+            if !sent {
                 self.metrics.drop_message("cluster_link");
                 delivered = false;
             }
@@ -650,30 +667,41 @@ impl Broker {
     /// the sessions that went over their queue limit: the link waits for
     /// them before it reads on, which holds the sender (and, through its
     /// link queue, the publisher's PUBACK) — backpressure across nodes.
-    pub fn publish_forwarded(&self, msg: Arc<Message>, groups: &[String]) -> Vec<Arc<Session>> {
+    /// With them, when the sender waits (`acked`), what the persistent
+    /// sessions it reached must write (here and on their replicas) before
+    /// it is told.
+    pub fn publish_forwarded(
+        &self,
+        msg: Arc<Message>,
+        groups: &[String],
+        acked: bool,
+    ) -> (Vec<Arc<Session>>, Pending) {
         let keep = KeepOffline::Publisher { persistent: true };
         let mut forwards = Vec::new();
         let mut over = Vec::new();
+        let mut pending = waited(acked);
         self.route(
             &msg,
             keep,
             Scope::Local { groups },
             &mut over,
             &mut forwards,
-            &mut Pending::detached(),
+            &mut pending,
         );
         // Only sessions that just moved produce forwards here.
         self.forward_now(forwards);
-        over
+        (over, pending)
     }
 
-    /// A P2P message another node forwarded to the owner of its target.
+    /// A P2P message another node forwarded to the owner of its target;
+    /// what it returns as `publish_forwarded` does.
     pub fn deliver_direct(
         &self,
         client_id: &str,
         persistent: bool,
         msg: Arc<Message>,
-    ) -> Vec<Arc<Session>> {
+        acked: bool,
+    ) -> (Vec<Arc<Session>>, Pending) {
         if self.sessions.get(client_id).is_none()
             && let Some(owner) = self.moved_to(client_id)
         {
@@ -686,17 +714,12 @@ impl Broker {
                 qos,
             };
             self.forward_now(vec![(owner, forward)]);
-            return Vec::new();
+            return (Vec::new(), Pending::default());
         }
         let mut over = Vec::new();
-        self.publish_p2p(
-            &msg,
-            client_id,
-            persistent,
-            &mut over,
-            &mut Pending::detached(),
-        );
-        over
+        let mut pending = waited(acked);
+        self.publish_p2p(&msg, client_id, persistent, &mut over, &mut pending);
+        (over, pending)
     }
 
     /// A retained message another node stored.

@@ -316,7 +316,7 @@ pub async fn dial(cluster: &Cluster, addr: &str) -> Result<(IoBoxed, Arc<str>)> 
 async fn greet(io: &IoBoxed, cluster: &Cluster, broker: &Broker, stream: u64) -> Result<()> {
     send(
         io,
-        Frame::ReplicaStream {
+        Frame::Stream {
             run: cluster.run(),
             link: stream,
         },
@@ -447,57 +447,18 @@ pub async fn inbound(
         return;
     }
     let mut frame = first;
-    let mut stream = Stream::default();
+    let mut stream = super::replication::Inbound::new(cluster.clone(), peer.clone());
     loop {
         for session in apply(&cluster, &broker, &peer, frame, &mut stream) {
             broker.wait_for_room(&session).await;
         }
-        // Changes are acknowledged once everything read is applied: one
-        // acknowledgement for a burst.
-        let buffered = ntex::util::select(std::pin::pin!(recv(&io)), std::future::ready(())).await;
-        let next = match buffered {
-            Either::Left(next) => next,
-            Either::Right(()) => {
-                stream.acknowledge(&cluster, &peer, false);
-                recv(&io).await
-            }
-        };
-        frame = match next {
+        frame = match recv(&io).await {
             Ok(f) => f,
             Err(e) => {
                 tracing::debug!(peer = %peer, error = %e, "cluster inbound link closed");
                 return;
             }
         };
-    }
-}
-
-/// The replication stream a peer sends on its link to this node.
-#[derive(Debug, Default)]
-struct Stream {
-    /// The peer's run and this link's stream (`ReplicaStream`).
-    run: u64,
-    link: u64,
-    /// The number of the last change applied, and of the last acknowledged.
-    applied: u64,
-    acked: u64,
-}
-
-impl Stream {
-    /// Tells the peer what is applied: when something new is, or always
-    /// (`again`: a heartbeat, in case an acknowledgement was lost with a
-    /// link of this node's).
-    fn acknowledge(&mut self, cluster: &Cluster, peer: &str, again: bool) {
-        if self.applied == 0 || (self.applied == self.acked && !again) {
-            return;
-        }
-        let ack = Frame::ReplicaAck {
-            run: self.run,
-            n: self.applied,
-        };
-        if cluster.control(peer, ack) {
-            self.acked = self.applied;
-        }
     }
 }
 
@@ -508,20 +469,14 @@ fn apply(
     broker: &Arc<Broker>,
     peer: &Arc<str>,
     frame: Frame,
-    stream: &mut Stream,
+    stream: &mut super::replication::Inbound,
 ) -> Vec<Arc<crate::session::Session>> {
     match frame {
         Frame::Heartbeat { leaving } => {
             cluster.heard(peer, leaving);
-            stream.acknowledge(cluster, peer, true);
+            stream.heartbeat();
         }
-        Frame::ReplicaStream { run, link } => {
-            *stream = Stream {
-                run,
-                link,
-                ..Stream::default()
-            };
-        }
+        Frame::Stream { run, link } => stream.started(run, link),
         Frame::Replicate {
             n,
             client,
@@ -530,7 +485,7 @@ fn apply(
             value,
         } => {
             match super::replication::from_wire(change, seq, &value) {
-                Ok(change) => broker.replica_change(peer, stream.link, &client, change),
+                Ok(change) => broker.replica_change(peer, stream.link(), &client, change),
                 Err(e) => {
                     // The copy misses this change; the owner still has it,
                     // and sends the session whole on its next link.
@@ -538,9 +493,9 @@ fn apply(
                     tracing::warn!(peer = %peer, client_id = %client, error = %e, "replica change not readable");
                 }
             }
-            stream.applied = n;
+            stream.numbered(n, crate::durable::Pending::default());
         }
-        Frame::ReplicaAck { run, n } => cluster.replica_acked(peer, run, n),
+        Frame::Ack { run, n, failed } => cluster.acked(peer, run, n, failed),
         Frame::ReplicaSynced { link } => broker.replicas_synced(peer, link),
         Frame::Settled { members } => cluster.settled_from(peer, members),
         Frame::Revoked { id, exp_ms } => {
@@ -561,14 +516,23 @@ fn apply(
             let (add, del) = cluster.remote_routes(peer, &f);
             broker.remote_routes(peer, &add, &del);
         }
-        Frame::Publish { msg, groups } => {
-            return broker.publish_forwarded(Arc::new(super::from_wire(msg)), &groups);
+        Frame::Publish { n, msg, groups } => {
+            let (over, kept) =
+                broker.publish_forwarded(Arc::new(super::from_wire(msg)), &groups, n != 0);
+            stream.numbered(n, kept);
+            return over;
         }
         Frame::Direct {
+            n,
             client_id,
             persistent,
             msg,
-        } => return broker.deliver_direct(&client_id, persistent, Arc::new(super::from_wire(msg))),
+        } => {
+            let msg = Arc::new(super::from_wire(msg));
+            let (over, kept) = broker.deliver_direct(&client_id, persistent, msg, n != 0);
+            stream.numbered(n, kept);
+            return over;
+        }
         Frame::Retain { msg } => broker.retain_replica(Arc::new(super::from_wire(msg))),
         Frame::Session(ws) => broker.install_session(super::handover_from_wire(ws)),
         Frame::Load {

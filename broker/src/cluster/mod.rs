@@ -397,12 +397,62 @@ impl Cluster {
                 value,
             },
             pending.and_then(Pending::join),
+            replication::OnLoss::Kept,
         );
         true
     }
 
-    /// `node` keeps every change of this run's stream to it up to `n`.
-    pub fn replica_acked(&self, node: &str, run: u64, n: u64) {
+    /// Queues a publish or a P2P message for `node` at once, numbered so
+    /// that `commit` waits until `node` is through with it (kept by the
+    /// persistent sessions it reached there), then waits up to `wait`
+    /// while the queue is over `link_queue`. False if `node` has no link;
+    /// if it leaves the ring before it answers, `commit` fails.
+    pub async fn send_acked(
+        &self,
+        node: &str,
+        frame: Frame,
+        commit: Option<Arc<crate::durable::Commit>>,
+        wait: Duration,
+    ) -> bool {
+        let link = self
+            .peers
+            .read()
+            .ok()
+            .and_then(|p| p.get(node).map(|p| (p.tx.clone(), p.acks.clone())));
+        let Some((q, acks)) = link else {
+            // Nobody will answer for it.
+            if let Some(m) = commit.and_then(|c| c.written(false)) {
+                m.ring();
+            }
+            return false;
+        };
+        acks.push(
+            &q,
+            |n| match frame {
+                Frame::Publish { msg, groups, .. } => Frame::Publish { n, msg, groups },
+                Frame::Direct {
+                    client_id,
+                    persistent,
+                    msg,
+                    ..
+                } => Frame::Direct {
+                    n,
+                    client_id,
+                    persistent,
+                    msg,
+                },
+                other => other,
+            },
+            commit,
+            replication::OnLoss::Refused,
+        );
+        q.wait_below(self.config.link_queue, wait).await;
+        true
+    }
+
+    /// `node` is through with every numbered frame of this run's stream
+    /// up to `n` (`failed`: `n` itself was not kept).
+    pub fn acked(&self, node: &str, run: u64, n: u64, failed: bool) {
         if run != self.run {
             return;
         }
@@ -412,11 +462,11 @@ impl Cluster {
             .ok()
             .and_then(|p| p.get(node).map(|p| p.acks.clone()));
         if let Some(a) = acks {
-            a.acked(n);
+            a.acked(n, failed);
         }
     }
 
-    /// This process's run (`ReplicaStream`).
+    /// This process's run (`Stream`).
     pub fn run(&self) -> u64 {
         self.run
     }
@@ -871,6 +921,7 @@ fn frame(msg: PeerMsg) -> Frame {
     let now = Instant::now();
     match msg {
         PeerMsg::Publish { msg, groups } => Frame::Publish {
+            n: 0,
             msg: to_wire(&msg, now),
             groups,
         },
@@ -883,6 +934,7 @@ fn frame(msg: PeerMsg) -> Frame {
             let mut w = to_wire(&msg, now);
             w.qos = qos;
             Frame::Direct {
+                n: 0,
                 client_id,
                 persistent,
                 msg: w,
@@ -994,6 +1046,19 @@ impl Peers for Cluster {
 
     fn room<'a>(&'a self, node: &'a str, wait: Duration) -> Sent<'a> {
         Box::pin(Cluster::room(self, node, wait))
+    }
+
+    fn send_acked<'a>(
+        &'a self,
+        node: &'a str,
+        msg: PeerMsg,
+        pending: &mut Pending,
+        wait: Duration,
+    ) -> Sent<'a> {
+        // Joined now, while the caller holds `pending`; the frame is
+        // queued when the future first runs, which the caller awaits at once.
+        let commit = pending.join();
+        Box::pin(Cluster::send_acked(self, node, frame(msg), commit, wait))
     }
 }
 

@@ -1,15 +1,21 @@
-//! Replication over the links: a session change as it travels
-//! (`Frame::Replicate`, the store's record format for its value), and the
-//! owner's account of which changes a client's acknowledgement waits for.
+//! Acknowledged frames over the links: a session change as it travels to
+//! a replica (`Frame::Replicate`, the store's record format for its value)
+//! and a publish forwarded to the owner of its subscribers, with the
+//! sender's account of which of them a client's acknowledgement waits for.
 //!
-//! Each change for a peer gets the next number of the peer's queue, taken
-//! under the same lock as its place in the queue, so numbers follow the
-//! order the peer reads them in. The peer applies a change to its copy
-//! (`replica::Replicas`) and acknowledges the highest number applied
-//! (`ReplicaAck`, tagged with this process's run) when it has read all it
-//! has, and with every heartbeat. Changes queued while a link is down go
-//! out on the next one with their numbers, so the count never restarts
-//! within a process.
+//! Each such frame for a peer gets the next number of the peer's queue,
+//! taken under the same lock as its place in the queue, so numbers follow
+//! the order the peer reads them in. The peer acknowledges the highest
+//! number it is through with (`Ack`, tagged with this process's run): a
+//! replica change once applied to its copy (`replica::Replicas`), a
+//! publish once the persistent sessions it reached keep it. Frames queued
+//! while a link is down go out on the next one with their numbers, so the
+//! count never restarts within a process.
+//!
+//! When the peer leaves the ring first, what waits for it is released: a
+//! replica change as kept (this node has it; the session is
+//! under-replicated until the next replica has it whole), a forwarded
+//! publish as refused (nobody may have it: the client sends it again).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -18,9 +24,11 @@ use std::time::Instant;
 use ntex::util::Bytes;
 use ring::rand::{SecureRandom, SystemRandom};
 
+use tokio::sync::mpsc;
+
 use super::wire::{ChangeKind, Frame};
-use super::{ClusterError, DataQueue};
-use crate::durable::{Change, Commit, Mailbox, SessionRecord};
+use super::{Cluster, ClusterError, DataQueue};
+use crate::durable::{Change, Commit, Mailbox, Pending, SessionRecord};
 use crate::message::now_ms;
 use crate::persist::record::{self, RecordError};
 
@@ -33,10 +41,21 @@ pub struct Awaiting {
 
 #[derive(Debug, Default)]
 struct State {
-    /// The number of the last change queued.
+    /// The number of the last frame queued.
     last: u64,
-    /// Commits waiting, by the number of the change they wait for (rising).
-    waiting: VecDeque<(u64, Arc<Commit>)>,
+    /// Commits waiting, by the number of the frame they wait for (rising),
+    /// with what the loss of the peer means for them.
+    waiting: VecDeque<(u64, Arc<Commit>, OnLoss)>,
+}
+
+/// What a frame waiting for its acknowledgement becomes when the peer
+/// leaves the ring first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnLoss {
+    /// Done without it (a replica change: this node keeps the session).
+    Kept,
+    /// Refused (a forwarded publish: the client must send it again).
+    Refused,
 }
 
 impl Awaiting {
@@ -45,47 +64,59 @@ impl Awaiting {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Numbers a change, queues its frame, and makes `commit` wait for it.
+    /// Numbers a frame, queues it, and makes `commit` wait for its
+    /// acknowledgement.
     pub(super) fn push(
         &self,
         queue: &DataQueue,
         frame: impl FnOnce(u64) -> Frame,
         commit: Option<Arc<Commit>>,
+        on_loss: OnLoss,
     ) {
         let mut st = self.state();
         st.last += 1;
         let n = st.last;
         queue.push(frame(n));
         if let Some(c) = commit {
-            st.waiting.push_back((n, c));
+            st.waiting.push_back((n, c, on_loss));
         }
     }
 
-    /// The peer keeps every change up to `n`.
-    pub(super) fn acked(&self, n: u64) {
-        let done: Vec<Arc<Commit>> = {
+    /// The peer is through with every frame up to `n`; `failed`: frame `n`
+    /// itself was not kept.
+    pub(super) fn acked(&self, n: u64, failed: bool) {
+        let done: Vec<(Arc<Commit>, bool)> = {
             let mut st = self.state();
-            let upto = st.waiting.partition_point(|(m, _)| *m <= n);
-            st.waiting.drain(..upto).map(|(_, c)| c).collect()
+            let upto = st.waiting.partition_point(|(m, _, _)| *m <= n);
+            st.waiting
+                .drain(..upto)
+                .map(|(m, c, _)| (c, !(failed && m == n)))
+                .collect()
         };
         resolve(done);
     }
 
-    /// The peer left the ring: everything waiting for it goes on without
-    /// it. Returns how many commits were released.
+    /// The peer left the ring: everything waiting for it is settled by
+    /// its `OnLoss`. Returns how many replica changes went on without it.
     pub(super) fn release(&self) -> u64 {
-        let done: Vec<Arc<Commit>> = self.state().waiting.drain(..).map(|(_, c)| c).collect();
-        let n = u64::try_from(done.len()).unwrap_or(u64::MAX);
+        let done: Vec<(Arc<Commit>, bool)> = self
+            .state()
+            .waiting
+            .drain(..)
+            .map(|(_, c, l)| (c, l == OnLoss::Kept))
+            .collect();
+        let kept = done.iter().filter(|(_, ok)| *ok).count();
         resolve(done);
-        n
+        u64::try_from(kept).unwrap_or(u64::MAX)
     }
 }
 
-/// Tells each commit its replica is through, waking each worker once.
-fn resolve(done: Vec<Arc<Commit>>) {
+/// Settles each commit (`true`: its peer is through with it), waking each
+/// worker once.
+fn resolve(done: Vec<(Arc<Commit>, bool)>) {
     let mut rung: Vec<Arc<Mailbox>> = Vec::new();
-    for c in done {
-        if let Some(m) = c.written(true)
+    for (c, ok) in done {
+        if let Some(m) = c.written(ok)
             && !rung.iter().any(|r| Arc::ptr_eq(r, &m))
         {
             rung.push(m);
@@ -93,6 +124,109 @@ fn resolve(done: Vec<Arc<Commit>>) {
     }
     for m in rung {
         m.ring();
+    }
+}
+
+/// The receiving end of the numbered frames a peer sends on one link:
+/// each is handed, in order, to a task that acknowledges them as they are
+/// through (one `Ack` for all that are through when it looks).
+#[derive(Debug)]
+pub(super) struct Inbound {
+    run: u64,
+    link: u64,
+    done: mpsc::UnboundedSender<Done>,
+}
+
+#[derive(Debug)]
+enum Done {
+    /// Frame `n` of run `run`: through once `pending` is.
+    Frame { run: u64, n: u64, pending: Pending },
+    /// A heartbeat: the last acknowledgement again, in case it was lost
+    /// with a link of this node's.
+    Again,
+}
+
+impl Inbound {
+    /// Starts the acknowledging task; it ends when this is dropped (the
+    /// link's reading task ends).
+    pub(super) fn new(cluster: Arc<Cluster>, peer: Arc<str>) -> Self {
+        let (done, rx) = mpsc::unbounded_channel();
+        ntex::rt::spawn(acknowledge(cluster, peer, rx));
+        Self {
+            run: 0,
+            link: 0,
+            done,
+        }
+    }
+
+    /// The peer's `Stream` frame: its run and this link's stream.
+    pub(super) fn started(&mut self, run: u64, link: u64) {
+        self.run = run;
+        self.link = link;
+    }
+
+    /// This link's stream (the replicas it refreshes are tagged with it).
+    pub(super) fn link(&self) -> u64 {
+        self.link
+    }
+
+    /// Frame `n` (0: not numbered) is through once `pending` is.
+    pub(super) fn numbered(&self, n: u64, pending: Pending) {
+        if n != 0 {
+            let _ = self.done.send(Done::Frame {
+                run: self.run,
+                n,
+                pending,
+            });
+        }
+    }
+
+    pub(super) fn heartbeat(&self) {
+        let _ = self.done.send(Done::Again);
+    }
+}
+
+/// Acknowledges a link's numbered frames in order as they are through.
+async fn acknowledge(cluster: Arc<Cluster>, peer: Arc<str>, mut rx: mpsc::UnboundedReceiver<Done>) {
+    // The last frame through, and the last acknowledged.
+    let mut through: Option<(u64, u64)> = None;
+    let mut told: Option<(u64, u64)> = None;
+    let tell = |at: Option<(u64, u64)>, failed: bool| {
+        at.is_some_and(|(run, n)| cluster.control(&peer, Frame::Ack { run, n, failed }))
+    };
+    loop {
+        let next = match rx.try_recv() {
+            Ok(d) => d,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                // Nothing more is through yet: tell what is.
+                if through != told && tell(through, false) {
+                    told = through;
+                }
+                match rx.recv().await {
+                    Some(d) => d,
+                    None => return,
+                }
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => return,
+        };
+        match next {
+            Done::Again => {
+                if tell(through, false) {
+                    told = through;
+                }
+            }
+            Done::Frame { run, n, pending } => {
+                if pending.settled().is_none() && through != told && tell(through, false) {
+                    // The sender need not wait for the earlier ones while
+                    // this one is written.
+                    told = through;
+                }
+                through = Some((run, n));
+                if pending.wait().await.is_err() && tell(through, true) {
+                    told = through;
+                }
+            }
+        }
     }
 }
 
@@ -140,27 +274,37 @@ pub fn from_wire(kind: ChangeKind, seq: u64, value: &[u8]) -> Result<Change, Rec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::durable::Pending;
+    use crate::durable::{Pending, WriteFailed};
     use crate::message::{Delivery, Message, MessageId, QoS};
 
+    fn numbered(n: u64) -> Frame {
+        Frame::ReplicaSynced { link: n }
+    }
+
     #[test]
-    fn a_commit_waits_for_the_replica_and_is_released_when_it_leaves() {
+    fn a_commit_waits_for_its_frame_and_is_settled_by_the_peers_loss() {
         let (q, mut rx) = DataQueue::new();
         let a = Awaiting::default();
-        let mut first = Pending::default();
-        let mut second = Pending::default();
-        for p in [&mut first, &mut second] {
-            a.push(&q, |n| Frame::ReplicaAck { run: 0, n }, p.join());
+        let mut p: Vec<Pending> = (0..4).map(|_| Pending::default()).collect();
+        let loss = [OnLoss::Kept, OnLoss::Kept, OnLoss::Kept, OnLoss::Refused];
+        for (p, l) in p.iter_mut().zip(loss) {
+            a.push(&q, numbered, p.join(), l);
         }
         // Numbers follow the queue.
-        assert_eq!(rx.try_recv(), Some(Frame::ReplicaAck { run: 0, n: 1 }));
-        assert_eq!(rx.try_recv(), Some(Frame::ReplicaAck { run: 0, n: 2 }));
-        assert_eq!(first.settled(), None);
-        a.acked(1);
-        assert_eq!(first.settled(), Some(Ok(())));
-        assert_eq!(second.settled(), None);
+        for n in 1..=4 {
+            assert_eq!(rx.try_recv(), Some(numbered(n)));
+        }
+        assert_eq!(p[0].settled(), None);
+        a.acked(1, false);
+        assert_eq!(p[0].settled(), Some(Ok(())));
+        assert_eq!(p[1].settled(), None);
+        // Frame 2 was not kept.
+        a.acked(2, true);
+        assert_eq!(p[1].settled(), Some(Err(WriteFailed)));
+        // The peer leaves: a replica change goes on, a forward is refused.
         assert_eq!(a.release(), 1);
-        assert_eq!(second.settled(), Some(Ok(())));
+        assert_eq!(p[2].settled(), Some(Ok(())));
+        assert_eq!(p[3].settled(), Some(Err(WriteFailed)));
     }
 
     #[test]

@@ -20,9 +20,9 @@ use crate::codec::{len16, len32, put_bytes, put_opt_str, put_str};
 use crate::message::QoS;
 
 /// The protocol version this build speaks.
-/// 2: replicated sessions (`Replicate`, `ReplicaStream`, `ReplicaAck`,
-/// `ReplicaSynced`); a node of version 1 would not know them, so the two
-/// do not link.
+/// 2: replicated sessions (`Replicate`, `Stream`, `Ack`, `ReplicaSynced`)
+/// and acknowledged forwards (`n` of `Publish` and `Direct`); a node of
+/// version 1 would not know them, so the two do not link.
 pub const VERSION: u16 = 2;
 
 /// Largest frame accepted: an MQTT packet of the largest configurable size
@@ -150,14 +150,19 @@ pub enum Frame {
         filter: String,
     },
     /// Deliver to the receiver's matching subscriptions; for shared
-    /// subscriptions only to the listed `$share/…` groups.
+    /// subscriptions only to the listed `$share/…` groups. `n` (0: none)
+    /// numbers it on the sender's stream: the receiver acknowledges it
+    /// (`Ack`) once the persistent sessions it reached keep it.
     Publish {
+        n: u64,
         msg: WireMessage,
         groups: Vec<String>,
     },
     /// Deliver to one client of the receiver (P2P); `persistent` is the
-    /// sender's session flag, which decides offline queueing (B10).
+    /// sender's session flag, which decides offline queueing (B10); `n`
+    /// as for `Publish`.
     Direct {
+        n: u64,
         client_id: String,
         persistent: bool,
         msg: WireMessage,
@@ -202,16 +207,20 @@ pub enum Frame {
         seq: u64,
         value: Bytes,
     },
-    /// First on every link: the replication changes that follow are the
+    /// First on every link: the numbered frames that follow are the
     /// sender's run `run` (a process), link `link` (this connection).
-    ReplicaStream {
+    Stream {
         run: u64,
         link: u64,
     },
-    /// The sender keeps every change of run `run`'s stream up to `n`.
-    ReplicaAck {
+    /// The sender is through with every numbered frame of run `run`'s
+    /// stream up to `n`: replica changes applied, publishes kept by the
+    /// persistent sessions they reached. `failed`: frame `n` itself could
+    /// not be kept (the store refused it).
+    Ack {
         run: u64,
         n: u64,
+        failed: bool,
     },
     /// Every session the sender owns and the receiver keeps went out whole
     /// on link `link`: the receiver's older copies of the sender's are stale.
@@ -266,8 +275,8 @@ const LOAD: u8 = 15;
 const QUERY: u8 = 16;
 const REPLY: u8 = 17;
 const REPLICATE: u8 = 18;
-const REPLICA_STREAM: u8 = 19;
-const REPLICA_ACK: u8 = 20;
+const STREAM: u8 = 19;
+const ACK: u8 = 20;
 const REPLICA_SYNCED: u8 = 21;
 
 impl Frame {
@@ -324,17 +333,20 @@ impl Frame {
                 out.put_u8(ROUTE_DEL);
                 put_str(out, filter);
             }
-            Frame::Publish { msg, groups } => {
+            Frame::Publish { n, msg, groups } => {
                 out.put_u8(PUBLISH);
+                out.put_u64(*n);
                 put_msg(out, msg);
                 put_strs(out, groups);
             }
             Frame::Direct {
+                n,
                 client_id,
                 persistent,
                 msg,
             } => {
                 out.put_u8(DIRECT);
+                out.put_u64(*n);
                 put_str(out, client_id);
                 out.put_u8(u8::from(*persistent));
                 put_msg(out, msg);
@@ -386,15 +398,16 @@ impl Frame {
                 out.put_u64(*seq);
                 put_bytes(out, value);
             }
-            Frame::ReplicaStream { run, link } => {
-                out.put_u8(REPLICA_STREAM);
+            Frame::Stream { run, link } => {
+                out.put_u8(STREAM);
                 out.put_u64(*run);
                 out.put_u64(*link);
             }
-            Frame::ReplicaAck { run, n } => {
-                out.put_u8(REPLICA_ACK);
+            Frame::Ack { run, n, failed } => {
+                out.put_u8(ACK);
                 out.put_u64(*run);
                 out.put_u64(*n);
+                out.put_u8(u8::from(*failed));
             }
             Frame::ReplicaSynced { link } => {
                 out.put_u8(REPLICA_SYNCED);
@@ -488,13 +501,16 @@ fn decode_body(b: &mut Bytes) -> Result<Frame> {
             filter: get_str(b)?.to_string(),
         },
         PUBLISH => Frame::Publish {
+            n: get_u64(b)?,
             msg: get_msg(b)?,
             groups: get_strs(b)?,
         },
         DIRECT => {
+            let n = get_u64(b)?;
             let client_id = get_str(b)?.to_string();
             let persistent = get_u8(b)? != 0;
             Frame::Direct {
+                n,
                 client_id,
                 persistent,
                 msg: get_msg(b)?,
@@ -527,13 +543,14 @@ fn decode_body(b: &mut Bytes) -> Result<Frame> {
             seq: get_u64(b)?,
             value: get_bytes(b)?,
         },
-        REPLICA_STREAM => Frame::ReplicaStream {
+        STREAM => Frame::Stream {
             run: get_u64(b)?,
             link: get_u64(b)?,
         },
-        REPLICA_ACK => Frame::ReplicaAck {
+        ACK => Frame::Ack {
             run: get_u64(b)?,
             n: get_u64(b)?,
+            failed: get_u8(b)? != 0,
         },
         REPLICA_SYNCED => Frame::ReplicaSynced { link: get_u64(b)? },
         other => return Err(WireError::Kind(other)),
@@ -809,10 +826,12 @@ mod tests {
             Frame::RouteAdd { filter: "x".into() },
             Frame::RouteDel { filter: "x".into() },
             Frame::Publish {
+                n: 0,
                 msg: msg(),
                 groups: vec!["$share/g/a/+".into()],
             },
             Frame::Direct {
+                n: 17,
                 client_id: "c1".into(),
                 persistent: true,
                 msg: WireMessage {
@@ -852,8 +871,12 @@ mod tests {
                 seq: 0,
                 value: Bytes::new(),
             },
-            Frame::ReplicaStream { run: 7, link: 8 },
-            Frame::ReplicaAck { run: 7, n: 3 },
+            Frame::Stream { run: 7, link: 8 },
+            Frame::Ack {
+                run: 7,
+                n: 3,
+                failed: true,
+            },
             Frame::ReplicaSynced { link: 8 },
             Frame::Session(WireSession {
                 client_id: "GID_test@@@d".into(),

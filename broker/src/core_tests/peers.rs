@@ -142,6 +142,16 @@ impl Peers for FakePeers {
     fn room<'a>(&'a self, _: &'a str, _: Duration) -> Sent<'a> {
         Box::pin(async { true })
     }
+    fn send_acked<'a>(
+        &'a self,
+        node: &'a str,
+        msg: PeerMsg,
+        _: &mut crate::durable::Pending,
+        wait: Duration,
+    ) -> Sent<'a> {
+        // The fake peer is through with what it is sent at once.
+        self.send(node, msg, wait)
+    }
 }
 
 fn node0(peers: &Arc<FakePeers>) -> Arc<Broker> {
@@ -182,7 +192,7 @@ fn a_publish_matching_another_nodes_subscriptions_is_sent_there_once() {
         other => panic!("{other:?}"),
     }
     // Messages that came from a peer are not sent back out.
-    b.publish_forwarded(msg(&b, "t/y", QoS::AtLeastOnce, false, "x"), &[]);
+    b.publish_forwarded(msg(&b, "t/y", QoS::AtLeastOnce, false, "x"), &[], true);
     assert_eq!(peers.sent().len(), 1);
 }
 
