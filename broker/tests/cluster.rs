@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::netns::Netns;
-use common::{Broker, Cluster, QUIET, WAIT, v4 as v3, v5};
+use common::v4::persistent;
+use common::{Broker, Cluster, QUIET, WAIT, owned_by, v4 as v3, v5};
 use rumqttc::v5::mqttbytes::v5::Packet as P5;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
 
@@ -225,84 +226,6 @@ async fn a_killed_node_leaves_the_ring_and_its_clients_get_service_elsewhere() {
     assert_eq!(&r.next_publish().await.payload[..], b"retained");
 }
 
-/// D2: the owner of persistent sessions (MQTT 3.1.1 and 5) with queued QoS
-/// 1 and QoS 2 messages is killed without warning; the clients come back
-/// through another node and find their sessions (subscriptions included)
-/// and every message the owner acknowledged, each QoS 2 message once.
-#[tokio::test]
-async fn a_killed_owners_sessions_are_served_from_their_replicas() {
-    let mut c = Cluster::start(3, "");
-    let id3 = owned_by("n2", &c.names, "GID_test@@@rep3");
-    let id5 = owned_by("n2", &c.names, "GID_test@@@rep5");
-    let mut s = persistent(&id3, c.nodes[0].tcp).await;
-    s.subscribe("rep/#", v3::QoS::ExactlyOnce).await;
-    s.disconnect().await;
-    let mut s = v5::connect(v5_persistent(&id5, c.nodes[1].tcp)).await;
-    s.subscribe("rep/#", v5::QoS::ExactlyOnce).await;
-    s.disconnect().await;
-    // Published through another node (as many as an offline queue keeps):
-    // each PUBACK comes once the owner and the replica have it.
-    let mut p = v3::connect(v3::options("rep-publisher", c.nodes[0].tcp)).await;
-    for i in 0..10 {
-        let qos = if i % 2 == 0 {
-            v3::QoS::AtLeastOnce
-        } else {
-            v3::QoS::ExactlyOnce
-        };
-        p.publish("rep/x", qos, false, format!("m{i}")).await;
-    }
-    p.acked(10).await;
-    drop(c.take(2)); // SIGKILL, at once
-    c.wait_ring(2);
-
-    let want: BTreeSet<String> = (0..10).map(|i| format!("m{i}")).collect();
-    let mut s3 = persistent(&id3, c.nodes[0].tcp).await;
-    assert!(s3.connack.session_present, "the 3.1.1 session is lost");
-    let mut got = HashMap::<String, usize>::new();
-    while got.len() < want.len() {
-        let m = s3.next_publish().await;
-        *got.entry(String::from_utf8_lossy(&m.payload).into_owned())
-            .or_default() += 1;
-    }
-    s3.no_publish().await;
-    assert_eq!(got.keys().cloned().collect::<BTreeSet<_>>(), want);
-    for i in (1..10).step_by(2) {
-        assert_eq!(got[&format!("m{i}")], 1, "QoS 2 message m{i} twice");
-    }
-    let mut s5 = v5::connect(v5_persistent(&id5, c.nodes[1].tcp)).await;
-    assert!(s5.connack.session_present, "the MQTT 5 session is lost");
-    let mut got = HashMap::<String, usize>::new();
-    while got.len() < want.len() {
-        let m = s5.next_publish().await;
-        *got.entry(String::from_utf8_lossy(&m.payload).into_owned())
-            .or_default() += 1;
-    }
-    s5.no_publish().await;
-    assert_eq!(got.keys().cloned().collect::<BTreeSet<_>>(), want);
-    for i in (1..10).step_by(2) {
-        assert_eq!(got[&format!("m{i}")], 1, "QoS 2 message m{i} twice");
-    }
-    // Their subscriptions came with them.
-    let p = v3::connect(v3::options("rep-publisher", c.nodes[1].tcp)).await;
-    p.publish("rep/after", v3::QoS::AtLeastOnce, false, "after")
-        .await;
-    assert_eq!(&s3.next_publish().await.payload[..], b"after");
-    assert_eq!(&s5.next_publish().await.payload[..], b"after");
-    let failed_over: f64 = c
-        .nodes
-        .iter()
-        .map(|n| n.metric("ringmq_sessions_failed_over_total"))
-        .sum();
-    assert!(failed_over >= 2.0, "{failed_over} sessions failed over");
-}
-
-fn v5_persistent(id: &str, port: u16) -> rumqttc::v5::MqttOptions {
-    let mut o = v5::options(id, port);
-    o.set_clean_start(false);
-    o.set_session_expiry_interval(Some(600));
-    o
-}
-
 /// Persistent sessions with queued offline messages, on a cluster that
 /// changes size: every session and message is found again after the change.
 async fn park_sessions(c: &Cluster, n: usize) {
@@ -490,20 +413,6 @@ async fn a_rolling_restart_under_a_qos1_stream_loses_no_acknowledged_message() {
 
 /// An MQTT 3.1.1 client with a persistent session (cleanSession=false),
 /// connected through the node at `port`.
-async fn persistent(id: &str, port: u16) -> v3::Client {
-    let mut opts = v3::options(id, port);
-    opts.set_clean_session(false);
-    v3::connect(opts).await
-}
-
-/// A Client ID whose session the ring puts on `node` among `nodes`.
-fn owned_by(node: &str, nodes: &[String], prefix: &str) -> String {
-    let ring = ringmq_broker::ring::Ring::new(nodes);
-    (0..)
-        .map(|i| format!("{prefix}-{i}"))
-        .find(|id| ring.owner(id).is_some_and(|o| &**o == node))
-        .unwrap_or_default()
-}
 
 #[tokio::test]
 async fn a_leaving_node_tells_its_clients_to_reconnect_and_a_drained_node_owns_nothing() {

@@ -97,11 +97,33 @@ impl Cluster {
         &self.nodes[last]
     }
 
+    /// Kills node `i` with SIGKILL and starts it again under its name, on
+    /// its directory (its store as the crash left it), knowing the other
+    /// nodes; returns once it listens (it becomes ready once it rejoined).
+    pub fn crash_restart(&mut self, i: usize) {
+        self.nodes[i].kill();
+        let config = self.node_config_skipping(&self.names[i], &self.secret, &self.host, Some(i));
+        self.nodes[i].set_extra(&config);
+        self.nodes[i].restart_unready();
+    }
+
     fn node_config(&self, name: &str, secret: &Path, host: &str) -> String {
+        self.node_config_skipping(name, secret, host, None)
+    }
+
+    fn node_config_skipping(
+        &self,
+        name: &str,
+        secret: &Path,
+        host: &str,
+        skip: Option<usize>,
+    ) -> String {
         let peers: Vec<String> = self
             .nodes
             .iter()
-            .map(|b| format!("\"{}:{}\"", self.host, b.cluster))
+            .enumerate()
+            .filter(|(i, _)| Some(*i) != skip)
+            .map(|(_, b)| format!("\"{}:{}\"", self.host, b.cluster))
             .collect();
         format!(
             "node_id: {name}\ncluster:\n  listen: \"{host}:0\"\n  peers: [{}]\n  secret_file: {}\n  heartbeat_ms: 100\n  failure_timeout_ms: 1000\n{}",
@@ -154,6 +176,15 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// A Client ID whose session the ring puts on `node` among `nodes`.
+pub fn owned_by(node: &str, nodes: &[String], prefix: &str) -> String {
+    let ring = ringmq_broker::ring::Ring::new(nodes);
+    (0..)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|id| ring.owner(id).is_some_and(|o| &**o == node))
+        .unwrap_or_default()
 }
 
 /// How long a test waits for something that should happen.
@@ -318,6 +349,17 @@ impl Broker {
         self.starts += 1;
         self.child = Self::launch(&dir, Wrap::None);
         self.read_ports(self.tls != 0);
+    }
+
+    /// Replaces what the configuration holds after the listeners (`extra`
+    /// of `start`), for the next `restart`.
+    pub fn set_extra(&self, extra: &str) {
+        let path = self.dir.path().join("broker.yaml");
+        let config = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read config: {e}"));
+        let head = "shutdown_timeout_secs: 2\n";
+        let end = config.find(head).map_or(config.len(), |i| i + head.len());
+        std::fs::write(&path, format!("{}{extra}\n", &config[..end]))
+            .unwrap_or_else(|e| panic!("write config: {e}"));
     }
 
     /// The store's directory under the embedded defaults.
@@ -587,6 +629,13 @@ pub mod v4 {
         let mut o = options(id, port);
         o.set_credentials(user, password);
         o
+    }
+
+    /// Connects with a persistent session (cleanSession=false).
+    pub async fn persistent(id: &str, port: u16) -> Client {
+        let mut opts = options(id, port);
+        opts.set_clean_session(false);
+        connect(opts).await
     }
 
     /// Connects and waits for a successful CONNACK.

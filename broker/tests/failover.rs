@@ -1,0 +1,349 @@
+//! Replicated sessions (SPEC D2): a node lost without warning loses no
+//! session and no acknowledged message. Real broker processes on loopback,
+//! killed with SIGKILL and started again on their data directories.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::TcpStream;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::v4::persistent;
+use common::{Cluster, owned_by, raw, v4 as v3, v5};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+/// D2: the owner of persistent sessions (MQTT 3.1.1 and 5) with queued QoS
+/// 1 and QoS 2 messages is killed without warning; the clients come back
+/// through another node and find their sessions (subscriptions included)
+/// and every message the owner acknowledged, each QoS 2 message once.
+#[tokio::test]
+async fn a_killed_owners_sessions_are_served_from_their_replicas() {
+    let mut c = Cluster::start(3, "");
+    let id3 = owned_by("n2", &c.names, "GID_test@@@rep3");
+    let id5 = owned_by("n2", &c.names, "GID_test@@@rep5");
+    let mut s = persistent(&id3, c.nodes[0].tcp).await;
+    s.subscribe("rep/#", v3::QoS::ExactlyOnce).await;
+    s.disconnect().await;
+    let mut s = v5::connect(v5_persistent(&id5, c.nodes[1].tcp)).await;
+    s.subscribe("rep/#", v5::QoS::ExactlyOnce).await;
+    s.disconnect().await;
+    // Published through another node (as many as an offline queue keeps):
+    // each PUBACK comes once the owner and the replica have it.
+    let mut p = v3::connect(v3::options("rep-publisher", c.nodes[0].tcp)).await;
+    for i in 0..10 {
+        let qos = if i % 2 == 0 {
+            v3::QoS::AtLeastOnce
+        } else {
+            v3::QoS::ExactlyOnce
+        };
+        p.publish("rep/x", qos, false, format!("m{i}")).await;
+    }
+    p.acked(10).await;
+    drop(c.take(2)); // SIGKILL, at once
+    c.wait_ring(2);
+
+    let want: BTreeSet<String> = (0..10).map(|i| format!("m{i}")).collect();
+    let mut s3 = persistent(&id3, c.nodes[0].tcp).await;
+    assert!(s3.connack.session_present, "the 3.1.1 session is lost");
+    let mut got = HashMap::<String, usize>::new();
+    while got.len() < want.len() {
+        let m = s3.next_publish().await;
+        *got.entry(String::from_utf8_lossy(&m.payload).into_owned())
+            .or_default() += 1;
+    }
+    s3.no_publish().await;
+    assert_eq!(got.keys().cloned().collect::<BTreeSet<_>>(), want);
+    for i in (1..10).step_by(2) {
+        assert_eq!(got[&format!("m{i}")], 1, "QoS 2 message m{i} twice");
+    }
+    let mut s5 = v5::connect(v5_persistent(&id5, c.nodes[1].tcp)).await;
+    assert!(s5.connack.session_present, "the MQTT 5 session is lost");
+    let mut got = HashMap::<String, usize>::new();
+    while got.len() < want.len() {
+        let m = s5.next_publish().await;
+        *got.entry(String::from_utf8_lossy(&m.payload).into_owned())
+            .or_default() += 1;
+    }
+    s5.no_publish().await;
+    assert_eq!(got.keys().cloned().collect::<BTreeSet<_>>(), want);
+    for i in (1..10).step_by(2) {
+        assert_eq!(got[&format!("m{i}")], 1, "QoS 2 message m{i} twice");
+    }
+    // Their subscriptions came with them.
+    let p = v3::connect(v3::options("rep-publisher", c.nodes[1].tcp)).await;
+    p.publish("rep/after", v3::QoS::AtLeastOnce, false, "after")
+        .await;
+    assert_eq!(&s3.next_publish().await.payload[..], b"after");
+    assert_eq!(&s5.next_publish().await.payload[..], b"after");
+    let failed_over: f64 = c
+        .nodes
+        .iter()
+        .map(|n| n.metric("ringmq_sessions_failed_over_total"))
+        .sum();
+    assert!(failed_over >= 2.0, "{failed_over} sessions failed over");
+}
+
+fn v5_persistent(id: &str, port: u16) -> rumqttc::v5::MqttOptions {
+    let mut o = v5::options(id, port);
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(Some(600));
+    o
+}
+
+/// A flag the chaos test's clients watch.
+type Stop = Arc<Mutex<bool>>;
+
+fn stopped(stop: &Stop) -> bool {
+    *stop.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn port_of(ports: &Mutex<Vec<u16>>, attempt: usize) -> u16 {
+    let p = ports.lock().unwrap_or_else(|e| e.into_inner());
+    p[attempt % p.len()]
+}
+
+/// What a publisher got acknowledged: the numbers, and those it had to send
+/// on more than one connection (a refusal or a lost connection before the
+/// acknowledgement: the broker may have routed an earlier attempt).
+#[derive(Debug, Default)]
+struct Published {
+    acked: BTreeSet<usize>,
+    resent: BTreeSet<usize>,
+}
+
+/// Publishes `q<qos>-<n>` one after another through whichever node is up,
+/// each until it is acknowledged (PUBACK, or PUBREC for QoS 2), until told
+/// to stop.
+async fn publisher(ports: Arc<Mutex<Vec<u16>>>, id: String, qos: QoS, stop: Stop) -> Published {
+    let mut out = Published::default();
+    let mut n = 0;
+    let mut attempt = 0usize;
+    let mut tried = false;
+    while !stopped(&stop) {
+        attempt += 1;
+        let mut opts = MqttOptions::new(&id, "127.0.0.1", port_of(&ports, attempt));
+        opts.set_keep_alive(Duration::from_secs(30));
+        let (client, mut el) = AsyncClient::new(opts, 10);
+        'conn: while !stopped(&stop) {
+            if tried {
+                out.resent.insert(n);
+            }
+            tried = true;
+            let payload = format!("q{}-{n}", qos as u8);
+            if client
+                .publish("chaos/x", qos, false, payload)
+                .await
+                .is_err()
+            {
+                break 'conn;
+            }
+            loop {
+                match tokio::time::timeout(Duration::from_secs(3), el.poll()).await {
+                    Ok(Ok(Event::Incoming(Packet::PubAck(_) | Packet::PubRec(_)))) => {
+                        out.acked.insert(n);
+                        n += 1;
+                        tried = false;
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        continue 'conn;
+                    }
+                    Ok(Ok(_)) => {}
+                    // Refused, disconnected or stuck: again, through another node.
+                    Ok(Err(_)) | Err(_) => break 'conn,
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    out
+}
+
+/// Receives on persistent session `id` (subscribed to `chaos/#` at QoS 2)
+/// through whichever node is up; counts each payload delivered. A raw MQTT
+/// 3.1.1 receiver, since rumqttc forgets the QoS 2 packet ids it received
+/// when it reconnects and drops the connection at the PUBREL a server must
+/// send again then. This one keeps them as MQTT 4.3.3 (method B) says: an
+/// id is held from PUBLISH to PUBREL, across connections, and a PUBLISH
+/// with a held id is not delivered again.
+fn subscriber(ports: Arc<Mutex<Vec<u16>>>, id: String, stop: Stop) -> HashMap<String, usize> {
+    let mut got = HashMap::new();
+    let mut held: HashSet<u16> = HashSet::new();
+    let mut attempt = 0usize;
+    while !stopped(&stop) {
+        attempt += 1;
+        let Ok(s) = TcpStream::connect(("127.0.0.1", port_of(&ports, attempt))) else {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut r = raw::Raw(s);
+        r.send(&raw::connect_keep(4, &id));
+        if !matches!(r.read(), Some((0x20, ref b)) if b.get(1) == Some(&0)) {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        while !stopped(&stop) {
+            let Some((first, body)) = r.read() else {
+                // A quiet half second reads as a close too: connect again.
+                break;
+            };
+            let kind = first >> 4;
+            if kind == 3 {
+                let qos = (first >> 1) & 3;
+                let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+                let at = 2 + topic_len;
+                let (pkid, payload) = if qos > 0 {
+                    (
+                        u16::from_be_bytes([body[at], body[at + 1]]),
+                        &body[at + 2..],
+                    )
+                } else {
+                    (0, &body[at..])
+                };
+                let payload = String::from_utf8_lossy(payload).into_owned();
+                let [hi, lo] = pkid.to_be_bytes();
+                match qos {
+                    1 => {
+                        *got.entry(payload).or_default() += 1;
+                        r.send(&[0x40, 2, hi, lo]);
+                    }
+                    2 => {
+                        if held.insert(pkid) {
+                            *got.entry(payload).or_default() += 1;
+                        }
+                        r.send(&[0x50, 2, hi, lo]);
+                    }
+                    _ => *got.entry(payload).or_default() += 1,
+                }
+            } else if kind == 6 {
+                // PUBREL: the id may be used again.
+                held.remove(&u16::from_be_bytes([body[0], body[1]]));
+                r.send(&[0x70, 2, body[0], body[1]]);
+            }
+        }
+    }
+    got
+}
+
+/// A small generator for the victims; the seed is printed so that a
+/// failing run can be repeated.
+fn next_victim(state: &mut u64, n: usize) -> usize {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    (*state % n as u64) as usize
+}
+
+/// D2 under fire: three nodes, a persistent subscriber owned by each, a QoS
+/// 1 and a QoS 2 publisher at a steady rate, and for a minute a node chosen
+/// at random is SIGKILLed and started again on its data directory every
+/// few seconds. At the end every acknowledged message reached every
+/// subscriber, and a QoS 2 message sent once reached each once; QoS 1
+/// duplicates are counted and printed.
+#[tokio::test]
+#[ignore = "issue 19, open: fails today (a subscriber of a node killed and restarted within its failure timeout stops receiving; see the issue's note)"]
+async fn a_node_killed_at_random_every_few_seconds_loses_no_acknowledged_message() {
+    let limits = "limits:\n  offline_queue_len: 1000000\n";
+    let mut c = Cluster::start(3, limits);
+    let ports = Arc::new(Mutex::new(c.ports()));
+    let stop: Stop = Arc::default();
+    let ids: Vec<String> = ["n0", "n1", "n2"]
+        .iter()
+        .map(|n| owned_by(n, &c.names, "GID_test@@@chaos"))
+        .collect();
+    for id in &ids {
+        let mut s = persistent(id, c.nodes[0].tcp).await;
+        s.subscribe("chaos/#", v3::QoS::ExactlyOnce).await;
+        s.disconnect().await;
+    }
+    let subscribers: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (ports, id, stop) = (ports.clone(), id.clone(), stop.clone());
+            tokio::task::spawn_blocking(move || subscriber(ports, id, stop))
+        })
+        .collect();
+    let pub_stop: Stop = Arc::default();
+    let publishers: Vec<_> = [QoS::AtLeastOnce, QoS::ExactlyOnce]
+        .into_iter()
+        .map(|q| {
+            let id = format!("GID_test@@@chaos-pub{}", q as u8);
+            tokio::spawn(publisher(ports.clone(), id, q, pub_stop.clone()))
+        })
+        .collect();
+    let mut seed = u64::from(std::process::id()) * 0x9e37_79b9 + 1;
+    eprintln!("chaos seed {seed}");
+    let started = Instant::now();
+    let mut kills = 0;
+    while started.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let i = next_victim(&mut seed, c.nodes.len());
+        c.crash_restart(i);
+        kills += 1;
+        *ports.lock().unwrap_or_else(|e| e.into_inner()) = c.ports();
+        c.wait_ring(3);
+        for n in &c.nodes {
+            n.wait_ready();
+        }
+    }
+    *pub_stop.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    let mut published = Vec::new();
+    for p in publishers {
+        published.push(p.await.unwrap_or_else(|e| panic!("{e}")));
+    }
+    // What is queued drains to the subscribers.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    *stop.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    let mut received = Vec::new();
+    for s in subscribers {
+        received.push(s.await.unwrap_or_else(|e| panic!("{e}")));
+    }
+    let (q1, q2) = (&published[0], &published[1]);
+    eprintln!(
+        "{kills} kills; acknowledged {} QoS 1 and {} QoS 2 messages ({} and {} sent more than once)",
+        q1.acked.len(),
+        q2.acked.len(),
+        q1.resent.len(),
+        q2.resent.len()
+    );
+    assert!(
+        q1.acked.len() > 100 && q2.acked.len() > 100,
+        "too little traffic"
+    );
+    for (id, got) in ids.iter().zip(&received) {
+        let lost: Vec<String> = [(1, q1), (2, q2)]
+            .iter()
+            .flat_map(|(q, p)| p.acked.iter().map(move |n| format!("q{q}-{n}")))
+            .filter(|m| !got.contains_key(m))
+            .collect();
+        assert!(
+            lost.is_empty(),
+            "{id}: {} acknowledged but never delivered (of {} received): {:?} … {:?}",
+            lost.len(),
+            got.len(),
+            &lost[..lost.len().min(5)],
+            &lost[lost.len().saturating_sub(5)..]
+        );
+        let twice: Vec<&String> = q2
+            .acked
+            .iter()
+            .filter(|n| !q2.resent.contains(n))
+            .map(|n| format!("q2-{n}"))
+            .filter_map(|m| {
+                got.get_key_value(&m)
+                    .filter(|(_, c)| **c > 1)
+                    .map(|(k, _)| k)
+            })
+            .collect();
+        assert!(
+            twice.is_empty(),
+            "{id}: QoS 2 messages sent once, delivered twice: {twice:?}"
+        );
+        let dups: usize = got
+            .iter()
+            .filter(|(m, _)| m.starts_with("q1-"))
+            .map(|(_, c)| c - 1)
+            .sum();
+        eprintln!("{id}: {} messages, {dups} QoS 1 duplicates", got.len());
+    }
+}
