@@ -368,6 +368,12 @@ impl Cluster {
         self.released.swap(0, std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// The data queue of `node`'s link and its numbered frames.
+    fn numbered_link(&self, node: &str) -> Option<(DataQueue, Arc<replication::Awaiting>)> {
+        let peers = self.peers.read().ok()?;
+        peers.get(node).map(|p| (p.tx.clone(), p.acks.clone()))
+    }
+
     /// Queues a change of `client`'s session for `node`; `pending` (if
     /// any) waits for its acknowledgement. False if `node` has no link.
     pub fn replicate(
@@ -377,12 +383,7 @@ impl Cluster {
         change: Change,
         pending: Option<&mut Pending>,
     ) -> bool {
-        let link = self
-            .peers
-            .read()
-            .ok()
-            .and_then(|p| p.get(node).map(|p| (p.tx.clone(), p.acks.clone())));
-        let Some((q, acks)) = link else {
+        let Some((q, acks)) = self.numbered_link(node) else {
             return false;
         };
         let (change, seq, value) = replication::to_wire(&change);
@@ -414,12 +415,7 @@ impl Cluster {
         commit: Option<Arc<crate::durable::Commit>>,
         wait: Duration,
     ) -> bool {
-        let link = self
-            .peers
-            .read()
-            .ok()
-            .and_then(|p| p.get(node).map(|p| (p.tx.clone(), p.acks.clone())));
-        let Some((q, acks)) = link else {
+        let Some((q, acks)) = self.numbered_link(node) else {
             // Nobody will answer for it.
             if let Some(m) = commit.and_then(|c| c.written(false)) {
                 m.ring();
@@ -456,13 +452,8 @@ impl Cluster {
         if run != self.run {
             return;
         }
-        let acks = self
-            .peers
-            .read()
-            .ok()
-            .and_then(|p| p.get(node).map(|p| p.acks.clone()));
-        if let Some(a) = acks {
-            a.acked(n, failed);
+        if let Some((_, acks)) = self.numbered_link(node) {
+            acks.acked(n, failed);
         }
     }
 
