@@ -148,20 +148,24 @@ pub struct State {
     /// (`pubrel`), and no new message takes them before.
     pub released: Vec<u16>,
     /// Read back from this node's store at start-up and not attached
-    /// since: while this node was down another node may have served it
-    /// (from its replica), so a session handed over from there replaces
-    /// this copy rather than merging with it.
-    pub stale: bool,
+    /// since, with the last message number read: while this node was down
+    /// another node may have served it (from its replica), so a session
+    /// handed over from there replaces what was read back rather than
+    /// merging with it. Messages queued here since the restart (numbered
+    /// above it) stay: they were acknowledged here.
+    pub stale_upto: Option<u64>,
 }
 
 impl State {
-    /// Forgets every message of the session and the QoS 2 exchanges under
-    /// way (its subscriptions stay).
-    pub fn clear_messages(&mut self) {
-        self.queue.clear();
-        self.offline.clear();
-        self.inflight.clear();
-        self.resend.clear();
+    /// Forgets the messages numbered up to `upto` (read back from the
+    /// store) and the QoS 2 exchanges and will read back with them; the
+    /// subscriptions and the messages queued since stay.
+    pub fn forget_stored_upto(&mut self, upto: u64) {
+        let newer = |d: &Delivery| d.seq == 0 || d.seq > upto;
+        self.queue.retain(newer);
+        self.offline.retain(newer);
+        self.resend.retain(newer);
+        self.inflight.retain(newer);
         self.replays.clear();
         self.qos2_received.clear();
         self.released.clear();
@@ -298,7 +302,7 @@ impl Session {
                 last_seq: 0,
                 qos2_received: VecDeque::new(),
                 released: Vec::new(),
-                stale: false,
+                stale_upto: None,
             }),
             space: Notify::new(),
             received: AtomicU64::new(0),
@@ -606,6 +610,11 @@ impl Inflight {
     /// The messages in flight, in the order they were sent.
     pub fn iter(&self) -> impl Iterator<Item = &Delivery> {
         self.entries.iter().map(|(_, d)| d)
+    }
+
+    /// Keeps the messages in flight that `keep` says to.
+    fn retain(&mut self, keep: impl Fn(&Delivery) -> bool) {
+        self.entries.retain(|(_, d)| keep(d));
     }
 
     /// The messages in flight, to number them (`Session::save_all`).

@@ -357,7 +357,7 @@ impl Broker {
     pub fn attach(self: &Arc<Self>, client_id: &str, clean: bool, expiry: Duration) -> Attached {
         self.claim_copy(client_id);
         let attached = self.sessions.attach(client_id, clean, expiry);
-        attached.session.lock().stale = false;
+        attached.session.lock().stale_upto = None;
         self.drop_routes(
             &attached.session.client_id,
             &attached.discarded_subscriptions,
@@ -919,19 +919,22 @@ impl Broker {
                 // state is discarded, as it would be on one node.
                 return;
             }
-            if std::mem::take(&mut st.stale) {
+            if let Some(upto) = st.stale_upto.take() {
                 // This node's copy from before its restart: the session was
                 // served elsewhere since, and what it held then is older
                 // than what arrives (messages delivered and acknowledged
-                // there would come again).
+                // there would come again). What was queued here since the
+                // restart was acknowledged here, and stays.
                 dropped = st
                     .subscriptions
-                    .drain()
-                    .map(|(f, _)| f)
-                    .filter(|f| !h.subscriptions.iter().any(|(g, _)| g == f))
+                    .keys()
+                    .filter(|f| !h.subscriptions.iter().any(|(g, _)| g == *f))
+                    .cloned()
                     .collect();
-                st.subscriptions.clear();
-                st.clear_messages();
+                for f in &dropped {
+                    st.subscriptions.remove(f);
+                }
+                st.forget_stored_upto(upto);
             }
             for (filter, opts) in h.subscriptions {
                 if !st.subscriptions.contains_key(&filter) {
@@ -1002,7 +1005,8 @@ impl Broker {
             n = self.retained.restore(&Arc::new(m));
         }
         for session in self.restore_sessions(recovered.sessions) {
-            session.lock().stale = true;
+            let mut st = session.lock();
+            st.stale_upto = Some(st.last_seq);
         }
         self.metrics.retained.set(gauge(n));
         self.metrics.sessions.set(gauge(self.sessions.len()));

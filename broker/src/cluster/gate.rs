@@ -118,14 +118,20 @@ pub async fn serve(io: IoBoxed, broker: Arc<Broker>, cluster: Option<Arc<Cluster
         serve_here(io, &broker, mqtt, &peek).await;
         return;
     };
-    let owner = match &peek {
+    let owner_of = |peek: &Peek| match peek {
         Peek::ClientId(id) if !id.is_empty() => cluster.owner(id),
         _ => cluster.node.clone(),
     };
+    let mut owner = owner_of(&peek);
     if cluster.is_local(&owner) {
         wait_settled(&cluster).await;
-        serve_here(io, &broker, mqtt, &peek).await;
-        return;
+        // A node that has just started owns everything on its ring of one
+        // until it meets its peers: the owner is asked again once it has.
+        owner = owner_of(&peek);
+        if cluster.is_local(&owner) {
+            serve_here(io, &broker, mqtt, &peek).await;
+            return;
+        }
     }
     // The link to the owner is a second descriptor.
     let Some(_link_slot) = slot(&io, &broker) else {
@@ -261,6 +267,17 @@ pub async fn serve_forwarded(
     };
     let _forwarded = client_ip.map(|ip| crate::protocol::ForwardedFrom::new(&io, ip));
     if let Some(peek) = peek(&io, broker).await {
+        // The ring moved while the client waited: its session is not this
+        // node's to open (the client connects again, and the front node
+        // finds the owner).
+        if let Peek::ClientId(id) = &peek
+            && !id.is_empty()
+            && !cluster.is_local(&cluster.owner(id))
+        {
+            broker.metrics().reject("cluster_not_owner");
+            io.close();
+            return;
+        }
         serve_here(io, broker, mqtt, &peek).await;
     }
 }

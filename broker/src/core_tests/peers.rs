@@ -365,3 +365,63 @@ async fn a_qos1_publish_is_refused_while_the_link_to_its_subscribers_is_full() {
         .await;
     assert!(qos0.is_ok(), "{qos0:?}");
 }
+
+/// A node that restarts reads its sessions back from its store; another
+/// node served one of them meanwhile and hands it back: what was read back
+/// is replaced (it was delivered elsewhere), what was queued here since
+/// the restart stays (it was acknowledged here).
+#[test]
+fn a_session_served_elsewhere_replaces_the_copy_read_back_but_not_what_came_since() {
+    let peers = FakePeers::new(false);
+    let b = node0(&peers);
+    let id = peers.client_of("n0", "back");
+    let stored = |topic: &str, seq| {
+        let mut d = Delivery::new(
+            msg(&b, topic, QoS::AtLeastOnce, false, "x"),
+            QoS::AtLeastOnce,
+        );
+        d.seq = seq;
+        d
+    };
+    let record = crate::durable::SessionRecord {
+        expiry_ms: 3_600_000,
+        disconnected_ms: crate::message::now_ms(),
+        ordered: false,
+        qos2_ids: vec![7],
+        subscriptions: vec![("s/#".into(), SubOptions::at(QoS::AtLeastOnce))],
+        will: None,
+        released: vec![9],
+        replays: Vec::new(),
+    };
+    b.restore(crate::durable::Recovered {
+        sessions: vec![crate::durable::RecoveredSession {
+            client: Arc::from(id.as_str()),
+            record,
+            messages: vec![stored("s/old-1", 1), stored("s/old-2", 2)],
+        }],
+        ..Default::default()
+    });
+    // Routed here after the restart and before the handover.
+    assert_eq!(
+        b.publish(&msg(&b, "s/since", QoS::AtLeastOnce, false, "x"), false),
+        1
+    );
+    b.install_session(Handover {
+        client_id: id.clone(),
+        expiry: HOUR,
+        ordered: false,
+        subscriptions: vec![("s/#".into(), SubOptions::at(QoS::AtLeastOnce))],
+        resend: Vec::new(),
+        offline: vec![Delivery::new(
+            msg(&b, "s/served", QoS::AtLeastOnce, false, "x"),
+            QoS::AtLeastOnce,
+        )],
+    });
+    let a = b.attach(&id, false, HOUR);
+    assert!(a.present);
+    let st = a.session.lock();
+    let offline: Vec<_> = st.offline.iter().map(|d| d.msg.topic.to_string()).collect();
+    assert_eq!(offline, ["s/since", "s/served"]);
+    assert!(st.released.is_empty() && st.qos2_received.is_empty());
+    assert_eq!(st.subscriptions.len(), 1);
+}
