@@ -156,7 +156,7 @@ async fn publisher(ports: Arc<Mutex<Vec<u16>>>, id: String, qos: QoS, stop: Stop
                         out.acked.insert(n);
                         n += 1;
                         tried = false;
-                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
                         continue 'conn;
                     }
                     Ok(Ok(_)) => {}
@@ -177,9 +177,14 @@ async fn publisher(ports: Arc<Mutex<Vec<u16>>>, id: String, qos: QoS, stop: Stop
 /// send again then. This one keeps them as MQTT 4.3.3 (method B) says: an
 /// id is held from PUBLISH to PUBREL, across connections, and a PUBLISH
 /// with a held id is not delivered again.
-fn subscriber(ports: Arc<Mutex<Vec<u16>>>, id: String, stop: Stop) -> Received {
-    let mut got = HashMap::new();
-    let mut sessions_lost = 0;
+fn subscriber(ports: Arc<Mutex<Vec<u16>>>, id: String, stop: Stop, out: Arc<Mutex<Received>>) {
+    let got = |payload: String| {
+        *out.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .got
+            .entry(payload)
+            .or_default() += 1;
+    };
     let mut held: HashSet<u16> = HashSet::new();
     let mut attempt = 0usize;
     while !stopped(&stop) {
@@ -201,7 +206,7 @@ fn subscriber(ports: Arc<Mutex<Vec<u16>>>, id: String, stop: Stop) -> Received {
         if !present {
             // The broker lost the session: subscribe again, as a client
             // would, and count it.
-            sessions_lost += 1;
+            out.lock().unwrap_or_else(|e| e.into_inner()).sessions_lost += 1;
             r.send(&raw::subscribe_qos(4, b"chaos/#", 2));
         }
         while !stopped(&stop) {
@@ -226,16 +231,16 @@ fn subscriber(ports: Arc<Mutex<Vec<u16>>>, id: String, stop: Stop) -> Received {
                 let [hi, lo] = pkid.to_be_bytes();
                 match qos {
                     1 => {
-                        *got.entry(payload).or_default() += 1;
+                        got(payload);
                         r.send(&[0x40, 2, hi, lo]);
                     }
                     2 => {
                         if held.insert(pkid) {
-                            *got.entry(payload).or_default() += 1;
+                            got(payload);
                         }
                         r.send(&[0x50, 2, hi, lo]);
                     }
-                    _ => *got.entry(payload).or_default() += 1,
+                    _ => got(payload),
                 }
             } else if kind == 6 {
                 // PUBREL: the id may be used again.
@@ -244,7 +249,6 @@ fn subscriber(ports: Arc<Mutex<Vec<u16>>>, id: String, stop: Stop) -> Received {
             }
         }
     }
-    Received { got, sessions_lost }
 }
 
 /// What a subscriber received: each payload with how many times, and how
@@ -271,7 +275,7 @@ fn next_victim(state: &mut u64, n: usize) -> usize {
 /// subscriber, and a QoS 2 message sent once reached each once; QoS 1
 /// duplicates are counted and printed.
 #[tokio::test]
-#[ignore = "issue 19, open: fails today (a subscriber of a node killed and restarted within its failure timeout stops receiving; see the issue's note)"]
+#[ignore = "issue 19, open: fails today: the packet id of a QoS 2 message in flight is not replicated, so a client can hold an id the new owner never releases (see the issue note)"]
 async fn a_node_killed_at_random_every_few_seconds_loses_no_acknowledged_message() {
     // Offline messages all at once on reconnect (not in batches every few
     // seconds), and as many as the test publishes.
@@ -288,11 +292,13 @@ async fn a_node_killed_at_random_every_few_seconds_loses_no_acknowledged_message
         s.subscribe("chaos/#", v3::QoS::ExactlyOnce).await;
         s.disconnect().await;
     }
+    let received: Vec<Arc<Mutex<Received>>> = ids.iter().map(|_| Arc::default()).collect();
     let subscribers: Vec<_> = ids
         .iter()
-        .map(|id| {
-            let (ports, id, stop) = (ports.clone(), id.clone(), stop.clone());
-            tokio::task::spawn_blocking(move || subscriber(ports, id, stop))
+        .zip(&received)
+        .map(|(id, out)| {
+            let (ports, id, stop, out) = (ports.clone(), id.clone(), stop.clone(), out.clone());
+            tokio::task::spawn_blocking(move || subscriber(ports, id, stop, out))
         })
         .collect();
     let pub_stop: Stop = Arc::default();
@@ -324,14 +330,31 @@ async fn a_node_killed_at_random_every_few_seconds_loses_no_acknowledged_message
     for p in publishers {
         published.push(p.await.unwrap_or_else(|e| panic!("{e}")));
     }
-    // What is queued drains to the subscribers.
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    *stop.lock().unwrap_or_else(|e| e.into_inner()) = true;
-    let mut received = Vec::new();
-    for s in subscribers {
-        received.push(s.await.unwrap_or_else(|e| panic!("{e}")));
-    }
     let (q1, q2) = (&published[0], &published[1]);
+    let wanted: Vec<String> = [(1, q1), (2, q2)]
+        .iter()
+        .flat_map(|(q, p)| p.acked.iter().map(move |n| format!("q{q}-{n}")))
+        .collect();
+    // What is queued drains to the subscribers (a minute at most).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let done = received.iter().all(|r| {
+            let r = r.lock().unwrap_or_else(|e| e.into_inner());
+            wanted.iter().all(|m| r.got.contains_key(m))
+        });
+        if done {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    *stop.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    for s in subscribers {
+        s.await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    let received: Vec<Received> = received
+        .iter()
+        .map(|r| std::mem::take(&mut *r.lock().unwrap_or_else(|e| e.into_inner())))
+        .collect();
     eprintln!(
         "{kills} kills; acknowledged {} QoS 1 and {} QoS 2 messages ({} and {} sent more than once)",
         q1.acked.len(),
@@ -346,11 +369,7 @@ async fn a_node_killed_at_random_every_few_seconds_loses_no_acknowledged_message
     for (id, r) in ids.iter().zip(&received) {
         let got = &r.got;
         assert_eq!(r.sessions_lost, 0, "{id} found its session gone");
-        let lost: Vec<String> = [(1, q1), (2, q2)]
-            .iter()
-            .flat_map(|(q, p)| p.acked.iter().map(move |n| format!("q{q}-{n}")))
-            .filter(|m| !got.contains_key(m))
-            .collect();
+        let lost: Vec<&String> = wanted.iter().filter(|m| !got.contains_key(*m)).collect();
         assert!(
             lost.is_empty(),
             "{id}: {} acknowledged but never delivered (of {} received): {:?} … {:?}",
