@@ -84,6 +84,96 @@ async fn a_killed_owners_sessions_are_served_from_their_replicas() {
     assert!(failed_over >= 2.0, "{failed_over} sessions failed over");
 }
 
+/// The nodes of `c` that keep `id`'s session with replication factor 2:
+/// its owner and its replica (the next owner).
+fn keepers(c: &Cluster, id: &str) -> (String, String) {
+    let ring = ringmq_broker::ring::Ring::new(&c.names);
+    let s = ring.successors(id, 2);
+    (s[0].to_string(), s[1].to_string())
+}
+
+fn index_of(c: &Cluster, name: &str) -> usize {
+    c.names
+        .iter()
+        .position(|n| n == name)
+        .unwrap_or_else(|| panic!("no node {name}"))
+}
+
+/// Publishes `payloads` at QoS 1 through the node at `port` and waits for
+/// every PUBACK.
+async fn publish_acked(port: u16, payloads: &[&str]) {
+    let mut p = v3::connect(v3::options("twice-publisher", port)).await;
+    for m in payloads {
+        p.publish("twice/x", v3::QoS::AtLeastOnce, false, *m).await;
+    }
+    p.acked(payloads.len()).await;
+    p.disconnect().await;
+}
+
+/// Replication factor 2, two nodes lost one after the other, the second
+/// once the first's sessions have their replica again: nothing is lost.
+#[tokio::test]
+async fn two_owners_killed_in_a_row_lose_nothing() {
+    let mut c = Cluster::start(3, "");
+    let id = owned_by("n2", &c.names, "GID_test@@@twice");
+    let (_, next) = keepers(&c, &id);
+    let last = c
+        .names
+        .iter()
+        .find(|n| **n != "n2" && **n != next)
+        .cloned()
+        .unwrap_or_default();
+    let mut s = persistent(&id, c.nodes[0].tcp).await;
+    s.subscribe("twice/#", v3::QoS::AtLeastOnce).await;
+    s.disconnect().await;
+    let port = c.nodes[index_of(&c, &last)].tcp;
+    publish_acked(port, &["a1", "a2", "a3"]).await;
+    drop(c.take(index_of(&c, "n2"))); // SIGKILL the owner
+    c.wait_ring(2);
+    // The new owner sends the session whole to the node left, its new replica.
+    let survivor = index_of(&c, &last);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.nodes[survivor].metric("ringmq_replica_sessions") < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the session was not replicated again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    publish_acked(c.nodes[survivor].tcp, &["b1", "b2"]).await;
+    drop(c.take(index_of(&c, &next))); // SIGKILL the second owner
+    c.wait_ring(1);
+    let mut s = persistent(&id, c.nodes[0].tcp).await;
+    assert!(s.connack.session_present, "the session is lost");
+    let mut got = BTreeSet::new();
+    while got.len() < 5 {
+        got.insert(String::from_utf8_lossy(&s.next_publish().await.payload).into_owned());
+    }
+    assert_eq!(got, ["a1", "a2", "a3", "b1", "b2"].map(String::from).into());
+}
+
+/// Replication factor 2, a session's owner and its replica lost at the
+/// same moment: both copies were there, and the session is lost, as
+/// README "Cluster" says (the node left has none).
+#[tokio::test]
+async fn owner_and_replica_killed_at_once_lose_the_session() {
+    let mut c = Cluster::start(3, "");
+    let id = owned_by("n2", &c.names, "GID_test@@@atonce");
+    let (_, next) = keepers(&c, &id);
+    let mut s = persistent(&id, c.nodes[0].tcp).await;
+    s.subscribe("twice/#", v3::QoS::AtLeastOnce).await;
+    s.disconnect().await;
+    let mut killed = vec![c.take(index_of(&c, "n2"))];
+    killed.push(c.take(index_of(&c, &next)));
+    drop(killed); // SIGKILL both
+    c.wait_ring(1);
+    let s = persistent(&id, c.nodes[0].tcp).await;
+    assert!(
+        !s.connack.session_present,
+        "a copy was kept on a third node"
+    );
+}
+
 fn v5_persistent(id: &str, port: u16) -> rumqttc::v5::MqttOptions {
     let mut o = v5::options(id, port);
     o.set_clean_start(false);
