@@ -332,6 +332,26 @@ impl Replicas {
         out
     }
 
+    /// Takes the copy of `client` if `promote(from)` picks it, as
+    /// `promotable` does (one lookup: a CONNECT asks this).
+    pub fn take_one(
+        &self,
+        client: &str,
+        promote: impl FnOnce(&str) -> bool,
+    ) -> Option<RecoveredSession> {
+        let mut shard = self.shard(client);
+        let h = shard.get(client)?;
+        if h.record.is_none() || !promote(&h.from) {
+            return None;
+        }
+        let (client, h) = shard.remove_entry(client)?;
+        Some(RecoveredSession {
+            client,
+            record: h.record?,
+            messages: h.messages.into_values().collect(),
+        })
+    }
+
     /// Keeps only the copies `keep(client, from)` says this node should
     /// still keep.
     pub fn retain(&self, mut keep: impl FnMut(&str, &str) -> bool) {
@@ -439,6 +459,18 @@ mod tests {
         let got = all(&r);
         assert_eq!(got.len(), 1);
         assert_eq!(&*got[0].client, "kept");
+    }
+
+    #[test]
+    fn one_copy_is_taken_by_its_client_id_when_picked() {
+        let (r, a) = (Replicas::default(), Arc::from("a"));
+        r.apply(&a, 1, "c", Change::Record(record(1)));
+        r.apply(&a, 1, "other", Change::Record(record(1)));
+        assert!(r.take_one("c", |from| from == "b").is_none(), "not picked");
+        assert!(r.take_one("missing", |_| true).is_none());
+        let got = r.take_one("c", |from| from == "a");
+        assert_eq!(got.map(|s| s.client), Some(Arc::from("c")));
+        assert_eq!(r.count().sessions, 1, "the other copy stays");
     }
 
     #[test]

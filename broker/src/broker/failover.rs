@@ -84,8 +84,8 @@ impl Broker {
         let ring = c.ring();
         let taken = self
             .replicas
-            .promotable(|id, from| id == client && self.owner_lost(c, &ring, id, from));
-        self.take_over(taken);
+            .take_one(client, |from| self.owner_lost(c, &ring, client, from));
+        self.take_over(taken.into_iter().collect());
     }
 
     /// Serves copies as sessions of this node: as sessions read back from
