@@ -209,6 +209,16 @@ impl Held {
             messages: BTreeMap::new(),
         }
     }
+
+    /// The copy as a session read back from a store (messages in sequence
+    /// order); `None` without its record.
+    fn recovered(self, client: Arc<str>) -> Option<RecoveredSession> {
+        Some(RecoveredSession {
+            client,
+            record: self.record?,
+            messages: self.messages.into_values().collect(),
+        })
+    }
 }
 
 const SHARDS: usize = 16;
@@ -316,17 +326,9 @@ impl Replicas {
                 .map(|(c, _)| c.clone())
                 .collect();
             for client in picked {
-                let Some(h) = shard.remove(&client) else {
-                    continue;
-                };
-                let Some(record) = h.record else {
-                    continue;
-                };
-                out.push(RecoveredSession {
-                    client,
-                    record,
-                    messages: h.messages.into_values().collect(),
-                });
+                if let Some(rs) = shard.remove(&client).and_then(|h| h.recovered(client)) {
+                    out.push(rs);
+                }
             }
         }
         out
@@ -345,11 +347,7 @@ impl Replicas {
             return None;
         }
         let (client, h) = shard.remove_entry(client)?;
-        Some(RecoveredSession {
-            client,
-            record: h.record?,
-            messages: h.messages.into_values().collect(),
-        })
+        h.recovered(client)
     }
 
     /// Keeps only the copies `keep(client, from)` says this node should

@@ -754,6 +754,8 @@ impl SessionStore {
             wake: Arc::new(Notify::new()),
         };
         let mut st = session.lock();
+        // A client is back: its session is served here from now on.
+        st.stale_upto = None;
         let previous = st.attached.replace(conn.clone());
         let took_over = previous.is_some();
         let existed = st.persistent || took_over || !st.subscriptions.is_empty();

@@ -357,7 +357,6 @@ impl Broker {
     pub fn attach(self: &Arc<Self>, client_id: &str, clean: bool, expiry: Duration) -> Attached {
         self.claim_copy(client_id);
         let attached = self.sessions.attach(client_id, clean, expiry);
-        attached.session.lock().stale_upto = None;
         self.drop_routes(
             &attached.session.client_id,
             &attached.discarded_subscriptions,

@@ -411,7 +411,7 @@ impl Cluster {
     pub async fn send_acked(
         &self,
         node: &str,
-        frame: Frame,
+        msg: PeerMsg,
         commit: Option<Arc<crate::durable::Commit>>,
         wait: Duration,
     ) -> bool {
@@ -424,21 +424,7 @@ impl Cluster {
         };
         acks.push(
             &q,
-            |n| match frame {
-                Frame::Publish { msg, groups, .. } => Frame::Publish { n, msg, groups },
-                Frame::Direct {
-                    client_id,
-                    persistent,
-                    msg,
-                    ..
-                } => Frame::Direct {
-                    n,
-                    client_id,
-                    persistent,
-                    msg,
-                },
-                other => other,
-            },
+            |n| numbered_frame(msg, n),
             commit,
             replication::OnLoss::Refused,
         );
@@ -909,10 +895,17 @@ fn delivery_from_wire(d: wire::WireDelivery) -> Delivery {
 
 /// The frame that carries a message of the core.
 fn frame(msg: PeerMsg) -> Frame {
+    numbered_frame(msg, 0)
+}
+
+/// The frame that carries a message of the core, as number `n` of its
+/// link's acknowledged frames (0: not numbered; only a publish or a P2P
+/// message carries the number).
+fn numbered_frame(msg: PeerMsg, n: u64) -> Frame {
     let now = Instant::now();
     match msg {
         PeerMsg::Publish { msg, groups } => Frame::Publish {
-            n: 0,
+            n,
             msg: to_wire(&msg, now),
             groups,
         },
@@ -925,7 +918,7 @@ fn frame(msg: PeerMsg) -> Frame {
             let mut w = to_wire(&msg, now);
             w.qos = qos;
             Frame::Direct {
-                n: 0,
+                n,
                 client_id,
                 persistent,
                 msg: w,
@@ -1049,7 +1042,7 @@ impl Peers for Cluster {
         // Joined now, while the caller holds `pending`; the frame is
         // queued when the future first runs, which the caller awaits at once.
         let commit = pending.join();
-        Box::pin(Cluster::send_acked(self, node, frame(msg), commit, wait))
+        Box::pin(Cluster::send_acked(self, node, msg, commit, wait))
     }
 }
 
