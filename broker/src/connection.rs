@@ -379,6 +379,10 @@ struct Outgoing {
     offline: bool,
 }
 
+/// How long a message waits before it looks again whether the packet id
+/// its number gives is free.
+const HELD_ID_RETRY: Duration = Duration::from_millis(100);
+
 enum Step {
     /// A batch, with the clock read that took it.
     Send(Vec<Outgoing>, Instant),
@@ -555,7 +559,9 @@ impl Pump {
             self.session.space.notify_waiters();
         }
         let mut out = Vec::with_capacity(batch.len());
-        for (i, d) in batch.into_iter().enumerate() {
+        let mut held = false;
+        let mut batch = batch.into_iter().enumerate();
+        while let Some((i, mut d)) = batch.next() {
             if d.msg.is_expired(now, ttl) {
                 expired += 1;
                 self.session.discard(&d);
@@ -565,7 +571,24 @@ impl Pump {
             let id = if d.qos == QoS::AtMostOnce {
                 None
             } else {
-                let id = self.packet_id(|id| st.inflight.contains(id) || st.released.contains(&id));
+                let taken = |id: u16| st.inflight.contains(id) || st.is_released(id);
+                let own = d.packet_id();
+                if own.is_some_and(|id| taken(id.get())) {
+                    // Its id is still held by a message 65 535 before it:
+                    // it waits (and what follows it, in order) rather than
+                    // go out under another id, which a crash would forget.
+                    let rest: Vec<Delivery> = std::iter::once(d)
+                        .chain(batch.by_ref().map(|(_, d)| d))
+                        .collect();
+                    for d in rest.into_iter().rev() {
+                        st.resend.push_front(d);
+                    }
+                    held = true;
+                    tracing::debug!(client_id = %self.session.client_id, id = ?own, "a message waits: its packet id is still taken");
+                    break;
+                }
+                let id = own.unwrap_or_else(|| self.packet_id(taken));
+                d.sent_as = Some(id);
                 st.inflight.insert(id.get(), d.clone());
                 Some(id)
             };
@@ -586,6 +609,10 @@ impl Pump {
         }
         if !out.is_empty() {
             Step::Send(out, now)
+        } else if held {
+            // Rare enough (an id held through 65 535 others) to look again
+            // later rather than be woken when it frees.
+            Step::Wait(Some(HELD_ID_RETRY))
         } else if starved {
             Step::WaitCredit
         } else if replaying {

@@ -4,7 +4,7 @@
 //! every subscriber, queue and retained slot: fan-out copies a pointer, never
 //! the payload.
 
-use std::num::NonZeroU32;
+use std::num::{NonZeroU16, NonZeroU32};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -190,6 +190,10 @@ pub struct Delivery {
     /// Its number in the session's durable queue; 0 when it is not stored
     /// (QoS 0, clean sessions, no store).
     pub seq: u64,
+    /// The packet id it was sent with (None before its first send): a
+    /// resend uses the id of the first send (MQTT-4.4.0-1), or a client
+    /// holding a QoS 2 id takes it for a new message.
+    pub sent_as: Option<NonZeroU16>,
 }
 
 impl Delivery {
@@ -202,6 +206,23 @@ impl Delivery {
             dup: false,
             sub_ids: Vec::new(),
             seq: 0,
+            sent_as: None,
         }
+    }
+
+    /// The packet id this delivery is sent with, when it has one of its
+    /// own: the id of an earlier send, else the one its number gives. A
+    /// stored message's id follows from its number, so that whoever reads
+    /// it back (this node after a crash, a replica after failover) resends
+    /// it under the id the client may hold, with nothing more written per
+    /// send. Numbers rise by one per message of a session, so ids in
+    /// flight together differ unless 65 535 messages passed one left
+    /// unacknowledged (the sender waits then: `Pump::take`).
+    pub fn packet_id(&self) -> Option<NonZeroU16> {
+        self.sent_as.or_else(|| {
+            let n = self.seq.checked_sub(1)? % u64::from(u16::MAX);
+            // n < 65 535, so n + 1 is a non-zero u16.
+            NonZeroU16::new(u16::try_from(n + 1).ok()?)
+        })
     }
 }

@@ -63,6 +63,26 @@ pub struct Handover {
     pub resend: Vec<Delivery>,
     /// Offline messages (B5).
     pub offline: Vec<Delivery>,
+    /// Of a copy read back from the sender's store (`from_copy`): the
+    /// messages queued there since its restart, which were acknowledged
+    /// there and stay even when the copy is dropped.
+    pub since: Vec<Delivery>,
+    /// Packet ids of QoS 2 PUBLISHes accepted from the client and not yet
+    /// released: the client may send them again, and they are not new.
+    pub qos2_received: Vec<u16>,
+    /// Packet ids of QoS 2 messages to the client that wait for their
+    /// PUBCOMP: the client holds them until it gets their PUBREL.
+    pub released: Vec<u16>,
+    /// The sender's owner generation of the session.
+    pub epoch: u64,
+    /// A copy, not a session the sender served: a replica's copy of a lost
+    /// owner's session, or one the sender read back from its store at
+    /// start-up and did not serve since. When the receiver's own state is of a higher epoch,
+    /// the owner handed the session on before it was lost and the copy is
+    /// older, so it is dropped (`Broker::install_session`). A session
+    /// served elsewhere is merged whatever its epoch (a partition healed:
+    /// what each side acknowledged stays).
+    pub from_copy: bool,
 }
 
 /// Resolves once a message is queued for a peer and its link is below its

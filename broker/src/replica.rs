@@ -384,6 +384,7 @@ mod tests {
             will: None,
             released: Vec::new(),
             replays: Vec::new(),
+            epoch: 0,
         }
     }
 

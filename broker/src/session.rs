@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use crate::durable::{self, Pending, SessionRecord, Store, StoredWill};
+use crate::durable::{self, Pending, Released, SessionRecord, Store, StoredWill};
 pub use crate::message::Delivery;
 use crate::message::{Message, QoS};
 use crate::peers::Handover;
@@ -146,7 +146,7 @@ pub struct State {
     /// Packet ids of QoS 2 messages to the client whose PUBREC arrived and
     /// whose PUBCOMP has not: the next connection sends their PUBREL again
     /// (`pubrel`), and no new message takes them before.
-    pub released: Vec<u16>,
+    pub released: Vec<Released>,
     /// Read back from this node's store at start-up and not attached
     /// since, with the last message number read: while this node was down
     /// another node may have served it (from its replica), so a session
@@ -154,6 +154,8 @@ pub struct State {
     /// merging with it. Messages queued here since the restart (numbered
     /// above it) stay: they were acknowledged here.
     pub stale_upto: Option<u64>,
+    /// The session's owner generation (`durable::SessionRecord::epoch`).
+    pub epoch: u64,
 }
 
 impl State {
@@ -170,6 +172,17 @@ impl State {
         self.qos2_received.clear();
         self.released.clear();
         self.pending_will = None;
+    }
+
+    /// Whether packet id `id` waits for its PUBCOMP.
+    pub fn is_released(&self, id: u16) -> bool {
+        self.released.iter().any(|r| r.id == id)
+    }
+
+    /// The packet ids waiting for their PUBCOMP, for the PUBRELs a new
+    /// connection sends again.
+    pub fn released_ids(&self) -> Vec<u16> {
+        self.released.iter().map(|r| r.id).collect()
     }
 
     /// The messages the store holds for this session (in flight, to
@@ -200,13 +213,33 @@ impl State {
             .collect();
         resend.extend(self.resend.drain(..));
         resend.extend(self.queue.drain(..));
+        let mut offline: Vec<Delivery> = self.offline.drain(..).collect();
+        // A copy read back at start-up and not served since: what was
+        // queued after the restart was acknowledged here and goes on even
+        // if the copy is older than the receiver's state.
+        let stale = self.stale_upto.take();
+        let from_copy = stale.is_some();
+        let since = match stale {
+            Some(upto) => {
+                let newer = |d: &Delivery| d.seq > upto;
+                let mut since: Vec<Delivery> = resend.extract_if(.., |d| newer(d)).collect();
+                since.extend(offline.extract_if(.., |d| newer(d)));
+                since
+            }
+            None => Vec::new(),
+        };
         Handover {
             client_id: client_id.to_owned(),
             expiry: left,
             ordered: self.ordered,
             subscriptions: self.subscriptions.drain().collect(),
             resend,
-            offline: self.offline.drain(..).collect(),
+            offline,
+            since,
+            qos2_received: self.qos2_received.drain(..).collect(),
+            released: self.released.drain(..).map(|r| r.id).collect(),
+            epoch: self.epoch,
+            from_copy,
         }
     }
 
@@ -238,6 +271,7 @@ impl State {
                     (c.filter().to_owned(), c.after().map(str::to_owned))
                 })
                 .collect(),
+            epoch: self.epoch,
             subscriptions: self
                 .subscriptions
                 .iter()
@@ -303,6 +337,7 @@ impl Session {
                 qos2_received: VecDeque::new(),
                 released: Vec::new(),
                 stale_upto: None,
+                epoch: 0,
             }),
             space: Notify::new(),
             received: AtomicU64::new(0),
@@ -411,11 +446,15 @@ impl Session {
         let Some(d) = st.take_inflight(generation, packet_id) else {
             return;
         };
-        if !st.released.contains(&packet_id) {
-            st.released.push(packet_id);
+        if !st.is_released(packet_id) {
+            st.released.push(Released {
+                id: packet_id,
+                seq: d.seq,
+            });
         }
-        // The record before the delete: a crash between the two sends the
-        // PUBREL and the message again (a duplicate), never neither.
+        // The record before the delete: a copy read back between the two
+        // has the message and its release, and drops the message by its
+        // number (`SessionStore::restore`); never neither.
         self.save(&st, None);
         self.persist.unqueue(&self.client_id, d.seq);
     }
@@ -423,7 +462,7 @@ impl Session {
     /// PUBCOMP: the QoS 2 exchange of `packet_id` is over.
     pub fn completed(&self, packet_id: u16) {
         let mut st = self.lock();
-        if let Some(i) = st.released.iter().position(|&x| x == packet_id) {
+        if let Some(i) = st.released.iter().position(|r| r.id == packet_id) {
             st.released.swap_remove(i);
             self.save(&st, None);
         }
@@ -668,10 +707,13 @@ impl SessionStore {
     /// Returns it with its subscriptions, for the router.
     pub fn restore(
         &self,
-        rs: durable::RecoveredSession,
+        mut rs: durable::RecoveredSession,
         now: Instant,
         now_ms: u64,
     ) -> Arc<Session> {
+        // A message the client PUBRECed whose delete did not reach the
+        // store before it stopped: the client has it.
+        let gone = rs.drop_released();
         let session = Arc::new(Session::new(rs.client.clone(), self.persist.clone()));
         {
             let mut st = session.lock();
@@ -683,6 +725,7 @@ impl SessionStore {
                 t => t,
             });
             st.ordered = rs.record.ordered;
+            st.epoch = rs.record.epoch;
             st.qos2_received = rs.record.qos2_ids.into_iter().collect();
             st.released = rs.record.released;
             // Generation 0 is no connection's: any reconnect cancels it.
@@ -693,6 +736,9 @@ impl SessionStore {
             });
             st.subscriptions = rs.record.subscriptions.into_iter().collect();
             st.last_seq = rs.messages.last().map_or(0, |d| d.seq);
+            for seq in gone {
+                session.persist.unqueue(&session.client_id, seq);
+            }
             st.offline = rs.messages.into();
             // A crash while it was connected: the record says "connected";
             // from now on it is offline (the others are stored as they are).

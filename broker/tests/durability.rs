@@ -736,6 +736,89 @@ async fn an_unfinished_pubrel_is_sent_again_on_the_next_connection() {
     }
 }
 
+/// A QoS 2 message in flight at a crash comes back under the packet id it
+/// was first sent with (MQTT-4.4.0-1), so a client that holds the id as
+/// received (MQTT 3.1.1 4.3.3, method B) takes the resend for the message
+/// it has, not a new one. Earlier messages completed first, so that the
+/// id is not the one a fresh count would give.
+#[tokio::test]
+async fn a_qos2_message_in_flight_at_a_crash_comes_back_under_its_packet_id() {
+    use common::raw::{Raw, connect_keep, packet, subscribe_qos};
+    let mut b = Broker::start("");
+    for level in [4u8, 5] {
+        let id = format!("pid-{level}");
+        let topic = format!("pid{level}/x");
+        let connect = connect_keep(level, &id);
+        let open = |b: &Broker, present: u8| {
+            let mut r = Raw::open(b);
+            r.send(&connect);
+            let (kind, ack) = r.read().unwrap_or_else(|| panic!("no CONNACK"));
+            assert_eq!((kind, ack[0], ack[1]), (0x20, present, 0), "CONNACK");
+            r
+        };
+        // Answers what comes until a QoS 2 PUBLISH of "c": PUBREC for
+        // other PUBLISHes, PUBCOMP for PUBRELs (counted), until `completions`
+        // exchanges are over too. Returns the id "c" came with, and its DUP.
+        let until_c = |r: &mut Raw, completions: usize| {
+            let (mut done, mut c) = (0, None);
+            while done < completions || c.is_none() {
+                let (kind, body) = r.read().unwrap_or_else(|| panic!("no packet"));
+                match kind >> 4 {
+                    3 => {
+                        assert_eq!(kind & 0x06, 0x04, "a QoS 2 PUBLISH: {kind:#x}");
+                        let at = 2 + topic.len();
+                        let pid = [body[at], body[at + 1]];
+                        if body.ends_with(b"c") {
+                            c = Some((pid, kind & 0x08 != 0));
+                        } else {
+                            r.send(&packet(0x50, &pid));
+                        }
+                    }
+                    6 => {
+                        r.send(&packet(0x70, &body[..2]));
+                        done += 1;
+                    }
+                    k => panic!("packet type {k}"),
+                }
+            }
+            c.unwrap_or_else(|| panic!("no \"c\""))
+        };
+        let mut r = open(&b, 0);
+        r.send(&subscribe_qos(level, format!("pid{level}/#").as_bytes(), 2));
+        assert_eq!(r.read().map(|p| p.0), Some(0x90), "SUBACK");
+        let mut p = v4::connect(v4::options(&format!("pid-pub-{level}"), b.tcp)).await;
+        for body in ["a", "b", "c"] {
+            p.publish(&topic, v4::QoS::ExactlyOnce, false, body).await;
+        }
+        p.acked(3).await;
+        p.disconnect().await;
+        // "a" and "b" complete; "c" is received and held: no PUBREC.
+        let (held, dup) = until_c(&mut r, 2);
+        assert!(!dup, "a first send");
+        b.kill();
+        drop(r);
+        b.restart();
+        let mut r = open(&b, 1);
+        // (A PUBREL of "b" may come first, if its PUBCOMP was not stored.)
+        assert_eq!(until_c(&mut r, 0), (held, true), "the same id, with DUP");
+        r.send(&packet(0x50, &held));
+        loop {
+            let (kind, rel) = r.read().unwrap_or_else(|| panic!("no PUBREL"));
+            assert_eq!(kind, 0x62, "PUBREL");
+            r.send(&packet(0x70, &rel[..2]));
+            if rel[..2] == held {
+                break;
+            }
+        }
+        r.send(&[0xc0, 0]);
+        assert_eq!(
+            r.read(),
+            Some((0xd0, vec![])),
+            "nothing more before PINGRESP"
+        );
+    }
+}
+
 /// QoS 1 messages sent to a persistent session and not acknowledged come
 /// back after a restart with DUP set (MQTT 3.1.1 3.3.1.1): whether the
 /// client went away before the crash or was still connected at it. A

@@ -62,6 +62,29 @@ impl Broker {
         self.start_resync();
     }
 
+    /// Copies whose owner left the ring without handing them over, of
+    /// Client IDs another node owns now (one that came back with an older
+    /// copy in its store, or joined): taken, to be sent to that node whole
+    /// as a moving session is, so that the newest state is the one served.
+    pub(super) fn orphaned_copies(&self) -> Vec<(Arc<str>, Handover)> {
+        let (Some(c), Some(_)) = (&self.peers, &self.replication) else {
+            return Vec::new();
+        };
+        let ring = c.ring();
+        let lost =
+            |from: &str| !ring.nodes().iter().any(|n| **n == *from) && !c.is_handing_over(from);
+        self.replicas
+            .promotable(|client, from| {
+                ring.owner(client).is_some_and(|o| !c.is_local(o)) && lost(from)
+            })
+            .into_iter()
+            .filter_map(|rs| {
+                let owner = ring.owner(&rs.client)?.clone();
+                Some((owner, handover_of(rs)))
+            })
+            .collect()
+    }
+
     /// Whether this node serves `client`'s copy now: it owns the Client
     /// ID and the copy's owner left the ring without handing it over.
     fn owner_lost(&self, c: &Arc<dyn Peers>, ring: &Ring, client: &str, from: &str) -> bool {
@@ -107,6 +130,9 @@ impl Broker {
             .partition(|rs| self.sessions.get(&rs.client).is_none());
         for session in self.restore_sessions(fresh) {
             let mut st = session.lock();
+            // A new owner: a copy of the lost owner's state that surfaces
+            // later is older than this.
+            st.epoch += 1;
             session.save_all(&mut st);
         }
         for rs in opened {
@@ -219,7 +245,8 @@ impl Broker {
 
 /// A copy merged into the session its client opened before the copy was
 /// served: its subscriptions and messages join it.
-fn handover_of(rs: RecoveredSession) -> Handover {
+fn handover_of(mut rs: RecoveredSession) -> Handover {
+    rs.drop_released();
     let now = Instant::now();
     let disconnected = durable::disconnected_at(&rs.record, now, crate::message::now_ms());
     let expiry = Duration::from_millis(rs.record.expiry_ms)
@@ -230,14 +257,21 @@ fn handover_of(rs: RecoveredSession) -> Handover {
         ordered: rs.record.ordered,
         subscriptions: rs.record.subscriptions,
         resend: Vec::new(),
+        since: Vec::new(),
         offline: rs
             .messages
             .into_iter()
             .map(|mut d| {
-                // Numbered again by the session it joins.
+                // Numbered again by the session it joins; the packet id
+                // its number gave stays, as the client may hold it.
+                d.sent_as = d.packet_id();
                 d.seq = 0;
                 d
             })
             .collect(),
+        qos2_received: rs.record.qos2_ids,
+        released: rs.record.released.iter().map(|r| r.id).collect(),
+        epoch: rs.record.epoch,
+        from_copy: true,
     }
 }

@@ -15,7 +15,7 @@ use crate::alarm::Alarms;
 use crate::auth::Auth;
 use crate::capacity::Capacity;
 use crate::config::Config;
-use crate::durable::{Pending, Recovered, RecoveredSession, Store, WriteFailed};
+use crate::durable::{Pending, Recovered, RecoveredSession, Released, Store, WriteFailed};
 use crate::message::{Message, MessageIds, QoS};
 use crate::meter::{Meter, weight};
 use crate::metrics::Metrics;
@@ -759,6 +759,7 @@ impl Broker {
             return;
         };
         self.replicate_ring();
+        let orphans = self.orphaned_copies();
         let ring = c.ring();
         let mut moves = Vec::new();
         for session in self.sessions.all() {
@@ -781,9 +782,17 @@ impl Broker {
         }
         // Once every session of this ring is on its way (the frames go in
         // order on each link), the new owners may serve them.
-        let left = Arc::new(std::sync::atomic::AtomicUsize::new(moves.len()));
-        if moves.is_empty() {
+        let left = Arc::new(std::sync::atomic::AtomicUsize::new(
+            moves.len() + orphans.len(),
+        ));
+        if moves.is_empty() && orphans.is_empty() {
             c.announce_settled();
+        }
+        for (owner, h) in orphans {
+            let (broker, left) = (self.clone(), left.clone());
+            ntex::rt::spawn(async move {
+                broker.send_copy(h, owner, &left).await;
+            });
         }
         for (session, owner) in moves {
             let (broker, left) = (self.clone(), left.clone());
@@ -867,6 +876,34 @@ impl Broker {
         }
     }
 
+    /// Sends a lost owner's copy to the Client ID's owner now
+    /// (`orphaned_copies`); an owner that cannot be reached leaves it a
+    /// session here, moved on by the next ring change.
+    async fn send_copy(
+        self: Arc<Self>,
+        h: Handover,
+        owner: Arc<str>,
+        left: &std::sync::atomic::AtomicUsize,
+    ) {
+        let Some(c) = self.peers.clone() else {
+            return;
+        };
+        let client = h.client_id.clone();
+        if c.send(&owner, PeerMsg::Session(h.clone()), Duration::from_secs(5))
+            .await
+        {
+            self.metrics.sessions_moved.inc();
+            tracing::info!(client_id = %client, owner = %owner, "a lost owner's session sent from its replica to the owner now");
+        } else {
+            self.metrics.reject("session_move");
+            tracing::warn!(client_id = %client, owner = %owner, "a lost owner's session kept here: its owner now is unreachable");
+            self.install_session(h);
+        }
+        if left.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+            c.announce_settled();
+        }
+    }
+
     /// A planned leave (SIGTERM, or the drain API): off the ring, and every
     /// session handed to its new owner.
     pub fn leave_cluster(self: &Arc<Self>) {
@@ -918,33 +955,57 @@ impl Broker {
                 // state is discarded, as it would be on one node.
                 return;
             }
-            if let Some(upto) = st.stale_upto.take() {
-                // This node's copy from before its restart: the session was
-                // served elsewhere since, and what it held then is older
-                // than what arrives (messages delivered and acknowledged
-                // there would come again). What was queued here since the
-                // restart was acknowledged here, and stays.
-                dropped = st
-                    .subscriptions
-                    .keys()
-                    .filter(|f| !h.subscriptions.iter().any(|(g, _)| g == *f))
-                    .cloned()
-                    .collect();
-                for f in &dropped {
-                    st.subscriptions.remove(f);
+            // A copy older than the session here: its owner handed the
+            // session on (here, or to the node this one has it from)
+            // before the copy surfaced, so what it holds went on with the
+            // session. Only what its node queued since its restart is new.
+            let older = h.from_copy && st.persistent && h.epoch < st.epoch;
+            let (resend, offline) = if older {
+                tracing::info!(client_id = %session.client_id, epoch = h.epoch, here = st.epoch, kept = h.since.len(), "an older copy of a session dropped");
+                (Vec::new(), h.since)
+            } else {
+                st.epoch = st.epoch.max(h.epoch) + 1;
+                if let Some(upto) = st.stale_upto.take() {
+                    // This node's copy from before its restart: the session
+                    // was served elsewhere since, and what it held then is
+                    // older than what arrives (messages delivered and
+                    // acknowledged there would come again). What was queued
+                    // here since the restart was acknowledged here, and stays.
+                    dropped = st
+                        .subscriptions
+                        .keys()
+                        .filter(|f| !h.subscriptions.iter().any(|(g, _)| g == *f))
+                        .cloned()
+                        .collect();
+                    for f in &dropped {
+                        st.subscriptions.remove(f);
+                    }
+                    st.forget_stored_upto(upto);
                 }
-                st.forget_stored_upto(upto);
-            }
-            for (filter, opts) in h.subscriptions {
-                if !st.subscriptions.contains_key(&filter) {
-                    st.subscriptions.insert(filter.clone(), opts);
-                    added.push((filter, opts));
+                for (filter, opts) in h.subscriptions {
+                    if !st.subscriptions.contains_key(&filter) {
+                        st.subscriptions.insert(filter.clone(), opts);
+                        added.push((filter, opts));
+                    }
                 }
-            }
-            st.persistent = true;
-            st.expiry = st.expiry.max(h.expiry);
-            st.ordered |= h.ordered;
-            let (resend, offline) = (h.resend, h.offline);
+                st.persistent = true;
+                st.expiry = st.expiry.max(h.expiry);
+                st.ordered |= h.ordered;
+                for id in h.qos2_received {
+                    if !st.qos2_received.contains(&id) {
+                        st.qos2_received.push_back(id);
+                    }
+                }
+                for id in h.released {
+                    if !st.is_released(id) {
+                        // Numbered by the node it came from: nothing here to drop.
+                        st.released.push(Released { id, seq: 0 });
+                    }
+                }
+                let mut offline = h.offline;
+                offline.extend(h.since);
+                (h.resend, offline)
+            };
             let wake = match &st.attached {
                 // The client came back first: the messages join its live queue.
                 Some(conn) => {
@@ -1325,6 +1386,7 @@ impl Broker {
                 dup: false,
                 sub_ids,
                 seq: 0,
+                sent_as: None,
             };
             if self.deliver(session, d, over, pending) {
                 reached += 1;

@@ -817,6 +817,9 @@ fn delivery_to_wire(d: Delivery, now: Instant) -> wire::WireDelivery {
         retain: d.retain,
         dup: d.dup,
         sub_ids: d.sub_ids.iter().map(|i| i.get()).collect(),
+        // Numbered again where it goes: the id its number gave here stays
+        // with it, as the client may hold it.
+        packet_id: d.packet_id().map_or(0, |i| i.get()),
     }
 }
 
@@ -847,6 +850,15 @@ pub fn handover_to_wire(h: Handover, now: Instant) -> wire::WireSession {
             .into_iter()
             .map(|d| delivery_to_wire(d, now))
             .collect(),
+        since: h
+            .since
+            .into_iter()
+            .map(|d| delivery_to_wire(d, now))
+            .collect(),
+        qos2_ids: h.qos2_received,
+        released: h.released,
+        epoch: h.epoch,
+        from_copy: h.from_copy,
     }
 }
 
@@ -863,6 +875,11 @@ pub fn handover_from_wire(ws: wire::WireSession) -> Handover {
             .collect(),
         resend: ws.resend.into_iter().map(delivery_from_wire).collect(),
         offline: ws.offline.into_iter().map(delivery_from_wire).collect(),
+        since: ws.since.into_iter().map(delivery_from_wire).collect(),
+        qos2_received: ws.qos2_ids,
+        released: ws.released,
+        epoch: ws.epoch,
+        from_copy: ws.from_copy,
     }
 }
 
@@ -890,6 +907,7 @@ fn delivery_from_wire(d: wire::WireDelivery) -> Delivery {
             .collect(),
         // The receiving node numbers it when it stores it.
         seq: 0,
+        sent_as: std::num::NonZeroU16::new(d.packet_id),
     }
 }
 

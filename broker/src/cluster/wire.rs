@@ -23,7 +23,9 @@ use crate::message::QoS;
 /// 2: replicated sessions (`Replicate`, `Stream`, `Ack`, `ReplicaSynced`)
 /// and acknowledged forwards (`n` of `Publish` and `Direct`); a node of
 /// version 1 would not know them, so the two do not link.
-pub const VERSION: u16 = 2;
+/// 3: a session handed over keeps its packet ids (`WireDelivery::packet_id`,
+/// `WireSession::qos2_ids` and `released`) and says its epoch.
+pub const VERSION: u16 = 3;
 
 /// Largest frame accepted: an MQTT packet of the largest configurable size
 /// plus the frame's own fields.
@@ -78,6 +80,8 @@ pub struct WireDelivery {
     pub retain: bool,
     pub dup: bool,
     pub sub_ids: Vec<u32>,
+    /// The packet id the client may hold it under; 0: none.
+    pub packet_id: u16,
 }
 
 /// One subscription of a session.
@@ -103,6 +107,16 @@ pub struct WireSession {
     pub resend: Vec<WireDelivery>,
     /// Offline messages (B5).
     pub offline: Vec<WireDelivery>,
+    /// Of a copy: what was queued since the sender's restart.
+    pub since: Vec<WireDelivery>,
+    /// QoS 2 PUBLISHes accepted from the client and not yet released.
+    pub qos2_ids: Vec<u16>,
+    /// QoS 2 messages to the client waiting for their PUBCOMP.
+    pub released: Vec<u16>,
+    /// The sender's owner generation of the session.
+    pub epoch: u64,
+    /// A replica's copy of a lost owner's session (`peers::Handover`).
+    pub from_copy: bool,
 }
 
 /// One frame.
@@ -613,7 +627,24 @@ fn put_deliveries(out: &mut BytesMut, ds: &[WireDelivery]) {
         for id in &d.sub_ids {
             out.put_u32(*id);
         }
+        out.put_u16(d.packet_id);
     }
+}
+
+fn put_ids(out: &mut BytesMut, ids: &[u16]) {
+    out.put_u32(len32(ids.len()));
+    for id in ids {
+        out.put_u16(*id);
+    }
+}
+
+fn get_ids(b: &mut Bytes) -> Result<Vec<u16>> {
+    let n = get_u32(b)? as usize;
+    let mut out = Vec::with_capacity(n.min(64));
+    for _ in 0..n {
+        out.push(get_u16(b)?);
+    }
+    Ok(out)
 }
 
 fn get_deliveries(b: &mut Bytes) -> Result<Vec<WireDelivery>> {
@@ -633,6 +664,7 @@ fn get_deliveries(b: &mut Bytes) -> Result<Vec<WireDelivery>> {
             retain: flags & (1 << 2) != 0,
             dup: flags & (1 << 3) != 0,
             sub_ids,
+            packet_id: get_u16(b)?,
         });
     }
     Ok(out)
@@ -654,6 +686,11 @@ fn put_session(out: &mut BytesMut, s: &WireSession) {
     }
     put_deliveries(out, &s.resend);
     put_deliveries(out, &s.offline);
+    put_deliveries(out, &s.since);
+    put_ids(out, &s.qos2_ids);
+    put_ids(out, &s.released);
+    out.put_u64(s.epoch);
+    out.put_u8(u8::from(s.from_copy));
 }
 
 fn get_session(b: &mut Bytes) -> Result<WireSession> {
@@ -680,6 +717,11 @@ fn get_session(b: &mut Bytes) -> Result<WireSession> {
         subscriptions,
         resend: get_deliveries(b)?,
         offline: get_deliveries(b)?,
+        since: get_deliveries(b)?,
+        qos2_ids: get_ids(b)?,
+        released: get_ids(b)?,
+        epoch: get_u64(b)?,
+        from_copy: get_u8(b)? != 0,
     })
 }
 
@@ -895,8 +937,14 @@ mod tests {
                     retain: false,
                     dup: true,
                     sub_ids: vec![7, 9],
+                    packet_id: 65_535,
                 }],
                 offline: Vec::new(),
+                since: Vec::new(),
+                qos2_ids: vec![1, 2],
+                released: vec![3],
+                epoch: u64::MAX,
+                from_copy: true,
             }),
         ]
     }

@@ -442,6 +442,51 @@ async fn a_takeover_closes_the_old_connection() {
 }
 
 #[ntex::test]
+async fn a_reconnect_sends_unacknowledged_messages_again_under_their_first_ids() {
+    let b = broker(Config::default());
+    let sink = FakeSink::with_credit(10);
+    let conn = connect(&b, "again", true, &sink);
+    b.subscribe_now(
+        &conn.session,
+        "a/#",
+        opts(QoS::AtLeastOnce),
+        SendRetained::Never,
+        &mut Default::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    for i in 1..=3 {
+        b.publish(
+            &msg(&b, &format!("a/{i}"), QoS::AtLeastOnce, false, "x"),
+            false,
+        );
+    }
+    settle().await;
+    sink.ack(1);
+    drop(conn);
+    let sink = FakeSink::with_credit(10);
+    let conn = connect(&b, "again", true, &sink);
+    settle().await;
+    b.publish(&msg(&b, "a/4", QoS::AtLeastOnce, false, "x"), false);
+    settle().await;
+    let sent: Vec<_> = sink
+        .written
+        .borrow()
+        .iter()
+        .map(|w| (w.topic.clone(), w.id, w.dup))
+        .collect();
+    // MQTT-4.4.0-1: the same ids, with DUP; a new message takes a free one.
+    assert_eq!(
+        sent,
+        [
+            ("a/2".to_owned(), Some(2), true),
+            ("a/3".to_owned(), Some(3), true),
+            ("a/4".to_owned(), Some(1), false),
+        ]
+    );
+    drop(conn);
+}
+
+#[ntex::test]
 async fn a_qos2_packet_id_stays_taken_from_pubrec_to_pubcomp() {
     let b = broker(Config::default());
     let sink = FakeSink::with_credit(10);
@@ -462,10 +507,10 @@ async fn a_qos2_packet_id_stays_taken_from_pubrec_to_pubcomp() {
     }
     settle().await;
     // The fake answers PUBREC at once: out of flight, owed a PUBCOMP.
-    assert_eq!(conn.session.lock().released, [1, 2]);
+    assert_eq!(conn.session.lock().released_ids(), [1, 2]);
     assert!(!conn.session.lock().inflight.contains(1));
     sink.complete(1);
-    assert_eq!(conn.session.lock().released, [2]);
+    assert_eq!(conn.session.lock().released_ids(), [2]);
     b.publish(&msg(&b, "q2/3", QoS::ExactlyOnce, false, "x"), false);
     settle().await;
     let ids: Vec<_> = sink.written.borrow().iter().map(|w| w.id).collect();
@@ -475,6 +520,6 @@ async fn a_qos2_packet_id_stays_taken_from_pubrec_to_pubcomp() {
     b.detach(&conn.session, conn.conn.generation);
     let again = b.attach("exactly", false, HOUR);
     assert!(again.present);
-    assert_eq!(again.session.lock().released, [2, 3]);
+    assert_eq!(again.session.lock().released_ids(), [2, 3]);
     assert!(b.owes_pubrel("exactly"));
 }

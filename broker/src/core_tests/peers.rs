@@ -4,6 +4,7 @@
 //! handover in both directions and backpressure from a full link are
 //! checked on the core alone.
 
+use std::num::NonZeroU16;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -316,8 +317,16 @@ fn a_session_handed_to_this_node_is_served_here_with_what_it_brought() {
         expiry: HOUR,
         ordered: false,
         subscriptions: vec![("h/#".into(), SubOptions::at(QoS::AtLeastOnce))],
-        resend: vec![queued_msg("h/inflight", true)],
+        resend: vec![Delivery {
+            sent_as: NonZeroU16::new(4_000),
+            ..queued_msg("h/inflight", true)
+        }],
         offline: vec![queued_msg("h/offline", false)],
+        since: Vec::new(),
+        qos2_received: vec![11],
+        released: vec![12],
+        epoch: 3,
+        from_copy: false,
     });
     let a = b.attach(&id, false, HOUR);
     assert!(a.present, "session present for its client");
@@ -326,11 +335,50 @@ fn a_session_handed_to_this_node_is_served_here_with_what_it_brought() {
         let resend: Vec<_> = st
             .resend
             .iter()
-            .map(|d| (d.msg.topic.to_string(), d.dup))
+            .map(|d| (d.msg.topic.to_string(), d.dup, d.packet_id()))
             .collect();
         let offline: Vec<_> = st.offline.iter().map(|d| d.msg.topic.to_string()).collect();
-        assert_eq!(resend, [("h/inflight".to_owned(), true)]);
+        // Sent again under the id the client may hold it by.
+        assert_eq!(
+            resend,
+            [("h/inflight".to_owned(), true, NonZeroU16::new(4_000))]
+        );
         assert_eq!(offline, ["h/offline"]);
+        // A QoS 2 PUBLISH the client sends again is known; the PUBREL it
+        // waits for is sent.
+        assert!(st.qos2_received.contains(&11));
+        assert_eq!(st.released_ids(), [12]);
+        assert_eq!(st.epoch, 4, "one owner more than the sender's");
+    }
+    // A copy of the same session from before that handover (a replica of
+    // the sender, or the sender's own store read back after a restart) is
+    // older: dropped.
+    b.install_session(Handover {
+        client_id: id.clone(),
+        expiry: HOUR,
+        ordered: false,
+        subscriptions: vec![("stale/#".into(), SubOptions::at(QoS::AtLeastOnce))],
+        resend: Vec::new(),
+        offline: vec![queued_msg("h/old", false)],
+        since: vec![queued_msg("h/since", false)],
+        qos2_received: Vec::new(),
+        released: Vec::new(),
+        epoch: 3,
+        from_copy: true,
+    });
+    {
+        let st = a.session.lock();
+        assert!(!st.subscriptions.contains_key("stale/#"));
+        let topics: Vec<_> = st
+            .offline
+            .iter()
+            .chain(&st.queue)
+            .map(|d| d.msg.topic.to_string())
+            .collect();
+        assert!(!topics.contains(&"h/old".to_owned()), "{topics:?}");
+        // What the copy's node queued after its restart was acknowledged
+        // there: it stays.
+        assert!(topics.contains(&"h/since".to_owned()), "{topics:?}");
     }
     // Its subscription routes here now.
     assert_eq!(
@@ -390,8 +438,9 @@ fn a_session_served_elsewhere_replaces_the_copy_read_back_but_not_what_came_sinc
         qos2_ids: vec![7],
         subscriptions: vec![("s/#".into(), SubOptions::at(QoS::AtLeastOnce))],
         will: None,
-        released: vec![9],
+        released: vec![crate::durable::Released { id: 9, seq: 0 }],
         replays: Vec::new(),
+        epoch: 0,
     };
     b.restore(crate::durable::Recovered {
         sessions: vec![crate::durable::RecoveredSession {
@@ -416,6 +465,11 @@ fn a_session_served_elsewhere_replaces_the_copy_read_back_but_not_what_came_sinc
             msg(&b, "s/served", QoS::AtLeastOnce, false, "x"),
             QoS::AtLeastOnce,
         )],
+        since: Vec::new(),
+        qos2_received: Vec::new(),
+        released: Vec::new(),
+        epoch: 0,
+        from_copy: false,
     });
     let a = b.attach(&id, false, HOUR);
     assert!(a.present);

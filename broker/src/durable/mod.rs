@@ -111,11 +111,28 @@ pub struct SessionRecord {
     pub subscriptions: Vec<(String, SubOptions)>,
     /// An MQTT 5 will waiting for its delay (or the session's end).
     pub will: Option<StoredWill>,
-    /// Outbound QoS 2 packet ids PUBRECed and not yet PUBCOMPed.
-    pub released: Vec<u16>,
+    /// Outbound QoS 2 messages PUBRECed and not yet PUBCOMPed.
+    pub released: Vec<Released>,
     /// Retained replays of new subscriptions still under way: the filter
     /// and the last topic paged.
     pub replays: Vec<(String, Option<String>)>,
+    /// Its owner generation: one more at each change of owner (a handover,
+    /// a replica served after its owner was lost). Of two states of one
+    /// session, the one of the lower epoch is an older one (`peers::Handover`).
+    pub epoch: u64,
+}
+
+/// A QoS 2 message to the client whose PUBREC arrived and whose PUBCOMP
+/// has not: its packet id stays taken, and the next connection sends its
+/// PUBREL again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Released {
+    pub id: u16,
+    /// The message's number in the queue (0: it was not stored). The
+    /// record saying it was released is written before the message's
+    /// delete; a copy read back between the two drops the message by this
+    /// number rather than send it again.
+    pub seq: u64,
 }
 
 /// A will whose client went away without DISCONNECT, published at `due_ms`
@@ -150,6 +167,24 @@ pub struct RecoveredSession {
     pub record: SessionRecord,
     /// Its queued messages in the order they were queued, `seq` set.
     pub messages: Vec<Delivery>,
+}
+
+impl RecoveredSession {
+    /// Drops the messages the record says the client PUBRECed: their
+    /// deletes did not reach the store before it stopped (`Released::seq`).
+    /// Returns their numbers.
+    pub fn drop_released(&mut self) -> Vec<u64> {
+        let released = &self.record.released;
+        let mut gone = Vec::new();
+        self.messages.retain(|d| {
+            let keep = d.seq == 0 || !released.iter().any(|r| r.seq == d.seq);
+            if !keep {
+                gone.push(d.seq);
+            }
+            keep
+        });
+        gone
+    }
 }
 
 /// Everything read back.

@@ -447,6 +447,7 @@ mod tests {
                             will: None,
                             released: Vec::new(),
                             replays: Vec::new(),
+                            epoch: 0,
                         };
                         persist.session(&name(c), &rec, Some(&mut pending));
                     }
@@ -542,6 +543,7 @@ mod migration_tests {
             will: None,
             released: Vec::new(),
             replays: Vec::new(),
+            epoch: 0,
         };
         {
             // What an earlier version wrote: the session and its messages

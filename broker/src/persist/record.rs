@@ -22,14 +22,14 @@
 //! a damaged value an error rather than a wrong session: recovery drops it
 //! and counts it.
 
-use std::num::NonZeroU32;
+use std::num::{NonZeroU16, NonZeroU32};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ntex::util::{BufMut, ByteString, Bytes, BytesMut};
 
 use crate::codec::{len16, len32, put_bytes, put_opt_str, put_str};
-use crate::durable::{SessionRecord, StoredWill};
+use crate::durable::{Released, SessionRecord, StoredWill};
 use crate::message::Delivery;
 use crate::message::{Message, MessageId, Properties, QoS};
 use crate::router::SubOptions;
@@ -42,6 +42,11 @@ const RETAINED: u8 = b'R';
 const TAG_WILL: u8 = 1;
 const TAG_RELEASED: u8 = 2;
 const TAG_REPLAYS: u8 = 3;
+/// The queue numbers of the released messages, in the order of their ids
+/// (`TAG_RELEASED`); a later field, so that earlier records still read.
+const TAG_RELEASED_SEQS: u8 = 4;
+/// The session's owner generation (`SessionRecord::epoch`).
+const TAG_EPOCH: u8 = 5;
 
 /// Why stored bytes are not a record.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -64,6 +69,8 @@ pub enum RecordError {
     Key,
     #[error("unknown optional field {0}")]
     Tag(u8),
+    #[error("delivery flags {0:#04x} are not ones this build writes")]
+    Flags(u8),
 }
 
 pub type Result<T> = std::result::Result<T, RecordError>;
@@ -127,8 +134,8 @@ impl SessionRecord {
         if !self.released.is_empty() {
             out.put_u8(TAG_RELEASED);
             out.put_u16(len16(self.released.len()));
-            for id in &self.released {
-                out.put_u16(*id);
+            for r in &self.released {
+                out.put_u16(r.id);
             }
         }
         if !self.replays.is_empty() {
@@ -144,6 +151,16 @@ impl SessionRecord {
                     None => out.put_u8(0),
                 }
             }
+        }
+        if self.released.iter().any(|r| r.seq != 0) {
+            out.put_u8(TAG_RELEASED_SEQS);
+            for r in &self.released {
+                out.put_u64(r.seq);
+            }
+        }
+        if self.epoch != 0 {
+            out.put_u8(TAG_EPOCH);
+            out.put_u64(self.epoch);
         }
         finish(out)
     }
@@ -172,6 +189,7 @@ impl SessionRecord {
             qos2_ids.push(b.u16()?);
         }
         let (mut will, mut released, mut replays) = (None, Vec::new(), Vec::new());
+        let mut epoch = 0;
         let mut last = 0;
         while !b.is_empty() {
             let tag = b.u8()?;
@@ -192,7 +210,10 @@ impl SessionRecord {
                         return Err(RecordError::Tag(tag));
                     }
                     for _ in 0..n {
-                        released.push(b.u16()?);
+                        released.push(Released {
+                            id: b.u16()?,
+                            seq: 0,
+                        });
                     }
                 }
                 TAG_REPLAYS => {
@@ -206,6 +227,16 @@ impl SessionRecord {
                         replays.push((filter, after));
                     }
                 }
+                TAG_RELEASED_SEQS => {
+                    // As many as the ids before them, which cannot be none.
+                    if released.is_empty() {
+                        return Err(RecordError::Tag(tag));
+                    }
+                    for r in &mut released {
+                        r.seq = b.u64()?;
+                    }
+                }
+                TAG_EPOCH => epoch = b.u64()?,
                 t => return Err(RecordError::Tag(t)),
             }
         }
@@ -219,6 +250,7 @@ impl SessionRecord {
             will,
             released,
             replays,
+            epoch,
         })
     }
 }
@@ -226,7 +258,15 @@ impl SessionRecord {
 /// A message waiting for a persistent session.
 pub fn encode_delivery(d: &Delivery, now: Instant, now_ms: u64) -> Bytes {
     let mut out = start(DELIVERY);
-    out.put_u8((d.qos as u8) | (u8::from(d.retain) << 2) | (u8::from(d.dup) << 3));
+    out.put_u8(
+        (d.qos as u8)
+            | (u8::from(d.retain) << 2)
+            | (u8::from(d.dup) << 3)
+            | (u8::from(d.sent_as.is_some()) << 4),
+    );
+    if let Some(id) = d.sent_as {
+        out.put_u16(id.get());
+    }
     out.put_u16(len16(d.sub_ids.len()));
     for id in &d.sub_ids {
         out.put_u32(id.get());
@@ -239,6 +279,14 @@ pub fn encode_delivery(d: &Delivery, now: Instant, now_ms: u64) -> Bytes {
 pub fn decode_delivery(value: &[u8], now: Instant, now_ms: u64) -> Result<Delivery> {
     let mut b = open(value, DELIVERY)?;
     let flags = b.u8()?;
+    if flags >> 5 != 0 {
+        return Err(RecordError::Flags(flags));
+    }
+    let sent_as = if flags & (1 << 4) != 0 {
+        Some(NonZeroU16::new(b.u16()?).ok_or(RecordError::Flags(flags))?)
+    } else {
+        None
+    };
     let n = usize::from(b.u16()?);
     let mut sub_ids = Vec::with_capacity(n.min(8));
     for _ in 0..n {
@@ -253,6 +301,7 @@ pub fn decode_delivery(value: &[u8], now: Instant, now_ms: u64) -> Result<Delive
         dup: flags & (1 << 3) != 0,
         sub_ids,
         seq: 0,
+        sent_as,
     })
 }
 
@@ -499,6 +548,7 @@ mod tests {
             retain: true,
             dup: true,
             sub_ids: vec![NonZeroU32::MIN, NonZeroU32::MAX],
+            sent_as: NonZeroU16::new(7),
             ..Delivery::new(msg.clone(), QoS::AtLeastOnce)
         };
         let bytes = encode_delivery(&d, now, now_ms);
@@ -510,6 +560,7 @@ mod tests {
                 b.qos,
                 b.retain,
                 b.dup,
+                b.sent_as,
                 b.sub_ids.clone(),
                 b.msg.topic.clone(),
                 b.msg.payload.clone(),
@@ -523,6 +574,7 @@ mod tests {
                 QoS::AtLeastOnce,
                 true,
                 true,
+                NonZeroU16::new(7),
                 d.sub_ids.clone(),
                 msg.topic.clone(),
                 msg.payload.clone(),
@@ -542,7 +594,8 @@ mod tests {
                 due_ms: now_ms + 30_000,
                 msg: msg.clone(),
             }),
-            released: vec![9, 3],
+            released: vec![Released { id: 9, seq: 40 }, Released { id: 3, seq: 0 }],
+            epoch: 12,
             replays: vec![("r/#".into(), Some("r/5".into())), ("q/+".into(), None)],
         };
         let back = SessionRecord::decode(&s.encode(now, now_ms), later, now_ms + 10_000);
@@ -562,6 +615,7 @@ mod tests {
         let plain = SessionRecord {
             released: Vec::new(),
             replays: Vec::new(),
+            epoch: 0,
             ..no_will
         };
         assert_eq!(

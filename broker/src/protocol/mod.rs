@@ -169,7 +169,7 @@ pub fn resend_releases(io: &ntex::io::IoBoxed, session: &Arc<Session>) {
     let Some(releases) = io.query::<crate::pubrel::Releases>().into_inner() else {
         return;
     };
-    let ids = session.lock().released.clone();
+    let ids = session.lock().released_ids();
     if !ids.is_empty() {
         tracing::debug!(client_id = %session.client_id, ids = ?ids, "PUBREL sent again for QoS 2 messages of an earlier connection");
     }

@@ -64,6 +64,7 @@ fn main() -> anyhow::Result<()> {
                 },
             )],
             will: None,
+            epoch: 0,
             released: Vec::new(),
             replays: Vec::new(),
         };
