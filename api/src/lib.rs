@@ -37,6 +37,9 @@ pub struct Instance {
     pub alarm_thresholds: BTreeMap<String, Option<u64>>,
     /// Alarms firing or acknowledged and not yet resolved.
     pub active_alarms: usize,
+    /// Persistent sessions with fewer copies than the replication factor
+    /// asks, summed over the nodes that answered (D2).
+    pub under_replicated_sessions: u64,
     pub nodes: Vec<NodeInfo>,
     pub missing_nodes: Vec<String>,
 }
@@ -94,6 +97,13 @@ pub struct NodeInfo {
     pub topics: u64,
     pub pub_tps: f64,
     pub sub_tps: f64,
+    /// Persistent sessions this node owns with fewer copies than the
+    /// replication factor asks (D2).
+    #[serde(default)]
+    pub under_replicated_sessions: u64,
+    /// Copies of other nodes' persistent sessions kept here (D2).
+    #[serde(default)]
+    pub replica_sessions: u64,
     /// This node evaluates the instance's alarms.
     pub alarm_evaluator: bool,
 }

@@ -1,5 +1,6 @@
 //! Alarms (L4): thresholds on the instance's connections, subscriptions,
-//! topics and TPS, with hysteresis and a hold time so that a value hovering
+//! topics and TPS, and on its persistent sessions left with fewer copies
+//! than the replication factor asks (D2), with hysteresis and a hold time so that a value hovering
 //! at a threshold does not flap.
 //!
 //! One node evaluates the instance's totals: the ring member with the
@@ -32,14 +33,18 @@ pub enum Metric {
     Subscriptions,
     Topics,
     Tps,
+    /// Persistent sessions with fewer copies than the replication factor
+    /// asks: a value, not a share of a capacity.
+    UnderReplicatedSessions,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 4] = [
+    pub const ALL: [Metric; 5] = [
         Metric::Connections,
         Metric::Subscriptions,
         Metric::Topics,
         Metric::Tps,
+        Metric::UnderReplicatedSessions,
     ];
 
     pub fn label(self) -> &'static str {
@@ -48,6 +53,7 @@ impl Metric {
             Metric::Subscriptions => "subscriptions",
             Metric::Topics => "topics",
             Metric::Tps => "tps",
+            Metric::UnderReplicatedSessions => "under_replicated_sessions",
         }
     }
 }
@@ -174,6 +180,7 @@ impl Alarms {
             Metric::Subscriptions => &self.config.subscriptions,
             Metric::Topics => &self.config.topics,
             Metric::Tps => &self.config.tps,
+            Metric::UnderReplicatedSessions => &self.config.under_replicated_sessions,
         }
     }
 
@@ -183,6 +190,7 @@ impl Alarms {
             Metric::Subscriptions => self.capacity.subscriptions,
             Metric::Topics => self.capacity.topics,
             Metric::Tps => self.capacity.tps,
+            Metric::UnderReplicatedSessions => 0,
         }
     }
 
@@ -448,5 +456,22 @@ mod tests {
         assert_eq!(a.records(17_000)[0].duration_secs, 1);
         assert_eq!(a.stand_down(20_000).len(), 1);
         assert_eq!(a.records(21_000)[0].state, AlarmState::Resolved);
+    }
+
+    #[test]
+    fn any_under_replicated_session_held_past_the_hold_time_alarms() {
+        let a = alarms(30);
+        let under = Metric::UnderReplicatedSessions;
+        assert_eq!(a.threshold(under), Some(1), "no capacity: a value of 1");
+        // A ring change: copied again within the hold time, no alarm.
+        assert!(a.evaluate(0, &[(under, 4)]).is_empty());
+        assert!(a.evaluate(10_000, &[(under, 0)]).is_empty());
+        assert!(a.evaluate(20_000, &[(under, 1)]).is_empty());
+        let c = a.evaluate(50_000, &[(under, 1)]);
+        assert!(matches!(&c[..], [Change::Fired(r)] if r.metric == under && r.threshold == 1));
+        // Back to none (held as long): resolved.
+        assert!(a.evaluate(60_000, &[(under, 0)]).is_empty());
+        let c = a.evaluate(90_000, &[(under, 0)]);
+        assert!(matches!(&c[..], [Change::Resolved(r)] if r.metric == under));
     }
 }

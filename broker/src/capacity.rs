@@ -41,6 +41,8 @@ pub struct Load {
     /// Weighted messages per second received (pub) and sent (sub).
     pub pub_tps: u64,
     pub sub_tps: u64,
+    /// Persistent sessions the node owns with too few copies (D2).
+    pub under_replicated: u64,
 }
 
 /// A limited resource.

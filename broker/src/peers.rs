@@ -40,6 +40,8 @@ pub enum PeerMsg {
         subscriptions: u64,
         pub_tps: u64,
         sub_tps: u64,
+        /// Persistent sessions this node owns with too few copies (D2).
+        under_replicated: u64,
     },
     /// A token revoked here: every node that verifies tokens must refuse it.
     Revoked { id: String, exp_ms: u64 },

@@ -84,6 +84,51 @@ async fn a_killed_owners_sessions_are_served_from_their_replicas() {
     assert!(failed_over >= 2.0, "{failed_over} sessions failed over");
 }
 
+/// Waits (30 s at most) until `done` holds.
+async fn until(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within 30 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A session left with fewer copies than the factor asks (its replica
+/// SIGKILLed) is counted by the operations API and the metric, and
+/// alarms once that held past `hold_secs`; a node that joins gets a copy,
+/// and the alarm resolves.
+#[tokio::test]
+async fn a_session_left_without_its_replica_is_reported_and_alarms_until_copied_again() {
+    let mut c = Cluster::start(2, "alarms:\n  hold_secs: 1\n");
+    let id = owned_by("n0", &c.names, "GID_test@@@under");
+    let mut s = persistent(&id, c.nodes[0].tcp).await;
+    s.subscribe("under/#", v3::QoS::AtLeastOnce).await;
+    s.disconnect().await;
+    let under =
+        |c: &Cluster| c.nodes[0].api("/api/v1/instance")["underReplicatedSessions"].as_u64();
+    let alarm = |c: &Cluster, state: &str| {
+        c.nodes[0].api("/api/v1/alarms")["alarms"]
+            .as_array()
+            .is_some_and(|a| {
+                a.iter()
+                    .any(|a| a["metric"] == "under_replicated_sessions" && a["state"] == state)
+            })
+    };
+    until("both copies", || under(&c) == Some(0)).await;
+    drop(c.take(1)); // the replica, SIGKILLed
+    c.wait_ring(1);
+    until("one session counted", || under(&c) == Some(1)).await;
+    assert_eq!(c.nodes[0].metric("ringmq_sessions_under_replicated"), 1.0);
+    let node = &c.nodes[0].api("/api/v1/instance")["nodes"][0];
+    assert_eq!(node["underReplicatedSessions"], 1, "{node}");
+    until("the alarm fires", || alarm(&c, "firing")).await;
+    c.add();
+    c.wait_ring(2);
+    until("copied again", || under(&c) == Some(0)).await;
+    until("the alarm resolves", || alarm(&c, "resolved")).await;
+    assert!(!alarm(&c, "firing"));
+}
+
 /// The nodes of `c` that keep `id`'s session with replication factor 2:
 /// its owner and its replica (the next owner).
 fn keepers(c: &Cluster, id: &str) -> (String, String) {

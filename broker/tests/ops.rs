@@ -73,6 +73,9 @@ async fn instance_and_client_queries_report_the_real_traffic() {
     assert_eq!(inst["totals"]["topics"], 2);
     assert_eq!(inst["utilization"]["connections"], 2.0);
     assert_eq!(inst["alarmThresholds"]["connections"], 70);
+    // Any persistent session left with too few copies alarms (D2).
+    assert_eq!(inst["alarmThresholds"]["under_replicated_sessions"], 1);
+    assert_eq!(inst["underReplicatedSessions"], 0);
     let nodes = inst["nodes"].as_array().cloned().unwrap_or_default();
     assert_eq!(nodes.len(), 1);
     assert_eq!(nodes[0]["state"], "running");

@@ -6,6 +6,9 @@
 
 export type Metric = "connections" | "subscriptions" | "topics" | "tps";
 export const METRICS: Metric[] = ["connections", "subscriptions", "topics", "tps"];
+// What an alarm watches: the capacity metrics, and persistent sessions left
+// with fewer copies than the replication factor asks (no capacity).
+export type AlarmMetric = Metric | "under_replicated_sessions";
 export type QoS = 0 | 1 | 2;
 
 export interface NodeInfo {
@@ -19,6 +22,8 @@ export interface NodeInfo {
   topics: number;
   pubTps: number;
   subTps: number;
+  underReplicatedSessions: number;
+  replicaSessions: number;
   alarmEvaluator: boolean;
 }
 
@@ -40,8 +45,9 @@ export interface Instance extends Merged {
     tps: number;
   };
   utilization: Record<Metric, number | null>;
-  alarmThresholds: Record<Metric, number | null>;
+  alarmThresholds: Record<AlarmMetric, number | null>;
   activeAlarms: number;
+  underReplicatedSessions: number;
   nodes: NodeInfo[];
 }
 
@@ -96,7 +102,7 @@ export interface Trace<E> extends Merged {
 
 export interface Alarm {
   id: string;
-  metric: Metric;
+  metric: AlarmMetric;
   value: number;
   peak: number;
   threshold: number;

@@ -95,6 +95,7 @@ pub fn render(spec: &MqttInstanceSpec, names: &Names, inputs: &Inputs) -> String
             "peers": [format!("{}:{}", names.pod_host(0), ports::CLUSTER)],
             "advertise_domain": names.headless_domain(),
             "secret_file": paths::CLUSTER_SECRET,
+            "replication_factor": crate::profile::replication_factor(spec),
         },
         "instance": {
             "name": names.instance,

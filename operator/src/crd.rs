@@ -374,6 +374,13 @@ pub struct SessionLimits {
     #[serde(default = "three_days")]
     #[schemars(range(min = 60, max = 2_592_000))]
     pub offline_ttl_secs: u64,
+    /// Pods that keep each persistent session, its owner's included (1–3):
+    /// with 2 or 3 a pod lost without warning loses no session and no
+    /// acknowledged message. Unset: 3 for the Professional edition, 2
+    /// otherwise (an instance of fewer pods keeps what it can).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3))]
+    pub replication_factor: Option<u8>,
 }
 
 fn two_hours() -> u32 {
@@ -394,6 +401,7 @@ impl Default for SessionLimits {
             expiry_secs: two_hours(),
             offline_queue_len: ten(),
             offline_ttl_secs: three_days(),
+            replication_factor: None,
         }
     }
 }
@@ -422,7 +430,8 @@ pub struct MqttInstanceStatus {
     /// The spec generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`, `Progressing`, `Degraded`, `KafkaReady`, `CapacityWarning`.
+    /// `Ready`, `Progressing`, `Degraded`, `KafkaReady`, `CapacityWarning`,
+    /// `Replicated`.
     #[serde(default)]
     pub conditions: Vec<Condition>,
     /// Broker pods the StatefulSet runs.
@@ -449,6 +458,11 @@ pub struct MqttInstanceStatus {
     /// A scale-down in progress: the pod being drained.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub draining: Option<Draining>,
+    /// Persistent sessions with fewer copies than the replication factor
+    /// asks (a pod was lost and the survivors have not copied them again
+    /// yet, or the instance runs fewer pods than the factor).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub under_replicated_sessions: Option<i64>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -470,6 +484,10 @@ pub struct NodeStatus {
     pub max_connections: i64,
     pub subscriptions: i64,
     pub subscribers: i64,
+    /// Persistent sessions the pod owns with fewer copies than the
+    /// replication factor asks.
+    #[serde(default)]
+    pub under_replicated_sessions: i64,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

@@ -34,6 +34,17 @@ fn edition_minimum(edition: Edition) -> i32 {
     }
 }
 
+/// Pods that keep each persistent session: the spec's, or the edition's
+/// (3 for Professional, which runs at least three pods; 2 otherwise).
+pub fn replication_factor(spec: &MqttInstanceSpec) -> u8 {
+    spec.session
+        .replication_factor
+        .unwrap_or(match spec.edition {
+            Edition::Professional => 3,
+            Edition::Basic | Edition::Standard => 2,
+        })
+}
+
 /// `a / b` rounded up, for positive `b` (signed `div_ceil` is unstable).
 pub fn ceil_div(a: i64, b: i64) -> i64 {
     (a + b - 1) / b
@@ -177,5 +188,18 @@ mod tests {
             "capacity: { connections: 100, tps: 100, subscriptions: 100 }\nstorage: { size: 500Mi }",
         );
         assert_eq!(storage_size(&set).0, "500Mi");
+    }
+
+    #[test]
+    fn the_replication_factor_follows_the_edition_unless_set() {
+        let caps = "capacity: { connections: 100, tps: 100, subscriptions: 100 }";
+        let of = |extra: &str| replication_factor(&yaml_spec(&format!("{caps}\n{extra}")));
+        assert_eq!(of(""), 2);
+        assert_eq!(of("edition: Standard"), 2);
+        assert_eq!(of("edition: Professional"), 3);
+        assert_eq!(
+            of("edition: Professional\nsession: { replicationFactor: 1 }"),
+            1
+        );
     }
 }

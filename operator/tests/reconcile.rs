@@ -395,7 +395,8 @@ async fn create_applies_every_object_and_reports_progress() {
     *h.brokers.instance.lock().unwrap_or_else(|e| e.into_inner()) = Some(json!({
         "totals": {"connections": 70, "subscriptions": 3, "topics": 2, "pubTps": 10.0, "subTps": 20.0},
         "utilization": {"connections": 70.0, "subscriptions": 0.3, "topics": null, "tps": 30.0},
-        "nodes": [{"name": "demo-0", "state": "running", "connections": 70, "maxConnections": 71, "subscriptions": 3, "subscribers": 1}],
+        "nodes": [{"name": "demo-0", "state": "running", "connections": 70, "maxConnections": 71, "subscriptions": 3, "subscribers": 1, "underReplicatedSessions": 2}],
+        "underReplicatedSessions": 2,
     }));
     *h.brokers.alarms.lock().unwrap_or_else(|e| e.into_inner()) = json!({"alarms": [{"id": "demo-0-0", "metric": "connections", "value": 70, "threshold": 70, "state": "firing", "start": 1_795_305_600_000_u64, "end": null}]});
     let action = h.pass().await;
@@ -410,6 +411,13 @@ async fn create_applies_every_object_and_reports_progress() {
     assert_eq!(obj["status"]["totals"]["connections"], 70);
     assert_eq!(obj["status"]["peakUtilization"], "70% connections");
     assert_eq!(obj["status"]["nodes"][0]["maxConnections"], 71);
+    // A pod lost its replica partner: the sessions it owns have one copy.
+    assert_eq!(obj["status"]["underReplicatedSessions"], 2);
+    assert_eq!(obj["status"]["nodes"][0]["underReplicatedSessions"], 2);
+    assert_eq!(
+        h.condition("Replicated"),
+        ("False".into(), "UnderReplicated".into())
+    );
     assert_eq!(obj["status"]["alarms"][0]["start"], "2026-11-22T00:00:00Z");
     assert!(
         h.events()

@@ -321,6 +321,13 @@ fn show_instance(v: &api::Instance) -> String {
             format!("{} / {}", cell(&tot.pub_tps), cell(&tot.sub_tps)),
         ),
         ("active alarms", cell(&v.active_alarms)),
+        (
+            "replication",
+            match v.under_replicated_sessions {
+                0 => "every persistent session has its copies".to_owned(),
+                n => format!("{n} persistent sessions under-replicated"),
+            },
+        ),
     ]));
     let mut t = Table::new(&[
         "NODE",

@@ -75,6 +75,8 @@ fn an_instance_answer_is_printed_as_a_block_and_a_node_table() {
         topics: 2,
         pub_tps: 1.25,
         sub_tps: 0.0,
+        under_replicated_sessions: 0,
+        replica_sessions: 1,
         alarm_evaluator: name == "n0",
     };
     let answer = api::Instance {
@@ -103,6 +105,7 @@ fn an_instance_answer_is_printed_as_a_block_and_a_node_table() {
         },
         alarm_thresholds: [("connections".to_owned(), Some(7))].into(),
         active_alarms: 0,
+        under_replicated_sessions: 3,
         nodes: vec![node("n0", 1), node("n1", 2)],
         missing_nodes: vec!["n2".into()],
     };
@@ -114,6 +117,10 @@ fn an_instance_answer_is_printed_as_a_block_and_a_node_table() {
     assert!(out.contains("warning: no answer from n2"), "{out}");
     assert!(out.contains("connections:   3 of 10 (30.0 %)"), "{out}");
     assert!(out.contains("tps:           1.2 (no limit)"), "{out}");
+    assert!(
+        out.contains("replication:   3 persistent sessions under-replicated"),
+        "{out}"
+    );
     assert!(
         out.contains("endpoints:     tcp=mqtt.example:1883"),
         "{out}"

@@ -540,6 +540,7 @@ fn apply(
             subscriptions,
             pub_tps,
             sub_tps,
+            under_replicated,
         } => broker.usage().capacity().peer_load(
             peer,
             crate::capacity::Load {
@@ -547,6 +548,7 @@ fn apply(
                 subscriptions,
                 pub_tps,
                 sub_tps,
+                under_replicated,
             },
         ),
         Frame::Query { id, body } => {

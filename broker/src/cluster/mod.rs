@@ -951,11 +951,13 @@ fn numbered_frame(msg: PeerMsg, n: u64) -> Frame {
             subscriptions,
             pub_tps,
             sub_tps,
+            under_replicated,
         } => Frame::Load {
             connections,
             subscriptions,
             pub_tps,
             sub_tps,
+            under_replicated,
         },
         PeerMsg::Revoked { id, exp_ms } => Frame::Revoked { id, exp_ms },
         PeerMsg::Synced { stream } => Frame::ReplicaSynced { link: stream },

@@ -24,7 +24,8 @@ use crate::message::QoS;
 /// and acknowledged forwards (`n` of `Publish` and `Direct`); a node of
 /// version 1 would not know them, so the two do not link.
 /// 3: a session handed over keeps its packet ids (`WireDelivery::packet_id`,
-/// `WireSession::qos2_ids` and `released`) and says its epoch.
+/// `WireSession::qos2_ids` and `released`) and says its epoch; `Load`
+/// reports under-replicated sessions.
 pub const VERSION: u16 = 3;
 
 /// Largest frame accepted: an MQTT packet of the largest configurable size
@@ -199,6 +200,8 @@ pub enum Frame {
         subscriptions: u64,
         pub_tps: u64,
         sub_tps: u64,
+        /// Persistent sessions the sender owns with too few copies.
+        under_replicated: u64,
     },
     /// An operations API question for the receiver (JSON), answered by a
     /// `Reply` with the same `id`.
@@ -382,9 +385,16 @@ impl Frame {
                 subscriptions,
                 pub_tps,
                 sub_tps,
+                under_replicated,
             } => {
                 out.put_u8(LOAD);
-                for v in [connections, subscriptions, pub_tps, sub_tps] {
+                for v in [
+                    connections,
+                    subscriptions,
+                    pub_tps,
+                    sub_tps,
+                    under_replicated,
+                ] {
                     out.put_u64(*v);
                 }
             }
@@ -540,6 +550,7 @@ fn decode_body(b: &mut Bytes) -> Result<Frame> {
             subscriptions: get_u64(b)?,
             pub_tps: get_u64(b)?,
             sub_tps: get_u64(b)?,
+            under_replicated: get_u64(b)?,
         },
         QUERY | REPLY => {
             let id = get_u64(b)?;
@@ -890,6 +901,7 @@ mod tests {
                 subscriptions: 2,
                 pub_tps: 3,
                 sub_tps: u64::MAX,
+                under_replicated: 4,
             },
             Frame::Query {
                 id: 9,

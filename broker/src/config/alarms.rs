@@ -12,6 +12,12 @@ pub struct AlarmsConfig {
     pub subscriptions: AlarmRule,
     pub topics: AlarmRule,
     pub tps: AlarmRule,
+    /// Persistent sessions left with fewer copies than
+    /// `cluster.replication_factor` asks, for longer than `hold_secs` (a
+    /// node was lost and the survivors could not copy them again, or the
+    /// cluster has fewer nodes than the factor). No capacity: `value`, 1
+    /// by default.
+    pub under_replicated_sessions: AlarmRule,
     /// A firing alarm resolves only once the value is below its threshold
     /// by this many percent of the threshold, so that a value hovering at
     /// the threshold does not flap.
@@ -30,6 +36,10 @@ impl Default for AlarmsConfig {
             subscriptions: AlarmRule::default(),
             topics: AlarmRule::default(),
             tps: AlarmRule::default(),
+            under_replicated_sessions: AlarmRule {
+                value: Some(1),
+                ..AlarmRule::default()
+            },
             hysteresis_percent: 10,
             hold_secs: 30,
             tps_window_secs: 10,

@@ -278,6 +278,7 @@ async fn instance(broker: &Arc<Broker>) -> Answer {
         },
         alarm_thresholds,
         active_alarms: active,
+        under_replicated_sessions: nodes.iter().map(|n| n.under_replicated_sessions).sum(),
         nodes,
         missing_nodes: answers.missing,
     })

@@ -146,6 +146,8 @@ fn node_info(broker: &Broker) -> NodeInfo {
         topics: broker.router().distinct_filters() as u64,
         pub_tps,
         sub_tps,
+        under_replicated_sessions: gauge(broker.metrics().sessions_under_replicated.get()),
+        replica_sessions: gauge(broker.metrics().replica_sessions.get()),
         alarm_evaluator: is_evaluator(broker),
     }
 }
@@ -336,6 +338,10 @@ fn instance_values(broker: &Broker) -> Vec<(Metric, u64)> {
         ),
         (Metric::Topics, broker.router().distinct_filters() as u64),
         (Metric::Tps, tps),
+        (
+            Metric::UnderReplicatedSessions,
+            gauge(broker.metrics().sessions_under_replicated.get()) + sum(|l| l.under_replicated),
+        ),
     ]
 }
 
@@ -379,6 +385,7 @@ pub async fn tick(broker: Arc<Broker>, shutdown: crate::shutdown::Shutdown) {
                 subscriptions: gauge(broker.metrics().subscriptions.get()),
                 pub_tps: pub_tps.round() as u64,
                 sub_tps: sub_tps.round() as u64,
+                under_replicated: gauge(broker.metrics().sessions_under_replicated.get()),
             });
         }
         let values = instance_values(&broker);

@@ -1,18 +1,19 @@
 // Alarms (L4): what fires now, what fired lately, the thresholds, and the
 // acknowledgement ("ignore") of a firing alarm.
 
-import { type Alarm, type Metric, METRICS, api } from "../api";
+import { type Alarm, type AlarmMetric, METRICS, api } from "../api";
 import { duration, int, time } from "../format";
 import { useAction, useQuery } from "../hooks";
 import { ErrorNotice, MissingNodes, Notice, Paged, Section, Table } from "../ui";
 
 const POLL_MS = 3_000;
 
-const METRIC_NAMES: Record<Metric, string> = {
+const METRIC_NAMES: Record<AlarmMetric, string> = {
   connections: "Connections",
   subscriptions: "Subscriptions",
   topics: "Topics",
   tps: "TPS (weighted)",
+  under_replicated_sessions: "Under-replicated sessions",
 };
 
 const STATE_NAMES: Record<Alarm["state"], string> = {
@@ -112,10 +113,16 @@ export function Alarms() {
                 </tr>
               );
             })}
+            <tr data-testid="threshold-under_replicated_sessions">
+              <th scope="row">{METRIC_NAMES.under_replicated_sessions}</th>
+              <td class="num">no capacity</td>
+              <td class="num">{i.alarmThresholds.under_replicated_sessions === null ? "off" : int(i.alarmThresholds.under_replicated_sessions)}</td>
+              <td class="num">—</td>
+            </tr>
           </Table>
         )}
         <p class="muted">
-          Thresholds come from the node's configuration (<code>alarms:</code>, 70 % of each capacity by default).
+          Thresholds come from the node's configuration (<code>alarms:</code>, 70 % of each capacity by default; under-replicated sessions: any, held for <code>hold_secs</code>).
         </p>
       </Section>
       <Section title={`Records (${all.length})`}>

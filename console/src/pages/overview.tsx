@@ -164,8 +164,8 @@ export function Overview() {
             <Table
               caption="Nodes of the instance"
               testid="nodes"
-              head={["Node", "State", "Connections", "Max connections", "Subscriptions", "Subscribers", "Sessions", "Topics", "Pub TPS", "Sub TPS"]}
-              numeric={[2, 3, 4, 5, 6, 7, 8, 9]}
+              head={["Node", "State", "Connections", "Max connections", "Subscriptions", "Subscribers", "Sessions", "Under-replicated", "Topics", "Pub TPS", "Sub TPS"]}
+              numeric={[2, 3, 4, 5, 6, 7, 8, 9, 10]}
             >
               {i.nodes.map((n) => (
                 <tr data-testid={`node-${n.name}`}>
@@ -187,6 +187,9 @@ export function Overview() {
                   </td>
                   <td class="num">{int(n.subscribers)}</td>
                   <td class="num">{int(n.sessions)}</td>
+                  <td class="num" data-testid="node-under-replicated" title="Persistent sessions this node owns with fewer copies than the replication factor asks">
+                    {int(n.underReplicatedSessions)}
+                  </td>
                   <td class="num">{int(n.topics)}</td>
                   <td class="num">{tps(n.pubTps)}</td>
                   <td class="num">{tps(n.subTps)}</td>

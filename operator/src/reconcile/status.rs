@@ -85,6 +85,8 @@ pub(super) async fn observe_into(
             status.nodes = o.nodes.clone();
             status.alarms = o.alarms.clone();
             status.peak_utilization = o.peak.clone();
+            status.under_replicated_sessions = o.under_replicated;
+            replication_condition(status);
             None
         }
         None if ready > 0 => Some("no broker pod answered the operations API"),
@@ -162,6 +164,28 @@ fn rollout_conditions(
     );
 }
 
+/// `Replicated`: whether every persistent session has the copies the
+/// replication factor asks for (D2).
+fn replication_condition(status: &mut MqttInstanceStatus) {
+    match status.under_replicated_sessions {
+        Some(0) => set_condition(
+            &mut status.conditions,
+            "Replicated",
+            true,
+            "AllSessionsReplicated",
+            "every persistent session has its copies",
+        ),
+        Some(n) => set_condition(
+            &mut status.conditions,
+            "Replicated",
+            false,
+            "UnderReplicated",
+            &format!("{n} persistent sessions have fewer copies than the replication factor asks"),
+        ),
+        None => {}
+    }
+}
+
 /// `CapacityWarning`: whether an alarm fires (L4).
 fn capacity_condition(status: &mut MqttInstanceStatus) {
     let firing: Vec<&AlarmStatus> = status
@@ -199,6 +223,8 @@ struct Observed {
     nodes: Vec<NodeStatus>,
     alarms: Vec<AlarmStatus>,
     peak: Option<String>,
+    /// `None` from brokers that do not report it.
+    under_replicated: Option<i64>,
 }
 
 /// Recent resolved alarms kept in the status.
@@ -235,6 +261,7 @@ async fn observe(ctx: &Context, names: &Names, replicas: i32, token: &str) -> Op
                 max_connections: i(&n["maxConnections"]),
                 subscriptions: i(&n["subscriptions"]),
                 subscribers: i(&n["subscribers"]),
+                under_replicated_sessions: i(&n["underReplicatedSessions"]),
             })
             .collect();
         let peak = inst["utilization"].as_object().and_then(|u| {
@@ -268,6 +295,7 @@ async fn observe(ctx: &Context, names: &Names, replicas: i32, token: &str) -> Op
             nodes,
             alarms: active,
             peak,
+            under_replicated: inst["underReplicatedSessions"].as_i64(),
         });
     }
     None
