@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::auth::{Grants, Identity};
 use crate::broker::{Broker, SubscribeError};
+use crate::durable::ArmedWill;
 use crate::message::{Message, QoS};
 use crate::router::ClientId;
 use crate::session::{ClientInfo, Conn, Delivery, KickReason, PendingWill, Session};
@@ -62,7 +63,7 @@ pub trait OutSink {
 /// A will message and when it is due.
 #[derive(Debug)]
 pub struct Will {
-    pub msg: Message,
+    pub msg: Arc<Message>,
     pub delay: Duration,
 }
 
@@ -137,7 +138,18 @@ impl Connection {
         {
             trace(DeviceAction::Discarded);
         }
-        attached.session.lock().info = ClientInfo {
+        let mut st = attached.session.lock();
+        if persistent && let Some(w) = &will {
+            // In the session's record while the client is connected: a
+            // crash of this node, or its loss (a replica serves the
+            // session then), publishes it as the connection's abnormal end.
+            st.armed_will = Some(ArmedWill {
+                delay_ms: u64::try_from(w.delay.as_millis()).unwrap_or(u64::MAX),
+                msg: w.msg.clone(),
+            });
+            attached.session.save(&st, None);
+        }
+        st.info = ClientInfo {
             ip: peer,
             protocol: origin.protocol,
             clean_session: origin.clean,
@@ -149,6 +161,7 @@ impl Connection {
             connected_at: crate::message::now_ms(),
             disconnected_at: None,
         };
+        drop(st);
         Self {
             client_id: attached.session.client_id.clone(),
             session: attached.session,
@@ -267,7 +280,7 @@ impl Connection {
             return;
         };
         let broker = self.broker.clone();
-        let msg = Arc::new(will.msg);
+        let msg = will.msg;
         let persistent = self.persistent;
         if will.delay.is_zero() || !persistent {
             let ordered = self.session.lock().ordered;

@@ -75,6 +75,11 @@ pub struct Handover {
     /// Packet ids of QoS 2 messages to the client that wait for their
     /// PUBCOMP: the client holds them until it gets their PUBREL.
     pub released: Vec<u16>,
+    /// A will waiting for its delay (MQTT 5) or, from a lost owner's copy,
+    /// the will of the connection that ended with it: the message and when
+    /// it is due (wall clock, ms). Published by the receiver unless its
+    /// client is back.
+    pub will: Option<(Arc<Message>, u64)>,
     /// The sender's owner generation of the session.
     pub epoch: u64,
     /// A copy, not a session the sender served: a replica's copy of a lost

@@ -385,6 +385,7 @@ mod tests {
             released: Vec::new(),
             replays: Vec::new(),
             epoch: 0,
+            armed_will: None,
         }
     }
 

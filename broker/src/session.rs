@@ -156,6 +156,9 @@ pub struct State {
     pub stale_upto: Option<u64>,
     /// The session's owner generation (`durable::SessionRecord::epoch`).
     pub epoch: u64,
+    /// The will of the attached connection of a persistent session, in its
+    /// record (`durable::SessionRecord::armed_will`).
+    pub armed_will: Option<durable::ArmedWill>,
 }
 
 impl State {
@@ -238,6 +241,7 @@ impl State {
             since,
             qos2_received: self.qos2_received.drain(..).collect(),
             released: self.released.drain(..).map(|r| r.id).collect(),
+            will: self.pending_will.take().map(|w| (w.msg, w.due_ms)),
             epoch: self.epoch,
             from_copy,
         }
@@ -272,6 +276,7 @@ impl State {
                 })
                 .collect(),
             epoch: self.epoch,
+            armed_will: self.armed_will.clone(),
             subscriptions: self
                 .subscriptions
                 .iter()
@@ -338,6 +343,7 @@ impl Session {
                 released: Vec::new(),
                 stale_upto: None,
                 epoch: 0,
+                armed_will: None,
             }),
             space: Notify::new(),
             received: AtomicU64::new(0),
@@ -839,6 +845,8 @@ impl SessionStore {
         st.offline_hold = false;
         st.tokens.clear();
         st.pending_will = None;
+        // The new connection's own will, if any, is armed by it.
+        st.armed_will = None;
         st.kick = None;
         session.save(&st, None);
         drop(st);
@@ -869,6 +877,8 @@ impl SessionStore {
         }
         st.attached = None;
         st.kick = None;
+        // Published or dropped by the connection that armed it.
+        st.armed_will = None;
         if st.persistent {
             st.disconnected_at = Some(Instant::now());
             st.info.disconnected_at = Some(crate::message::now_ms());

@@ -665,6 +665,41 @@ async fn delayed_wills_survive_sigkill() {
     drop(back);
 }
 
+/// Clients connected when the node is SIGKILLed lose their connections
+/// abnormally, so after the restart their wills are published, each once:
+/// MQTT 3.1.1 at once, MQTT 5 after its will delay. A client that
+/// disconnected cleanly before the crash has none.
+#[tokio::test]
+async fn wills_of_clients_connected_at_a_crash_are_published_after_the_restart() {
+    let mut b = Broker::start("");
+    subscribe_offline("watcher", &b, "will/#", v4::QoS::AtLeastOnce).await;
+    let mut o = keep4("crash-3", &b);
+    o.set_last_will(v4::LastWill::new(
+        "will/crash-3",
+        "crash-3",
+        v4::QoS::AtLeastOnce,
+        false,
+    ));
+    let c3 = v4::connect(o).await;
+    let c5 = v5::connect(with_will("crash-5", &b, 60, 1)).await;
+    let left = v5::connect(with_will("left", &b, 60, 0)).await;
+    left.disconnect().await;
+    // The records are written without anyone waiting: let them land.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    b.kill();
+    drop((c3, c5));
+    b.restart();
+    let mut w = v4::connect(keep4("watcher", &b)).await;
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let p = w.next_publish().await;
+        got.push(String::from_utf8_lossy(&p.payload).into_owned());
+    }
+    got.sort();
+    assert_eq!(got, ["crash-3", "crash-5"], "{}", b.log());
+    w.no_publish().await;
+}
+
 /// A QoS 2 message to a client whose connection ends between the broker's
 /// PUBREL and the client's PUBCOMP: the client may still hold it (one that
 /// delivers on PUBREL has not delivered it yet), so the next connection of

@@ -84,6 +84,39 @@ async fn a_killed_owners_sessions_are_served_from_their_replicas() {
     assert!(failed_over >= 2.0, "{failed_over} sessions failed over");
 }
 
+/// A client connected (through another node) to the owner of its
+/// persistent session when the owner is SIGKILLed: the replica that serves
+/// the session publishes its will, once — also when the owner comes back
+/// with its volume, whose copy still says "connected".
+#[tokio::test]
+async fn the_will_of_a_client_of_a_lost_owner_is_published_once() {
+    let mut c = Cluster::start(3, "");
+    let id = owned_by("n2", &c.names, "GID_test@@@willed");
+    let watcher = owned_by("n0", &c.names, "GID_test@@@watcher");
+    let mut w = persistent(&watcher, c.nodes[0].tcp).await;
+    w.subscribe("will/#", v3::QoS::AtLeastOnce).await;
+    let mut o = v3::options(&id, c.nodes[0].tcp);
+    o.set_clean_session(false);
+    o.set_last_will(v3::LastWill::new(
+        "will/willed",
+        "gone",
+        v3::QoS::AtLeastOnce,
+        false,
+    ));
+    let client = v3::connect(o).await;
+    // The record naming the will reaches the replica without anyone
+    // waiting: let it land.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.crash_restart(2);
+    drop(client);
+    c.wait_ring(3);
+    assert_eq!(&w.next_publish().await.payload[..], b"gone");
+    // The returning owner's copy would publish it after twice the failure
+    // timeout (2 s here); the session handed back to it replaced that copy.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    w.no_publish().await;
+}
+
 /// Waits (30 s at most) until `done` holds.
 async fn until(what: &str, done: impl Fn() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);

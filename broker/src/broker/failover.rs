@@ -128,7 +128,7 @@ impl Broker {
         let (fresh, opened): (Vec<_>, Vec<_>) = taken
             .into_iter()
             .partition(|rs| self.sessions.get(&rs.client).is_none());
-        for session in self.restore_sessions(fresh) {
+        for session in self.restore_sessions(fresh, true) {
             let mut st = session.lock();
             // A new owner: a copy of the lost owner's state that surfaces
             // later is older than this.
@@ -248,6 +248,18 @@ impl Broker {
 fn handover_of(mut rs: RecoveredSession) -> Handover {
     rs.drop_released();
     let now = Instant::now();
+    let now_ms = crate::message::now_ms();
+    // A will waiting for its delay, or the will of the connection that
+    // ended with the lost owner (due after its delay from now).
+    let will = rs
+        .record
+        .will
+        .take()
+        .map(|w| (w.msg, w.due_ms))
+        .or_else(|| {
+            let w = rs.record.armed_will.take()?;
+            (rs.record.disconnected_ms == 0).then(|| (w.msg, now_ms.saturating_add(w.delay_ms)))
+        });
     let disconnected = durable::disconnected_at(&rs.record, now, crate::message::now_ms());
     let expiry = Duration::from_millis(rs.record.expiry_ms)
         .saturating_sub(now.saturating_duration_since(disconnected));
@@ -271,6 +283,7 @@ fn handover_of(mut rs: RecoveredSession) -> Handover {
             .collect(),
         qos2_received: rs.record.qos2_ids,
         released: rs.record.released.iter().map(|r| r.id).collect(),
+        will,
         epoch: rs.record.epoch,
         from_copy: true,
     }

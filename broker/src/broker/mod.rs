@@ -948,6 +948,7 @@ impl Broker {
         let session = self.sessions.adopt(&h.client_id);
         let mut added = Vec::new();
         let mut dropped = Vec::new();
+        let mut will_due = None;
         let wake = {
             let mut st = session.lock();
             if st.attached.is_some() && !st.persistent {
@@ -1002,6 +1003,19 @@ impl Broker {
                         st.released.push(Released { id, seq: 0 });
                     }
                 }
+                // A will due while the client is away; a client that is
+                // back has cancelled it.
+                if let Some((msg, due_ms)) = h.will
+                    && st.attached.is_none()
+                    && st.pending_will.is_none()
+                {
+                    st.pending_will = Some(crate::session::PendingWill {
+                        generation: 0,
+                        msg,
+                        due_ms,
+                    });
+                    will_due = Some(due_ms);
+                }
                 let mut offline = h.offline;
                 offline.extend(h.since);
                 (h.resend, offline)
@@ -1025,6 +1039,10 @@ impl Broker {
         };
         if let Some(w) = wake {
             w.notify_one();
+        }
+        if let Some(due_ms) = will_due {
+            let delay = Duration::from_millis(due_ms.saturating_sub(crate::message::now_ms()));
+            self.schedule_will(session.clone(), 0, delay);
         }
         self.drop_routes(&session.client_id, &dropped);
         self.add_routes(&session.client_id, added);
@@ -1064,7 +1082,7 @@ impl Broker {
         for m in recovered.retained {
             n = self.retained.restore(&Arc::new(m));
         }
-        for session in self.restore_sessions(recovered.sessions) {
+        for session in self.restore_sessions(recovered.sessions, false) {
             let mut st = session.lock();
             st.stale_upto = Some(st.last_seq);
         }
@@ -1076,10 +1094,28 @@ impl Broker {
         self.restored.store(true, Ordering::Release);
     }
 
-    /// Serves sessions read back from a store (or a lost node's replica):
-    /// offline, their routes added, their delayed wills scheduled, their
-    /// retained replays resumed. Returns them.
-    fn restore_sessions(self: &Arc<Self>, stored: Vec<RecoveredSession>) -> Vec<Arc<Session>> {
+    /// Serves sessions read back from a store (or, `from_replica`, a lost
+    /// node's replica): offline, their routes added, their delayed wills
+    /// scheduled, their retained replays resumed. Returns them.
+    fn restore_sessions(
+        self: &Arc<Self>,
+        stored: Vec<RecoveredSession>,
+        from_replica: bool,
+    ) -> Vec<Arc<Session>> {
+        // The will of a connection that ended with its node is published
+        // as for any abnormal end, after its delay. A node restarting in a
+        // cluster waits a while longer: if another node served the session
+        // meanwhile (and published the will), the session it hands back
+        // replaces this copy and cancels it.
+        let grace = match &self.peers {
+            Some(_) if !from_replica => Duration::from_millis(
+                self.config
+                    .cluster
+                    .as_ref()
+                    .map_or(0, |c| 2 * c.failure_timeout_ms),
+            ),
+            _ => Duration::ZERO,
+        };
         let (now, now_ms) = (Instant::now(), crate::message::now_ms());
         let mut replays = Vec::new();
         let mut restored = Vec::with_capacity(stored.len());
@@ -1094,14 +1130,26 @@ impl Broker {
             // flight, and MQTT's DUP means "may have been sent before".
             let crashed = rs.record.disconnected_ms == 0;
             let owed = std::mem::take(&mut rs.record.replays);
+            let armed = rs.record.armed_will.take();
             let session = self.sessions.restore(rs, now, now_ms);
             if !owed.is_empty() {
                 replays.push((session.clone(), owed));
             }
             if crashed {
                 let window = self.config.limits.max_inflight;
-                for d in session.lock().offline.iter_mut().take(window.into()) {
+                let mut st = session.lock();
+                for d in st.offline.iter_mut().take(window.into()) {
                     d.dup = true;
+                }
+                if let Some(w) = armed {
+                    let delay = Duration::from_millis(w.delay_ms).min(st.expiry) + grace;
+                    st.pending_will = Some(crate::session::PendingWill {
+                        generation: 0,
+                        msg: w.msg,
+                        due_ms: now_ms
+                            .saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX)),
+                    });
+                    session.save(&st, None);
                 }
             }
             let will_in = session

@@ -857,6 +857,7 @@ pub fn handover_to_wire(h: Handover, now: Instant) -> wire::WireSession {
             .collect(),
         qos2_ids: h.qos2_received,
         released: h.released,
+        will: h.will.map(|(m, due)| (to_wire(&m, now), due)),
         epoch: h.epoch,
         from_copy: h.from_copy,
     }
@@ -878,6 +879,7 @@ pub fn handover_from_wire(ws: wire::WireSession) -> Handover {
         since: ws.since.into_iter().map(delivery_from_wire).collect(),
         qos2_received: ws.qos2_ids,
         released: ws.released,
+        will: ws.will.map(|(m, due)| (Arc::new(from_wire(m)), due)),
         epoch: ws.epoch,
         from_copy: ws.from_copy,
     }

@@ -114,6 +114,8 @@ pub struct WireSession {
     pub qos2_ids: Vec<u16>,
     /// QoS 2 messages to the client waiting for their PUBCOMP.
     pub released: Vec<u16>,
+    /// A will waiting, and when it is due (wall clock, ms).
+    pub will: Option<(WireMessage, u64)>,
     /// The sender's owner generation of the session.
     pub epoch: u64,
     /// A replica's copy of a lost owner's session (`peers::Handover`).
@@ -700,6 +702,14 @@ fn put_session(out: &mut BytesMut, s: &WireSession) {
     put_deliveries(out, &s.since);
     put_ids(out, &s.qos2_ids);
     put_ids(out, &s.released);
+    match &s.will {
+        Some((msg, due_ms)) => {
+            out.put_u8(1);
+            put_msg(out, msg);
+            out.put_u64(*due_ms);
+        }
+        None => out.put_u8(0),
+    }
     out.put_u64(s.epoch);
     out.put_u8(u8::from(s.from_copy));
 }
@@ -731,6 +741,10 @@ fn get_session(b: &mut Bytes) -> Result<WireSession> {
         since: get_deliveries(b)?,
         qos2_ids: get_ids(b)?,
         released: get_ids(b)?,
+        will: match get_u8(b)? {
+            0 => None,
+            _ => Some((get_msg(b)?, get_u64(b)?)),
+        },
         epoch: get_u64(b)?,
         from_copy: get_u8(b)? != 0,
     })
@@ -955,6 +969,7 @@ mod tests {
                 since: Vec::new(),
                 qos2_ids: vec![1, 2],
                 released: vec![3],
+                will: Some((msg(), 1_800_000_000_000)),
                 epoch: u64::MAX,
                 from_copy: true,
             }),

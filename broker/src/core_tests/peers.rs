@@ -325,6 +325,7 @@ fn a_session_handed_to_this_node_is_served_here_with_what_it_brought() {
         since: Vec::new(),
         qos2_received: vec![11],
         released: vec![12],
+        will: None,
         epoch: 3,
         from_copy: false,
     });
@@ -363,6 +364,7 @@ fn a_session_handed_to_this_node_is_served_here_with_what_it_brought() {
         since: vec![queued_msg("h/since", false)],
         qos2_received: Vec::new(),
         released: Vec::new(),
+        will: None,
         epoch: 3,
         from_copy: true,
     });
@@ -441,6 +443,7 @@ fn a_session_served_elsewhere_replaces_the_copy_read_back_but_not_what_came_sinc
         released: vec![crate::durable::Released { id: 9, seq: 0 }],
         replays: Vec::new(),
         epoch: 0,
+        armed_will: None,
     };
     b.restore(crate::durable::Recovered {
         sessions: vec![crate::durable::RecoveredSession {
@@ -468,6 +471,7 @@ fn a_session_served_elsewhere_replaces_the_copy_read_back_but_not_what_came_sinc
         since: Vec::new(),
         qos2_received: Vec::new(),
         released: Vec::new(),
+        will: None,
         epoch: 0,
         from_copy: false,
     });

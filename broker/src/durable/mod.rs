@@ -116,10 +116,28 @@ pub struct SessionRecord {
     /// Retained replays of new subscriptions still under way: the filter
     /// and the last topic paged.
     pub replays: Vec<(String, Option<String>)>,
+    /// The will of the connection attached when the record was written:
+    /// read back with the session marked connected (a crash, or a lost
+    /// owner's replica), it is published as that connection's abnormal end.
+    pub armed_will: Option<ArmedWill>,
     /// Its owner generation: one more at each change of owner (a handover,
     /// a replica served after its owner was lost). Of two states of one
     /// session, the one of the lower epoch is an older one (`peers::Handover`).
     pub epoch: u64,
+}
+
+/// The will of a connected client, with its delay (MQTT 5 will delay;
+/// 0 for 3.1.1).
+#[derive(Debug, Clone)]
+pub struct ArmedWill {
+    pub delay_ms: u64,
+    pub msg: Arc<Message>,
+}
+
+impl PartialEq for ArmedWill {
+    fn eq(&self, other: &Self) -> bool {
+        self.delay_ms == other.delay_ms && same_will(&self.msg, &other.msg)
+    }
 }
 
 /// A QoS 2 message to the client whose PUBREC arrived and whose PUBCOMP
@@ -148,16 +166,20 @@ impl PartialEq for StoredWill {
     /// subscriber would see it (its clock fields are read back relative to
     /// the restart, so they are not compared).
     fn eq(&self, other: &Self) -> bool {
-        let (a, b) = (&self.msg, &other.msg);
-        self.due_ms == other.due_ms
-            && a.id == b.id
-            && a.topic == b.topic
-            && a.payload == b.payload
-            && a.qos == b.qos
-            && a.retain == b.retain
-            && a.publisher == b.publisher
-            && a.properties == b.properties
+        self.due_ms == other.due_ms && same_will(&self.msg, &other.msg)
     }
+}
+
+/// The same will message as a subscriber would see it (its clock fields are
+/// read back relative to the restart, so they are not compared).
+fn same_will(a: &Message, b: &Message) -> bool {
+    a.id == b.id
+        && a.topic == b.topic
+        && a.payload == b.payload
+        && a.qos == b.qos
+        && a.retain == b.retain
+        && a.publisher == b.publisher
+        && a.properties == b.properties
 }
 
 /// A persistent session as the store kept it.

@@ -448,6 +448,7 @@ mod tests {
                             released: Vec::new(),
                             replays: Vec::new(),
                             epoch: 0,
+                            armed_will: None,
                         };
                         persist.session(&name(c), &rec, Some(&mut pending));
                     }
@@ -544,6 +545,7 @@ mod migration_tests {
             released: Vec::new(),
             replays: Vec::new(),
             epoch: 0,
+            armed_will: None,
         };
         {
             // What an earlier version wrote: the session and its messages

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use ntex::util::{BufMut, ByteString, Bytes, BytesMut};
 
 use crate::codec::{len16, len32, put_bytes, put_opt_str, put_str};
-use crate::durable::{Released, SessionRecord, StoredWill};
+use crate::durable::{ArmedWill, Released, SessionRecord, StoredWill};
 use crate::message::Delivery;
 use crate::message::{Message, MessageId, Properties, QoS};
 use crate::router::SubOptions;
@@ -47,6 +47,8 @@ const TAG_REPLAYS: u8 = 3;
 const TAG_RELEASED_SEQS: u8 = 4;
 /// The session's owner generation (`SessionRecord::epoch`).
 const TAG_EPOCH: u8 = 5;
+/// The will of the connection attached when the record was written.
+const TAG_ARMED_WILL: u8 = 6;
 
 /// Why stored bytes are not a record.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -162,6 +164,11 @@ impl SessionRecord {
             out.put_u8(TAG_EPOCH);
             out.put_u64(self.epoch);
         }
+        if let Some(w) = &self.armed_will {
+            out.put_u8(TAG_ARMED_WILL);
+            out.put_u64(w.delay_ms);
+            put_msg(&mut out, &w.msg, now, now_ms);
+        }
         finish(out)
     }
 
@@ -190,6 +197,7 @@ impl SessionRecord {
         }
         let (mut will, mut released, mut replays) = (None, Vec::new(), Vec::new());
         let mut epoch = 0;
+        let mut armed_will = None;
         let mut last = 0;
         while !b.is_empty() {
             let tag = b.u8()?;
@@ -237,6 +245,11 @@ impl SessionRecord {
                     }
                 }
                 TAG_EPOCH => epoch = b.u64()?,
+                TAG_ARMED_WILL => {
+                    let delay_ms = b.u64()?;
+                    let msg = Arc::new(get_msg(&mut b, now, now_ms)?);
+                    armed_will = Some(ArmedWill { delay_ms, msg });
+                }
                 t => return Err(RecordError::Tag(t)),
             }
         }
@@ -251,6 +264,7 @@ impl SessionRecord {
             released,
             replays,
             epoch,
+            armed_will,
         })
     }
 }
@@ -596,6 +610,10 @@ mod tests {
             }),
             released: vec![Released { id: 9, seq: 40 }, Released { id: 3, seq: 0 }],
             epoch: 12,
+            armed_will: Some(ArmedWill {
+                delay_ms: 5_000,
+                msg: msg.clone(),
+            }),
             replays: vec![("r/#".into(), Some("r/5".into())), ("q/+".into(), None)],
         };
         let back = SessionRecord::decode(&s.encode(now, now_ms), later, now_ms + 10_000);
@@ -616,6 +634,7 @@ mod tests {
             released: Vec::new(),
             replays: Vec::new(),
             epoch: 0,
+            armed_will: None,
             ..no_will
         };
         assert_eq!(

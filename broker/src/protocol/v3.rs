@@ -62,13 +62,13 @@ pub async fn connect(broker: &Arc<Broker>, c: v3::Connect) -> Result<v3::Connect
                 return Ok(refuse(broker, c, "will_topic_invalid"));
             }
             Some(Will {
-                msg: broker.message(
+                msg: Arc::new(broker.message(
                     w.topic.clone(),
                     w.message.clone(),
                     w.qos.into(),
                     w.retain,
                     Arc::from(client_id.as_str()),
-                ),
+                )),
                 delay: Duration::ZERO,
             })
         }

@@ -107,7 +107,7 @@ pub async fn connect(broker: &Arc<Broker>, c: v5::Connect) -> Result<v5::Connect
                 utf8_payload: w.is_utf8_payload.unwrap_or(false),
             });
             Some(Will {
-                msg,
+                msg: Arc::new(msg),
                 delay: Duration::from_secs(u64::from(w.will_delay_interval_sec.unwrap_or(0))),
             })
         }

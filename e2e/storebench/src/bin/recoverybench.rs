@@ -65,6 +65,7 @@ fn main() -> anyhow::Result<()> {
             )],
             will: None,
             epoch: 0,
+            armed_will: None,
             released: Vec::new(),
             replays: Vec::new(),
         };
