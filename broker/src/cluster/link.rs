@@ -493,9 +493,14 @@ fn apply(
                     tracing::warn!(peer = %peer, client_id = %client, error = %e, "replica change not readable");
                 }
             }
-            stream.numbered(n, crate::durable::Pending::default());
+            stream.replica_change(n);
         }
-        Frame::Ack { run, n, failed } => cluster.acked(peer, run, n, failed),
+        Frame::Ack {
+            run,
+            n,
+            failed,
+            forward,
+        } => cluster.acked(peer, run, n, failed, forward),
         Frame::ReplicaSynced { link } => broker.replicas_synced(peer, link),
         Frame::Settled { members } => cluster.settled_from(peer, members),
         Frame::Revoked { id, exp_ms } => {
@@ -519,7 +524,7 @@ fn apply(
         Frame::Publish { n, msg, groups } => {
             let (over, kept) =
                 broker.publish_forwarded(Arc::new(super::from_wire(msg)), &groups, n != 0);
-            stream.numbered(n, kept);
+            stream.forward(n, kept);
             return over;
         }
         Frame::Direct {
@@ -530,7 +535,7 @@ fn apply(
         } => {
             let msg = Arc::new(super::from_wire(msg));
             let (over, kept) = broker.deliver_direct(&client_id, persistent, msg, n != 0);
-            stream.numbered(n, kept);
+            stream.forward(n, kept);
             return over;
         }
         Frame::Retain { msg } => broker.retain_replica(Arc::new(super::from_wire(msg))),

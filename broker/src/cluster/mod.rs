@@ -432,14 +432,15 @@ impl Cluster {
         true
     }
 
-    /// `node` is through with every numbered frame of this run's stream
-    /// up to `n` (`failed`: `n` itself was not kept).
-    pub fn acked(&self, node: &str, run: u64, n: u64, failed: bool) {
+    /// `node` is through with every numbered frame of this run's
+    /// sequence (`forward`: the publishes', else the replica changes') up
+    /// to `n` (`failed`: `n` itself was not kept).
+    pub fn acked(&self, node: &str, run: u64, n: u64, failed: bool, forward: bool) {
         if run != self.run {
             return;
         }
         if let Some((_, acks)) = self.numbered_link(node) {
-            acks.acked(n, failed);
+            acks.acked(n, failed, forward);
         }
     }
 

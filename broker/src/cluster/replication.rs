@@ -3,14 +3,20 @@
 //! and a publish forwarded to the owner of its subscribers, with the
 //! sender's account of which of them a client's acknowledgement waits for.
 //!
-//! Each such frame for a peer gets the next number of the peer's queue,
-//! taken under the same lock as its place in the queue, so numbers follow
-//! the order the peer reads them in. The peer acknowledges the highest
-//! number it is through with (`Ack`, tagged with this process's run): a
-//! replica change once applied to its copy (`replica::Replicas`), a
-//! publish once the persistent sessions it reached keep it. Frames queued
-//! while a link is down go out on the next one with their numbers, so the
-//! count never restarts within a process.
+//! Each such frame for a peer gets the next number of its sequence for
+//! that peer, taken under the same lock as its place in the peer's queue,
+//! so numbers follow the order the peer reads them in. Replica changes and
+//! forwarded publishes are two sequences: the peer acknowledges the
+//! highest number of each it is through with (`Ack`, tagged with this
+//! process's run and the sequence): a replica change once applied to its
+//! copy (`replica::Replicas`), a publish once the persistent sessions it
+//! reached keep it. Apart, because a publish waits for its sessions'
+//! replicas: in one sequence, a replica change behind it on the same link
+//! would wait for it too, and two nodes forwarding to each other whose
+//! sessions replicate to each other would each wait for the other's
+//! acknowledgement for ever. Frames queued while a link is down go out on
+//! the next one with their numbers, so the count never restarts within a
+//! process.
 //!
 //! When the peer leaves the ring first, what waits for it is released: a
 //! replica change as kept (this node has it; the session is
@@ -32,11 +38,13 @@ use crate::durable::{Change, Commit, Mailbox, Pending, SessionRecord};
 use crate::message::now_ms;
 use crate::persist::record::{self, RecordError};
 
-/// The replication changes queued for one peer, and the commits waiting
-/// for the peer's acknowledgement of them.
+/// The numbered frames queued for one peer, and the commits waiting for
+/// the peer's acknowledgement of them: replica changes and forwarded
+/// publishes, each its own sequence.
 #[derive(Debug, Default)]
 pub struct Awaiting {
-    state: Mutex<State>,
+    replica: Mutex<State>,
+    forward: Mutex<State>,
 }
 
 #[derive(Debug, Default)]
@@ -59,9 +67,15 @@ pub enum OnLoss {
 }
 
 impl Awaiting {
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+    /// The sequence of replica changes, or (`forward`) of publishes.
+    fn state(&self, forward: bool) -> std::sync::MutexGuard<'_, State> {
+        let s = if forward {
+            &self.forward
+        } else {
+            &self.replica
+        };
         // The numbers and the list hold no invariant a panic could break.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        s.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Numbers a frame, queues it, and makes `commit` wait for its
@@ -73,7 +87,8 @@ impl Awaiting {
         commit: Option<Arc<Commit>>,
         on_loss: OnLoss,
     ) {
-        let mut st = self.state();
+        // A forwarded publish is the one refused when its peer is lost.
+        let mut st = self.state(on_loss == OnLoss::Refused);
         st.last += 1;
         let n = st.last;
         queue.push(frame(n));
@@ -82,11 +97,11 @@ impl Awaiting {
         }
     }
 
-    /// The peer is through with every frame up to `n`; `failed`: frame `n`
-    /// itself was not kept.
-    pub(super) fn acked(&self, n: u64, failed: bool) {
+    /// The peer is through with every frame of the sequence (`forward`:
+    /// the publishes') up to `n`; `failed`: frame `n` itself was not kept.
+    pub(super) fn acked(&self, n: u64, failed: bool, forward: bool) {
         let done: Vec<(Arc<Commit>, bool)> = {
-            let mut st = self.state();
+            let mut st = self.state(forward);
             let upto = st.waiting.partition_point(|(m, _, _)| *m <= n);
             st.waiting
                 .drain(..upto)
@@ -99,12 +114,15 @@ impl Awaiting {
     /// The peer left the ring: everything waiting for it is settled by
     /// its `OnLoss`. Returns how many replica changes went on without it.
     pub(super) fn release(&self) -> u64 {
-        let done: Vec<(Arc<Commit>, bool)> = self
-            .state()
-            .waiting
-            .drain(..)
-            .map(|(_, c, l)| (c, l == OnLoss::Kept))
-            .collect();
+        let mut done: Vec<(Arc<Commit>, bool)> = Vec::new();
+        for forward in [false, true] {
+            done.extend(
+                self.state(forward)
+                    .waiting
+                    .drain(..)
+                    .map(|(_, c, l)| (c, l == OnLoss::Kept)),
+            );
+        }
         let kept = done.iter().filter(|(_, ok)| *ok).count();
         resolve(done);
         u64::try_from(kept).unwrap_or(u64::MAX)
@@ -128,13 +146,15 @@ fn resolve(done: Vec<(Arc<Commit>, bool)>) {
 }
 
 /// The receiving end of the numbered frames a peer sends on one link:
-/// each is handed, in order, to a task that acknowledges them as they are
-/// through (one `Ack` for all that are through when it looks).
+/// each is handed, in order, to the task of its sequence, which
+/// acknowledges them as they are through (one `Ack` for all that are
+/// through when it looks).
 #[derive(Debug)]
 pub(super) struct Inbound {
     run: u64,
     link: u64,
-    done: mpsc::UnboundedSender<Done>,
+    replica: mpsc::UnboundedSender<Done>,
+    forward: mpsc::UnboundedSender<Done>,
 }
 
 #[derive(Debug)]
@@ -150,12 +170,15 @@ impl Inbound {
     /// Starts the acknowledging task; it ends when this is dropped (the
     /// link's reading task ends).
     pub(super) fn new(cluster: Arc<Cluster>, peer: Arc<str>) -> Self {
-        let (done, rx) = mpsc::unbounded_channel();
-        ntex::rt::spawn(acknowledge(cluster, peer, rx));
+        let (replica, rx) = mpsc::unbounded_channel();
+        ntex::rt::spawn(acknowledge(cluster.clone(), peer.clone(), rx, false));
+        let (forward, rx) = mpsc::unbounded_channel();
+        ntex::rt::spawn(acknowledge(cluster, peer, rx, true));
         Self {
             run: 0,
             link: 0,
-            done,
+            replica,
+            forward,
         }
     }
 
@@ -170,10 +193,19 @@ impl Inbound {
         self.link
     }
 
-    /// Frame `n` (0: not numbered) is through once `pending` is.
-    pub(super) fn numbered(&self, n: u64, pending: Pending) {
+    /// Replica change `n`, applied.
+    pub(super) fn replica_change(&self, n: u64) {
+        self.numbered(&self.replica, n, Pending::default());
+    }
+
+    /// Forwarded publish `n` (0: not numbered) is through once `pending` is.
+    pub(super) fn forward(&self, n: u64, pending: Pending) {
+        self.numbered(&self.forward, n, pending);
+    }
+
+    fn numbered(&self, to: &mpsc::UnboundedSender<Done>, n: u64, pending: Pending) {
         if n != 0 {
-            let _ = self.done.send(Done::Frame {
+            let _ = to.send(Done::Frame {
                 run: self.run,
                 n,
                 pending,
@@ -182,17 +214,34 @@ impl Inbound {
     }
 
     pub(super) fn heartbeat(&self) {
-        let _ = self.done.send(Done::Again);
+        let _ = self.replica.send(Done::Again);
+        let _ = self.forward.send(Done::Again);
     }
 }
 
-/// Acknowledges a link's numbered frames in order as they are through.
-async fn acknowledge(cluster: Arc<Cluster>, peer: Arc<str>, mut rx: mpsc::UnboundedReceiver<Done>) {
+/// Acknowledges a link's numbered frames of one sequence (`forward`: the
+/// publishes') in order as they are through.
+async fn acknowledge(
+    cluster: Arc<Cluster>,
+    peer: Arc<str>,
+    mut rx: mpsc::UnboundedReceiver<Done>,
+    forward: bool,
+) {
     // The last frame through, and the last acknowledged.
     let mut through: Option<(u64, u64)> = None;
     let mut told: Option<(u64, u64)> = None;
     let tell = |at: Option<(u64, u64)>, failed: bool| {
-        at.is_some_and(|(run, n)| cluster.control(&peer, Frame::Ack { run, n, failed }))
+        at.is_some_and(|(run, n)| {
+            cluster.control(
+                &peer,
+                Frame::Ack {
+                    run,
+                    n,
+                    failed,
+                    forward,
+                },
+            )
+        })
     };
     loop {
         let next = match rx.try_recv() {
@@ -285,26 +334,38 @@ mod tests {
     fn a_commit_waits_for_its_frame_and_is_settled_by_the_peers_loss() {
         let (q, mut rx) = DataQueue::new();
         let a = Awaiting::default();
-        let mut p: Vec<Pending> = (0..4).map(|_| Pending::default()).collect();
-        let loss = [OnLoss::Kept, OnLoss::Kept, OnLoss::Kept, OnLoss::Refused];
+        let mut p: Vec<Pending> = (0..5).map(|_| Pending::default()).collect();
+        let loss = [
+            OnLoss::Kept,
+            OnLoss::Kept,
+            OnLoss::Refused,
+            OnLoss::Kept,
+            OnLoss::Kept,
+        ];
         for (p, l) in p.iter_mut().zip(loss) {
             a.push(&q, numbered, p.join(), l);
         }
-        // Numbers follow the queue.
-        for n in 1..=4 {
+        // Numbers follow the queue, each sequence its own: replica changes
+        // 1, 2, 3, 4, the forwarded publish 1.
+        for n in [1, 2, 1, 3, 4] {
             assert_eq!(rx.try_recv(), Some(numbered(n)));
         }
         assert_eq!(p[0].settled(), None);
-        a.acked(1, false);
+        a.acked(1, false, false);
         assert_eq!(p[0].settled(), Some(Ok(())));
         assert_eq!(p[1].settled(), None);
         // Frame 2 was not kept.
-        a.acked(2, true);
+        a.acked(2, true, false);
         assert_eq!(p[1].settled(), Some(Err(WriteFailed)));
+        // A replica change is not held back by the publish queued before
+        // it, which waits for the peer's sessions (and their replicas).
+        a.acked(3, false, false);
+        assert_eq!(p[3].settled(), Some(Ok(())));
+        assert_eq!(p[2].settled(), None);
         // The peer leaves: a replica change goes on, a forward is refused.
         assert_eq!(a.release(), 1);
-        assert_eq!(p[2].settled(), Some(Ok(())));
-        assert_eq!(p[3].settled(), Some(Err(WriteFailed)));
+        assert_eq!(p[4].settled(), Some(Ok(())));
+        assert_eq!(p[2].settled(), Some(Err(WriteFailed)));
     }
 
     #[test]

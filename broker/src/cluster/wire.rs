@@ -26,7 +26,8 @@ use crate::message::QoS;
 /// 3: a session handed over keeps its packet ids (`WireDelivery::packet_id`,
 /// `WireSession::qos2_ids` and `released`) and says its epoch; `Load`
 /// reports under-replicated sessions.
-pub const VERSION: u16 = 3;
+/// 4: `Ack` names its sequence (replica changes or forwarded publishes).
+pub const VERSION: u16 = 4;
 
 /// Largest frame accepted: an MQTT packet of the largest configurable size
 /// plus the frame's own fields.
@@ -233,13 +234,16 @@ pub enum Frame {
         link: u64,
     },
     /// The sender is through with every numbered frame of run `run`'s
-    /// stream up to `n`: replica changes applied, publishes kept by the
-    /// persistent sessions they reached. `failed`: frame `n` itself could
-    /// not be kept (the store refused it).
+    /// sequence up to `n`: replica changes applied (`forward` false),
+    /// publishes kept by the persistent sessions they reached (`forward`
+    /// true; the two are numbered apart, so that a replica change is
+    /// never held back behind a publish that waits for a replica).
+    /// `failed`: frame `n` itself could not be kept (the store refused it).
     Ack {
         run: u64,
         n: u64,
         failed: bool,
+        forward: bool,
     },
     /// Every session the sender owns and the receiver keeps went out whole
     /// on link `link`: the receiver's older copies of the sender's are stale.
@@ -429,11 +433,16 @@ impl Frame {
                 out.put_u64(*run);
                 out.put_u64(*link);
             }
-            Frame::Ack { run, n, failed } => {
+            Frame::Ack {
+                run,
+                n,
+                failed,
+                forward,
+            } => {
                 out.put_u8(ACK);
                 out.put_u64(*run);
                 out.put_u64(*n);
-                out.put_u8(u8::from(*failed));
+                out.put_u8(u8::from(*failed) | (u8::from(*forward) << 1));
             }
             Frame::ReplicaSynced { link } => {
                 out.put_u8(REPLICA_SYNCED);
@@ -574,11 +583,15 @@ fn decode_body(b: &mut Bytes) -> Result<Frame> {
             run: get_u64(b)?,
             link: get_u64(b)?,
         },
-        ACK => Frame::Ack {
-            run: get_u64(b)?,
-            n: get_u64(b)?,
-            failed: get_u8(b)? != 0,
-        },
+        ACK => {
+            let (run, n, flags) = (get_u64(b)?, get_u64(b)?, get_u8(b)?);
+            Frame::Ack {
+                run,
+                n,
+                failed: flags & 1 != 0,
+                forward: flags & 2 != 0,
+            }
+        }
         REPLICA_SYNCED => Frame::ReplicaSynced { link: get_u64(b)? },
         other => return Err(WireError::Kind(other)),
     })
@@ -944,6 +957,13 @@ mod tests {
                 run: 7,
                 n: 3,
                 failed: true,
+                forward: true,
+            },
+            Frame::Ack {
+                run: 7,
+                n: 9,
+                failed: false,
+                forward: false,
             },
             Frame::ReplicaSynced { link: 8 },
             Frame::Session(WireSession {
