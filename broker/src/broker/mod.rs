@@ -663,9 +663,9 @@ impl Broker {
 
     /// A message another node forwarded: delivered to this node's sessions
     /// (and to the shared groups the sender chose this node for). Returns
-    /// the sessions that went over their queue limit: the link waits for
-    /// them before it reads on, which holds the sender (and, through its
-    /// link queue, the publisher's PUBACK) — backpressure across nodes.
+    /// the sessions that went over their queue limit: the publish's
+    /// acknowledgement waits for them (`cluster::replication::Inbound`),
+    /// which holds the publisher's PUBACK — backpressure across nodes.
     /// With them, when the sender waits (`acked`), what the persistent
     /// sessions it reached must write (here and on their replicas) before
     /// it is told.

@@ -447,11 +447,13 @@ pub async fn inbound(
         return;
     }
     let mut frame = first;
-    let mut stream = super::replication::Inbound::new(cluster.clone(), peer.clone());
+    let mut stream =
+        super::replication::Inbound::new(cluster.clone(), broker.clone(), peer.clone());
     loop {
-        for session in apply(&cluster, &broker, &peer, frame, &mut stream) {
-            broker.wait_for_room(&session).await;
-        }
+        // Never waits here: a full session holds back the acknowledgement
+        // of the publish that filled it (`Inbound::forward`), not the
+        // link, whose replica changes and acknowledgements must go on.
+        apply(&cluster, &broker, &peer, frame, &mut stream);
         frame = match recv(&io).await {
             Ok(f) => f,
             Err(e) => {
@@ -462,15 +464,14 @@ pub async fn inbound(
     }
 }
 
-/// Applies one frame from `peer`; returns the sessions whose queues went
-/// over their limit, for the link to wait on.
+/// Applies one frame from `peer`.
 fn apply(
     cluster: &Arc<Cluster>,
     broker: &Arc<Broker>,
     peer: &Arc<str>,
     frame: Frame,
     stream: &mut super::replication::Inbound,
-) -> Vec<Arc<crate::session::Session>> {
+) {
     match frame {
         Frame::Heartbeat { leaving } => {
             cluster.heard(peer, leaving);
@@ -524,8 +525,7 @@ fn apply(
         Frame::Publish { n, msg, groups } => {
             let (over, kept) =
                 broker.publish_forwarded(Arc::new(super::from_wire(msg)), &groups, n != 0);
-            stream.forward(n, kept);
-            return over;
+            stream.forward(n, kept, over);
         }
         Frame::Direct {
             n,
@@ -535,8 +535,7 @@ fn apply(
         } => {
             let msg = Arc::new(super::from_wire(msg));
             let (over, kept) = broker.deliver_direct(&client_id, persistent, msg, n != 0);
-            stream.forward(n, kept);
-            return over;
+            stream.forward(n, kept, over);
         }
         Frame::Retain { msg } => broker.retain_replica(Arc::new(super::from_wire(msg))),
         Frame::Session(ws) => broker.install_session(super::handover_from_wire(ws)),
@@ -565,5 +564,4 @@ fn apply(
             tracing::warn!(peer = %peer, "unexpected cluster frame ignored");
         }
     }
-    Vec::new()
 }

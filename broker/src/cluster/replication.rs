@@ -34,9 +34,11 @@ use tokio::sync::mpsc;
 
 use super::wire::{ChangeKind, Frame};
 use super::{Cluster, ClusterError, DataQueue};
+use crate::broker::Broker;
 use crate::durable::{Change, Commit, Mailbox, Pending, SessionRecord};
 use crate::message::now_ms;
 use crate::persist::record::{self, RecordError};
+use crate::session::Session;
 
 /// The numbered frames queued for one peer, and the commits waiting for
 /// the peer's acknowledgement of them: replica changes and forwarded
@@ -159,8 +161,16 @@ pub(super) struct Inbound {
 
 #[derive(Debug)]
 enum Done {
-    /// Frame `n` of run `run`: through once `pending` is.
-    Frame { run: u64, n: u64, pending: Pending },
+    /// Frame `n` of run `run`: through once `pending` is, and once each of
+    /// the sessions in `room` is below its queue limit (or the broker's
+    /// `queue_full_wait_ms` passed): the sender's publishers wait for a
+    /// full subscriber, as local ones do, and the link goes on.
+    Frame {
+        run: u64,
+        n: u64,
+        pending: Pending,
+        room: Vec<Arc<Session>>,
+    },
     /// A heartbeat: the last acknowledgement again, in case it was lost
     /// with a link of this node's.
     Again,
@@ -169,11 +179,23 @@ enum Done {
 impl Inbound {
     /// Starts the acknowledging task; it ends when this is dropped (the
     /// link's reading task ends).
-    pub(super) fn new(cluster: Arc<Cluster>, peer: Arc<str>) -> Self {
+    pub(super) fn new(cluster: Arc<Cluster>, broker: Arc<Broker>, peer: Arc<str>) -> Self {
         let (replica, rx) = mpsc::unbounded_channel();
-        ntex::rt::spawn(acknowledge(cluster.clone(), peer.clone(), rx, false));
+        let replicas = Acknowledger {
+            cluster: cluster.clone(),
+            broker: broker.clone(),
+            peer: peer.clone(),
+            forward: false,
+        };
+        ntex::rt::spawn(replicas.run(rx));
         let (forward, rx) = mpsc::unbounded_channel();
-        ntex::rt::spawn(acknowledge(cluster, peer, rx, true));
+        let forwards = Acknowledger {
+            cluster,
+            broker,
+            peer,
+            forward: true,
+        };
+        ntex::rt::spawn(forwards.run(rx));
         Self {
             run: 0,
             link: 0,
@@ -195,20 +217,28 @@ impl Inbound {
 
     /// Replica change `n`, applied.
     pub(super) fn replica_change(&self, n: u64) {
-        self.numbered(&self.replica, n, Pending::default());
+        self.numbered(&self.replica, n, Pending::default(), Vec::new());
     }
 
-    /// Forwarded publish `n` (0: not numbered) is through once `pending` is.
-    pub(super) fn forward(&self, n: u64, pending: Pending) {
-        self.numbered(&self.forward, n, pending);
+    /// Forwarded publish `n` (0: not numbered) is through once `pending` is
+    /// and the sessions of `room` (over their queue limit) have room.
+    pub(super) fn forward(&self, n: u64, pending: Pending, room: Vec<Arc<Session>>) {
+        self.numbered(&self.forward, n, pending, room);
     }
 
-    fn numbered(&self, to: &mpsc::UnboundedSender<Done>, n: u64, pending: Pending) {
+    fn numbered(
+        &self,
+        to: &mpsc::UnboundedSender<Done>,
+        n: u64,
+        pending: Pending,
+        room: Vec<Arc<Session>>,
+    ) {
         if n != 0 {
             let _ = to.send(Done::Frame {
                 run: self.run,
                 n,
                 pending,
+                room,
             });
         }
     }
@@ -219,60 +249,75 @@ impl Inbound {
     }
 }
 
-/// Acknowledges a link's numbered frames of one sequence (`forward`: the
-/// publishes') in order as they are through.
-async fn acknowledge(
+/// The task that acknowledges a link's numbered frames of one sequence
+/// (`forward`: the publishes') in order as they are through.
+struct Acknowledger {
     cluster: Arc<Cluster>,
+    broker: Arc<Broker>,
     peer: Arc<str>,
-    mut rx: mpsc::UnboundedReceiver<Done>,
     forward: bool,
-) {
-    // The last frame through, and the last acknowledged.
-    let mut through: Option<(u64, u64)> = None;
-    let mut told: Option<(u64, u64)> = None;
-    let tell = |at: Option<(u64, u64)>, failed: bool| {
+}
+
+impl Acknowledger {
+    /// Tells the peer it is through up to `at`; false if it was not sent.
+    fn tell(&self, at: Option<(u64, u64)>, failed: bool) -> bool {
         at.is_some_and(|(run, n)| {
-            cluster.control(
-                &peer,
+            self.cluster.control(
+                &self.peer,
                 Frame::Ack {
                     run,
                     n,
                     failed,
-                    forward,
+                    forward: self.forward,
                 },
             )
         })
-    };
-    loop {
-        let next = match rx.try_recv() {
-            Ok(d) => d,
-            Err(mpsc::error::TryRecvError::Empty) => {
-                // Nothing more is through yet: tell what is.
-                if through != told && tell(through, false) {
-                    told = through;
+    }
+
+    async fn run(self, mut rx: mpsc::UnboundedReceiver<Done>) {
+        // The last frame through, and the last acknowledged.
+        let mut through: Option<(u64, u64)> = None;
+        let mut told: Option<(u64, u64)> = None;
+        loop {
+            let next = match rx.try_recv() {
+                Ok(d) => d,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    // Nothing more is through yet: tell what is.
+                    if through != told && self.tell(through, false) {
+                        told = through;
+                    }
+                    match rx.recv().await {
+                        Some(d) => d,
+                        None => return,
+                    }
                 }
-                match rx.recv().await {
-                    Some(d) => d,
-                    None => return,
+                Err(mpsc::error::TryRecvError::Disconnected) => return,
+            };
+            match next {
+                Done::Again => {
+                    if self.tell(through, false) {
+                        told = through;
+                    }
                 }
-            }
-            Err(mpsc::error::TryRecvError::Disconnected) => return,
-        };
-        match next {
-            Done::Again => {
-                if tell(through, false) {
-                    told = through;
-                }
-            }
-            Done::Frame { run, n, pending } => {
-                if pending.settled().is_none() && through != told && tell(through, false) {
-                    // The sender need not wait for the earlier ones while
-                    // this one is written.
-                    told = through;
-                }
-                through = Some((run, n));
-                if pending.wait().await.is_err() && tell(through, true) {
-                    told = through;
+                Done::Frame {
+                    run,
+                    n,
+                    pending,
+                    room,
+                } => {
+                    let waits = pending.settled().is_none() || !room.is_empty();
+                    if waits && through != told && self.tell(through, false) {
+                        // The sender need not wait for the earlier ones
+                        // while this one is written or waits for room.
+                        told = through;
+                    }
+                    through = Some((run, n));
+                    if pending.wait().await.is_err() && self.tell(through, true) {
+                        told = through;
+                    }
+                    for session in &room {
+                        self.broker.wait_for_room(session).await;
+                    }
                 }
             }
         }
