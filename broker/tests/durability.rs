@@ -700,6 +700,16 @@ async fn wills_of_clients_connected_at_a_crash_are_published_after_the_restart()
     w.no_publish().await;
 }
 
+/// A raw connection that sent `connect` and got a successful CONNACK with
+/// session present `present` (0 or 1).
+fn open_raw(b: &Broker, connect: &[u8], present: u8) -> common::raw::Raw {
+    let mut r = common::raw::Raw::open(b);
+    r.send(connect);
+    let (kind, ack) = r.read().unwrap_or_else(|| panic!("no CONNACK"));
+    assert_eq!((kind, ack[0], ack[1]), (0x20, present, 0), "CONNACK");
+    r
+}
+
 /// A QoS 2 message to a client whose connection ends between the broker's
 /// PUBREL and the client's PUBCOMP: the client may still hold it (one that
 /// delivers on PUBREL has not delivered it yet), so the next connection of
@@ -715,13 +725,7 @@ async fn an_unfinished_pubrel_is_sent_again_on_the_next_connection() {
         let id = format!("rel-{level}");
         let topic = format!("rel{level}/x");
         let connect = connect_keep(level, &id);
-        let open = |b: &Broker, present: u8| {
-            let mut r = Raw::open(b);
-            r.send(&connect);
-            let (kind, ack) = r.read().unwrap_or_else(|| panic!("no CONNACK"));
-            assert_eq!((kind, ack[0], ack[1]), (0x20, present, 0), "CONNACK");
-            r
-        };
+        let open = |b: &Broker, present: u8| open_raw(b, &connect, present);
         // Reads the next QoS 2 PUBLISH, answers PUBREC, reads the PUBREL,
         // and leaves without PUBCOMP.
         let receive_and_leave = |mut r: Raw, payload: &[u8]| {
@@ -784,13 +788,7 @@ async fn a_qos2_message_in_flight_at_a_crash_comes_back_under_its_packet_id() {
         let id = format!("pid-{level}");
         let topic = format!("pid{level}/x");
         let connect = connect_keep(level, &id);
-        let open = |b: &Broker, present: u8| {
-            let mut r = Raw::open(b);
-            r.send(&connect);
-            let (kind, ack) = r.read().unwrap_or_else(|| panic!("no CONNACK"));
-            assert_eq!((kind, ack[0], ack[1]), (0x20, present, 0), "CONNACK");
-            r
-        };
+        let open = |b: &Broker, present: u8| open_raw(b, &connect, present);
         // Answers what comes until a QoS 2 PUBLISH of "c": PUBREC for
         // other PUBLISHes, PUBCOMP for PUBRELs (counted), until `completions`
         // exchanges are over too. Returns the id "c" came with, and its DUP.
