@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::auth::{Grants, Identity};
 use crate::broker::{Broker, SubscribeError};
-use crate::durable::ArmedWill;
+use crate::durable::{ArmedWill, Pending};
 use crate::message::{Message, QoS};
 use crate::router::ClientId;
 use crate::session::{ClientInfo, Conn, Delivery, KickReason, PendingWill, Session};
@@ -42,17 +42,20 @@ pub trait OutSink {
     fn send_qos0(&self, d: &Delivery, now: Instant) -> impl Future<Output = bool>;
     /// Writes a QoS 1 PUBLISH without waiting; the ack arrives through `on_ack`.
     fn send_qos1(&self, d: &Delivery, id: NonZeroU16, now: Instant) -> bool;
-    /// Writes a QoS 2 PUBLISH and waits for PUBREC (false: the connection
-    /// is gone); the PUBREL follows by itself, and `completed` is called
-    /// when its PUBCOMP arrives (or at once for a refusing PUBREC, which
-    /// ends the exchange).
+    /// Writes a QoS 2 PUBLISH without waiting (false: the connection is
+    /// gone): `received` is called when its PUBREC arrives, the PUBREL
+    /// follows once what it returns is written, and `completed` is called
+    /// when the PUBCOMP arrives (or right after `received` for a refusing
+    /// PUBREC, which ends the exchange). The exchanges of a session
+    /// overlap up to the client's credit, as QoS 1 deliveries do.
     fn send_qos2(
         &self,
         d: &Delivery,
         id: NonZeroU16,
         now: Instant,
+        received: Box<dyn FnOnce() -> Pending>,
         completed: Box<dyn FnOnce()>,
-    ) -> impl Future<Output = bool>;
+    ) -> bool;
     /// Registers the QoS 1 acknowledgement callback.
     fn on_ack(&self, f: Box<dyn Fn(u16)>);
     fn close(&self, reason: CloseReason);
@@ -673,14 +676,12 @@ impl Pump {
                     } else if d.qos == QoS::AtLeastOnce {
                         sink.send_qos1(&d, id, now)
                     } else {
+                        let (session, generation) = (self.session.clone(), self.conn.generation);
+                        // PUBREC received: the client has the message.
+                        let received = Box::new(move || session.pubrec(generation, id.get()));
                         let session = self.session.clone();
                         let completed = Box::new(move || session.completed(id.get()));
-                        let ok = sink.send_qos2(&d, id, now, completed).await;
-                        // PUBREC received: the client has the message.
-                        if ok {
-                            self.session.pubrec(self.conn.generation, id.get());
-                        }
-                        ok
+                        sink.send_qos2(&d, id, now, received, completed)
                     }
                 }
             };

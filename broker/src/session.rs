@@ -446,11 +446,16 @@ impl Session {
     }
 
     /// PUBREC of a QoS 2 message: the client has it; its packet id stays
-    /// taken until the PUBCOMP (`completed`).
-    pub fn pubrec(&self, generation: u64, packet_id: u16) {
+    /// taken until the PUBCOMP (`completed`). The PUBREL waits for the
+    /// returned `Pending`: the release written to the store and the
+    /// replicas. A client forgets the id at PUBREL, so a PUBLISH of it
+    /// coming again after a crash or a failover would be a new message to
+    /// it: whoever serves the session next must know it was released.
+    pub fn pubrec(&self, generation: u64, packet_id: u16) -> Pending {
+        let mut stored = Pending::default();
         let mut st = self.lock();
         let Some(d) = st.take_inflight(generation, packet_id) else {
-            return;
+            return stored;
         };
         if !st.is_released(packet_id) {
             st.released.push(Released {
@@ -461,8 +466,9 @@ impl Session {
         // The record before the delete: a copy read back between the two
         // has the message and its release, and drops the message by its
         // number (`SessionStore::restore`); never neither.
-        self.save(&st, None);
+        self.save(&st, Some(&mut stored));
         self.persist.unqueue(&self.client_id, d.seq);
+        stored
     }
 
     /// PUBCOMP: the QoS 2 exchange of `packet_id` is over.

@@ -300,3 +300,38 @@ async fn unacknowledged_messages_come_back_in_order_across_the_packet_id_wrap() 
         assert!(p.dup);
     }
 }
+
+/// QoS 2 deliveries overlap up to the client's credit, as QoS 1 ones do: a
+/// subscriber that has not answered the first PUBLISH yet gets the next
+/// ones. (The broker used to wait for each PUBREC in turn: one QoS 2
+/// message per round trip and subscriber.)
+#[tokio::test]
+async fn qos2_deliveries_do_not_wait_for_each_pubrec() {
+    let b = Broker::start("");
+    let mut opts = v4::options("slow2", b.tcp);
+    opts.set_manual_acks(true);
+    let mut sub = v4::connect(opts).await;
+    sub.subscribe("slow/#", QoS::ExactlyOnce).await;
+    let publisher = v4::connect(v4::options("slow2-pub", b.tcp)).await;
+    for i in 0..5 {
+        publisher
+            .publish("slow/x", QoS::ExactlyOnce, false, format!("m{i}"))
+            .await;
+    }
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        got.push(sub.next_publish().await);
+    }
+    let payloads: Vec<&[u8]> = got.iter().map(|p| &p.payload[..]).collect();
+    assert_eq!(payloads, [&b"m0"[..], b"m1", b"m2", b"m3", b"m4"]);
+    let ids: std::collections::HashSet<u16> = got.iter().map(|p| p.pkid).collect();
+    assert_eq!(ids.len(), 5, "each in flight under its own id");
+    for p in &got {
+        sub.client.ack(p).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    publisher
+        .publish("slow/x", QoS::ExactlyOnce, false, "after")
+        .await;
+    let p = sub.next_publish().await;
+    assert_eq!(p.payload, b"after"[..]);
+}

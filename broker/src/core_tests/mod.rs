@@ -17,6 +17,7 @@ use crate::auth::{Auth, Identity};
 use crate::broker::{Broker, Parts, SendRetained};
 use crate::config::Config;
 use crate::connection::{CloseReason, Connection, Origin, OutSink};
+use crate::durable::Pending;
 use crate::message::{Message, QoS};
 use crate::router::SubOptions;
 use crate::session::{Attached, Delivery};
@@ -279,14 +280,17 @@ impl OutSink for FakeSink {
         true
     }
 
-    async fn send_qos2(
+    /// The client's PUBREC comes at once.
+    fn send_qos2(
         &self,
         d: &Delivery,
         id: NonZeroU16,
         _now: Instant,
+        received: Box<dyn FnOnce() -> Pending>,
         completed: Box<dyn FnOnce()>,
     ) -> bool {
         self.record(d, Some(id));
+        drop(received());
         self.completions.borrow_mut().push((id.get(), completed));
         true
     }

@@ -17,6 +17,7 @@ use crate::auth::Refusal;
 use crate::broker::{Broker, SendRetained};
 use crate::config::V3SubscribeRefusal;
 use crate::connection::{CloseReason, Connection, Origin, OutSink, Will};
+use crate::durable::Pending;
 use crate::message::QoS;
 use crate::router::SubOptions;
 use crate::session::Delivery;
@@ -257,29 +258,21 @@ impl OutSink for v3::MqttSink {
             .is_ok()
     }
 
-    async fn send_qos2(
+    fn send_qos2(
         &self,
         d: &Delivery,
         id: NonZeroU16,
         _now: Instant,
+        received: Box<dyn FnOnce() -> Pending>,
         completed: Box<dyn FnOnce()>,
     ) -> bool {
-        match builder(self, d)
+        let send = builder(self, d)
             .packet_id(id.get())
-            .send_exactly_once(d.msg.payload.clone())
-            .await
-        {
-            Ok(received) => {
-                // PUBREL now; PUBCOMP one round trip later, without holding the pump.
-                ntex::rt::spawn(async move {
-                    if received.release().await.is_ok() {
-                        completed();
-                    }
-                });
-                true
-            }
-            Err(_) => false,
-        }
+            .send_exactly_once(d.msg.payload.clone());
+        super::exactly_once(send, move |r| {
+            let stored = received();
+            ntex::rt::spawn(super::release(stored, r.release(), completed));
+        })
     }
 
     fn on_ack(&self, f: Box<dyn Fn(u16)>) {

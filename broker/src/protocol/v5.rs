@@ -20,6 +20,7 @@ use super::{Error, Result};
 use crate::auth::Refusal;
 use crate::broker::{Broker, PublishError, SendRetained, SubscribeError};
 use crate::connection::{CloseReason, Connection, Origin, OutSink, Will};
+use crate::durable::Pending;
 use crate::message::{Message, Properties, QoS};
 use crate::router::SubOptions;
 use crate::session::{Delivery, KickReason};
@@ -460,35 +461,27 @@ impl OutSink for V5Sink {
             .is_ok()
     }
 
-    async fn send_qos2(
+    fn send_qos2(
         &self,
         d: &Delivery,
         id: NonZeroU16,
         now: Instant,
+        received: Box<dyn FnOnce() -> Pending>,
         completed: Box<dyn FnOnce()>,
     ) -> bool {
-        match self
+        let send = self
             .builder(d, now)
             .packet_id(id.get())
-            .send_exactly_once(d.msg.payload.clone())
-            .await
-        {
-            Ok(received) => {
-                if u8::from(received.packet().reason_code) >= 0x80 {
-                    // A refusing PUBREC ends the exchange: no PUBREL, the id is free.
-                    completed();
-                } else {
-                    // PUBREL now; PUBCOMP one round trip later, without holding the pump.
-                    ntex::rt::spawn(async move {
-                        if received.release().await.is_ok() {
-                            completed();
-                        }
-                    });
-                }
-                true
+            .send_exactly_once(d.msg.payload.clone());
+        super::exactly_once(send, move |r| {
+            let stored = received();
+            if u8::from(r.packet().reason_code) >= 0x80 {
+                // A refusing PUBREC ends the exchange: no PUBREL, the id is free.
+                completed();
+            } else {
+                ntex::rt::spawn(super::release(stored, r.release(), completed));
             }
-            Err(_) => false,
-        }
+        })
     }
 
     fn on_ack(&self, f: Box<dyn Fn(u16)>) {
