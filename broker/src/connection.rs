@@ -44,7 +44,8 @@ pub trait OutSink {
     fn send_qos1(&self, d: &Delivery, id: NonZeroU16, now: Instant) -> bool;
     /// Writes a QoS 2 PUBLISH without waiting (false: the connection is
     /// gone): `received` is called when its PUBREC arrives, the PUBREL
-    /// follows once what it returns is written, and `completed` is called
+    /// follows once what it returns is written (`None`: no PUBREL, the
+    /// connection is closed at once instead), and `completed` is called
     /// when the PUBCOMP arrives (or right after `received` for a refusing
     /// PUBREC, which ends the exchange). The exchanges of a session
     /// overlap up to the client's credit, as QoS 1 deliveries do.
@@ -53,7 +54,7 @@ pub trait OutSink {
         d: &Delivery,
         id: NonZeroU16,
         now: Instant,
-        received: Box<dyn FnOnce() -> Pending>,
+        received: Box<dyn FnOnce() -> Option<Pending>>,
         completed: Box<dyn FnOnce()>,
     ) -> bool;
     /// Registers the QoS 1 acknowledgement callback.

@@ -451,11 +451,41 @@ impl Session {
     /// replicas. A client forgets the id at PUBREL, so a PUBLISH of it
     /// coming again after a crash or a failover would be a new message to
     /// it: whoever serves the session next must know it was released.
-    pub fn pubrec(&self, generation: u64, packet_id: u16) -> Pending {
+    ///
+    /// `None`: no PUBREL. The PUBREC came on a connection a newer one of
+    /// the client replaced, and that one already sent the message again
+    /// (it waits for its PUBREC there): a PUBREL on the old connection
+    /// would free the id at the client before that resend arrives, which
+    /// the client would then take for a new message.
+    pub fn pubrec(&self, generation: u64, packet_id: u16) -> Option<Pending> {
         let mut stored = Pending::default();
         let mut st = self.lock();
-        let Some(d) = st.take_inflight(generation, packet_id) else {
-            return stored;
+        let current = st
+            .attached
+            .as_ref()
+            .is_some_and(|c| c.generation == generation);
+        let d = if current {
+            st.inflight.remove(packet_id)
+        } else if st.is_released(packet_id) {
+            None
+        } else {
+            // Replaced: the message is among those the new connection
+            // sends again (or, with none attached, stored again): released
+            // here if it is still waiting there.
+            let waiting = |q: &VecDeque<Delivery>| {
+                q.iter().position(|d| {
+                    d.qos == QoS::ExactlyOnce
+                        && d.packet_id().map(std::num::NonZeroU16::get) == Some(packet_id)
+                })
+            };
+            match (waiting(&st.resend), waiting(&st.offline)) {
+                (Some(i), _) => st.resend.remove(i),
+                (None, Some(i)) => st.offline.remove(i),
+                (None, None) => return None,
+            }
+        };
+        let Some(d) = d else {
+            return Some(stored);
         };
         if !st.is_released(packet_id) {
             st.released.push(Released {
@@ -468,7 +498,7 @@ impl Session {
         // number (`SessionStore::restore`); never neither.
         self.save(&st, Some(&mut stored));
         self.persist.unqueue(&self.client_id, d.seq);
-        stored
+        Some(stored)
     }
 
     /// PUBCOMP: the QoS 2 exchange of `packet_id` is over.

@@ -93,6 +93,45 @@ impl Broker {
             && !c.is_handing_over(from)
     }
 
+    /// A client connects: if the session here is one this node read back
+    /// from its store after a restart and has not served since, another
+    /// node may have served it meanwhile and be handing it back now (a
+    /// node owns its Client IDs again as soon as it is on the ring, before
+    /// the session's newer state arrives). The connection waits until
+    /// that state arrived (it replaces the stale copy), or every peer said
+    /// it has handed over what it holds for this ring (`is_settled`: the
+    /// hand-overs are ahead of that word on each link), at most twice the
+    /// failure timeout. Served at once, the stale copy sent messages
+    /// another node had already delivered and released: a QoS 2 message
+    /// came twice.
+    pub async fn await_current(&self, client: &str) {
+        let Some(c) = &self.peers else {
+            return;
+        };
+        let Some(session) = self.sessions.get(client) else {
+            return;
+        };
+        let stale = || session.lock().stale_upto.is_some();
+        if !stale() {
+            return;
+        }
+        let bound = Duration::from_millis(
+            self.config
+                .cluster
+                .as_ref()
+                .map_or(0, |c| 2 * c.failure_timeout_ms),
+        );
+        let deadline = Instant::now() + bound;
+        while stale() && !c.is_settled() && Instant::now() < deadline {
+            ntex::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::debug!(
+            client_id = client,
+            waited_for_handover = !stale(),
+            "a restored session served"
+        );
+    }
+
     /// A client connects to a session this node owns: if a lost owner's
     /// copy of it is here and not served yet, it is served now, so that
     /// the client finds it (`session_present`) even before the next ring

@@ -286,7 +286,7 @@ impl OutSink for FakeSink {
         d: &Delivery,
         id: NonZeroU16,
         _now: Instant,
-        received: Box<dyn FnOnce() -> Pending>,
+        received: Box<dyn FnOnce() -> Option<Pending>>,
         completed: Box<dyn FnOnce()>,
     ) -> bool {
         self.record(d, Some(id));

@@ -80,6 +80,7 @@ pub async fn connect(broker: &Arc<Broker>, c: v3::Connect) -> Result<v3::Connect
     } else {
         Duration::from_secs(u64::from(limits.session_expiry_secs))
     };
+    broker.await_current(&client_id).await;
     let attached = broker.attach(&client_id, clean, expiry);
     let present = attached.present;
     tracing::debug!(client_id, clean, present, "MQTT 3.1.1 connection accepted");
@@ -263,15 +264,23 @@ impl OutSink for v3::MqttSink {
         d: &Delivery,
         id: NonZeroU16,
         _now: Instant,
-        received: Box<dyn FnOnce() -> Pending>,
+        received: Box<dyn FnOnce() -> Option<Pending>>,
         completed: Box<dyn FnOnce()>,
     ) -> bool {
         let send = builder(self, d)
             .packet_id(id.get())
             .send_exactly_once(d.msg.payload.clone());
-        super::exactly_once(send, move |r| {
-            let stored = received();
-            ntex::rt::spawn(super::release(stored, r.release(), completed));
+        let sink = self.clone();
+        super::exactly_once(send, move |r| match received() {
+            Some(stored) => {
+                ntex::rt::spawn(super::release(stored, r.release(), completed));
+            }
+            None => {
+                // Aborted (its buffer discarded) before `r` goes, whose
+                // drop would send the PUBREL.
+                sink.force_close();
+                drop(r);
+            }
         })
     }
 

@@ -119,6 +119,7 @@ pub async fn connect(broker: &Arc<Broker>, c: v5::Connect) -> Result<v5::Connect
     let keep_alive = pkt.keep_alive;
     let client_max_packet = pkt.max_packet_size;
     let client_alias_max = pkt.topic_alias_max.min(limits.topic_alias_maximum);
+    broker.await_current(&client_id).await;
     let attached = broker.attach(
         &client_id,
         clean,
@@ -466,20 +467,27 @@ impl OutSink for V5Sink {
         d: &Delivery,
         id: NonZeroU16,
         now: Instant,
-        received: Box<dyn FnOnce() -> Pending>,
+        received: Box<dyn FnOnce() -> Option<Pending>>,
         completed: Box<dyn FnOnce()>,
     ) -> bool {
         let send = self
             .builder(d, now)
             .packet_id(id.get())
             .send_exactly_once(d.msg.payload.clone());
-        super::exactly_once(send, move |r| {
-            let stored = received();
-            if u8::from(r.packet().reason_code) >= 0x80 {
+        let sink = self.sink.clone();
+        super::exactly_once(send, move |r| match received() {
+            _ if u8::from(r.packet().reason_code) >= 0x80 => {
                 // A refusing PUBREC ends the exchange: no PUBREL, the id is free.
                 completed();
-            } else {
+            }
+            Some(stored) => {
                 ntex::rt::spawn(super::release(stored, r.release(), completed));
+            }
+            None => {
+                // Aborted (its buffer discarded) before `r` goes, whose
+                // drop would send the PUBREL.
+                sink.force_close();
+                drop(r);
             }
         })
     }
