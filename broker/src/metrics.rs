@@ -4,7 +4,8 @@
 //! can run several brokers in one process.
 
 use prometheus::{
-    Encoder, GaugeVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::message::QoS;
@@ -54,6 +55,10 @@ pub struct Metrics {
     pub sessions_failed_over: IntCounter,
     pub sessions_under_replicated: IntGauge,
     pub replication_released: IntCounter,
+    /// Replica changes queued for the replicas and not yet confirmed.
+    pub replication_lag: IntGauge,
+    /// From the last word of a lost owner to its sessions served here.
+    pub failover_seconds: Histogram,
     /// Weighted messages per second (L2), averaged over the TPS window.
     pub tps: GaugeVec,
     pub messages_weighted: IntCounterVec,
@@ -155,6 +160,21 @@ impl Metrics {
                 "replication_released_total",
                 "Changes acknowledged to a client without a replica's confirmation: the replica left the ring first",
             )?,
+            replication_lag: gauge(
+                "replication_lag_changes",
+                "Changes of the sessions owned here sent to their replicas and not yet confirmed by them",
+            )?,
+            failover_seconds: {
+                let h = Histogram::with_opts(
+                    HistogramOpts::new(
+                        "failover_seconds",
+                        "From the last heartbeat or frame of an owner lost without warning to its sessions served here from their replicas, once per lost owner",
+                    )
+                    .buckets(vec![0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0]),
+                )?;
+                registry.register(Box::new(h.clone()))?;
+                h
+            },
             tps: {
                 let g = GaugeVec::new(
                     Opts::new(

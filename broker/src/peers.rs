@@ -166,4 +166,6 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
     /// Whether `node` announced a planned leave and is still heard from: it
     /// hands its sessions over itself, its replicas are not promoted.
     fn is_handing_over(&self, node: &str) -> bool;
+    /// When `node` was last heard from, also after it left the ring.
+    fn last_heard(&self, node: &str) -> Option<std::time::Instant>;
 }

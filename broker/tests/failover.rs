@@ -82,6 +82,30 @@ async fn a_killed_owners_sessions_are_served_from_their_replicas() {
         .map(|n| n.metric("ringmq_sessions_failed_over_total"))
         .sum();
     assert!(failed_over >= 2.0, "{failed_over} sessions failed over");
+    // The failover time was measured where they were served (once per
+    // node that serves some of the lost owner's sessions); the survivors'
+    // replicas confirm every change.
+    let measured: Vec<f64> = c
+        .nodes
+        .iter()
+        .map(|n| n.metric("ringmq_failover_seconds_count"))
+        .collect();
+    let serving = c
+        .nodes
+        .iter()
+        .filter(|n| n.metric("ringmq_sessions_failed_over_total") > 0.0)
+        .count();
+    assert_eq!(
+        measured.iter().filter(|&&m| m == 1.0).count(),
+        serving,
+        "failover times observed: {measured:?}"
+    );
+    until("replicas caught up", || {
+        c.nodes
+            .iter()
+            .all(|n| n.metric("ringmq_replication_lag_changes") == 0.0)
+    })
+    .await;
 }
 
 /// A client connected (through another node) to the owner of its

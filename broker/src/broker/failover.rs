@@ -47,10 +47,24 @@ impl Broker {
             return;
         };
         let ring = c.ring();
-        let taken = self
-            .replicas
-            .promotable(|client, from| self.owner_lost(c, &ring, client, from));
+        let mut lost: Vec<Arc<str>> = Vec::new();
+        let taken = self.replicas.promotable(|client, from| {
+            let serve = self.owner_lost(c, &ring, client, from);
+            if serve && !lost.iter().any(|l| **l == *from) {
+                lost.push(Arc::from(from));
+            }
+            serve
+        });
         self.take_over(taken);
+        // The failover time, once per lost owner: from its last word to
+        // its sessions served here (the kill itself is not seen here).
+        for node in lost {
+            if let Some(t) = c.last_heard(&node) {
+                self.metrics
+                    .failover_seconds
+                    .observe(t.elapsed().as_secs_f64());
+            }
+        }
         self.replicas.retain(|client, from| {
             c.is_handing_over(from)
                 || ring

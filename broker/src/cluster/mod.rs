@@ -197,6 +197,9 @@ pub struct Cluster {
     /// Replication changes acknowledged without the replica's word since
     /// the metric last took them (`take_released`).
     released: std::sync::atomic::AtomicU64,
+    /// When peers that left the ring (link down, silent) were last heard
+    /// from, for the failover time (`last_heard`).
+    lost: std::sync::Mutex<HashMap<Arc<str>, Instant>>,
 }
 
 impl Cluster {
@@ -239,6 +242,7 @@ impl Cluster {
             answer_query,
             run: replication::random_id()?,
             released: std::sync::atomic::AtomicU64::new(0),
+            lost: std::sync::Mutex::default(),
         }))
     }
 
@@ -331,7 +335,9 @@ impl Cluster {
     fn link_down(&self, node: &str, addr: &str) -> bool {
         let removed = match self.peers.write() {
             Ok(mut peers) if peers.get(node).is_some_and(|p| p.addr == addr) => {
-                peers.remove(node);
+                if let Some(p) = peers.remove(node) {
+                    self.lost_at(node, p.last_seen);
+                }
                 true
             }
             _ => false,
@@ -366,6 +372,31 @@ impl Cluster {
     /// last call.
     pub fn take_released(&self) -> u64 {
         self.released.swap(0, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Replica changes queued for every peer and not yet confirmed.
+    pub fn replication_lag(&self) -> u64 {
+        self.peers
+            .read()
+            .map(|p| p.values().map(|p| p.acks.lag()).sum())
+            .unwrap_or(0)
+    }
+
+    fn lost_at(&self, node: &str, last_seen: Instant) {
+        if let Ok(mut lost) = self.lost.lock() {
+            lost.insert(Arc::from(node), last_seen);
+        }
+    }
+
+    /// When `node` was last heard from (a heartbeat or any frame), also
+    /// after it left the ring.
+    pub fn last_heard(&self, node: &str) -> Option<Instant> {
+        let live = self
+            .peers
+            .read()
+            .ok()
+            .and_then(|p| p.get(node).map(|p| p.last_seen));
+        live.or_else(|| self.lost.lock().ok()?.get(node).copied())
     }
 
     /// The data queue of `node`'s link and its numbered frames.
@@ -502,8 +533,9 @@ impl Cluster {
                 let (live, off): (Vec<_>, Vec<_>) = peers
                     .iter()
                     .partition(|(_, p)| !p.leaving && p.last_seen.elapsed() < timeout);
-                for (_, p) in off {
+                for (n, p) in off {
                     self.release(&p.acks);
+                    self.lost_at(n, p.last_seen);
                 }
                 live.into_iter().map(|(n, _)| n.clone()).collect()
             }
@@ -1051,6 +1083,10 @@ impl Peers for Cluster {
         Cluster::is_handing_over(self, node)
     }
 
+    fn last_heard(&self, node: &str) -> Option<Instant> {
+        Cluster::last_heard(self, node)
+    }
+
     fn room<'a>(&'a self, node: &'a str, wait: Duration) -> Sent<'a> {
         Box::pin(Cluster::room(self, node, wait))
     }
@@ -1088,6 +1124,8 @@ pub async fn watch(cluster: Arc<Cluster>, broker: Arc<crate::broker::Broker>, sh
         m.cluster_nodes
             .set(i64::try_from(cluster.ring().nodes().len()).unwrap_or(i64::MAX));
         m.replication_released.inc_by(cluster.take_released());
+        m.replication_lag
+            .set(i64::try_from(cluster.replication_lag()).unwrap_or(i64::MAX));
         broker.count_replicas();
     }
 }

@@ -53,6 +53,8 @@ pub struct Awaiting {
 struct State {
     /// The number of the last frame queued.
     last: u64,
+    /// The highest number the peer said it is through with.
+    acked: u64,
     /// Commits waiting, by the number of the frame they wait for (rising),
     /// with what the loss of the peer means for them.
     waiting: VecDeque<(u64, Arc<Commit>, OnLoss)>,
@@ -104,6 +106,7 @@ impl Awaiting {
     pub(super) fn acked(&self, n: u64, failed: bool, forward: bool) {
         let done: Vec<(Arc<Commit>, bool)> = {
             let mut st = self.state(forward);
+            st.acked = st.acked.max(n);
             let upto = st.waiting.partition_point(|(m, _, _)| *m <= n);
             st.waiting
                 .drain(..upto)
@@ -111,6 +114,12 @@ impl Awaiting {
                 .collect()
         };
         resolve(done);
+    }
+
+    /// Replica changes queued for the peer that it has not confirmed yet.
+    pub(super) fn lag(&self) -> u64 {
+        let st = self.state(false);
+        st.last.saturating_sub(st.acked)
     }
 
     /// The peer left the ring: everything waiting for it is settled by
@@ -396,8 +405,11 @@ mod tests {
             assert_eq!(rx.try_recv(), Some(numbered(n)));
         }
         assert_eq!(p[0].settled(), None);
+        // The replication lag counts replica changes, not publishes.
+        assert_eq!(a.lag(), 4);
         a.acked(1, false, false);
         assert_eq!(p[0].settled(), Some(Ok(())));
+        assert_eq!(a.lag(), 3);
         assert_eq!(p[1].settled(), None);
         // Frame 2 was not kept.
         a.acked(2, true, false);
@@ -407,6 +419,10 @@ mod tests {
         a.acked(3, false, false);
         assert_eq!(p[3].settled(), Some(Ok(())));
         assert_eq!(p[2].settled(), None);
+        assert_eq!(a.lag(), 1);
+        // An acknowledgement repeated with a heartbeat does not go back.
+        a.acked(2, false, false);
+        assert_eq!(a.lag(), 1);
         // The peer leaves: a replica change goes on, a forward is refused.
         assert_eq!(a.release(), 1);
         assert_eq!(p[4].settled(), Some(Ok(())));

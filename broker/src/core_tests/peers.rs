@@ -140,6 +140,9 @@ impl Peers for FakePeers {
     fn is_handing_over(&self, _: &str) -> bool {
         false
     }
+    fn last_heard(&self, _: &str) -> Option<std::time::Instant> {
+        None
+    }
     fn room<'a>(&'a self, _: &'a str, _: Duration) -> Sent<'a> {
         Box::pin(async { true })
     }
