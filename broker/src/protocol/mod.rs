@@ -459,12 +459,34 @@ pub(crate) fn exactly_once<T, E>(
     true
 }
 
-/// After a QoS 2 PUBREC: the PUBREL once the release is stored and
-/// replicated (`stored`), then `completed` at the PUBCOMP. A store that
-/// cannot write (disk full) does not hold the PUBREL back: the client
-/// would keep the id for ever; a crash before the store writes again may
-/// then deliver that message once more.
-pub(crate) async fn release<E>(
+/// What follows a QoS 2 PUBREC, once the session recorded it (`stored`,
+/// from `Session::pubrec`): the PUBREL (`release`, the sink's unpolled
+/// release) once the release is stored and replicated, then `completed`
+/// at the PUBCOMP. `None`: no PUBREL; the connection is aborted (`abort`,
+/// its buffer discarded) before `release` is dropped, as dropping it
+/// would send the PUBREL.
+pub(crate) fn after_pubrec<E: 'static>(
+    stored: Option<Pending>,
+    release: impl std::future::Future<Output = std::result::Result<(), E>> + 'static,
+    completed: Box<dyn FnOnce()>,
+    abort: impl FnOnce(),
+) {
+    match stored {
+        Some(stored) => {
+            ntex::rt::spawn(release_when_stored(stored, release, completed));
+        }
+        None => {
+            abort();
+            drop(release);
+        }
+    }
+}
+
+/// The PUBREL once `stored` is written. A store that cannot write (disk
+/// full) does not hold the PUBREL back: the client would keep the id for
+/// ever; a crash before the store writes again may then deliver that
+/// message once more.
+async fn release_when_stored<E>(
     stored: Pending,
     release: impl std::future::Future<Output = std::result::Result<(), E>>,
     completed: Box<dyn FnOnce()>,

@@ -271,16 +271,8 @@ impl OutSink for v3::MqttSink {
             .packet_id(id.get())
             .send_exactly_once(d.msg.payload.clone());
         let sink = self.clone();
-        super::exactly_once(send, move |r| match received() {
-            Some(stored) => {
-                ntex::rt::spawn(super::release(stored, r.release(), completed));
-            }
-            None => {
-                // Aborted (its buffer discarded) before `r` goes, whose
-                // drop would send the PUBREL.
-                sink.force_close();
-                drop(r);
-            }
+        super::exactly_once(send, move |r| {
+            super::after_pubrec(received(), r.release(), completed, || sink.force_close());
         })
     }
 

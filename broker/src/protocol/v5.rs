@@ -480,14 +480,8 @@ impl OutSink for V5Sink {
                 // A refusing PUBREC ends the exchange: no PUBREL, the id is free.
                 completed();
             }
-            Some(stored) => {
-                ntex::rt::spawn(super::release(stored, r.release(), completed));
-            }
-            None => {
-                // Aborted (its buffer discarded) before `r` goes, whose
-                // drop would send the PUBREL.
-                sink.force_close();
-                drop(r);
+            stored => {
+                super::after_pubrec(stored, r.release(), completed, || sink.force_close());
             }
         })
     }
