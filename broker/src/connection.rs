@@ -669,6 +669,11 @@ impl Pump {
                 }
                 continue;
             }
+            if let Some(stored) = &d.stored {
+                // Not before the store and the replicas have it: the
+                // client holds the id from here (`message::Stored`).
+                stored.wait().await;
+            }
             ok = match id {
                 None => sink.send_qos0(&d, now).await,
                 Some(id) => {

@@ -6,7 +6,7 @@
 
 use std::num::{NonZeroU16, NonZeroU32};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ntex::util::{ByteString, Bytes};
@@ -194,6 +194,55 @@ pub struct Delivery {
     /// resend uses the id of the first send (MQTT-4.4.0-1), or a client
     /// holding a QoS 2 id takes it for a new message.
     pub sent_as: Option<NonZeroU16>,
+    /// For a QoS 2 message a persistent session keeps: opens once its own
+    /// write is through (the store and the replicas); the PUBLISH leaves
+    /// only then (`Stored`).
+    pub stored: Option<Stored>,
+}
+
+/// Opens once one delivery's write is through, in the node's store and on
+/// the session's replicas (`durable::Pending::one`). Why a QoS 2 PUBLISH
+/// waits for it: the client holds its packet id from the PUBLISH to the
+/// PUBREL. Sent before its write, the message can be lost with its node
+/// (it was never acknowledged to its publisher, so that is allowed), but
+/// the id stays held; the state read back after the crash or on a replica
+/// does not know it, gives it to a later message, and the client drops
+/// that one as a duplicate of what it holds. The chaos test lost a message
+/// so. A message the store could not write opens it too: it is in memory,
+/// and its publisher was refused.
+#[derive(Debug, Clone, Default)]
+pub struct Stored(Arc<Latch>);
+
+#[derive(Debug, Default)]
+struct Latch {
+    open: AtomicBool,
+    opened: tokio::sync::Notify,
+}
+
+impl Stored {
+    /// The write is through (the store's side).
+    pub fn open(&self) {
+        self.0.open.store(true, Ordering::Release);
+        self.0.opened.notify_waiters();
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.0.open.load(Ordering::Acquire)
+    }
+
+    /// Resolves once `open` was called.
+    pub async fn wait(&self) {
+        loop {
+            let opened = self.0.opened.notified();
+            let mut opened = std::pin::pin!(opened);
+            // Registered before the check: an `open` in between wakes it.
+            opened.as_mut().enable();
+            if self.is_open() {
+                return;
+            }
+            opened.await;
+        }
+    }
 }
 
 impl Delivery {
@@ -207,6 +256,7 @@ impl Delivery {
             sub_ids: Vec::new(),
             seq: 0,
             sent_as: None,
+            stored: None,
         }
     }
 

@@ -511,7 +511,8 @@ impl Session {
     }
 
     /// Gives a delivery the session's next sequence number and writes it
-    /// to the store. Called with the lock held (`last_seq` is the state's).
+    /// to the store; a QoS 2 one gets the flag its PUBLISH waits for.
+    /// Called with the lock held (`last_seq` is the state's).
     pub fn number_and_store(
         &self,
         last_seq: &mut u64,
@@ -520,7 +521,16 @@ impl Session {
     ) {
         *last_seq += 1;
         d.seq = *last_seq;
-        self.persist.queue(&self.client_id, d.seq, d, pending);
+        if d.qos == QoS::ExactlyOnce {
+            // Its PUBLISH waits for this write (`message::Stored`).
+            let (mut own, stored) = Pending::one(pending);
+            self.persist
+                .queue(&self.client_id, d.seq, d, Some(&mut own));
+            own.seal();
+            d.stored = Some(stored);
+        } else {
+            self.persist.queue(&self.client_id, d.seq, d, pending);
+        }
     }
 
     /// Writes the session's record if it is persistent; `pending` (when

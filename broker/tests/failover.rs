@@ -186,6 +186,36 @@ async fn a_session_left_without_its_replica_is_reported_and_alarms_until_copied_
     assert!(!alarm(&c, "firing"));
 }
 
+/// A QoS 2 message to a persistent subscriber leaves for it only once the
+/// session's replica has it. The client holds a QoS 2 packet id from the
+/// PUBLISH on: sent earlier, and its owner killed before the replica got
+/// it, the copy served next would give that id to a later message, which
+/// the client would drop as a duplicate (the chaos test lost one so). The
+/// replica is frozen for less than the failure timeout: the message waits
+/// (so does its publisher's PUBREC) and leaves when the replica thaws.
+#[tokio::test]
+async fn a_qos2_message_leaves_for_its_subscriber_once_the_replica_has_it() {
+    let c = Cluster::start_with_failure_timeout(2, "", 4_000);
+    let id = owned_by("n0", &c.names, "GID_test@@@gated");
+    let (_, replica) = keepers(&c, &id);
+    let mut s = persistent(&id, c.nodes[0].tcp).await;
+    s.subscribe("gated/#", v3::QoS::ExactlyOnce).await;
+    // Its connection ends on the owner too, not behind the frozen node.
+    let publisher = owned_by("n0", &c.names, "GID_test@@@gated-pub");
+    let mut p = v3::connect(v3::options(&publisher, c.nodes[0].tcp)).await;
+    p.publish("gated/x", v3::QoS::ExactlyOnce, false, "before")
+        .await;
+    assert_eq!(&s.next_publish().await.payload[..], b"before");
+    p.acked(1).await;
+    let frozen = c.nodes[index_of(&c, &replica)].freeze();
+    p.publish("gated/x", v3::QoS::ExactlyOnce, false, "held")
+        .await;
+    s.no_publish().await;
+    drop(frozen);
+    assert_eq!(&s.next_publish().await.payload[..], b"held");
+    p.acked(1).await;
+}
+
 /// The nodes of `c` that keep `id`'s session with replication factor 2:
 /// its owner and its replica (the next owner).
 fn keepers(c: &Cluster, id: &str) -> (String, String) {

@@ -1435,6 +1435,7 @@ impl Broker {
                 sub_ids,
                 seq: 0,
                 sent_as: None,
+                stored: None,
             };
             if self.deliver(session, d, over, pending) {
                 reached += 1;

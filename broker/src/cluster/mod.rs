@@ -943,6 +943,7 @@ fn delivery_from_wire(d: wire::WireDelivery) -> Delivery {
         // The receiving node numbers it when it stores it.
         seq: 0,
         sent_as: std::num::NonZeroU16::new(d.packet_id),
+        stored: None,
     }
 }
 

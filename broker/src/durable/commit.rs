@@ -9,6 +9,7 @@ use tokio::sync::Notify;
 
 use super::WriteFailed;
 use super::wake::Mailbox;
+use crate::message::Stored;
 
 /// What one acknowledgement waits for: every change it made, across the
 /// sessions it reached, written by the store.
@@ -20,6 +21,9 @@ pub struct Commit {
     done: Notify,
     /// The waiter's worker, which wakes it (`wake`); `None`: woken directly.
     mailbox: Option<Arc<Mailbox>>,
+    /// One delivery's own commit (`Pending::one`): the flag it opens, and
+    /// the acknowledgement's commit it counts in.
+    part_of: Option<(Stored, Option<Arc<Commit>>)>,
 }
 
 impl Commit {
@@ -29,6 +33,7 @@ impl Commit {
             failed: AtomicBool::new(false),
             done: Notify::new(),
             mailbox: super::wake::current(),
+            part_of: None,
         })
     }
 
@@ -51,6 +56,10 @@ impl Commit {
     pub fn written(self: Arc<Self>, ok: bool) -> Option<Arc<Mailbox>> {
         if !self.finish(ok) {
             return None;
+        }
+        if let Some((stored, parent)) = &self.part_of {
+            stored.open();
+            return parent.clone().and_then(|p| p.written(ok));
         }
         match self.mailbox.clone() {
             Some(m) => {
@@ -122,6 +131,34 @@ impl Pending {
         } else {
             Ok(())
         })
+    }
+
+    /// A commit of its own for the write of one delivery, which `parent`
+    /// (the acknowledgement the delivery is part of, when there is one)
+    /// waits for too; the flag opens once that write is through. Changes
+    /// join the returned `Pending`; `seal` it after the last.
+    pub fn one(parent: Option<&mut Pending>) -> (Pending, Stored) {
+        let stored = Stored::default();
+        let commit = Arc::new(Commit {
+            pending: AtomicUsize::new(1),
+            failed: AtomicBool::new(false),
+            done: Notify::new(),
+            mailbox: None,
+            part_of: Some((stored.clone(), parent.and_then(Pending::join))),
+        });
+        let own = Pending {
+            commit: Some(commit),
+            detached: false,
+        };
+        (own, stored)
+    }
+
+    /// Every change of a `Pending::one` joined: from now on the last write
+    /// opens its flag (at once if they are all through already).
+    pub fn seal(self) {
+        if let Some(m) = self.commit.and_then(|c| c.written(true)) {
+            m.ring();
+        }
     }
 
     /// A change to wait for: the commit it reports to (`None` for

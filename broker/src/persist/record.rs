@@ -316,6 +316,7 @@ pub fn decode_delivery(value: &[u8], now: Instant, now_ms: u64) -> Result<Delive
         sub_ids,
         seq: 0,
         sent_as,
+        stored: None,
     })
 }
 

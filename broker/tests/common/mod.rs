@@ -27,6 +27,8 @@ pub struct Cluster {
     pub removed: usize,
     /// The address the nodes' cluster ports listen on.
     host: String,
+    /// `cluster.failure_timeout_ms` of every node.
+    failure_timeout_ms: u64,
 }
 
 impl Cluster {
@@ -38,6 +40,16 @@ impl Cluster {
 
     /// Like `start`, with the cluster ports on `host`.
     pub fn start_on(n: usize, extra: &str, host: &str) -> Cluster {
+        Self::start_with(n, extra, host, 1000)
+    }
+
+    /// Like `start`, with another failure timeout (a test that keeps a node
+    /// frozen for a while without losing it).
+    pub fn start_with_failure_timeout(n: usize, extra: &str, ms: u64) -> Cluster {
+        Self::start_with(n, extra, "127.0.0.1", ms)
+    }
+
+    fn start_with(n: usize, extra: &str, host: &str, failure_timeout_ms: u64) -> Cluster {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let secret = dir.path().join("secret");
         std::fs::write(&secret, "cluster-secret-for-tests")
@@ -50,6 +62,7 @@ impl Cluster {
             extra: extra.to_owned(),
             removed: 0,
             host: host.to_owned(),
+            failure_timeout_ms,
         };
         for _ in 0..n {
             c.add();
@@ -126,9 +139,10 @@ impl Cluster {
             .map(|(_, b)| format!("\"{}:{}\"", self.host, b.cluster))
             .collect();
         format!(
-            "node_id: {name}\ncluster:\n  listen: \"{host}:0\"\n  peers: [{}]\n  secret_file: {}\n  heartbeat_ms: 100\n  failure_timeout_ms: 1000\n{}",
+            "node_id: {name}\ncluster:\n  listen: \"{host}:0\"\n  peers: [{}]\n  secret_file: {}\n  heartbeat_ms: 100\n  failure_timeout_ms: {}\n{}",
             peers.join(", "),
             secret.display(),
+            self.failure_timeout_ms,
             self.extra
         )
     }
@@ -559,6 +573,15 @@ impl Broker {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Stops the process (SIGSTOP) until the returned guard is dropped
+    /// (SIGCONT): a node that is there but does nothing.
+    pub fn freeze(&self) -> Frozen {
+        let pid = self.pid().to_string();
+        let stopped = Command::new("kill").args(["-STOP", &pid]).status();
+        assert!(stopped.is_ok_and(|s| s.success()), "SIGSTOP {pid}");
+        Frozen(pid)
+    }
+
     /// Sends SIGTERM and waits for the process to exit; returns its status code.
     pub fn terminate(&mut self) -> Option<i32> {
         let _ = Command::new("kill")
@@ -572,6 +595,15 @@ impl Broker {
             std::thread::sleep(Duration::from_millis(20));
         }
         panic!("broker did not exit after SIGTERM:\n{}", self.log());
+    }
+}
+
+/// A stopped broker process, continued when dropped.
+pub struct Frozen(String);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-CONT", &self.0]).status();
     }
 }
 
