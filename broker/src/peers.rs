@@ -120,6 +120,12 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
     fn announce_settled(&self);
     /// A peer left: the filters its sessions had announced.
     fn forget(&self, node: &str) -> Vec<String>;
+    /// Whether some node's announced filters are kept while this node has
+    /// no link to it (`is_linked`): one that left, until its sessions' new
+    /// owners announced theirs, or one back whose link is not up yet.
+    fn routes_unlinked(&self) -> bool;
+    /// Whether this node has a link to `node` (frames for it can go out).
+    fn is_linked(&self, node: &str) -> bool;
     /// A session of this node subscribed to `raw`.
     fn filter_added(&self, raw: &str);
     /// A session of this node dropped its subscription to `raw`.

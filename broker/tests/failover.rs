@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::v4::persistent;
-use common::{Cluster, owned_by, raw, v4 as v3, v5};
+use common::{Cluster, owned_by, raw, recv, v4 as v3, v5};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 /// D2: the owner of persistent sessions (MQTT 3.1.1 and 5) with queued QoS
@@ -214,6 +214,69 @@ async fn a_qos2_message_leaves_for_its_subscriber_once_the_replica_has_it() {
     drop(frozen);
     assert_eq!(&s.next_publish().await.payload[..], b"held");
     p.acked(1).await;
+}
+
+/// A QoS 1 publish that reaches the subscriptions of an owner just lost is
+/// refused until a node serves those sessions, rather than acknowledged
+/// with nobody to take it. The owner's replica is frozen (for less than the
+/// failure timeout) when the owner is SIGKILLed, so it cannot take the
+/// session over yet: a publish through the third node is refused (MQTT 5
+/// PUBACK 0x80 or above). Once the replica thaws and serves the session,
+/// the same message is acknowledged, and the subscriber finds it.
+#[tokio::test]
+async fn a_publish_to_a_lost_owners_sessions_is_refused_until_they_are_served_again() {
+    let mut c = Cluster::start_with_failure_timeout(3, "", 4_000);
+    let id = owned_by("n2", &c.names, "GID_test@@@parting");
+    let (_, replica) = keepers(&c, &id);
+    let entry = c
+        .names
+        .iter()
+        .find(|n| **n != "n2" && **n != replica)
+        .cloned()
+        .unwrap_or_default();
+    let port = c.nodes[index_of(&c, &entry)].tcp;
+    let mut s = persistent(&id, port).await;
+    s.subscribe("parting/#", v3::QoS::AtLeastOnce).await;
+    s.disconnect().await;
+    // Its connection ends on the entry node, not behind a node the test stops.
+    let publisher = owned_by(&entry, &c.names, "GID_test@@@parting-pub");
+    let mut p = v5::connect(v5::options(&publisher, port)).await;
+    let frozen = c.nodes[index_of(&c, &replica)].freeze();
+    drop(c.take(index_of(&c, "n2"))); // SIGKILL the owner
+    let e = index_of(&c, &entry);
+    until("the entry node sees the owner gone", || {
+        c.nodes[e].metric("ringmq_cluster_nodes") == 2.0
+    })
+    .await;
+    let accepted = |r: &v5::PubAckReason| {
+        matches!(
+            r,
+            v5::PubAckReason::Success | v5::PubAckReason::NoMatchingSubscribers
+        )
+    };
+    let mut publish = async || {
+        p.publish("parting/x", v5::QoS::AtLeastOnce, false, "m")
+            .await;
+        loop {
+            if let v5::Packet::PubAck(a) = recv(&mut p.rx, "PUBACK").await {
+                return a.reason;
+            }
+        }
+    };
+    let reason = publish().await;
+    assert!(
+        !accepted(&reason),
+        "acknowledged while no node serves the session: {reason:?}"
+    );
+    drop(frozen);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !accepted(&publish().await) {
+        assert!(Instant::now() < deadline, "still refused");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut s = persistent(&id, port).await;
+    assert!(s.connack.session_present, "the session is lost");
+    assert_eq!(&s.next_publish().await.payload[..], b"m");
 }
 
 /// The nodes of `c` that keep `id`'s session with replication factor 2:

@@ -471,6 +471,11 @@ impl Broker {
         if let Some(t) = ticket {
             t.wait(Gate::Route).await;
         }
+        if msg.qos != QoS::AtMostOnce && self.reaches_unlinked(&msg) {
+            // Refused whole, before any session has it: the client's next
+            // attempt reaches every subscriber once.
+            return Err(PublishError::Cluster);
+        }
         let mut over = Vec::new();
         let mut forwards = Vec::new();
         let mut pending = Pending::default();
@@ -539,6 +544,26 @@ impl Broker {
             }
         }
         delivered
+    }
+
+    /// Whether a message would reach the filters of a node this one has no
+    /// link to: one that left the ring, whose sessions' new owners have not
+    /// all announced theirs yet, or one back whose link is not up yet.
+    /// Looked up only while such filters exist (`Peers::routes_unlinked`).
+    fn reaches_unlinked(&self, msg: &Message) -> bool {
+        let Some(c) = &self.peers else {
+            return false;
+        };
+        if !c.routes_unlinked() || topic::p2p_target(&msg.topic).is_some() {
+            return false;
+        }
+        let mut routes = Vec::new();
+        let markers = |client: &ClientId| route_node(client).is_some();
+        self.router
+            .route(&msg.topic, &markers, Scope::All, &mut routes);
+        routes
+            .iter()
+            .any(|r| route_node(&r.client).is_some_and(|n| !c.is_linked(n)))
     }
 
     /// Meters, charges and traces a message entering the broker.
@@ -1200,7 +1225,8 @@ impl Broker {
         self.persist.measure();
     }
 
-    /// A peer left: its routes go.
+    /// A peer that left is done with: the filters it announced go (its
+    /// sessions' new owners announced theirs).
     pub fn peer_gone(&self, node: &str) {
         if let Some(c) = &self.peers {
             let filters = c.forget(node);

@@ -272,9 +272,7 @@ pub async fn outbound(cluster: Arc<Cluster>, broker: Arc<Broker>, addr: String) 
                     ntex::util::Either::Left(r) => r,
                     ntex::util::Either::Right(()) => Ok(()),
                 };
-                if cluster.link_down(&peer, &addr) {
-                    broker.peer_gone(&peer);
-                }
+                cluster.link_down(&peer, stream);
                 // Whatever the next link brings, the peer is off the ring
                 // now: nothing waits for it.
                 cluster.release(&acks);

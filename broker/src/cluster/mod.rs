@@ -200,6 +200,12 @@ pub struct Cluster {
     /// When peers that left the ring (link down, silent) were last heard
     /// from, for the failover time (`last_heard`).
     lost: std::sync::Mutex<HashMap<Arc<str>, Instant>>,
+    /// Peers that left the ring whose announced filters are kept (`parted`),
+    /// with when they left.
+    parting: Mutex<HashMap<Arc<str>, Instant>>,
+    /// Whether a peer's announced filters are kept without a link to it
+    /// (`routes_unlinked`), updated when links or filters change.
+    unlinked_routes: std::sync::atomic::AtomicBool,
 }
 
 impl Cluster {
@@ -243,6 +249,8 @@ impl Cluster {
             run: replication::random_id()?,
             released: std::sync::atomic::AtomicU64::new(0),
             lost: std::sync::Mutex::default(),
+            parting: Mutex::default(),
+            unlinked_routes: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -321,6 +329,7 @@ impl Cluster {
             );
         }
         tracing::info!(peer = %node, addr, "cluster link up");
+        self.count_unlinked_routes();
         // Even when the ring looks the same (a node restarted under its old
         // name before the others noticed it was gone), the new process needs
         // its sessions and a `Settled`: a new link always counts as a change.
@@ -330,11 +339,18 @@ impl Cluster {
         }
     }
 
-    /// The link to `node` at `addr` went down; false if a newer link (a
-    /// restarted node of the same name, at another address) replaced it.
-    fn link_down(&self, node: &str, addr: &str) -> bool {
+    /// The link to `node` numbered `stream` went down, unless a newer link
+    /// (a restarted node of the same name) replaced it already. The
+    /// filters `node` announced stay until `parted` lets them go: a
+    /// publish that reaches them meanwhile is refused (there is no link)
+    /// and sent again by its client, where dropping them at once let the
+    /// publishes of the moment pass with nobody to take them (the chaos
+    /// test lost 511 acknowledged messages so: a node restarted, its new
+    /// process's routes arrived, then the old process's link went down
+    /// and took them away).
+    fn link_down(&self, node: &str, stream: u64) {
         let removed = match self.peers.write() {
-            Ok(mut peers) if peers.get(node).is_some_and(|p| p.addr == addr) => {
+            Ok(mut peers) if peers.get(node).is_some_and(|p| p.link == stream) => {
                 if let Some(p) = peers.remove(node) {
                     self.lost_at(node, p.last_seen);
                 }
@@ -344,9 +360,71 @@ impl Cluster {
         };
         if removed {
             tracing::info!(peer = node, "cluster link down");
+            if let Ok(mut parting) = self.parting.lock() {
+                parting.insert(Arc::from(node), Instant::now());
+            }
+            self.count_unlinked_routes();
             self.update_ring();
         }
-        removed
+    }
+
+    /// Peers that left whose announced filters go now: every member has
+    /// said it settled a ring without them (their sessions' new owners
+    /// took them over and announced their filters before saying so, in
+    /// order on each link), or twice the failure timeout passed. A peer
+    /// that is back keeps its filters (its new process announced its own).
+    pub fn parted(&self) -> Vec<Arc<str>> {
+        let members = self.members();
+        let bound = Duration::from_millis(2 * self.config.failure_timeout_ms);
+        let linked: HashSet<Arc<str>> = self
+            .peers
+            .read()
+            .map(|p| p.keys().cloned().collect())
+            .unwrap_or_default();
+        let Ok(settled) = self.settled_by.lock() else {
+            return Vec::new();
+        };
+        let Ok(mut parting) = self.parting.lock() else {
+            return Vec::new();
+        };
+        let mut gone = Vec::new();
+        parting.retain(|node, since| {
+            if linked.contains(node) {
+                return false;
+            }
+            let taken_over = members
+                .iter()
+                .all(|m| settled.get(m).is_some_and(|s| !s.contains(&**node)));
+            if taken_over || since.elapsed() >= bound {
+                gone.push(node.clone());
+                return false;
+            }
+            true
+        });
+        gone
+    }
+
+    /// Recomputes whether some peer's announced filters have no link.
+    fn count_unlinked_routes(&self) {
+        let unlinked = match (self.remote_filters.lock(), self.peers.read()) {
+            (Ok(filters), Ok(peers)) => filters
+                .iter()
+                .any(|(node, f)| !f.is_empty() && !peers.contains_key(node)),
+            _ => false,
+        };
+        self.unlinked_routes
+            .store(unlinked, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether some peer's announced filters have no link now.
+    pub fn routes_unlinked(&self) -> bool {
+        self.unlinked_routes
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether this node has a link to `node`.
+    pub fn is_linked(&self, node: &str) -> bool {
+        self.peers.read().is_ok_and(|p| p.contains_key(node))
     }
 
     /// Addresses of the peers this node has links to, and its own.
@@ -747,6 +825,12 @@ impl Cluster {
     /// Records what a peer announced; returns the filters to add to and
     /// remove from its marker's routes.
     fn remote_routes(&self, node: &Arc<str>, frame: &Frame) -> (Vec<String>, Vec<String>) {
+        let changes = self.note_routes(node, frame);
+        self.count_unlinked_routes();
+        changes
+    }
+
+    fn note_routes(&self, node: &Arc<str>, frame: &Frame) -> (Vec<String>, Vec<String>) {
         let Ok(mut all) = self.remote_filters.lock() else {
             return (Vec::new(), Vec::new());
         };
@@ -771,12 +855,15 @@ impl Cluster {
 
     /// Forgets what a departed peer announced; returns its filters.
     pub(crate) fn forget(&self, node: &str) -> Vec<String> {
-        self.remote_filters
+        let filters = self
+            .remote_filters
             .lock()
             .ok()
             .and_then(|mut all| all.remove(node))
             .map(|s| s.into_iter().collect())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        self.count_unlinked_routes();
+        filters
     }
 }
 
@@ -1038,6 +1125,14 @@ impl Peers for Cluster {
         Cluster::forget(self, node)
     }
 
+    fn routes_unlinked(&self) -> bool {
+        Cluster::routes_unlinked(self)
+    }
+
+    fn is_linked(&self, node: &str) -> bool {
+        Cluster::is_linked(self, node)
+    }
+
     fn filter_added(&self, raw: &str) {
         Cluster::filter_added(self, raw);
     }
@@ -1120,6 +1215,10 @@ pub async fn watch(cluster: Arc<Cluster>, broker: Arc<crate::broker::Broker>, sh
         if now != seen {
             seen = now;
             broker.rebalance();
+        }
+        // After the pass that took over what this node serves of them.
+        for node in cluster.parted() {
+            broker.peer_gone(&node);
         }
         let m = broker.metrics();
         m.cluster_nodes

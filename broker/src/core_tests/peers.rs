@@ -102,6 +102,12 @@ impl Peers for FakePeers {
     fn forget(&self, _: &str) -> Vec<String> {
         Vec::new()
     }
+    fn routes_unlinked(&self) -> bool {
+        false
+    }
+    fn is_linked(&self, _: &str) -> bool {
+        true
+    }
     fn filter_added(&self, raw: &str) {
         self.announce(format!("+{raw}"));
     }
