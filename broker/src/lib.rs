@@ -43,6 +43,7 @@ pub mod sys;
 pub mod tls;
 pub mod token;
 pub mod token_api;
+pub mod tombstone;
 pub mod topic;
 pub mod trace;
 pub mod util;

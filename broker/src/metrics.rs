@@ -53,6 +53,9 @@ pub struct Metrics {
     pub replica_sessions: IntGauge,
     pub replica_messages: IntGauge,
     pub sessions_failed_over: IntCounter,
+    /// Copies of a session older than its state here (or than a state that
+    /// ended), dropped on arrival or when the tombstone came.
+    pub session_copies_dropped: IntCounter,
     pub sessions_under_replicated: IntGauge,
     pub replication_released: IntCounter,
     /// Replica changes queued for the replicas and not yet confirmed.
@@ -151,6 +154,10 @@ impl Metrics {
             sessions_failed_over: counter(
                 "sessions_failed_over_total",
                 "Sessions of a node lost without warning, served here from their replica",
+            )?,
+            session_copies_dropped: counter(
+                "session_copies_dropped_total",
+                "Copies of a session older than its state here or than a state that ended (a returning node's store, a late replica copy), dropped",
             )?,
             sessions_under_replicated: gauge(
                 "sessions_under_replicated",

@@ -34,6 +34,16 @@ pub enum PeerMsg {
     Retain { msg: Arc<Message> },
     /// A persistent session handed to its new owner.
     Session(Handover),
+    /// A persistent session of `epoch` ended at the sender (a clean
+    /// start, its expiry, an MQTT 5 expiry of 0), which no longer owns its
+    /// Client ID: the owner drops an older copy of it (one read back from
+    /// a returning node's store), now and when one arrives later.
+    SessionGone {
+        client_id: String,
+        epoch: u64,
+        /// How long a copy of it may still surface.
+        ttl: Duration,
+    },
     /// This node's load, for the instance-wide capacity and the per-node table.
     Load {
         connections: u64,

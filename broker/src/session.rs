@@ -23,6 +23,7 @@ use crate::peers::Handover;
 use crate::retain::Replay;
 use crate::router::{ClientId, SubOptions};
 use crate::token::{Claims, TokenType};
+use crate::tombstone::Tombstones;
 use crate::util::FastMap;
 
 const SHARDS: usize = 16;
@@ -578,15 +579,23 @@ impl Session {
 
     /// MQTT 5 DISCONNECT changed the session expiry: a session that is no
     /// longer persistent leaves the store.
-    pub fn set_expiry(&self, expiry: Duration) {
+    /// Returns the epoch and the expiry of the persistent state that ended
+    /// so, if one did (for its tombstone).
+    pub fn set_expiry(&self, expiry: Duration) -> Option<(u64, Duration)> {
         let mut st = self.lock();
         let was = st.persistent;
+        let before = st.expiry;
         st.expiry = expiry;
         st.persistent = expiry > Duration::ZERO;
         if was && !st.persistent {
             self.persist.forget(&self.client_id);
+            // A new state from here on (`Tombstones::epoch_after`).
+            let ended = st.epoch;
+            st.epoch += 1;
+            Some((ended, before))
         } else {
             self.save(&st, None);
+            None
         }
     }
 
@@ -734,6 +743,8 @@ pub struct SessionStore {
     hasher: foldhash::fast::RandomState,
     generation: std::sync::atomic::AtomicU64,
     persist: Arc<dyn Store>,
+    /// Persistent sessions that ended here.
+    ended: Tombstones,
 }
 
 impl Default for SessionStore {
@@ -751,7 +762,38 @@ impl SessionStore {
             hasher: foldhash::fast::RandomState::default(),
             generation: std::sync::atomic::AtomicU64::new(1),
             persist,
+            ended: Tombstones::default(),
         }
+    }
+
+    /// The persistent sessions that ended here (`tombstone`).
+    pub fn ended(&self) -> &Tombstones {
+        &self.ended
+    }
+
+    /// Ends `client`'s session if it is one read back from the store and
+    /// not served since (`stale_upto`) of `epoch` or older: another node
+    /// served it after this one stopped, and it ended there. Returns its
+    /// subscriptions, for the router.
+    pub fn end_stale(&self, client: &str, epoch: u64) -> Option<Vec<String>> {
+        let mut map = self
+            .shard(client)
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        let session = map.get(client)?.clone();
+        let mut st = session.lock();
+        if st.stale_upto.is_none() || st.attached.is_some() || st.epoch > epoch {
+            return None;
+        }
+        // A connection waiting for this session's newer state
+        // (`Broker::await_current`) goes on, and gets a new one.
+        st.stale_upto = None;
+        st.pending_will = None;
+        self.persist.forget(&session.client_id);
+        let subs = st.subscriptions.drain().map(|(f, _)| f).collect();
+        drop(st);
+        map.remove(client);
+        Some(subs)
     }
 
     /// A persistent session read back from the store at start-up: offline,
@@ -860,9 +902,13 @@ impl SessionStore {
         let mut discarded = Vec::new();
         let present = if clean || !st.persistent {
             if st.persistent {
-                // What the store kept of the old session goes with it.
+                // What the store kept of the old session goes with it, and
+                // a copy of it elsewhere must not bring it back.
                 self.persist.forget(&session.client_id);
+                self.ended.record(&session.client_id, st.epoch, st.expiry);
             }
+            // A new state, past every one that ended.
+            st.epoch = st.epoch.max(self.ended.epoch_after(client_id));
             discarded = st.subscriptions.drain().map(|(f, _)| f).collect();
             st.queue.clear();
             st.offline.clear();
@@ -988,6 +1034,7 @@ impl SessionStore {
                         .is_some_and(|t| now.saturating_duration_since(t) >= st.expiry);
                 if expired {
                     self.persist.forget(id);
+                    self.ended.record(id, st.epoch, st.expiry);
                     gone.push((
                         id.clone(),
                         st.subscriptions.drain().map(|(f, _)| f).collect(),

@@ -141,6 +141,59 @@ async fn the_will_of_a_client_of_a_lost_owner_is_published_once() {
     w.no_publish().await;
 }
 
+/// A returning owner's old volume brings back neither a session that
+/// ended while it was away nor the state of one that another node served
+/// meanwhile. The owner of two persistent sessions, each with a queued
+/// message, is SIGKILLed. One client comes back through another node with
+/// a clean start (its session and message are gone) and leaves; the other
+/// resumes its session there, gets the message, and leaves, and a second
+/// message is queued for it. The owner starts again on its store, which
+/// still has both sessions as they were: the first client, back without a
+/// clean start, finds no session; the second finds its session with the
+/// second message only.
+#[tokio::test]
+async fn a_returning_owner_does_not_bring_back_what_ended_or_moved_on_while_it_was_away() {
+    let mut c = Cluster::start(3, "");
+    let ended = owned_by("n2", &c.names, "GID_test@@@ended");
+    let served = owned_by("n2", &c.names, "GID_test@@@served");
+    for id in [&ended, &served] {
+        let mut s = persistent(id, c.nodes[0].tcp).await;
+        s.subscribe("twice/#", v3::QoS::AtLeastOnce).await;
+        s.disconnect().await;
+    }
+    publish_acked(c.nodes[0].tcp, &["old"]).await;
+    c.nodes[2].kill();
+    until("the others see the owner gone", || {
+        c.nodes[..2]
+            .iter()
+            .all(|n| n.metric("ringmq_cluster_nodes") == 2.0)
+    })
+    .await;
+    let fresh = v3::connect(v3::options(&ended, c.nodes[0].tcp)).await;
+    assert!(!fresh.connack.session_present);
+    fresh.disconnect().await;
+    let mut s = persistent(&served, c.nodes[0].tcp).await;
+    assert!(s.connack.session_present);
+    assert_eq!(&s.next_publish().await.payload[..], b"old");
+    // The acknowledgement reaches the session before the client leaves.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.disconnect().await;
+    publish_acked(c.nodes[0].tcp, &["new"]).await;
+    c.crash_restart(2); // already dead: started again on its store
+    c.wait_ring(3);
+    c.nodes[2].wait_ready();
+    let mut back = persistent(&ended, c.nodes[0].tcp).await;
+    assert!(
+        !back.connack.session_present,
+        "a session that ended came back"
+    );
+    back.no_publish().await;
+    let mut s = persistent(&served, c.nodes[0].tcp).await;
+    assert!(s.connack.session_present);
+    assert_eq!(&s.next_publish().await.payload[..], b"new");
+    s.no_publish().await;
+}
+
 /// Waits (30 s at most) until `done` holds.
 async fn until(what: &str, done: impl Fn() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);

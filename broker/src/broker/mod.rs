@@ -368,6 +368,14 @@ impl Broker {
         attached
     }
 
+    /// MQTT 5 DISCONNECT changed the session expiry: a persistent session
+    /// that no longer is leaves a tombstone.
+    pub fn set_expiry(&self, session: &Session, expiry: Duration) {
+        if let Some((epoch, ttl)) = session.set_expiry(expiry) {
+            self.sessions.ended().record(&session.client_id, epoch, ttl);
+        }
+    }
+
     /// Detaches a connection; a session that ends with it leaves the routing table.
     pub fn detach(&self, session: &Arc<Session>, generation: u64) {
         if let Some(subs) = self.sessions.detach(session, generation) {
@@ -786,6 +794,10 @@ impl Broker {
         self.replicate_ring();
         let orphans = self.orphaned_copies();
         let ring = c.ring();
+        let ended = self
+            .sessions
+            .ended()
+            .take_unowned(|client| ring.owner(client).is_none_or(|o| c.is_local(o)));
         let mut moves = Vec::new();
         for session in self.sessions.all() {
             let Some(owner) = ring.owner(&session.client_id).cloned() else {
@@ -808,10 +820,16 @@ impl Broker {
         // Once every session of this ring is on its way (the frames go in
         // order on each link), the new owners may serve them.
         let left = Arc::new(std::sync::atomic::AtomicUsize::new(
-            moves.len() + orphans.len(),
+            moves.len() + orphans.len() + ended.len(),
         ));
-        if moves.is_empty() && orphans.is_empty() {
+        if moves.is_empty() && orphans.is_empty() && ended.is_empty() {
             c.announce_settled();
+        }
+        for (client, epoch, ttl) in ended {
+            let (broker, left) = (self.clone(), left.clone());
+            ntex::rt::spawn(async move {
+                broker.send_tombstone(client, epoch, ttl, &left).await;
+            });
         }
         for (owner, h) in orphans {
             let (broker, left) = (self.clone(), left.clone());
@@ -929,6 +947,32 @@ impl Broker {
         }
     }
 
+    /// Sends the tombstone of a Client ID another node owns now to it; kept
+    /// here if that node cannot be reached (the next ring change tries again).
+    async fn send_tombstone(
+        self: Arc<Self>,
+        client: ClientId,
+        epoch: u64,
+        ttl: Duration,
+        left: &std::sync::atomic::AtomicUsize,
+    ) {
+        let Some(c) = self.peers.clone() else {
+            return;
+        };
+        let owner = c.owner(&client);
+        let gone = PeerMsg::SessionGone {
+            client_id: client.to_string(),
+            epoch,
+            ttl,
+        };
+        if !c.send(&owner, gone, Duration::from_secs(5)).await {
+            self.sessions.ended().record(&client, epoch, ttl);
+        }
+        if left.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+            c.announce_settled();
+        }
+    }
+
     /// A planned leave (SIGTERM, or the drain API): off the ring, and every
     /// session handed to its new owner.
     pub fn leave_cluster(self: &Arc<Self>) {
@@ -970,6 +1014,13 @@ impl Broker {
     pub fn install_session(self: &Arc<Self>, h: Handover) {
         // The session itself is newer than any copy of it kept here.
         self.replicas.drop_copy(&h.client_id);
+        if h.from_copy && self.sessions.ended().covers(&h.client_id, h.epoch) {
+            // A copy of a session that ended here (or where this node has
+            // its tombstone from): it would come back.
+            tracing::info!(client_id = %h.client_id, epoch = h.epoch, "a copy of a session that ended dropped");
+            self.metrics.session_copies_dropped.inc();
+            return;
+        }
         let session = self.sessions.adopt(&h.client_id);
         let mut added = Vec::new();
         let mut dropped = Vec::new();
@@ -988,6 +1039,7 @@ impl Broker {
             let older = h.from_copy && st.persistent && h.epoch < st.epoch;
             let (resend, offline) = if older {
                 tracing::info!(client_id = %session.client_id, epoch = h.epoch, here = st.epoch, kept = h.since.len(), "an older copy of a session dropped");
+                self.metrics.session_copies_dropped.inc();
                 (Vec::new(), h.since)
             } else {
                 st.epoch = st.epoch.max(h.epoch) + 1;
@@ -1081,6 +1133,25 @@ impl Broker {
             .is_some_and(|c| !c.is_local(&c.owner(&session.client_id)))
         {
             self.rebalance();
+        }
+    }
+
+    /// A node that no longer owns `client` says its persistent session of
+    /// `epoch` ended there: a copy read back here from the store and not
+    /// served since ends too, and the tombstone stays here (the Client ID's
+    /// owner) for copies that arrive later.
+    pub fn session_gone(&self, client: &str, epoch: u64, ttl: Duration) {
+        let id: ClientId = Arc::from(client);
+        self.sessions.ended().record(&id, epoch, ttl);
+        if let Some(subs) = self.sessions.end_stale(client, epoch) {
+            tracing::info!(
+                client_id = client,
+                epoch,
+                "a session read back from the store ended: it ended on the node that served it meanwhile"
+            );
+            self.metrics.session_copies_dropped.inc();
+            self.drop_routes(&id, &subs);
+            self.metrics.sessions.set(gauge(self.sessions.len()));
         }
     }
 

@@ -537,6 +537,11 @@ fn apply(
         }
         Frame::Retain { msg } => broker.retain_replica(Arc::new(super::from_wire(msg))),
         Frame::Session(ws) => broker.install_session(super::handover_from_wire(ws)),
+        Frame::SessionGone {
+            client,
+            epoch,
+            ttl_ms,
+        } => broker.session_gone(&client, epoch, Duration::from_millis(ttl_ms)),
         Frame::Load {
             connections,
             subscriptions,

@@ -1069,6 +1069,15 @@ fn numbered_frame(msg: PeerMsg, n: u64) -> Frame {
             msg: to_wire(&msg, now),
         },
         PeerMsg::Session(h) => Frame::Session(handover_to_wire(h, now)),
+        PeerMsg::SessionGone {
+            client_id,
+            epoch,
+            ttl,
+        } => Frame::SessionGone {
+            client: client_id,
+            epoch,
+            ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+        },
         PeerMsg::Load {
             connections,
             subscriptions,

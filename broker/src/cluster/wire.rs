@@ -27,7 +27,7 @@ use crate::message::QoS;
 /// `WireSession::qos2_ids` and `released`) and says its epoch; `Load`
 /// reports under-replicated sessions.
 /// 4: `Ack` names its sequence (replica changes or forwarded publishes).
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 
 /// Largest frame accepted: an MQTT packet of the largest configurable size
 /// plus the frame's own fields.
@@ -191,6 +191,14 @@ pub enum Frame {
     },
     /// A persistent session handed to its new owner.
     Session(WireSession),
+    /// A persistent session of `epoch` ended at the sender, which no
+    /// longer owns `client`: the receiver drops older copies of it.
+    SessionGone {
+        client: String,
+        epoch: u64,
+        /// How long a copy of it may still surface, milliseconds.
+        ttl_ms: u64,
+    },
     /// The link carries one client's MQTT bytes from here on: the sender
     /// accepted the client and forwards it to the owner of its session.
     Proxy {
@@ -301,6 +309,7 @@ const REPLICATE: u8 = 18;
 const STREAM: u8 = 19;
 const ACK: u8 = 20;
 const REPLICA_SYNCED: u8 = 21;
+const SESSION_GONE: u8 = 22;
 
 impl Frame {
     /// Appends the encoded frame to `out`.
@@ -385,6 +394,16 @@ impl Frame {
             Frame::Session(ws) => {
                 out.put_u8(SESSION);
                 put_session(out, ws);
+            }
+            Frame::SessionGone {
+                client,
+                epoch,
+                ttl_ms,
+            } => {
+                out.put_u8(SESSION_GONE);
+                put_str(out, client);
+                out.put_u64(*epoch);
+                out.put_u64(*ttl_ms);
             }
             Frame::Load {
                 connections,
@@ -556,6 +575,11 @@ fn decode_body(b: &mut Bytes) -> Result<Frame> {
             client_ip: get_str(b)?.to_string(),
         },
         SESSION => Frame::Session(get_session(b)?),
+        SESSION_GONE => Frame::SessionGone {
+            client: get_str(b)?.to_string(),
+            epoch: get_u64(b)?,
+            ttl_ms: get_u64(b)?,
+        },
         LOAD => Frame::Load {
             connections: get_u64(b)?,
             subscriptions: get_u64(b)?,
@@ -966,6 +990,11 @@ mod tests {
                 forward: false,
             },
             Frame::ReplicaSynced { link: 8 },
+            Frame::SessionGone {
+                client: "GID_test@@@gone".into(),
+                epoch: 3,
+                ttl_ms: 7_200_000,
+            },
             Frame::Session(WireSession {
                 client_id: "GID_test@@@d".into(),
                 expiry_ms: 7_200_000,

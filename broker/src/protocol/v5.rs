@@ -321,8 +321,7 @@ pub async fn protocol(
             }
             if let Some(secs) = d.packet().session_expiry_interval_secs {
                 let capped = secs.min(broker.config().limits.session_expiry_secs);
-                conn.session
-                    .set_expiry(Duration::from_secs(u64::from(capped)));
+                broker.set_expiry(&conn.session, Duration::from_secs(u64::from(capped)));
             }
             Ok(d.ack())
         }
