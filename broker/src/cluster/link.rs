@@ -445,28 +445,52 @@ pub async fn inbound(
         return;
     }
     let mut frame = first;
+    let link = cluster.inbound_opened();
     let mut stream =
         super::replication::Inbound::new(cluster.clone(), broker.clone(), peer.clone());
-    loop {
+    // The peer beats every `heartbeat_ms` however busy: a link silent for
+    // the failure timeout is a peer cut off, whose TCP connection may
+    // never say so.
+    let silence = Duration::from_millis(cluster.config.failure_timeout_ms);
+    // One timer, moved on only when it fires: a timer per frame would cost
+    // on a busy link.
+    let mut heard = std::time::Instant::now();
+    let mut timer = Box::pin(ntex::time::sleep(silence));
+    'frames: loop {
         // Never waits here: a full session holds back the acknowledgement
         // of the publish that filled it (`Inbound::forward`), not the
         // link, whose replica changes and acknowledgements must go on.
-        apply(&cluster, &broker, &peer, frame, &mut stream);
-        frame = match recv(&io).await {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::debug!(peer = %peer, error = %e, "cluster inbound link closed");
-                return;
+        apply(&cluster, &broker, (&peer, link), frame, &mut stream);
+        frame = loop {
+            match ntex::util::select(std::pin::pin!(recv(&io)), timer.as_mut()).await {
+                Either::Left(Ok(f)) => {
+                    heard = std::time::Instant::now();
+                    break f;
+                }
+                Either::Left(Err(e)) => {
+                    tracing::debug!(peer = %peer, error = %e, "cluster inbound link closed");
+                    break 'frames;
+                }
+                Either::Right(()) => {
+                    let quiet = heard.elapsed();
+                    if quiet >= silence {
+                        tracing::info!(peer = %peer, "cluster inbound link silent: closed");
+                        io.close();
+                        break 'frames;
+                    }
+                    timer = Box::pin(ntex::time::sleep(silence - quiet));
+                }
             }
         };
     }
+    cluster.inbound_closed(&peer, link);
 }
 
-/// Applies one frame from `peer`.
+/// Applies one frame from `peer`, arrived on its inbound link `link`.
 fn apply(
     cluster: &Arc<Cluster>,
     broker: &Arc<Broker>,
-    peer: &Arc<str>,
+    (peer, link): (&Arc<str>, u64),
     frame: Frame,
     stream: &mut super::replication::Inbound,
 ) {
@@ -517,7 +541,7 @@ fn apply(
             }
         }
         f @ (Frame::Routes { .. } | Frame::RouteAdd { .. } | Frame::RouteDel { .. }) => {
-            let (add, del) = cluster.remote_routes(peer, &f);
+            let (add, del) = cluster.remote_routes(peer, link, &f);
             broker.remote_routes(peer, &add, &del);
         }
         Frame::Publish { n, msg, groups } => {

@@ -203,6 +203,13 @@ pub struct Cluster {
     /// Peers that left the ring whose announced filters are kept (`parted`),
     /// with when they left.
     parting: Mutex<HashMap<Arc<str>, Instant>>,
+    /// Per peer, the inbound link its filters came on (the full list each
+    /// new link starts with), and whether that link is still open: filters
+    /// a live link delivered are a live process's, whatever an older link
+    /// of the same name does later.
+    routes_from: Mutex<HashMap<Arc<str>, (u64, bool)>>,
+    /// Numbers the inbound links.
+    inbound_links: std::sync::atomic::AtomicU64,
     /// Whether a peer's announced filters are kept without a link to it
     /// (`routes_unlinked`), updated when links or filters change.
     unlinked_routes: std::sync::atomic::AtomicBool,
@@ -250,6 +257,8 @@ impl Cluster {
             released: std::sync::atomic::AtomicU64::new(0),
             lost: std::sync::Mutex::default(),
             parting: Mutex::default(),
+            routes_from: Mutex::default(),
+            inbound_links: std::sync::atomic::AtomicU64::new(0),
             unlinked_routes: std::sync::atomic::AtomicBool::new(false),
         }))
     }
@@ -341,13 +350,14 @@ impl Cluster {
 
     /// The link to `node` numbered `stream` went down, unless a newer link
     /// (a restarted node of the same name) replaced it already. The
-    /// filters `node` announced stay until `parted` lets them go: a
-    /// publish that reaches them meanwhile is refused (there is no link)
-    /// and sent again by its client, where dropping them at once let the
-    /// publishes of the moment pass with nobody to take them (the chaos
-    /// test lost 511 acknowledged messages so: a node restarted, its new
-    /// process's routes arrived, then the old process's link went down
-    /// and took them away).
+    /// filters `node` announced stay until `parted` lets them go (once
+    /// the link they came on is closed too: `part`): a publish that
+    /// reaches them meanwhile is refused (there is no link) and sent again
+    /// by its client, where dropping them at once let the publishes of
+    /// the moment pass with nobody to take them. The chaos test lost
+    /// hundreds of acknowledged messages so: a node restarted, its new
+    /// process's filters arrived, then the old process's link went down
+    /// and took them away.
     fn link_down(&self, node: &str, stream: u64) {
         let removed = match self.peers.write() {
             Ok(mut peers) if peers.get(node).is_some_and(|p| p.link == stream) => {
@@ -360,12 +370,49 @@ impl Cluster {
         };
         if removed {
             tracing::info!(peer = node, "cluster link down");
-            if let Ok(mut parting) = self.parting.lock() {
-                parting.insert(Arc::from(node), Instant::now());
-            }
-            self.count_unlinked_routes();
+            self.part(node);
             self.update_ring();
         }
+    }
+
+    /// A new inbound link: its number.
+    pub(super) fn inbound_opened(&self) -> u64 {
+        self.inbound_links
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Inbound link `link` from `node` closed: if `node`'s filters came on
+    /// it, they are a process's that is gone.
+    pub(super) fn inbound_closed(&self, node: &str, link: u64) {
+        let theirs = match self.routes_from.lock() {
+            Ok(mut from) => match from.get_mut(node) {
+                Some(f) if f.0 == link => {
+                    f.1 = false;
+                    true
+                }
+                _ => false,
+            },
+            Err(_) => false,
+        };
+        if theirs {
+            self.part(node);
+        }
+    }
+
+    /// `node` left, or the link its filters came on closed: with no link
+    /// to it and no open link its filters came on, they wait for `parted`.
+    fn part(&self, node: &str) {
+        let live = self
+            .routes_from
+            .lock()
+            .is_ok_and(|f| f.get(node).is_some_and(|f| f.1));
+        if !live
+            && !self.is_linked(node)
+            && let Ok(mut parting) = self.parting.lock()
+        {
+            parting.entry(Arc::from(node)).or_insert_with(Instant::now);
+        }
+        self.count_unlinked_routes();
     }
 
     /// Peers that left whose announced filters go now: every member has
@@ -824,7 +871,22 @@ impl Cluster {
 
     /// Records what a peer announced; returns the filters to add to and
     /// remove from its marker's routes.
-    fn remote_routes(&self, node: &Arc<str>, frame: &Frame) -> (Vec<String>, Vec<String>) {
+    fn remote_routes(
+        &self,
+        node: &Arc<str>,
+        link: u64,
+        frame: &Frame,
+    ) -> (Vec<String>, Vec<String>) {
+        if let Frame::Routes { .. } = frame {
+            // A process of that name is there, on this link: what it
+            // announces is current, and no longer waits to go.
+            if let Ok(mut from) = self.routes_from.lock() {
+                from.insert(node.clone(), (link, true));
+            }
+            if let Ok(mut parting) = self.parting.lock() {
+                parting.remove(node);
+            }
+        }
         let changes = self.note_routes(node, frame);
         self.count_unlinked_routes();
         changes
