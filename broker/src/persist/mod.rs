@@ -383,6 +383,9 @@ mod tests {
         Queue(usize, u8),
         /// The nth oldest message of the client is acknowledged.
         Ack(usize, usize),
+        /// The nth oldest message of the client is stored again, with its
+        /// DUP flag (its client left while it was in flight).
+        Again(usize, usize),
         Forget(usize),
         Retain(u8, bool),
     }
@@ -392,6 +395,7 @@ mod tests {
             (0..3usize).prop_map(Step::Subscribe),
             (0..3usize, any::<u8>()).prop_map(|(c, b)| Step::Queue(c, b)),
             (0..3usize, 0..4usize).prop_map(|(c, n)| Step::Ack(c, n)),
+            (0..3usize, 0..4usize).prop_map(|(c, n)| Step::Again(c, n)),
             (0..3usize).prop_map(Step::Forget),
             (0..4u8, any::<bool>()).prop_map(|(t, keep)| Step::Retain(t, keep)),
         ]
@@ -465,6 +469,14 @@ mod tests {
                         if let Some(&k) = q.keys().nth(n) {
                             q.remove(&k);
                             persist.unqueue(&name(c), k);
+                        }
+                    }
+                    Step::Again(c, n) => {
+                        let q = queues.entry(c).or_default();
+                        if let Some((&k, &body)) = q.iter().nth(n) {
+                            let mut d = Delivery::new(Arc::new(message("q".into(), body)), QoS::AtLeastOnce);
+                            d.dup = true;
+                            persist.queue(&name(c), k, &d, None);
                         }
                     }
                     Step::Forget(c) => {

@@ -371,7 +371,10 @@ impl QueueLog {
         for (key, value) in writes {
             match value {
                 Some(value) => encode(&mut buf, &Entry::Put { key, value }),
-                None if self.index.contains(key) => encode(&mut buf, &Entry::Del { key }),
+                // Not of a session this batch forgets: the log drops it anyway.
+                None if self.index.contains(key) && !forgets.iter().any(|p| key.starts_with(p)) => {
+                    encode(&mut buf, &Entry::Del { key });
+                }
                 None => {}
             }
         }

@@ -258,7 +258,7 @@ impl Writer {
                 Space::Retained => &store.retained,
             };
             match value {
-                Write::Put { value, .. } => batch.insert(ks, key, value.as_ref()),
+                Write::Put { value } => batch.insert(ks, key, value.as_ref()),
                 Write::Delete => batch.remove(ks, key),
             }
         }
@@ -369,11 +369,9 @@ impl Writer {
 /// What the batch does to one key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Write {
-    /// Stores the value; `over_delete`: an earlier change of this batch
-    /// deleted the key, whose older value may be on disk.
+    /// Stores the value.
     Put {
         value: Bytes,
-        over_delete: bool,
     },
     Delete,
 }
@@ -387,7 +385,7 @@ impl Write {
     /// The value to store, `None` for a delete.
     fn into_value(self) -> Option<Bytes> {
         match self {
-            Write::Put { value, .. } => Some(value),
+            Write::Put { value } => Some(value),
             Write::Delete => None,
         }
     }
@@ -395,10 +393,9 @@ impl Write {
 
 /// The batch's changes, one per key, and the queue prefixes
 /// of the sessions it forgets (applied before its queue changes). A queued
-/// message acknowledged within the same batch is not written at all (its
-/// key is new: sequence numbers only grow while the store holds a
-/// session's messages), which spares the disk most messages to online
-/// subscribers. A `Forget` removes the session's record, what earlier
+/// message acknowledged within the same batch becomes a delete, which the
+/// log does not write when it does not hold the message (`QueueLog::append`):
+/// most messages to online subscribers never reach the disk. A `Forget` removes the session's record, what earlier
 /// changes of this batch queued for it, and (in the log) what the store
 /// holds for it. The changes' keys and values move into the batch (the ops
 /// keep only who waits for them).
@@ -406,17 +403,7 @@ fn fold(ops: &mut [Op]) -> (Batch, Vec<Vec<u8>>) {
     let mut out = Batch::default();
     let mut forgets = Vec::new();
     let put = |out: &mut Batch, key: (Space, Vec<u8>), value: Bytes| {
-        let over_delete = matches!(
-            out.get(&key),
-            Some(
-                Write::Delete
-                    | Write::Put {
-                        over_delete: true,
-                        ..
-                    }
-            )
-        );
-        out.insert(key, Write::Put { value, over_delete });
+        out.insert(key, Write::Put { value });
     };
     for op in ops {
         match &mut op.change {
@@ -441,17 +428,13 @@ fn fold(ops: &mut [Op]) -> (Batch, Vec<Vec<u8>>) {
                 );
             }
             Change::Unqueue { key } => {
-                let key = (Space::Queue, std::mem::take(key));
-                match out.get(&key) {
-                    Some(Write::Put {
-                        over_delete: false, ..
-                    }) => {
-                        out.remove(&key);
-                    }
-                    _ => {
-                        out.insert(key, Write::Delete);
-                    }
-                }
+                // A delete even after a put of this batch: the key may be
+                // on disk from an earlier batch (a message stored again,
+                // with its DUP flag, when its client left). Dropping both
+                // left that older copy to be read back after a crash, and
+                // a QoS 2 message its client had completed came again.
+                // The log writes no delete of a message it does not hold.
+                out.insert((Space::Queue, std::mem::take(key)), Write::Delete);
             }
             Change::Retain { topic, value } => {
                 let key = (Space::Retained, topic.to_vec());
@@ -500,15 +483,17 @@ mod tests {
         let value = Bytes::from_static(b"new");
         let new = record::queue_key(&client, 2);
         let (batch, forgets) = fold(&mut [
-            // Stored and acknowledged in one batch: nothing to write.
+            // Stored and acknowledged in one batch: a delete (which the log
+            // writes only if it holds the message from an earlier batch),
+            // gone here with the session forgotten next.
             op(Change::Queue {
                 key: new.clone(),
                 value: value.clone(),
             }),
             op(Change::Unqueue { key: new.clone() }),
             // The session ends and starts over, numbering from 1 again: its
-            // message 1, acknowledged at once, is not written; the old
-            // message 1 on disk goes with the forgotten session.
+            // message 1, acknowledged at once, is a delete; the old message
+            // 1 on disk goes with the forgotten session.
             op(Change::Forget {
                 client: client.clone(),
             }),
@@ -523,20 +508,19 @@ mod tests {
                 value: value.clone(),
             }),
         ]);
-        let queue: Vec<_> = batch
+        let mut queue: Vec<_> = batch
             .iter()
             .filter(|((s, _), _)| *s == Space::Queue)
             .map(|((_, k), w)| (k.clone(), w.clone()))
             .collect();
+        queue.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(
             queue,
-            [(
-                record::queue_key(&client, 3),
-                Write::Put {
-                    value,
-                    over_delete: false
-                }
-            )]
+            [
+                (old, Write::Delete),
+                (record::queue_key(&client, 3), Write::Put { value }),
+            ],
+            "message 2 went with the forgotten session"
         );
         assert_eq!(forgets, [record::queue_prefix(&client)]);
         assert_eq!(
