@@ -20,6 +20,7 @@
 pub mod gate;
 pub mod link;
 pub mod replication;
+mod routes;
 pub mod wire;
 
 use std::collections::{HashMap, HashSet};
@@ -170,8 +171,8 @@ pub struct Cluster {
     ring: RwLock<Arc<Ring>>,
     /// Filters of this node's sessions, with how many sessions hold each.
     local_filters: Mutex<HashMap<String, usize>>,
-    /// Filters each peer announced.
-    remote_filters: Mutex<HashMap<Arc<str>, HashSet<String>>>,
+    /// Filters each peer announced, and how long they are kept.
+    peer_routes: routes::PeerRoutes,
     /// Set once this node announced that it leaves.
     leaving: std::sync::atomic::AtomicBool,
     /// Addresses a link task dials.
@@ -200,19 +201,6 @@ pub struct Cluster {
     /// When peers that left the ring (link down, silent) were last heard
     /// from, for the failover time (`last_heard`).
     lost: std::sync::Mutex<HashMap<Arc<str>, Instant>>,
-    /// Peers that left the ring whose announced filters are kept (`parted`),
-    /// with when they left.
-    parting: Mutex<HashMap<Arc<str>, Instant>>,
-    /// Per peer, the inbound link its filters came on (the full list each
-    /// new link starts with), and whether that link is still open: filters
-    /// a live link delivered are a live process's, whatever an older link
-    /// of the same name does later.
-    routes_from: Mutex<HashMap<Arc<str>, (u64, bool)>>,
-    /// Numbers the inbound links.
-    inbound_links: std::sync::atomic::AtomicU64,
-    /// Whether a peer's announced filters are kept without a link to it
-    /// (`routes_unlinked`), updated when links or filters change.
-    unlinked_routes: std::sync::atomic::AtomicBool,
 }
 
 impl Cluster {
@@ -242,7 +230,7 @@ impl Cluster {
             peers: RwLock::new(HashMap::new()),
             ring: RwLock::new(Arc::new(Ring::new([node]))),
             local_filters: Mutex::new(HashMap::new()),
-            remote_filters: Mutex::new(HashMap::new()),
+            peer_routes: routes::PeerRoutes::default(),
             leaving: std::sync::atomic::AtomicBool::new(false),
             dialing: Mutex::new(HashSet::new()),
             generation: std::sync::atomic::AtomicU64::new(0),
@@ -256,10 +244,6 @@ impl Cluster {
             run: replication::random_id()?,
             released: std::sync::atomic::AtomicU64::new(0),
             lost: std::sync::Mutex::default(),
-            parting: Mutex::default(),
-            routes_from: Mutex::default(),
-            inbound_links: std::sync::atomic::AtomicU64::new(0),
-            unlinked_routes: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -350,14 +334,8 @@ impl Cluster {
 
     /// The link to `node` numbered `stream` went down, unless a newer link
     /// (a restarted node of the same name) replaced it already. The
-    /// filters `node` announced stay until `parted` lets them go (once
-    /// the link they came on is closed too: `part`): a publish that
-    /// reaches them meanwhile is refused (there is no link) and sent again
-    /// by its client, where dropping them at once let the publishes of
-    /// the moment pass with nobody to take them. The chaos test lost
-    /// hundreds of acknowledged messages so: a node restarted, its new
-    /// process's filters arrived, then the old process's link went down
-    /// and took them away.
+    /// filters `node` announced stay until `parted` lets them go
+    /// (`routes::PeerRoutes`).
     fn link_down(&self, node: &str, stream: u64) {
         let removed = match self.peers.write() {
             Ok(mut peers) if peers.get(node).is_some_and(|p| p.link == stream) => {
@@ -377,49 +355,25 @@ impl Cluster {
 
     /// A new inbound link: its number.
     pub(super) fn inbound_opened(&self) -> u64 {
-        self.inbound_links
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        self.peer_routes.link_opened()
     }
 
-    /// Inbound link `link` from `node` closed: if `node`'s filters came on
-    /// it, they are a process's that is gone.
+    /// Inbound link `link` from `node` closed.
     pub(super) fn inbound_closed(&self, node: &str, link: u64) {
-        let theirs = match self.routes_from.lock() {
-            Ok(mut from) => match from.get_mut(node) {
-                Some(f) if f.0 == link => {
-                    f.1 = false;
-                    true
-                }
-                _ => false,
-            },
-            Err(_) => false,
-        };
-        if theirs {
+        if self.peer_routes.link_closed(node, link) {
             self.part(node);
         }
     }
 
-    /// `node` left, or the link its filters came on closed: with no link
-    /// to it and no open link its filters came on, they wait for `parted`.
+    /// `node` left, or the link its filters came on closed.
     fn part(&self, node: &str) {
-        let live = self
-            .routes_from
-            .lock()
-            .is_ok_and(|f| f.get(node).is_some_and(|f| f.1));
-        if !live
-            && !self.is_linked(node)
-            && let Ok(mut parting) = self.parting.lock()
-        {
-            parting.entry(Arc::from(node)).or_insert_with(Instant::now);
-        }
+        self.peer_routes.part(node, self.is_linked(node));
         self.count_unlinked_routes();
     }
 
-    /// Peers that left whose announced filters go now: every member has
-    /// said it settled a ring without them (their sessions' new owners
-    /// took them over and announced their filters before saying so, in
-    /// order on each link), or twice the failure timeout passed. A peer
-    /// that is back keeps its filters (its new process announced its own).
+    /// Peers that left whose announced filters go now (`routes::PeerRoutes`):
+    /// every member settled a ring without them, or twice the failure
+    /// timeout passed.
     pub fn parted(&self) -> Vec<Arc<str>> {
         let members = self.members();
         let bound = Duration::from_millis(2 * self.config.failure_timeout_ms);
@@ -431,42 +385,16 @@ impl Cluster {
         let Ok(settled) = self.settled_by.lock() else {
             return Vec::new();
         };
-        let Ok(mut parting) = self.parting.lock() else {
-            return Vec::new();
-        };
-        let mut gone = Vec::new();
-        parting.retain(|node, since| {
-            if linked.contains(node) {
-                return false;
-            }
-            let taken_over = members
-                .iter()
-                .all(|m| settled.get(m).is_some_and(|s| !s.contains(&**node)));
-            if taken_over || since.elapsed() >= bound {
-                gone.push(node.clone());
-                return false;
-            }
-            true
-        });
-        gone
+        self.peer_routes.parted(&linked, &members, &settled, bound)
     }
 
-    /// Recomputes whether some peer's announced filters have no link.
     fn count_unlinked_routes(&self) {
-        let unlinked = match (self.remote_filters.lock(), self.peers.read()) {
-            (Ok(filters), Ok(peers)) => filters
-                .iter()
-                .any(|(node, f)| !f.is_empty() && !peers.contains_key(node)),
-            _ => false,
-        };
-        self.unlinked_routes
-            .store(unlinked, std::sync::atomic::Ordering::Release);
+        self.peer_routes.recount(|node| self.is_linked(node));
     }
 
     /// Whether some peer's announced filters have no link now.
     pub fn routes_unlinked(&self) -> bool {
-        self.unlinked_routes
-            .load(std::sync::atomic::Ordering::Acquire)
+        self.peer_routes.unlinked()
     }
 
     /// Whether this node has a link to `node`.
@@ -869,61 +797,22 @@ impl Cluster {
             .unwrap_or_default()
     }
 
-    /// Records what a peer announced; returns the filters to add to and
-    /// remove from its marker's routes.
+    /// Records what a peer announced on its inbound link `link`; returns
+    /// the filters to add to and remove from its marker's routes.
     fn remote_routes(
         &self,
         node: &Arc<str>,
         link: u64,
         frame: &Frame,
     ) -> (Vec<String>, Vec<String>) {
-        if let Frame::Routes { .. } = frame {
-            // A process of that name is there, on this link: what it
-            // announces is current, and no longer waits to go.
-            if let Ok(mut from) = self.routes_from.lock() {
-                from.insert(node.clone(), (link, true));
-            }
-            if let Ok(mut parting) = self.parting.lock() {
-                parting.remove(node);
-            }
-        }
-        let changes = self.note_routes(node, frame);
+        let changes = self.peer_routes.announced(node, link, frame);
         self.count_unlinked_routes();
         changes
     }
 
-    fn note_routes(&self, node: &Arc<str>, frame: &Frame) -> (Vec<String>, Vec<String>) {
-        let Ok(mut all) = self.remote_filters.lock() else {
-            return (Vec::new(), Vec::new());
-        };
-        let known = all.entry(node.clone()).or_default();
-        match frame {
-            Frame::Routes { filters } => {
-                let new: HashSet<String> = filters.iter().cloned().collect();
-                let add = new.difference(known).cloned().collect();
-                let del = known.difference(&new).cloned().collect();
-                *known = new;
-                (add, del)
-            }
-            Frame::RouteAdd { filter } if known.insert(filter.clone()) => {
-                (vec![filter.clone()], Vec::new())
-            }
-            Frame::RouteDel { filter } if known.remove(filter) => {
-                (Vec::new(), vec![filter.clone()])
-            }
-            _ => (Vec::new(), Vec::new()),
-        }
-    }
-
     /// Forgets what a departed peer announced; returns its filters.
     pub(crate) fn forget(&self, node: &str) -> Vec<String> {
-        let filters = self
-            .remote_filters
-            .lock()
-            .ok()
-            .and_then(|mut all| all.remove(node))
-            .map(|s| s.into_iter().collect())
-            .unwrap_or_default();
+        let filters = self.peer_routes.forget(node);
         self.count_unlinked_routes();
         filters
     }
