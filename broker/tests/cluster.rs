@@ -528,6 +528,74 @@ async fn a_partitioned_node_serves_alone_and_its_sessions_find_their_owners_when
     );
 }
 
+/// D2 under a partition: the owner of a persistent session is cut off and
+/// keeps serving the session to the clients that reach it, while the other
+/// side serves it from its replica. A message acknowledged on each side
+/// while they are apart is there after the partition heals: the two
+/// states are merged, as README "Cluster" says.
+#[tokio::test]
+async fn a_session_served_on_both_sides_of_a_partition_keeps_what_each_side_acknowledged() {
+    let Some(ns) = Netns::create() else {
+        // Needs root (CAP_NET_ADMIN), as CI has; elsewhere the test cannot run.
+        eprintln!("SKIPPED: a_session_served_on_both_sides... needs network namespaces");
+        return;
+    };
+    let mut c = Cluster::start_on(2, "", &ns.host_ip);
+    c.add_in_netns("n2", &ns.name, &ns.ns_ip, &ns.client_ip);
+    c.wait_ring(3);
+    let id = owned_by("n2", &c.names, "GID_test@@@split");
+    let mut s = persistent(&id, c.nodes[0].tcp).await;
+    s.subscribe("split/#", v3::QoS::AtLeastOnce).await;
+    s.disconnect().await;
+    // The replica has the subscription before the cut.
+    tokio::time::sleep(QUIET).await;
+
+    ns.set(false);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while (c.nodes[0].metric("ringmq_cluster_nodes") != 2.0
+        || c.nodes[2].metric("ringmq_cluster_nodes") != 1.0)
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(c.nodes[2].metric("ringmq_cluster_nodes"), 1.0);
+    // Each side acknowledges one message for the session (MQTT 5: a
+    // publish refused while the majority takes the session over says so,
+    // and is sent again).
+    let majority = v5::connect(v5::options("split-pub-a", c.nodes[0].tcp)).await;
+    let minority = v5::connect(v5::options_at("split-pub-b", &ns.client_ip, c.nodes[2].tcp)).await;
+    for (mut p, m) in [(majority, "majority"), (minority, "minority")] {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            p.publish("split/x", v5::QoS::AtLeastOnce, false, m).await;
+            let reason = loop {
+                if let P5::PubAck(a) = common::recv(&mut p.rx, "PUBACK").await {
+                    break a.reason;
+                }
+            };
+            if matches!(reason, v5::PubAckReason::Success) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{m} refused: {reason:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    ns.set(true);
+    c.wait_ring(3);
+    c.nodes[2].wait_ready();
+    let mut s = persistent(&id, c.nodes[0].tcp).await;
+    assert!(s.connack.session_present);
+    let mut got = BTreeSet::new();
+    while got.len() < 2 {
+        got.insert(String::from_utf8_lossy(&s.next_publish().await.payload).into_owned());
+    }
+    assert_eq!(got, ["majority", "minority"].map(String::from).into());
+}
+
 /// Percent-encodes a form value.
 fn form(v: &str) -> String {
     v.bytes()

@@ -264,7 +264,13 @@ pub async fn outbound(cluster: Arc<Cluster>, broker: Arc<Broker>, addr: String) 
                 // The link carries the handover of a leaving node: it ends
                 // with the node, after the listeners stopped.
                 let result = match ntex::util::select(
-                    std::pin::pin!(pump(&io, &cluster, &mut ctl_rx, &mut rx, heartbeat)),
+                    std::pin::pin!(pump(
+                        &io,
+                        (&cluster, &peer),
+                        &mut ctl_rx,
+                        &mut rx,
+                        heartbeat
+                    )),
                     std::pin::pin!(shutdown.wait()),
                 )
                 .await
@@ -355,7 +361,7 @@ async fn greet(io: &IoBoxed, cluster: &Cluster, broker: &Broker, stream: u64) ->
 /// Writes queued frames and heartbeats until the connection fails.
 async fn pump(
     io: &IoBoxed,
-    cluster: &Cluster,
+    (cluster, peer): (&Cluster, &str),
     ctl: &mut mpsc::UnboundedReceiver<Frame>,
     rx: &mut super::DataReceiver,
     heartbeat: Duration,
@@ -366,6 +372,14 @@ async fn pump(
     loop {
         let now = std::time::Instant::now();
         if now >= next_beat {
+            // A peer cut off (a partition) may never make this connection
+            // fail: ended here, it leaves with its routes (`routes`), and
+            // the dialer tries again until the peer answers.
+            if cluster.is_silent(peer) {
+                return Err(ClusterError::Link(
+                    "nothing heard for the failure timeout".into(),
+                ));
+            }
             let beat = Frame::Heartbeat {
                 leaving: cluster.is_leaving(),
             };

@@ -397,6 +397,16 @@ impl Cluster {
         self.peer_routes.unlinked()
     }
 
+    /// Whether `node` has a link and said nothing for the failure timeout
+    /// (a node that announced it leaves is waited for: it hands over).
+    pub fn is_silent(&self, node: &str) -> bool {
+        let timeout = Duration::from_millis(self.config.failure_timeout_ms);
+        self.peers.read().is_ok_and(|p| {
+            p.get(node)
+                .is_some_and(|p| !p.leaving && p.last_seen.elapsed() >= timeout)
+        })
+    }
+
     /// Whether this node has a link to `node`.
     pub fn is_linked(&self, node: &str) -> bool {
         self.peers.read().is_ok_and(|p| p.contains_key(node))
