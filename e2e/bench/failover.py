@@ -161,6 +161,11 @@ def main():
             others = [n for n in nodes if n is not victim]
             stop = threading.Event()
             pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"fo-pub-{r}")
+            # A publish that reaches the lost owner's sessions before their
+            # new owner serves them is refused (the connection closes, 3.1.1)
+            # and sent again: paho's default first retry after 1 s would be
+            # measured as failover time.
+            pub.reconnect_delay_set(min_delay=0.05, max_delay=1)
             pub.connect("127.0.0.1", others[0].tcp, keepalive=30)
             pub.loop_start()
 

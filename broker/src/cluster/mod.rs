@@ -173,6 +173,9 @@ pub struct Cluster {
     local_filters: Mutex<HashMap<String, usize>>,
     /// Filters each peer announced, and how long they are kept.
     peer_routes: routes::PeerRoutes,
+    /// Wakes the ring watch at once (the ring changed, a peer settled)
+    /// rather than at its next heartbeat tick.
+    changed: tokio::sync::Notify,
     /// Set once this node announced that it leaves.
     leaving: std::sync::atomic::AtomicBool,
     /// Addresses a link task dials.
@@ -231,6 +234,7 @@ impl Cluster {
             ring: RwLock::new(Arc::new(Ring::new([node]))),
             local_filters: Mutex::new(HashMap::new()),
             peer_routes: routes::PeerRoutes::default(),
+            changed: tokio::sync::Notify::new(),
             leaving: std::sync::atomic::AtomicBool::new(false),
             dialing: Mutex::new(HashSet::new()),
             generation: std::sync::atomic::AtomicU64::new(0),
@@ -329,6 +333,7 @@ impl Cluster {
         if !self.update_ring() {
             self.generation
                 .fetch_add(1, std::sync::atomic::Ordering::Release);
+            self.changed.notify_one();
         }
     }
 
@@ -618,6 +623,7 @@ impl Cluster {
         *current = Arc::new(ring);
         self.generation
             .fetch_add(1, std::sync::atomic::Ordering::Release);
+        self.changed.notify_one();
         true
     }
 
@@ -626,6 +632,8 @@ impl Cluster {
         if let Ok(mut s) = self.settled_by.lock() {
             s.insert(peer.clone(), members.into_iter().collect());
         }
+        // A lost peer's routes may go now (`parted`).
+        self.changed.notify_one();
     }
 
     /// Whether every other member has handed this node its sessions: a node
@@ -1177,7 +1185,17 @@ pub async fn watch(cluster: Arc<Cluster>, broker: Arc<crate::broker::Broker>, sh
     let _guard = shutdown.guard();
     let every = Duration::from_millis(cluster.config.heartbeat_ms);
     let mut seen = 0;
-    while shutdown.sleep(every).await {
+    loop {
+        // Every heartbeat, and at once when the ring changed or a peer
+        // settled: the failover waits for this pass.
+        let woken = ntex::util::select(
+            std::pin::pin!(shutdown.sleep(every)),
+            cluster.changed.notified(),
+        )
+        .await;
+        if let ntex::util::Either::Left(false) = woken {
+            break;
+        }
         cluster.update_ring();
         let now = cluster
             .generation
