@@ -464,16 +464,26 @@ async fn a_leaving_node_tells_its_clients_to_reconnect_and_a_drained_node_owns_n
     assert_eq!(c.nodes[1].metric("ringmq_cluster_nodes"), 1.0);
 }
 
-#[tokio::test]
-async fn a_partitioned_node_serves_alone_and_its_sessions_find_their_owners_when_it_heals() {
+/// Three nodes, `n2` in a network namespace whose cluster links the test
+/// can cut; `None` (the test skipped, said on stderr) where namespaces
+/// cannot be made.
+fn split_cluster(test: &str) -> Option<(Netns, Cluster)> {
     let Some(ns) = Netns::create() else {
         // Needs root (CAP_NET_ADMIN), as CI has; elsewhere the test cannot run.
-        eprintln!("SKIPPED: a_partitioned_node... needs network namespaces");
-        return;
+        eprintln!("SKIPPED: {test} needs network namespaces");
+        return None;
     };
     let mut c = Cluster::start_on(2, "", &ns.host_ip);
     c.add_in_netns("n2", &ns.name, &ns.ns_ip, &ns.client_ip);
     c.wait_ring(3);
+    Some((ns, c))
+}
+
+#[tokio::test]
+async fn a_partitioned_node_serves_alone_and_its_sessions_find_their_owners_when_it_heals() {
+    let Some((ns, c)) = split_cluster("a_partitioned_node") else {
+        return;
+    };
     let p = c.nodes[2].tcp;
     let owned_by_n0 = owned_by("n0", &c.names, "GID_test@@@stray");
 
@@ -535,14 +545,9 @@ async fn a_partitioned_node_serves_alone_and_its_sessions_find_their_owners_when
 /// states are merged, as README "Cluster" says.
 #[tokio::test]
 async fn a_session_served_on_both_sides_of_a_partition_keeps_what_each_side_acknowledged() {
-    let Some(ns) = Netns::create() else {
-        // Needs root (CAP_NET_ADMIN), as CI has; elsewhere the test cannot run.
-        eprintln!("SKIPPED: a_session_served_on_both_sides... needs network namespaces");
+    let Some((ns, c)) = split_cluster("a_session_served_on_both_sides") else {
         return;
     };
-    let mut c = Cluster::start_on(2, "", &ns.host_ip);
-    c.add_in_netns("n2", &ns.name, &ns.ns_ip, &ns.client_ip);
-    c.wait_ring(3);
     let id = owned_by("n2", &c.names, "GID_test@@@split");
     let mut s = persistent(&id, c.nodes[0].tcp).await;
     s.subscribe("split/#", v3::QoS::AtLeastOnce).await;

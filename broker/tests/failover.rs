@@ -281,12 +281,7 @@ async fn a_publish_to_a_lost_owners_sessions_is_refused_until_they_are_served_ag
     let mut c = Cluster::start_with_failure_timeout(3, "", 4_000);
     let id = owned_by("n2", &c.names, "GID_test@@@parting");
     let (_, replica) = keepers(&c, &id);
-    let entry = c
-        .names
-        .iter()
-        .find(|n| **n != "n2" && **n != replica)
-        .cloned()
-        .unwrap_or_default();
+    let entry = third(&c, &replica);
     let port = c.nodes[index_of(&c, &entry)].tcp;
     let mut s = persistent(&id, port).await;
     s.subscribe("parting/#", v3::QoS::AtLeastOnce).await;
@@ -340,6 +335,16 @@ fn keepers(c: &Cluster, id: &str) -> (String, String) {
     (s[0].to_string(), s[1].to_string())
 }
 
+/// The node of a three-node `c` that is neither `n2` (the owner in these
+/// tests) nor `replica`.
+fn third(c: &Cluster, replica: &str) -> String {
+    c.names
+        .iter()
+        .find(|n| **n != "n2" && **n != replica)
+        .cloned()
+        .unwrap_or_default()
+}
+
 fn index_of(c: &Cluster, name: &str) -> usize {
     c.names
         .iter()
@@ -365,12 +370,7 @@ async fn two_owners_killed_in_a_row_lose_nothing() {
     let mut c = Cluster::start(3, "");
     let id = owned_by("n2", &c.names, "GID_test@@@twice");
     let (_, next) = keepers(&c, &id);
-    let last = c
-        .names
-        .iter()
-        .find(|n| **n != "n2" && **n != next)
-        .cloned()
-        .unwrap_or_default();
+    let last = third(&c, &next);
     let mut s = persistent(&id, c.nodes[0].tcp).await;
     s.subscribe("twice/#", v3::QoS::AtLeastOnce).await;
     s.disconnect().await;

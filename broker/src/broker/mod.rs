@@ -154,6 +154,14 @@ const MARKER_QOS: QoS = QoS::ExactlyOnce;
 /// Messages for other nodes that a publish produced.
 type Forwards = Vec<(Arc<str>, PeerMsg)>;
 
+/// One of a ring's hand-overs (a session, a copy, a tombstone) is on its
+/// way, or back here: the last one tells the peers this node settled.
+fn one_handed_over(c: &dyn Peers, left: &std::sync::atomic::AtomicUsize) {
+    if left.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+        c.announce_settled();
+    }
+}
+
 /// What a change waits with: a commit when someone waits for it (`acked`),
 /// otherwise nothing to allocate or count.
 fn waited(acked: bool) -> Pending {
@@ -897,15 +905,11 @@ impl Broker {
                     moved.remove(&client);
                 }
                 self.install_session(h);
-                if left.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
-                    c.announce_settled();
-                }
+                one_handed_over(c.as_ref(), left);
                 return;
             }
         }
-        if left.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
-            c.announce_settled();
-        }
+        one_handed_over(c.as_ref(), left);
         // Grace: long enough for the owner's routes to reach every node.
         ntex::time::sleep(4 * c.heartbeat()).await;
         if let Ok(mut moved) = self.moved.lock() {
@@ -942,9 +946,7 @@ impl Broker {
             tracing::warn!(client_id = %client, owner = %owner, "a lost owner's session kept here: its owner now is unreachable");
             self.install_session(h);
         }
-        if left.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
-            c.announce_settled();
-        }
+        one_handed_over(c.as_ref(), left);
     }
 
     /// Sends the tombstone of a Client ID another node owns now to it; kept
@@ -968,9 +970,7 @@ impl Broker {
         if !c.send(&owner, gone, Duration::from_secs(5)).await {
             self.sessions.ended().record(&client, epoch, ttl);
         }
-        if left.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
-            c.announce_settled();
-        }
+        one_handed_over(c.as_ref(), left);
     }
 
     /// A planned leave (SIGTERM, or the drain API): off the ring, and every

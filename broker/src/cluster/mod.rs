@@ -206,6 +206,14 @@ pub struct Cluster {
     lost: std::sync::Mutex<HashMap<Arc<str>, Instant>>,
 }
 
+impl Peer {
+    /// Not heard from for `timeout` and not handing over (a node that
+    /// announced it leaves is waited for).
+    fn silent(&self, timeout: Duration) -> bool {
+        !self.leaving && self.last_seen.elapsed() >= timeout
+    }
+}
+
 impl Cluster {
     /// A peer's operations API question, answered as JSON.
     pub fn answer_query(&self, broker: &Broker, question: &str) -> String {
@@ -406,10 +414,9 @@ impl Cluster {
     /// (a node that announced it leaves is waited for: it hands over).
     pub fn is_silent(&self, node: &str) -> bool {
         let timeout = Duration::from_millis(self.config.failure_timeout_ms);
-        self.peers.read().is_ok_and(|p| {
-            p.get(node)
-                .is_some_and(|p| !p.leaving && p.last_seen.elapsed() >= timeout)
-        })
+        self.peers
+            .read()
+            .is_ok_and(|p| p.get(node).is_some_and(|p| p.silent(timeout)))
     }
 
     /// Whether this node has a link to `node`.
@@ -600,7 +607,7 @@ impl Cluster {
             Ok(peers) => {
                 let (live, off): (Vec<_>, Vec<_>) = peers
                     .iter()
-                    .partition(|(_, p)| !p.leaving && p.last_seen.elapsed() < timeout);
+                    .partition(|(_, p)| !p.leaving && !p.silent(timeout));
                 for (n, p) in off {
                     self.release(&p.acks);
                     self.lost_at(n, p.last_seen);
