@@ -151,10 +151,10 @@ impl Store for Replicated {
         }
     }
 
-    fn reset(&self, client: &Arc<str>, record: &SessionRecord) {
-        self.local.reset(client, record);
+    fn reset(&self, client: &Arc<str>, record: &SessionRecord, mut pending: Option<&mut Pending>) {
+        self.local.reset(client, record, pending.as_deref_mut());
         self.replication
-            .send(client, Change::Reset(record.clone()), None);
+            .send(client, Change::Reset(record.clone()), pending);
     }
 
     fn queue(

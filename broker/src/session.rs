@@ -545,13 +545,15 @@ impl Session {
 
     /// Writes the session whole (it arrived from another node, or from a
     /// replica taking over): the store's copy is replaced by its record and
-    /// every QoS 1/2 message it holds, numbered if it was not yet. Called
-    /// with the lock held.
-    pub fn save_all(&self, st: &mut State) {
+    /// every QoS 1/2 message it holds, numbered if it was not yet.
+    /// `pending` (when given) waits for all of it. Called with the lock
+    /// held.
+    pub fn save_all(&self, st: &mut State, mut pending: Option<&mut Pending>) {
         if !st.persistent || !self.persist.is_durable() {
             return;
         }
-        self.persist.reset(&self.client_id, &st.record());
+        self.persist
+            .reset(&self.client_id, &st.record(), pending.as_deref_mut());
         let State {
             resend,
             offline,
@@ -570,9 +572,10 @@ impl Session {
                 continue;
             }
             if d.seq == 0 {
-                self.number_and_store(last_seq, d, None);
+                self.number_and_store(last_seq, d, pending.as_deref_mut());
             } else {
-                self.persist.queue(&self.client_id, d.seq, d, None);
+                self.persist
+                    .queue(&self.client_id, d.seq, d, pending.as_deref_mut());
             }
         }
     }

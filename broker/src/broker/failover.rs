@@ -186,10 +186,10 @@ impl Broker {
             // A new owner: a copy of the lost owner's state that surfaces
             // later is older than this.
             st.epoch += 1;
-            session.save_all(&mut st);
+            session.save_all(&mut st, None);
         }
         for rs in opened {
-            self.install_session(handover_of(rs));
+            self.install_session(handover_of(rs), &mut durable::Pending::detached());
         }
         self.metrics.sessions.set(gauge(self.sessions.len()));
     }

@@ -892,19 +892,18 @@ impl Broker {
             self.sessions.remove(&client);
             self.metrics.sessions.set(gauge(self.sessions.len()));
             self.drained_some();
-            let wait = Duration::from_secs(5);
-            if c.send(&owner, PeerMsg::Session(h.clone()), wait).await {
+            if self.hand_over(c.as_ref(), &owner, h.clone()).await {
                 self.metrics.sessions_moved.inc();
                 tracing::debug!(client_id = %client, owner = %owner, "session moved");
             } else {
                 // The owner is gone too: the session stays here, and the
                 // next ring change moves it again.
                 self.metrics.reject("session_move");
-                tracing::warn!(client_id = %client, owner = %owner, "session not moved: the owner is unreachable; kept here");
+                tracing::warn!(client_id = %client, owner = %owner, "session not moved: the owner is unreachable or lost before it kept the session; kept here");
                 if let Ok(mut moved) = self.moved.lock() {
                     moved.remove(&client);
                 }
-                self.install_session(h);
+                self.install_session(h, &mut Pending::detached());
                 one_handed_over(c.as_ref(), left);
                 return;
             }
@@ -923,6 +922,24 @@ impl Broker {
         }
     }
 
+    /// Sends a session to `owner` and waits until it keeps it (installed,
+    /// and written to its store and its replicas). False if `owner` has no
+    /// link or leaves the ring first: the session may be lost with it, so
+    /// the caller serves it again (a client that reached `owner`
+    /// meanwhile gets it merged there later; QoS 1 messages may then
+    /// come twice).
+    async fn hand_over(&self, c: &dyn Peers, owner: &str, h: Handover) -> bool {
+        let mut kept = Pending::default();
+        c.send_acked(
+            owner,
+            PeerMsg::Session(h),
+            &mut kept,
+            Duration::from_secs(5),
+        )
+        .await
+            && kept.wait().await.is_ok()
+    }
+
     /// Sends a lost owner's copy to the Client ID's owner now
     /// (`orphaned_copies`); an owner that cannot be reached leaves it a
     /// session here, moved on by the next ring change.
@@ -936,15 +953,13 @@ impl Broker {
             return;
         };
         let client = h.client_id.clone();
-        if c.send(&owner, PeerMsg::Session(h.clone()), Duration::from_secs(5))
-            .await
-        {
+        if self.hand_over(c.as_ref(), &owner, h.clone()).await {
             self.metrics.sessions_moved.inc();
             tracing::info!(client_id = %client, owner = %owner, "a lost owner's session sent from its replica to the owner now");
         } else {
             self.metrics.reject("session_move");
-            tracing::warn!(client_id = %client, owner = %owner, "a lost owner's session kept here: its owner now is unreachable");
-            self.install_session(h);
+            tracing::warn!(client_id = %client, owner = %owner, "a lost owner's session kept here: its owner now is unreachable or was lost before it kept the session");
+            self.install_session(h, &mut Pending::detached());
         }
         one_handed_over(c.as_ref(), left);
     }
@@ -1010,8 +1025,10 @@ impl Broker {
     }
 
     /// A persistent session another node handed over: installed here, or
-    /// merged into the session its client already opened here.
-    pub fn install_session(self: &Arc<Self>, h: Handover) {
+    /// merged into the session its client already opened here. `kept`
+    /// waits for its writes (the store and its replicas here): the sender
+    /// lets go of it once they are through.
+    pub fn install_session(self: &Arc<Self>, h: Handover, kept: &mut Pending) {
         // The session itself is newer than any copy of it kept here.
         self.replicas.drop_copy(&h.client_id);
         if h.from_copy && self.sessions.ended().covers(&h.client_id, h.epoch) {
@@ -1111,7 +1128,7 @@ impl Broker {
                 }
             };
             // This node keeps it now.
-            session.save_all(&mut st);
+            session.save_all(&mut st, Some(kept));
             wake
         };
         if let Some(w) = wake {

@@ -574,7 +574,11 @@ fn apply(
             stream.forward(n, kept, over);
         }
         Frame::Retain { msg } => broker.retain_replica(Arc::new(super::from_wire(msg))),
-        Frame::Session(ws) => broker.install_session(super::handover_from_wire(ws)),
+        Frame::Session { n, session } => {
+            let mut kept = crate::durable::Pending::default();
+            broker.install_session(super::handover_from_wire(session), &mut kept);
+            stream.session(n, kept);
+        }
         Frame::SessionGone {
             client,
             epoch,

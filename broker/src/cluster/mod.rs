@@ -1016,8 +1016,8 @@ fn frame(msg: PeerMsg) -> Frame {
 }
 
 /// The frame that carries a message of the core, as number `n` of its
-/// link's acknowledged frames (0: not numbered; only a publish or a P2P
-/// message carries the number).
+/// link's acknowledged frames (0: not numbered; only a publish, a P2P
+/// message or a session handed over carries the number).
 fn numbered_frame(msg: PeerMsg, n: u64) -> Frame {
     let now = Instant::now();
     match msg {
@@ -1044,7 +1044,10 @@ fn numbered_frame(msg: PeerMsg, n: u64) -> Frame {
         PeerMsg::Retain { msg } => Frame::Retain {
             msg: to_wire(&msg, now),
         },
-        PeerMsg::Session(h) => Frame::Session(handover_to_wire(h, now)),
+        PeerMsg::Session(h) => Frame::Session {
+            n,
+            session: handover_to_wire(h, now),
+        },
         PeerMsg::SessionGone {
             client_id,
             epoch,

@@ -1,7 +1,9 @@
 //! Acknowledged frames over the links: a session change as it travels to
-//! a replica (`Frame::Replicate`, the store's record format for its value)
-//! and a publish forwarded to the owner of its subscribers, with the
-//! sender's account of which of them a client's acknowledgement waits for.
+//! a replica (`Frame::Replicate`, the store's record format for its value),
+//! a publish forwarded to the owner of its subscribers, and a session
+//! handed to its new owner, with the sender's account of which of them a
+//! client's acknowledgement (or the sender's letting go of a session)
+//! waits for.
 //!
 //! Each such frame for a peer gets the next number of its sequence for
 //! that peer, taken under the same lock as its place in the peer's queue,
@@ -10,7 +12,7 @@
 //! highest number of each it is through with (`Ack`, tagged with this
 //! process's run and the sequence): a replica change once applied to its
 //! copy (`replica::Replicas`), a publish once the persistent sessions it
-//! reached keep it. Apart, because a publish waits for its sessions'
+//! reached keep it, a session once installed and written. Apart, because a publish waits for its sessions'
 //! replicas: in one sequence, a replica change behind it on the same link
 //! would wait for it too, and two nodes forwarding to each other whose
 //! sessions replicate to each other would each wait for the other's
@@ -21,7 +23,8 @@
 //! When the peer leaves the ring first, what waits for it is released: a
 //! replica change as kept (this node has it; the session is
 //! under-replicated until the next replica has it whole), a forwarded
-//! publish as refused (nobody may have it: the client sends it again).
+//! publish or a session handed over as refused (nobody may have it: the
+//! client sends it again; the sender serves the session again).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -179,6 +182,9 @@ enum Done {
         n: u64,
         pending: Pending,
         room: Vec<Arc<Session>>,
+        /// A write that failed refuses the frame (false: the frame is
+        /// through once its writes are, whatever became of them).
+        must_write: bool,
     },
     /// A heartbeat: the last acknowledgement again, in case it was lost
     /// with a link of this node's.
@@ -226,13 +232,21 @@ impl Inbound {
 
     /// Replica change `n`, applied.
     pub(super) fn replica_change(&self, n: u64) {
-        self.numbered(&self.replica, n, Pending::default(), Vec::new());
+        self.numbered(&self.replica, n, Pending::default(), Vec::new(), true);
     }
 
     /// Forwarded publish `n` (0: not numbered) is through once `pending` is
     /// and the sessions of `room` (over their queue limit) have room.
     pub(super) fn forward(&self, n: u64, pending: Pending, room: Vec<Arc<Session>>) {
-        self.numbered(&self.forward, n, pending, room);
+        self.numbered(&self.forward, n, pending, room, true);
+    }
+
+    /// Session `n` handed over (0: not numbered) is through once `pending`
+    /// (its writes, here and on its replicas) is. A write that failed does
+    /// not refuse it: this node serves the session already, and the sender
+    /// taking it back would serve it twice; the store's own alarm tells.
+    pub(super) fn session(&self, n: u64, pending: Pending) {
+        self.numbered(&self.forward, n, pending, Vec::new(), false);
     }
 
     fn numbered(
@@ -241,6 +255,7 @@ impl Inbound {
         n: u64,
         pending: Pending,
         room: Vec<Arc<Session>>,
+        must_write: bool,
     ) {
         if n != 0 {
             let _ = to.send(Done::Frame {
@@ -248,6 +263,7 @@ impl Inbound {
                 n,
                 pending,
                 room,
+                must_write,
             });
         }
     }
@@ -313,6 +329,7 @@ impl Acknowledger {
                     n,
                     pending,
                     room,
+                    must_write,
                 } => {
                     let waits = pending.settled().is_none() || !room.is_empty();
                     if waits && through != told && self.tell(through, false) {
@@ -321,7 +338,7 @@ impl Acknowledger {
                         told = through;
                     }
                     through = Some((run, n));
-                    if pending.wait().await.is_err() && self.tell(through, true) {
+                    if pending.wait().await.is_err() && must_write && self.tell(through, true) {
                         told = through;
                     }
                     for session in &room {

@@ -27,7 +27,10 @@ use crate::message::QoS;
 /// `WireSession::qos2_ids` and `released`) and says its epoch; `Load`
 /// reports under-replicated sessions.
 /// 4: `Ack` names its sequence (replica changes or forwarded publishes).
-pub const VERSION: u16 = 5;
+/// 5: `SessionGone` (tombstones).
+/// 6: a session handed over is numbered in the forwards' sequence
+/// (`Session::n`) and acknowledged once its receiver keeps it.
+pub const VERSION: u16 = 6;
 
 /// Largest frame accepted: an MQTT packet of the largest configurable size
 /// plus the frame's own fields.
@@ -189,8 +192,13 @@ pub enum Frame {
     Retain {
         msg: WireMessage,
     },
-    /// A persistent session handed to its new owner.
-    Session(WireSession),
+    /// A persistent session handed to its new owner, number `n` of the
+    /// link's forwards (0: not numbered): acknowledged once the receiver
+    /// keeps it, so that the sender keeps it until then.
+    Session {
+        n: u64,
+        session: WireSession,
+    },
     /// A persistent session of `epoch` ended at the sender, which no
     /// longer owns `client`: the receiver drops older copies of it.
     SessionGone {
@@ -391,9 +399,10 @@ impl Frame {
                 out.put_u8(PROXY);
                 put_str(out, client_ip);
             }
-            Frame::Session(ws) => {
+            Frame::Session { n, session } => {
                 out.put_u8(SESSION);
-                put_session(out, ws);
+                out.put_u64(*n);
+                put_session(out, session);
             }
             Frame::SessionGone {
                 client,
@@ -574,7 +583,10 @@ fn decode_body(b: &mut Bytes) -> Result<Frame> {
         PROXY => Frame::Proxy {
             client_ip: get_str(b)?.to_string(),
         },
-        SESSION => Frame::Session(get_session(b)?),
+        SESSION => Frame::Session {
+            n: get_u64(b)?,
+            session: get_session(b)?,
+        },
         SESSION_GONE => Frame::SessionGone {
             client: get_str(b)?.to_string(),
             epoch: get_u64(b)?,
@@ -995,33 +1007,36 @@ mod tests {
                 epoch: 3,
                 ttl_ms: 7_200_000,
             },
-            Frame::Session(WireSession {
-                client_id: "GID_test@@@d".into(),
-                expiry_ms: 7_200_000,
-                ordered: true,
-                subscriptions: vec![WireSub {
-                    filter: "$share/g/a/#".into(),
-                    qos: QoS::AtLeastOnce,
-                    no_local: true,
-                    retain_as_published: false,
-                    id: 7,
-                }],
-                resend: vec![WireDelivery {
-                    msg: msg(),
-                    qos: QoS::AtLeastOnce,
-                    retain: false,
-                    dup: true,
-                    sub_ids: vec![7, 9],
-                    packet_id: 65_535,
-                }],
-                offline: Vec::new(),
-                since: Vec::new(),
-                qos2_ids: vec![1, 2],
-                released: vec![3],
-                will: Some((msg(), 1_800_000_000_000)),
-                epoch: u64::MAX,
-                from_copy: true,
-            }),
+            Frame::Session {
+                n: 12,
+                session: WireSession {
+                    client_id: "GID_test@@@d".into(),
+                    expiry_ms: 7_200_000,
+                    ordered: true,
+                    subscriptions: vec![WireSub {
+                        filter: "$share/g/a/#".into(),
+                        qos: QoS::AtLeastOnce,
+                        no_local: true,
+                        retain_as_published: false,
+                        id: 7,
+                    }],
+                    resend: vec![WireDelivery {
+                        msg: msg(),
+                        qos: QoS::AtLeastOnce,
+                        retain: false,
+                        dup: true,
+                        sub_ids: vec![7, 9],
+                        packet_id: 65_535,
+                    }],
+                    offline: Vec::new(),
+                    since: Vec::new(),
+                    qos2_ids: vec![1, 2],
+                    released: vec![3],
+                    will: Some((msg(), 1_800_000_000_000)),
+                    epoch: u64::MAX,
+                    from_copy: true,
+                },
+            },
         ]
     }
 

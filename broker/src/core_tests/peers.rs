@@ -321,23 +321,26 @@ fn a_session_handed_to_this_node_is_served_here_with_what_it_brought() {
         d.dup = dup;
         d
     };
-    b.install_session(Handover {
-        client_id: id.clone(),
-        expiry: HOUR,
-        ordered: false,
-        subscriptions: vec![("h/#".into(), SubOptions::at(QoS::AtLeastOnce))],
-        resend: vec![Delivery {
-            sent_as: NonZeroU16::new(4_000),
-            ..queued_msg("h/inflight", true)
-        }],
-        offline: vec![queued_msg("h/offline", false)],
-        since: Vec::new(),
-        qos2_received: vec![11],
-        released: vec![12],
-        will: None,
-        epoch: 3,
-        from_copy: false,
-    });
+    b.install_session(
+        Handover {
+            client_id: id.clone(),
+            expiry: HOUR,
+            ordered: false,
+            subscriptions: vec![("h/#".into(), SubOptions::at(QoS::AtLeastOnce))],
+            resend: vec![Delivery {
+                sent_as: NonZeroU16::new(4_000),
+                ..queued_msg("h/inflight", true)
+            }],
+            offline: vec![queued_msg("h/offline", false)],
+            since: Vec::new(),
+            qos2_received: vec![11],
+            released: vec![12],
+            will: None,
+            epoch: 3,
+            from_copy: false,
+        },
+        &mut crate::durable::Pending::detached(),
+    );
     let a = b.attach(&id, false, HOUR);
     assert!(a.present, "session present for its client");
     {
@@ -363,20 +366,23 @@ fn a_session_handed_to_this_node_is_served_here_with_what_it_brought() {
     // A copy of the same session from before that handover (a replica of
     // the sender, or the sender's own store read back after a restart) is
     // older: dropped.
-    b.install_session(Handover {
-        client_id: id.clone(),
-        expiry: HOUR,
-        ordered: false,
-        subscriptions: vec![("stale/#".into(), SubOptions::at(QoS::AtLeastOnce))],
-        resend: Vec::new(),
-        offline: vec![queued_msg("h/old", false)],
-        since: vec![queued_msg("h/since", false)],
-        qos2_received: Vec::new(),
-        released: Vec::new(),
-        will: None,
-        epoch: 3,
-        from_copy: true,
-    });
+    b.install_session(
+        Handover {
+            client_id: id.clone(),
+            expiry: HOUR,
+            ordered: false,
+            subscriptions: vec![("stale/#".into(), SubOptions::at(QoS::AtLeastOnce))],
+            resend: Vec::new(),
+            offline: vec![queued_msg("h/old", false)],
+            since: vec![queued_msg("h/since", false)],
+            qos2_received: Vec::new(),
+            released: Vec::new(),
+            will: None,
+            epoch: 3,
+            from_copy: true,
+        },
+        &mut crate::durable::Pending::detached(),
+    );
     {
         let st = a.session.lock();
         assert!(!st.subscriptions.contains_key("stale/#"));
@@ -467,23 +473,26 @@ fn a_session_served_elsewhere_replaces_the_copy_read_back_but_not_what_came_sinc
         b.publish(&msg(&b, "s/since", QoS::AtLeastOnce, false, "x"), false),
         1
     );
-    b.install_session(Handover {
-        client_id: id.clone(),
-        expiry: HOUR,
-        ordered: false,
-        subscriptions: vec![("s/#".into(), SubOptions::at(QoS::AtLeastOnce))],
-        resend: Vec::new(),
-        offline: vec![Delivery::new(
-            msg(&b, "s/served", QoS::AtLeastOnce, false, "x"),
-            QoS::AtLeastOnce,
-        )],
-        since: Vec::new(),
-        qos2_received: Vec::new(),
-        released: Vec::new(),
-        will: None,
-        epoch: 0,
-        from_copy: false,
-    });
+    b.install_session(
+        Handover {
+            client_id: id.clone(),
+            expiry: HOUR,
+            ordered: false,
+            subscriptions: vec![("s/#".into(), SubOptions::at(QoS::AtLeastOnce))],
+            resend: Vec::new(),
+            offline: vec![Delivery::new(
+                msg(&b, "s/served", QoS::AtLeastOnce, false, "x"),
+                QoS::AtLeastOnce,
+            )],
+            since: Vec::new(),
+            qos2_received: Vec::new(),
+            released: Vec::new(),
+            will: None,
+            epoch: 0,
+            from_copy: false,
+        },
+        &mut crate::durable::Pending::detached(),
+    );
     let a = b.attach(&id, false, HOUR);
     assert!(a.present);
     let st = a.session.lock();

@@ -44,10 +44,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn forget(&self, client: &Arc<str>);
     /// The session arrives whole (from another node, or a replica taking
     /// over): what was kept of it is replaced by `record`, and its messages
-    /// follow as `queue` calls.
-    fn reset(&self, client: &Arc<str>, record: &SessionRecord) {
+    /// follow as `queue` calls. `pending` (if any) waits for it.
+    fn reset(&self, client: &Arc<str>, record: &SessionRecord, pending: Option<&mut Pending>) {
         self.forget(client);
-        self.session(client, record, None);
+        self.session(client, record, pending);
     }
     /// Stores message `seq` of a session's queue.
     fn queue(&self, client: &str, seq: u64, delivery: &Delivery, pending: Option<&mut Pending>);
