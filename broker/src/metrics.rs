@@ -53,6 +53,9 @@ pub struct Metrics {
     pub replica_sessions: IntGauge,
     pub replica_messages: IntGauge,
     pub sessions_failed_over: IntCounter,
+    /// Sessions handed to this node without their messages, which the
+    /// copy it kept had.
+    pub sessions_moved_in_from_copy: IntCounter,
     /// Copies of a session older than its state here (or than a state that
     /// ended), dropped on arrival or when the tombstone came.
     pub session_copies_dropped: IntCounter,
@@ -154,6 +157,10 @@ impl Metrics {
             sessions_failed_over: counter(
                 "sessions_failed_over_total",
                 "Sessions of a node lost without warning, served here from their replica",
+            )?,
+            sessions_moved_in_from_copy: counter(
+                "sessions_moved_in_from_copy_total",
+                "Sessions handed to this node without their queued messages, taken from the replica it kept (a planned leave of their owner)",
             )?,
             session_copies_dropped: counter(
                 "session_copies_dropped_total",

@@ -100,6 +100,11 @@ pub struct Handover {
     /// served elsewhere is merged whatever its epoch (a partition healed:
     /// what each side acknowledged stays).
     pub from_copy: bool,
+    /// Sent without its stored messages (`resend` and `offline` empty): the
+    /// receiver kept a replica of the session from the sender, and takes
+    /// them from it if its digest of them (`replica::digest`) is this one;
+    /// a receiver whose copy differs refuses it, and it is sent whole.
+    pub copy: Option<u64>,
 }
 
 /// Resolves once a message is queued for a peer and its link is below its

@@ -151,6 +151,10 @@ impl Store for Replicated {
         }
     }
 
+    fn forget_here(&self, client: &Arc<str>) {
+        self.local.forget(client);
+    }
+
     fn reset(&self, client: &Arc<str>, record: &SessionRecord, mut pending: Option<&mut Pending>) {
         self.local.reset(client, record, pending.as_deref_mut());
         self.replication
@@ -186,6 +190,30 @@ impl Store for Replicated {
     fn measure(&self) {
         self.local.measure();
     }
+}
+
+/// What a session handed over without its messages is checked by
+/// (`peers::Handover::copy`): each stored message's number, message id,
+/// packet id and QoS, in number order. The owner's digest of its session
+/// and the replica's of its copy are equal when the copy holds what the
+/// owner holds; the DUP flag is left out (advisory, and a client's leave
+/// sets it in the owner's memory first).
+pub fn digest<'a>(messages: impl Iterator<Item = &'a Delivery>) -> u64 {
+    let mut keys: Vec<(u64, u64, u16, u8)> = messages
+        .map(|d| {
+            let packet_id = d.packet_id().map_or(0, std::num::NonZeroU16::get);
+            (d.seq, d.msg.id.0, packet_id, d.qos as u8)
+        })
+        .collect();
+    keys.sort_unstable();
+    let mut bytes = Vec::with_capacity(keys.len() * 19);
+    for (seq, id, packet_id, qos) in keys {
+        bytes.extend(seq.to_be_bytes());
+        bytes.extend(id.to_be_bytes());
+        bytes.extend(packet_id.to_be_bytes());
+        bytes.push(qos);
+    }
+    crate::ring::hash(&bytes)
 }
 
 /// The copy of one session kept for its owner.
@@ -350,6 +378,19 @@ impl Replicas {
         h.recovered(client)
     }
 
+    /// Takes the messages of the copy of `client` that `from` sent, if
+    /// their digest is `expected` (`digest`); a copy that differs stays.
+    pub fn take_matching(&self, client: &str, from: &str, expected: u64) -> Option<Vec<Delivery>> {
+        let mut shard = self.shard(client);
+        let h = shard.get(client)?;
+        if *h.from != *from || h.record.is_none() || digest(h.messages.values()) != expected {
+            return None;
+        }
+        shard
+            .remove(client)
+            .map(|h| h.messages.into_values().collect())
+    }
+
     /// Keeps only the copies `keep(client, from)` says this node should
     /// still keep.
     pub fn retain(&self, mut keep: impl FnMut(&str, &str) -> bool) {
@@ -480,5 +521,37 @@ mod tests {
         assert!(all(&r).is_empty());
         r.apply(&a, 1, "c", Change::Forget);
         assert_eq!(r.count(), Kept::default());
+    }
+
+    #[test]
+    fn a_copy_is_taken_for_a_hand_over_only_if_it_holds_what_the_owner_holds() {
+        let (r, a) = (Replicas::default(), Arc::from("a"));
+        r.apply(&a, 1, "c", Change::Record(record(1)));
+        for seq in 1..=3 {
+            r.apply(&a, 1, "c", Change::Queue(delivery(seq)));
+        }
+        let owner: Vec<Delivery> = (1..=3).map(delivery).collect();
+        let missing: Vec<Delivery> = (1..=2).map(delivery).collect();
+        assert!(
+            r.take_matching("c", "a", digest(missing.iter())).is_none(),
+            "the owner holds one message fewer"
+        );
+        let mut sent = delivery(3);
+        sent.sent_as = std::num::NonZeroU16::new(9);
+        let other_id = [delivery(1), delivery(2), sent];
+        assert!(
+            r.take_matching("c", "a", digest(other_id.iter())).is_none(),
+            "the owner sent one under another packet id"
+        );
+        assert!(
+            r.take_matching("c", "b", digest(owner.iter())).is_none(),
+            "a copy from another node"
+        );
+        assert_eq!(r.count().sessions, 1, "a copy that differs stays");
+        // In any order: the owner's lists are not in number order.
+        let got = r.take_matching("c", "a", digest(owner.iter().rev()));
+        let seqs: Vec<u64> = got.unwrap_or_default().iter().map(|d| d.seq).collect();
+        assert_eq!(seqs, [1, 2, 3]);
+        assert_eq!(r.count(), Kept::default(), "taken");
     }
 }

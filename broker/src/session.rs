@@ -245,6 +245,7 @@ impl State {
             will: self.pending_will.take().map(|w| (w.msg, w.due_ms)),
             epoch: self.epoch,
             from_copy,
+            copy: None,
         }
     }
 
@@ -1058,7 +1059,7 @@ impl SessionStore {
             .unwrap_or_else(|e| e.into_inner())
             .remove(client_id);
         if let Some(s) = &removed {
-            self.persist.forget(&s.client_id);
+            self.persist.forget_here(&s.client_id);
         }
         removed
     }

@@ -372,6 +372,42 @@ async fn a_session_handed_to_a_node_lost_before_it_kept_it_stays_with_its_sender
     assert_eq!(got, ["h1", "h2"].map(String::from).into());
 }
 
+/// A planned leave hands each session to its first replica, which holds
+/// a copy already: the session goes without its queued messages, which
+/// the copy has (`ringmq_sessions_moved_in_from_copy_total`), and the
+/// client finds every one of them there.
+#[tokio::test]
+async fn a_leaving_owner_hands_a_session_to_its_replica_without_its_messages() {
+    let mut c = Cluster::start(
+        3,
+        "limits:\n  offline_queue_len: 1000\n  offline_batch: 1000\n",
+    );
+    let id = owned_by("n2", &c.names, "GID_test@@@leaving");
+    let (_, next) = keepers(&c, &id);
+    let mut s = persistent(&id, c.nodes[index_of(&c, &next)].tcp).await;
+    s.subscribe("twice/#", v3::QoS::AtLeastOnce).await;
+    s.disconnect().await;
+    let sent: Vec<String> = (0..100).map(|i| format!("m{i}")).collect();
+    let refs: Vec<&str> = sent.iter().map(String::as_str).collect();
+    publish_acked(c.nodes[index_of(&c, &third(&c, &next))].tcp, &refs).await;
+    let owner = index_of(&c, "n2");
+    assert_eq!(c.nodes[owner].terminate(), Some(0), "a clean leave");
+    drop(c.take(owner));
+    let r = index_of(&c, &next);
+    let mut s = persistent(&id, c.nodes[r].tcp).await;
+    assert!(s.connack.session_present, "the session is lost");
+    let mut got = BTreeSet::new();
+    while got.len() < sent.len() {
+        got.insert(String::from_utf8_lossy(&s.next_publish().await.payload).into_owned());
+    }
+    assert_eq!(got, sent.into_iter().collect());
+    assert_eq!(
+        c.nodes[r].metric("ringmq_sessions_moved_in_from_copy_total"),
+        1.0,
+        "the session came without its messages"
+    );
+}
+
 /// The nodes of `c` that keep `id`'s session with replication factor 2:
 /// its owner and its replica (the next owner).
 fn keepers(c: &Cluster, id: &str) -> (String, String) {

@@ -34,6 +34,34 @@ impl Broker {
         self.replicas.apply(from, stream, client, change);
     }
 
+    /// A session `from` handed over without its stored messages
+    /// (`Handover::copy`): they are taken from the copy kept here, if it
+    /// holds what `from` holds. False: no such copy (`from` then sends the
+    /// session whole).
+    pub fn messages_from_copy(&self, from: &str, h: &mut Handover) -> bool {
+        let Some(expected) = h.copy.take() else {
+            return true;
+        };
+        let Some(messages) = self.replicas.take_matching(&h.client_id, from, expected) else {
+            tracing::info!(client_id = %h.client_id, from, "a session handed over for its copy here refused: the copy differs; it comes whole");
+            return false;
+        };
+        for mut d in messages {
+            // Numbered again by the session here; the packet id its number
+            // gave stays, as the client may hold it.
+            d.sent_as = d.packet_id();
+            d.seq = 0;
+            if d.dup {
+                h.resend.push(d);
+            } else {
+                h.offline.push(d);
+            }
+        }
+        self.metrics.sessions_moved_in_from_copy.inc();
+        self.count_replicas();
+        true
+    }
+
     /// `from` sent every session this node keeps for it whole on `stream`.
     pub fn replicas_synced(&self, from: &str, stream: u64) {
         self.replicas.synced(from, stream);
@@ -339,5 +367,6 @@ fn handover_of(mut rs: RecoveredSession) -> Handover {
         will,
         epoch: rs.record.epoch,
         from_copy: true,
+        copy: None,
     }
 }

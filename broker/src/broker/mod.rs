@@ -162,6 +162,18 @@ fn one_handed_over(c: &dyn Peers, left: &std::sync::atomic::AtomicUsize) {
     }
 }
 
+/// How a session's hand-over to its new owner ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handed {
+    /// The new owner keeps it.
+    Kept,
+    /// It never left: the new owner had no link.
+    NotSent,
+    /// It left, and the new owner was lost (or its link broke) before it
+    /// said it keeps it: it may have served the session meanwhile.
+    Unconfirmed,
+}
+
 /// What a change waits with: a commit when someone waits for it (`acked`),
 /// otherwise nothing to allocate or count.
 fn waited(acked: bool) -> Pending {
@@ -892,18 +904,19 @@ impl Broker {
             self.sessions.remove(&client);
             self.metrics.sessions.set(gauge(self.sessions.len()));
             self.drained_some();
-            if self.hand_over(c.as_ref(), &owner, h.clone()).await {
+            let handed = self.hand_over(c.as_ref(), &owner, h.clone()).await;
+            if handed == Handed::Kept {
                 self.metrics.sessions_moved.inc();
                 tracing::debug!(client_id = %client, owner = %owner, "session moved");
             } else {
                 // The owner is gone too: the session stays here, and the
                 // next ring change moves it again.
                 self.metrics.reject("session_move");
-                tracing::warn!(client_id = %client, owner = %owner, "session not moved: the owner is unreachable or lost before it kept the session; kept here");
+                tracing::warn!(client_id = %client, owner = %owner, ?handed, "session not moved: the owner is unreachable or lost before it kept the session; kept here");
                 if let Ok(mut moved) = self.moved.lock() {
                     moved.remove(&client);
                 }
-                self.install_session(h, &mut Pending::detached());
+                self.serve_again(h, handed);
                 one_handed_over(c.as_ref(), left);
                 return;
             }
@@ -923,21 +936,69 @@ impl Broker {
     }
 
     /// Sends a session to `owner` and waits until it keeps it (installed,
-    /// and written to its store and its replicas). False if `owner` has no
-    /// link or leaves the ring first: the session may be lost with it, so
-    /// the caller serves it again (a client that reached `owner`
-    /// meanwhile gets it merged there later; QoS 1 messages may then
-    /// come twice).
-    async fn hand_over(&self, c: &dyn Peers, owner: &str, h: Handover) -> bool {
+    /// and written to its store and its replicas); on a planned leave
+    /// first without its messages, for the copy `owner` keeps.
+    async fn hand_over(&self, c: &dyn Peers, owner: &str, h: Handover) -> Handed {
+        let mut sent = false;
+        if let Some(light) = self.without_messages(c, &h) {
+            match self.send_session(c, owner, light).await {
+                Handed::Kept => return Handed::Kept,
+                Handed::Unconfirmed => sent = true,
+                Handed::NotSent => {}
+            }
+        }
+        match self.send_session(c, owner, h).await {
+            Handed::NotSent if sent => Handed::Unconfirmed,
+            handed => handed,
+        }
+    }
+
+    /// A session whose hand-over did not end with its new owner keeping it
+    /// is served here again. `Unconfirmed`: the owner may have served it
+    /// before it was lost, and that newer state, if its replicas have it,
+    /// must win over this one: the session comes back as a copy
+    /// (`install_session` marks it not served since, as one read back
+    /// after a restart), so the newer state replaces its messages, and it
+    /// moves on as a copy, which gives way to a newer epoch.
+    fn serve_again(self: &Arc<Self>, mut h: Handover, handed: Handed) {
+        h.from_copy |= handed == Handed::Unconfirmed;
+        self.install_session(h, &mut Pending::detached());
+    }
+
+    /// On a planned leave the Client ID's new owner is the session's first
+    /// replica, whose copy holds the stored messages already: the session
+    /// goes without them, with their digest (`Handover::copy`). `None` when
+    /// that does not hold: no replicas, not leaving, a message not stored
+    /// (QoS 0), or a copy read back from the store (`since`).
+    fn without_messages(&self, c: &dyn Peers, h: &Handover) -> Option<Handover> {
+        let eligible = self.replication.is_some()
+            && c.is_leaving()
+            && !h.from_copy
+            && h.since.is_empty()
+            && !(h.resend.is_empty() && h.offline.is_empty())
+            && h.resend.iter().chain(&h.offline).all(|d| d.seq != 0);
+        eligible.then(|| Handover {
+            copy: Some(crate::replica::digest(h.resend.iter().chain(&h.offline))),
+            resend: Vec::new(),
+            offline: Vec::new(),
+            ..h.clone()
+        })
+    }
+
+    /// Sends one `Session` frame and waits for its acknowledgement.
+    async fn send_session(&self, c: &dyn Peers, owner: &str, h: Handover) -> Handed {
         let mut kept = Pending::default();
-        c.send_acked(
-            owner,
-            PeerMsg::Session(h),
-            &mut kept,
-            Duration::from_secs(5),
-        )
-        .await
-            && kept.wait().await.is_ok()
+        let wait = Duration::from_secs(5);
+        if !c
+            .send_acked(owner, PeerMsg::Session(h), &mut kept, wait)
+            .await
+        {
+            return Handed::NotSent;
+        }
+        match kept.wait().await {
+            Ok(()) => Handed::Kept,
+            Err(_) => Handed::Unconfirmed,
+        }
     }
 
     /// Sends a lost owner's copy to the Client ID's owner now
@@ -953,13 +1014,14 @@ impl Broker {
             return;
         };
         let client = h.client_id.clone();
-        if self.hand_over(c.as_ref(), &owner, h.clone()).await {
+        let handed = self.hand_over(c.as_ref(), &owner, h.clone()).await;
+        if handed == Handed::Kept {
             self.metrics.sessions_moved.inc();
             tracing::info!(client_id = %client, owner = %owner, "a lost owner's session sent from its replica to the owner now");
         } else {
             self.metrics.reject("session_move");
-            tracing::warn!(client_id = %client, owner = %owner, "a lost owner's session kept here: its owner now is unreachable or was lost before it kept the session");
-            self.install_session(h, &mut Pending::detached());
+            tracing::warn!(client_id = %client, owner = %owner, ?handed, "a lost owner's session kept here: its owner now is unreachable or was lost before it kept the session");
+            self.serve_again(h, handed);
         }
         one_handed_over(c.as_ref(), left);
     }
@@ -1054,6 +1116,12 @@ impl Broker {
             // before the copy surfaced, so what it holds went on with the
             // session. Only what its node queued since its restart is new.
             let older = h.from_copy && st.persistent && h.epoch < st.epoch;
+            // A copy taken in, with no client here: still a state nobody
+            // served since it was copied. Marked so (`stale_upto`), a newer
+            // state that arrives later replaces its messages rather than
+            // joining them, and a client that connects waits for the
+            // peers' hand-overs first (`await_current`).
+            let unserved = h.from_copy && !older;
             let (resend, offline) = if older {
                 tracing::info!(client_id = %session.client_id, epoch = h.epoch, here = st.epoch, kept = h.since.len(), "an older copy of a session dropped");
                 self.metrics.session_copies_dropped.inc();
@@ -1129,6 +1197,9 @@ impl Broker {
             };
             // This node keeps it now.
             session.save_all(&mut st, Some(kept));
+            if unserved && st.attached.is_none() {
+                st.stale_upto = Some(st.last_seq);
+            }
             wake
         };
         if let Some(w) = wake {

@@ -575,9 +575,14 @@ fn apply(
         }
         Frame::Retain { msg } => broker.retain_replica(Arc::new(super::from_wire(msg))),
         Frame::Session { n, session } => {
-            let mut kept = crate::durable::Pending::default();
-            broker.install_session(super::handover_from_wire(session), &mut kept);
-            stream.session(n, kept);
+            let mut h = super::handover_from_wire(session);
+            if broker.messages_from_copy(peer, &mut h) {
+                let mut kept = crate::durable::Pending::default();
+                broker.install_session(h, &mut kept);
+                stream.session(n, kept);
+            } else {
+                stream.refuse(n);
+            }
         }
         Frame::SessionGone {
             client,

@@ -956,6 +956,7 @@ pub fn handover_to_wire(h: Handover, now: Instant) -> wire::WireSession {
         will: h.will.map(|(m, due)| (to_wire(&m, now), due)),
         epoch: h.epoch,
         from_copy: h.from_copy,
+        copy: h.copy,
     }
 }
 
@@ -978,6 +979,7 @@ pub fn handover_from_wire(ws: wire::WireSession) -> Handover {
         will: ws.will.map(|(m, due)| (Arc::new(from_wire(m)), due)),
         epoch: ws.epoch,
         from_copy: ws.from_copy,
+        copy: ws.copy,
     }
 }
 

@@ -249,6 +249,12 @@ impl Inbound {
         self.numbered(&self.forward, n, pending, Vec::new(), false);
     }
 
+    /// Session `n` handed over is refused (it came for a copy this node
+    /// does not have): the sender sends it whole.
+    pub(super) fn refuse(&self, n: u64) {
+        self.numbered(&self.forward, n, Pending::refused(), Vec::new(), true);
+    }
+
     fn numbered(
         &self,
         to: &mpsc::UnboundedSender<Done>,

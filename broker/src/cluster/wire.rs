@@ -29,7 +29,8 @@ use crate::message::QoS;
 /// 4: `Ack` names its sequence (replica changes or forwarded publishes).
 /// 5: `SessionGone` (tombstones).
 /// 6: a session handed over is numbered in the forwards' sequence
-/// (`Session::n`) and acknowledged once its receiver keeps it.
+/// (`Session::n`) and acknowledged once its receiver keeps it; it may
+/// come without its messages, for the receiver's copy (`WireSession::copy`).
 pub const VERSION: u16 = 6;
 
 /// Largest frame accepted: an MQTT packet of the largest configurable size
@@ -124,6 +125,9 @@ pub struct WireSession {
     pub epoch: u64,
     /// A replica's copy of a lost owner's session (`peers::Handover`).
     pub from_copy: bool,
+    /// Sent without its stored messages: the digest of them that the
+    /// receiver's replica copy must have (`peers::Handover::copy`).
+    pub copy: Option<u64>,
 }
 
 /// One frame.
@@ -761,6 +765,13 @@ fn put_session(out: &mut BytesMut, s: &WireSession) {
     }
     out.put_u64(s.epoch);
     out.put_u8(u8::from(s.from_copy));
+    match s.copy {
+        Some(digest) => {
+            out.put_u8(1);
+            out.put_u64(digest);
+        }
+        None => out.put_u8(0),
+    }
 }
 
 fn get_session(b: &mut Bytes) -> Result<WireSession> {
@@ -796,6 +807,10 @@ fn get_session(b: &mut Bytes) -> Result<WireSession> {
         },
         epoch: get_u64(b)?,
         from_copy: get_u8(b)? != 0,
+        copy: match get_u8(b)? {
+            0 => None,
+            _ => Some(get_u64(b)?),
+        },
     })
 }
 
@@ -1035,6 +1050,7 @@ mod tests {
                     will: Some((msg(), 1_800_000_000_000)),
                     epoch: u64::MAX,
                     from_copy: true,
+                    copy: Some(0x5eed),
                 },
             },
         ]

@@ -338,6 +338,7 @@ fn a_session_handed_to_this_node_is_served_here_with_what_it_brought() {
             will: None,
             epoch: 3,
             from_copy: false,
+            copy: None,
         },
         &mut crate::durable::Pending::detached(),
     );
@@ -380,6 +381,7 @@ fn a_session_handed_to_this_node_is_served_here_with_what_it_brought() {
             will: None,
             epoch: 3,
             from_copy: true,
+            copy: None,
         },
         &mut crate::durable::Pending::detached(),
     );
@@ -490,6 +492,7 @@ fn a_session_served_elsewhere_replaces_the_copy_read_back_but_not_what_came_sinc
             will: None,
             epoch: 0,
             from_copy: false,
+            copy: None,
         },
         &mut crate::durable::Pending::detached(),
     );

@@ -107,6 +107,16 @@ impl Pending {
         }
     }
 
+    /// Refused before it changed anything: `wait` fails at once.
+    pub fn refused() -> Self {
+        let commit = Commit::new();
+        commit.failed.store(true, Ordering::Release);
+        Self {
+            commit: Some(commit),
+            detached: false,
+        }
+    }
+
     /// Waits for the store; at once when nothing was changed.
     pub async fn wait(self) -> Result<(), WriteFailed> {
         match self.commit {

@@ -42,6 +42,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn session(&self, client: &Arc<str>, record: &SessionRecord, pending: Option<&mut Pending>);
     /// Drops a session and every message queued for it.
     fn forget(&self, client: &Arc<str>);
+    /// Drops a session that moved to another node from this node's store
+    /// only: the copies its replicas keep stay, for the new owner (the
+    /// first replica, on a planned leave) to take its messages from, and
+    /// the new owner's state replaces them.
+    fn forget_here(&self, client: &Arc<str>) {
+        self.forget(client);
+    }
     /// The session arrives whole (from another node, or a replica taking
     /// over): what was kept of it is replaced by `record`, and its messages
     /// follow as `queue` calls. `pending` (if any) waits for it.
