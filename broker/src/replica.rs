@@ -362,16 +362,19 @@ impl Replicas {
         out
     }
 
-    /// Takes the copy of `client` if `promote(from)` picks it, as
+    /// Takes the copy of `client` if `promote(from, epoch)` picks it, as
     /// `promotable` does (one lookup: a CONNECT asks this).
     pub fn take_one(
         &self,
         client: &str,
-        promote: impl FnOnce(&str) -> bool,
+        promote: impl FnOnce(&str, u64) -> bool,
     ) -> Option<RecoveredSession> {
         let mut shard = self.shard(client);
         let h = shard.get(client)?;
-        if h.record.is_none() || !promote(&h.from) {
+        let Some(record) = &h.record else {
+            return None;
+        };
+        if !promote(&h.from, record.epoch) {
             return None;
         }
         let (client, h) = shard.remove_entry(client)?;
@@ -507,9 +510,12 @@ mod tests {
         let (r, a) = (Replicas::default(), Arc::from("a"));
         r.apply(&a, 1, "c", Change::Record(record(1)));
         r.apply(&a, 1, "other", Change::Record(record(1)));
-        assert!(r.take_one("c", |from| from == "b").is_none(), "not picked");
-        assert!(r.take_one("missing", |_| true).is_none());
-        let got = r.take_one("c", |from| from == "a");
+        assert!(
+            r.take_one("c", |from, _| from == "b").is_none(),
+            "not picked"
+        );
+        assert!(r.take_one("missing", |_, _| true).is_none());
+        let got = r.take_one("c", |from, _| from == "a");
         assert_eq!(got.map(|s| s.client), Some(Arc::from("c")));
         assert_eq!(r.count().sessions, 1, "the other copy stays");
     }

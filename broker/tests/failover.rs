@@ -408,6 +408,63 @@ async fn a_leaving_owner_hands_a_session_to_its_replica_without_its_messages() {
     );
 }
 
+/// A hand-over sent and never confirmed (its receiver lost after it served
+/// the session) brings the session back to its sender as a copy, which
+/// gives way to the state the receiver served. The owner leaves while the
+/// third node, the receiver's replica, is frozen: the receiver serves the
+/// session (the client takes its messages) but cannot confirm it. The
+/// leaving owner is frozen too, the receiver SIGKILLed, the third node
+/// thawed: it serves the receiver's state from its replica. When the
+/// leaving owner thaws, its hand-over fails, and the session it takes back
+/// and passes on is dropped there as older: the messages the client took
+/// do not come again.
+#[tokio::test]
+async fn a_session_taken_back_unconfirmed_gives_way_to_what_its_lost_receiver_served() {
+    let mut c = Cluster::start_with_failure_timeout(3, "", 6_000);
+    let id = owned_by("n2", &c.names, "GID_test@@@unconfirmed");
+    let (_, next) = keepers(&c, &id);
+    let left = third(&c, &next);
+    let mut s = persistent(&id, c.nodes[index_of(&c, &next)].tcp).await;
+    s.subscribe("twice/#", v3::QoS::AtLeastOnce).await;
+    s.disconnect().await;
+    publish_acked(c.nodes[index_of(&c, &next)].tcp, &["a1", "a2", "a3"]).await;
+    let owner = index_of(&c, "n2");
+    let third_frozen = c.nodes[index_of(&c, &left)].freeze();
+    let pid = c.nodes[owner].pid().to_string();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    assert!(term.is_ok_and(|s| s.success()), "SIGTERM {pid}");
+    until("the leaving owner sends the session on", || {
+        c.nodes[owner].metric("ringmq_sessions") == 0.0
+    })
+    .await;
+    let owner_frozen = c.nodes[owner].freeze();
+    let mut s = persistent(&id, c.nodes[index_of(&c, &next)].tcp).await;
+    assert!(s.connack.session_present, "the receiver serves the session");
+    for _ in 0..3 {
+        s.next_publish().await;
+    }
+    // The acknowledgements reach the session before the client leaves.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.disconnect().await;
+    drop(c.take(index_of(&c, &next))); // SIGKILL the receiver
+    drop(third_frozen);
+    let y = index_of(&c, &left);
+    until("the third node serves the receiver's state", || {
+        c.nodes[y].metric("ringmq_sessions_failed_over_total") == 1.0
+    })
+    .await;
+    drop(owner_frozen);
+    until("the copy the leaving owner took back gives way", || {
+        c.nodes[y].metric("ringmq_session_copies_dropped_total") >= 1.0
+    })
+    .await;
+    let mut s = persistent(&id, c.nodes[y].tcp).await;
+    assert!(s.connack.session_present, "the session is lost");
+    s.no_publish().await;
+}
+
 /// The nodes of `c` that keep `id`'s session with replication factor 2:
 /// its owner and its replica (the next owner).
 fn keepers(c: &Cluster, id: &str) -> (String, String) {

@@ -188,8 +188,25 @@ impl Broker {
         let ring = c.ring();
         let taken = self
             .replicas
-            .take_one(client, |from| self.owner_lost(c, &ring, client, from));
+            .take_one(client, |from, _| self.owner_lost(c, &ring, client, from));
         self.take_over(taken.into_iter().collect());
+    }
+
+    /// A copy arrives (`Handover::from_copy`) while this node keeps a
+    /// replica of the same session, of that epoch or newer, from an owner
+    /// that left the ring without handing it over: that replica is the
+    /// state the lost owner served after the copy was made (the copy's
+    /// node had handed the session to it, and took it back unconfirmed).
+    /// Returned, to be taken in first, so that the copy gives way to it
+    /// rather than replace it.
+    pub(super) fn newer_lost_copy(&self, client: &str, epoch: u64) -> Option<Handover> {
+        let c = self.peers.as_ref()?;
+        let ring = c.ring();
+        let lost =
+            |from: &str| !ring.nodes().iter().any(|n| **n == *from) && !c.is_handing_over(from);
+        self.replicas
+            .take_one(client, |from, e| e >= epoch && lost(from))
+            .map(handover_of)
     }
 
     /// Serves copies as sessions of this node: as sessions read back from

@@ -962,6 +962,18 @@ impl Broker {
     /// moves on as a copy, which gives way to a newer epoch.
     fn serve_again(self: &Arc<Self>, mut h: Handover, handed: Handed) {
         h.from_copy |= handed == Handed::Unconfirmed;
+        // Numbered again as they are stored, after the session's last
+        // number (as a hand-over from another node is); the packet id
+        // their number gave stays, as the client may hold it.
+        for d in h
+            .resend
+            .iter_mut()
+            .chain(&mut h.offline)
+            .chain(&mut h.since)
+        {
+            d.sent_as = d.packet_id();
+            d.seq = 0;
+        }
         self.install_session(h, &mut Pending::detached());
     }
 
@@ -1091,6 +1103,11 @@ impl Broker {
     /// waits for its writes (the store and its replicas here): the sender
     /// lets go of it once they are through.
     pub fn install_session(self: &Arc<Self>, h: Handover, kept: &mut Pending) {
+        if h.from_copy
+            && let Some(newer) = self.newer_lost_copy(&h.client_id, h.epoch)
+        {
+            self.install_session(newer, &mut Pending::detached());
+        }
         // The session itself is newer than any copy of it kept here.
         self.replicas.drop_copy(&h.client_id);
         if h.from_copy && self.sessions.ended().covers(&h.client_id, h.epoch) {
