@@ -141,18 +141,20 @@ impl Store for Replicated {
     }
 
     fn forget(&self, client: &Arc<str>) {
-        self.local.forget(client);
         // Every peer: a node that kept it under an earlier ring drops it too
         // (a forget for a copy it does not hold costs nothing).
-        for node in self.replication.peers.members() {
-            self.replication
-                .peers
-                .replicate(&node, client, Change::Forget, None);
-        }
+        self.forget_moved(client, "");
     }
 
-    fn forget_here(&self, client: &Arc<str>) {
+    fn forget_moved(&self, client: &Arc<str>, to: &str) {
         self.local.forget(client);
+        for node in self.replication.peers.members() {
+            if *node != *to {
+                self.replication
+                    .peers
+                    .replicate(&node, client, Change::Forget, None);
+            }
+        }
     }
 
     fn reset(&self, client: &Arc<str>, record: &SessionRecord, mut pending: Option<&mut Pending>) {

@@ -1051,15 +1051,15 @@ impl SessionStore {
     }
 
     /// Takes a session out of this node's store and the durable store (it
-    /// moved to another node, which keeps it now).
-    pub fn remove(&self, client_id: &str) -> Option<Arc<Session>> {
+    /// moved to node `to`, which keeps it now).
+    pub fn remove(&self, client_id: &str, to: &str) -> Option<Arc<Session>> {
         let removed = self
             .shard(client_id)
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(client_id);
         if let Some(s) = &removed {
-            self.persist.forget_here(&s.client_id);
+            self.persist.forget_moved(&s.client_id, to);
         }
         removed
     }

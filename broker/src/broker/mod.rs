@@ -901,7 +901,7 @@ impl Broker {
             None => Vec::new(),
         };
         if let Some(h) = snapshot {
-            self.sessions.remove(&client);
+            self.sessions.remove(&client, &owner);
             self.metrics.sessions.set(gauge(self.sessions.len()));
             self.drained_some();
             let handed = self.hand_over(c.as_ref(), &owner, h.clone()).await;

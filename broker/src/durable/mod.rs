@@ -42,11 +42,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn session(&self, client: &Arc<str>, record: &SessionRecord, pending: Option<&mut Pending>);
     /// Drops a session and every message queued for it.
     fn forget(&self, client: &Arc<str>);
-    /// Drops a session that moved to another node from this node's store
-    /// only: the copies its replicas keep stay, for the new owner (the
-    /// first replica, on a planned leave) to take its messages from, and
-    /// the new owner's state replaces them.
-    fn forget_here(&self, client: &Arc<str>) {
+    /// Drops a session that moved to node `to`: as `forget`, except that
+    /// the copy `to` may keep stays there, for the hand-over to take its
+    /// messages from (`peers::Handover::copy`).
+    fn forget_moved(&self, client: &Arc<str>, _to: &str) {
         self.forget(client);
     }
     /// The session arrives whole (from another node, or a replica taking
