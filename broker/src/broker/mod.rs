@@ -1098,6 +1098,36 @@ impl Broker {
         self.moved.lock().map(|m| m.len()).unwrap_or(0)
     }
 
+    /// A session another node handed over (`Frame::Session`). While this
+    /// node is moving the same Client ID's session on (`moved`), what
+    /// arrives follows it: installed here, nothing would move it on (the
+    /// ring change that moves sessions passed), and it would be served
+    /// here beside the owner (the chaos test had such a session collect
+    /// every message for seconds, then merge them back as new).
+    pub fn receive_session(self: &Arc<Self>, h: Handover, kept: &mut Pending) {
+        match self.moved_to(&h.client_id) {
+            Some(to) => {
+                let broker = self.clone();
+                ntex::rt::spawn(async move { broker.pass_on(h, to).await });
+            }
+            None => self.install_session(h, kept),
+        }
+    }
+
+    /// Hands a session that arrived on to `to`, where its Client ID's
+    /// session went; served here if `to` does not keep it.
+    async fn pass_on(self: Arc<Self>, h: Handover, to: Arc<str>) {
+        let Some(c) = self.peers.clone() else {
+            return;
+        };
+        let handed = self.hand_over(c.as_ref(), &to, h.clone()).await;
+        if handed == Handed::Kept {
+            tracing::info!(client_id = %h.client_id, to = %to, "a session that arrived passed on to where its Client ID's session went");
+        } else {
+            self.serve_again(h, handed);
+        }
+    }
+
     /// A persistent session another node handed over: installed here, or
     /// merged into the session its client already opened here. `kept`
     /// waits for its writes (the store and its replicas here): the sender

@@ -128,8 +128,9 @@ impl Peers for FakePeers {
         Box::pin(async { None })
     }
     fn heartbeat(&self) -> Duration {
-        // The moved session's routes linger 4 heartbeats; short for tests.
-        Duration::from_millis(5)
+        // The moved session's routes linger 4 heartbeats: short for tests,
+        // long enough for one to act within them.
+        Duration::from_millis(100)
     }
     fn replicate(
         &self,
@@ -306,6 +307,64 @@ async fn a_session_the_ring_gives_another_node_is_handed_over_with_its_messages_
             .contains(&"settled".to_owned()),
         "the handover is announced as done"
     );
+}
+
+/// A copy of a session that arrives while this node is moving the same
+/// Client ID's session on (a lost owner's replica sent it here, as the
+/// owner on the sender's ring) follows the session to its new owner
+/// instead of staying here, where nothing would move it on.
+#[ntex::test]
+async fn a_session_that_arrives_while_its_client_ids_session_moves_on_follows_it() {
+    let peers = FakePeers::new(false);
+    let b = node0(&peers);
+    let id = peers.client_of("n1", "following");
+    let s = b.attach(&id, false, HOUR);
+    subscribe(&b, &s, "f/#", QoS::AtLeastOnce);
+    b.detach(&s.session, s.conn.generation);
+    b.rebalance();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while peers.sent().is_empty() && Instant::now() < deadline {
+        ntex::time::sleep(Duration::from_millis(1)).await;
+    }
+    // The session left; its move lingers (forwarding to n1) while the copy
+    // arrives.
+    let copy = Handover {
+        client_id: id.clone(),
+        expiry: HOUR,
+        ordered: false,
+        subscriptions: vec![("f/#".into(), SubOptions::at(QoS::AtLeastOnce))],
+        resend: Vec::new(),
+        offline: vec![Delivery::new(
+            msg(&b, "f/copy", QoS::AtLeastOnce, false, "x"),
+            QoS::AtLeastOnce,
+        )],
+        since: Vec::new(),
+        qos2_received: Vec::new(),
+        released: Vec::new(),
+        will: None,
+        epoch: 2,
+        from_copy: true,
+        copy: None,
+    };
+    b.receive_session(copy, &mut crate::durable::Pending::detached());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while peers.sent().len() < 2 && Instant::now() < deadline {
+        ntex::time::sleep(Duration::from_millis(5)).await;
+    }
+    let sent = peers.sent();
+    let to: Vec<(&str, bool)> = sent
+        .iter()
+        .map(|(node, m)| match m {
+            PeerMsg::Session(h) => (node.as_str(), h.from_copy),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        to,
+        [("n1", false), ("n1", true)],
+        "the session, then the copy"
+    );
+    assert!(b.sessions().get(&id).is_none(), "nothing stays here");
 }
 
 #[test]
