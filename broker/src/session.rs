@@ -189,6 +189,18 @@ impl State {
         self.released.iter().map(|r| r.id).collect()
     }
 
+    /// The ids of the messages this session holds (in flight, to resend,
+    /// offline, queued).
+    pub fn message_ids(&self) -> std::collections::HashSet<crate::message::MessageId> {
+        self.inflight
+            .iter()
+            .chain(self.resend.iter())
+            .chain(self.offline.iter())
+            .chain(self.queue.iter())
+            .map(|d| d.msg.id)
+            .collect()
+    }
+
     /// The messages the store holds for this session (in flight, to
     /// resend, offline, queued), each with its number.
     pub fn stored(&self) -> impl Iterator<Item = &Delivery> {

@@ -1169,7 +1169,7 @@ impl Broker {
             // joining them, and a client that connects waits for the
             // peers' hand-overs first (`await_current`).
             let unserved = h.from_copy && !older;
-            let (resend, offline) = if older {
+            let (mut resend, mut offline) = if older {
                 tracing::info!(client_id = %session.client_id, epoch = h.epoch, here = st.epoch, kept = h.since.len(), "an older copy of a session dropped");
                 self.metrics.session_copies_dropped.inc();
                 (Vec::new(), h.since)
@@ -1229,6 +1229,18 @@ impl Broker {
                 offline.extend(h.since);
                 (h.resend, offline)
             };
+            // Two states of one session can share messages (a copy and
+            // the state served from it, both reaching this node): each
+            // message is kept once, by its instance-wide id, or a QoS 2
+            // message would go to the client twice.
+            let mut have = st.message_ids();
+            let before = resend.len() + offline.len();
+            resend.retain(|d| have.insert(d.msg.id));
+            offline.retain(|d| have.insert(d.msg.id));
+            let shared = before - resend.len() - offline.len();
+            if shared > 0 {
+                tracing::info!(client_id = %session.client_id, shared, "messages the session here holds already left out of the state merged in");
+            }
             let wake = match &st.attached {
                 // The client came back first: the messages join its live queue.
                 Some(conn) => {

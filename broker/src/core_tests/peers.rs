@@ -367,6 +367,51 @@ async fn a_session_that_arrives_while_its_client_ids_session_moves_on_follows_it
     assert!(b.sessions().get(&id).is_none(), "nothing stays here");
 }
 
+/// Two states of one session that share messages (a copy, and the state
+/// served from that copy elsewhere, both reaching this node) are merged
+/// with each message once: a QoS 2 message must not reach its client
+/// twice.
+#[test]
+fn a_state_merged_into_a_session_brings_each_message_once() {
+    let peers = FakePeers::new(false);
+    let b = node0(&peers);
+    let id = peers.client_of("n0", "merged");
+    let m: Vec<_> = (0..3)
+        .map(|i| msg(&b, &format!("d/{i}"), QoS::ExactlyOnce, false, "x"))
+        .collect();
+    let state = |msgs: &[usize], epoch| Handover {
+        client_id: id.clone(),
+        expiry: HOUR,
+        ordered: false,
+        subscriptions: vec![("d/#".into(), SubOptions::at(QoS::ExactlyOnce))],
+        resend: Vec::new(),
+        offline: msgs
+            .iter()
+            .map(|&i| Delivery::new(m[i].clone(), QoS::ExactlyOnce))
+            .collect(),
+        since: Vec::new(),
+        qos2_received: Vec::new(),
+        released: Vec::new(),
+        will: None,
+        epoch,
+        from_copy: false,
+        copy: None,
+    };
+    b.install_session(state(&[0, 1], 1), &mut crate::durable::Pending::detached());
+    b.install_session(state(&[1, 2], 1), &mut crate::durable::Pending::detached());
+    let session = b
+        .sessions()
+        .get(&id)
+        .unwrap_or_else(|| panic!("no session"));
+    let topics: Vec<String> = session
+        .lock()
+        .offline
+        .iter()
+        .map(|d| d.msg.topic.to_string())
+        .collect();
+    assert_eq!(topics, ["d/0", "d/1", "d/2"]);
+}
+
 #[test]
 fn a_session_handed_to_this_node_is_served_here_with_what_it_brought() {
     let peers = FakePeers::new(false);
