@@ -193,19 +193,17 @@ impl Broker {
     }
 
     /// A copy arrives (`Handover::from_copy`) while this node keeps a
-    /// replica of the same session, of that epoch or newer, from an owner
-    /// that left the ring without handing it over: that replica is the
-    /// state the lost owner served after the copy was made (the copy's
-    /// node had handed the session to it, and took it back unconfirmed).
-    /// Returned, to be taken in first, so that the copy gives way to it
-    /// rather than replace it.
-    pub(super) fn newer_lost_copy(&self, client: &str, epoch: u64) -> Option<Handover> {
-        let c = self.peers.as_ref()?;
-        let ring = c.ring();
-        let lost =
-            |from: &str| !ring.nodes().iter().any(|n| **n == *from) && !c.is_handing_over(from);
+    /// replica of the same session of that epoch or newer: that replica
+    /// is the state its owner served after the copy was made (the copy's
+    /// node had handed the session to it and took it back unconfirmed, or
+    /// kept a copy from before the owner's restart). Returned, to be
+    /// taken in first, so that the copy gives way to it rather than
+    /// replace it: the copy's sender found that owner lost, and this node
+    /// finds it lost too a moment later (seen from here, the owner may
+    /// still be on the ring).
+    pub(super) fn newer_copy_here(&self, client: &str, epoch: u64) -> Option<Handover> {
         self.replicas
-            .take_one(client, |from, e| e >= epoch && lost(from))
+            .take_one(client, |_, e| e >= epoch)
             .map(handover_of)
     }
 

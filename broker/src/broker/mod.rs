@@ -1134,7 +1134,7 @@ impl Broker {
     /// lets go of it once they are through.
     pub fn install_session(self: &Arc<Self>, h: Handover, kept: &mut Pending) {
         if h.from_copy
-            && let Some(newer) = self.newer_lost_copy(&h.client_id, h.epoch)
+            && let Some(newer) = self.newer_copy_here(&h.client_id, h.epoch)
         {
             self.install_session(newer, &mut Pending::detached());
         }

@@ -412,6 +412,67 @@ fn a_state_merged_into_a_session_brings_each_message_once() {
     assert_eq!(topics, ["d/0", "d/1", "d/2"]);
 }
 
+/// A lost owner's copy sent here by another node (which found the owner
+/// lost first) gives way to the replica of the same session this node
+/// keeps, of a newer epoch: that replica followed the owner's changes,
+/// the copy is older (here: one message the client has completed since).
+#[test]
+fn a_copy_that_arrives_gives_way_to_a_newer_replica_kept_here() {
+    let peers = FakePeers::new(false);
+    let b = node0(&peers);
+    let id = peers.client_of("n0", "newer");
+    let owner: Arc<str> = Arc::from("n1");
+    let record = crate::durable::SessionRecord {
+        expiry_ms: 3_600_000,
+        disconnected_ms: 1,
+        ordered: false,
+        qos2_ids: Vec::new(),
+        subscriptions: vec![("r/#".into(), SubOptions::at(QoS::ExactlyOnce))],
+        will: None,
+        released: Vec::new(),
+        replays: Vec::new(),
+        armed_will: None,
+        epoch: 5,
+    };
+    let mut current = Delivery::new(
+        msg(&b, "r/current", QoS::ExactlyOnce, false, "x"),
+        QoS::ExactlyOnce,
+    );
+    current.seq = 7;
+    b.replica_change(&owner, 1, &id, crate::durable::Change::Reset(record));
+    b.replica_change(&owner, 1, &id, crate::durable::Change::Queue(current));
+    let copy = Handover {
+        client_id: id.clone(),
+        expiry: HOUR,
+        ordered: false,
+        subscriptions: vec![("r/#".into(), SubOptions::at(QoS::ExactlyOnce))],
+        resend: Vec::new(),
+        offline: vec![Delivery::new(
+            msg(&b, "r/completed", QoS::ExactlyOnce, false, "x"),
+            QoS::ExactlyOnce,
+        )],
+        since: Vec::new(),
+        qos2_received: Vec::new(),
+        released: Vec::new(),
+        will: None,
+        epoch: 4,
+        from_copy: true,
+        copy: None,
+    };
+    b.install_session(copy, &mut crate::durable::Pending::detached());
+    let session = b
+        .sessions()
+        .get(&id)
+        .unwrap_or_else(|| panic!("no session"));
+    let topics: Vec<String> = session
+        .lock()
+        .offline
+        .iter()
+        .map(|d| d.msg.topic.to_string())
+        .collect();
+    assert_eq!(topics, ["r/current"]);
+}
+
 #[test]
 fn a_session_handed_to_this_node_is_served_here_with_what_it_brought() {
     let peers = FakePeers::new(false);
