@@ -268,6 +268,14 @@ impl Delivery {
     /// send. Numbers rise by one per message of a session, so ids in
     /// flight together differ unless 65 535 messages passed one left
     /// unacknowledged (the sender waits then: `Pump::take`).
+    /// For a session that numbers it again (another node's, or the same
+    /// session taken back): the packet id its number gave stays, as the
+    /// client may hold it.
+    pub fn unnumber(&mut self) {
+        self.sent_as = self.packet_id();
+        self.seq = 0;
+    }
+
     pub fn packet_id(&self) -> Option<NonZeroU16> {
         self.sent_as.or_else(|| {
             let n = self.seq.checked_sub(1)? % u64::from(u16::MAX);

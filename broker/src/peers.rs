@@ -107,6 +107,28 @@ pub struct Handover {
     pub copy: Option<u64>,
 }
 
+impl Handover {
+    /// The same session without its messages, which the receiver takes
+    /// from its copy if their digest is `digest` (`copy`).
+    pub fn without_messages(&self, digest: u64) -> Self {
+        Self {
+            client_id: self.client_id.clone(),
+            expiry: self.expiry,
+            ordered: self.ordered,
+            subscriptions: self.subscriptions.clone(),
+            resend: Vec::new(),
+            offline: Vec::new(),
+            since: Vec::new(),
+            qos2_received: self.qos2_received.clone(),
+            released: self.released.clone(),
+            will: self.will.clone(),
+            epoch: self.epoch,
+            from_copy: self.from_copy,
+            copy: Some(digest),
+        }
+    }
+}
+
 /// Resolves once a message is queued for a peer and its link is below its
 /// limit (true), or the peer has no link (false).
 pub type Sent<'a> = Pin<Box<dyn Future<Output = bool> + 'a>>;
@@ -152,8 +174,10 @@ pub trait Peers: Send + Sync + std::fmt::Debug {
     fn send<'a>(&'a self, node: &'a str, msg: PeerMsg, wait: Duration) -> Sent<'a>;
     /// Like `send`, and `pending` then also waits until `node` is through
     /// with the message (a publish or a P2P message: kept by the
-    /// persistent sessions it reached there); if `node` leaves the ring
-    /// before it answers, `pending` fails (the client sends it again).
+    /// persistent sessions it reached there; a session: installed and
+    /// written); if `node` leaves the ring before it answers, or refuses
+    /// it, `pending` fails (the client sends it again; the sender serves
+    /// the session again).
     fn send_acked<'a>(
         &'a self,
         node: &'a str,

@@ -607,7 +607,7 @@ impl Session {
             self.persist.forget(&self.client_id);
             // A new state from here on (`Tombstones::epoch_after`).
             let ended = st.epoch;
-            st.epoch += 1;
+            st.epoch = st.epoch.saturating_add(1);
             Some((ended, before))
         } else {
             self.save(&st, None);

@@ -47,10 +47,7 @@ impl Broker {
             return false;
         };
         for mut d in messages {
-            // Numbered again by the session here; the packet id its number
-            // gave stays, as the client may hold it.
-            d.sent_as = d.packet_id();
-            d.seq = 0;
+            d.unnumber();
             if d.dup {
                 h.resend.push(d);
             } else {
@@ -228,7 +225,7 @@ impl Broker {
             let mut st = session.lock();
             // A new owner: a copy of the lost owner's state that surfaces
             // later is older than this.
-            st.epoch += 1;
+            st.epoch = st.epoch.saturating_add(1);
             session.save_all(&mut st, None);
         }
         for rs in opened {
@@ -370,10 +367,7 @@ fn handover_of(mut rs: RecoveredSession) -> Handover {
             .messages
             .into_iter()
             .map(|mut d| {
-                // Numbered again by the session it joins; the packet id
-                // its number gave stays, as the client may hold it.
-                d.sent_as = d.packet_id();
-                d.seq = 0;
+                d.unnumber();
                 d
             })
             .collect(),

@@ -963,16 +963,14 @@ impl Broker {
     fn serve_again(self: &Arc<Self>, mut h: Handover, handed: Handed) {
         h.from_copy |= handed == Handed::Unconfirmed;
         // Numbered again as they are stored, after the session's last
-        // number (as a hand-over from another node is); the packet id
-        // their number gave stays, as the client may hold it.
+        // number (as a hand-over from another node is).
         for d in h
             .resend
             .iter_mut()
             .chain(&mut h.offline)
             .chain(&mut h.since)
         {
-            d.sent_as = d.packet_id();
-            d.seq = 0;
+            d.unnumber();
         }
         self.install_session(h, &mut Pending::detached());
     }
@@ -989,12 +987,8 @@ impl Broker {
             && h.since.is_empty()
             && !(h.resend.is_empty() && h.offline.is_empty())
             && h.resend.iter().chain(&h.offline).all(|d| d.seq != 0);
-        eligible.then(|| Handover {
-            copy: Some(crate::replica::digest(h.resend.iter().chain(&h.offline))),
-            resend: Vec::new(),
-            offline: Vec::new(),
-            ..h.clone()
-        })
+        eligible
+            .then(|| h.without_messages(crate::replica::digest(h.resend.iter().chain(&h.offline))))
     }
 
     /// Sends one `Session` frame and waits for its acknowledgement.
@@ -1098,29 +1092,48 @@ impl Broker {
         self.moved.lock().map(|m| m.len()).unwrap_or(0)
     }
 
-    /// A session another node handed over (`Frame::Session`). While this
-    /// node is moving the same Client ID's session on (`moved`), what
-    /// arrives follows it: installed here, nothing would move it on (the
-    /// ring change that moves sessions passed), and it would be served
-    /// here beside the owner (the chaos test had such a session collect
-    /// every message for seconds, then merge them back as new).
-    pub fn receive_session(self: &Arc<Self>, h: Handover, kept: &mut Pending) {
-        match self.moved_to(&h.client_id) {
-            Some(to) => {
-                let broker = self.clone();
-                ntex::rt::spawn(async move { broker.pass_on(h, to).await });
+    /// A session node `from` handed over (`Frame::Session`). While this
+    /// node is moving the same Client ID's session on (`moved`) to
+    /// another node, what arrives follows it: installed here, nothing
+    /// would move it on (the ring change that moves sessions passed), and
+    /// it would be served here beside the owner (the chaos test had such a
+    /// session collect every message for seconds, then merge them back as
+    /// new). `kept` then waits until the next node keeps it, or this node
+    /// serves it again, for twice the failure timeout at most (hand-overs
+    /// that wait on each other in a ring of moves end so).
+    pub fn receive_session(self: &Arc<Self>, from: &str, h: Handover, kept: &mut Pending) {
+        let Some(to) = self.moved_to(&h.client_id).filter(|to| **to != *from) else {
+            self.install_session(h, kept);
+            return;
+        };
+        let done = kept.join();
+        let (passed, passing) = tokio::sync::oneshot::channel::<()>();
+        let broker = self.clone();
+        ntex::rt::spawn(async move {
+            broker.pass_on(h, to).await;
+            let _ = passed.send(());
+        });
+        let bound = Duration::from_millis(
+            self.config
+                .cluster
+                .as_ref()
+                .map_or(0, |c| 2 * c.failure_timeout_ms),
+        );
+        ntex::rt::spawn(async move {
+            let _ = ntex::util::select(passing, ntex::time::sleep(bound)).await;
+            if let Some(m) = done.and_then(|c| c.written(true)) {
+                m.ring();
             }
-            None => self.install_session(h, kept),
-        }
+        });
     }
 
     /// Hands a session that arrived on to `to`, where its Client ID's
     /// session went; served here if `to` does not keep it.
     async fn pass_on(self: Arc<Self>, h: Handover, to: Arc<str>) {
-        let Some(c) = self.peers.clone() else {
-            return;
+        let handed = match self.peers.clone() {
+            Some(c) => self.hand_over(c.as_ref(), &to, h.clone()).await,
+            None => Handed::NotSent,
         };
-        let handed = self.hand_over(c.as_ref(), &to, h.clone()).await;
         if handed == Handed::Kept {
             tracing::info!(client_id = %h.client_id, to = %to, "a session that arrived passed on to where its Client ID's session went");
         } else {
@@ -1147,6 +1160,7 @@ impl Broker {
             self.metrics.session_copies_dropped.inc();
             return;
         }
+        let existed = self.sessions.get(&h.client_id).is_some();
         let session = self.sessions.adopt(&h.client_id);
         let mut added = Vec::new();
         let mut dropped = Vec::new();
@@ -1163,18 +1177,19 @@ impl Broker {
             // before the copy surfaced, so what it holds went on with the
             // session. Only what its node queued since its restart is new.
             let older = h.from_copy && st.persistent && h.epoch < st.epoch;
-            // A copy taken in, with no client here: still a state nobody
+            // A copy taken in where no state was, or only one not served
+            // since either, with no client here: still a state nobody
             // served since it was copied. Marked so (`stale_upto`), a newer
             // state that arrives later replaces its messages rather than
             // joining them, and a client that connects waits for the
             // peers' hand-overs first (`await_current`).
-            let unserved = h.from_copy && !older;
+            let unserved = h.from_copy && !older && (!existed || st.stale_upto.is_some());
             let (mut resend, mut offline) = if older {
                 tracing::info!(client_id = %session.client_id, epoch = h.epoch, here = st.epoch, kept = h.since.len(), "an older copy of a session dropped");
                 self.metrics.session_copies_dropped.inc();
                 (Vec::new(), h.since)
             } else {
-                st.epoch = st.epoch.max(h.epoch) + 1;
+                st.epoch = st.epoch.max(h.epoch).saturating_add(1);
                 if let Some(upto) = st.stale_upto.take() {
                     // This node's copy from before its restart: the session
                     // was served elsewhere since, and what it held then is

@@ -578,7 +578,7 @@ fn apply(
             let mut h = super::handover_from_wire(session);
             if broker.messages_from_copy(peer, &mut h) {
                 let mut kept = crate::durable::Pending::default();
-                broker.receive_session(h, &mut kept);
+                broker.receive_session(peer, h, &mut kept);
                 stream.session(n, kept);
             } else {
                 stream.refuse(n);

@@ -539,7 +539,7 @@ impl Cluster {
     }
 
     /// `node` is through with every numbered frame of this run's
-    /// sequence (`forward`: the publishes', else the replica changes') up
+    /// sequence (`forward`: the forwards', else the replica changes') up
     /// to `n` (`failed`: `n` itself was not kept).
     pub fn acked(&self, node: &str, run: u64, n: u64, failed: bool, forward: bool) {
         if run != self.run {

@@ -44,8 +44,9 @@ use crate::persist::record::{self, RecordError};
 use crate::session::Session;
 
 /// The numbered frames queued for one peer, and the commits waiting for
-/// the peer's acknowledgement of them: replica changes and forwarded
-/// publishes, each its own sequence.
+/// the peer's acknowledgement of them: replica changes, and forwards
+/// (publishes, P2P messages and sessions handed over), each its own
+/// sequence.
 #[derive(Debug, Default)]
 pub struct Awaiting {
     replica: Mutex<State>,
@@ -69,12 +70,13 @@ struct State {
 pub enum OnLoss {
     /// Done without it (a replica change: this node keeps the session).
     Kept,
-    /// Refused (a forwarded publish: the client must send it again).
+    /// Refused (a forwarded publish: the client must send it again; a
+    /// session handed over: its sender serves it again).
     Refused,
 }
 
 impl Awaiting {
-    /// The sequence of replica changes, or (`forward`) of publishes.
+    /// The sequence of replica changes, or (`forward`) of forwards.
     fn state(&self, forward: bool) -> std::sync::MutexGuard<'_, State> {
         let s = if forward {
             &self.forward
@@ -241,7 +243,7 @@ impl Inbound {
         self.numbered(&self.forward, n, pending, room, true);
     }
 
-    /// Session `n` handed over (0: not numbered) is through once `pending`
+    /// Session `n` handed over is through once `pending`
     /// (its writes, here and on its replicas) is. A write that failed does
     /// not refuse it: this node serves the session already, and the sender
     /// taking it back would serve it twice; the store's own alarm tells.
@@ -279,6 +281,12 @@ impl Inbound {
         let _ = self.forward.send(Done::Again);
     }
 }
+
+/// How often, and how long apart, a refusal is told again while this
+/// node has no link to the sender (10 s in all: by then the sender has
+/// lost the link that carried the frame too, and settled it as refused).
+const REFUSAL_TRIES: usize = 100;
+const REFUSAL_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The task that acknowledges a link's numbered frames of one sequence
 /// (`forward`: the publishes') in order as they are through.
@@ -344,7 +352,16 @@ impl Acknowledger {
                         told = through;
                     }
                     through = Some((run, n));
-                    if pending.wait().await.is_err() && must_write && self.tell(through, true) {
+                    if pending.wait().await.is_err() && must_write {
+                        // A refusal must reach the sender before a later
+                        // acknowledgement, which would cover it as done:
+                        // told again while this node's link to it is down.
+                        for _ in 0..REFUSAL_TRIES {
+                            if self.tell(through, true) {
+                                break;
+                            }
+                            ntex::time::sleep(REFUSAL_RETRY).await;
+                        }
                         told = through;
                     }
                     for session in &room {

@@ -258,7 +258,8 @@ pub enum Frame {
     /// publishes kept by the persistent sessions they reached (`forward`
     /// true; the two are numbered apart, so that a replica change is
     /// never held back behind a publish that waits for a replica).
-    /// `failed`: frame `n` itself could not be kept (the store refused it).
+    /// `failed`: frame `n` itself could not be kept (the store refused
+    /// it), or was refused (a session sent for a copy the receiver lacks).
     Ack {
         run: u64,
         n: u64,

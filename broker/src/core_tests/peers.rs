@@ -346,7 +346,7 @@ async fn a_session_that_arrives_while_its_client_ids_session_moves_on_follows_it
         from_copy: true,
         copy: None,
     };
-    b.receive_session(copy, &mut crate::durable::Pending::detached());
+    b.receive_session("n2", copy, &mut crate::durable::Pending::detached());
     let deadline = Instant::now() + Duration::from_secs(5);
     while peers.sent().len() < 2 && Instant::now() < deadline {
         ntex::time::sleep(Duration::from_millis(5)).await;
