@@ -154,13 +154,7 @@ impl Broker {
         if !stale() {
             return;
         }
-        let bound = Duration::from_millis(
-            self.config
-                .cluster
-                .as_ref()
-                .map_or(0, |c| 2 * c.failure_timeout_ms),
-        );
-        let deadline = Instant::now() + bound;
+        let deadline = Instant::now() + self.settle_bound();
         while stale() && !c.is_settled() && Instant::now() < deadline {
             ntex::time::sleep(Duration::from_millis(20)).await;
         }

@@ -1113,18 +1113,24 @@ impl Broker {
             broker.pass_on(h, to).await;
             let _ = passed.send(());
         });
-        let bound = Duration::from_millis(
-            self.config
-                .cluster
-                .as_ref()
-                .map_or(0, |c| 2 * c.failure_timeout_ms),
-        );
+        let bound = self.settle_bound();
         ntex::rt::spawn(async move {
             let _ = ntex::util::select(passing, ntex::time::sleep(bound)).await;
             if let Some(m) = done.and_then(|c| c.written(true)) {
                 m.ring();
             }
         });
+    }
+
+    /// Twice the failure timeout: how long the peers may take to hand over
+    /// what they hold for a ring (zero outside a cluster).
+    fn settle_bound(&self) -> Duration {
+        Duration::from_millis(
+            self.config
+                .cluster
+                .as_ref()
+                .map_or(0, |c| c.failure_timeout_ms.saturating_mul(2)),
+        )
     }
 
     /// Hands a session that arrived on to `to`, where its Client ID's
@@ -1366,12 +1372,7 @@ impl Broker {
         // meanwhile (and published the will), the session it hands back
         // replaces this copy and cancels it.
         let grace = match &self.peers {
-            Some(_) if !from_replica => Duration::from_millis(
-                self.config
-                    .cluster
-                    .as_ref()
-                    .map_or(0, |c| 2 * c.failure_timeout_ms),
-            ),
+            Some(_) if !from_replica => self.settle_bound(),
             _ => Duration::ZERO,
         };
         let (now, now_ms) = (Instant::now(), crate::message::now_ms());

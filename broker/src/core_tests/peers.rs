@@ -165,6 +165,26 @@ impl Peers for FakePeers {
     }
 }
 
+/// A copy of `id`'s session (subscribed to `filter`) of `epoch`, holding
+/// one offline message on `topic`, as a lost owner's replica sends it.
+fn copy_of(id: &str, filter: &str, b: &Broker, topic: &str, qos: QoS, epoch: u64) -> Handover {
+    Handover {
+        client_id: id.to_owned(),
+        expiry: HOUR,
+        ordered: false,
+        subscriptions: vec![(filter.into(), SubOptions::at(qos))],
+        resend: Vec::new(),
+        offline: vec![Delivery::new(msg(b, topic, qos, false, "x"), qos)],
+        since: Vec::new(),
+        qos2_received: Vec::new(),
+        released: Vec::new(),
+        will: None,
+        epoch,
+        from_copy: true,
+        copy: None,
+    }
+}
+
 fn node0(peers: &Arc<FakePeers>) -> Arc<Broker> {
     let config = Config {
         node_id: Some("n0".into()),
@@ -328,24 +348,7 @@ async fn a_session_that_arrives_while_its_client_ids_session_moves_on_follows_it
     }
     // The session left; its move lingers (forwarding to n1) while the copy
     // arrives.
-    let copy = Handover {
-        client_id: id.clone(),
-        expiry: HOUR,
-        ordered: false,
-        subscriptions: vec![("f/#".into(), SubOptions::at(QoS::AtLeastOnce))],
-        resend: Vec::new(),
-        offline: vec![Delivery::new(
-            msg(&b, "f/copy", QoS::AtLeastOnce, false, "x"),
-            QoS::AtLeastOnce,
-        )],
-        since: Vec::new(),
-        qos2_received: Vec::new(),
-        released: Vec::new(),
-        will: None,
-        epoch: 2,
-        from_copy: true,
-        copy: None,
-    };
+    let copy = copy_of(&id, "f/#", &b, "f/copy", QoS::AtLeastOnce, 2);
     b.receive_session("n2", copy, &mut crate::durable::Pending::detached());
     let deadline = Instant::now() + Duration::from_secs(5);
     while peers.sent().len() < 2 && Instant::now() < deadline {
@@ -441,24 +444,7 @@ fn a_copy_that_arrives_gives_way_to_a_newer_replica_kept_here() {
     current.seq = 7;
     b.replica_change(&owner, 1, &id, crate::durable::Change::Reset(record));
     b.replica_change(&owner, 1, &id, crate::durable::Change::Queue(current));
-    let copy = Handover {
-        client_id: id.clone(),
-        expiry: HOUR,
-        ordered: false,
-        subscriptions: vec![("r/#".into(), SubOptions::at(QoS::ExactlyOnce))],
-        resend: Vec::new(),
-        offline: vec![Delivery::new(
-            msg(&b, "r/completed", QoS::ExactlyOnce, false, "x"),
-            QoS::ExactlyOnce,
-        )],
-        since: Vec::new(),
-        qos2_received: Vec::new(),
-        released: Vec::new(),
-        will: None,
-        epoch: 4,
-        from_copy: true,
-        copy: None,
-    };
+    let copy = copy_of(&id, "r/#", &b, "r/completed", QoS::ExactlyOnce, 4);
     b.install_session(copy, &mut crate::durable::Pending::detached());
     let session = b
         .sessions()
