@@ -143,15 +143,14 @@ impl Connection {
             trace(DeviceAction::Discarded);
         }
         let mut st = attached.session.lock();
-        if persistent && let Some(w) = &will {
-            // In the session's record while the client is connected: a
-            // crash of this node, or its loss (a replica serves the
-            // session then), publishes it as the connection's abnormal end.
-            st.armed_will = Some(ArmedWill {
-                delay_ms: u64::try_from(w.delay.as_millis()).unwrap_or(u64::MAX),
-                msg: w.msg.clone(),
-            });
-            attached.session.save(&st, None);
+        if let Some(w) = &will {
+            attached.session.arm_will(
+                &mut st,
+                ArmedWill {
+                    delay_ms: u64::try_from(w.delay.as_millis()).unwrap_or(u64::MAX),
+                    msg: w.msg.clone(),
+                },
+            );
         }
         st.info = ClientInfo {
             ip: peer,
@@ -334,6 +333,9 @@ impl Drop for Connection {
             );
         } else {
             if !moved {
+                if !self.persistent && self.will.borrow().is_some() {
+                    self.session.disarm_clean_will(self.conn.generation);
+                }
                 self.publish_will();
             }
             let reason = self.close_reason.get().unwrap_or(if superseded {

@@ -53,6 +53,11 @@ pub struct Metrics {
     pub replica_sessions: IntGauge,
     pub replica_messages: IntGauge,
     pub sessions_failed_over: IntCounter,
+    /// The copies of clean sessions' connections kept here (each holds
+    /// the connection's will), and the wills of a lost node's clients
+    /// published here from them.
+    pub replica_wills: IntGauge,
+    pub wills_failed_over: IntCounter,
     /// Sessions handed to this node without their messages, which the
     /// copy it kept had.
     pub sessions_moved_in_from_copy: IntCounter,
@@ -157,6 +162,14 @@ impl Metrics {
             sessions_failed_over: counter(
                 "sessions_failed_over_total",
                 "Sessions of a node lost without warning, served here from their replica",
+            )?,
+            replica_wills: gauge(
+                "replica_wills",
+                "Wills of other nodes' clean-session clients this node keeps, for the loss of their node",
+            )?,
+            wills_failed_over: counter(
+                "wills_failed_over_total",
+                "Wills of clean-session clients of a node lost without warning, published here from their copy",
             )?,
             sessions_moved_in_from_copy: counter(
                 "sessions_moved_in_from_copy_total",

@@ -157,6 +157,17 @@ impl Store for Replicated {
         }
     }
 
+    fn clean_will(&self, client: &Arc<str>, record: Option<&SessionRecord>) {
+        match record {
+            // Whole: it replaces whatever copy a replica holds of the
+            // Client ID, whoever sent that.
+            Some(r) => self
+                .replication
+                .send(client, Change::Reset(r.clone()), None),
+            None => self.replication.send(client, Change::Forget, None),
+        }
+    }
+
     fn reset(&self, client: &Arc<str>, record: &SessionRecord, mut pending: Option<&mut Pending>) {
         self.local.reset(client, record, pending.as_deref_mut());
         self.replication
@@ -274,6 +285,8 @@ impl Default for Replicas {
 pub struct Kept {
     pub sessions: usize,
     pub messages: usize,
+    /// Copies of clean sessions' connections, each holding its will.
+    pub wills: usize,
 }
 
 impl Replicas {
@@ -369,14 +382,14 @@ impl Replicas {
     pub fn take_one(
         &self,
         client: &str,
-        promote: impl FnOnce(&str, u64) -> bool,
+        promote: impl FnOnce(&str, &SessionRecord) -> bool,
     ) -> Option<RecoveredSession> {
         let mut shard = self.shard(client);
         let h = shard.get(client)?;
         let Some(record) = &h.record else {
             return None;
         };
-        if !promote(&h.from, record.epoch) {
+        if !promote(&h.from, record) {
             return None;
         }
         let (client, h) = shard.remove_entry(client)?;
@@ -408,7 +421,12 @@ impl Replicas {
     pub fn count(&self) -> Kept {
         let mut k = Kept::default();
         for shard in self.each_shard() {
-            k.sessions += shard.len();
+            let wills = shard
+                .values()
+                .filter(|h| h.record.as_ref().is_some_and(SessionRecord::is_clean))
+                .count();
+            k.wills += wills;
+            k.sessions += shard.len() - wills;
             k.messages += shard.values().map(|h| h.messages.len()).sum::<usize>();
         }
         k
@@ -465,7 +483,8 @@ mod tests {
             r.count(),
             Kept {
                 sessions: 1,
-                messages: 2
+                messages: 2,
+                wills: 0
             }
         );
         let got = all(&r);
@@ -561,5 +580,24 @@ mod tests {
         let seqs: Vec<u64> = got.unwrap_or_default().iter().map(|d| d.seq).collect();
         assert_eq!(seqs, [1, 2, 3]);
         assert_eq!(r.count(), Kept::default(), "taken");
+    }
+
+    #[test]
+    fn a_clean_connections_will_is_counted_apart_and_replaces_an_older_copy() {
+        let (r, a, b) = (Replicas::default(), Arc::from("a"), Arc::from("b"));
+        r.apply(&a, 1, "c", Change::Record(record(5)));
+        r.apply(&a, 1, "c", Change::Queue(delivery(1)));
+        // The client came back to `b` with a clean start and a will.
+        r.apply(&b, 1, "c", Change::Reset(record(0)));
+        assert_eq!(
+            r.count(),
+            Kept {
+                sessions: 0,
+                messages: 0,
+                wills: 1
+            }
+        );
+        r.apply(&b, 1, "c", Change::Forget);
+        assert_eq!(r.count(), Kept::default(), "the connection ended");
     }
 }

@@ -547,6 +547,39 @@ impl Session {
         }
     }
 
+    /// Arms the will of the connection just attached: what this node's
+    /// crash (a persistent session's record keeps it) or its loss (the
+    /// replicas keep it, for a clean session too) publishes as the
+    /// connection's abnormal end. Called with the lock held.
+    pub fn arm_will(&self, st: &mut State, will: durable::ArmedWill) {
+        st.armed_will = Some(will);
+        if st.persistent {
+            self.save(st, None);
+        } else {
+            self.persist.clean_will(&self.client_id, Some(&st.record()));
+        }
+    }
+
+    /// The connection of `generation` of a clean session ends abnormally
+    /// and is about to publish its will: the copies of it are forgotten
+    /// first, on the same ordered links as the will's publish, so that a
+    /// node that got the will got the forget before it and does not
+    /// publish it again if this node is lost right after.
+    pub fn disarm_clean_will(&self, generation: u64) {
+        let mut st = self.lock();
+        if st.persistent
+            || st
+                .attached
+                .as_ref()
+                .is_none_or(|c| c.generation != generation)
+        {
+            return;
+        }
+        if st.armed_will.take().is_some() {
+            self.persist.clean_will(&self.client_id, None);
+        }
+    }
+
     /// Writes the session's record if it is persistent; `pending` (when
     /// given) waits for it. Called with the lock held, so that records reach
     /// the store in the order the session changed.
@@ -915,6 +948,7 @@ impl SessionStore {
         let previous = st.attached.replace(conn.clone());
         let took_over = previous.is_some();
         let existed = st.persistent || took_over || !st.subscriptions.is_empty();
+        let was_persistent = st.persistent;
         let mut discarded = Vec::new();
         let present = if clean || !st.persistent {
             if st.persistent {
@@ -954,7 +988,9 @@ impl SessionStore {
         st.tokens.clear();
         st.pending_will = None;
         // The new connection's own will, if any, is armed by it.
-        st.armed_will = None;
+        if st.armed_will.take().is_some() && !was_persistent {
+            self.persist.clean_will(&session.client_id, None);
+        }
         st.kick = None;
         session.save(&st, None);
         drop(st);
@@ -986,7 +1022,9 @@ impl SessionStore {
         st.attached = None;
         st.kick = None;
         // Published or dropped by the connection that armed it.
-        st.armed_will = None;
+        if st.armed_will.take().is_some() && !st.persistent {
+            session.persist.clean_will(&session.client_id, None);
+        }
         if st.persistent {
             st.disconnected_at = Some(Instant::now());
             st.info.disconnected_at = Some(crate::message::now_ms());

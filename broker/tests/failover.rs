@@ -141,6 +141,71 @@ async fn the_will_of_a_client_of_a_lost_owner_is_published_once() {
     w.no_publish().await;
 }
 
+/// Clients with clean sessions and wills (MQTT 3.1.1, and MQTT 5 with a
+/// will delay, which the clean session's end cuts short) connected to a
+/// node SIGKILLed: each will is published once, by the Client ID's new
+/// owner from the copy it keeps; with replication factor 3 the other
+/// replica keeps a copy too and publishes nothing. A client that left
+/// with DISCONNECT has no will published; one whose connection broke
+/// before the kill had its will published then, and not again.
+#[tokio::test]
+async fn the_wills_of_a_lost_nodes_clean_session_clients_are_published_once() {
+    let mut c = Cluster::start(3, "  replication_factor: 3\n");
+    let id = |name: &str| owned_by("n2", &c.names, &format!("GID_test@@@{name}"));
+    let watcher = owned_by("n0", &c.names, "GID_test@@@watcher");
+    let mut w = persistent(&watcher, c.nodes[0].tcp).await;
+    w.subscribe("will/#", v3::QoS::AtLeastOnce).await;
+    let mut v3_clients = Vec::new();
+    for name in ["v3", "polite", "broken"] {
+        let mut o = v3::options(&id(name), c.nodes[0].tcp);
+        o.set_last_will(v3::LastWill::new(
+            format!("will/{name}"),
+            name,
+            v3::QoS::AtLeastOnce,
+            false,
+        ));
+        v3_clients.push(v3::connect(o).await);
+    }
+    let mut o = v5::options(&id("v5"), c.nodes[1].tcp);
+    o.set_last_will(v5::delayed_will("will/v5", "v5", 3600));
+    let v5_client = v5::connect(o).await;
+    let replicas_keep = |n: f64| {
+        let nodes = &c.nodes;
+        move || (0..2).all(|i| nodes[i].metric("ringmq_replica_wills") == n)
+    };
+    until("both replicas keep the four wills", replicas_keep(4.0)).await;
+    let (Some(broken), Some(polite)) = (v3_clients.pop(), v3_clients.pop()) else {
+        panic!("three clients");
+    };
+    polite.disconnect().await;
+    broken.kill();
+    assert_eq!(&w.next_publish().await.payload[..], b"broken");
+    until(
+        "the replicas forget the wills of the connections that ended",
+        replicas_keep(2.0),
+    )
+    .await;
+    drop(c.take(2));
+    c.wait_ring(2);
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        got.push(String::from_utf8_lossy(&w.next_publish().await.payload).into_owned());
+    }
+    got.sort();
+    assert_eq!(got, ["v3", "v5"]);
+    // The other replica has found the owner lost too by now (both watch
+    // the same heartbeats); what it would publish would have arrived.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    w.no_publish().await;
+    let published: f64 = c
+        .nodes
+        .iter()
+        .map(|n| n.metric("ringmq_wills_failed_over_total"))
+        .sum();
+    assert_eq!(published, 2.0, "each will published by one node");
+    drop((v3_clients, v5_client));
+}
+
 /// A returning owner's old volume brings back neither a session that
 /// ended while it was away nor the state of one that another node served
 /// meanwhile. The owner of two persistent sessions, each with a queued

@@ -118,6 +118,12 @@ impl Broker {
             })
             .into_iter()
             .filter_map(|rs| {
+                // A clean session's will is published by the Client ID's
+                // new owner from the copy it keeps (the owner's successor
+                // keeps one); one sent there could be published twice.
+                if rs.record.is_clean() {
+                    return None;
+                }
                 let owner = ring.owner(&rs.client)?.clone();
                 Some((owner, handover_of(rs)))
             })
@@ -180,6 +186,8 @@ impl Broker {
         let taken = self
             .replicas
             .take_one(client, |from, _| self.owner_lost(c, &ring, client, from));
+        // A clean session's copy publishes its will (the connection that
+        // ended with the lost node) before the client's new one attaches.
         self.take_over(taken.into_iter().collect());
     }
 
@@ -194,7 +202,7 @@ impl Broker {
     /// still be on the ring).
     pub(super) fn newer_copy_here(&self, client: &str, epoch: u64) -> Option<Handover> {
         self.replicas
-            .take_one(client, |_, e| e >= epoch)
+            .take_one(client, |_, r| !r.is_clean() && r.epoch >= epoch)
             .map(handover_of)
     }
 
@@ -202,6 +210,11 @@ impl Broker {
     /// a store, or merged into the session the client opened here first.
     /// Each is then written whole to this node's store and its replicas.
     fn take_over(self: &Arc<Self>, taken: Vec<RecoveredSession>) {
+        let (clean, taken): (Vec<_>, Vec<_>) =
+            taken.into_iter().partition(|rs| rs.record.is_clean());
+        for rs in clean {
+            self.publish_lost_will(rs);
+        }
         if taken.is_empty() {
             return;
         }
@@ -226,6 +239,20 @@ impl Broker {
             self.install_session(handover_of(rs), &mut durable::Pending::detached());
         }
         self.metrics.sessions.set(gauge(self.sessions.len()));
+    }
+
+    /// The copy of a lost node's clean session: its client was connected
+    /// there, so the connection ended with the node, abnormally, and its
+    /// will is published here, once (no delay is left: a clean session
+    /// ends with its connection, and the will with it). No session is
+    /// made of it.
+    fn publish_lost_will(&self, rs: RecoveredSession) {
+        let Some(will) = rs.record.armed_will else {
+            return;
+        };
+        tracing::info!(client_id = %rs.client, topic = %will.msg.topic, "the will of a lost node's clean-session client published");
+        self.metrics.wills_failed_over.inc();
+        self.publish_will(&will.msg, rs.record.ordered, false);
     }
 
     /// Starts sending sessions whole to the replicas that lack them, or
@@ -284,19 +311,28 @@ impl Broker {
             }
             let now = r.replicas_of(&ring, client);
             let had = r.replicas_of(&before, client);
-            {
+            let persistent = {
                 let st = session.lock();
-                if !st.persistent || st.moved_to.is_some() {
+                // A clean session's connection with a will: its record
+                // (the will) goes too, without the messages.
+                let will_only = !st.persistent && st.armed_will.is_some();
+                if !(st.persistent || will_only) || st.moved_to.is_some() {
                     continue;
                 }
                 for node in &now {
                     let new_link = fresh.iter().any(|(n, _)| n == node);
-                    if new_link || !had.contains(node) {
+                    if !new_link && had.contains(node) {
+                        continue;
+                    }
+                    if will_only {
+                        r.send_whole(node, client, st.record(), std::iter::empty());
+                    } else {
                         r.send_whole(node, client, st.record(), st.stored());
                     }
                 }
-            }
-            if now.len() + 1 < r.factor() {
+                st.persistent
+            };
+            if persistent && now.len() + 1 < r.factor() {
                 under += 1;
             }
             if i % RESYNC_STEP == RESYNC_STEP - 1 {
@@ -327,6 +363,7 @@ impl Broker {
         let k = self.replicas.count();
         self.metrics.replica_sessions.set(gauge(k.sessions));
         self.metrics.replica_messages.set(gauge(k.messages));
+        self.metrics.replica_wills.set(gauge(k.wills));
     }
 }
 

@@ -55,6 +55,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         self.forget(client);
         self.session(client, record, pending);
     }
+    /// A clean session's connection armed a will (`Some`: its record, of
+    /// expiry 0, naming the will) or no longer has one (`None`: it ended,
+    /// or its will was published). Kept where the node's loss leaves it
+    /// (the replicas: the Client ID's next owner publishes it), not in the
+    /// node's own store: a clean session does not outlive its node's
+    /// restart, and neither does its connection's will.
+    fn clean_will(&self, _client: &Arc<str>, _record: Option<&SessionRecord>) {}
     /// Stores message `seq` of a session's queue.
     fn queue(&self, client: &str, seq: u64, delivery: &Delivery, pending: Option<&mut Pending>);
     /// Deletes message `seq` of a session's queue: acknowledged, dropped or expired.
@@ -130,6 +137,15 @@ pub struct SessionRecord {
     /// a replica served after its owner was lost). Of two states of one
     /// session, the one of the lower epoch is an older one (`peers::Handover`).
     pub epoch: u64,
+}
+
+impl SessionRecord {
+    /// The record of a clean session's connection (expiry 0): it only
+    /// carries the connection's armed will, and is never a session to
+    /// serve (`Store::clean_will`).
+    pub fn is_clean(&self) -> bool {
+        self.expiry_ms == 0
+    }
 }
 
 /// The will of a connected client, with its delay (MQTT 5 will delay;
