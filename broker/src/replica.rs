@@ -205,6 +205,27 @@ impl Store for Replicated {
     }
 }
 
+/// Whether this node (`is_local`) keeps the copy of `client`'s session
+/// that `from` sent, on `ring` with `factor` copies of each session. It
+/// drops it only when `from` owns the Client ID still and this node is not
+/// among its replicas any more (`from` sends the session whole to those).
+/// Kept besides a replica's: the copy of a session moving away from its
+/// live owner, until the owner says the new one keeps it
+/// (`Store::forget_moved`) — were the owner lost first, it is what is left
+/// of the session — and a lost owner's, which the ring pass that follows
+/// serves here or sends to the Client ID's owner
+/// (`Broker::orphaned_copies`).
+pub fn keeps_copy(
+    ring: &Ring,
+    factor: usize,
+    client: &str,
+    from: &str,
+    is_local: impl Fn(&str) -> bool,
+) -> bool {
+    ring.owner(client).is_none_or(|o| **o != *from)
+        || ring.successors(client, factor).iter().any(|n| is_local(n))
+}
+
 /// What a session handed over without its messages is checked by
 /// (`peers::Handover::copy`): each stored message's number, message id,
 /// packet id and QoS, in number order. The owner's digest of its session
@@ -599,5 +620,24 @@ mod tests {
         );
         r.apply(&b, 1, "c", Change::Forget);
         assert_eq!(r.count(), Kept::default(), "the connection ended");
+    }
+
+    #[test]
+    fn a_copy_is_dropped_only_when_its_owner_keeps_the_session_and_has_other_replicas() {
+        let ring = Ring::new(["a", "b", "c", "d"]);
+        let client = "some-client";
+        let order: Vec<Arc<str>> = ring.successors(client, 4).into_iter().cloned().collect();
+        let (owner, second, outside) = (&*order[0], &*order[1], &*order[3]);
+        let keeps = |node: &str, from: &str| keeps_copy(&ring, 2, client, from, |n| n == node);
+        assert!(keeps(second, owner), "the owner's replica");
+        assert!(
+            !keeps(outside, owner),
+            "no longer a replica of a live owner"
+        );
+        assert!(
+            keeps(outside, second),
+            "the session moves away from the node that sent the copy"
+        );
+        assert!(keeps(outside, "gone"), "a lost owner's copy");
     }
 }

@@ -1100,18 +1100,20 @@ impl SessionStore {
         gone
     }
 
-    /// Takes a session out of this node's store and the durable store (it
-    /// moved to node `to`, which keeps it now).
-    pub fn remove(&self, client_id: &str, to: &str) -> Option<Arc<Session>> {
-        let removed = self
-            .shard(client_id)
+    /// Takes a session out of this node's sessions as it moves to another
+    /// node; the durable store keeps it until that node does
+    /// (`forget_moved`).
+    pub fn remove(&self, client_id: &str) -> Option<Arc<Session>> {
+        self.shard(client_id)
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(client_id);
-        if let Some(s) = &removed {
-            self.persist.forget_moved(&s.client_id, to);
-        }
-        removed
+            .remove(client_id)
+    }
+
+    /// The durable store (and the copies of it elsewhere, but for the one
+    /// node `to` may keep) forgets a session that moved to node `to`.
+    pub fn forget_moved(&self, client: &Arc<str>, to: &str) {
+        self.persist.forget_moved(client, to);
     }
 
     /// The session another node hands over: the one that exists already (its

@@ -91,11 +91,8 @@ impl Broker {
             }
         }
         self.replicas.retain(|client, from| {
-            c.is_handing_over(from)
-                || ring
-                    .successors(client, r.factor())
-                    .iter()
-                    .any(|n| c.is_local(n))
+            crate::replica::keeps_copy(&ring, r.factor(), client, from, |n| c.is_local(n))
+                || c.is_handing_over(from)
         });
         self.count_replicas();
         self.start_resync();

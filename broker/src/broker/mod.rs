@@ -375,6 +375,14 @@ impl Broker {
     /// Attaches a connection to its session and drops a discarded session's
     /// subscriptions from the routing table.
     pub fn attach(self: &Arc<Self>, client_id: &str, clean: bool, expiry: Duration) -> Attached {
+        if let Some(to) = self.moved_to(client_id)
+            && self.sessions.get(client_id).is_none()
+        {
+            // Its session is on its way to `to`, and the store still keeps
+            // it: forgotten before the new session writes, so that none of
+            // the old one's stored messages joins it.
+            self.sessions.forget_moved(&Arc::from(client_id), &to);
+        }
         self.claim_copy(client_id);
         let attached = self.sessions.attach(client_id, clean, expiry);
         self.drop_routes(
@@ -901,11 +909,19 @@ impl Broker {
             None => Vec::new(),
         };
         if let Some(h) = snapshot {
-            self.sessions.remove(&client, &owner);
+            self.sessions.remove(&client);
             self.metrics.sessions.set(gauge(self.sessions.len()));
             self.drained_some();
+            // The store and the replicas keep the session until the owner
+            // does: this node lost with the frame still on its way, the
+            // session is served from them.
             let handed = self.hand_over(c.as_ref(), &owner, h.clone()).await;
             if handed == Handed::Kept {
+                // Unless the client opened a session here meanwhile (the
+                // ring moved back), which forgot it first (`attach`).
+                if self.sessions.get(&client).is_none() {
+                    self.sessions.forget_moved(&client, &owner);
+                }
                 self.metrics.sessions_moved.inc();
                 tracing::debug!(client_id = %client, owner = %owner, "session moved");
             } else {

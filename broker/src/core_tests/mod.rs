@@ -29,6 +29,15 @@ fn broker(config: Config) -> Arc<Broker> {
 
 /// A broker whose other nodes are `peers`.
 fn broker_with(config: Config, peers: Option<Arc<dyn crate::peers::Peers>>) -> Arc<Broker> {
+    broker_stored(config, peers, Arc::new(crate::durable::NoStore))
+}
+
+/// A broker whose other nodes are `peers`, writing to `persist`.
+fn broker_stored(
+    config: Config,
+    peers: Option<Arc<dyn crate::peers::Peers>>,
+    persist: Arc<dyn crate::durable::Store>,
+) -> Arc<Broker> {
     let metrics = crate::metrics::Metrics::new().unwrap_or_else(|e| panic!("{e}"));
     let auth = Auth::open(&config.auth.login, metrics.registry()).unwrap_or_else(|e| panic!("{e}"));
     let usage = crate::node::usage(&config, &metrics).unwrap_or_else(|e| panic!("{e}"));
@@ -41,7 +50,7 @@ fn broker_with(config: Config, peers: Option<Arc<dyn crate::peers::Peers>>) -> A
             storage: Arc::new(NoStorage),
             peers,
             usage,
-            persist: Arc::new(crate::durable::NoStore),
+            persist,
             replication: None,
         },
     )

@@ -8,7 +8,7 @@ use std::num::NonZeroU16;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::{broker_with, msg, queued, subscribe};
+use super::{broker_stored, broker_with, msg, queued, subscribe};
 use crate::broker::{Broker, PublishError, Publisher};
 use crate::config::Config;
 use crate::message::{Delivery, QoS};
@@ -27,6 +27,9 @@ struct FakePeers {
     sent: Mutex<Vec<(String, PeerMsg)>>,
     announced: Mutex<Vec<String>>,
     full: bool,
+    /// `Some`: what is sent for an acknowledgement waits for `answer`
+    /// (the commits it joined are held here); `None`: acknowledged at once.
+    held: Option<Mutex<Vec<Arc<crate::durable::Commit>>>>,
 }
 
 impl FakePeers {
@@ -36,7 +39,31 @@ impl FakePeers {
             sent: Mutex::default(),
             announced: Mutex::default(),
             full,
+            held: None,
         })
+    }
+
+    /// Peers that acknowledge what they are sent only when told (`answer`).
+    fn holding_acks() -> Arc<Self> {
+        Arc::new(Self {
+            ring: Arc::new(Ring::new(["n0", "n1"])),
+            sent: Mutex::default(),
+            announced: Mutex::default(),
+            full: false,
+            held: Some(Mutex::default()),
+        })
+    }
+
+    /// The peers answer everything held: kept (`ok`) or refused.
+    fn answer(&self, ok: bool) {
+        let held = self.held.as_ref().map_or_else(Vec::new, |h| {
+            std::mem::take(&mut *h.lock().unwrap_or_else(PoisonError::into_inner))
+        });
+        for c in held {
+            if let Some(m) = c.written(ok) {
+                m.ring();
+            }
+        }
     }
 
     fn sent(&self) -> Vec<(String, PeerMsg)> {
@@ -157,10 +184,16 @@ impl Peers for FakePeers {
         &'a self,
         node: &'a str,
         msg: PeerMsg,
-        _: &mut crate::durable::Pending,
+        kept: &mut crate::durable::Pending,
         wait: Duration,
     ) -> Sent<'a> {
-        // The fake peer is through with what it is sent at once.
+        // Unless told to hold, the fake peer is through with what it is
+        // sent at once.
+        if let Some(held) = &self.held
+            && let Some(c) = kept.join()
+        {
+            held.lock().unwrap_or_else(PoisonError::into_inner).push(c);
+        }
         self.send(node, msg, wait)
     }
 }
@@ -183,6 +216,63 @@ fn copy_of(id: &str, filter: &str, b: &Broker, topic: &str, qos: QoS, epoch: u64
         from_copy: true,
         copy: None,
     }
+}
+
+/// A durable store that records the sessions it keeps and forgets.
+#[derive(Debug, Default)]
+struct RecordingStore {
+    calls: Mutex<Vec<String>>,
+}
+
+impl RecordingStore {
+    fn calls(&self) -> Vec<String> {
+        self.calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn call(&self, what: String) {
+        self.calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(what);
+    }
+}
+
+impl crate::durable::Store for RecordingStore {
+    fn is_durable(&self) -> bool {
+        true
+    }
+    fn is_healthy(&self) -> bool {
+        true
+    }
+    fn session(
+        &self,
+        client: &Arc<str>,
+        _: &crate::durable::SessionRecord,
+        _: Option<&mut crate::durable::Pending>,
+    ) {
+        self.call(format!("session {client}"));
+    }
+    fn forget(&self, client: &Arc<str>) {
+        self.call(format!("forget {client}"));
+    }
+    fn forget_moved(&self, client: &Arc<str>, to: &str) {
+        self.call(format!("forget {client} moved to {to}"));
+    }
+    fn reset(
+        &self,
+        client: &Arc<str>,
+        _: &crate::durable::SessionRecord,
+        _: Option<&mut crate::durable::Pending>,
+    ) {
+        self.call(format!("reset {client}"));
+    }
+    fn queue(&self, _: &str, _: u64, _: &Delivery, _: Option<&mut crate::durable::Pending>) {}
+    fn unqueue(&self, _: &str, _: u64) {}
+    fn retain(&self, _: &crate::message::Message, _: Option<&mut crate::durable::Pending>) {}
+    fn measure(&self) {}
 }
 
 fn node0(peers: &Arc<FakePeers>) -> Arc<Broker> {
@@ -327,6 +417,140 @@ async fn a_session_the_ring_gives_another_node_is_handed_over_with_its_messages_
             .contains(&"settled".to_owned()),
         "the handover is announced as done"
     );
+}
+
+/// A persistent session of `id` on `b` (subscribed to `m/#`), offline
+/// with one queued message, moved by a ring pass; returns once its
+/// `Session` frame went out.
+async fn moving(b: &Arc<Broker>, peers: &FakePeers, id: &str) {
+    let s = b.attach(id, false, HOUR);
+    subscribe(b, &s, "m/#", QoS::AtLeastOnce);
+    b.detach(&s.session, s.conn.generation);
+    b.publish(&msg(b, "m/0", QoS::AtLeastOnce, false, "q"), false);
+    b.rebalance();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !peers
+        .sent()
+        .iter()
+        .any(|(_, m)| matches!(m, PeerMsg::Session(_)))
+    {
+        assert!(Instant::now() < deadline, "the session was not sent");
+        ntex::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A session moving to its new owner stays in this node's store until the
+/// owner says it keeps it: were this node lost with the frame still on its
+/// way, its volume would still have the session (and its replicas their
+/// copies, `replica::keeps_copy`). Then the store forgets it.
+#[ntex::test]
+async fn a_moving_session_stays_in_the_store_until_its_new_owner_keeps_it() {
+    let peers = FakePeers::holding_acks();
+    let store = Arc::new(RecordingStore::default());
+    let b = broker_stored(
+        Config {
+            node_id: Some("n0".into()),
+            ..Config::default()
+        },
+        Some(peers.clone() as Arc<dyn Peers>),
+        store.clone(),
+    );
+    let id = peers.client_of("n1", "moving");
+    moving(&b, &peers, &id).await;
+    let forgot = |s: &RecordingStore| s.calls().iter().any(|c| c.starts_with("forget"));
+    assert!(
+        b.sessions().get(&id).is_none(),
+        "it left this node's sessions"
+    );
+    assert!(
+        !forgot(&store),
+        "kept while on its way: {:?}",
+        store.calls()
+    );
+    peers.answer(true);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !forgot(&store) {
+        assert!(
+            Instant::now() < deadline,
+            "never forgotten: {:?}",
+            store.calls()
+        );
+        ntex::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        store.calls().last().map(String::as_str),
+        Some(format!("forget {id} moved to n1").as_str())
+    );
+}
+
+/// A session whose new owner refuses it is kept here: written whole again
+/// (`reset`), never forgotten, and sent again (the ring still gives it to
+/// that owner).
+#[ntex::test]
+async fn a_session_its_new_owner_refuses_stays_in_the_store_and_goes_again() {
+    let peers = FakePeers::holding_acks();
+    let store = Arc::new(RecordingStore::default());
+    let b = broker_stored(
+        Config {
+            node_id: Some("n0".into()),
+            ..Config::default()
+        },
+        Some(peers.clone() as Arc<dyn Peers>),
+        store.clone(),
+    );
+    let id = peers.client_of("n1", "refused");
+    moving(&b, &peers, &id).await;
+    peers.answer(false);
+    let sessions_sent = || {
+        peers
+            .sent()
+            .iter()
+            .filter(|(_, m)| matches!(m, PeerMsg::Session(h) if h.client_id == id))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sessions_sent() < 2 {
+        assert!(Instant::now() < deadline, "not sent again");
+        ntex::time::sleep(Duration::from_millis(5)).await;
+    }
+    let calls = store.calls();
+    assert!(calls.contains(&format!("reset {id}")), "{calls:?}");
+    assert!(!calls.iter().any(|c| c.starts_with("forget")), "{calls:?}");
+}
+
+/// A client that opens a session here while its old one is on its way
+/// (the ring moved back): the store forgets the old one first, so none of
+/// its stored messages joins the new one, and the owner's answer later
+/// does not forget the new one.
+#[ntex::test]
+async fn a_session_opened_here_while_the_old_one_travels_is_not_forgotten_with_it() {
+    let peers = FakePeers::holding_acks();
+    let store = Arc::new(RecordingStore::default());
+    let b = broker_stored(
+        Config {
+            node_id: Some("n0".into()),
+            ..Config::default()
+        },
+        Some(peers.clone() as Arc<dyn Peers>),
+        store.clone(),
+    );
+    let id = peers.client_of("n1", "back");
+    moving(&b, &peers, &id).await;
+    let before = store.calls().len();
+    let again = b.attach(&id, false, HOUR);
+    let forget = format!("forget {id} moved to n1");
+    let since: Vec<String> = store.calls().split_off(before);
+    assert_eq!(since.first(), Some(&forget), "{since:?}");
+    assert!(since[1..].contains(&format!("session {id}")), "{since:?}");
+    peers.answer(true);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.metrics().sessions_moved.get() == 0 {
+        assert!(Instant::now() < deadline, "the move did not end");
+        ntex::time::sleep(Duration::from_millis(5)).await;
+    }
+    let forgets = store.calls().iter().filter(|c| **c == forget).count();
+    assert_eq!(forgets, 1, "{:?}", store.calls());
+    assert!(again.session.is_online());
 }
 
 /// A copy of a session that arrives while this node is moving the same
