@@ -323,7 +323,10 @@ impl Drop for Connection {
             .attached
             .as_ref()
             .is_none_or(|c| c.generation != self.conn.generation);
-        let moved = self.session.lock().kick == Some(KickReason::Moved);
+        // Told to reconnect as its session moves (the pump took the kick
+        // and closed with it, or the kick still waits): no will.
+        let moved = self.close_reason.get() == Some(DeviceReason::SessionMoved)
+            || self.session.lock().kick == Some(KickReason::Moved);
         if self.graceful.get() {
             self.event(EventKind::Disconnect);
             self.trace(

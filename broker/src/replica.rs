@@ -164,7 +164,17 @@ impl Store for Replicated {
             Some(r) => self
                 .replication
                 .send(client, Change::Reset(r.clone()), None),
-            None => self.replication.send(client, Change::Forget, None),
+            // Every peer: the ring may have changed since the will went
+            // out (a join moves the connection away, without its will),
+            // and a copy left on a former replica would be published when
+            // this node is lost.
+            None => {
+                for node in self.replication.peers.members() {
+                    self.replication
+                        .peers
+                        .replicate(&node, client, Change::Forget, None);
+                }
+            }
         }
     }
 
@@ -214,7 +224,8 @@ impl Store for Replicated {
 /// (`Store::forget_moved`) — were the owner lost first, it is what is left
 /// of the session — and a lost owner's, which the ring pass that follows
 /// serves here or sends to the Client ID's owner
-/// (`Broker::orphaned_copies`).
+/// (`Broker::orphaned_copies`). A clean connection's will kept so goes
+/// with the forget its node sends every peer when the connection ends.
 pub fn keeps_copy(
     ring: &Ring,
     factor: usize,
@@ -398,7 +409,7 @@ impl Replicas {
         out
     }
 
-    /// Takes the copy of `client` if `promote(from, epoch)` picks it, as
+    /// Takes the copy of `client` if `promote(from, record)` picks it, as
     /// `promotable` does (one lookup: a CONNECT asks this).
     pub fn take_one(
         &self,
@@ -438,7 +449,7 @@ impl Replicas {
         }
     }
 
-    /// The sessions and messages kept.
+    /// The sessions, messages and clean connections' wills kept.
     pub fn count(&self) -> Kept {
         let mut k = Kept::default();
         for shard in self.each_shard() {

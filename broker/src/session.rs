@@ -970,6 +970,15 @@ impl SessionStore {
             st.released.clear();
             false
         } else {
+            if expiry.is_zero() {
+                // MQTT 5: resumed with a session expiry of 0, the session
+                // ends with this connection. Its stored state goes now, as
+                // for a DISCONNECT that sets the expiry to 0, or a restart
+                // would bring it back.
+                self.persist.forget(&session.client_id);
+                self.ended.record(&session.client_id, st.epoch, st.expiry);
+                st.epoch = st.epoch.saturating_add(1);
+            }
             // Unacknowledged messages of the previous connection go out again first.
             let unacked: Vec<Delivery> = st.inflight.take_in_order().collect();
             let live: Vec<Delivery> = st.queue.drain(..).collect();
@@ -1114,6 +1123,17 @@ impl SessionStore {
     /// node `to` may keep) forgets a session that moved to node `to`.
     pub fn forget_moved(&self, client: &Arc<str>, to: &str) {
         self.persist.forget_moved(client, to);
+    }
+
+    /// As `forget_moved`, unless the client opened a session here again
+    /// meanwhile (whose `attach` forgot the old one first). Checked and
+    /// done under the shard's lock, which that `attach` takes to add the
+    /// session, so that its first record is never forgotten.
+    pub fn forget_moved_unless_back(&self, client: &Arc<str>, to: &str) {
+        let map = self.shard(client).read().unwrap_or_else(|e| e.into_inner());
+        if !map.contains_key(client) {
+            self.persist.forget_moved(client, to);
+        }
     }
 
     /// The session another node hands over: the one that exists already (its

@@ -158,6 +158,25 @@ async fn a_clean_start_removes_the_stored_session() {
     assert_eq!(b.metric("ringmq_store_recovered_sessions"), 0.0);
 }
 
+/// MQTT 5: a session resumed with a session expiry of 0 ends with that
+/// connection (it is present for it, then gone): a restart does not bring
+/// it back from the store.
+#[tokio::test]
+async fn a_session_resumed_with_an_expiry_of_0_is_not_back_after_a_restart() {
+    let mut b = Broker::start("");
+    let mut c = v5::connect(keep5("ending", &b, 3600)).await;
+    c.subscribe("e/#", v5::QoS::AtLeastOnce).await;
+    c.disconnect().await;
+    let c = v5::connect(keep5("ending", &b, 0)).await;
+    assert!(c.connack.session_present, "resumed");
+    c.disconnect().await;
+    b.terminate();
+    b.restart();
+    let c = v5::connect(keep5("ending", &b, 3600)).await;
+    assert!(!c.connack.session_present);
+    assert_eq!(b.metric("ringmq_store_recovered_sessions"), 0.0);
+}
+
 /// A QoS 1 stream at full speed towards two persistent subscribers,
 /// SIGKILL in the middle, three times: every message the publisher got a
 /// PUBACK for reaches both subscribers.

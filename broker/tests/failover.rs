@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::v4::persistent;
 use common::{Cluster, owned_by, raw, recv, v4 as v3, v5};
+use ringmq_broker::ring::Ring;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 /// D2: the owner of persistent sessions (MQTT 3.1.1 and 5) with queued QoS
@@ -204,6 +205,62 @@ async fn the_wills_of_a_lost_nodes_clean_session_clients_are_published_once() {
         .sum();
     assert_eq!(published, 2.0, "each will published by one node");
     drop((v3_clients, v5_client));
+}
+
+/// A clean-session client with a will, whose connection a join moves to
+/// the new node (told to reconnect: no will), leaves no copy of its will
+/// on any node, also none on a replica the new ring no longer uses: its
+/// former node SIGKILLed later, no will is published.
+#[tokio::test]
+async fn a_clean_client_moved_by_a_join_leaves_no_will_behind() {
+    let mut c = Cluster::start(3, "  replication_factor: 3\n");
+    let three = c.names.clone();
+    let four: Vec<String> = three.iter().cloned().chain(["n3".to_owned()]).collect();
+    let (r3, r4) = (Ring::new(&three), Ring::new(&four));
+    let owned = |prefix: &str, before: &str, after: &str| {
+        (0..)
+            .map(|i| format!("GID_test@@@{prefix}-{i}"))
+            .find(|id| {
+                r3.owner(id).is_some_and(|o| &**o == before)
+                    && r4.owner(id).is_some_and(|o| &**o == after)
+            })
+            .unwrap_or_default()
+    };
+    let (id, watcher) = (owned("moved", "n0", "n3"), owned("watcher", "n1", "n1"));
+    let mut w = persistent(&watcher, c.nodes[1].tcp).await;
+    w.subscribe("will/#", v3::QoS::AtLeastOnce).await;
+    let mut o = v3::options(&id, c.nodes[1].tcp);
+    o.set_last_will(v3::LastWill::new(
+        "will/moved",
+        "gone",
+        v3::QoS::AtLeastOnce,
+        false,
+    ));
+    let mut client = v3::connect(o).await;
+    let wills = |c: &Cluster| -> Vec<f64> {
+        c.nodes
+            .iter()
+            .map(|n| n.metric("ringmq_replica_wills"))
+            .collect()
+    };
+    until("both replicas keep the will", || {
+        wills(&c) == [0.0, 1.0, 1.0]
+    })
+    .await;
+    c.add();
+    c.wait_ring(4);
+    client.closed().await;
+    until("no node keeps the will", || {
+        wills(&c).iter().all(|n| *n == 0.0)
+    })
+    .await;
+    // Nor at the move itself.
+    w.no_publish().await;
+    drop(c.take(0));
+    c.wait_ring(3);
+    // Long enough for the ring pass of every node to have run.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    w.no_publish().await;
 }
 
 /// A returning owner's old volume brings back neither a session that

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use super::{Broker, gauge};
 use crate::durable::{self, Change, RecoveredSession};
 use crate::peers::{Handover, Peers};
+use crate::replica::Replication;
 use crate::ring::Ring;
+use crate::session::Session;
 
 /// What this node has sent whole to its replicas.
 #[derive(Debug, Default)]
@@ -196,7 +198,8 @@ impl Broker {
     /// taken in first, so that the copy gives way to it rather than
     /// replace it: the copy's sender found that owner lost, and this node
     /// finds it lost too a moment later (seen from here, the owner may
-    /// still be on the ring).
+    /// still be on the ring). A clean connection's will kept here is no
+    /// such state, and stays.
     pub(super) fn newer_copy_here(&self, client: &str, epoch: u64) -> Option<Handover> {
         self.replicas
             .take_one(client, |_, r| !r.is_clean() && r.epoch >= epoch)
@@ -308,28 +311,7 @@ impl Broker {
             }
             let now = r.replicas_of(&ring, client);
             let had = r.replicas_of(&before, client);
-            let persistent = {
-                let st = session.lock();
-                // A clean session's connection with a will: its record
-                // (the will) goes too, without the messages.
-                let will_only = !st.persistent && st.armed_will.is_some();
-                if !(st.persistent || will_only) || st.moved_to.is_some() {
-                    continue;
-                }
-                for node in &now {
-                    let new_link = fresh.iter().any(|(n, _)| n == node);
-                    if !new_link && had.contains(node) {
-                        continue;
-                    }
-                    if will_only {
-                        r.send_whole(node, client, st.record(), std::iter::empty());
-                    } else {
-                        r.send_whole(node, client, st.record(), st.stored());
-                    }
-                }
-                st.persistent
-            };
-            if persistent && now.len() + 1 < r.factor() {
+            if resync_session(&r, &session, &now, &had, &fresh) && now.len() + 1 < r.factor() {
                 under += 1;
             }
             if i % RESYNC_STEP == RESYNC_STEP - 1 {
@@ -362,6 +344,35 @@ impl Broker {
         self.metrics.replica_messages.set(gauge(k.messages));
         self.metrics.replica_wills.set(gauge(k.wills));
     }
+}
+
+/// Sends `session` whole to each of its replicas `now` that was not one on
+/// the last pass's ring (`had`), or whose link came up since (`fresh`). A
+/// clean session's connection with a will sends its record (the will),
+/// without messages. True for a persistent session.
+fn resync_session(
+    r: &Replication,
+    session: &Session,
+    now: &[Arc<str>],
+    had: &[Arc<str>],
+    fresh: &[(Arc<str>, u64)],
+) -> bool {
+    let st = session.lock();
+    let will_only = !st.persistent && st.armed_will.is_some();
+    if !(st.persistent || will_only) || st.moved_to.is_some() {
+        return false;
+    }
+    let lacking = now
+        .iter()
+        .filter(|n| !had.contains(n) || fresh.iter().any(|(f, _)| f == *n));
+    for node in lacking {
+        if will_only {
+            r.send_whole(node, &session.client_id, st.record(), std::iter::empty());
+        } else {
+            r.send_whole(node, &session.client_id, st.record(), st.stored());
+        }
+    }
+    st.persistent
 }
 
 /// A copy merged into the session its client opened before the copy was

@@ -919,9 +919,7 @@ impl Broker {
             if handed == Handed::Kept {
                 // Unless the client opened a session here meanwhile (the
                 // ring moved back), which forgot it first (`attach`).
-                if self.sessions.get(&client).is_none() {
-                    self.sessions.forget_moved(&client, &owner);
-                }
+                self.sessions.forget_moved_unless_back(&client, &owner);
                 self.metrics.sessions_moved.inc();
                 tracing::debug!(client_id = %client, owner = %owner, "session moved");
             } else {

@@ -29,14 +29,16 @@ fn broker(config: Config) -> Arc<Broker> {
 
 /// A broker whose other nodes are `peers`.
 fn broker_with(config: Config, peers: Option<Arc<dyn crate::peers::Peers>>) -> Arc<Broker> {
-    broker_stored(config, peers, Arc::new(crate::durable::NoStore))
+    broker_stored(config, peers, Arc::new(crate::durable::NoStore), None)
 }
 
-/// A broker whose other nodes are `peers`, writing to `persist`.
+/// A broker whose other nodes are `peers`, writing to `persist`, its
+/// sessions replicated as `replication` says.
 fn broker_stored(
     config: Config,
     peers: Option<Arc<dyn crate::peers::Peers>>,
     persist: Arc<dyn crate::durable::Store>,
+    replication: Option<Arc<crate::replica::Replication>>,
 ) -> Arc<Broker> {
     let metrics = crate::metrics::Metrics::new().unwrap_or_else(|e| panic!("{e}"));
     let auth = Auth::open(&config.auth.login, metrics.registry()).unwrap_or_else(|e| panic!("{e}"));
@@ -51,7 +53,7 @@ fn broker_stored(
             peers,
             usage,
             persist,
-            replication: None,
+            replication,
         },
     )
 }
@@ -206,6 +208,13 @@ type AckFn = Box<dyn Fn(u16)>;
 /// A QoS 2 message's PUBCOMP callback, by packet id.
 type Completions = Rc<RefCell<Vec<(u16, Box<dyn FnOnce()>)>>>;
 
+/// What the pump does when a QoS 2 message's PUBREC arrives; `None`: no
+/// PUBREL is sent.
+type Received = Box<dyn FnOnce() -> Option<Pending>>;
+
+/// PUBRECs the client holds back, by packet id (`None`: it holds none).
+type HeldPubrecs = Rc<RefCell<Option<Vec<(u16, Received)>>>>;
+
 /// An `OutSink` that records, with a settable credit.
 #[derive(Clone, Default)]
 struct FakeSink {
@@ -215,6 +224,8 @@ struct FakeSink {
     closed: Rc<RefCell<Option<CloseReason>>>,
     /// QoS 2 messages PUBRECed (the fake says yes at once), PUBCOMP pending.
     completions: Completions,
+    /// `Some`: the client's PUBRECs wait here until `pubrec` sends them.
+    held_pubrecs: HeldPubrecs,
 }
 
 impl FakeSink {
@@ -232,6 +243,25 @@ impl FakeSink {
             dup: d.dup,
             retain: d.retain,
         });
+    }
+
+    /// A sink whose client sends its PUBRECs only when told (`pubrec`).
+    fn holding_pubrecs(credit: usize) -> Self {
+        let s = Self::with_credit(credit);
+        *s.held_pubrecs.borrow_mut() = Some(Vec::new());
+        s
+    }
+
+    /// The client's PUBREC for `id` arrives: `Some(true)` when a PUBREL is
+    /// sent for it, `None` when no message of that id waited for one.
+    fn pubrec(&self, id: u16) -> Option<bool> {
+        let received = {
+            let mut held = self.held_pubrecs.borrow_mut();
+            let held = held.as_mut()?;
+            let i = held.iter().position(|(x, _)| *x == id)?;
+            held.remove(i).1
+        };
+        Some(received().is_some())
     }
 
     fn ack(&self, id: u16) {
@@ -289,7 +319,7 @@ impl OutSink for FakeSink {
         true
     }
 
-    /// The client's PUBREC comes at once.
+    /// The client's PUBREC comes at once, unless the sink holds them.
     fn send_qos2(
         &self,
         d: &Delivery,
@@ -299,7 +329,10 @@ impl OutSink for FakeSink {
         completed: Box<dyn FnOnce()>,
     ) -> bool {
         self.record(d, Some(id));
-        drop(received());
+        match self.held_pubrecs.borrow_mut().as_mut() {
+            Some(held) => held.push((id.get(), received)),
+            None => drop(received()),
+        }
         self.completions.borrow_mut().push((id.get(), completed));
         true
     }
@@ -495,4 +528,68 @@ async fn a_qos2_packet_id_stays_taken_from_pubrec_to_pubcomp() {
     assert!(again.present);
     assert_eq!(again.session.lock().released_ids(), [2, 3]);
     assert!(b.owes_pubrel("exactly"));
+}
+
+/// A client of a persistent session with a QoS 2 message in flight on
+/// its connection, whose PUBREC it holds back.
+async fn qos2_in_flight(b: &Arc<Broker>, id: &str) -> (FakeSink, Rc<Connection>) {
+    let sink = FakeSink::holding_pubrecs(10);
+    let conn = connect(b, id, true, &sink);
+    b.subscribe_now(
+        &conn.session,
+        &format!("{id}/#"),
+        opts(QoS::ExactlyOnce),
+        SendRetained::Never,
+        &mut Default::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    b.publish(
+        &msg(b, &format!("{id}/1"), QoS::ExactlyOnce, false, "x"),
+        false,
+    );
+    settle().await;
+    assert_eq!(sink.topics(), [format!("{id}/1")]);
+    (sink, conn)
+}
+
+/// A PUBREC that arrives on a connection a newer one replaced, after the
+/// new one sent the message again: no PUBREL on the old connection (it
+/// would free the id at the client before the resend arrives, which the
+/// client would take for a new message); the new connection's PUBREC
+/// releases it.
+#[ntex::test]
+async fn a_pubrec_on_a_replaced_connection_sends_no_pubrel_once_the_new_one_sent_it_again() {
+    let b = broker(Config::default());
+    let (old_sink, old) = qos2_in_flight(&b, "resent").await;
+    let new_sink = FakeSink::holding_pubrecs(10);
+    let new = connect(&b, "resent", true, &new_sink);
+    settle().await;
+    let w = new_sink.written.borrow().clone();
+    assert_eq!((w.len(), w[0].id, w[0].dup), (1, Some(1), true), "{w:?}");
+    assert_eq!(old_sink.pubrec(1), Some(false), "no PUBREL on the old one");
+    assert!(new.session.lock().released_ids().is_empty());
+    assert_eq!(new_sink.pubrec(1), Some(true), "PUBREL on the new one");
+    assert_eq!(new.session.lock().released_ids(), [1]);
+    drop((old, new));
+}
+
+/// The same PUBREC while the message still waits to go out on the new
+/// connection (its pump has not taken it yet): it releases the message
+/// (PUBREL on the old connection), and the new connection does not send
+/// it again.
+#[ntex::test]
+async fn a_pubrec_on_a_replaced_connection_releases_a_message_the_new_one_did_not_take_yet() {
+    let b = broker(Config::default());
+    let (old_sink, old) = qos2_in_flight(&b, "waiting").await;
+    let new = b.attach("waiting", false, HOUR);
+    assert_eq!(new.session.lock().resend.len(), 1, "waits to go again");
+    assert_eq!(old_sink.pubrec(1), Some(true), "PUBREL on the old one");
+    let st = new.session.lock();
+    assert_eq!(st.released_ids(), [1]);
+    assert!(
+        st.resend.is_empty() && st.queue.is_empty(),
+        "not sent again"
+    );
+    drop(st);
+    drop(old);
 }

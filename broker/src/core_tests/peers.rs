@@ -30,6 +30,7 @@ struct FakePeers {
     /// `Some`: what is sent for an acknowledgement waits for `answer`
     /// (the commits it joined are held here); `None`: acknowledged at once.
     held: Option<Mutex<Vec<Arc<crate::durable::Commit>>>>,
+    leaving: bool,
 }
 
 impl FakePeers {
@@ -40,17 +41,20 @@ impl FakePeers {
             announced: Mutex::default(),
             full,
             held: None,
+            leaving: false,
         })
     }
 
-    /// Peers that acknowledge what they are sent only when told (`answer`).
-    fn holding_acks() -> Arc<Self> {
+    /// Peers that acknowledge what they are sent only when told (`answer`);
+    /// `leaving`: `n0` is leaving the ring.
+    fn holding_acks(leaving: bool) -> Arc<Self> {
         Arc::new(Self {
             ring: Arc::new(Ring::new(["n0", "n1"])),
             sent: Mutex::default(),
             announced: Mutex::default(),
             full: false,
             held: Some(Mutex::default()),
+            leaving,
         })
     }
 
@@ -120,7 +124,7 @@ impl Peers for FakePeers {
         true
     }
     fn is_leaving(&self) -> bool {
-        false
+        self.leaving
     }
     fn leave(&self) {}
     fn announce_settled(&self) {
@@ -273,6 +277,24 @@ impl crate::durable::Store for RecordingStore {
     fn unqueue(&self, _: &str, _: u64) {}
     fn retain(&self, _: &crate::message::Message, _: Option<&mut crate::durable::Pending>) {}
     fn measure(&self) {}
+}
+
+/// `n0` writing to a recording store; `replicated`: its sessions have a
+/// replica (on `n1`, which the fake keeps none of).
+fn stored_node0(peers: &Arc<FakePeers>, replicated: bool) -> (Arc<Broker>, Arc<RecordingStore>) {
+    let store = Arc::new(RecordingStore::default());
+    let as_peers = peers.clone() as Arc<dyn Peers>;
+    let replication = replicated.then(|| crate::replica::Replication::new(as_peers.clone(), 2));
+    let b = broker_stored(
+        Config {
+            node_id: Some("n0".into()),
+            ..Config::default()
+        },
+        Some(as_peers),
+        store.clone(),
+        replication,
+    );
+    (b, store)
 }
 
 fn node0(peers: &Arc<FakePeers>) -> Arc<Broker> {
@@ -445,16 +467,8 @@ async fn moving(b: &Arc<Broker>, peers: &FakePeers, id: &str) {
 /// copies, `replica::keeps_copy`). Then the store forgets it.
 #[ntex::test]
 async fn a_moving_session_stays_in_the_store_until_its_new_owner_keeps_it() {
-    let peers = FakePeers::holding_acks();
-    let store = Arc::new(RecordingStore::default());
-    let b = broker_stored(
-        Config {
-            node_id: Some("n0".into()),
-            ..Config::default()
-        },
-        Some(peers.clone() as Arc<dyn Peers>),
-        store.clone(),
-    );
+    let peers = FakePeers::holding_acks(false);
+    let (b, store) = stored_node0(&peers, false);
     let id = peers.client_of("n1", "moving");
     moving(&b, &peers, &id).await;
     let forgot = |s: &RecordingStore| s.calls().iter().any(|c| c.starts_with("forget"));
@@ -488,16 +502,8 @@ async fn a_moving_session_stays_in_the_store_until_its_new_owner_keeps_it() {
 /// that owner).
 #[ntex::test]
 async fn a_session_its_new_owner_refuses_stays_in_the_store_and_goes_again() {
-    let peers = FakePeers::holding_acks();
-    let store = Arc::new(RecordingStore::default());
-    let b = broker_stored(
-        Config {
-            node_id: Some("n0".into()),
-            ..Config::default()
-        },
-        Some(peers.clone() as Arc<dyn Peers>),
-        store.clone(),
-    );
+    let peers = FakePeers::holding_acks(false);
+    let (b, store) = stored_node0(&peers, false);
     let id = peers.client_of("n1", "refused");
     moving(&b, &peers, &id).await;
     peers.answer(false);
@@ -524,16 +530,8 @@ async fn a_session_its_new_owner_refuses_stays_in_the_store_and_goes_again() {
 /// does not forget the new one.
 #[ntex::test]
 async fn a_session_opened_here_while_the_old_one_travels_is_not_forgotten_with_it() {
-    let peers = FakePeers::holding_acks();
-    let store = Arc::new(RecordingStore::default());
-    let b = broker_stored(
-        Config {
-            node_id: Some("n0".into()),
-            ..Config::default()
-        },
-        Some(peers.clone() as Arc<dyn Peers>),
-        store.clone(),
-    );
+    let peers = FakePeers::holding_acks(false);
+    let (b, store) = stored_node0(&peers, false);
     let id = peers.client_of("n1", "back");
     moving(&b, &peers, &id).await;
     let before = store.calls().len();
@@ -551,6 +549,53 @@ async fn a_session_opened_here_while_the_old_one_travels_is_not_forgotten_with_i
     let forgets = store.calls().iter().filter(|c| **c == forget).count();
     assert_eq!(forgets, 1, "{:?}", store.calls());
     assert!(again.session.is_online());
+}
+
+/// On a planned leave a session goes first without its messages, for the
+/// copy its new owner keeps; refused (that copy differs, or is not there),
+/// it goes again whole, and is moved once that is kept.
+#[ntex::test]
+async fn a_light_hand_over_refused_goes_again_whole() {
+    let peers = FakePeers::holding_acks(true);
+    let (b, _) = stored_node0(&peers, true);
+    let id = peers.client_of("n1", "light");
+    moving(&b, &peers, &id).await;
+    let sessions = || -> Vec<Handover> {
+        peers
+            .sent()
+            .into_iter()
+            .filter_map(|(_, m)| match m {
+                PeerMsg::Session(h) => Some(h),
+                _ => None,
+            })
+            .collect()
+    };
+    let light = &sessions()[0];
+    assert!(
+        light.copy.is_some() && light.offline.is_empty(),
+        "{light:?}"
+    );
+    peers.answer(false);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sessions().len() < 2 {
+        assert!(Instant::now() < deadline, "not sent again");
+        ntex::time::sleep(Duration::from_millis(5)).await;
+    }
+    let whole = &sessions()[1];
+    assert!(whole.copy.is_none(), "{whole:?}");
+    let topics: Vec<String> = whole
+        .offline
+        .iter()
+        .map(|d| d.msg.topic.to_string())
+        .collect();
+    assert_eq!(topics, ["m/0"]);
+    peers.answer(true);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.metrics().sessions_moved.get() == 0 {
+        assert!(Instant::now() < deadline, "the move did not end");
+        ntex::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(sessions().len(), 2);
 }
 
 /// A copy of a session that arrives while this node is moving the same
