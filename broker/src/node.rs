@@ -62,6 +62,15 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<()> {
         None => Arc::new(storage::NoStorage),
     };
     let flush_timeout = Duration::from_secs(config.shutdown_timeout_secs);
+    let usage = usage(&config, &metrics)?;
+    // Read back before anything is served: a client that connects finds
+    // its session (the listeners are bound; connections wait in the backlog).
+    let (persist, recovery) = persist::Persist::start(&config.persistence, metrics.registry())?;
+    // The cluster after the store: a node waits `failure_timeout_ms` from
+    // here to meet its peers before it takes Client IDs for its own
+    // (`Cluster::is_settled`), and a slow read-back (a second in the chaos
+    // test) used that wait up before any link was made, so the node served
+    // its peers' sessions on a ring of one: empty, or its stale copies.
     let cluster = match &config.cluster {
         Some(c) => Some(cluster::Cluster::new(
             c,
@@ -72,10 +81,6 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<()> {
         )?),
         None => None,
     };
-    let usage = usage(&config, &metrics)?;
-    // Read back before anything is served: a client that connects finds
-    // its session (the listeners are bound; connections wait in the backlog).
-    let (persist, recovery) = persist::Persist::start(&config.persistence, metrics.registry())?;
     // With replicated sessions, what the store is given goes to each
     // session's replicas too (`replica`).
     let replication = cluster
