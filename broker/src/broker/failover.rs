@@ -75,6 +75,10 @@ impl Broker {
         };
         let ring = c.ring();
         let mut lost: Vec<Arc<str>> = Vec::new();
+        let serving = self
+            .serving_copies
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let taken = self.replicas.promotable(|client, from| {
             let serve = self.owner_lost(c, &ring, client, from);
             if serve && !lost.iter().any(|l| **l == *from) {
@@ -82,7 +86,9 @@ impl Broker {
             }
             serve
         });
-        self.take_over(taken);
+        let opened = self.take_over(taken);
+        drop(serving);
+        self.merge_copies(opened);
         // The failover time, once per lost owner: from its last word to
         // its sessions served here (the kill itself is not seen here).
         for node in lost {
@@ -178,7 +184,15 @@ impl Broker {
         let Some(c) = &self.peers else {
             return;
         };
-        if self.replication.is_none() || self.sessions.get(client).is_some() {
+        if self.replication.is_none() {
+            return;
+        }
+        // After a ring pass that is serving copies: its session is here then.
+        let serving = self
+            .serving_copies
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.sessions.get(client).is_some() {
             return;
         }
         let ring = c.ring();
@@ -187,7 +201,9 @@ impl Broker {
             .take_one(client, |from, _| self.owner_lost(c, &ring, client, from));
         // A clean session's copy publishes its will (the connection that
         // ended with the lost node) before the client's new one attaches.
-        self.take_over(taken.into_iter().collect());
+        let opened = self.take_over(taken.into_iter().collect());
+        drop(serving);
+        self.merge_copies(opened);
     }
 
     /// A copy arrives (`Handover::from_copy`) while this node keeps a
@@ -206,17 +222,19 @@ impl Broker {
             .map(handover_of)
     }
 
-    /// Serves copies as sessions of this node: as sessions read back from
-    /// a store, or merged into the session the client opened here first.
-    /// Each is then written whole to this node's store and its replicas.
-    fn take_over(self: &Arc<Self>, taken: Vec<RecoveredSession>) {
+    /// Serves copies as sessions of this node, as sessions read back from
+    /// a store, each then written whole to this node's store and its
+    /// replicas. Returns the copies whose client opened a session here
+    /// first, for `merge_copies` (after `serving_copies` is let go: a merge
+    /// may start a ring pass).
+    fn take_over(self: &Arc<Self>, taken: Vec<RecoveredSession>) -> Vec<RecoveredSession> {
         let (clean, taken): (Vec<_>, Vec<_>) =
             taken.into_iter().partition(|rs| rs.record.is_clean());
         for rs in clean {
             self.publish_lost_will(rs);
         }
         if taken.is_empty() {
-            return;
+            return Vec::new();
         }
         tracing::info!(
             sessions = taken.len(),
@@ -235,10 +253,15 @@ impl Broker {
             st.epoch = st.epoch.saturating_add(1);
             session.save_all(&mut st, None);
         }
+        self.metrics.sessions.set(gauge(self.sessions.len()));
+        opened
+    }
+
+    /// Merges copies into the sessions their clients opened here first.
+    fn merge_copies(self: &Arc<Self>, opened: Vec<RecoveredSession>) {
         for rs in opened {
             self.install_session(handover_of(rs), &mut durable::Pending::detached());
         }
-        self.metrics.sessions.set(gauge(self.sessions.len()));
     }
 
     /// The copy of a lost node's clean session: its client was connected

@@ -104,6 +104,11 @@ pub struct Broker {
     replicas: crate::replica::Replicas,
     /// What this node sent whole to its replicas.
     resync: failover::Resync,
+    /// Held while copies taken out of `replicas` become sessions (a ring
+    /// pass, or a client's claim): a client that connects meanwhile finds
+    /// its session served, rather than neither copy nor session and a new
+    /// empty one (session present 0; the chaos test).
+    serving_copies: std::sync::Mutex<()>,
 }
 
 /// What the node measures and remembers for the operations API, and the
@@ -339,6 +344,7 @@ impl Broker {
             replication,
             replicas: crate::replica::Replicas::default(),
             resync: failover::Resync::default(),
+            serving_copies: std::sync::Mutex::default(),
         })
     }
 
