@@ -118,6 +118,20 @@ impl Replicated {
     }
 }
 
+impl Replicated {
+    /// Every peer but `except` forgets its copy of `client`'s session (a
+    /// forget for a copy a peer does not hold costs nothing).
+    fn forget_at_peers(&self, client: &Arc<str>, except: &str) {
+        for node in self.replication.peers.members() {
+            if *node != *except {
+                self.replication
+                    .peers
+                    .replicate(&node, client, Change::Forget, None);
+            }
+        }
+    }
+}
+
 impl Store for Replicated {
     /// Kept beyond the process: on the replicas, even when this node keeps
     /// nothing on disk.
@@ -148,13 +162,7 @@ impl Store for Replicated {
 
     fn forget_moved(&self, client: &Arc<str>, to: &str) {
         self.local.forget(client);
-        for node in self.replication.peers.members() {
-            if *node != *to {
-                self.replication
-                    .peers
-                    .replicate(&node, client, Change::Forget, None);
-            }
-        }
+        self.forget_at_peers(client, to);
     }
 
     fn clean_will(&self, client: &Arc<str>, record: Option<&SessionRecord>) {
@@ -168,13 +176,7 @@ impl Store for Replicated {
             // out (a join moves the connection away, without its will),
             // and a copy left on a former replica would be published when
             // this node is lost.
-            None => {
-                for node in self.replication.peers.members() {
-                    self.replication
-                        .peers
-                        .replicate(&node, client, Change::Forget, None);
-                }
-            }
+            None => self.forget_at_peers(client, ""),
         }
     }
 

@@ -184,7 +184,7 @@ impl Broker {
         let Some(c) = &self.peers else {
             return;
         };
-        if self.replication.is_none() {
+        if self.replication.is_none() || self.sessions.get(client).is_some() {
             return;
         }
         // After a ring pass that is serving copies: its session is here then.

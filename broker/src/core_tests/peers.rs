@@ -441,6 +441,15 @@ async fn a_session_the_ring_gives_another_node_is_handed_over_with_its_messages_
     );
 }
 
+/// Waits while `busy` holds, failing with `what` after 5 s.
+async fn wait_while(what: impl std::fmt::Display, busy: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while busy() {
+        assert!(Instant::now() < deadline, "{what}");
+        ntex::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// A persistent session of `id` on `b` (subscribed to `m/#`), offline
 /// with one queued message, moved by a ring pass; returns once its
 /// `Session` frame went out.
@@ -450,15 +459,13 @@ async fn moving(b: &Arc<Broker>, peers: &FakePeers, id: &str) {
     b.detach(&s.session, s.conn.generation);
     b.publish(&msg(b, "m/0", QoS::AtLeastOnce, false, "q"), false);
     b.rebalance();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !peers
-        .sent()
-        .iter()
-        .any(|(_, m)| matches!(m, PeerMsg::Session(_)))
-    {
-        assert!(Instant::now() < deadline, "the session was not sent");
-        ntex::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_while("the session was not sent", || {
+        !peers
+            .sent()
+            .iter()
+            .any(|(_, m)| matches!(m, PeerMsg::Session(_)))
+    })
+    .await;
 }
 
 /// A session moving to its new owner stays in this node's store until the
@@ -482,15 +489,10 @@ async fn a_moving_session_stays_in_the_store_until_its_new_owner_keeps_it() {
         store.calls()
     );
     peers.answer(true);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !forgot(&store) {
-        assert!(
-            Instant::now() < deadline,
-            "never forgotten: {:?}",
-            store.calls()
-        );
-        ntex::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_while(format!("never forgotten: {:?}", store.calls()), || {
+        !forgot(&store)
+    })
+    .await;
     assert_eq!(
         store.calls().last().map(String::as_str),
         Some(format!("forget {id} moved to n1").as_str())
@@ -514,11 +516,7 @@ async fn a_session_its_new_owner_refuses_stays_in_the_store_and_goes_again() {
             .filter(|(_, m)| matches!(m, PeerMsg::Session(h) if h.client_id == id))
             .count()
     };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while sessions_sent() < 2 {
-        assert!(Instant::now() < deadline, "not sent again");
-        ntex::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_while("not sent again", || sessions_sent() < 2).await;
     let calls = store.calls();
     assert!(calls.contains(&format!("reset {id}")), "{calls:?}");
     assert!(!calls.iter().any(|c| c.starts_with("forget")), "{calls:?}");
@@ -541,11 +539,10 @@ async fn a_session_opened_here_while_the_old_one_travels_is_not_forgotten_with_i
     assert_eq!(since.first(), Some(&forget), "{since:?}");
     assert!(since[1..].contains(&format!("session {id}")), "{since:?}");
     peers.answer(true);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while b.metrics().sessions_moved.get() == 0 {
-        assert!(Instant::now() < deadline, "the move did not end");
-        ntex::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_while("the move did not end", || {
+        b.metrics().sessions_moved.get() == 0
+    })
+    .await;
     let forgets = store.calls().iter().filter(|c| **c == forget).count();
     assert_eq!(forgets, 1, "{:?}", store.calls());
     assert!(again.session.is_online());
@@ -576,11 +573,7 @@ async fn a_light_hand_over_refused_goes_again_whole() {
         "{light:?}"
     );
     peers.answer(false);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while sessions().len() < 2 {
-        assert!(Instant::now() < deadline, "not sent again");
-        ntex::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_while("not sent again", || sessions().len() < 2).await;
     let whole = &sessions()[1];
     assert!(whole.copy.is_none(), "{whole:?}");
     let topics: Vec<String> = whole
@@ -590,11 +583,10 @@ async fn a_light_hand_over_refused_goes_again_whole() {
         .collect();
     assert_eq!(topics, ["m/0"]);
     peers.answer(true);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while b.metrics().sessions_moved.get() == 0 {
-        assert!(Instant::now() < deadline, "the move did not end");
-        ntex::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_while("the move did not end", || {
+        b.metrics().sessions_moved.get() == 0
+    })
+    .await;
     assert_eq!(sessions().len(), 2);
 }
 
